@@ -1,0 +1,155 @@
+"""Dead-letter stores: the ``FailedJobs`` protocol and the in-process ``MemoryFailedJobs``.
+
+A failed job is keyed by its job id: a second failure of the same job replaces the older
+record (and becomes the newest). ``retry`` hands the job to ``requeue`` and drops the record
+only once that returned, so a failing re-enqueue never loses the job.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import traceback as tb
+from collections.abc import Callable
+from datetime import UTC, datetime
+from itertools import islice
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from qdash_mp.errors import NotFound, RetryConflict
+from qdash_mp.models import FailedJob, Job
+
+if TYPE_CHECKING:
+    from qdash_mp.stats import Stats
+
+__all__ = ["FailedJobs", "MemoryFailedJobs", "Requeue", "describe_error"]
+
+Requeue = Callable[[Job], object]
+"""Puts a job back on its queue; raising means it was not re-enqueued."""
+
+
+@runtime_checkable
+class FailedJobs(Protocol):
+    """What the dashboard needs of a dead-letter store."""
+
+    def list(self) -> list[FailedJob]:
+        """Every stored failed job, newest first."""
+        ...
+
+    def retry(self, id: str) -> None:
+        """Re-enqueue the job and drop its record; ``NotFound`` for an unknown id."""
+        ...
+
+    def forget(self, id: str) -> None:
+        """Drop the record; ``NotFound`` for an unknown id."""
+        ...
+
+
+def describe_error(error: BaseException | str) -> tuple[str, str]:
+    """``(error text, traceback text)`` for an exception or a plain message."""
+    if isinstance(error, BaseException):
+        text = f"{type(error).__qualname__}: {error}" if str(error) else type(error).__qualname__
+        trace = "".join(tb.format_exception(error)) if error.__traceback__ is not None else ""
+        return text, trace
+    return str(error), ""
+
+
+class MemoryFailedJobs:
+    """An in-process, thread-safe dead-letter store.
+
+    ``requeue(job)`` is called by ``retry``; if it raises, the record is kept and the error
+    propagates. ``requeue=None`` makes ``retry`` forget-only.
+    """
+
+    def __init__(self, requeue: Requeue | None = None) -> None:
+        self._requeue = requeue
+        self._lock = threading.Lock()
+        self._jobs: dict[str, FailedJob] = {}  # insertion order = oldest first
+        self._retrying: set[str] = set()
+        self._stats: Stats | None = None
+
+    def with_stats(self, stats: Stats) -> MemoryFailedJobs:
+        """Bump ``stats.on_retried(queue)`` on every successful retry; returns ``self``."""
+        self._stats = stats
+        return self
+
+    def record(self, job: Job, queue: str, error: BaseException | str) -> FailedJob:
+        """Store ``job`` as failed on ``queue`` now (UTC), replacing an older failure of it."""
+        text, trace = describe_error(error)
+        failed = FailedJob(
+            id=job.id,
+            queue=queue,
+            job=job,
+            error=text,
+            failed_at=datetime.now(UTC),
+            traceback=trace,
+        )
+        with self._lock:
+            self._jobs.pop(job.id, None)
+            self._jobs[job.id] = failed
+        return failed
+
+    def list(self) -> list[FailedJob]:
+        """Every stored failed job, newest first."""
+        with self._lock:
+            return list(reversed(self._jobs.values()))
+
+    def page(self, offset: int, limit: int) -> builtins.list[FailedJob]:
+        """``limit`` records starting ``offset`` records from the newest."""
+        with self._lock:
+            return list(islice(reversed(self._jobs.values()), offset, offset + limit))
+
+    def get(self, id: str) -> FailedJob:
+        """The record of ``id``; ``NotFound`` if there is none."""
+        with self._lock:
+            try:
+                return self._jobs[id]
+            except KeyError:
+                raise NotFound(id) from None
+
+    def retry(self, id: str) -> None:
+        """Re-enqueue the job, then drop its record.
+
+        The lock is not held while ``requeue`` runs (it may call back into this store); a
+        concurrent retry of the same id raises ``RetryConflict`` instead of re-enqueueing
+        twice. If the job failed again while being re-enqueued, the newer record stays.
+        """
+        with self._lock:
+            failed = self._jobs.get(id)
+            if failed is None:
+                raise NotFound(id)
+            if id in self._retrying:
+                raise RetryConflict(f"a retry of job {id!r} is already in progress")
+            self._retrying.add(id)
+        try:
+            if self._requeue is not None:
+                self._requeue(failed.job)
+            with self._lock:
+                if self._jobs.get(id) is failed:
+                    del self._jobs[id]
+        finally:
+            with self._lock:
+                self._retrying.discard(id)
+        if self._stats is not None:
+            self._stats.on_retried(failed.queue)
+
+    def forget(self, id: str) -> None:
+        """Drop the record of ``id``; ``NotFound`` if there is none."""
+        with self._lock:
+            try:
+                del self._jobs[id]
+            except KeyError:
+                raise NotFound(id) from None
+
+    def flush(self) -> int:
+        """Drop every record; returns how many there were."""
+        with self._lock:
+            n = len(self._jobs)
+            self._jobs.clear()
+            return n
+
+    def len(self) -> int:
+        """How many failed jobs are stored."""
+        return len(self._jobs)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
