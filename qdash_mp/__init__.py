@@ -14,6 +14,7 @@ from qdash_mp.models import (
 )
 from qdash_mp.sampler import Sampler
 from qdash_mp.stats import Stats
+from qdash_mp.web import create_app
 
 __all__ = [
     # errors
@@ -34,6 +35,7 @@ __all__ = [
     "Sampler",
     "Stats",
     "new_inspector",
+    "create_app",
 ]
 
 __version__ = "0.1.0"
