@@ -1,0 +1,763 @@
+"""The collector wire protocol: frame layout, message types and strict decoding. Pure, no I/O.
+
+Workers' ``Client`` objects and the collector daemon talk over a Unix stream socket in
+*frames*. This module turns messages into frame bytes and frame bytes back into messages,
+and refuses anything malformed with a ``ProtocolError`` whose text says what was wrong. It
+never touches a socket, so every rule here is testable with plain bytes (``docs/protocol.md``
+is the long-form description, with hex dumps).
+
+Frame layout, byte by byte::
+
+    offset  size  field
+    0       4     N, the body length: unsigned 32-bit big-endian integer, 1 <= N <= max_frame
+    4       N     body: exactly one msgpack object (bin type on: str is UTF-8 text,
+                  bytes stay bytes), always an ARRAY whose first element is the message type
+
+Bodies (``[type, field, ...]``, msgpack arrays of exactly this many elements)::
+
+    1 HELLO           [1, version, client_id, pid, host, requeue]        client -> collector
+    2 WELCOME         [2, version, last_seq]                             collector -> client
+    3 BATCH           [3, seq, counters, failed]                         client -> collector
+    4 ACK             [4, seq]                                           collector -> client
+    5 ERROR           [5, code, reason]                                  collector -> client
+    6 REQUEUE         [6, request_id, queue, FAILED]                     collector -> client
+    7 REQUEUE_RESULT  [7, request_id, ok, error]                         client -> collector
+
+    counters = map {queue: [pushed, processed, failed, retried]}   deltas, each 0 <= n < 2**63
+    failed   = array of FAILED
+    FAILED   = [job_id, name, payload, attempts, enqueued_at, queue, error, traceback, failed_at]
+    requeue  = nil (cannot requeue) | ["*"] (every queue) | [queue, ...] (non-empty)
+
+Field types are checked exactly: an int field takes a msgpack int and nothing else (a
+boolean is *not* an int here), a text field takes a msgpack str. Every int is bounded to
+the signed 64-bit range (counters, sequence numbers and ids to ``0 .. 2**63-1``). Decoding
+limits, all enforced before the data they guard is buffered or allocated:
+
+* a length header above ``max_frame`` (default ``MAX_FRAME``, 16 MiB) is refused as soon as
+  its four bytes arrive, before any of the body is buffered;
+* inside a body, msgpack str/bin lengths are bounded by ``max_frame`` and array/map lengths
+  by ``max_items`` (default 1,000,000), so a header claiming 4 GiB fails at once;
+* ext types (including msgpack timestamps) are refused: they have no meaning here;
+* a job payload may nest arrays/maps at most ``max_depth`` (default 32) levels deep.
+  msgpack's C unpacker stops a deeper nesting bomb itself (``StackError`` past 1024 levels);
+  both end as ``ProtocolError``, never as ``RecursionError``.
+
+A ``FrameDecoder`` that raised stays failed: the connection it reads is to be closed.
+Sequencing, acknowledgement and dedup rules live with the peers (``client``, ``collector``);
+they are summarised in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any, TypeAlias
+
+import msgpack
+
+from qdash_mp.errors import ProtocolError
+from qdash_mp.models import FailedJob, Job
+
+__all__ = [
+    "ALL_QUEUES",
+    "HEADER",
+    "MAX_CLIENT_ID",
+    "MAX_DEPTH",
+    "MAX_FRAME",
+    "MAX_ID",
+    "MAX_INT",
+    "MAX_ITEMS",
+    "MAX_NAME",
+    "MAX_REASON",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Batch",
+    "Counts",
+    "ErrorCode",
+    "ErrorMsg",
+    "FrameDecoder",
+    "Hello",
+    "Message",
+    "MsgType",
+    "Requeue",
+    "RequeueResult",
+    "UnsupportedVersion",
+    "Welcome",
+    "WireFailed",
+    "check_payload",
+    "decode_body",
+    "encode",
+    "encode_batch",
+    "pack_failed",
+    "unpack_failed",
+]
+
+PROTOCOL_VERSION = 1
+"""The version carried by HELLO and WELCOME; a peer speaking another one is refused."""
+
+HEADER = struct.Struct(">I")
+"""The 4-byte frame header: body length, unsigned 32-bit big-endian."""
+
+MAX_FRAME = 16 * 1024 * 1024
+"""Default upper bound of a frame body, in bytes (the header is not counted)."""
+
+MAX_ITEMS = 1_000_000
+"""Default upper bound of any msgpack array or map length inside a body."""
+
+MAX_DEPTH = 32
+"""Default upper bound of array/map nesting inside a job payload."""
+
+MAX_INT = 2**63 - 1
+"""Largest counter, sequence number, request id or pid (signed 64-bit)."""
+
+MIN_INT = -(2**63)
+
+MAX_CLIENT_ID = 128
+"""Longest client id, in characters."""
+
+MAX_NAME = 255
+"""Longest queue name, host name, job name or error code, in characters."""
+
+MAX_ID = 1024
+"""Longest job id, in characters."""
+
+MAX_REASON = 4096
+"""Longest ERROR reason, in characters."""
+
+MAX_TIMESTAMP = 253402300799.0
+"""``9999-12-31T23:59:59Z``: the last second a ``datetime`` can hold."""
+
+ALL_QUEUES = "*"
+"""In HELLO's requeue list: this client can requeue jobs of every queue."""
+
+Counts: TypeAlias = tuple[int, int, int, int]
+"""Counter deltas of one queue, in ``qdash_mp.stats.COUNTERS`` order."""
+
+
+class MsgType(IntEnum):
+    """The first element of every body."""
+
+    HELLO = 1
+    WELCOME = 2
+    BATCH = 3
+    ACK = 4
+    ERROR = 5
+    REQUEUE = 6
+    REQUEUE_RESULT = 7
+
+
+class ErrorCode(StrEnum):
+    """Codes the collector puts in ERROR before it closes a connection.
+
+    A peer must accept codes it does not know (newer collectors may add some) and treat them
+    like ``PROTOCOL``.
+    """
+
+    PROTOCOL = "protocol"  # malformed, oversized or ill-typed frame
+    VERSION = "version"  # HELLO with a version this collector does not speak
+    HANDSHAKE = "handshake"  # first frame not HELLO, HELLO twice, or a collector-only message
+    SEQUENCE = "sequence"  # BATCH seq skips ahead (gap after last_seq + 1)
+    REFUSED = "refused"  # peer credentials not allowed on this socket
+    SHUTDOWN = "shutdown"  # collector is stopping; reconnect later
+    INTERNAL = "internal"  # collector-side failure (e.g. the journal could not be written)
+
+
+class UnsupportedVersion(ProtocolError):
+    """A HELLO or WELCOME carried a protocol version other than ``PROTOCOL_VERSION``."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+        self.version = version
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class WireFailed:
+    """One failed job as it travels (the FAILED array); ``failed_at`` is Unix seconds (UTC)."""
+
+    job_id: str
+    name: str
+    payload: Any
+    attempts: int
+    enqueued_at: float | None
+    queue: str
+    error: str
+    traceback: str
+    failed_at: float
+
+    @classmethod
+    def from_job(
+        cls,
+        job: Job,
+        queue: str,
+        error: str,
+        traceback: str = "",
+        failed_at: float | datetime | None = None,
+    ) -> WireFailed:
+        """The record of ``job`` failing on ``queue``; ``failed_at`` defaults to now."""
+        if failed_at is None:
+            ts = datetime.now(UTC).timestamp()
+        elif isinstance(failed_at, datetime):
+            ts = _to_timestamp(failed_at)
+        else:
+            ts = float(failed_at)
+        return cls(
+            job_id=job.id,
+            name=job.name,
+            payload=job.payload,
+            attempts=job.attempts,
+            enqueued_at=job.enqueued_at,
+            queue=queue,
+            error=error,
+            traceback=traceback,
+            failed_at=ts,
+        )
+
+    @classmethod
+    def from_failed_job(cls, failed: FailedJob) -> WireFailed:
+        """The wire form of a ``FailedJob`` (a naive ``failed_at`` is taken as UTC).
+
+        The record's ``id`` is its job's id (stores key failed jobs by job id), so only
+        ``failed.job.id`` travels.
+        """
+        return cls.from_job(
+            failed.job, failed.queue, failed.error, failed.traceback, failed.failed_at
+        )
+
+    def job(self) -> Job:
+        """The ``Job`` this record carries."""
+        return Job(
+            id=self.job_id,
+            name=self.name,
+            payload=self.payload,
+            attempts=self.attempts,
+            enqueued_at=self.enqueued_at,
+        )
+
+    def failed_at_datetime(self) -> datetime:
+        """``failed_at`` as an aware UTC ``datetime``."""
+        return datetime.fromtimestamp(self.failed_at, UTC)
+
+    def to_failed_job(self) -> FailedJob:
+        """The ``FailedJob`` this record describes (its ``id`` is the job id)."""
+        return FailedJob(
+            id=self.job_id,
+            queue=self.queue,
+            job=self.job(),
+            error=self.error,
+            failed_at=self.failed_at_datetime(),
+            traceback=self.traceback,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame of a client: who it is and which queues it can requeue (``None``: none)."""
+
+    client_id: str
+    pid: int
+    host: str
+    requeue: tuple[str, ...] | None = None
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Collector's answer to HELLO: the highest batch seq of this client already applied."""
+
+    last_seq: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Counter deltas per queue plus failed jobs, numbered ``seq`` = 1, 2, 3... per client."""
+
+    seq: int
+    counters: Mapping[str, Counts] = field(default_factory=dict)
+    failed: tuple[WireFailed, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Cumulative: every batch with a seq up to ``seq`` is applied (and durable)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMsg:
+    """Sent by the collector just before it closes the connection."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Collector asks the client to re-enqueue ``failed.job()`` on ``queue``."""
+
+    request_id: int
+    queue: str
+    failed: WireFailed
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueResult:
+    """Client's answer to REQUEUE: ``ok``, or not with ``error`` saying why."""
+
+    request_id: int
+    ok: bool
+    error: str = ""
+
+
+Message: TypeAlias = Hello | Welcome | Batch | Ack | ErrorMsg | Requeue | RequeueResult
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _int(value: object, what: str, lo: int = MIN_INT, hi: int = MAX_INT) -> int:
+    if type(value) is not int:
+        raise ProtocolError(f"{what} must be an int, not {_type_name(value)}")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{what} must be in {lo}..{hi}, not {value}")
+    return value
+
+
+def _str(value: object, what: str, min_len: int = 0, max_len: int | None = None) -> str:
+    if type(value) is not str:
+        raise ProtocolError(f"{what} must be a str, not {_type_name(value)}")
+    if len(value) < min_len:
+        raise ProtocolError(f"{what} must not be empty")
+    if max_len is not None and len(value) > max_len:
+        raise ProtocolError(f"{what} is longer than {max_len} characters ({len(value)})")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError(f"{what} must be a bool, not {_type_name(value)}")
+    return value
+
+
+def _float(value: object, what: str, lo: float, hi: float) -> float:
+    if type(value) is not float:
+        raise ProtocolError(f"{what} must be a float, not {_type_name(value)}")
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ProtocolError(f"{what} must be a finite number in {lo}..{hi}, not {value}")
+    return value
+
+
+def _seq(value: object, what: str) -> Sequence[Any]:
+    if not isinstance(value, list | tuple) or isinstance(value, msgpack.ExtType):
+        raise ProtocolError(f"{what} must be an array, not {_type_name(value)}")
+    return value
+
+
+def _arity(arr: Sequence[Any], n: int, what: str) -> None:
+    if len(arr) != n:
+        raise ProtocolError(f"{what} must have {n} elements, not {len(arr)}")
+
+
+_SCALARS = (type(None), bool, int, float, str, bytes)
+_LEAVES = (str, bytes, bytearray, memoryview, bool, int, float)
+
+
+def check_payload(value: Any, max_depth: int = MAX_DEPTH, what: str = "payload") -> None:
+    """Raise ``ProtocolError`` unless ``value`` is plain msgpack data nested ``<= max_depth``.
+
+    Plain data: nil, bool, int, float, str, bytes, arrays (list/tuple) and maps whose keys
+    are scalars. Ext types and any other object are refused. Iterative: a deep value gives
+    ``ProtocolError``, never ``RecursionError``. Int ranges are left to the packer.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if v is None or isinstance(v, _LEAVES):
+            continue
+        if isinstance(v, dict):
+            if depth >= max_depth:
+                raise ProtocolError(f"{what} nests deeper than {max_depth} levels")
+            for k, item in v.items():
+                if not (k is None or isinstance(k, _LEAVES)):
+                    raise ProtocolError(f"{what} has a map key of type {_type_name(k)}")
+                if type(item) not in _SCALARS:
+                    stack.append((item, depth + 1))
+        elif isinstance(v, list | tuple) and not isinstance(v, msgpack.ExtType):
+            if depth >= max_depth:
+                raise ProtocolError(f"{what} nests deeper than {max_depth} levels")
+            for item in v:
+                if type(item) not in _SCALARS:
+                    stack.append((item, depth + 1))
+        else:
+            raise ProtocolError(f"{what} holds a {_type_name(v)}, which is not plain msgpack data")
+
+
+def _to_timestamp(dt: datetime) -> float:
+    """Unix seconds of ``dt``; a naive ``dt`` is taken as UTC."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _failed_fields(value: object, what: str, max_depth: int) -> WireFailed:
+    arr = _seq(value, what)
+    _arity(arr, 9, what)
+    job_id, name, payload, attempts, enqueued_at, queue, error, trace, failed_at = arr
+    check_payload(payload, max_depth, f"{what}.payload")
+    return WireFailed(
+        job_id=_str(job_id, f"{what}.job_id", 1, MAX_ID),
+        name=_str(name, f"{what}.name", 0, MAX_ID),
+        payload=payload,
+        attempts=_int(attempts, f"{what}.attempts"),
+        enqueued_at=(
+            None
+            if enqueued_at is None
+            else _float(enqueued_at, f"{what}.enqueued_at", -MAX_TIMESTAMP, MAX_TIMESTAMP)
+        ),
+        queue=_str(queue, f"{what}.queue", 1, MAX_NAME),
+        error=_str(error, f"{what}.error"),
+        traceback=_str(trace, f"{what}.traceback"),
+        failed_at=_float(failed_at, f"{what}.failed_at", 0.0, MAX_TIMESTAMP),
+    )
+
+
+def _failed_array(f: WireFailed) -> list[Any]:
+    return [
+        f.job_id,
+        f.name,
+        f.payload,
+        f.attempts,
+        f.enqueued_at,
+        f.queue,
+        f.error,
+        f.traceback,
+        f.failed_at,
+    ]
+
+
+def _counters(value: object, max_items: int) -> dict[str, Counts]:
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"BATCH counters must be a map, not {_type_name(value)}")
+    if len(value) > max_items:
+        raise ProtocolError(f"BATCH counters has more than {max_items} queues")
+    out: dict[str, Counts] = {}
+    for queue, value_row in value.items():
+        _str(queue, "BATCH counters key", 1, MAX_NAME)
+        what = f"BATCH counters[{queue!r}]"
+        row = _seq(value_row, what)
+        _arity(row, 4, what)
+        pushed, processed, failed, retried = (
+            _int(n, f"{what}[{i}]", 0, MAX_INT) for i, n in enumerate(row)
+        )
+        out[queue] = (pushed, processed, failed, retried)
+    return out
+
+
+def _requeue_list(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    arr = _seq(value, "HELLO requeue")
+    if not arr:
+        raise ProtocolError("HELLO requeue must be nil, ['*'] or a non-empty list of queues")
+    return tuple(_str(q, "HELLO requeue entry", 1, MAX_NAME) for q in arr)
+
+
+def _version(value: object, what: str) -> int:
+    version = _int(value, f"{what} version", 0, MAX_INT)
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(version)
+    return version
+
+
+def _parse(obj: object, max_items: int, max_depth: int) -> Message:
+    """Validate a decoded body and build its message; ``ProtocolError`` otherwise."""
+    if not isinstance(obj, list | tuple) or isinstance(obj, msgpack.ExtType):
+        raise ProtocolError(f"a body must be an array, not {_type_name(obj)}")
+    if not obj:
+        raise ProtocolError("a body must not be an empty array")
+    kind = obj[0]
+    if type(kind) is not int or kind not in MsgType._value2member_map_:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    t = MsgType(kind)
+    what = t.name
+    if t is MsgType.HELLO:
+        # The version goes first so a peer of another version gets "version", not "arity".
+        if len(obj) < 2:
+            raise ProtocolError("HELLO must have 6 elements, not 1")
+        version = _version(obj[1], what)
+        _arity(obj, 6, what)
+        return Hello(
+            client_id=_str(obj[2], "HELLO client_id", 1, MAX_CLIENT_ID),
+            pid=_int(obj[3], "HELLO pid", 0, MAX_INT),
+            host=_str(obj[4], "HELLO host", 0, MAX_NAME),
+            requeue=_requeue_list(obj[5]),
+            version=version,
+        )
+    if t is MsgType.WELCOME:
+        if len(obj) < 2:
+            raise ProtocolError("WELCOME must have 3 elements, not 1")
+        version = _version(obj[1], what)
+        _arity(obj, 3, what)
+        return Welcome(last_seq=_int(obj[2], "WELCOME last_seq", 0, MAX_INT), version=version)
+    if t is MsgType.BATCH:
+        _arity(obj, 4, what)
+        seq = _int(obj[1], "BATCH seq", 1, MAX_INT)
+        counters = _counters(obj[2], max_items)
+        failed = _seq(obj[3], "BATCH failed")
+        return Batch(
+            seq=seq,
+            counters=counters,
+            failed=tuple(
+                _failed_fields(f, f"BATCH failed[{i}]", max_depth) for i, f in enumerate(failed)
+            ),
+        )
+    if t is MsgType.ACK:
+        _arity(obj, 2, what)
+        return Ack(seq=_int(obj[1], "ACK seq", 0, MAX_INT))
+    if t is MsgType.ERROR:
+        _arity(obj, 3, what)
+        return ErrorMsg(
+            code=_str(obj[1], "ERROR code", 1, MAX_NAME),
+            reason=_str(obj[2], "ERROR reason", 0, MAX_REASON),
+        )
+    if t is MsgType.REQUEUE:
+        _arity(obj, 4, what)
+        return Requeue(
+            request_id=_int(obj[1], "REQUEUE request_id", 0, MAX_INT),
+            queue=_str(obj[2], "REQUEUE queue", 1, MAX_NAME),
+            failed=_failed_fields(obj[3], "REQUEUE job", max_depth),
+        )
+    _arity(obj, 4, what)
+    return RequeueResult(
+        request_id=_int(obj[1], "REQUEUE_RESULT request_id", 0, MAX_INT),
+        ok=_bool(obj[2], "REQUEUE_RESULT ok"),
+        error=_str(obj[3], "REQUEUE_RESULT error", 0, MAX_REASON),
+    )
+
+
+def _array(msg: Message) -> list[Any]:
+    if isinstance(msg, Hello):
+        requeue = None if msg.requeue is None else list(msg.requeue)
+        return [MsgType.HELLO, msg.version, msg.client_id, msg.pid, msg.host, requeue]
+    if isinstance(msg, Welcome):
+        return [MsgType.WELCOME, msg.version, msg.last_seq]
+    if isinstance(msg, Batch):
+        counters = {q: list(row) for q, row in msg.counters.items()}
+        return [MsgType.BATCH, msg.seq, counters, [_failed_array(f) for f in msg.failed]]
+    if isinstance(msg, Ack):
+        return [MsgType.ACK, msg.seq]
+    if isinstance(msg, ErrorMsg):
+        code = str.__str__(msg.code) if isinstance(msg.code, str) else msg.code  # ErrorCode
+        return [MsgType.ERROR, code, msg.reason]
+    if isinstance(msg, Requeue):
+        return [MsgType.REQUEUE, msg.request_id, msg.queue, _failed_array(msg.failed)]
+    if isinstance(msg, RequeueResult):
+        return [MsgType.REQUEUE_RESULT, msg.request_id, msg.ok, msg.error]
+    raise ProtocolError(f"not a protocol message: {_type_name(msg)}")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _packb(obj: Any, what: str) -> bytes:
+    try:
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"{what} cannot be encoded: {exc}") from None
+    return data
+
+
+def _frame(body: bytes, max_frame: int) -> bytes:
+    if len(body) > max_frame:
+        raise ProtocolError(f"frame body of {len(body)} bytes exceeds the {max_frame} byte limit")
+    return HEADER.pack(len(body)) + body
+
+
+def encode(msg: Message, *, max_frame: int = MAX_FRAME) -> bytes:
+    """The whole frame (header + body) of ``msg``, after checking it as a decoder would.
+
+    Message types are written as plain ints; ``ProtocolError`` if a field breaks the
+    protocol or the body would exceed ``max_frame``.
+    """
+    arr = _array(msg)
+    arr[0] = int(arr[0])
+    # Check through the decoder's own rules so we never send what a peer must refuse.
+    _parse(arr, MAX_ITEMS, MAX_DEPTH)
+    return _frame(_packb(arr, MsgType(arr[0]).name), max_frame)
+
+
+def pack_failed(failed: WireFailed, *, max_depth: int = MAX_DEPTH) -> bytes:
+    """The msgpack bytes of one FAILED array (checked), for ``encode_batch``.
+
+    Packing at the moment of failure snapshots the payload: later changes to the worker's
+    objects do not leak into what is sent.
+    """
+    arr = _failed_array(failed)
+    _failed_fields(arr, "FAILED", max_depth)
+    return _packb(arr, "FAILED")
+
+
+def unpack_failed(
+    data: bytes,
+    *,
+    max_size: int = MAX_FRAME,
+    max_items: int = MAX_ITEMS,
+    max_depth: int = MAX_DEPTH,
+) -> WireFailed:
+    """The ``WireFailed`` in ``data`` as made by ``pack_failed`` (checked strictly)."""
+    return _failed_fields(_unpackb(data, max_size, max_items), "FAILED", max_depth)
+
+
+def encode_batch(
+    seq: int,
+    counters: Mapping[str, Counts],
+    packed_failed: Sequence[bytes] = (),
+    *,
+    max_frame: int = MAX_FRAME,
+) -> bytes:
+    """The BATCH frame of ``seq``, ``counters`` and FAILED arrays already ``pack_failed``-ed.
+
+    Byte-identical to ``encode(Batch(seq, counters, failed))``; the packed failed jobs are
+    spliced in without being decoded again.
+    """
+    _int(seq, "BATCH seq", 1, MAX_INT)
+    checked = _counters(counters, MAX_ITEMS)
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack_array_header(4)
+    packer.pack(int(MsgType.BATCH))
+    packer.pack(seq)
+    packer.pack({q: list(row) for q, row in checked.items()})
+    packer.pack_array_header(len(packed_failed))
+    head: bytes = packer.bytes()
+    return _frame(head + b"".join(packed_failed), max_frame)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _refuse_ext(code: int, data: bytes) -> object:
+    raise ProtocolError(f"msgpack ext type {code} is not allowed")
+
+
+def _unpackb(body: bytes, max_size: int, max_items: int) -> object:
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            strict_map_key=False,
+            max_str_len=max_size,
+            max_bin_len=max_size,
+            max_array_len=max_items,
+            max_map_len=max_items,
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
+        )
+    except ProtocolError:
+        raise
+    except msgpack.ExtraData:
+        raise ProtocolError("trailing bytes after the msgpack object in the body") from None
+    except msgpack.StackError:
+        raise ProtocolError("msgpack data nests too deeply") from None
+    except RecursionError:
+        raise ProtocolError("msgpack data nests too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"a msgpack str is not valid UTF-8: {exc.reason}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        text = str(exc)
+        if "incomplete input" in text:
+            text = "truncated msgpack data (a length inside claims more bytes than the body has)"
+        elif "max_ext_len" in text:
+            text = "msgpack ext types are not allowed"
+        elif not text:
+            text = f"invalid msgpack data ({_type_name(exc)})"
+        raise ProtocolError(f"undecodable body: {text}") from None
+
+
+def decode_body(body: bytes, *, max_items: int = MAX_ITEMS, max_depth: int = MAX_DEPTH) -> Message:
+    """The message in one frame body (without its header); ``ProtocolError`` if invalid."""
+    return _parse(_unpackb(body, len(body), max_items), max_items, max_depth)
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames and decodes each into a message.
+
+    ``feed`` may get any slice of the stream (one byte, many frames); it buffers a partial
+    frame until the rest arrives. A header announcing more than ``max_frame`` bytes is
+    refused before any of that body is buffered. After a ``ProtocolError`` the decoder stays
+    failed (every later ``feed`` raises the same error) and messages decoded earlier in the
+    failing ``feed`` are dropped: the connection is to be closed, and nothing in it counts
+    as received.
+    """
+
+    def __init__(
+        self,
+        max_frame: int = MAX_FRAME,
+        *,
+        max_items: int = MAX_ITEMS,
+        max_depth: int = MAX_DEPTH,
+    ) -> None:
+        if not 1 <= max_frame <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame must be in 1..{0xFFFFFFFF}, not {max_frame}")
+        self.max_frame = max_frame
+        self.max_items = max_items
+        self.max_depth = max_depth
+        self._buf = bytearray()
+        self._need = -1  # body length of the frame being read; -1 while reading a header
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded (a partial frame)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Every message completed by ``data``, in order; ``ProtocolError`` on bad input."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf.clear()
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        buf = self._buf
+        buf += data
+        out: list[Message] = []
+        while True:
+            if self._need < 0:
+                if len(buf) < HEADER.size:
+                    return out
+                (n,) = HEADER.unpack_from(buf)
+                if n > self.max_frame:
+                    raise ProtocolError(
+                        f"frame header announces {n} bytes, over the {self.max_frame} byte limit"
+                    )
+                if n == 0:
+                    raise ProtocolError("empty frame (length 0)")
+                del buf[: HEADER.size]
+                self._need = n
+            if len(buf) < self._need:
+                return out
+            body = bytes(buf[: self._need])
+            del buf[: self._need]
+            self._need = -1
+            out.append(
+                _parse(_unpackb(body, len(body), self.max_items), self.max_items, self.max_depth)
+            )

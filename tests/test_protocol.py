@@ -1,0 +1,574 @@
+"""The wire protocol: framing, every message type, and strict refusal of hostile input."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdash_mp.errors import ProtocolError
+from qdash_mp.models import FailedJob, Job
+from qdash_mp.protocol import (
+    MAX_CLIENT_ID,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    Ack,
+    Batch,
+    ErrorCode,
+    ErrorMsg,
+    FrameDecoder,
+    Hello,
+    Message,
+    Requeue,
+    RequeueResult,
+    UnsupportedVersion,
+    Welcome,
+    WireFailed,
+    decode_body,
+    encode,
+    encode_batch,
+    pack_failed,
+    unpack_failed,
+)
+
+FAILED = WireFailed(
+    job_id="job-1",
+    name="send_email",
+    payload={"to": "a@example.com", "n": [1, 2, {"deep": b"\x00\xff"}]},
+    attempts=3,
+    enqueued_at=1_700_000_000.25,
+    queue="mail",
+    error="ValueError: boom",
+    traceback='Traceback (most recent call last):\n  File "x.py"\nValueError: boom\n',
+    failed_at=1_700_000_001.5,
+)
+
+MESSAGES: list[Message] = [
+    Hello(client_id="c" * 32, pid=1234, host="worker-1", requeue=None),
+    Hello(client_id="x", pid=0, host="", requeue=("*",)),
+    Hello(client_id="y" * MAX_CLIENT_ID, pid=2**31, host="h", requeue=("mail", "default")),
+    Welcome(last_seq=0),
+    Welcome(last_seq=2**63 - 1),
+    Batch(seq=1),
+    Batch(seq=7, counters={"mail": (3, 2, 1, 0), "déjà vu ☃": (0, 0, 0, 2**63 - 1)}),
+    Batch(seq=2**63 - 1, counters={"q": (1, 1, 0, 0)}, failed=(FAILED, FAILED)),
+    Ack(seq=0),
+    Ack(seq=99),
+    ErrorMsg(code="version", reason="protocol version 2 is not supported"),
+    Requeue(request_id=5, queue="mail", failed=FAILED),
+    RequeueResult(request_id=5, ok=True, error=""),
+    RequeueResult(request_id=6, ok=False, error="ConnectionError: broker down"),
+]
+
+
+def frame(obj: Any) -> bytes:
+    """A frame around any msgpack object, bypassing ``encode``'s checks."""
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def raw_frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def failed_array(**changes: Any) -> list[Any]:
+    fields = {
+        "job_id": "j",
+        "name": "n",
+        "payload": None,
+        "attempts": 0,
+        "enqueued_at": None,
+        "queue": "q",
+        "error": "e",
+        "traceback": "",
+        "failed_at": 1.0,
+    }
+    fields.update(changes)
+    return list(fields.values())
+
+
+def decode_one(data: bytes) -> Message:
+    messages = FrameDecoder().feed(data)
+    assert len(messages) == 1
+    return messages[0]
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: Message) -> None:
+    assert decode_one(encode(msg)) == msg
+
+
+def test_frame_header_is_big_endian_body_length() -> None:
+    data = encode(Ack(seq=1))
+    assert data == b"\x00\x00\x00\x03\x92\x04\x01"
+    assert decode_body(data[4:]) == Ack(seq=1)
+
+
+def test_hello_bytes_match_the_documented_dump() -> None:
+    hello = Hello(client_id="abc", pid=42, host="h", requeue=("*",))
+    assert encode(hello).hex(" ") == "00 00 00 0d 96 01 01 a3 61 62 63 2a a1 68 91 a1 2a"
+
+
+def test_payload_is_kept_exactly() -> None:
+    payload = {
+        "bytes": b"\x00\x01\xfe\xff",
+        "text": "naïve ☃ 日本語 \U0001f600",
+        "nested": {"a": {"b": {"c": [1, [2, [3, {"d": None}]]]}}},
+        "ints": [0, -1, 2**63 - 1, 2**64 - 1, -(2**63)],
+        "floats": [0.1, -2.5e300, float("inf")],
+        "bools": [True, False],
+        1: "int key",
+        b"k": "bytes key",
+    }
+    failed = WireFailed.from_job(Job("id", "name", payload), "q", "err", failed_at=1.0)
+    out = decode_one(encode(Batch(seq=1, failed=(failed,))))
+    assert isinstance(out, Batch)
+    got = out.failed[0].payload
+    assert got == payload
+    assert type(got["bytes"]) is bytes
+    assert type(got["text"]) is str
+    assert type(got["bools"][0]) is bool
+
+
+def test_tuples_in_payload_come_back_as_lists() -> None:
+    failed = WireFailed.from_job(Job("id", "n", (1, (2, 3))), "q", "e", failed_at=1.0)
+    out = unpack_failed(pack_failed(failed))
+    assert out.payload == [1, [2, 3]]
+
+
+def test_encode_batch_is_byte_identical_to_encode() -> None:
+    counters = {"a": (1, 2, 3, 4), "b": (0, 0, 0, 1)}
+    expected = encode(Batch(seq=3, counters=counters, failed=(FAILED, FAILED)))
+    assert encode_batch(3, counters, [pack_failed(FAILED)] * 2) == expected
+    assert encode_batch(1, {}) == encode(Batch(seq=1))
+
+
+def test_pack_failed_round_trips_and_snapshots_the_payload() -> None:
+    payload: dict[str, Any] = {"items": [1, 2]}
+    packed = pack_failed(WireFailed.from_job(Job("j", "n", payload), "q", "e", failed_at=2.0))
+    payload["items"].append(3)
+    out = unpack_failed(packed)
+    assert out.payload == {"items": [1, 2]}
+    assert out.job() == Job("j", "n", {"items": [1, 2]})
+
+
+def test_error_code_enum_encodes_as_its_text() -> None:
+    out = decode_one(encode(ErrorMsg(code=ErrorCode.VERSION, reason="r")))
+    assert out == ErrorMsg(code="version", reason="r")
+    assert type(out.code) is str
+
+
+# --------------------------------------------------------------------------- FailedJob <-> wire
+
+
+def test_failed_job_conversion_round_trips_with_utc_datetimes() -> None:
+    when = datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=UTC)
+    job = Job(id="j", name="n", payload={"x": 1}, attempts=2, enqueued_at=1.5)
+    fj = FailedJob(id="j", queue="q", job=job, error="E", failed_at=when, traceback="tb")
+    wire = WireFailed.from_failed_job(fj)
+    assert wire.failed_at == when.timestamp()
+    back = unpack_failed(pack_failed(wire)).to_failed_job()
+    assert back == fj
+    assert back.failed_at.tzinfo is UTC
+
+
+def test_failed_at_from_other_timezones_and_naive_utc() -> None:
+    aware = datetime(2024, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    naive = datetime(2024, 1, 1, 10, 0)
+    job = Job("j", "n")
+    a = WireFailed.from_job(job, "q", "e", failed_at=aware)
+    b = WireFailed.from_job(job, "q", "e", failed_at=naive)
+    assert a.failed_at == b.failed_at
+    assert a.failed_at_datetime() == datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
+
+
+def test_failed_at_defaults_to_now() -> None:
+    before = time.time()
+    wire = WireFailed.from_job(Job("j", "n"), "q", "e")
+    assert before <= wire.failed_at <= time.time()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.datetimes(
+        min_value=datetime(1970, 1, 2),
+        max_value=datetime(2200, 1, 1),
+        timezones=st.just(UTC),
+    )
+)
+def test_failed_at_microseconds_survive(when: datetime) -> None:
+    wire = WireFailed.from_job(Job("j", "n"), "q", "e", failed_at=when)
+    assert unpack_failed(pack_failed(wire)).failed_at_datetime() == when
+
+
+# --------------------------------------------------------------------------- stream handling
+
+
+def test_byte_by_byte_feed() -> None:
+    data = b"".join(encode(m) for m in MESSAGES)
+    dec = FrameDecoder()
+    got: list[Message] = []
+    for i in range(len(data)):
+        got.extend(dec.feed(data[i : i + 1]))
+    assert got == MESSAGES
+    assert dec.buffered == 0
+
+
+def test_many_frames_in_one_feed_and_a_partial_tail() -> None:
+    data = b"".join(encode(m) for m in MESSAGES)
+    tail = encode(Ack(seq=5))
+    dec = FrameDecoder()
+    assert dec.feed(data + tail[:5]) == MESSAGES
+    assert dec.buffered == 1
+    assert dec.feed(memoryview(tail[5:])) == [Ack(seq=5)]
+
+
+def test_empty_feed_returns_nothing() -> None:
+    assert FrameDecoder().feed(b"") == []
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_oversize_header_is_refused_before_the_body() -> None:
+    dec = FrameDecoder(max_frame=1024)
+    with pytest.raises(ProtocolError, match="announces 1025 bytes, over the 1024 byte limit"):
+        dec.feed(struct.pack(">I", 1025))
+    assert dec.buffered == 0
+
+
+def test_max_header_is_refused_by_default() -> None:
+    with pytest.raises(ProtocolError, match="over the 16777216 byte limit"):
+        FrameDecoder().feed(b"\xff\xff\xff\xff")
+
+
+def test_frame_at_the_limit_is_accepted() -> None:
+    data = encode(ErrorMsg(code="c", reason="r" * 100))
+    assert FrameDecoder(max_frame=len(data) - 4).feed(data)
+    with pytest.raises(ProtocolError, match="over the"):
+        FrameDecoder(max_frame=len(data) - 5).feed(data)
+
+
+def test_str32_claiming_4_gib_fails_fast() -> None:
+    body = b"\x92\x05\xdb\xff\xff\xff\xff" + b"x" * 16
+    start = time.perf_counter()
+    with pytest.raises(ProtocolError, match="truncated msgpack data"):
+        FrameDecoder().feed(raw_frame(body))
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize(
+    ("header", "match"),
+    [
+        (b"\xc6\xff\xff\xff\xff", "truncated msgpack data"),  # bin32, 4 GiB
+        (b"\xdd\xff\xff\xff\xff", "exceeds max_array_len"),  # array32, 4 G items
+        (b"\xdf\xff\xff\xff\xff", "exceeds max_map_len"),  # map32, 4 G pairs
+    ],
+)
+def test_huge_lengths_inside_a_frame_fail_fast(header: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        FrameDecoder().feed(raw_frame(b"\x92\x05" + header + b"\x00" * 8))
+
+
+def test_item_limit_is_configurable() -> None:
+    data = encode(Batch(seq=1, counters={f"q{i}": (1, 0, 0, 0) for i in range(11)}))
+    assert FrameDecoder(max_items=11).feed(data)
+    with pytest.raises(ProtocolError, match="exceeds max_map_len"):
+        FrameDecoder(max_items=10).feed(data)
+
+
+def deep_payload_frame(depth: int) -> bytes:
+    """A BATCH whose one failed job's payload is ``depth`` nested arrays around nil."""
+    head = b"\x94\x03\x01\x80\x91"  # [3, 1, {}, [ ... one FAILED
+    before = b"\x99" + msgpack.packb("j") + msgpack.packb("n")
+    after = b"".join(msgpack.packb(x) for x in [0, None, "q", "e", "", 1.0])
+    body = head + before + b"\x91" * depth + b"\xc0" + after
+    return raw_frame(body)
+
+
+def test_deep_nesting_bomb_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="nests too deeply"):
+        FrameDecoder().feed(deep_payload_frame(100_000))
+
+
+@pytest.mark.parametrize("depth", [33, 500, 1000])
+def test_payload_deeper_than_the_limit_is_refused(depth: int) -> None:
+    with pytest.raises(ProtocolError, match="nests deeper than 32 levels"):
+        FrameDecoder().feed(deep_payload_frame(depth))
+
+
+def test_payload_at_the_depth_limit_is_accepted() -> None:
+    (msg,) = FrameDecoder().feed(deep_payload_frame(32))
+    assert isinstance(msg, Batch)
+    with pytest.raises(ProtocolError, match="nests deeper than 5 levels"):
+        FrameDecoder(max_depth=5).feed(deep_payload_frame(6))
+
+
+def test_deep_maps_are_refused_too() -> None:
+    payload: Any = None
+    for _ in range(40):
+        payload = {"k": payload}
+    with pytest.raises(ProtocolError, match="nests deeper than 32 levels"):
+        FrameDecoder().feed(frame([3, 1, {}, [failed_array(payload=payload)]]))
+
+
+# --------------------------------------------------------------------------- hostile bodies
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        (5, "a body must be an array, not int"),
+        ({"type": 1}, "a body must be an array, not dict"),
+        ([], "must not be an empty array"),
+        ([0], "unknown message type 0"),
+        ([8, 1], "unknown message type 8"),
+        ([True, 1], "unknown message type True"),
+        (["1"], "unknown message type '1'"),
+        ([4], "ACK must have 2 elements, not 1"),
+        ([4, 1, 2], "ACK must have 2 elements, not 3"),
+        ([4, True], "ACK seq must be an int, not bool"),
+        ([4, -1], "ACK seq must be in 0"),
+        ([4, 1.0], "ACK seq must be an int, not float"),
+        ([4, 2**63], "ACK seq must be in 0"),
+        ([1], "HELLO must have 6 elements, not 1"),
+        ([1, 1, "c", 1, "h"], "HELLO must have 6 elements, not 5"),
+        ([1, True, "c", 1, "h", None], "HELLO version must be an int, not bool"),
+        ([1, 1, "", 1, "h", None], "HELLO client_id must not be empty"),
+        ([1, 1, "c" * 129, 1, "h", None], "HELLO client_id is longer than 128"),
+        ([1, 1, b"c", 1, "h", None], "HELLO client_id must be a str, not bytes"),
+        ([1, 1, "c", -5, "h", None], "HELLO pid must be in 0"),
+        ([1, 1, "c", False, "h", None], "HELLO pid must be an int, not bool"),
+        ([1, 1, "c", 1, None, None], "HELLO host must be a str, not NoneType"),
+        ([1, 1, "c", 1, "h", []], "requeue must be nil"),
+        ([1, 1, "c", 1, "h", "*"], "HELLO requeue must be an array, not str"),
+        ([1, 1, "c", 1, "h", [""]], "HELLO requeue entry must not be empty"),
+        ([1, 1, "c", 1, "h", [1]], "HELLO requeue entry must be a str, not int"),
+        ([2, 1], "WELCOME must have 3 elements, not 2"),
+        ([2, 1, -1], "WELCOME last_seq must be in 0"),
+        ([3, 1, {}], "BATCH must have 4 elements, not 3"),
+        ([3, 0, {}, []], "BATCH seq must be in 1"),
+        ([3, 1, [], []], "BATCH counters must be a map, not list"),
+        ([3, 1, {"q": [1, 2, 3]}, []], r"BATCH counters\['q'\] must have 4 elements, not 3"),
+        ([3, 1, {"q": [1, 2, 3, -4]}, []], r"BATCH counters\['q'\]\[3\] must be in 0"),
+        ([3, 1, {"q": [1, True, 0, 0]}, []], r"counters\['q'\]\[1\] must be an int, not bool"),
+        ([3, 1, {"q": 5}, []], r"BATCH counters\['q'\] must be an array, not int"),
+        ([3, 1, {1: [0, 0, 0, 0]}, []], "BATCH counters key must be a str, not int"),
+        ([3, 1, {"": [0, 0, 0, 0]}, []], "BATCH counters key must not be empty"),
+        ([3, 1, {"q" * 256: [0, 0, 0, 0]}, []], "BATCH counters key is longer than 255"),
+        ([3, 1, {}, {}], "BATCH failed must be an array, not dict"),
+        ([3, 1, {}, [[1]]], r"BATCH failed\[0\] must have 9 elements, not 1"),
+        ([3, 1, {}, ["x"]], r"BATCH failed\[0\] must be an array, not str"),
+        ([3, 1, {}, [failed_array(job_id="")]], r"failed\[0\].job_id must not be empty"),
+        ([3, 1, {}, [failed_array(attempts=True)]], r"\.attempts must be an int, not bool"),
+        ([3, 1, {}, [failed_array(attempts=1.5)]], r"\.attempts must be an int, not float"),
+        ([3, 1, {}, [failed_array(enqueued_at=5)]], r"\.enqueued_at must be a float, not int"),
+        ([3, 1, {}, [failed_array(failed_at=float("nan"))]], r"\.failed_at must be a finite"),
+        ([3, 1, {}, [failed_array(failed_at=-1.0)]], r"\.failed_at must be a finite"),
+        ([3, 1, {}, [failed_array(failed_at=1e300)]], r"\.failed_at must be a finite"),
+        ([3, 1, {}, [failed_array(queue=None)]], r"\.queue must be a str, not NoneType"),
+        ([3, 1, {}, [failed_array(error=b"e")]], r"\.error must be a str, not bytes"),
+        ([5, "", "r"], "ERROR code must not be empty"),
+        ([5, 1, "r"], "ERROR code must be a str, not int"),
+        ([5, "c", "r" * 5000], "ERROR reason is longer than 4096"),
+        ([6, 1, "q", failed_array()[:8]], "REQUEUE job must have 9 elements, not 8"),
+        ([6, -1, "q", failed_array()], "REQUEUE request_id must be in 0"),
+        ([7, 1, 1, ""], "REQUEUE_RESULT ok must be a bool, not int"),
+        ([7, 1, True, None], "REQUEUE_RESULT error must be a str, not NoneType"),
+    ],
+)
+def test_invalid_bodies_are_refused_with_a_reason(obj: Any, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        FrameDecoder().feed(frame(obj))
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"\xc1", "undecodable body"),  # never-used msgpack byte
+        (b"\x92\x04", "truncated msgpack data"),
+        (b"\x92\x04\x01\x02", "trailing bytes"),
+        (b"\x93\x05\xa2\xff\xfe\xa0", "not valid UTF-8"),
+        (b"\x92\x04\xd6\xff\x00\x00\x00\x00", "ext types are not allowed"),  # timestamp
+        (b"\x92\x04\xd4\x05\x00", "ext types are not allowed"),  # fixext1
+        (b"\x92\x04\xc7\x00\x05", "ext type 5 is not allowed"),  # zero-length ext
+        (b"\x92\x04\x81\x90\x01", "undecodable body: unhashable"),  # array as map key
+    ],
+)
+def test_undecodable_bodies_are_refused(body: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        FrameDecoder().feed(raw_frame(body))
+
+
+def test_empty_frame_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="empty frame"):
+        FrameDecoder().feed(b"\x00\x00\x00\x00")
+
+
+def test_other_versions_raise_unsupported_version() -> None:
+    with pytest.raises(UnsupportedVersion, match="version 2 is not supported") as info:
+        FrameDecoder().feed(frame([1, 2, "any", "future", "layout"]))
+    assert info.value.version == 2
+    with pytest.raises(UnsupportedVersion):
+        FrameDecoder().feed(frame([2, 0, 5]))
+    assert issubclass(UnsupportedVersion, ProtocolError)
+
+
+def test_a_failed_decoder_stays_failed_and_drops_the_feed() -> None:
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match="unknown message type 9") as first:
+        dec.feed(encode(Ack(seq=1)) + frame([9]))
+    with pytest.raises(ProtocolError) as again:
+        dec.feed(encode(Ack(seq=2)))
+    assert again.value is first.value
+    assert dec.buffered == 0
+
+
+def test_garbage_bytes_are_refused() -> None:
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=300))
+def test_random_bytes_only_ever_raise_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        FrameDecoder(max_frame=4096).feed(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=200))
+def test_random_bodies_only_ever_raise_protocol_error(body: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_body(body)
+
+
+# --------------------------------------------------------------------------- encode side
+
+
+@pytest.mark.parametrize(
+    ("msg", "match"),
+    [
+        (Ack(seq=True), "ACK seq must be an int, not bool"),
+        (Ack(seq=-1), "ACK seq must be in 0"),
+        (Batch(seq=0), "BATCH seq must be in 1"),
+        (Hello(client_id="c" * 129, pid=1, host="h"), "client_id is longer than 128"),
+        (Hello(client_id="c", pid=1, host="h", requeue=()), "requeue must be nil"),
+        (Hello(client_id="c", pid=1, host="h", version=2), "version 2 is not supported"),
+        (Batch(seq=1, counters={"q": (1, 2, 3)}), "must have 4 elements"),  # type: ignore[dict-item]
+        (RequeueResult(request_id=1, ok=1), "ok must be a bool, not int"),  # type: ignore[arg-type]
+    ],
+)
+def test_encode_refuses_what_a_decoder_would(msg: Message, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        encode(msg)
+
+
+def test_encode_refuses_unencodable_payloads() -> None:
+    def with_payload(payload: Any) -> Batch:
+        return Batch(seq=1, failed=(WireFailed.from_job(Job("j", "n", payload), "q", "e"),))
+
+    with pytest.raises(ProtocolError, match="holds a datetime"):
+        encode(with_payload({"when": datetime.now(UTC)}))
+    with pytest.raises(ProtocolError, match="holds a ExtType"):
+        encode(with_payload([msgpack.ExtType(1, b"x")]))
+    with pytest.raises(ProtocolError, match="map key of type tuple"):
+        encode(with_payload({(1, 2): "x"}))
+    with pytest.raises(ProtocolError, match="cannot be encoded"):
+        encode(with_payload(2**64))
+    with pytest.raises(ProtocolError, match="nests deeper"):
+        pack_failed(WireFailed.from_job(Job("j", "n", [[[[]]]]), "q", "e"), max_depth=3)
+    with pytest.raises(ProtocolError, match="not a protocol message"):
+        encode("hello")  # type: ignore[arg-type]
+
+
+def test_encode_refuses_oversize_bodies() -> None:
+    msg = ErrorMsg(code="c", reason="r" * 200)
+    with pytest.raises(ProtocolError, match="exceeds the 100 byte limit"):
+        encode(msg, max_frame=100)
+    big = pack_failed(WireFailed.from_job(Job("j", "n", b"x" * 1000), "q", "e"))
+    with pytest.raises(ProtocolError, match="exceeds the 500 byte limit"):
+        encode_batch(1, {}, [big], max_frame=500)
+    assert len(encode_batch(1, {}, [big])) < MAX_FRAME
+
+
+def test_encode_batch_checks_its_fields() -> None:
+    with pytest.raises(ProtocolError, match="BATCH seq must be an int, not bool"):
+        encode_batch(True, {})
+    with pytest.raises(ProtocolError, match=r"counters\['q'\]\[0\] must be in 0"):
+        encode_batch(1, {"q": (-1, 0, 0, 0)})
+
+
+def test_decoder_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_frame"):
+        FrameDecoder(max_frame=0)
+    with pytest.raises(ValueError, match="max_frame"):
+        FrameDecoder(max_frame=2**32)
+
+
+def test_protocol_version_is_one() -> None:
+    assert PROTOCOL_VERSION == 1
+
+
+# --------------------------------------------------------------------------- property
+
+
+json_like = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=5) | st.integers(-5, 5), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+names = st.text(min_size=1, max_size=20)
+counts = st.integers(min_value=0, max_value=2**63 - 1)
+wire_failed = st.builds(
+    WireFailed,
+    job_id=names,
+    name=st.text(max_size=20),
+    payload=json_like,
+    attempts=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    enqueued_at=st.none() | st.floats(min_value=0, max_value=4e9),
+    queue=names,
+    error=st.text(),
+    traceback=st.text(),
+    failed_at=st.floats(min_value=0, max_value=4e9),
+)
+batches = st.builds(
+    Batch,
+    seq=st.integers(min_value=1, max_value=2**63 - 1),
+    counters=st.dictionaries(names, st.tuples(counts, counts, counts, counts), max_size=5),
+    failed=st.lists(wire_failed, max_size=3).map(tuple),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches, st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20))
+def test_batches_round_trip_through_any_chunking(batch: Batch, cuts: list[int]) -> None:
+    data = encode(batch) + encode(Ack(seq=1))
+    dec = FrameDecoder()
+    got: list[Message] = []
+    pos = 0
+    for cut in cuts:
+        got.extend(dec.feed(data[pos : pos + cut]))
+        pos += cut
+    got.extend(dec.feed(data[pos:]))
+    assert got == [batch, Ack(seq=1)]
+    packed = [pack_failed(f) for f in batch.failed]
+    assert encode_batch(batch.seq, batch.counters, packed) == encode(batch)
