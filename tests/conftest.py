@@ -1,0 +1,58 @@
+"""Shared fixtures. Web: a real dashboard app served by pytest-aiohttp, plus CSRF helpers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from qdash_mp import Inspector, create_app
+
+DashboardClient = TestClient[web.Request, web.Application]
+MakeDashboard = Callable[..., Awaitable[DashboardClient]]
+PageToken = Callable[[DashboardClient, str], Awaitable[str]]
+
+_TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+@pytest.fixture
+def dashboard_client(aiohttp_client: Any) -> MakeDashboard:
+    """``await dashboard_client(inspector, prefix=None, **create_app_kwargs)`` → a TestClient.
+
+    With ``prefix`` (e.g. ``"/ops"``) the dashboard is mounted as a sub-app of a bare root
+    app, the way an embedding application would do it.
+    """
+
+    async def make(
+        inspector: Inspector, *, prefix: str | None = None, **kwargs: Any
+    ) -> DashboardClient:
+        app = create_app(inspector, **kwargs)
+        if prefix is not None:
+            root = web.Application()
+            root.add_subapp(prefix, app)
+            app = root
+        client: DashboardClient = await aiohttp_client(app)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def page_token() -> PageToken:
+    """``await page_token(client, path)``: GET a dashboard page and return its form token.
+
+    The page also leaves the matching CSRF cookie in the client's cookie jar.
+    """
+
+    async def get(client: DashboardClient, path: str) -> str:
+        resp = await client.get(path)
+        assert resp.status == 200, await resp.text()
+        match = _TOKEN_RE.search(await resp.text())
+        assert match is not None, "page has no CSRF form field"
+        return match.group(1)
+
+    return get
