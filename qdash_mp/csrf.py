@@ -65,6 +65,7 @@ _NONCE_BYTES = 32
 _B64_LEN = 43  # base64url of 32 bytes, without padding
 _TOKEN_LEN = 2 * _B64_LEN + 1
 _CSRF_PURPOSE = b"qdash-csrf"
+_SIGN_PURPOSE = b"qdash-signed:"  # sign()/unsign() purposes live under this, apart from CSRF
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -140,8 +141,12 @@ def same_origin(origin: str, scheme: str, host: str) -> bool:
 
 
 def sign(secret: bytes, purpose: str, data: str) -> str:
-    """``data.<mac>``: ``data`` (ASCII, no ``.``) signed for ``purpose`` (e.g. flash cookies)."""
-    return f"{data}.{_mac(secret, purpose.encode('ascii'), data)}"
+    """``data.<mac>``: ASCII ``data`` signed for ``purpose`` (e.g. flash cookies).
+
+    The MAC input is ``b"qdash-signed:" + purpose + b"\\0" + data``, so no signed value is ever
+    a valid CSRF token (and one purpose's values are not another's).
+    """
+    return f"{data}.{_mac(secret, _SIGN_PURPOSE + purpose.encode('ascii'), data)}"
 
 
 def unsign(secret: bytes, purpose: str, value: str) -> str | None:
@@ -149,7 +154,7 @@ def unsign(secret: bytes, purpose: str, value: str) -> str | None:
     data, sep, mac = value.rpartition(".")
     if not sep or not data.isascii():
         return None
-    expected = _mac(secret, purpose.encode("ascii"), data)
+    expected = _mac(secret, _SIGN_PURPOSE + purpose.encode("ascii"), data)
     return data if hmac.compare_digest(_bytes(mac), _bytes(expected)) else None
 
 
