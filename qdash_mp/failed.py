@@ -96,6 +96,8 @@ class MemoryFailedJobs:
     def page(self, offset: int, limit: int) -> builtins.list[FailedJob]:
         """``limit`` records starting ``offset`` records from the newest."""
         with self._lock:
+            if offset >= len(self._jobs):  # also keeps huge offsets away from islice
+                return []
             return list(islice(reversed(self._jobs.values()), offset, offset + limit))
 
     def get(self, id: str) -> FailedJob:
