@@ -224,6 +224,13 @@ def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _epoch(value: float) -> str:
+    try:
+        return _when(datetime.fromtimestamp(value, UTC))
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+
+
 def _clip(text: str, limit: int = _LIST_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -307,6 +314,7 @@ class Dashboard:
         self.env.filters["num"] = lambda n: f"{n:,}"
         self.env.filters["rate"] = lambda r: f"{r:,.1f}"
         self.env.filters["when"] = _when
+        self.env.filters["epoch"] = _epoch
         self.env.filters["clip"] = _clip
         self.env.tests["addressable"] = addressable
 

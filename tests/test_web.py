@@ -427,6 +427,7 @@ async def test_job_detail_page_and_json(dashboard_client: MakeDashboard) -> None
     assert "Traceback (most recent call last)" in text
     assert "&#34;to&#34;: &#34;ann@example.com&#34;" in text  # pretty JSON, escaped
     assert "<dt>Attempts</dt><dd>4</dd>" in text
+    assert "<dt>Enqueued at</dt><dd>2023-11-14 22:13:20 UTC</dd>" in text
     assert f'action="{url}/retry"' in text
 
     data = await (await client.get("/queues/api/" + url.removeprefix("/queues/"))).json()
