@@ -1,0 +1,576 @@
+"""The failed-job journal's on-disk format: record framing, payload codecs and the scanner.
+
+Pure functions and classes over bytes, without any I/O: ``qdash_mp.journal`` owns the files,
+the index and the durability rules, and uses what is here to encode what it appends and to
+read back what it finds. Keeping the format apart makes it testable on plain ``bytes`` (every
+byte offset, every bit flip) and keeps the hot encode path small.
+
+Segment file
+------------
+
+A journal is a directory of *segment* files named ``NNNNNNNNNN.GGGG.seg`` (segment number
+``N`` and generation ``G``, zero-padded decimal). A segment is a sequence of records; the
+first record is always a ``SEGMENT`` header, and records are grouped into *batches*, each
+closed by a ``COMMIT`` record. One batch is what one ``Journal.commit()`` wrote with one
+write and made durable with one fsync, so a batch is all-or-nothing on recovery: records
+after the last ``COMMIT`` of the last segment were never acknowledged and are cut as a torn
+tail, however whole they look.
+
+Record framing (all integers little-endian)::
+
+    offset  size  field
+    0       4     crc      uint32, zlib.crc32 (CRC-32/ISO-HDLC, the zlib/PNG one) of bytes
+                           4 .. 9+N, i.e. over length + type + payload
+    4       4     length   uint32 N, bytes of payload (at most MAX_PAYLOAD)
+    8       1     type     uint8, one of RecordType
+    9       N     payload  type-specific, below
+
+The checksum covers the length and the type as well as the payload, so a flipped length or
+type is caught like a flipped payload byte. A record is accepted only if the checksum
+matches, the type is known and allowed where it stands, and the payload decodes to the exact
+shape of its type: a damaged record with a "fixed-up" checksum still fails the decode.
+
+Payloads (msgpack, ``use_bin_type=True``, strings UTF-8 ``str``, except COMMIT)::
+
+    1 SEGMENT     ["qdash-mp-journal", format_version:int, num:int, gen:int,
+                   prev_num:int, prev_gen:int, prev_end:int, created_at:float]
+                  Only at offset 0. ``gen > 0`` marks a compacted segment: it holds the live
+                  set of every segment ``(n, g) < (num, gen)`` and replaces them. ``prev_*``
+                  name the segment this one followed when it was started (-1 if none) and
+                  how many bytes of it were durable then: bytes of that segment beyond
+                  ``prev_end`` belong to a failed commit and are cut on recovery.
+    2 COMMIT      12 raw bytes, struct "<QI": offset of the batch's first record in this
+                  segment, number of records in the batch (the COMMIT itself excluded).
+    3 FAILED      [id:str, name:str, payload:bin, attempts:int, enqueued_at:float|None,
+                   queue:str, error:str, traceback:str, failed_at:float]
+                  The wire protocol's FAILED array, except that ``payload`` is the msgpack
+                  encoding of the job payload kept as ``bin`` -- the bytes exactly as the
+                  worker sent them, so a retry sends back what was received.
+    4 REMOVED     [id:str, reason:str]   reason: "retried" | "forgotten" | "pruned"
+                  Drops the record of ``id`` that is live at this point of the journal.
+    5 FLUSHED     []                     Drops every failed job recorded before it.
+    6 CLIENT_SEQ  [client_id:str, seq:int, at:float]
+                  The highest batch sequence number of ``client_id`` applied so far (the
+                  collector's dedup state); ``at`` is the journal clock when it was written.
+
+A later FAILED record with the id of a live one supersedes it (the job failed again).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final, Protocol
+
+import msgpack
+
+__all__ = [
+    "COMMIT_SIZE",
+    "FORMAT_VERSION",
+    "HEADER",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "REASONS",
+    "BatchReader",
+    "Buffer",
+    "FailedFields",
+    "Op",
+    "Problem",
+    "RecordType",
+    "SegmentHeader",
+    "append_record",
+    "check_failed",
+    "commit_record",
+    "decode_failed",
+    "encode_client_seq",
+    "encode_failed",
+    "encode_removed",
+    "find_commit",
+    "find_record",
+    "flushed_payload",
+    "header_size",
+    "read_header",
+    "read_record",
+    "segment_record",
+]
+
+MAGIC: Final = "qdash-mp-journal"
+FORMAT_VERSION: Final = 1
+MAX_PAYLOAD: Final = 64 * 1024 * 1024
+"""Largest payload a record may have (the wire caps a whole frame at 16 MiB)."""
+
+HEADER: Final = struct.Struct("<IIB")
+"""crc, length, type: the 9 bytes in front of every payload."""
+_LEN_TYPE: Final = struct.Struct("<IB")
+_COMMIT: Final = struct.Struct("<QI")
+COMMIT_SIZE: Final = HEADER.size + _COMMIT.size
+"""Bytes of one whole COMMIT record."""
+
+REASONS: Final = frozenset({"retried", "forgotten", "pruned"})
+"""What a REMOVED record may give as its reason."""
+
+
+class RecordType(IntEnum):
+    """The ``type`` byte of a record."""
+
+    SEGMENT = 1
+    COMMIT = 2
+    FAILED = 3
+    REMOVED = 4
+    FLUSHED = 5
+    CLIENT_SEQ = 6
+
+
+_SEGMENT = int(RecordType.SEGMENT)
+_COMMIT_T = int(RecordType.COMMIT)
+_FAILED = int(RecordType.FAILED)
+_REMOVED = int(RecordType.REMOVED)
+_FLUSHED = int(RecordType.FLUSHED)
+_CLIENT_SEQ = int(RecordType.CLIENT_SEQ)
+
+Op = tuple[int, str, int, Any]
+"""One data record as the index sees it: ``(type, key, size, extra)``.
+
+``key`` is the job id (FAILED, REMOVED), the client id (CLIENT_SEQ) or ``""`` (FLUSHED);
+``size`` the whole record's bytes; ``extra`` is ``failed_at`` (FAILED), the reason
+(REMOVED), ``(seq, at)`` (CLIENT_SEQ) or ``None``.
+"""
+
+
+class Buffer(Protocol):
+    """What the scanner reads: ``bytes``, ``bytearray`` or a read-only ``mmap``."""
+
+    def __getitem__(self, index: slice, /) -> bytes | bytearray: ...
+
+    def __len__(self) -> int: ...
+
+    def find(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
+
+
+_local = threading.local()
+
+
+def _packb(obj: Any) -> bytes:
+    """msgpack with a per-thread ``Packer`` (twice as fast as ``msgpack.packb``)."""
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    data: bytes = packer.pack(obj)
+    return data
+
+
+def _unpackb(data: bytes | memoryview) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True, max_ext_len=0, strict_map_key=True)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def append_record(buf: bytearray, rtype: int, payload: bytes) -> int:
+    """Frame ``payload`` as a record of ``rtype`` at the end of ``buf``; returns its size."""
+    n = len(payload)
+    if n > MAX_PAYLOAD:
+        raise ValueError(f"record payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+    head = _LEN_TYPE.pack(n, rtype)
+    buf += struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
+    buf += head
+    buf += payload
+    return HEADER.size + n
+
+
+def encode_failed(
+    id: str,
+    name: str,
+    payload_raw: bytes,
+    attempts: int,
+    enqueued_at: float | None,
+    queue: str,
+    error: str,
+    traceback: str,
+    failed_at: float,
+) -> bytes:
+    """The FAILED payload; ``payload_raw`` is the job payload's msgpack bytes, kept as is.
+
+    The fields are checked exactly as recovery checks them (``ValueError`` if one has the
+    wrong type), so nothing is ever written that could not be read back.
+    """
+    obj = [id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at]
+    why = check_failed(obj)
+    if why:
+        raise ValueError(why)
+    return _packb(obj)
+
+
+def encode_removed(id: str, reason: str) -> bytes:
+    """The REMOVED payload."""
+    return _packb([id, reason])
+
+
+def flushed_payload() -> bytes:
+    """The FLUSHED payload (an empty array)."""
+    return b"\x90"
+
+
+def encode_client_seq(client_id: str, seq: int, at: float) -> bytes:
+    """The CLIENT_SEQ payload."""
+    return _packb([client_id, seq, at])
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    """What a segment's SEGMENT record says about it."""
+
+    num: int
+    gen: int
+    prev_num: int = -1
+    prev_gen: int = -1
+    prev_end: int = -1
+    created_at: float = 0.0
+
+    @property
+    def compacted(self) -> bool:
+        """A compacted segment replaces every segment ordered before it."""
+        return self.gen > 0
+
+
+def segment_record(header: SegmentHeader) -> bytes:
+    """The whole SEGMENT record that starts a segment file."""
+    buf = bytearray()
+    payload = _packb(
+        [
+            MAGIC,
+            FORMAT_VERSION,
+            header.num,
+            header.gen,
+            header.prev_num,
+            header.prev_gen,
+            header.prev_end,
+            float(header.created_at),
+        ]
+    )
+    append_record(buf, _SEGMENT, payload)
+    return bytes(buf)
+
+
+def commit_record(batch_start: int, count: int) -> bytes:
+    """The COMMIT record closing a batch of ``count`` records that began at ``batch_start``."""
+    buf = bytearray()
+    append_record(buf, _COMMIT_T, _COMMIT.pack(batch_start, count))
+    return bytes(buf)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True, slots=True)
+class FailedFields:
+    """A decoded FAILED payload."""
+
+    id: str
+    name: str
+    payload_raw: bytes
+    attempts: int
+    enqueued_at: float | None
+    queue: str
+    error: str
+    traceback: str
+    failed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why the bytes at ``offset`` are not a valid record (or batch)."""
+
+    offset: int
+    reason: str
+
+
+def _is_float(value: object) -> bool:
+    return type(value) is float
+
+
+def check_failed(obj: Any) -> str:
+    """``""`` if ``obj`` is a well-formed FAILED payload, else what is wrong."""
+    if type(obj) is not list or len(obj) != 9:
+        return "FAILED payload is not a 9-item array"
+    id_, name, praw, attempts, enq, queue, error, trace, failed_at = obj
+    if not (
+        type(id_) is str
+        and id_
+        and type(name) is str
+        and type(praw) is bytes
+        and type(attempts) is int
+        and (enq is None or type(enq) is float)
+        and type(queue) is str
+        and type(error) is str
+        and type(trace) is str
+        and type(failed_at) is float
+    ):
+        return "FAILED payload has a field of the wrong type"
+    return ""
+
+
+def decode_failed(payload: bytes | memoryview) -> FailedFields:
+    """The fields of a FAILED payload; ``ValueError`` if it is not one."""
+    obj = _unpackb(payload)
+    why = check_failed(obj)
+    if why:
+        raise ValueError(why)
+    return FailedFields(*obj)
+
+
+def _decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:
+    """The index op of a data record, or a reason string if it does not decode."""
+    try:
+        obj = _unpackb(payload)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        return f"undecodable payload ({type(exc).__name__})"
+    if rtype == _FAILED:
+        why = check_failed(obj)
+        if why:
+            return why
+        return (_FAILED, obj[0], size, obj[8])
+    if type(obj) is not list:
+        return "payload is not an array"
+    if rtype == _REMOVED:
+        if len(obj) == 2 and type(obj[0]) is str and obj[0] and obj[1] in REASONS:
+            return (_REMOVED, obj[0], size, obj[1])
+        return "malformed REMOVED payload"
+    if rtype == _FLUSHED:
+        if not obj:
+            return (_FLUSHED, "", size, None)
+        return "malformed FLUSHED payload"
+    if rtype == _CLIENT_SEQ:
+        if (
+            len(obj) == 3
+            and type(obj[0]) is str
+            and obj[0]
+            and type(obj[1]) is int
+            and obj[1] >= 0
+            and _is_float(obj[2])
+        ):
+            return (_CLIENT_SEQ, obj[0], size, (obj[1], obj[2]))
+        return "malformed CLIENT_SEQ payload"
+    return f"record type {rtype} not allowed here"
+
+
+def read_record(buf: Buffer, pos: int, end: int) -> tuple[int, int, bytes] | Problem:
+    """``(type, size, payload)`` of the checksummed record at ``pos``, or a ``Problem``.
+
+    Only the framing is checked here (room, length, checksum, known type); the payload is
+    not decoded.
+    """
+    if end - pos < HEADER.size:
+        return Problem(pos, "incomplete record header")
+    crc, n, rtype = HEADER.unpack(buf[pos : pos + HEADER.size])
+    if n > MAX_PAYLOAD or pos + HEADER.size + n > end:
+        return Problem(pos, f"record length {n} runs past the end of the data")
+    body = buf[pos + 4 : pos + HEADER.size + n]
+    if zlib.crc32(body) != crc:
+        return Problem(pos, "checksum mismatch")
+    if not _SEGMENT <= rtype <= _CLIENT_SEQ:
+        return Problem(pos, f"unknown record type {rtype}")
+    return rtype, HEADER.size + n, bytes(body[5:])
+
+
+def read_header(buf: Buffer, end: int) -> SegmentHeader | Problem:
+    """The SEGMENT record at offset 0, or a ``Problem``."""
+    rec = read_record(buf, 0, end)
+    if isinstance(rec, Problem):
+        return rec
+    rtype, _size, payload = rec
+    if rtype != _SEGMENT:
+        return Problem(0, "segment does not start with a SEGMENT record")
+    try:
+        obj = _unpackb(payload)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return Problem(0, "undecodable SEGMENT record")
+    if not (
+        type(obj) is list
+        and len(obj) == 8
+        and obj[0] == MAGIC
+        and all(type(v) is int for v in obj[1:7])
+        and _is_float(obj[7])
+    ):
+        return Problem(0, "malformed SEGMENT record")
+    if obj[1] != FORMAT_VERSION:
+        return Problem(0, f"unsupported journal format version {obj[1]}")
+    return SegmentHeader(*obj[2:])
+
+
+def header_size(buf: Buffer) -> int:
+    """Bytes of the SEGMENT record at offset 0 (call after ``read_header`` succeeded)."""
+    _crc, n, _t = HEADER.unpack(buf[0 : HEADER.size])
+    return HEADER.size + int(n)
+
+
+# --------------------------------------------------------------------------- scanning
+
+_COMMIT_PATTERN: Final = _LEN_TYPE.pack(_COMMIT.size, _COMMIT_T)
+_TYPE_BYTE: Final = re.compile(rb"[\x02-\x06]")
+
+
+def _valid_commit(buf: Buffer, pos: int, end: int) -> bool:
+    rec = read_record(buf, pos, end)
+    return not isinstance(rec, Problem) and rec[0] == _COMMIT_T
+
+
+def find_commit(buf: Buffer, start: int, end: int) -> int:
+    """Offset of the first valid COMMIT record at or after ``start``, or -1.
+
+    A valid COMMIT after damaged bytes proves that acknowledged data follows them, which is
+    what tells corruption from a torn tail.
+    """
+    at = start + 4
+    while True:
+        hit = buf.find(_COMMIT_PATTERN, at, end)
+        if hit < 0:
+            return -1
+        pos = hit - 4
+        if pos >= start and _valid_commit(buf, pos, end):
+            return pos
+        at = hit + 1
+
+
+def find_record(buf: Buffer, start: int, end: int) -> int:
+    """Offset of the first record at or after ``start`` that verifies and decodes, or -1.
+
+    Used by salvage to resynchronise after damaged bytes: every candidate type byte is
+    tried, so this is slow on large damaged regions, which salvage accepts.
+    """
+    pattern = _TYPE_BYTE
+    at = start + 8
+    while at < end:
+        m = pattern.search(buf, at, end)  # type: ignore[call-overload]
+        if m is None:
+            return -1
+        hit: int = m.start()
+        pos = hit - 8
+        at = hit + 1
+        rec = read_record(buf, pos, end)
+        if isinstance(rec, Problem):
+            continue
+        rtype, size, payload = rec
+        if rtype == _COMMIT_T or not isinstance(_decode_op(rtype, payload, size), str):
+            return pos
+    return -1
+
+
+class BatchReader:
+    """Reads the committed batches of one segment, in order.
+
+    ``read_batch()`` returns ``(start, ops)`` for each batch whose COMMIT verifies, where the
+    ops are contiguous records starting at ``start``. It returns ``None`` when no further
+    committed batch can be read; ``problem`` then says why (``None``: clean end at a batch
+    boundary), ``committed`` is the end of the last good COMMIT, and ``pending`` holds the
+    records read since then (``pending_start`` is where they begin).
+
+    After a problem, ``resync()`` (salvage) skips to the next record that verifies; the
+    following COMMIT is then accepted without checking its batch bounds.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_end",
+        "_lenient",
+        "committed",
+        "pending",
+        "pending_start",
+        "pos",
+        "problem",
+        "records",
+    )
+
+    def __init__(self, buf: Buffer, start: int, end: int) -> None:
+        self._buf = buf
+        self._end = end
+        self._lenient = False
+        self.pos = start
+        self.committed = start
+        self.pending_start = start
+        self.pending: list[Op] = []
+        self.problem: Problem | None = None
+        self.records = 0
+
+    def read_batch(self) -> tuple[int, list[Op]] | None:
+        """The next committed batch, or ``None`` (see the class docstring)."""
+        buf = self._buf
+        end = self._end
+        pos = self.pos
+        ops = self.pending
+        unpack = HEADER.unpack
+        crc32 = zlib.crc32
+        hsize = HEADER.size
+        while True:
+            if pos >= end:
+                self.pos = pos
+                if ops:
+                    self.problem = Problem(pos, "records without a COMMIT at the end")
+                else:
+                    self.problem = None
+                return None
+            if end - pos < hsize:
+                self._fail(pos, "incomplete record header")
+                return None
+            crc, n, rtype = unpack(buf[pos : pos + hsize])
+            stop = pos + hsize + n
+            if n > MAX_PAYLOAD or stop > end:
+                self._fail(pos, f"record length {n} runs past the end of the data")
+                return None
+            body = buf[pos + 4 : stop]
+            if crc32(body) != crc:
+                self._fail(pos, "checksum mismatch")
+                return None
+            size = hsize + n
+            if rtype == _COMMIT_T:
+                if n != _COMMIT.size:
+                    self._fail(pos, "malformed COMMIT record")
+                    return None
+                start, count = _COMMIT.unpack(body[5:])
+                if not self._lenient and (start != self.pending_start or count != len(ops)):
+                    self._fail(pos, "COMMIT does not match the batch before it")
+                    return None
+                batch = (self.pending_start, ops)
+                self.records += len(ops)
+                pos = stop
+                self.pos = self.committed = self.pending_start = pos
+                self.pending = []
+                self._lenient = False
+                return batch
+            op = _decode_op(rtype, memoryview(body)[5:], size)
+            if type(op) is str:
+                self._fail(pos, op)
+                return None
+            ops.append(op)  # type: ignore[arg-type]
+            pos = stop
+
+    def _fail(self, pos: int, reason: str) -> None:
+        self.pos = pos
+        self.problem = Problem(pos, reason)
+
+    def take_pending(self) -> tuple[int, list[Op]]:
+        """The records read since the last COMMIT (salvage keeps them); clears them."""
+        run = (self.pending_start, self.pending)
+        self.records += len(self.pending)
+        self.pending = []
+        return run
+
+    def resync(self) -> tuple[int, int]:
+        """Skip to the next verifying record after the problem; ``(offset, bytes skipped)``.
+
+        Call ``take_pending()`` first. If nothing verifies before the end, skips to the end.
+        """
+        assert self.problem is not None
+        bad = self.problem.offset
+        nxt = find_record(self._buf, bad + 1, self._end)
+        if nxt < 0:
+            nxt = self._end
+        self.pos = self.pending_start = self.committed = nxt
+        self.problem = None
+        self._lenient = True
+        return bad, nxt - bad
