@@ -1,5 +1,6 @@
 """qdash_mp: an operations dashboard for Python job queues, embedded or across processes."""
 
+from qdash_mp.client import Client
 from qdash_mp.errors import NotFound, QdashError
 from qdash_mp.failed import FailedJobs, MemoryFailedJobs
 from qdash_mp.inspector import Inspector, new_inspector
@@ -36,6 +37,7 @@ __all__ = [
     "Stats",
     "new_inspector",
     "create_app",
+    "Client",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,1126 @@
+"""The worker-side ``Client``: near-free hooks, and a background thread that ships their counts.
+
+A worker calls ``on_pushed`` / ``on_processed`` / ``on_failed`` / ``on_retried`` for every
+job. Those hooks are the hot path, so they do as little as a plain dict increment: each
+counter kind has its own dict of *cumulative* ints (queue -> count) that only hooks write.
+No lock, no syscall, no per-event message. A daemon thread (the *sender*) wakes every
+``flush_interval``, reads the dicts, and sends the difference to what it already sent
+(``cumulative - last_sent``) to the collector as one numbered BATCH (see
+``docs/protocol.md``). Because the sender only reads the dicts, there is no swap to race
+with: a hook that runs while a batch is built simply lands in the next one.
+
+Why the unlocked increment is exact (CPython with the GIL, 3.11+)
+    ``d[queue] += 1`` is three bytecodes (subscript, add, store subscript). The interpreter
+    only gives the GIL away at its eval-breaker checks, which since 3.11 sit at RESUME,
+    JUMP_BACKWARD and calls -- none of them between those three. With str keys (hash
+    cached, compared in C) and int values no Python code runs inside them either, so no
+    other thread can interleave and no increment is lost, however many worker threads share
+    one ``Client``. A queue seen for the first time takes the ``KeyError`` path, which checks
+    the name and inserts it with ``dict.setdefault`` (one C call, so two threads racing to
+    create the same queue both count) before incrementing as usual. On a free-threaded
+    build (``sys._is_gil_enabled()`` returns False) that reasoning does not hold, so
+    ``Client()`` returns a subclass whose hooks take a lock. Measured on CPython 3.11:
+    ``d[k] += 1`` in a loop ~37 ns, ``client.on_processed(q)`` ~58 ns (the cost of any
+    method call doing that increment); with a lock it would be ~170 ns.
+
+Hooks never raise and never block: a bad argument is logged once and dropped. ``on_failed``
+(not a hot path) also snapshots the job -- id, name, payload exactly as given, attempts,
+error text and traceback -- packed to msgpack right away, so later changes to the worker's
+objects cannot leak in. Those packed records wait in a bounded deque
+(``max_pending_failed``, default 100,000). Past the bound the *new* job's details are
+dropped with one warning while its failure is still counted (a later journal spool will
+keep them on disk instead). A payload that is not plain msgpack data, or too big for a
+frame, is replaced by a short text saying so.
+
+Delivery. Every batch is kept until an ACK covers it (ACKs are cumulative). On disconnect
+the sender reconnects with exponential backoff (capped at ``reconnect_max``), says HELLO,
+learns from WELCOME which batches were already applied, and resends the rest in order; the
+collector drops duplicates by sequence number, so counts stay exact across collector
+restarts. While disconnected no batches are built: counts keep accumulating in the
+cumulative dicts (memory bounded by the number of queues) and go out as one merged batch
+after reconnecting. At most ``max_unacked`` batches are in flight; beyond that, counts
+likewise accumulate. ``flush(timeout)`` returns True once everything reported before the
+call is acknowledged.
+
+Processes. ``os.fork()`` gives the child a fresh identity: a new client id, empty counters
+(the child never resends the parent's counts), a new sender thread, new locks. Clients are
+closed (and so flushed, waiting at most 2 s in all) at interpreter exit via ``atexit``, and
+in ``multiprocessing`` children -- which leave through ``os._exit`` and skip ``atexit`` --
+via a ``multiprocessing.util.Finalize``. A process that ends with a bare ``os._exit``
+should call ``flush()`` first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import logging
+import math
+import os
+import queue as queue_mod
+import selectors
+import socket
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from qdash_mp.errors import ConfigError, ProtocolError
+from qdash_mp.failed import describe_error
+from qdash_mp.models import Job
+from qdash_mp.protocol import (
+    ALL_QUEUES,
+    MAX_CLIENT_ID,
+    MAX_FRAME,
+    MAX_ID,
+    MAX_INT,
+    MAX_NAME,
+    Ack,
+    ErrorCode,
+    ErrorMsg,
+    FrameDecoder,
+    Hello,
+    Requeue,
+    RequeueResult,
+    Welcome,
+    WireFailed,
+    encode,
+    encode_batch,
+    pack_failed,
+)
+from qdash_mp.settings import default_socket_path
+
+__all__ = ["Client"]
+
+log = logging.getLogger("qdash_mp.client")
+
+RequeueFn = Callable[[Job], object]
+
+_EXIT_WAIT = 2.0
+"""Seconds all clients together may wait for acknowledgements at interpreter exit."""
+
+_BATCH_BYTES = 1024 * 1024
+"""Soft size of one batch's failed jobs; a single bigger record still goes alone."""
+
+_MAX_RECORD = 8 * 1024 * 1024
+"""A packed failed job bigger than this loses its payload (and long texts are cut)."""
+
+_MAX_TEXT = 64 * 1024
+"""Error and traceback texts are cut to this many characters if a record is too big."""
+
+_QUEUES_PER_BATCH = 2000
+"""Counter rows per batch, so a batch stays far below ``MAX_FRAME`` whatever the names."""
+
+_HANDSHAKE_TIMEOUT = 5.0
+_CONNECT_TIMEOUT = 1.0
+_FIRST_BACKOFF = 0.05
+_LOG_EVERY = 60.0
+_SOCKET_PATH_MAX = 107
+
+
+def _gil_disabled() -> bool:
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return is_enabled is not None and not is_enabled()
+
+
+class _Throttle:
+    """At most one log line per key per ``every`` seconds, with a count of the rest."""
+
+    def __init__(self, every: float = _LOG_EVERY) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, key: str, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        skipped = self._skipped.pop(key, 0)
+        self._last[key] = now
+        if skipped:
+            log.log(level, msg + " (%d more like this not logged)", *args, skipped)
+        else:
+            log.log(level, msg, *args)
+
+    def reset(self, key: str) -> None:
+        self._last.pop(key, None)
+        self._skipped.pop(key, None)
+
+
+class Client:
+    """Worker-side hooks that stream counts and failed jobs to the collector daemon.
+
+    ``socket_path`` defaults to ``$QDASH_SOCKET``, then the collector's default.
+    ``requeue(job)`` (optional) re-enqueues a job when the dashboard retries it; it is
+    offered for ``requeue_queues`` (``None``: every queue). See the module docstring for
+    the guarantees and how they are kept.
+    """
+
+    # Slots keep attribute access on the hook path at its fastest: a plain instance dict
+    # with this many keys loses CPython's shared-key fast path (~10 ns per hook call).
+    __slots__ = (
+        "__weakref__",
+        "_acked",
+        "_backoff",
+        "_client_id",
+        "_close_result",
+        "_closed",
+        "_closing",
+        "_cond",
+        "_conn_gen",
+        "_connect_failures",
+        "_counts",
+        "_cut_gen",
+        "_cut_seq",
+        "_decoder",
+        "_dropped_failed",
+        "_failed",
+        "_failed_jobs",
+        "_flush_gen",
+        "_flush_interval",
+        "_gave_up",
+        "_hello_deadline",
+        "_hook_errors",
+        "_host",
+        "_lock",
+        "_max_batch_failed",
+        "_max_pending_failed",
+        "_max_unacked",
+        "_next_connect",
+        "_out",
+        "_processed",
+        "_pushed",
+        "_reconnect_max",
+        "_requeue",
+        "_requeue_jobs",
+        "_requeue_queues",
+        "_requeue_results",
+        "_retried",
+        "_sel",
+        "_sent",
+        "_seq",
+        "_sock",
+        "_socket_path",
+        "_stop",
+        "_thread",
+        "_throttle",
+        "_unacked",
+        "_wake_r",
+        "_wake_w",
+        "_welcomed",
+    )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Client:
+        kind = _LockedClient if cls is Client and _gil_disabled() else cls
+        return super().__new__(kind)
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        client_id: str | None = None,
+        requeue: RequeueFn | None = None,
+        requeue_queues: Iterable[str] | None = None,
+        flush_interval: float = 0.1,
+        max_batch_failed: int = 1000,
+        reconnect_max: float = 1.0,
+        max_pending_failed: int = 100_000,
+        max_unacked: int = 16,
+    ) -> None:
+        path = os.fspath(socket_path) if socket_path is not None else str(default_socket_path())
+        if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
+            raise ConfigError(f"socket path is longer than {_SOCKET_PATH_MAX} bytes: {path!r}")
+        if client_id is not None and not (
+            isinstance(client_id, str) and 1 <= len(client_id) <= MAX_CLIENT_ID
+        ):
+            raise ConfigError(f"client_id must be a str of 1..{MAX_CLIENT_ID} characters")
+        if not flush_interval > 0:
+            raise ConfigError(f"flush_interval must be > 0, not {flush_interval}")
+        if not reconnect_max > 0:
+            raise ConfigError(f"reconnect_max must be > 0, not {reconnect_max}")
+        for name, value in (
+            ("max_batch_failed", max_batch_failed),
+            ("max_pending_failed", max_pending_failed),
+            ("max_unacked", max_unacked),
+        ):
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"{name} must be an int >= 1, not {value!r}")
+        self._socket_path = path
+        self._requeue = requeue
+        self._requeue_queues = _requeue_list(requeue, requeue_queues)
+        self._flush_interval = float(flush_interval)
+        self._reconnect_max = float(reconnect_max)
+        self._max_batch_failed = max_batch_failed
+        self._max_pending_failed = max_pending_failed
+        self._max_unacked = max_unacked
+        self._host = socket.gethostname()[:MAX_NAME]
+        self._closed = False
+        self._close_result = False
+        self._throttle = _Throttle()
+        self._hook_errors = 0
+        self._reset(client_id or uuid.uuid4().hex)
+        _install_process_hooks()
+        _live.add(self)
+        self._start()
+
+    # ------------------------------------------------------------------ state
+
+    def _reset(self, client_id: str) -> None:
+        """Fresh per-process state (also what a forked child starts from)."""
+        self._client_id = client_id
+        # Cumulative counts, written only by hooks: pushed, processed, failed, retried.
+        self._pushed: dict[str, int] = {}
+        self._processed: dict[str, int] = {}
+        self._failed: dict[str, int] = {}
+        self._retried: dict[str, int] = {}
+        self._counts = (self._pushed, self._processed, self._failed, self._retried)
+        # What the sender already put into batches, per kind; read/written by the sender only.
+        self._sent: tuple[dict[str, int], ...] = ({}, {}, {}, {})
+        self._failed_jobs: collections.deque[bytes] = collections.deque()
+        self._dropped_failed = 0
+        self._lock = threading.Lock()  # hooks' slow paths and locked (free-threaded) hooks
+        self._cond = threading.Condition(threading.Lock())  # sender <-> flush/close
+        # Batches: numbered 1, 2, 3...; kept until an ACK covers them.
+        self._seq = 0
+        self._acked = 0
+        self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
+        # flush(): waiters bump _flush_gen; the sender sets _cut_gen/_cut_seq once every
+        # count and failed job reported before that generation is inside batch _cut_seq.
+        self._flush_gen = 0
+        self._cut_gen = 0
+        self._cut_seq = 0
+        self._stop = False
+        self._closing = False
+        self._gave_up = False
+        # Connection state, owned by the sender thread.
+        self._sock: socket.socket | None = None
+        self._conn_gen = 0
+        self._welcomed = False
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._hello_deadline = 0.0
+        self._backoff = _FIRST_BACKOFF
+        self._next_connect = 0.0
+        self._connect_failures = 0
+        self._sel: selectors.BaseSelector | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # Requeue requests run in their own thread so they never hold up ACKs.
+        self._requeue_jobs: queue_mod.SimpleQueue[tuple[int, int, str, Job] | None] | None = None
+        self._requeue_results: collections.deque[tuple[int, int, bool, str]] = collections.deque()
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"qdash-client-{self._client_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def _after_fork_in_child(self) -> None:
+        """Forget the parent's connection, counts and threads; start over as a new client."""
+        for s in (self._sock, self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()  # only this process's copy of the descriptor; the parent keeps its own
+        if self._sel is not None:
+            self._sel.close()
+        was_closed = self._closed
+        self._reset(uuid.uuid4().hex)
+        if not was_closed:
+            self._start()
+        else:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    @property
+    def client_id(self) -> str:
+        """This client's id on the wire (new in a forked child)."""
+        return self._client_id
+
+    @property
+    def socket_path(self) -> str:
+        """The collector socket this client connects to."""
+        return self._socket_path
+
+    @property
+    def dropped_failed(self) -> int:
+        """Failed jobs counted but whose details were dropped (pending list full)."""
+        return self._dropped_failed
+
+    # ------------------------------------------------------------------ hooks (hot path)
+
+    def on_pushed(self, queue: str, job: Job | None = None) -> None:
+        """A job was enqueued on ``queue``."""
+        try:
+            self._pushed[queue] += 1
+        except KeyError:
+            self._count_new(self._pushed, queue)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def on_processed(
+        self, queue: str, job: Job | None = None, runtime: float | None = None
+    ) -> None:
+        """A job of ``queue`` finished successfully."""
+        try:
+            self._processed[queue] += 1
+        except KeyError:
+            self._count_new(self._processed, queue)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def on_retried(self, queue: str) -> None:
+        """A job of ``queue`` was retried."""
+        try:
+            self._retried[queue] += 1
+        except KeyError:
+            self._count_new(self._retried, queue)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def on_failed(self, queue: str, job: Job | None, error: BaseException | str) -> None:
+        """A job of ``queue`` failed with ``error``; ``job`` (if given) is kept for retry."""
+        try:
+            self._failed[queue] += 1
+        except KeyError:
+            if not self._count_new(self._failed, queue):
+                return
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return
+        if job is not None:
+            try:
+                self._record_failed(queue, job, error)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+
+    def _count_new(self, counts: dict[str, int], queue: object) -> bool:
+        """First count of ``queue`` (or a bad name): check it, create the entry, count."""
+        try:
+            if not isinstance(queue, str) or not 1 <= len(queue) <= MAX_NAME:
+                self._throttle.log(
+                    "bad-queue",
+                    logging.ERROR,
+                    "qdash_mp client: event for an invalid queue name %r dropped "
+                    "(a queue name is a str of 1..%d characters)",
+                    queue,
+                    MAX_NAME,
+                )
+                return False
+            counts.setdefault(str.__str__(queue), 0)  # one C call: racing creators both count
+            counts[queue] += 1
+            return True
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return False
+
+    def _hook_error(self, exc: Exception) -> None:
+        try:
+            self._hook_errors += 1
+            if self._hook_errors == 1:
+                log.error(
+                    "qdash_mp client hook failed; further hook errors are not logged", exc_info=exc
+                )
+        except Exception:  # noqa: BLE001, S110 -- a hook must not raise, not even while logging
+            pass
+
+    # ------------------------------------------------------------------ failed jobs
+
+    def _record_failed(self, queue: str, job: Job, error: BaseException | str) -> None:
+        jobs = self._failed_jobs
+        if len(jobs) >= self._max_pending_failed:
+            self._dropped_failed += 1
+            self._throttle.log(
+                "failed-full",
+                logging.WARNING,
+                "qdash_mp client: %d failed jobs are waiting for the collector; details of "
+                "newer failures are dropped (they are still counted)",
+                len(jobs),
+            )
+            return
+        if not isinstance(error, BaseException | str):
+            error = repr(error)
+        text, trace = describe_error(error)
+        record = WireFailed(
+            job_id=_job_id(getattr(job, "id", None)),
+            name=_text(getattr(job, "name", ""), MAX_ID),
+            payload=getattr(job, "payload", None),
+            attempts=_attempts(getattr(job, "attempts", 0)),
+            enqueued_at=_timestamp(getattr(job, "enqueued_at", None)),
+            queue=str.__str__(queue),
+            error=text,
+            traceback=trace,
+            failed_at=time.time(),
+        )
+        try:
+            packed = pack_failed(record)
+        except ProtocolError as exc:
+            self._throttle.log(
+                "bad-payload",
+                logging.WARNING,
+                "qdash_mp client: payload of failed job %r replaced: %s",
+                record.job_id,
+                exc,
+            )
+            record = _replace_payload(record, f"<payload not sent: {exc}>")
+            packed = pack_failed(record)
+        if len(packed) > _MAX_RECORD:
+            record = _replace_payload(
+                record, f"<payload not sent: record of {len(packed)} bytes is too big>"
+            )
+            packed = pack_failed(record)
+        jobs.append(packed)
+        if len(jobs) % self._max_batch_failed == 0:
+            self._wake()
+
+    # ------------------------------------------------------------------ flush / close
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything reported so far is acknowledged; False on timeout.
+
+        Acknowledged means applied by the collector, failed jobs durably. ``timeout=None``
+        waits as long as it takes (also for a collector that is not running yet).
+        """
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            if self._thread is None or self._stop:
+                return self._settled()
+            self._flush_gen += 1
+            gen = self._flush_gen
+        self._wake()
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._cut_gen >= gen or self._gave_up or self._stop,
+                _remaining(deadline),
+            ):
+                return False
+            if self._cut_gen < gen:
+                return False
+            target = self._cut_seq
+            return self._cond.wait_for(
+                lambda: self._acked >= target or self._gave_up or self._stop,
+                _remaining(deadline),
+            ) and (self._acked >= target)
+
+    def _settled(self) -> bool:
+        """(Closed client) True if nothing reported is left unacknowledged."""
+        return not self._unacked and not self._has_news()
+
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Flush (waiting at most ``timeout`` s), then stop; True if all was acknowledged.
+
+        Idempotent. A collector that cannot be reached gives up at once instead of waiting.
+        Hooks called after ``close`` are counted but never sent.
+        """
+        with self._cond:
+            if self._closed:
+                return self._close_result
+            self._closed = True
+            self._closing = True
+        ok = self.flush(timeout)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_CONNECT_TIMEOUT + 1.0)
+        if self._requeue_jobs is not None:
+            self._requeue_jobs.put(None)
+        if thread is None or not thread.is_alive():
+            for s in (self._wake_r, self._wake_w):
+                s.close()
+        _live.discard(self)
+        if not ok:
+            log.warning(
+                "qdash_mp client %s closed with counts or failed jobs not acknowledged by "
+                "the collector at %s",
+                self._client_id,
+                self._socket_path,
+            )
+        self._close_result = ok
+        return ok
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self._client_id} socket={self._socket_path!r}>"
+
+    # ------------------------------------------------------------------ sender thread
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
+            self._wake_w.send(b"\0")
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        self._sel = sel
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        next_tick = time.monotonic() + self._flush_interval
+        try:
+            while not self._stop:
+                try:
+                    next_tick = self._step(sel, next_tick)
+                except Exception:
+                    log.exception("qdash_mp client: unexpected error in the sender thread")
+                    self._disconnect("internal error")
+                    time.sleep(self._reconnect_max)
+        finally:
+            self._disconnect(None)
+            sel.close()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _step(self, sel: selectors.BaseSelector, next_tick: float) -> float:
+        now = time.monotonic()
+        if self._sock is None and now >= self._next_connect and self._wants_connection():
+            self._connect(sel)
+        now = time.monotonic()
+        if self._sock is None:
+            timeout = max(0.0, self._next_connect - now)
+            if not self._wants_connection():
+                timeout = max(timeout, self._flush_interval)
+        elif not self._welcomed:
+            timeout = max(0.0, self._hello_deadline - now)
+        else:
+            timeout = max(0.0, next_tick - now)
+        for key, mask in sel.select(timeout):
+            if key.data is None:
+                self._drain_wake()
+            else:
+                if mask & selectors.EVENT_READ:
+                    self._on_readable()
+                if self._sock is not None and mask & selectors.EVENT_WRITE:
+                    self._flush_out()
+        self._send_requeue_results()
+        now = time.monotonic()
+        if self._sock is not None and not self._welcomed and now >= self._hello_deadline:
+            self._disconnect("no WELCOME from the collector in time")
+        flush_wanted = self._flush_gen > self._cut_gen
+        if self._sock is not None and self._welcomed:
+            if now >= next_tick or flush_wanted or len(self._failed_jobs) >= self._max_batch_failed:
+                self._cycle()
+                next_tick = now + self._flush_interval
+        elif flush_wanted:
+            with self._cond:
+                gen = self._flush_gen  # read before looking for news, as in _cycle
+            if not self._unacked and not self._has_news():
+                self._cut(gen)  # nothing to send: a flush needs no connection
+        self._update_interest(sel)
+        return next_tick
+
+    def _wants_connection(self) -> bool:
+        if self._stop:
+            return False
+        if self._requeue is not None or self._unacked:
+            return True
+        return self._has_news()
+
+    def _has_news(self) -> bool:
+        if self._failed_jobs:
+            return True
+        return any(c != s for c, s in zip(self._counts, self._sent, strict=True))
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        # A flush or close asked for something: do not make it wait out a backoff.
+        if self._sock is None and (self._flush_gen > self._cut_gen or self._closing):
+            self._next_connect = 0.0
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect(self, sel: selectors.BaseSelector) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_CONNECT_TIMEOUT)
+            sock.connect(self._socket_path)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            self._connect_failures += 1
+            self._throttle.log(
+                "connect",
+                logging.WARNING,
+                "qdash_mp client: cannot reach the collector at %s: %s; counts are kept "
+                "and sent once it is up",
+                self._socket_path,
+                exc,
+            )
+            self._schedule_reconnect()
+            if self._closing:
+                with self._cond:
+                    self._gave_up = True
+                    self._cond.notify_all()
+            return
+        self._sock = sock
+        self._conn_gen += 1
+        self._welcomed = False
+        self._decoder = FrameDecoder(MAX_FRAME)
+        self._out = bytearray()
+        self._hello_deadline = time.monotonic() + _HANDSHAKE_TIMEOUT
+        sel.register(sock, selectors.EVENT_READ, "sock")
+        hello = Hello(
+            client_id=self._client_id,
+            pid=os.getpid(),
+            host=self._host,
+            requeue=self._requeue_queues,
+        )
+        self._send(encode(hello))
+
+    def _schedule_reconnect(self) -> None:
+        self._next_connect = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self._reconnect_max)
+
+    def _disconnect(self, reason: str | None) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        self._welcomed = False
+        self._out = bytearray()
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
+        sock.close()
+        if reason is not None:
+            self._throttle.log(
+                "disconnect",
+                logging.WARNING,
+                "qdash_mp client: connection to the collector at %s lost (%s); reconnecting",
+                self._socket_path,
+                reason,
+            )
+            self._schedule_reconnect()
+
+    def _update_interest(self, sel: selectors.BaseSelector) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
+        if sel.get_key(sock).events != events:
+            sel.modify(sock, events, "sock")
+
+    def _send(self, frame: bytes) -> None:
+        self._out += frame
+        self._flush_out()
+
+    def _flush_out(self) -> None:
+        sock = self._sock
+        out = self._out
+        while sock is not None and out:
+            try:
+                n = sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._disconnect(f"send failed: {exc}")
+                return
+            del out[:n]
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._disconnect(f"receive failed: {exc}")
+            return
+        if not data:
+            self._disconnect("closed by the collector")
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._disconnect(f"bad frame from the collector: {exc}")
+            return
+        for msg in messages:
+            if self._sock is None:
+                return
+            self._handle(msg)
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, Welcome):
+            if self._welcomed:
+                self._disconnect("second WELCOME")
+                return
+            self._on_welcome(msg.last_seq)
+        elif not self._welcomed:
+            if isinstance(msg, ErrorMsg):
+                self._on_error(msg)
+            else:
+                self._disconnect(f"expected WELCOME, got {type(msg).__name__}")
+        elif isinstance(msg, Ack):
+            self._on_ack(msg.seq)
+        elif isinstance(msg, Requeue):
+            self._on_requeue(msg)
+        elif isinstance(msg, ErrorMsg):
+            self._on_error(msg)
+        else:
+            self._disconnect(f"unexpected {type(msg).__name__} from the collector")
+
+    def _on_welcome(self, last_seq: int) -> None:
+        self._welcomed = True
+        self._backoff = _FIRST_BACKOFF
+        if self._connect_failures:
+            log.info(
+                "qdash_mp client: connected to the collector at %s after %d failed attempts",
+                self._socket_path,
+                self._connect_failures,
+            )
+            self._connect_failures = 0
+        self._throttle.reset("connect")
+        if last_seq > self._seq:
+            # The collector knows more batches of this id than we ever made (an id clash):
+            # number on from there so new batches are not mistaken for duplicates.
+            log.warning(
+                "qdash_mp client: collector reports batch %d applied for client %s, which "
+                "only made %d; continuing from %d",
+                last_seq,
+                self._client_id,
+                self._seq,
+                last_seq,
+            )
+            self._seq = last_seq
+        self._on_ack(last_seq)
+        for _seq, frame in self._unacked:
+            self._out += frame
+        self._flush_out()
+
+    def _on_ack(self, seq: int) -> None:
+        seq = min(seq, self._seq)
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= seq:
+            unacked.popleft()
+        if seq > self._acked:
+            with self._cond:
+                self._acked = seq
+                self._cond.notify_all()
+
+    def _on_error(self, msg: ErrorMsg) -> None:
+        level = logging.ERROR if msg.code == ErrorCode.VERSION else logging.WARNING
+        self._throttle.log(
+            f"error-{msg.code}",
+            level,
+            "qdash_mp client: the collector at %s refused the connection (%s): %s",
+            self._socket_path,
+            msg.code,
+            msg.reason,
+        )
+        self._disconnect(None)
+        if msg.code == ErrorCode.VERSION:
+            self._backoff = self._reconnect_max
+        self._schedule_reconnect()
+        if self._closing:
+            with self._cond:
+                self._gave_up = True
+                self._cond.notify_all()
+
+    # ------------------------------------------------------------------ batches
+
+    def _cycle(self) -> None:
+        """Turn everything new into batches (as far as ``max_unacked`` allows) and send."""
+        with self._cond:
+            gen = self._flush_gen
+        jobs = self._failed_jobs
+        owed = len(jobs)  # failed jobs reported before this cycle; all must go out to cut
+        rows = self._deltas()
+        pending = list(rows.items())
+        while len(self._unacked) < self._max_unacked and self._sock is not None:
+            chunk = pending[:_QUEUES_PER_BATCH]
+            del pending[: len(chunk)]
+            packed: list[bytes] = []
+            size = 0
+            while jobs and len(packed) < self._max_batch_failed:
+                item = jobs[0]
+                if packed and size + len(item) > _BATCH_BYTES:
+                    break
+                packed.append(jobs.popleft())
+                size += len(item)
+            if not chunk and not packed:
+                break
+            owed -= len(packed)
+            seq = self._seq + 1
+            frame = encode_batch(seq, {q: (d[0], d[1], d[2], d[3]) for q, d in chunk}, packed)
+            self._seq = seq
+            for q, deltas in chunk:
+                for kind, delta in enumerate(deltas):
+                    if delta:
+                        sent = self._sent[kind]
+                        sent[q] = sent.get(q, 0) + delta
+            self._unacked.append((seq, frame))
+            self._send(frame)
+        if not pending and owed <= 0:
+            self._cut(gen)
+
+    def _cut(self, gen: int) -> None:
+        """Every count and failed job reported before flush generation ``gen`` is batched."""
+        with self._cond:
+            self._cut_gen = max(self._cut_gen, gen)
+            self._cut_seq = self._seq
+            self._cond.notify_all()
+
+    def _deltas(self) -> dict[str, list[int]]:
+        """``cumulative - sent`` per queue, for the queues where anything changed."""
+        rows: dict[str, list[int]] = {}
+        for kind, (counts, sent) in enumerate(zip(self._counts, self._sent, strict=True)):
+            snap = counts.copy()  # one C call: a consistent view while hooks keep counting
+            if snap == sent:
+                continue
+            for q, value in snap.items():
+                delta = value - sent.get(q, 0)
+                if delta:
+                    row = rows.get(q)
+                    if row is None:
+                        row = rows[q] = [0, 0, 0, 0]
+                    row[kind] = min(delta, MAX_INT)
+        return rows
+
+    # ------------------------------------------------------------------ requeue
+
+    def _on_requeue(self, msg: Requeue) -> None:
+        queues = self._requeue_queues
+        if self._requeue is None or queues is None:
+            self._answer(msg.request_id, False, "this client has no requeue callback")
+            return
+        if ALL_QUEUES not in queues and msg.queue not in queues:
+            self._answer(msg.request_id, False, f"this client does not requeue {msg.queue!r}")
+            return
+        if self._requeue_jobs is None:
+            self._requeue_jobs = queue_mod.SimpleQueue()
+            threading.Thread(
+                target=self._requeue_worker,
+                args=(self._requeue_jobs,),
+                name=f"qdash-requeue-{self._client_id[:8]}",
+                daemon=True,
+            ).start()
+        self._requeue_jobs.put((self._conn_gen, msg.request_id, msg.queue, msg.failed.job()))
+
+    def _requeue_worker(
+        self, jobs: queue_mod.SimpleQueue[tuple[int, int, str, Job] | None]
+    ) -> None:
+        requeue = self._requeue
+        assert requeue is not None
+        while (item := jobs.get()) is not None:
+            conn_gen, request_id, _queue, job = item
+            try:
+                requeue(job)
+            except Exception as exc:  # noqa: BLE001 -- any failure is the answer
+                text, _trace = describe_error(exc)
+                self._requeue_results.append((conn_gen, request_id, False, text[:4096]))
+            else:
+                self._requeue_results.append((conn_gen, request_id, True, ""))
+            self._wake()
+
+    def _send_requeue_results(self) -> None:
+        results = self._requeue_results
+        while results:
+            conn_gen, request_id, ok, error = results.popleft()
+            if conn_gen == self._conn_gen and self._sock is not None:
+                self._answer(request_id, ok, error)
+            else:
+                log.warning(
+                    "qdash_mp client: requeue answer %d (ok=%s) not delivered: the "
+                    "connection it came on is gone",
+                    request_id,
+                    ok,
+                )
+
+    def _answer(self, request_id: int, ok: bool, error: str) -> None:
+        self._send(encode(RequeueResult(request_id=request_id, ok=ok, error=error)))
+
+
+class _LockedClient(Client):
+    """``Client`` for free-threaded CPython: unlocked read-modify-write could lose counts.
+
+    ``Client()`` returns one of these by itself when the GIL is disabled.
+    """
+
+    __slots__ = ()
+
+    def on_pushed(self, queue: str, job: Job | None = None) -> None:
+        try:
+            self._bump(self._pushed, queue)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def on_processed(
+        self, queue: str, job: Job | None = None, runtime: float | None = None
+    ) -> None:
+        try:
+            self._bump(self._processed, queue)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def on_retried(self, queue: str) -> None:
+        try:
+            self._bump(self._retried, queue)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def on_failed(self, queue: str, job: Job | None, error: BaseException | str) -> None:
+        try:
+            if self._bump(self._failed, queue) and job is not None:
+                self._record_failed(queue, job, error)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _bump(self, counts: dict[str, int], queue: str) -> bool:
+        if isinstance(queue, str) and 1 <= len(queue) <= MAX_NAME:
+            with self._lock:
+                key = str.__str__(queue)
+                counts[key] = counts.get(key, 0) + 1
+            return True
+        return self._count_new(counts, queue)  # logs and drops the bad name
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _requeue_list(
+    requeue: RequeueFn | None, queues: Iterable[str] | None
+) -> tuple[str, ...] | None:
+    if requeue is None:
+        if queues is not None:
+            raise ConfigError("requeue_queues needs a requeue callback")
+        return None
+    if not callable(requeue):
+        raise ConfigError(f"requeue must be callable, not {type(requeue).__name__}")
+    if queues is None:
+        return (ALL_QUEUES,)
+    if isinstance(queues, str):
+        raise ConfigError("requeue_queues must be a list of queue names, not a str")
+    names = tuple(queues)
+    if not names:
+        raise ConfigError("requeue_queues must not be empty (None means every queue)")
+    for q in names:
+        if not isinstance(q, str) or not 1 <= len(q) <= MAX_NAME:
+            raise ConfigError(f"invalid queue name in requeue_queues: {q!r}")
+    return tuple(str.__str__(q) for q in names)
+
+
+def _text(value: object, limit: int) -> str:
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    return str.__str__(text)[:limit]
+
+
+def _job_id(value: object) -> str:
+    return _text(value, MAX_ID) or uuid.uuid4().hex
+
+
+def _attempts(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT:
+        return int(value)
+    return 0
+
+
+def _timestamp(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        ts = float(value)
+        if math.isfinite(ts) and abs(ts) <= 253402300799.0:  # a datetime-able second
+            return ts
+    return None
+
+
+def _replace_payload(record: WireFailed, payload: str) -> WireFailed:
+    return WireFailed(
+        job_id=record.job_id,
+        name=record.name,
+        payload=payload,
+        attempts=record.attempts,
+        enqueued_at=record.enqueued_at,
+        queue=record.queue,
+        error=record.error[:_MAX_TEXT],
+        traceback=record.traceback[-_MAX_TEXT:],
+        failed_at=record.failed_at,
+    )
+
+
+# ---------------------------------------------------------------------- process hooks
+
+_live: weakref.WeakSet[Client] = weakref.WeakSet()
+_hooks_installed = False
+_mp_watched = False
+_hooks_lock = threading.Lock()
+
+
+class _Token:
+    """A weak-referenceable key for ``multiprocessing.util.register_after_fork``."""
+
+
+_MP_TOKEN = _Token()
+
+
+def _install_process_hooks() -> None:
+    """Once per interpreter (inherited by forks): atexit close, fork reset, mp finalizer."""
+    global _hooks_installed  # noqa: PLW0603 -- once-per-interpreter registration
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+        atexit.register(_close_all_at_exit)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _watch_multiprocessing(direct=True)
+
+
+def _watch_multiprocessing(*, direct: bool) -> None:
+    """Close clients when a ``multiprocessing`` child exits (it skips ``atexit``).
+
+    Only if ``multiprocessing`` is already imported (it is never imported here). A forked
+    ``multiprocessing`` child clears its finalizers in ``Process._bootstrap`` and then runs
+    the after-fork registry, which (inherited from the parent) installs ours again.
+    """
+    global _mp_watched  # noqa: PLW0603 -- once per interpreter, inherited by forks
+    mp_util: Any = sys.modules.get("multiprocessing.util")
+    if mp_util is None or _mp_watched:
+        return
+    _mp_watched = True
+    mp_util.register_after_fork(_MP_TOKEN, _install_mp_finalizer)
+    if direct:
+        _install_mp_finalizer(_MP_TOKEN)
+
+
+def _install_mp_finalizer(_token: object) -> None:
+    mp_util: Any = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        mp_util.Finalize(None, _close_all_at_exit, exitpriority=100)
+
+
+def _after_fork_in_child() -> None:
+    global _hooks_lock  # noqa: PLW0603 -- the parent's lock may have been held at fork
+    _hooks_lock = threading.Lock()
+    for client in list(_live):
+        try:
+            client._after_fork_in_child()
+        except Exception:
+            log.exception("qdash_mp client: could not reset a client after fork")
+    _watch_multiprocessing(direct=False)
+
+
+def _close_all_at_exit() -> None:
+    deadline = time.monotonic() + _EXIT_WAIT
+    for client in list(_live):
+        try:
+            client.close(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.exception("qdash_mp client: close at exit failed")
