@@ -20,16 +20,28 @@ Record layout (``record_len(ring)`` int64 slots, native byte order)::
 the sum of the buckets of the last ``window`` *completed* seconds, divided by ``window`` (or by
 the time since the table started, while that is shorter), so a reading does not jump with the
 partial current second.
+
+Since every bucket ``b`` only ever holds a second ``s`` with ``s % R == b``, the buckets of a
+queue that processed jobs in every recent second hold exactly the pattern ``now - R + 1 ..
+now``; ``read_record`` compares against that pattern first (one ``memcmp``) and only walks
+the ring bucket by bucket when it differs. The result is the same either way.
+
+``StatsBase`` is the concept both homes implement: the hook methods over ``add`` and
+``snapshot``.
 """
 
 from __future__ import annotations
 
+import abc
+import functools
 import math
+import operator
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from itertools import compress
+from typing import Protocol, overload
 
 from qdash_mp.models import QueueStat, StatsView
 
@@ -38,6 +50,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "Int64Buffer",
     "Stats",
+    "StatsBase",
     "apply_deltas",
     "build_view",
     "read_record",
@@ -58,7 +71,11 @@ _PROCESSED = COUNTERS.index("processed")
 class Int64Buffer(Protocol):
     """What a record lives in: ``array('q')`` in-process, ``memoryview.cast('q')`` in shm."""
 
+    @overload
     def __getitem__(self, index: int, /) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice, /) -> Sequence[int]: ...
 
     def __setitem__(self, index: int, value: int, /) -> None: ...
 
@@ -106,13 +123,10 @@ def read_record(
     ``started`` is the second the table began counting; until ``ring - 1`` seconds have
     passed the rate is averaged over the elapsed time only.
     """
-    pushed, processed, failed, retried = (buf[off + i] for i in range(_N))
+    pushed, processed, failed, retried = buf[off : off + _N]
+    ring_at = off + _N
+    recent = _recent(buf[ring_at : ring_at + ring], buf[ring_at + ring : ring_at + 2 * ring], now)
     window = ring - 1
-    recent = 0
-    for b in range(ring):
-        sec = buf[off + _N + b]
-        if now - window <= sec < now:
-            recent += buf[off + _N + ring + b]
     span = min(window, now - started)
     return QueueStat(
         queue=queue,
@@ -123,6 +137,43 @@ def read_record(
         pending=max(0, pushed - processed - failed),
         throughput=recent / span if span > 0 else 0.0,
     )
+
+
+def _recent(secs: Sequence[int], cnts: Sequence[int], now: int) -> int:
+    """Processed jobs in the buckets of seconds ``now - window .. now - 1``.
+
+    By definition the sum of ``cnts[b]`` over the buckets with ``now - window <= secs[b] <
+    now``. ``apply_deltas`` only ever stores a second ``s`` in bucket ``s % R`` (an untouched
+    bucket is ``(0, 0)``), so bucket ``b`` is in the window exactly when it holds the one
+    second of the window that falls in it: the "busy" pattern ``now - R + 1 .. now``, minus the
+    current bucket. Comparing with that pattern is what makes this fast; ``==`` between two
+    int64 buffers of the same type is one ``memcmp``.
+    """
+    ring = len(secs)
+    busy, waiting, zeros, busy_tuple = _patterns(ring, now)
+    cur = now % ring
+    if secs in (busy, waiting):
+        # Every bucket but the current one holds its second of the window; the current one
+        # holds ``now`` (busy) or ``now - ring`` (nothing counted yet this second).
+        return sum(cnts) - cnts[cur]
+    if cnts == zeros:
+        return 0
+    recent = sum(compress(cnts, map(operator.eq, secs, busy_tuple)))
+    return recent - cnts[cur] if secs[cur] == now else recent
+
+
+@functools.lru_cache(maxsize=8)
+def _patterns(ring: int, now: int) -> tuple[array[int], array[int], array[int], tuple[int, ...]]:
+    """``ring_sec`` of a busy queue at ``now``, the same before its first job of ``now``, zeros.
+
+    Read-only by convention; cached because every record of a snapshot uses the same ones.
+    """
+    busy = array("q", bytes(8 * ring))
+    for sec in range(now - ring + 1, now + 1):
+        busy[sec % ring] = sec
+    waiting = array("q", busy)
+    waiting[now % ring] = now - ring
+    return busy, waiting, array("q", bytes(8 * ring)), tuple(busy)
 
 
 def build_view(rows: Iterable[QueueStat]) -> StatsView:
@@ -143,27 +194,27 @@ def build_view(rows: Iterable[QueueStat]) -> StatsView:
     return StatsView(queues=queues, totals=totals)
 
 
-class Stats:
-    """Concurrency-safe per-queue counters with a rolling throughput window.
+class StatsBase(abc.ABC):
+    """The counters concept: the hook methods, written once over ``add`` and ``snapshot``.
 
-    Every hook takes one short lock, so totals are exact under any number of threads. Queue
-    labels are arbitrary strings. ``clock`` returns Unix time in seconds; tests inject one.
+    ``Stats`` keeps the records in process memory; ``qdash_mp.shm.SharedStats`` keeps the very
+    same records in shared memory. Code that only counts and reads accepts a ``StatsBase``.
     """
 
-    def __init__(
-        self, window: float = DEFAULT_WINDOW, *, clock: Callable[[], float] = time.time
-    ) -> None:
-        self._ring = ring_slots(window)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._offsets: dict[str, int] = {}
-        self._buf: array[int] = array("q")
-        self._started = int(clock())
-
     @property
+    @abc.abstractmethod
     def window(self) -> int:
         """The throughput window, in seconds."""
-        return self._ring - 1
+
+    @abc.abstractmethod
+    def add(
+        self, queue: str, pushed: int = 0, processed: int = 0, failed: int = 0, retried: int = 0
+    ) -> None:
+        """Add several counts at once (what the collector does with a client's batch)."""
+
+    @abc.abstractmethod
+    def snapshot(self) -> StatsView:
+        """A consistent view of every queue, sorted by name, with totals."""
 
     def on_pushed(self, queue: str) -> None:
         """A job was enqueued on ``queue``."""
@@ -184,6 +235,29 @@ class Stats:
     def on_retried(self, queue: str) -> None:
         """A failed job of ``queue`` was re-enqueued."""
         self.add(queue, retried=1)
+
+
+class Stats(StatsBase):
+    """Concurrency-safe per-queue counters with a rolling throughput window.
+
+    Every hook takes one short lock, so totals are exact under any number of threads. Queue
+    labels are arbitrary strings. ``clock`` returns Unix time in seconds; tests inject one.
+    """
+
+    def __init__(
+        self, window: float = DEFAULT_WINDOW, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._ring = ring_slots(window)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._offsets: dict[str, int] = {}
+        self._buf: array[int] = array("q")
+        self._started = int(clock())
+
+    @property
+    def window(self) -> int:
+        """The throughput window, in seconds."""
+        return self._ring - 1
 
     def add(
         self, queue: str, pushed: int = 0, processed: int = 0, failed: int = 0, retried: int = 0
