@@ -504,8 +504,8 @@ def test_ack_is_cumulative(
     for i in range(3):
         client.on_processed("q")
         client.on_failed("q", job(i), "e")
-        assert client.flush(timeout=0.1) is False  # each flush cuts a batch
-    assert server.wait(lambda: server.received == 3)
+        assert client.flush(timeout=0.05) is False  # each flush cuts a batch...
+        assert server.wait(lambda n=i + 1: server.received == n)  # ...that arrives unacked
     server.ack_now()  # one ACK for seq 3 covers 1, 2 and 3
     assert client.flush(timeout=WAIT) is True
     assert server.acks_sent == 1
@@ -551,8 +551,8 @@ def test_collector_absent_at_start_then_appearing(
         client.on_processed("q")
     client.on_failed("q", job(1), "e")
     assert client.flush(timeout=0.3) is False  # several failed connects, backoff grows
-    server = servers()
     client.on_processed("q")
+    server = servers()
     start = time.monotonic()
     assert client.flush(timeout=WAIT)
     assert time.monotonic() - start < 2.5
