@@ -1,4 +1,12 @@
-"""qdash_mp: an operations dashboard for Python job queues, embedded or across processes."""
+"""qdash_mp: an operations dashboard for Python job queues, embedded or across processes.
+
+``create_app`` is imported lazily, so worker processes that only use ``Client`` or ``Stats``
+do not pay for importing aiohttp and jinja2.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from qdash_mp.client import Client
 from qdash_mp.errors import NotFound, QdashError
@@ -15,12 +23,11 @@ from qdash_mp.models import (
 )
 from qdash_mp.sampler import Sampler
 from qdash_mp.stats import Stats
-from qdash_mp.web import create_app
+
+if TYPE_CHECKING:
+    from qdash_mp.web import create_app
 
 __all__ = [
-    # errors
-    "NotFound",
-    "QdashError",
     # data
     "PAGE_SIZE",
     "FailedJob",
@@ -36,8 +43,21 @@ __all__ = [
     "Sampler",
     "Stats",
     "new_inspector",
+    # dashboard
     "create_app",
+    # worker hooks to the collector
     "Client",
+    # errors
+    "NotFound",
+    "QdashError",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from qdash_mp.web import create_app
+
+        return create_app
+    raise AttributeError(f"module 'qdash_mp' has no attribute {name!r}")

@@ -34,6 +34,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    col = sub.add_parser("collector", help="run the collector daemon in the foreground")
+    col.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help="journal, socket and state file (default ./%(default)s)",
+    )
+    col.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="default <data-dir>/collector.sock",
+    )
+    col.add_argument(
+        "--http",
+        default=f"{DEFAULT_HTTP[0]}:{DEFAULT_HTTP[1]}",
+        metavar="HOST:PORT",
+        help="dashboard address (default %(default)s; port 0 picks a free one)",
+    )
+    col.add_argument("--no-http", action="store_true", help="do not serve the dashboard")
+    col.add_argument(
+        "--requeue",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="callable the daemon uses to re-enqueue retried jobs (instead of a worker's)",
+    )
+    col.add_argument(
+        "--salvage",
+        action="store_true",
+        help="open a journal with corruption by keeping every record that verifies",
+    )
+    col.add_argument(
+        "--socket-mode",
+        type=lambda v: int(v, 8),
+        default=0o600,
+        metavar="OCTAL",
+        help="permissions of the socket file (default 600: owner only)",
+    )
+    col.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="also accept clients running as this uid (repeatable)",
+    )
+    col.add_argument(
+        "--allow-gid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="GID",
+        help="also accept clients whose primary gid is this (repeatable)",
+    )
+
+    st = sub.add_parser("stats", help="print the counters straight from shared memory")
+    st.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, metavar="DIR", help="the collector's"
+    )
+    st.add_argument("--json", action="store_true", help="print the /queues/api/stats JSON")
+
     demo = sub.add_parser(
         "demo", help="run a live dashboard over simulated traffic (collector + workers)"
     )
@@ -49,10 +112,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="run everything in this one process instead of a collector and worker processes",
     )
     demo.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
-    demo.add_argument(
-        "--duration", type=float, default=None, help="stop after this many seconds"
-    )
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     return parser
+
+
+def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
+    host, port = parse_http(args.http)
+    return CollectorSettings(
+        data_dir=args.data_dir,
+        socket_path=args.socket,
+        http_host=host,
+        http_port=port,
+        http_enabled=not args.no_http,
+        socket_mode=args.socket_mode,
+        allow_uids=frozenset(args.allow_uid),
+        allow_gids=frozenset(args.allow_gid),
+        requeue=args.requeue,
+        salvage=args.salvage,
+    )
+
+
+def _run_collector(args: argparse.Namespace) -> int:
+    from qdash_mp.collector import run
+
+    run(_collector_settings(args))
+    return 0
+
+
+def _shm_name(data_dir: Path) -> str:
+    """The stats segment of the collector using ``data_dir`` (its state file, else derived)."""
+    state = CollectorSettings(data_dir=data_dir).state_file
+    try:
+        name = json.loads(state.read_text())["shm"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return CollectorSettings(data_dir=data_dir).shm
+    return str(name)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from qdash_mp.shm import SharedStatsReader, ShmMissing
+
+    name = _shm_name(args.data_dir)
+    try:
+        reader = SharedStatsReader(name)
+    except ShmMissing:
+        raise QdashError(
+            f"no collector is running for {args.data_dir} (no shared stats {name!r}); "
+            f"start one with: qdash-mp collector --data-dir {args.data_dir}"
+        ) from None
+    with reader:
+        view = reader.snapshot()
+    if args.json:
+        print(json.dumps(view.to_dict(), indent=2))
+        return 0
+    rows = [*view.queues, view.totals]
+    width = max([5, *(len(q.queue) for q in rows)])
+    cols = ("pushed", "processed", "failed", "retried", "pending")
+    print(f"{'queue':<{width}}  " + "  ".join(f"{c:>12}" for c in cols) + f"  {'jobs/s':>10}")
+    for q in rows:
+        nums = "  ".join(f"{getattr(q, c):>12}" for c in cols)
+        print(f"{q.queue:<{width}}  {nums}  {q.throughput:>10.1f}")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -76,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "collector":
+            return _run_collector(args)
+        if args.command == "stats":
+            return _run_stats(args)
         if args.command == "demo":
             return _run_demo(args)
     except KeyboardInterrupt:

@@ -1,0 +1,663 @@
+"""The collector daemon: one asyncio process that workers' ``Client`` hooks report to.
+
+It listens on a Unix socket (owner-only by default, peers checked with ``SO_PEERCRED``),
+speaks ``qdash_mp.protocol``, applies counter deltas to the shared-memory ``SharedStats``
+(exactly once per ``(client id, seq)``), journals failed jobs durably before acknowledging
+them, routes dashboard retries back to a worker that registered a ``requeue`` callback, and
+serves the dashboard over HTTP on the same loop.
+
+Life cycle: ``await Collector(settings).start()`` takes the data-dir lock, replaces a stale
+socket (or refuses to start next to a live collector), opens the journal and the stats,
+listens, and writes ``<data-dir>/collector.json``. ``await stop()`` stops accepting, answers
+what is in flight, commits the journal, and removes the socket, the state file and (after
+saving a counters snapshot) the shared-memory segment. ``run(settings)`` does both around
+SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import importlib
+import inspect
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from qdash_mp.errors import (
+    CollectorError,
+    ConfigError,
+    ProtocolError,
+    RetryConflict,
+    RetryError,
+    RetryUnavailable,
+)
+from qdash_mp.inspector import page_bounds
+from qdash_mp.journal import GroupCommit, Journal
+from qdash_mp.models import FailedJob, Job, JobView, StatsView
+from qdash_mp.protocol import (
+    ALL_QUEUES,
+    PROTOCOL_VERSION,
+    Ack,
+    Batch,
+    ErrorCode,
+    ErrorMsg,
+    FrameDecoder,
+    Hello,
+    Message,
+    Requeue,
+    RequeueResult,
+    UnsupportedVersion,
+    Welcome,
+    WireFailed,
+    encode,
+)
+from qdash_mp.settings import CollectorSettings
+from qdash_mp.shm import SharedStats
+from qdash_mp.web import create_app
+
+__all__ = ["Collector", "CollectorInspector", "PeerCred", "load_requeue", "peer_credentials", "run"]
+
+log = logging.getLogger("qdash_mp.collector")
+
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a new connection has to send HELLO."""
+
+REQUEUE_TIMEOUT = 30.0
+"""Seconds a worker has to answer a REQUEUE."""
+
+READ_SIZE = 256 * 1024
+
+_UCRED = struct.Struct("3i")
+
+RequeueFn = Callable[[Job], object]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCred:
+    """The kernel's word on who is at the other end of a Unix socket."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCred:
+    """``SO_PEERCRED`` of a connected Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCred(pid, uid, gid)
+
+
+def load_requeue(spec: str) -> RequeueFn:
+    """Import ``module:function`` (for ``--requeue``); ``ConfigError`` says what is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--requeue expects module:function, not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--requeue: cannot import {module_name!r}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"--requeue: {module_name!r} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise ConfigError(f"--requeue: {spec!r} is not callable")
+    fn: RequeueFn = target
+    return fn
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One connected client."""
+
+    peer: PeerCred
+    writer: asyncio.StreamWriter
+    hello: Hello | None = None
+    pending: dict[int, asyncio.Future[RequeueResult]] = field(default_factory=dict)
+    ack_wanted: int = 0
+    ack_event: asyncio.Event = field(default_factory=asyncio.Event)
+    caught_up: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def label(self) -> str:
+        cid = self.hello.client_id[:12] if self.hello else "-"
+        return f"pid={self.peer.pid} uid={self.peer.uid} client={cid}"
+
+    def can_requeue(self, queue: str) -> bool:
+        req = self.hello.requeue if self.hello else None
+        return req is not None and (ALL_QUEUES in req or queue in req)
+
+    def send(self, msg: Message) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(encode(msg))
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """What a started collector has open."""
+
+    stats: SharedStats
+    journal: Journal
+    group: GroupCommit
+
+
+class Collector:
+    """The daemon's state and servers; see the module docstring for the life cycle."""
+
+    def __init__(self, settings: CollectorSettings, *, requeue: RequeueFn | None = None) -> None:
+        self.settings = settings
+        self._requeue_fn = requeue
+        if requeue is None and settings.requeue:
+            self._requeue_fn = load_requeue(settings.requeue)
+        self._live: _Live | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._lock_fd: int | None = None
+        self._conns: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._request_ids = itertools.count(1)
+        self._rr = itertools.count()
+        self._retrying: set[str] = set()
+        self._stopping = False
+        self.http_url: str | None = None
+        self.inspector = CollectorInspector(self)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Open everything and start serving; ``CollectorError`` if that is not possible."""
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            self._clear_stale_socket()
+            journal = await asyncio.to_thread(
+                Journal.open, s.data_dir / "journal", salvage=s.salvage
+            )
+            try:
+                stats = SharedStats.create_or_attach(s.shm)
+            except BaseException:
+                journal.close()
+                raise
+            self._live = _Live(stats, journal, GroupCommit(journal))
+            await self._listen()
+            if s.http_enabled:
+                await self._serve_http()
+            self._write_state()
+        except BaseException:
+            await self._close_resources(clean=False)
+            raise
+        log.info(
+            "collector ready: socket %s, dashboard %s, shared memory %s, %d failed jobs",
+            s.socket,
+            self.http_url or "(off)",
+            s.shm,
+            len(self.live.journal),
+        )
+
+    @property
+    def live(self) -> _Live:
+        """The open stats and journal; ``CollectorError`` before ``start``/after ``stop``."""
+        if self._live is None:
+            raise CollectorError("the collector is not running")
+        return self._live
+
+    @property
+    def stats(self) -> SharedStats:
+        """The shared-memory counters this collector writes."""
+        return self.live.stats
+
+    @property
+    def journal(self) -> Journal:
+        """The failed-job journal."""
+        return self.live.journal
+
+    def _take_lock(self) -> None:
+        path = self.settings.data_dir / "collector.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CollectorError(
+                f"another collector is using {self.settings.data_dir} "
+                f"(see {self.settings.state_file}); stop it first or pass another --data-dir"
+            ) from None
+        self._lock_fd = fd
+
+    def _clear_stale_socket(self) -> None:
+        path = self.settings.socket
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise CollectorError(f"{path} exists and is not a socket; remove it or pass --socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing stale socket %s left by a collector that is gone", path)
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise CollectorError(f"cannot probe existing socket {path}: {exc}") from exc
+        finally:
+            probe.close()
+        raise CollectorError(
+            f"a collector is already listening on {path}; stop it first or pass another --socket"
+        )
+
+    async def _listen(self) -> None:
+        path = self.settings.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o177)  # the socket is born owner-only: no window with looser modes
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._on_connect, path=str(path), limit=READ_SIZE
+            )
+        finally:
+            os.umask(old)
+        os.chmod(path, self.settings.socket_mode)
+
+    async def _serve_http(self) -> None:
+        app = create_app(self.inspector)
+
+        async def root(request: web.Request) -> web.StreamResponse:
+            raise web.HTTPFound(str(request.app.router["qdash.overview"].url_for()))
+
+        app.router.add_get("/", root)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.http_url = f"http://{shown}:{port}"
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "socket": str(self.settings.socket.resolve()),
+            "http": self.http_url,
+            "dashboard": f"{self.http_url}/queues/" if self.http_url else None,
+            "shm": self.stats.name,
+            "data_dir": str(self.settings.data_dir.resolve()),
+            "protocol": PROTOCOL_VERSION,
+            "started_at": time.time(),
+        }
+        path = self.settings.state_file
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    async def stop(self) -> None:
+        """Stop accepting, answer what is in flight, make it durable, remove runtime files."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("collector stopping")
+        if self._server is not None:
+            self._server.close()
+        # Answer in-flight batches: wait for the acks owed, then close every connection.
+        conns = list(self._conns)
+        if conns:
+            await asyncio.wait(
+                [asyncio.create_task(c.caught_up.wait()) for c in conns], timeout=5.0
+            )
+        for conn in conns:
+            await self._close_with(conn, ErrorCode.SHUTDOWN, "collector is shutting down")
+            conn.writer.close()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in pending:
+                task.cancel()
+        await self._close_resources(clean=True)
+        log.info("collector stopped")
+
+    async def _close_resources(self, *, clean: bool) -> None:
+        for conn in list(self._conns):
+            conn.writer.close()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        live, self._live = self._live, None
+        if live is not None:
+            await live.group.close()
+            live.journal.close()
+            if clean:
+                live.stats.unlink()
+            live.stats.close()
+        if clean:
+            self.settings.socket.unlink(missing_ok=True)
+            self.settings.state_file.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ connections
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    def _allowed(self, peer: PeerCred) -> bool:
+        s = self.settings
+        return peer.uid == os.getuid() or peer.uid in s.allow_uids or peer.gid in s.allow_gids
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        peer = peer_credentials(sock)
+        conn = _Conn(peer=peer, writer=writer)
+        if not self._allowed(peer):
+            log.warning(
+                "refused connection from pid=%d uid=%d gid=%d: uid not allowed (--allow-uid)",
+                peer.pid,
+                peer.uid,
+                peer.gid,
+            )
+            await self._close_with(
+                conn, ErrorCode.REFUSED, f"uid {peer.uid} is not allowed on this socket"
+            )
+            return
+        decoder = FrameDecoder()
+        acker: asyncio.Task[None] | None = None
+        self._conns.add(conn)
+        try:
+            hello = await asyncio.wait_for(self._handshake(reader, decoder), HANDSHAKE_TIMEOUT)
+            conn.hello = hello
+            log.info(
+                "client connected: %s host=%s requeue=%s",
+                conn.label(),
+                hello.host,
+                list(hello.requeue) if hello.requeue is not None else None,
+            )
+            conn.send(Welcome(last_seq=self._last_seq(hello.client_id)))
+            acker = asyncio.create_task(self._ack_loop(conn))
+            while not self._stopping:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    break
+                for msg in decoder.feed(data):
+                    self._dispatch(conn, hello.client_id, msg)
+        except TimeoutError:
+            await self._close_with(
+                conn, ErrorCode.HANDSHAKE, f"no HELLO within {HANDSHAKE_TIMEOUT:g}s"
+            )
+        except UnsupportedVersion as exc:
+            await self._close_with(conn, ErrorCode.VERSION, str(exc))
+        except ProtocolError as exc:
+            await self._close_with(conn, _code_of(exc), str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.info("client %s went away", conn.label())
+        finally:
+            self._conns.discard(conn)
+            for fut in conn.pending.values():
+                if not fut.done():
+                    fut.set_exception(
+                        RetryError(f"worker {conn.label()} disconnected before answering")
+                    )
+            if acker is not None:
+                conn.ack_event.set()
+                await self._finish_acks(acker)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            if conn.hello is not None:
+                log.info("client disconnected: %s", conn.label())
+
+    async def _finish_acks(self, acker: asyncio.Task[None]) -> None:
+        acker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acker
+
+    async def _close_with(self, conn: _Conn, code: str, reason: str) -> None:
+        log.warning("closing connection %s: %s (%s)", conn.label(), reason, code)
+        with contextlib.suppress(Exception):
+            conn.send(ErrorMsg(code=str(code), reason=reason))
+            await conn.writer.drain()
+
+    async def _handshake(self, reader: asyncio.StreamReader, decoder: FrameDecoder) -> Hello:
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise ConnectionResetError("closed before HELLO")
+            msgs = decoder.feed(data)
+            if not msgs:
+                continue
+            first = msgs[0]
+            if not isinstance(first, Hello):
+                raise ProtocolError(f"first frame must be HELLO, got {type(first).__name__}")
+            if first.version != PROTOCOL_VERSION:
+                raise UnsupportedVersion(first.version)
+            if len(msgs) > 1:
+                raise ProtocolError("frames sent before WELCOME")
+            return first
+
+    def _dispatch(self, conn: _Conn, client_id: str, msg: Message) -> None:
+        if isinstance(msg, Batch):
+            self._on_batch(conn, client_id, msg)
+        elif isinstance(msg, RequeueResult):
+            fut = conn.pending.pop(msg.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        else:
+            raise ProtocolError(f"{type(msg).__name__} is not a client message")
+
+    def _last_seq(self, client_id: str) -> int:
+        return self.live.stats.client_seq(client_id)
+
+    def _on_batch(self, conn: _Conn, client_id: str, batch: Batch) -> None:
+        """Apply a batch exactly once, stage its failed jobs, and owe the client an ACK.
+
+        Counters and the client's seq change together in shared memory (one redo commit),
+        so a batch resent after a crash is recognised. Failed jobs are deduplicated by the
+        journal's own committed seq: a batch whose counters were applied before a crash but
+        whose failed jobs never reached the disk gets them staged again.
+        """
+        live = self.live
+        last = live.stats.client_seq(client_id)
+        if last > 0 and batch.seq > last + 1:
+            raise ProtocolError(f"batch seq {batch.seq} skips ahead of {last + 1}")
+        if batch.seq > last:
+            live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
+        if batch.failed and batch.seq > live.journal.client_seqs.get(client_id, 0):
+            for wf in batch.failed:
+                live.journal.stage_failed(wf.to_failed_job())
+            live.journal.stage_client_seq(client_id, batch.seq)
+        conn.ack_wanted = max(conn.ack_wanted, batch.seq)
+        conn.caught_up.clear()
+        conn.ack_event.set()
+
+    async def _ack_loop(self, conn: _Conn) -> None:
+        """Send cumulative ACKs once what they cover is durable (one group commit each)."""
+        group = self.live.group
+        acked = 0
+        conn.caught_up.set()
+        while True:
+            await conn.ack_event.wait()
+            conn.ack_event.clear()
+            target = conn.ack_wanted
+            if target <= acked:
+                conn.caught_up.set()
+                continue
+            delay = 0.01
+            while True:
+                try:
+                    await group.commit()
+                    break
+                except Exception:
+                    log.exception(
+                        "journal commit failed; %s stays unacknowledged, retrying", conn.label()
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            conn.send(Ack(seq=target))
+            acked = target
+            if acked >= conn.ack_wanted:
+                conn.caught_up.set()
+            with contextlib.suppress(ConnectionError):
+                await conn.writer.drain()
+
+    # ------------------------------------------------------------------ retries
+
+    async def requeue(self, failed: FailedJob) -> None:
+        """Hand ``failed.job`` back to a worker (or ``--requeue``); raise if that failed."""
+        if self._requeue_fn is not None:
+            fn = self._requeue_fn
+            if inspect.iscoroutinefunction(fn):
+                await fn(failed.job)
+            else:
+                outcome = await asyncio.to_thread(fn, failed.job)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            return
+        candidates = [c for c in self._conns if c.can_requeue(failed.queue)]
+        if not candidates:
+            raise RetryUnavailable(
+                f"no connected worker accepts retries for queue {failed.queue!r}: start a worker "
+                "with Client(requeue=...) or run the collector with --requeue module:function"
+            )
+        conn = candidates[next(self._rr) % len(candidates)]
+        request_id = next(self._request_ids)
+        fut: asyncio.Future[RequeueResult] = asyncio.get_running_loop().create_future()
+        conn.pending[request_id] = fut
+        conn.send(
+            Requeue(
+                request_id=request_id, queue=failed.queue, failed=WireFailed.from_failed_job(failed)
+            )
+        )
+        try:
+            answer = await asyncio.wait_for(fut, REQUEUE_TIMEOUT)
+        except TimeoutError:
+            raise RetryError(
+                f"worker {conn.label()} did not answer the requeue within {REQUEUE_TIMEOUT:g}s"
+            ) from None
+        finally:
+            conn.pending.pop(request_id, None)
+        if not answer.ok:
+            raise RetryError(f"worker {conn.label()} could not requeue the job: {answer.error}")
+
+    async def retry(self, id: str) -> None:
+        """Requeue failed job ``id``; it leaves the journal only once that succeeded."""
+        live = self.live
+        if id in self._retrying:
+            raise RetryConflict(f"a retry of job {id!r} is already in progress")
+        failed = await asyncio.to_thread(live.journal.get, id)
+        self._retrying.add(id)
+        try:
+            await self.requeue(failed)
+            live.journal.stage_removed(id, "retried")
+            await live.group.commit()
+        finally:
+            self._retrying.discard(id)
+        live.stats.add(failed.queue, retried=1)
+
+    async def forget(self, id: str) -> None:
+        """Drop failed job ``id`` (durably); ``NotFound`` if unknown."""
+        live = self.live
+        live.journal.stage_removed(id, "forgotten")
+        await live.group.commit()
+
+    async def flush_failed(self) -> int:
+        """Drop every failed job (durably); returns how many there were."""
+        live = self.live
+        n = len(live.journal)
+        live.journal.stage_flush()
+        await live.group.commit()
+        return n
+
+
+def _code_of(exc: ProtocolError) -> str:
+    text = str(exc)
+    if "HELLO" in text or "not a client message" in text or "before WELCOME" in text:
+        return str(ErrorCode.HANDSHAKE)
+    if "skips ahead" in text:
+        return str(ErrorCode.SEQUENCE)
+    return str(ErrorCode.PROTOCOL)
+
+
+class CollectorInspector:
+    """The dashboard's ``Inspector`` over a running collector's shared stats and journal."""
+
+    def __init__(self, collector: Collector) -> None:
+        self._c = collector
+
+    async def stats(self) -> StatsView:
+        return self._c.stats.snapshot()
+
+    async def pending(self, queue: str, page: int) -> list[JobView]:
+        # The collector sees counts, not the jobs waiting in the user's queue backend.
+        return []
+
+    async def failed(self, page: int) -> list[JobView]:
+        offset, limit = page_bounds(page)
+        return self._c.journal.page(offset, limit)
+
+    async def failed_count(self) -> int:
+        return len(self._c.journal)
+
+    async def failed_job(self, id: str) -> FailedJob:
+        return await asyncio.to_thread(self._c.journal.get, id)
+
+    async def retry(self, id: str) -> None:
+        await self._c.retry(id)
+
+    async def forget(self, id: str) -> None:
+        await self._c.forget(id)
+
+    async def flush_failed(self) -> int:
+        return await self._c.flush_failed()
+
+
+async def serve(
+    settings: CollectorSettings,
+    *,
+    ready: Callable[[Collector], Awaitable[None] | None] | None = None,
+) -> None:
+    """Run a collector until SIGTERM/SIGINT, then stop it cleanly."""
+    collector = Collector(settings)
+    await collector.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if ready is not None:
+            result = ready(collector)
+            if inspect.isawaitable(result):
+                await result
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await collector.stop()
+
+
+def run(settings: CollectorSettings) -> None:
+    """``qdash-mp collector``: serve in the foreground until a signal."""
+    asyncio.run(serve(settings))
