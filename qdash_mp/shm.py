@@ -119,6 +119,7 @@ import secrets
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -631,7 +632,8 @@ class SharedStats(StatsBase):
         self._name = name
         self._base = base
         self._seg: _Segment | None = seg
-        self._lock_fd = lock_fd
+        # Closing the fd releases the writer lock: at close(), or when the object is dropped.
+        self._release_lock = weakref.finalize(self, os.close, lock_fd)
         self._clock = clock
         self._ring = seg.layout.ring
         self._lock = threading.Lock()
@@ -911,7 +913,7 @@ class SharedStats(StatsBase):
                 if block.q[_PID] == os.getpid():
                     block.q[_PID] = 0
                 block.close()
-            os.close(self._lock_fd)
+            self._release_lock()
 
     def unlink(self) -> None:
         """Remove the table (clean shutdown): readers are told it is gone. Also closes."""

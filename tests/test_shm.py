@@ -1,0 +1,730 @@
+"""Shared-memory Stats: one writer, readers in other processes, crashes, growth, odd names.
+
+Everything runs on real segments in /dev/shm. The helper processes are this file run as a
+script (``python tests/test_shm.py MODE ...``, see ``main`` at the bottom), so they share the
+helpers below; ``raw_*`` decode a block from the layout documented in ``qdash_mp.shm``'s
+docstring, independently of its code, which also checks that documentation.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import json
+import os
+import random
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from array import array
+from collections.abc import Iterator, Sequence
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdash_mp.errors import CollectorError, ConfigError, QdashError
+from qdash_mp.models import StatsView
+from qdash_mp.shm import (
+    MAGIC,
+    NAME_MAX,
+    SharedStats,
+    SharedStatsReader,
+    ShmBusy,
+    ShmError,
+    ShmIncompatible,
+    ShmLocked,
+    ShmMissing,
+    segment_name,
+    stored_queue_name,
+)
+from qdash_mp.stats import (
+    Stats,
+    StatsBase,
+    apply_deltas,
+    read_record,
+    record_len,
+    ring_slots,
+)
+
+# --- the documented layout, decoded independently ---------------------------------------------
+
+HEADER = struct.Struct("=8s15q")
+"""magic, then version, R, C, N, seq, started, pid, generation, status, next, NAME_MAX,
+redo-log count, incarnation and two reserved slots."""
+FIELDS = [
+    "version",
+    "ring",
+    "capacity",
+    "count",
+    "seq",
+    "started",
+    "pid",
+    "generation",
+    "status",
+    "next",
+    "name_max",
+    "log_count",
+    "incarnation",
+]
+HEADER_SIZE, ENTRY = 128, 256
+
+
+def attach_untracked(name: str) -> SharedMemory:
+    """Attach like a reader should: without the resource tracker adopting the segment."""
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name, track=False)
+    shm = SharedMemory(name)
+    resource_tracker.unregister("/" + name, "shared_memory")
+    return shm
+
+
+def raw_header(buf: Any) -> dict[str, Any]:
+    magic, *slots = HEADER.unpack_from(buf)
+    return {"magic": magic, **dict(zip(FIELDS, slots, strict=False))}
+
+
+def raw_offsets(h: dict[str, Any]) -> tuple[int, int, int]:
+    """(record slots L, records offset D, redo-log offset G) in bytes, per the docstring."""
+    rec = record_len(h["ring"])
+    d = HEADER_SIZE + ENTRY * h["capacity"]
+    return rec, d, d + 8 * rec * h["capacity"]
+
+
+def raw_rows(buf: Any) -> list[tuple[str, int, int]]:
+    """(name, pushed, processed) of every queue, copying the records once, NO seqlock check."""
+    h = raw_header(buf)
+    rec, d, _ = raw_offsets(h)
+    n = h["count"]
+    records = bytes(buf[d : d + 8 * rec * n])
+    rows = []
+    for i in range(n):
+        at = HEADER_SIZE + ENTRY * i
+        (length,) = struct.unpack_from("=q", buf, at)
+        name = bytes(buf[at + 8 : at + 8 + length]).decode("utf-8", "surrogatepass")
+        pushed, processed = struct.unpack_from("=2q", records, 8 * rec * i)
+        rows.append((name, pushed, processed))
+    return rows
+
+
+def write_slot(buf: Any, slot: int, value: int) -> None:
+    struct.pack_into("=q", buf, 8 * slot, value)
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+
+class Clock:
+    """An injectable clock (Unix seconds)."""
+
+    def __init__(self, t: float = 1_700_000_000.25) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def fresh_name() -> str:
+    return f"qdash_t{os.getpid()}_{uuid.uuid4().hex[:10]}"
+
+
+def remove_segments(name: str) -> None:
+    for path in glob.glob(f"/dev/shm/{name}") + glob.glob(f"/dev/shm/{name}-g*"):
+        os.unlink(path)
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A unique table name; whatever segments a test leaves behind are removed."""
+    n = fresh_name()
+    yield n
+    remove_segments(n)
+
+
+def segments(name: str) -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(f"/dev/shm/{name}*"))
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def first_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """The helper's first stdout line (it prints one when ready), within ``timeout``."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            proc.kill()
+            pytest.fail(f"helper {proc.args} printed nothing in {timeout} s")
+    line = proc.stdout.readline()
+    if not line:
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"helper {proc.args} exited early: {err}")
+    return line.strip()
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=60)
+    return out, err
+
+
+def rows(view: StatsView) -> dict[str, tuple[int, int, int, int]]:
+    return {q.queue: (q.pushed, q.processed, q.failed, q.retried) for q in view.queues}
+
+
+# --- equivalence with Stats ------------------------------------------------------------------
+
+QUEUES = ["default", "emails", "", "队列", "🙂 fun", "a" * 248]
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "batch", "tick", "snapshot"]),
+        st.lists(
+            st.tuples(
+                st.sampled_from(QUEUES),
+                st.tuples(*[st.integers(0, 5)] * 4),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        st.sampled_from([0.0, 0.4, 1.0, 2.0, 7.0]),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=ops, window=st.sampled_from([1, 3, 60]))
+def test_snapshot_equals_stats_fed_the_same_calls(
+    ops: list[tuple[str, list[tuple[str, tuple[int, ...]]], float]], window: int
+) -> None:
+    clock = Clock()
+    name = fresh_name()
+    stats = Stats(window, clock=clock)
+    shared = SharedStats.create_or_attach(name, window=window, capacity=2, clock=clock)
+    reader = SharedStatsReader(name, clock=clock)
+    try:
+        for op, items, advance in ops:
+            if op == "add":
+                for queue, deltas in items:
+                    stats.add(queue, *deltas)
+                    shared.add(queue, *deltas)
+            elif op == "batch":
+                batch = dict(items)
+                for queue, deltas in batch.items():
+                    stats.add(queue, *deltas)
+                shared.apply_batch(batch)
+            elif op == "tick":
+                stats.on_processed(items[0][0])
+                shared.on_processed(items[0][0])
+            clock.t += advance
+            expected = stats.snapshot()
+            assert shared.snapshot() == expected
+            assert reader.snapshot() == expected
+    finally:
+        reader.close()
+        shared.unlink()
+        remove_segments(name)
+
+
+def test_hooks_and_throughput_match_stats() -> None:
+    """The ``on_*`` hooks come from ``StatsBase``; throughput is the ring's, as in ``Stats``."""
+    clock = Clock()
+    name = fresh_name()
+    stats = Stats(10, clock=clock)
+    with SharedStats.create_or_attach(name, window=10, clock=clock) as shared:
+        assert isinstance(shared, StatsBase)
+        assert isinstance(stats, StatsBase)
+        assert shared.window == stats.window == 10
+        try:
+            for second in range(25):
+                for target in (stats, shared):
+                    target.on_pushed("q")
+                    target.on_processed("q", runtime=0.1)
+                    if second % 3 == 0:
+                        target.on_failed("q")
+                        target.on_retried("q")
+                clock.t += 1
+                assert shared.snapshot() == stats.snapshot()
+            assert shared.snapshot().totals.throughput == pytest.approx(1.0)
+        finally:
+            shared.unlink()
+    remove_segments(name)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ring=st.sampled_from([2, 3, 7, 61]),
+    events=st.lists(st.tuples(st.integers(-200, 3), st.integers(-2, 6)), max_size=80),
+    base=st.sampled_from([0, 5, 1_700_000_000]),
+    started_ago=st.integers(-2, 100),
+)
+def test_read_record_fast_paths_match_the_definition(
+    ring: int, events: list[tuple[int, int]], base: int, started_ago: int
+) -> None:
+    """``read_record``'s memcmp fast paths (added for shm snapshots) change no result.
+
+    Throughput is, by definition, the sum of the buckets whose second is in
+    ``[now - window, now)``, over ``min(window, now - started)``.
+    """
+    buf = array("q", bytes(8 * record_len(ring)))
+    busy = random.Random(len(events)).random() < 0.5
+    if busy:  # make the busy pattern likely: one job in each of the last ring seconds
+        events = [(-k, 1) for k in range(ring)] + events
+    for offset, delta in events:
+        apply_deltas(buf, 0, ring, (0, delta, 0, 0), base + offset)
+    now = base
+    window = ring - 1
+    recent = sum(buf[4 + ring + b] for b in range(ring) if now - window <= buf[4 + b] < now)
+    span = min(window, now - (now - started_ago))
+    expected = recent / span if span > 0 else 0.0
+    for buffer in (buf, memoryview(buf.tobytes()).cast("q"), list(buf)):
+        assert read_record(buffer, 0, ring, "q", now, now - started_ago).throughput == expected
+
+
+# --- crash and reattach ----------------------------------------------------------------------
+
+
+def test_reattach_after_kill_9_continues_counting(name: str) -> None:
+    proc = spawn("write-then-die", name)
+    assert first_line(proc) == "written"
+    _, err = finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert "leaked" not in err, err
+    assert "Traceback" not in err, err
+
+    # The segment outlived its writer (the resource tracker did not unlink it) ...
+    with SharedStatsReader(name) as reader:
+        assert rows(reader.snapshot()) == {
+            "a": (100, 100, 0, 0),
+            "b": (200, 0, 100, 0),
+            "ü": (0, 0, 0, 300),
+        }
+    # ... and a new writer counts on from there, in the generation the dead one grew to.
+    with SharedStats.create_or_attach(name, capacity=2) as stats:
+        assert stats.generation == 1
+        stats.apply_batch({"a": [1, 1, 0, 0], "c": [5, 0, 0, 0]})
+        assert rows(stats.snapshot()) == {
+            "a": (101, 101, 0, 0),
+            "b": (200, 0, 100, 0),
+            "c": (5, 0, 0, 0),
+            "ü": (0, 0, 0, 300),
+        }
+        assert stats.snapshot().totals.pushed == 306
+
+
+def test_kill_9_mid_update_never_leaves_a_half_applied_batch(name: str) -> None:
+    """Kill a full-speed writer at random moments; every reattach sees whole batches only.
+
+    Each batch adds the same k to pushed and processed of all queues, so after any crash all
+    queues must still agree, and the next writer must start exactly where the repair left.
+    """
+    previous = 0
+    for round_ in range(3):
+        proc = spawn("write-forever", name)
+        started_at = int(first_line(proc).split()[1])
+        assert started_at == previous  # the new writer continues from the repaired state
+        time.sleep(random.uniform(0.02, 0.08))  # the point: a random moment to kill at
+        proc.send_signal(signal.SIGKILL)
+        _, err = finish(proc)
+        assert proc.returncode == -signal.SIGKILL, err
+        with SharedStats.create_or_attach(name) as stats:  # repairs, if needed
+            view = rows(stats.snapshot())
+        assert len(view) == 32
+        values = {pushed for pushed, processed, _, _ in view.values()}
+        assert len(values) == 1, f"round {round_}: a half-applied batch: {sorted(values)}"
+        assert all(pushed == processed for pushed, processed, _, _ in view.values())
+        (value,) = values
+        assert value >= previous
+        previous = value
+        with SharedStatsReader(name, timeout=0.5) as reader:
+            assert rows(reader.snapshot()) == view
+    assert previous > 0
+
+
+def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """White box, through the documented layout: a writer that died mid-section."""
+    clock = Clock()
+    with SharedStats.create_or_attach(name, window=5, capacity=4, clock=clock) as stats:
+        stats.add("a", pushed=1, processed=1)
+        stats.add("b", pushed=2)
+    shm = attach_untracked(name)
+    try:
+        buf = shm.buf
+        h = raw_header(buf)
+        rec, d, g = raw_offsets(h)
+        # Died after the commit point: log entry 0 = record 0 with pushed 10, count 1, seq odd.
+        buf[g + 8 : g + 8 + 8 * rec] = buf[d : d + 8 * rec]
+        write_slot(buf, g // 8, 0)
+        write_slot(buf, g // 8 + 1, 10)
+        write_slot(buf, 12, 1)
+        write_slot(buf, 5, h["seq"] + 1)
+        with pytest.raises(ShmBusy, match="died in the middle"):
+            SharedStatsReader(name, timeout=0.05).snapshot()
+        with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
+            assert rows(stats.snapshot())["a"] == (10, 1, 0, 0)
+        h = raw_header(buf)
+        assert h["seq"] % 2 == 0
+        assert h["log_count"] == 0
+        assert "redid its last batch" in caplog.text
+
+        # Died before the commit point: the log holds garbage, nothing must change.
+        buf[g + 8 : g + 16] = struct.pack("=q", 999)
+        write_slot(buf, 5, h["seq"] + 1)
+        with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
+            assert rows(stats.snapshot()) == {"a": (10, 1, 0, 0), "b": (2, 0, 0, 0)}
+        assert raw_header(buf)["seq"] % 2 == 0
+        assert "nothing to redo" in caplog.text
+        del buf
+    finally:
+        shm.close()
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(name: str) -> None:
+    first = SharedStats.create_or_attach(name)
+    try:
+        first.on_pushed("q")
+        with pytest.raises(ShmLocked, match=f"pid {os.getpid()}") as info:
+            SharedStats.create_or_attach(name)
+        assert isinstance(info.value, CollectorError)
+    finally:
+        first.close()
+    with SharedStats.create_or_attach(name) as second:
+        second.on_pushed("q")
+        assert rows(second.snapshot()) == {"q": (2, 0, 0, 0)}
+
+
+# --- names and growth ------------------------------------------------------------------------
+
+ODD_NAMES = [
+    "",
+    " ",
+    "default",
+    "é",
+    "队列",
+    "очередь",
+    "emoji 🙂",
+    "nul\x00byte",
+    "tab\tnew\nline",
+    "\ud800 lone surrogate",
+    "a" * NAME_MAX,
+    "a" * (NAME_MAX + 1),
+    "🙂" * 100,
+    "é" * 200,
+    "x" * 10_000,
+    "x" * 10_000 + "y",
+]
+
+
+def test_unicode_long_empty_and_odd_names_round_trip(name: str) -> None:
+    with SharedStats.create_or_attach(name, capacity=4) as stats:
+        for i, queue in enumerate(ODD_NAMES):
+            stats.add(queue, pushed=i + 1)
+        with SharedStatsReader(name) as reader:
+            shown = rows(reader.snapshot())
+            assert shown == rows(stats.snapshot())
+        stored = [stored_queue_name(q) for q in ODD_NAMES]
+        assert len(set(stored)) == len(ODD_NAMES)  # shortened names stay distinct
+        for i, (queue, as_stored) in enumerate(zip(ODD_NAMES, stored, strict=True)):
+            assert shown[as_stored] == (i + 1, 0, 0, 0)
+            raw = queue.encode("utf-8", "surrogatepass")
+            if len(raw) <= NAME_MAX:
+                assert as_stored == queue
+            else:
+                assert len(as_stored.encode("utf-8", "surrogatepass")) <= NAME_MAX
+                prefix, _, digest = as_stored.rpartition("…")
+                assert queue.startswith(prefix)
+                assert len(prefix.encode()) > NAME_MAX - 25  # cut at a character boundary
+                assert len(digest) == 16
+                assert int(digest, 16) >= 0
+        # The same long name, or its stored form, counts on the same row.
+        stats.on_pushed("x" * 10_000)
+        stats.on_pushed(stored_queue_name("x" * 10_000))
+        assert rows(stats.snapshot())[stored[14]] == (17, 0, 0, 0)
+        assert len(stats.snapshot().queues) == len(ODD_NAMES)
+
+
+def test_many_queues_grow_the_table_and_readers_follow(name: str) -> None:
+    with SharedStats.create_or_attach(name, capacity=64) as stats:
+        early = SharedStatsReader(name)  # opened on generation 0
+        try:
+            for chunk in range(10):
+                batch = {f"queue-{chunk * 500 + i}": (1, 0, 0, 0) for i in range(500)}
+                stats.apply_batch(batch)
+                view = early.snapshot()
+                assert len(view.queues) == (chunk + 1) * 500
+                assert view.totals.pushed == (chunk + 1) * 500
+            assert stats.capacity >= 5000
+            assert stats.generation >= 3  # 64 → 512 → 1024 → 2048 → 4096 → 8192
+            # Only the entry point and the newest generation are left.
+            assert segments(name) == sorted([name, segment_name(name, stats.generation)])
+            with SharedStatsReader(name) as late:
+                assert late.snapshot() == early.snapshot() == stats.snapshot()
+        finally:
+            early.close()
+
+
+# --- concurrent readers ----------------------------------------------------------------------
+
+STRESS_QUEUES = [f"q{i:02d}" for i in range(48)]
+
+
+def test_reader_process_never_sees_a_torn_or_decreasing_counter(name: str) -> None:
+    """A full-speed writer here, two reader processes: one with the seqlock, one without.
+
+    Every batch adds the same random k to pushed and processed of all 48 queues, so in a
+    consistent snapshot all 96 numbers are equal, and none ever decreases. The reader that
+    copies the same bytes but skips the sequence check is the control: it must catch torn
+    copies, which shows the check in the other reader is what keeps them out.
+    """
+    stats = SharedStats.create_or_attach(name)
+    try:
+        stats.apply_batch({q: (0, 0, 0, 0) for q in STRESS_QUEUES})
+        readers = {mode: spawn("read", name, mode, "1.0") for mode in ("seqlock", "raw")}
+        for proc in readers.values():
+            assert first_line(proc) == "ready"
+        rng = random.Random(7)
+        batches = 0
+        while any(proc.poll() is None for proc in readers.values()):
+            k = rng.randint(1, 1000)
+            stats.apply_batch({q: (k, k, 0, 0) for q in STRESS_QUEUES})
+            batches += 1
+        results = {}
+        for mode, proc in readers.items():
+            out, err = finish(proc)
+            assert proc.returncode == 0, err
+            results[mode] = json.loads(out.splitlines()[-1])
+        if os.environ.get("QDASH_SHM_STRESS_REPORT"):
+            print(f"\nbatches={batches} {results}")
+    finally:
+        stats.unlink()
+    safe, raw = results["seqlock"], results["raw"]
+    assert batches > 100
+    assert safe["snapshots"] >= 20, safe
+    assert safe["distinct"] >= 5, safe  # it did overlap the writing
+    assert safe["busy"] == 0, safe
+    assert safe["violations"] == 0, safe
+    assert safe["decreases"] == 0, safe
+    assert raw["snapshots"] >= 20, raw
+    assert raw["violations"] > 0, f"the control saw no torn copy: {raw}"
+
+
+def check_snapshots(read: Any, seconds: float) -> dict[str, Any]:
+    """Snapshot in a loop; count snapshots breaking the stress test's invariants."""
+    counts = {"snapshots": 0, "violations": 0, "decreases": 0, "busy": 0}
+    seen: set[int] = set()
+    examples: list[Any] = []
+    previous: dict[str, int] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            got: Sequence[tuple[str, int, int]] = read()
+        except ShmBusy:
+            counts["busy"] += 1
+            continue
+        counts["snapshots"] += 1
+        values = {n for _, pushed, processed in got for n in (pushed, processed)}
+        if len(got) != len(STRESS_QUEUES) or len(values) != 1:
+            counts["violations"] += 1
+            if len(examples) < 3:
+                examples.append(sorted(values)[:6])
+        for queue, pushed, _ in got:
+            if pushed < previous.get(queue, 0):
+                counts["decreases"] += 1
+            previous[queue] = pushed
+        seen.update(values)
+    return {**counts, "distinct": len(seen), "examples": examples}
+
+
+# --- lifecycle and errors --------------------------------------------------------------------
+
+
+def test_unlink_removes_the_table_and_readers_get_a_clear_error(name: str) -> None:
+    stats = SharedStats.create_or_attach(name, capacity=1)
+    stats.apply_batch({"a": (1, 0, 0, 0), "b": (1, 0, 0, 0)})  # grows: two segments
+    reader = SharedStatsReader(name)
+    assert reader.writer_pid == os.getpid()
+    reader.snapshot()
+    assert len(segments(name)) == 2
+    stats.unlink()
+    assert segments(name) == []
+    with pytest.raises(ShmMissing, match="qdash-mp collector"):
+        reader.snapshot()
+    reader.close()
+    with pytest.raises(ShmMissing, match=r"is the collector running\?.*qdash-mp collector"):
+        SharedStatsReader(name)
+    with pytest.raises(ShmError, match="closed"):
+        stats.add("a", 1)
+    with pytest.raises(ShmError, match="closed"):
+        stats.unlink()
+    stats.close()  # idempotent
+
+
+def test_missing_segment_error_is_a_collector_error() -> None:
+    with pytest.raises(ShmMissing) as info:
+        SharedStatsReader(fresh_name())
+    assert isinstance(info.value, CollectorError)
+    assert isinstance(info.value, QdashError)
+
+
+def test_a_foreign_segment_is_refused_and_left_alone(name: str) -> None:
+    shm = SharedMemory(name, create=True, size=4096)
+    resource_tracker.unregister("/" + name, "shared_memory")
+    try:
+        shm.buf[:8] = b"NOTQDASH"
+        with pytest.raises(ShmIncompatible, match="bad magic"):
+            SharedStatsReader(name)
+        with pytest.raises(ShmIncompatible, match="not a qdash_mp stats table"):
+            SharedStats.create_or_attach(name)
+        assert bytes(shm.buf[:8]) == b"NOTQDASH"
+    finally:
+        shm.close()
+
+
+def test_another_layout_version_is_refused_by_readers_and_replaced_by_the_writer(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        stats.on_pushed("old")
+    shm = attach_untracked(name)
+    write_slot(shm.buf, 1, 99)
+    shm.close()
+    with pytest.raises(ShmIncompatible, match="layout version 99"):
+        SharedStatsReader(name)
+    with SharedStats.create_or_attach(name) as stats:
+        assert stats.snapshot().queues == []
+    assert "counters restart from 0" in caplog.text
+
+
+def test_a_new_window_replaces_the_table_and_readers_move_to_it(name: str) -> None:
+    with SharedStats.create_or_attach(name, window=60) as stats:
+        stats.on_processed("old")
+    reader = SharedStatsReader(name)
+    assert rows(reader.snapshot()) == {"old": (0, 1, 0, 0)}
+    with SharedStats.create_or_attach(name, window=30) as stats:
+        assert stats.window == 30
+        stats.on_processed("new")
+        assert rows(reader.snapshot()) == {"new": (0, 1, 0, 0)}
+    reader.close()
+
+
+def test_a_batch_is_all_or_nothing_on_bad_input(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats, SharedStatsReader(name) as reader:
+        stats.apply_batch({"a": (1, 1, 0, 0)})
+        with pytest.raises(ValueError, match="must be 4 ints"):
+            stats.apply_batch({"a": (1, 1, 0, 0), "b": (1, 2)})
+        with pytest.raises(TypeError):
+            stats.apply_batch({"a": (1, 1, 0, 0), "c": (0.5, 0, 0, 0)})
+        assert rows(reader.snapshot())["a"] == (1, 1, 0, 0)
+        assert "b" not in rows(reader.snapshot())
+
+
+def test_bad_names_and_capacity_are_config_errors() -> None:
+    for bad in ("", "has/slash", "colon:name", "é", "x" * 201):
+        with pytest.raises(ConfigError):
+            SharedStats.create_or_attach(bad)
+        with pytest.raises(ConfigError):
+            SharedStatsReader(bad)
+    with pytest.raises(ConfigError, match="capacity"):
+        SharedStats.create_or_attach(fresh_name(), capacity=0)
+
+
+def test_objects_dropped_without_close_leave_no_warning(name: str) -> None:
+    stats = SharedStats.create_or_attach(name)
+    stats.on_pushed("q")
+    reader = SharedStatsReader(name)
+    reader.snapshot()
+    del stats, reader
+    gc.collect()  # filterwarnings=error: an unraisable BufferError would fail the test
+    with SharedStats.create_or_attach(name) as stats:  # and the lock went with the object
+        assert rows(stats.snapshot()) == {"q": (1, 0, 0, 0)}
+    assert raw_header(attach_untracked_buf(name))["magic"] == MAGIC
+
+
+def attach_untracked_buf(name: str) -> bytes:
+    shm = attach_untracked(name)
+    try:
+        return bytes(shm.buf[:HEADER_SIZE])
+    finally:
+        shm.close()
+
+
+def test_raw_layout_matches_the_docstring(name: str) -> None:
+    clock = Clock()
+    with SharedStats.create_or_attach(name, window=9, capacity=3, clock=clock) as stats:
+        stats.apply_batch({"a": (3, 2, 1, 0), "é": (1, 0, 0, 0)})
+        h = raw_header(attach_untracked_buf(name))
+        assert h["magic"] == MAGIC
+        assert (h["version"], h["ring"], h["capacity"], h["count"]) == (1, ring_slots(9), 3, 2)
+        assert (h["started"], h["pid"], h["generation"], h["status"]) == (
+            int(clock.t),
+            os.getpid(),
+            0,
+            1,
+        )
+        assert (h["next"], h["name_max"], h["log_count"], h["seq"] % 2) == (0, NAME_MAX, 0, 0)
+        shm = attach_untracked(name)
+        try:
+            assert raw_rows(shm.buf) == [("a", 3, 2), ("é", 1, 0)]
+            _, _, g = raw_offsets(h)
+            assert shm.size >= g + 8 * (record_len(ring_slots(9)) + 1) * 3
+        finally:
+            shm.close()
+
+
+# --- helper processes ------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    mode, name = argv[0], argv[1]
+    if mode == "write-then-die":
+        stats = SharedStats.create_or_attach(name, capacity=2)
+        for _ in range(100):
+            stats.apply_batch({"a": (1, 1, 0, 0), "b": (2, 0, 1, 0), "ü": (0, 0, 0, 3)})
+        print("written", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == "write-forever":
+        stats = SharedStats.create_or_attach(name)
+        queues = [f"q{i:02d}" for i in range(32)]
+        view = rows(stats.snapshot())
+        print("go", view["q00"][0] if view else 0, flush=True)
+        rng = random.Random()
+        while True:
+            k = rng.randint(1, 1000)
+            stats.apply_batch({q: (k, k, 0, 0) for q in queues})
+    elif mode == "read":
+        how, seconds = argv[2], float(argv[3])
+        if how == "seqlock":
+            reader = SharedStatsReader(name, timeout=2.0)
+            print("ready", flush=True)
+
+            def read() -> list[tuple[str, int, int]]:
+                return [(q.queue, q.pushed, q.processed) for q in reader.snapshot().queues]
+
+            result = check_snapshots(read, seconds)
+        else:
+            shm = attach_untracked(name)
+            print("ready", flush=True)
+            result = check_snapshots(lambda: raw_rows(shm.buf), seconds)
+        print(json.dumps(result), flush=True)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
