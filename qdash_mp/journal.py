@@ -40,13 +40,14 @@ kept (resynchronising on the next record that verifies), the skipped ranges are 
 ``recovery.skipped``, the damaged segments are copied to ``.corrupt-`` side files and the
 journal is compacted so that it opens cleanly afterwards.
 
-Index. One slot per committed FAILED record in append order, in parallel compact arrays::
+Index. One slot per committed FAILED record in append order, in parallel compact arrays
+(nothing else of a job is held in memory: an age check reads the oldest record's
+``failed_at`` from disk)::
 
     _ids    list[str | None]   job id (None once dead)
     _alive  bytearray          1 = live
     _loc    array('q')         segment number << 40 | file offset of the record
     _size   array('I')         bytes of the record
-    _fat    array('d')         failed_at (Unix seconds), for age retention
     _blocks array('i')         live slots per block of 1024 slots
     _pos    dict[str, int]     job id -> slot
 
@@ -92,6 +93,7 @@ import re
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -121,6 +123,7 @@ from qdash_mp.journal_format import (
     header_size,
     read_header,
     read_record,
+    record_header,
     segment_record,
 )
 from qdash_mp.models import FailedJob, Job, JobView
@@ -161,10 +164,15 @@ _REBUILD_MIN: Final = 4096
 _COMPACT_BATCH: Final = 4096
 _COMPACT_CHUNK: Final = 4 * 1024 * 1024
 
+_AGE_CHECK_EVERY: Final = 1.0
+"""Seconds between age-retention checks made by ``stage_failed``."""
+
 _FAILED: Final = int(RecordType.FAILED)
 _REMOVED: Final = int(RecordType.REMOVED)
 _FLUSHED: Final = int(RecordType.FLUSHED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
+_GONE: Final[Op] = (0, "", 0, None)
+"""``_p_ids`` value of an id whose staged removal makes it dead in the pending state."""
 
 
 class FileIO:
@@ -335,18 +343,18 @@ class Journal:
         self._alive = bytearray()
         self._loc: array[int] = array("q")
         self._size: array[int] = array("I")
-        self._fat: array[float] = array("d")
         self._blocks: array[int] = array("i")
         self._pos: dict[str, int] = {}
         self._dead = 0
-        # staged, in flight, and the pending state P = committed + in flight + staged
+        # staged records, and the pending state: committed, then everything staged
         self._buf = bytearray()
         self._ops: list[Op] = []
-        self._inflight: list[Op] = []
-        self._p_ids: dict[str, bool] = {}
+        self._p_ids: dict[str, Op] = {}  # id -> its live staged FAILED op, or _GONE
+        self._p_queue: deque[Op] = deque()  # staged FAILED ops, oldest first
         self._p_flushed = False
         self._p_len = 0
         self._p_front = 0
+        self._next_age_check = -math.inf
 
     # ------------------------------------------------------------------ opening
 
@@ -710,34 +718,48 @@ class Journal:
     ) -> None:
         """``stage_failed`` from the wire FAILED fields, without building a ``FailedJob``."""
         try:
-            if enqueued_at is not None:
+            if type(failed_at) is not float:
+                failed_at = float(failed_at)
+            if enqueued_at is not None and type(enqueued_at) is not float:
                 enqueued_at = float(enqueued_at)
-            failed_at = float(failed_at)
+            if type(payload_raw) is not bytes:
+                payload_raw = bytes(payload_raw)
             payload = encode_failed(
-                id,
-                name,
-                bytes(payload_raw),
-                attempts,
-                enqueued_at,
-                queue,
-                error,
-                traceback,
-                failed_at,
+                id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at
             )
+            header = record_header(_FAILED, payload)
         except (TypeError, ValueError, OverflowError) as exc:
             raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
+        op = (_FAILED, id, len(header) + len(payload), failed_at)
         with self._lock:
-            self._check_open()
-            size = self._append(_FAILED, payload)
-            self._ops.append((_FAILED, id, size, failed_at))
-            if not self._p_live(id):
+            if self._closed:
+                raise JournalError("the journal is closed")
+            buf = self._buf
+            buf += header
+            buf += payload
+            self._ops.append(op)
+            touched = self._p_ids
+            prev = touched.get(id)
+            if prev is None:
+                if self._p_flushed or id not in self._pos:
+                    self._p_len += 1
+            elif prev is _GONE:
                 self._p_len += 1
-            self._p_ids[id] = True
-            self._retention_locked()
+            touched[id] = op
+            self._p_queue.append(op)
+            if self._p_len > self._max_jobs:
+                self._prune_count()
+            now = self._clock()
+            if now >= self._next_age_check:
+                self._next_age_check = now + _AGE_CHECK_EVERY
+                self._prune_age(now)
 
     def stage_removed(self, id: str, reason: Literal["retried", "forgotten"]) -> None:
-        """Stage dropping the record of ``id``; ``NotFound`` if it is not there (pending
-        state: committed plus staged)."""
+        """Stage dropping the record of ``id``.
+
+        ``NotFound`` if it is not there in the pending state (committed plus staged), so a
+        job whose failure is staged can be removed, and a job cannot be removed twice.
+        """
         if reason not in ("retried", "forgotten"):
             raise ValueError(f"reason must be 'retried' or 'forgotten', not {reason!r}")
         with self._lock:
@@ -753,6 +775,7 @@ class Journal:
             size = self._append(_FLUSHED, flushed_payload())
             self._ops.append((_FLUSHED, "", size, None))
             self._p_ids.clear()
+            self._p_queue.clear()
             self._p_flushed = True
             self._p_len = 0
             self._p_front = len(self._alive)
@@ -764,7 +787,10 @@ class Journal:
         if type(seq) is not int or seq < 0:
             raise ValueError(f"seq must be a non-negative int, not {seq!r}")
         at = float(self._clock())
-        payload = encode_client_seq(client_id, seq, at)
+        try:
+            payload = encode_client_seq(client_id, seq, at)
+        except (ValueError, OverflowError) as exc:
+            raise JournalError(f"cannot record the seq of client {client_id!r}: {exc}") from None
         with self._lock:
             self._check_open()
             size = self._append(_CLIENT_SEQ, payload)
@@ -773,13 +799,17 @@ class Journal:
     def enforce_retention(self) -> int:
         """Stage prunes for the count and age limits now; returns how many were staged.
 
-        ``stage_failed`` does this by itself; call it (then ``commit``) now and then so
-        that jobs also expire while no new failures arrive.
+        ``stage_failed`` does this by itself (the age limit at most once a second); call
+        it (then ``commit``) now and then so that jobs also expire while no new failures
+        arrive.
         """
         with self._lock:
             self._check_open()
             before = len(self._ops)
-            self._retention_locked()
+            self._prune_count()
+            now = self._clock()
+            self._next_age_check = now + _AGE_CHECK_EVERY
+            self._prune_age(now)
             return len(self._ops) - before
 
     @property
@@ -796,32 +826,42 @@ class Journal:
     def _stage_removed(self, id: str, reason: str, detail: str) -> None:
         size = self._append(_REMOVED, encode_removed(id, reason))
         self._ops.append((_REMOVED, id, size, detail))
-        self._p_ids[id] = False
+        self._p_ids[id] = _GONE
         self._p_len -= 1
 
     def _p_live(self, id: str) -> bool:
-        live = self._p_ids.get(id)
-        if live is not None:
-            return live
+        """Is ``id`` live in the pending state (committed, then everything staged)?"""
+        op = self._p_ids.get(id)
+        if op is not None:
+            return op is not _GONE
         return not self._p_flushed and id in self._pos
 
-    def _retention_locked(self) -> None:
+    def _prune_count(self) -> None:
         while self._p_len > self._max_jobs:
             oldest = self._p_oldest()
             if oldest is None:  # pragma: no cover - p_len > 0 implies a live job
-                break
+                return
             self._stage_removed(oldest[0], "pruned", "pruned:count")
-        if math.isinf(self._max_age):
-            return
-        cutoff = self._clock() - self._max_age
+
+    def _prune_age(self, now: float) -> None:
+        cutoff = now - self._max_age
         while True:
             oldest = self._p_oldest()
-            if oldest is None or oldest[1] >= cutoff:
+            if oldest is None:
                 return
-            self._stage_removed(oldest[0], "pruned", "pruned:age")
+            key, slot, op = oldest
+            failed_at = op[3] if slot < 0 else self._read(slot).failed_at
+            if failed_at >= cutoff:
+                return
+            self._stage_removed(key, "pruned", "pruned:age")
 
-    def _p_oldest(self) -> tuple[str, float] | None:
-        """The oldest job live in the pending state, with its failed_at."""
+    def _p_oldest(self) -> tuple[str, int, Op] | None:
+        """The oldest job live in the pending state: ``(id, slot, _GONE)`` if committed,
+        ``(id, -1, op)`` if staged.
+
+        Amortised O(1): being dead in the pending state is permanent for a slot (and for a
+        staged record), so both cursors only move forward.
+        """
         if not self._p_flushed:
             alive = self._alive
             ids = self._ids
@@ -834,20 +874,18 @@ class Journal:
                 key = ids[p]
                 if key is not None and key not in touched:
                     self._p_front = p
-                    return key, self._fat[p]
+                    return key, p, _GONE
                 p += 1
             self._p_front = len(alive)
         # Every committed job is dead in the pending state: the oldest is a staged one.
-        seen: set[str] = set()
-        oldest: tuple[str, float] | None = None
-        for rtype, key, _size, extra in reversed(self._inflight + self._ops):
-            if rtype == _FLUSHED:
-                break
-            if rtype == _FAILED and key not in seen:
-                oldest = (key, extra)
-            if rtype in (_FAILED, _REMOVED):
-                seen.add(key)
-        return oldest
+        queue = self._p_queue
+        touched = self._p_ids
+        while queue:
+            op = queue[0]
+            if touched.get(op[1]) is op:
+                return op[1], -1, op
+            queue.popleft()
+        return None
 
     # ------------------------------------------------------------------ committing
 
@@ -867,7 +905,6 @@ class Journal:
                 return
             buf, ops = self._buf, self._ops
             self._buf, self._ops = bytearray(), []
-            self._inflight = ops
         data_len = len(buf)
         seg: _Segment | None = None
         try:
@@ -887,13 +924,11 @@ class Journal:
             with self._lock:
                 self._buf = restaged + self._buf
                 self._ops = ops + self._ops
-                self._inflight = []
             raise JournalError(f"journal commit failed: {exc}") from exc
         seg.end = start + len(buf)
         self._total_bytes += len(buf)
         with self._lock:
             pruned = self._apply(seg.num, start, ops, replay=False)
-            self._inflight = []
             self._refresh_pending()
             self._maybe_rebuild()
         if pruned:
@@ -977,7 +1012,6 @@ class Journal:
         alive = self._alive
         loc = self._loc
         sizes = self._size
-        fat = self._fat
         blocks = self._blocks
         kill = self._kill
         base = num << _LOC_SHIFT
@@ -994,7 +1028,6 @@ class Journal:
                 alive.append(1)
                 loc.append(base + off)
                 sizes.append(size)
-                fat.append(extra)
                 if p & _BLOCK_MASK:
                     blocks[p >> _BLOCK_SHIFT] += 1
                 else:
@@ -1037,7 +1070,7 @@ class Journal:
             self._blocks[:] = array("i", bytes(4 * len(self._blocks)))
             self._dead = n
             return
-        del self._ids[:], self._alive[:], self._loc[:], self._size[:], self._fat[:]
+        del self._ids[:], self._alive[:], self._loc[:], self._size[:]
         del self._blocks[:]
         self._dead = 0
         self._p_front = 0
@@ -1050,7 +1083,6 @@ class Journal:
         self._ids = list(compress(self._ids, keep))
         self._loc = array("q", compress(self._loc, keep))
         self._size = array("I", compress(self._size, keep))
-        self._fat = array("d", compress(self._fat, keep))
         n = len(self._ids)
         self._alive = bytearray(b"\x01") * n
         full, rest = divmod(n, 1 << _BLOCK_SHIFT)
@@ -1063,17 +1095,22 @@ class Journal:
 
     def _refresh_pending(self) -> None:
         """Re-derive the pending overlay from what is still staged (after a commit)."""
-        touched: dict[str, bool] = {}
+        touched: dict[str, Op] = {}
+        queue: deque[Op] = deque()
         flushed = False
-        for rtype, key, _size, _extra in self._ops:
+        for op in self._ops:
+            rtype = op[0]
             if rtype == _FAILED:
-                touched[key] = True
+                touched[op[1]] = op
+                queue.append(op)
             elif rtype == _REMOVED:
-                touched[key] = False
+                touched[op[1]] = _GONE
             elif rtype == _FLUSHED:
                 touched.clear()
+                queue.clear()
                 flushed = True
         self._p_ids = touched
+        self._p_queue = queue
         self._p_flushed = flushed
         if flushed:
             self._p_front = len(self._alive)

@@ -95,6 +95,7 @@ __all__ = [
     "header_size",
     "read_header",
     "read_record",
+    "record_header",
     "segment_record",
 ]
 
@@ -106,6 +107,7 @@ MAX_PAYLOAD: Final = 64 * 1024 * 1024
 HEADER: Final = struct.Struct("<IIB")
 """crc, length, type: the 9 bytes in front of every payload."""
 _LEN_TYPE: Final = struct.Struct("<IB")
+_CRC: Final = struct.Struct("<I")
 _COMMIT: Final = struct.Struct("<QI")
 COMMIT_SIZE: Final = HEADER.size + _COMMIT.size
 """Bytes of one whole COMMIT record."""
@@ -171,16 +173,20 @@ def _unpackb(data: bytes | memoryview) -> Any:
 # --------------------------------------------------------------------------- encoding
 
 
-def append_record(buf: bytearray, rtype: int, payload: bytes) -> int:
-    """Frame ``payload`` as a record of ``rtype`` at the end of ``buf``; returns its size."""
+def record_header(rtype: int, payload: bytes) -> bytes:
+    """The 9 bytes (crc, length, type) that go in front of ``payload``."""
     n = len(payload)
     if n > MAX_PAYLOAD:
         raise ValueError(f"record payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte limit")
     head = _LEN_TYPE.pack(n, rtype)
-    buf += struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
-    buf += head
+    return _CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + head
+
+
+def append_record(buf: bytearray, rtype: int, payload: bytes) -> int:
+    """Frame ``payload`` as a record of ``rtype`` at the end of ``buf``; returns its size."""
+    buf += record_header(rtype, payload)
     buf += payload
-    return HEADER.size + n
+    return HEADER.size + len(payload)
 
 
 def encode_failed(
