@@ -1,0 +1,1 @@
+"""Test helpers: real collector processes and worker processes."""

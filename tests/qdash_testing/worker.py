@@ -1,0 +1,75 @@
+"""A worker process for tests: makes hook calls through a real ``Client`` and flushes.
+
+Run as ``python -m qdash_testing.worker --socket S --pushed N --processed N --failed N``; it
+prints one JSON line ``{"flushed": bool, "client_id": ...}`` when done. With ``--requeue-file``
+it registers a requeue callback that appends retried job ids to that file and stays up
+until stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from qdash_mp import Client, Job
+
+
+def _share(total: int, round_: int, rounds: int) -> int:
+    """The calls of ``round_`` when ``total`` calls are spread over ``rounds`` rounds."""
+    return total // rounds + (1 if round_ < total % rounds else 0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--socket", required=True)
+    p.add_argument("--queue", default="q")
+    p.add_argument("--pushed", type=int, default=0)
+    p.add_argument("--processed", type=int, default=0)
+    p.add_argument("--failed", type=int, default=0)
+    p.add_argument("--id-prefix", default="job")
+    p.add_argument("--flush-timeout", type=float, default=120.0)
+    p.add_argument("--requeue-file", default=None)
+    p.add_argument("--chunks", type=int, default=1, help="split the calls into this many rounds")
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
+    p.add_argument("--announce", action="store_true", help='print "calls done" before flushing')
+    args = p.parse_args()
+
+    requeue = None
+    if args.requeue_file:
+        out = Path(args.requeue_file)
+
+        def requeue(job: Job) -> None:
+            with out.open("a") as f:
+                f.write(job.id + "\n")
+
+    client = Client(args.socket, requeue=requeue)
+    on_pushed, on_processed = client.on_pushed, client.on_processed
+    q = args.queue
+    n = max(1, args.chunks)
+    failed = 0
+    for round_ in range(n):
+        for _ in range(_share(args.pushed, round_, n)):
+            on_pushed(q)
+        for _ in range(_share(args.processed, round_, n)):
+            on_processed(q)
+        for _ in range(_share(args.failed, round_, n)):
+            job = Job(id=f"{args.id_prefix}-{failed}", name="Task", payload={"i": failed}, attempts=1)
+            client.on_failed(q, job, RuntimeError(f"boom {failed}"))
+            failed += 1
+        if args.pause and round_ < n - 1:
+            time.sleep(args.pause)
+    if args.announce:
+        print("calls done", flush=True)
+    flushed = client.flush(timeout=args.flush_timeout)
+    print(json.dumps({"flushed": flushed, "client_id": client.client_id}), flush=True)
+    if args.requeue_file:
+        sys.stdin.read()  # serve requeue requests until the test closes our stdin
+    client.close()
+    return 0 if flushed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""The collector daemon end to end: real collector processes, real worker processes, real sockets.
+
+Each test starts ``qdash-mp collector`` in its own short temp dir and talks to it the way
+users do: ``Client`` hooks in worker processes, HTTP, ``qdash-mp stats --json``, and (for the
+hostile cases) raw bytes on the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from qdash_testing.collector import CollectorProc, run_worker, short_dir, wait_for
+
+from qdash_mp.protocol import (
+    PROTOCOL_VERSION,
+    Batch,
+    ErrorMsg,
+    FrameDecoder,
+    Hello,
+    Welcome,
+    encode,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def collector(data_dir: Path) -> Iterator[CollectorProc]:
+    proc = CollectorProc(data_dir).start()
+    yield proc
+    proc.cleanup()
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+        return json.loads(resp.read())
+
+
+def cli_stats(data_dir: Path) -> Any:
+    out = subprocess.run(
+        [sys.executable, "-m", "qdash_mp", "stats", "--data-dir", str(data_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def finish(worker: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
+    out, _ = worker.communicate(timeout=timeout)
+    assert worker.returncode == 0, out
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    assert result["flushed"] is True
+    return result
+
+
+def totals(c: CollectorProc) -> dict[str, int]:
+    stats = get_json(c.http + "/queues/api/stats")
+    return {k: stats["totals"][k] for k in ("pushed", "processed", "failed", "retried")}
+
+
+def raw_exchange(path: str, data: bytes, *, timeout: float = 10) -> list[Any]:
+    """Send ``data`` on a fresh connection and read until the collector closes it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    decoder = FrameDecoder()
+    msgs: list[Any] = []
+    try:
+        while chunk := sock.recv(65536):
+            msgs.extend(decoder.feed(chunk))
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return msgs
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def hello(client_id: str = "raw-client", version: int = PROTOCOL_VERSION) -> bytes:
+    body = msgpack.packb([1, version, client_id, os.getpid(), "test", None])
+    return frame(body)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_four_processes_count_exactly(collector: CollectorProc, data_dir: Path) -> None:
+    workers = [
+        run_worker(
+            collector.socket, pushed=200_000, processed=200_000, failed=100, id_prefix=f"w{i}"
+        )
+        for i in range(4)
+    ]
+    for w in workers:
+        finish(w)
+
+    assert totals(collector) == {
+        "pushed": 800_000,
+        "processed": 800_000,
+        "failed": 400,
+        "retried": 0,
+    }
+    from_shm = cli_stats(data_dir)
+    assert from_shm["totals"]["pushed"] == 800_000
+    assert from_shm["totals"]["processed"] == 800_000
+    assert from_shm["totals"]["failed"] == 400
+    page = get_json(collector.http + "/queues/api/failed?page=1")
+    assert page["total"] == 400
+    assert len(page["jobs"]) == 50
+    ids = set()
+    for n in range(1, 9):
+        ids |= {j["id"] for j in get_json(collector.http + f"/queues/api/failed?page={n}")["jobs"]}
+    assert len(ids) == 400
+
+
+def test_sigkill_and_restart_loses_and_doubles_nothing(
+    collector: CollectorProc, data_dir: Path
+) -> None:
+    workers = [
+        run_worker(
+            collector.socket,
+            pushed=300_000,
+            processed=300_000,
+            failed=200,
+            chunks=40,
+            pause=0.05,
+            id_prefix=f"k{i}",
+            announce=True,
+        )
+        for i in range(2)
+    ]
+    for _ in range(3):
+        time.sleep(0.3)  # let traffic flow, then crash the collector mid-stream
+        collector.kill()
+        collector.start()
+    results = [finish(w) for w in workers]
+    assert all(r["flushed"] for r in results)
+    assert totals(collector) == {
+        "pushed": 600_000,
+        "processed": 600_000,
+        "failed": 400,
+        "retried": 0,
+    }
+    assert get_json(collector.http + "/queues/api/failed")["total"] == 400
+
+
+def test_collector_absent_at_start_then_appearing(data_dir: Path) -> None:
+    c = CollectorProc(data_dir)
+    worker = run_worker(
+        c.socket, pushed=10_000, processed=9_000, failed=7, announce=True, flush_timeout=60
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "calls done"
+        c.start()
+        finish(worker)
+        assert totals(c) == {"pushed": 10_000, "processed": 9_000, "failed": 7, "retried": 0}
+        assert get_json(c.http + "/queues/api/failed")["total"] == 7
+    finally:
+        worker.kill()
+        c.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "code"),
+    [
+        ("garbage", b"\x00\x00\x00\x05hello", "protocol"),
+        ("not an array", frame(msgpack.packb({"a": 1})), "protocol"),
+        ("oversize header", struct.pack(">I", 2**31) + b"x" * 16, "protocol"),
+        ("str32 claiming 4 GiB", frame(b"\x92\x01\xdb\xff\xff\xff\xff" + b"x" * 8), "protocol"),
+        ("deep nesting", frame(b"\x91" * 100_000 + b"\xc0"), "protocol"),
+        ("wrong version", hello(version=99), "version"),
+        ("batch before hello", encode(Batch(seq=1, counters={"q": (1, 0, 0, 0)})), "handshake"),
+    ],
+)
+def test_hostile_frames_close_only_that_connection(
+    collector: CollectorProc, name: str, data: bytes, code: str
+) -> None:
+    good = run_worker(collector.socket, pushed=5_000, processed=5_000, chunks=5, pause=0.02)
+    msgs = raw_exchange(collector.socket, data)
+    errors = [m for m in msgs if isinstance(m, ErrorMsg)]
+    assert errors, f"{name}: no ERROR frame before close, got {msgs!r}"
+    assert errors[-1].code == code
+    finish(good)
+    assert totals(collector)["pushed"] == 5_000
+    assert collector.proc is not None and collector.proc.poll() is None
+    wait_for(lambda: errors[-1].reason in collector.logs(), 5, "the reason in the log")
+
+
+def test_truncated_frame_then_close_hurts_nothing(collector: CollectorProc) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(collector.socket)
+    sock.sendall(hello())
+    full = encode(Batch(seq=1, counters={"trunc": (5, 0, 0, 0)}))
+    sock.sendall(full[: len(full) - 3])
+    sock.close()
+    good = run_worker(collector.socket, pushed=100)
+    finish(good)
+    t = get_json(collector.http + "/queues/api/stats")
+    assert [q["queue"] for q in t["queues"]] == ["q"]
+    assert t["totals"]["pushed"] == 100
+
+
+def test_handshake_and_batch_over_a_raw_socket(collector: CollectorProc) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(collector.socket)
+    decoder = FrameDecoder()
+
+    def read_one() -> Any:
+        while True:
+            msgs = decoder.feed(sock.recv(65536))
+            if msgs:
+                assert len(msgs) == 1
+                return msgs[0]
+
+    sock.sendall(encode(Hello(client_id="raw-1", pid=os.getpid(), host="t")))
+    assert read_one() == Welcome(last_seq=0)
+    sock.sendall(encode(Batch(seq=1, counters={"raw": (3, 2, 1, 0)})))
+    assert read_one().seq == 1
+    sock.sendall(encode(Batch(seq=1, counters={"raw": (3, 2, 1, 0)})))  # a resend: dedup
+    assert read_one().seq == 1
+    sock.close()
+    assert totals(collector) == {"pushed": 3, "processed": 2, "failed": 1, "retried": 0}
+    # a reconnect learns how far the collector got
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(collector.socket)
+    decoder = FrameDecoder()
+    sock.sendall(encode(Hello(client_id="raw-1", pid=os.getpid(), host="t")))
+    assert read_one() == Welcome(last_seq=1)
+    sock.sendall(encode(Batch(seq=3, counters={"raw": (1, 0, 0, 0)})))  # skips seq 2
+    err = read_one()
+    assert isinstance(err, ErrorMsg)
+    assert err.code == "sequence"
+    sock.close()
+
+
+def test_socket_is_owner_only(collector: CollectorProc) -> None:
+    mode = os.stat(collector.socket).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
+def test_peer_with_another_uid_is_refused(data_dir: Path) -> None:
+    c = CollectorProc(data_dir, args=("--socket-mode", "666")).start()
+    try:
+        os.chmod(data_dir, 0o755)
+        code = (
+            "import socket,sys,os\n"
+            "s=socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
+            f"s.sendall({hello()!r})\n"
+            "data=b''\n"
+            "while (chunk := s.recv(65536)): data += chunk\n"
+            "sys.stdout.write(data.hex())\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, c.socket],
+            user=65534,
+            group=65534,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        msgs = FrameDecoder().feed(bytes.fromhex(out.stdout))
+        assert [type(m) for m in msgs] == [ErrorMsg]
+        assert msgs[0].code == "refused"
+        wait_for(lambda: "uid 65534" in c.logs() or "uid=65534" in c.logs(), 5, "refusal log")
+        # root may be allowed explicitly; the owner still is
+        finish(run_worker(c.socket, pushed=1))
+    finally:
+        c.cleanup()
+
+
+def test_stale_socket_is_replaced(data_dir: Path) -> None:
+    path = data_dir / "collector.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: what a killed collector leaves
+    assert path.exists()
+    c = CollectorProc(data_dir).start()
+    try:
+        finish(run_worker(c.socket, pushed=3))
+        assert totals(c)["pushed"] == 3
+    finally:
+        c.cleanup()
+
+
+def test_second_collector_on_a_live_socket_refuses_to_start(
+    collector: CollectorProc, data_dir: Path
+) -> None:
+    other = short_dir()
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qdash_mp",
+                "collector",
+                "--data-dir",
+                str(other),
+                "--socket",
+                collector.socket,
+                "--http",
+                "127.0.0.1:0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 2
+        assert "already listening" in out.stderr
+        same_dir = subprocess.run(
+            [sys.executable, "-m", "qdash_mp", "collector", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert same_dir.returncode == 2
+        assert "another collector" in same_dir.stderr
+        # the first one is untouched
+        finish(run_worker(collector.socket, pushed=2))
+        assert totals(collector)["pushed"] == 2
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_sigterm_stops_cleanly_and_counters_continue(
+    collector: CollectorProc, data_dir: Path
+) -> None:
+    finish(run_worker(collector.socket, pushed=40, processed=30, failed=3))
+    assert collector.stop() == 0
+    assert not (data_dir / "collector.json").exists()
+    assert not Path(collector.socket).exists()
+    assert not list(Path("/dev/shm").glob(collector.shm + "*"))
+    collector.start()
+    assert totals(collector) == {"pushed": 40, "processed": 30, "failed": 3, "retried": 0}
+    assert get_json(collector.http + "/queues/api/failed")["total"] == 3
+
+
+def test_stats_cli_explains_a_missing_collector(data_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qdash_mp", "stats", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "qdash-mp collector --data-dir" in out.stderr
+
+
+def test_retry_goes_back_to_a_worker_and_leaves_the_journal(
+    collector: CollectorProc, data_dir: Path
+) -> None:
+    requeued = data_dir / "requeued.txt"
+    worker = run_worker(collector.socket, failed=3, requeue_file=requeued, id_prefix="r")
+    try:
+        assert worker.stdout is not None
+        assert json.loads(worker.stdout.readline())["flushed"] is True
+        page = get_json(collector.http + "/queues/api/failed")
+        assert page["total"] == 3
+        req = urllib.request.Request(
+            collector.http + "/queues/failed/r-1/retry",
+            method="POST",
+            headers={"Accept": "application/json", "X-CSRF-Token": "x"},
+        )
+        # without a valid CSRF token: 403 and nothing happens
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 403
+        assert get_json(collector.http + "/queues/api/failed")["total"] == 3
+    finally:
+        assert worker.stdin is not None
+        worker.stdin.close()
+        worker.wait(timeout=30)
