@@ -7,14 +7,17 @@ exporter in any local process can read the counters without asking the daemon, a
 collector restarted after ``kill -9`` reattaches and counts on from where it stopped.
 
 ``SharedStats`` is the writer (only the collector creates one); ``SharedStatsReader`` is a
-reader. Both produce the same ``StatsView`` as ``Stats.snapshot()``.
+reader. Both produce the same ``StatsView`` as ``Stats.snapshot()``. The block also keeps,
+for each collector client, the seq of the last batch applied, changed together with that
+batch's counters, so a batch resent after a crash is recognised and not counted twice.
 
 Block layout
 ============
 
 Every integer is a signed 64-bit slot in native byte order (little-endian on x86-64 and
 arm64), 8-byte aligned; ``R`` is the ring size (``window + 1``), ``C`` the capacity (queues
-this block can hold) and ``L = record_len(R) = 4 + 2R`` the record size in slots::
+this block can hold), ``K`` the client capacity and ``L = record_len(R) = 4 + 2R`` the record
+size in slots::
 
     offset (bytes)          size      field
     ----------------------  --------  ---------------------------------------------------------
@@ -35,18 +38,27 @@ this block can hold) and ``L = record_len(R) = 4 + 2R`` the record size in slots
     96                      8         redo-log entries committed and not yet copied back (0)
     104                     8         incarnation: random id of this table, same in every
                                       generation; a new table (not a reattach) gets a new one
-    112                     16        reserved, zero
+    112                     8         K, capacity in clients
+    120                     8         client count M (M <= K); entries 0..M-1 are in use
     directory (C entries of 256 bytes)
     128 + 256 i             8         byte length n of queue i's name (0 <= n <= 248)
     128 + 256 i + 8         248       the name, UTF-8, n bytes used, the rest zero
     records (C records of 8L bytes)
     D = 128 + 256 C
     D + 8L i                8L        queue i's record, exactly the ``qdash_mp.stats`` layout
-    redo log (C entries of 8(L+1) bytes)
-    G = D + 8L C
-    G + 8(L+1) k            8         record index i the entry belongs to
-    G + 8(L+1) k + 8        8L        the new content of record i
-    total size: G + 8(L+1) C
+    clients (K entries of 256 bytes)
+    E = D + 8L C
+    E + 256 j               8         byte length n of client j's id (0 <= n <= 232)
+    E + 256 j + 8           8         seq of the last batch of client j applied
+    E + 256 j + 16          8         Unix second that batch was applied
+    E + 256 j + 24          232       the client id, UTF-8, n bytes used, the rest zero
+    redo log (C + 1 entries of 8(L+1) bytes)
+    G = E + 256 K
+    G + 8(L+1) k            8         i >= 0: record index the entry belongs to;
+                                      i < 0: client entry -1 - i
+    G + 8(L+1) k + 8        8L        record: the new content of record i;
+                                      client: its new seq and second (2 slots, rest unused)
+    total size: G + 8(L+1)(C + 1)
 
 Generation ``g`` lives in the segment ``NAME`` (g = 0) or ``NAME-g<g>``. Segments are created
 owner-only (0600) and fully reserved up front (``posix_fallocate``), so a full ``/dev/shm``
@@ -59,7 +71,14 @@ longer than 248 bytes is stored shortened: its longest prefix of whole character
 (``stored_queue_name`` computes it). Shortened names stay unique (barring a 64-bit hash
 collision); every snapshot, the writer's included, shows the stored form; a queue is
 identified by its stored form, so a short name spelled exactly like another name's shortened
-form shares its counters.
+form shares its counters. Client ids (at most 232 bytes before they are shortened the same
+way) are only read by the writer.
+
+Clients. The entry of a client is found by its id; the table holds K clients and, when full,
+a new client takes the entry of the one whose last batch is oldest, if that is older than
+``client_ttl`` (a day by default), or else the table grows. Forgetting a client is harmless
+unless it still has a batch that was applied but never acknowledged, which would need it to
+stay away for longer than ``client_ttl`` while the table fills up.
 
 Concurrency
 ===========
@@ -86,22 +105,24 @@ Crash safety (``kill -9`` of the collector). Segments outlive their writer (they
 from ``multiprocessing``'s resource tracker, which would unlink them when the process dies)
 and the next ``create_or_attach`` reattaches. Records are changed through a redo log inside
 the write section: each touched record is copied into the log, the deltas are applied there,
-the entry count is stored (the commit point), the log entries are copied over the records and
-the count reset to 0. A writer that dies before the commit point changed no record (the batch
-was not acknowledged and will be resent); one that dies after it left a complete log, which
-the next writer replays. So a batch is applied entirely or not at all; the only trace of a
-batch cut short can be a new queue with all counters at 0. Reattaching also ends a write
-section left open (odd sequence), so readers can read again.
+the client's new seq is added as one more entry, the entry count is stored (the commit
+point), the log entries are copied over the records (and the client entry) and the count reset
+to 0. A writer that dies before the commit point changed no record and no seq (the batch was
+not acknowledged and will be resent); one that dies after it left a complete log, which the
+next writer replays. So a batch and its seq are applied entirely or not at all; the only trace
+of a batch cut short can be a new queue with all counters at 0, or a new client at seq 0.
+Reattaching also ends a write section left open (odd sequence), so readers can read again.
 
 One writer. The writer holds an exclusive ``flock`` on the segment named NAME; a second
 ``create_or_attach`` of the same name fails with ``ShmLocked`` while the first is alive. The
 lock goes away with the process, so a restart after ``kill -9`` is not blocked.
 
-Growth. A block holds C queues (``DEFAULT_CAPACITY`` unless told). When a batch brings more
-queues than fit, the writer creates generation ``g + 1`` with at least twice the capacity,
-copies the directory and records, then in one write section each marks the old block
-superseded (``next = g + 1``) and points generation 0's ``next`` at it, and unlinks the old
-block unless it is generation 0 (which stays as the entry point). A reader that finds its
+Growth. A block holds C queues (``DEFAULT_CAPACITY`` unless told) and K clients. When a batch
+brings more queues (or a client) than fit, the writer creates generation ``g + 1`` with at
+least twice the capacity that was short, copies the directory, records and clients, then in
+one write section each marks the old block superseded (``next = g + 1``) and points
+generation 0's ``next`` at it, and unlinks the old block unless it is generation 0 (which
+stays as the entry point). A reader that finds its
 block superseded reopens NAME and follows ``next``.
 """
 
@@ -113,6 +134,7 @@ import fcntl
 import hashlib
 import importlib
 import logging
+import operator
 import os
 import re
 import secrets
@@ -166,11 +188,19 @@ DIR_ENTRY_SIZE: Final = 256
 NAME_MAX: Final = DIR_ENTRY_SIZE - 8
 """Bytes of UTF-8 a queue name may take before it is stored shortened."""
 DEFAULT_CAPACITY: Final = 1024
-"""Queues the first block holds (about 2.3 MB with the default window); it grows beyond."""
+"""Queues the first block holds (about 2.6 MB with the default window); it grows beyond."""
+CLIENT_ENTRY_SIZE: Final = 256
+CLIENT_ID_MAX: Final = CLIENT_ENTRY_SIZE - 24
+"""Bytes of UTF-8 a client id may take before it is stored shortened."""
+DEFAULT_CLIENT_CAPACITY: Final = 1024
+"""Clients the first block holds; it grows beyond (or reuses the entries of old clients)."""
+DEFAULT_CLIENT_TTL: Final = 86400.0
+"""Seconds since its last batch before a client's entry may be given to a new client."""
 
 # Header slots (index into the int64 view of the block).
 _VERSION, _RING, _CAPACITY, _COUNT, _SEQ, _STARTED, _PID = 1, 2, 3, 4, 5, 6, 7
 _GENERATION, _STATUS, _NEXT, _NAME_MAX, _LOG_COUNT, _INCARNATION = 8, 9, 10, 11, 12, 13
+_CLIENT_CAP, _CLIENTS = 14, 15
 
 _LIVE, _SUPERSEDED, _CLOSED = 1, 2, 3
 
@@ -210,15 +240,16 @@ def segment_name(name: str, generation: int) -> str:
 
 def stored_queue_name(queue: str) -> str:
     """The name ``queue`` is stored and shown under (itself unless over ``NAME_MAX`` bytes)."""
-    return _stored(queue).decode("utf-8", "surrogatepass")
+    return _stored(queue, NAME_MAX).decode("utf-8", "surrogatepass")
 
 
-def _stored(queue: str) -> bytes:
-    raw = queue.encode("utf-8", "surrogatepass")
-    if len(raw) <= NAME_MAX:
+def _stored(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8, shortened to ``limit`` bytes as the module docstring describes."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
         return raw
     suffix = (_ELLIPSIS + hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]).encode()
-    end = NAME_MAX - len(suffix)
+    end = limit - len(suffix)
     while raw[end] & 0xC0 == 0x80:  # a continuation byte: the cut is inside a character
         end -= 1
     return raw[:end] + suffix
@@ -269,6 +300,9 @@ class _Layout:
 
     __slots__ = (
         "capacity",
+        "cli_at",
+        "cli_slot",
+        "clients",
         "log_slot",
         "log_slots",
         "rec_at",
@@ -278,16 +312,23 @@ class _Layout:
         "size",
     )
 
-    def __init__(self, ring: int, capacity: int) -> None:
+    def __init__(self, ring: int, capacity: int, clients: int) -> None:
         self.ring = ring
         self.capacity = capacity
+        self.clients = clients
         self.rec_slots = record_len(ring)
         self.rec_at = HEADER_SIZE + capacity * DIR_ENTRY_SIZE
         self.rec_slot = self.rec_at // 8
-        log_at = self.rec_at + capacity * self.rec_slots * 8
+        self.cli_at = self.rec_at + capacity * self.rec_slots * 8
+        self.cli_slot = self.cli_at // 8
+        log_at = self.cli_at + clients * CLIENT_ENTRY_SIZE
         self.log_slot = log_at // 8
         self.log_slots = self.rec_slots + 1
-        self.size = log_at + capacity * self.log_slots * 8
+        self.size = log_at + (capacity + 1) * self.log_slots * 8
+
+    def client_slot(self, j: int) -> int:
+        """Int64 slot of client entry ``j`` (its id length; seq and second follow)."""
+        return self.cli_slot + j * (CLIENT_ENTRY_SIZE // 8)
 
     @staticmethod
     def entry_at(i: int) -> int:
@@ -307,7 +348,7 @@ class _Segment:
         assert buf is not None  # only None after close()
         self.buf: memoryview = buf
         self.q: memoryview = buf.cast("q")
-        self.layout = _Layout(1, 0)
+        self.layout = _Layout(1, 0, 0)
         self.generation = 0
 
     def header_ok(self, ring: int | None = None) -> str | None:
@@ -321,9 +362,16 @@ class _Segment:
             return f"layout version {q[_VERSION]}, this qdash_mp reads {LAYOUT_VERSION}"
         if ring is not None and q[_RING] != ring:
             return f"a {q[_RING] - 1} s throughput window, not {ring - 1} s"
-        if q[_RING] < 2 or q[_CAPACITY] < 1 or q[_NAME_MAX] != NAME_MAX:
+        if (
+            q[_RING] < 2
+            or not 0 <= q[_COUNT] <= q[_CAPACITY]
+            or not 0 <= q[_CLIENTS] <= q[_CLIENT_CAP]
+            or q[_CAPACITY] < 1
+            or q[_CLIENT_CAP] < 1
+            or q[_NAME_MAX] != NAME_MAX
+        ):
             return "a corrupt header"
-        layout = _Layout(q[_RING], q[_CAPACITY])
+        layout = _Layout(q[_RING], q[_CAPACITY], q[_CLIENT_CAP])
         if len(self.buf) < layout.size:
             return f"{len(self.buf)} bytes, its header needs {layout.size}"
         self.layout = layout
@@ -406,6 +454,7 @@ def _create(
         q[_STATUS] = _LIVE
         q[_NAME_MAX] = NAME_MAX
         q[_INCARNATION] = incarnation
+        q[_CLIENT_CAP] = layout.clients
         seg.buf[:8] = MAGIC
     except BaseException:
         if fd >= 0:
@@ -496,9 +545,9 @@ def _recover(seg: _Segment) -> None:
         return
     seq = q[_SEQ] - odd
     q[_SEQ] = seq + 1
-    if 0 < pending <= lay.capacity:
+    if 0 < pending <= lay.capacity + 1:
         _replay(seg, pending)
-        what = f"redid its last batch ({pending} queues)"
+        what = f"redid its last batch ({pending} log entries)"
     elif pending:
         what = f"ignored a corrupt redo log ({pending} entries)"
     else:
@@ -509,14 +558,18 @@ def _recover(seg: _Segment) -> None:
 
 
 def _replay(seg: _Segment, entries: int) -> None:
+    """Copy ``entries`` committed redo-log entries to their records and client entries."""
     q, lay = seg.q, seg.layout
-    rs, count = lay.rec_slots, q[_COUNT]
+    rs, count, clients = lay.rec_slots, q[_COUNT], q[_CLIENTS]
     for k in range(entries):
         e = lay.log_slot + k * lay.log_slots
         idx = q[e]
         if 0 <= idx < count:
             r = lay.rec_slot + idx * rs
             q[r : r + rs] = q[e + 1 : e + 1 + rs]
+        elif 0 <= -1 - idx < clients:
+            c = lay.client_slot(-1 - idx)
+            q[c + 1 : c + 3] = q[e + 1 : e + 3]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -627,6 +680,7 @@ class SharedStats(StatsBase):
         seg: _Segment,
         lock_fd: int,
         clock: Callable[[], float],
+        client_ttl: float,
     ) -> None:
         """Internal: use ``create_or_attach``."""
         self._name = name
@@ -635,13 +689,28 @@ class SharedStats(StatsBase):
         # Closing the fd releases the writer lock: at close(), or when the object is dropped.
         self._release_lock = weakref.finalize(self, os.close, lock_fd)
         self._clock = clock
+        self._client_ttl = client_ttl
         self._ring = seg.layout.ring
         self._lock = threading.Lock()
-        count = min(max(seg.q[_COUNT], 0), seg.layout.capacity)
-        raw = bytes(seg.buf[HEADER_SIZE : _Layout.entry_at(count)])
-        self._names = _decode_names(raw, count, name)
+        q, lay = seg.q, seg.layout
+        count = q[_COUNT]
+        self._names = _decode_names(
+            bytes(seg.buf[HEADER_SIZE : _Layout.entry_at(count)]), count, name
+        )
         self._index = {queue: i for i, queue in enumerate(self._names)}
         self._rows = _Rows()
+        # Clients: stored id per entry, the second of its last batch, and id -> entry.
+        self._client_ids: list[str] = []
+        self._client_seen: list[int] = []
+        for j in range(q[_CLIENTS]):
+            c = lay.client_slot(j)
+            n = q[c]
+            if not 0 <= n <= CLIENT_ID_MAX:
+                raise ShmIncompatible(f"shared stats {name!r}: corrupt client entry {j}")
+            raw = bytes(seg.buf[8 * c + 24 : 8 * c + 24 + n])
+            self._client_ids.append(raw.decode("utf-8", "surrogatepass"))
+            self._client_seen.append(q[c + 2])
+        self._clients = {client: j for j, client in enumerate(self._client_ids)}
 
     @classmethod
     def create_or_attach(
@@ -650,26 +719,32 @@ class SharedStats(StatsBase):
         *,
         window: float = DEFAULT_WINDOW,
         capacity: int = DEFAULT_CAPACITY,
+        client_capacity: int = DEFAULT_CLIENT_CAPACITY,
+        client_ttl: float = DEFAULT_CLIENT_TTL,
         clock: Callable[[], float] = time.time,
     ) -> SharedStats:
         """Reattach to the table ``name`` if it exists, else create it.
 
         Reattaching (same magic, layout version and window; after a crash or a restart)
-        keeps every counter, the throughput ring and the started second, and repairs an
-        update the previous writer left half done. A table with another window or layout is
-        replaced (logged: its counters restart from 0). ``ShmLocked`` if another live writer
-        owns it; ``ShmIncompatible`` if ``name`` is taken by something that is not a table.
-        ``capacity`` is the first block's; it grows as needed.
+        keeps every counter, the throughput ring, the started second and the clients' seqs,
+        and repairs an update the previous writer left half done. A table with another window
+        or layout is replaced (logged: its counters restart from 0). ``ShmLocked`` if another
+        live writer owns it; ``ShmIncompatible`` if ``name`` is taken by something that is not
+        a table. ``capacity`` and ``client_capacity`` are the first block's; the table grows
+        as needed. ``client_ttl``: see "Clients" in the module docstring.
         """
         _check_name(name)
-        if capacity < 1:
-            raise ConfigError(f"capacity must be at least 1, not {capacity}")
+        if capacity < 1 or client_capacity < 1:
+            raise ConfigError(
+                f"capacity and client_capacity must be at least 1, not {capacity} "
+                f"and {client_capacity}"
+            )
         ring = ring_slots(window)
         for _ in range(4):
             try:
                 base = _attach(name)
             except FileNotFoundError:
-                layout = _Layout(ring, capacity)
+                layout = _Layout(ring, capacity, client_capacity)
                 incarnation = secrets.randbits(63)
                 try:
                     seg, fd = _create(
@@ -678,22 +753,31 @@ class SharedStats(StatsBase):
                 except FileExistsError:
                     continue
                 log.info(
-                    "created shared stats %r (%d queues, %d bytes)", name, capacity, layout.size
+                    "created shared stats %r (%d queues, %d clients, %d bytes)",
+                    name,
+                    capacity,
+                    client_capacity,
+                    layout.size,
                 )
-                return cls(name, seg, seg, fd, clock)
+                return cls(name, seg, seg, fd, clock, client_ttl)
             except ShmIncompatible:
                 # Empty: its creator died before sizing it (or is about to: then it is locked).
                 os.close(_lock(name))
                 _unlink(name)
                 continue
-            stats = cls._attach_table(name, base, ring, clock)
+            stats = cls._attach_table(name, base, ring, clock, client_ttl)
             if stats is not None:
                 return stats
         raise ShmError(f"could not create or attach shared stats {name!r}: it keeps changing")
 
     @classmethod
     def _attach_table(
-        cls, name: str, base: _Segment, ring: int, clock: Callable[[], float]
+        cls,
+        name: str,
+        base: _Segment,
+        ring: int,
+        clock: Callable[[], float],
+        client_ttl: float,
     ) -> SharedStats | None:
         """Reattach to ``base``'s table, or retire it and return None (caller creates anew)."""
         try:
@@ -720,7 +804,7 @@ class SharedStats(StatsBase):
                             "removed stale shared-memory segment %r", segment_name(name, stale)
                         )
                 seg.q[_PID] = base.q[_PID] = os.getpid()
-                stats = cls(name, base, seg, fd, clock)
+                stats = cls(name, base, seg, fd, clock, client_ttl)
             except BaseException:
                 if seg is not base:
                     seg.close()
@@ -728,10 +812,11 @@ class SharedStats(StatsBase):
                 os.close(fd)
                 raise
             log.info(
-                "reattached to shared stats %r: generation %d, %d queues",
+                "reattached to shared stats %r: generation %d, %d queues, %d clients",
                 name,
                 gen,
                 len(stats._names),
+                len(stats._client_ids),
             )
             return stats
         if bytes(base.buf[:8]) not in (MAGIC, bytes(8)):
@@ -771,24 +856,57 @@ class SharedStats(StatsBase):
         """Queues the block in use can hold before the table grows."""
         return self._live().layout.capacity
 
+    @property
+    def client_capacity(self) -> int:
+        """Clients the block in use can hold before the table grows or reuses entries."""
+        return self._live().layout.clients
+
     # -- writing --
 
     def add(
         self, queue: str, pushed: int = 0, processed: int = 0, failed: int = 0, retried: int = 0
     ) -> None:
         """Add several counts to ``queue`` at once."""
-        self._apply(((queue, (pushed, processed, failed, retried)),))
+        self._apply(((queue, (pushed, processed, failed, retried)),), None)
 
-    def apply_batch(self, counters: Mapping[str, Sequence[int]]) -> None:
+    def apply_batch(
+        self,
+        counters: Mapping[str, Sequence[int]],
+        *,
+        client: tuple[str, int] | None = None,
+    ) -> None:
         """Add a client batch, ``{queue: [pushed, processed, failed, retried]}``, atomically.
 
         Readers see all of it or none of it, and so does a writer reattaching after a crash.
+        ``client=(client_id, seq)`` also records ``seq`` as that client's last applied batch
+        (``client_seq``), in the same commit as the counters.
         """
-        self._apply(counters.items())
+        self._apply(counters.items(), client)
 
-    def _apply(self, items: Iterable[tuple[str, Sequence[int]]]) -> None:
+    def client_seq(self, client_id: str) -> int:
+        """The seq of ``client_id``'s last batch applied with ``apply_batch``; 0 if none."""
         with self._lock:
             seg = self._live()
+            slot = self._client_slot(client_id)
+            if slot < 0:
+                return 0
+            seq: int = seg.q[seg.layout.client_slot(slot) + 1]
+            return seq
+
+    def _client_slot(self, client_id: str) -> int:
+        slot = self._clients.get(client_id)
+        if slot is None:
+            key = _stored(client_id, CLIENT_ID_MAX).decode("utf-8", "surrogatepass")
+            slot = self._clients.get(key, -1)
+        return slot
+
+    def _apply(
+        self, items: Iterable[tuple[str, Sequence[int]]], client: tuple[str, int] | None
+    ) -> None:
+        with self._lock:
+            seg = self._live()
+            now = int(self._clock())
+            # 1. Plan: record index of each queue, new directory entries, the client's entry.
             index = self._index
             count = len(self._names)
             plan: list[tuple[int, Sequence[int]]] = []
@@ -803,7 +921,7 @@ class SharedStats(StatsBase):
                 if idx is None:
                     idx = fresh.get(queue)
                     if idx is None:
-                        stored = _stored(queue)
+                        stored = _stored(queue, NAME_MAX)
                         key = stored.decode("utf-8", "surrogatepass")
                         idx = index.get(key, fresh.get(key))
                         if idx is None:
@@ -811,9 +929,21 @@ class SharedStats(StatsBase):
                             new.append((key, stored))
                         fresh[queue] = idx
                 plan.append((idx, deltas))
-            if count + len(new) > seg.layout.capacity:
-                seg = self._grow(count + len(new))
-            now = int(self._clock())
+            slot, claim, client_id, client_seq = -1, None, "", 0
+            clients = len(self._client_ids)
+            if client is not None:
+                client_id, client_seq = client[0], operator.index(client[1])
+                if client_seq < 0:
+                    raise ValueError(f"client seq must be >= 0, not {client_seq}")
+                slot = self._client_slot(client_id)
+                if slot < 0:
+                    claim = _stored(client_id, CLIENT_ID_MAX)
+                    slot = self._free_client_slot(seg.layout.clients, now)
+            # 2. Grow first if the block is too small (the plan's indexes stay valid).
+            need_clients = clients + 1 if slot == clients else clients
+            if count + len(new) > seg.layout.capacity or need_clients > seg.layout.clients:
+                seg = self._grow(count + len(new), need_clients)
+            # 3. One write section: new entries, then the redo-logged records and client seq.
             q, buf, lay, ring = seg.q, seg.buf, seg.layout, self._ring
             rs, rec0, log0, ls = lay.rec_slots, lay.rec_slot, lay.log_slot, lay.log_slots
             seq = seg.begin()
@@ -827,6 +957,8 @@ class SharedStats(StatsBase):
                     self._names.extend(key for key, _ in new)
                 if fresh:
                     index.update(fresh)
+                if claim is not None:
+                    self._claim_client(seg, slot, claim, client_id)
                 logged: dict[int, int] = {}
                 for idx, deltas in plan:
                     if not any(deltas):
@@ -838,11 +970,23 @@ class SharedStats(StatsBase):
                         q[e - 1] = idx
                         q[e : e + rs] = q[r : r + rs]
                     apply_deltas(q, e, ring, deltas, now)
-                if logged:
-                    q[_LOG_COUNT] = len(logged)  # the commit point
+                entries = len(logged)
+                if slot >= 0:
+                    e = log0 + entries * ls + 1
+                    q[e - 1] = -1 - slot
+                    q[e] = client_seq
+                    q[e + 1] = now
+                    entries += 1
+                if entries:
+                    q[_LOG_COUNT] = entries  # the commit point
                     for idx, e in logged.items():
                         r = rec0 + idx * rs
                         q[r : r + rs] = q[e : e + rs]
+                    if slot >= 0:
+                        c = lay.client_slot(slot)
+                        q[c + 1] = client_seq
+                        q[c + 2] = now
+                        self._client_seen[slot] = now
                     q[_LOG_COUNT] = 0
             finally:
                 if q[_LOG_COUNT]:  # pragma: no cover - only if copying back itself failed
@@ -850,17 +994,53 @@ class SharedStats(StatsBase):
                     q[_LOG_COUNT] = 0
                 seg.end(seq)
 
-    def _grow(self, need: int) -> _Segment:
-        """Move the table to a new generation that holds at least ``need`` queues."""
+    def _free_client_slot(self, capacity: int, now: int) -> int:
+        """The entry a new client gets: the next free one, or the stalest old enough."""
+        clients = len(self._client_ids)
+        if clients < capacity:
+            return clients
+        oldest = min(range(clients), key=self._client_seen.__getitem__)
+        if self._client_seen[oldest] < now - self._client_ttl:
+            return oldest
+        return clients  # the table must grow
+
+    def _claim_client(self, seg: _Segment, slot: int, stored: bytes, client_id: str) -> None:
+        """Give entry ``slot`` (free, or a forgotten client's) to a new client, at seq 0."""
+        c = seg.layout.client_slot(slot)
+        q = seg.q
+        q[c + 1] = q[c + 2] = 0
+        q[c] = len(stored)
+        seg.buf[8 * c + 24 : 8 * c + CLIENT_ENTRY_SIZE] = stored.ljust(CLIENT_ID_MAX, b"\0")
+        key = stored.decode("utf-8", "surrogatepass")
+        if slot == len(self._client_ids):
+            q[_CLIENTS] = slot + 1
+            self._client_ids.append(key)
+            self._client_seen.append(0)
+        else:
+            log.info(
+                "client %r takes the entry of %r, silent since %d",
+                key,
+                self._client_ids[slot],
+                self._client_seen[slot],
+            )
+            self._clients = {k: j for k, j in self._clients.items() if j != slot}
+            self._client_ids[slot] = key
+            self._client_seen[slot] = 0
+        self._clients[key] = self._clients[client_id] = slot
+
+    def _grow(self, queues: int, clients: int) -> _Segment:
+        """Move the table to a new generation that holds ``queues`` queues and ``clients``."""
         old = self._live()
-        capacity = old.layout.capacity
-        while capacity < need:
+        capacity, client_capacity = old.layout.capacity, old.layout.clients
+        while capacity < queues:
             capacity *= 2
+        while client_capacity < clients:
+            client_capacity *= 2
         gen = old.generation + 1
         gen_name = segment_name(self._name, gen)
         if _unlink(gen_name):
             log.warning("removed stale shared-memory segment %r (an interrupted growth)", gen_name)
-        layout = _Layout(self._ring, capacity)
+        layout = _Layout(self._ring, capacity, client_capacity)
         new, fd = _create(
             gen_name,
             layout,
@@ -869,14 +1049,20 @@ class SharedStats(StatsBase):
             incarnation=old.q[_INCARNATION],
         )
         os.close(fd)
-        count = len(self._names)
+        count, known = len(self._names), len(self._client_ids)
         dir_end = _Layout.entry_at(count)
         rec_bytes = count * layout.rec_slots * 8
+        cli_bytes = known * CLIENT_ENTRY_SIZE
+        src = old.layout
         new.buf[HEADER_SIZE:dir_end] = old.buf[HEADER_SIZE:dir_end]
         new.buf[layout.rec_at : layout.rec_at + rec_bytes] = old.buf[
-            old.layout.rec_at : old.layout.rec_at + rec_bytes
+            src.rec_at : src.rec_at + rec_bytes
+        ]
+        new.buf[layout.cli_at : layout.cli_at + cli_bytes] = old.buf[
+            src.cli_at : src.cli_at + cli_bytes
         ]
         new.q[_COUNT] = count
+        new.q[_CLIENTS] = known
         for seg in (old, self._base) if old is not self._base else (old,):
             seq = seg.begin()
             seg.q[_NEXT] = gen
@@ -886,7 +1072,13 @@ class SharedStats(StatsBase):
             old.close()
             _unlink(old.name)
         self._seg = new
-        log.info("shared stats %r grew to %d queues (generation %d)", self._name, capacity, gen)
+        log.info(
+            "shared stats %r grew to %d queues and %d clients (generation %d)",
+            self._name,
+            capacity,
+            client_capacity,
+            gen,
+        )
         return new
 
     # -- reading --

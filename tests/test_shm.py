@@ -58,7 +58,7 @@ from qdash_mp.stats import (
 
 HEADER = struct.Struct("=8s15q")
 """magic, then version, R, C, N, seq, started, pid, generation, status, next, NAME_MAX,
-redo-log count, incarnation and two reserved slots."""
+redo-log count, incarnation, K and M."""
 FIELDS = [
     "version",
     "ring",
@@ -73,6 +73,8 @@ FIELDS = [
     "name_max",
     "log_count",
     "incarnation",
+    "client_capacity",
+    "clients",
 ]
 HEADER_SIZE, ENTRY = 128, 256
 
@@ -91,17 +93,30 @@ def raw_header(buf: Any) -> dict[str, Any]:
     return {"magic": magic, **dict(zip(FIELDS, slots, strict=False))}
 
 
-def raw_offsets(h: dict[str, Any]) -> tuple[int, int, int]:
-    """(record slots L, records offset D, redo-log offset G) in bytes, per the docstring."""
+def raw_offsets(h: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(record slots L, and in bytes: records D, clients E, redo log G), per the docstring."""
     rec = record_len(h["ring"])
     d = HEADER_SIZE + ENTRY * h["capacity"]
-    return rec, d, d + 8 * rec * h["capacity"]
+    e = d + 8 * rec * h["capacity"]
+    return rec, d, e, e + ENTRY * h["client_capacity"]
+
+
+def raw_clients(buf: Any) -> dict[str, tuple[int, int]]:
+    """client id -> (last seq, second), per the docstring."""
+    h = raw_header(buf)
+    _, _, e, _ = raw_offsets(h)
+    out = {}
+    for j in range(h["clients"]):
+        at = e + ENTRY * j
+        length, seq, sec = struct.unpack_from("=3q", buf, at)
+        out[bytes(buf[at + 24 : at + 24 + length]).decode()] = (seq, sec)
+    return out
 
 
 def raw_rows(buf: Any) -> list[tuple[str, int, int]]:
     """(name, pushed, processed) of every queue, copying the records once, NO seqlock check."""
     h = raw_header(buf)
-    rec, d, _ = raw_offsets(h)
+    rec, d, _, _ = raw_offsets(h)
     n = h["count"]
     records = bytes(buf[d : d + 8 * rec * n])
     rows = []
@@ -313,46 +328,47 @@ def test_reattach_after_kill_9_continues_counting(name: str) -> None:
             "b": (200, 0, 100, 0),
             "ü": (0, 0, 0, 300),
         }
-    # ... and a new writer counts on from there, in the generation the dead one grew to.
+    # ... and a new writer counts on from there, in the generation the dead one grew to,
+    # knowing which batch of each client it applied last.
     with SharedStats.create_or_attach(name, capacity=2) as stats:
         assert stats.generation == 1
-        stats.apply_batch({"a": [1, 1, 0, 0], "c": [5, 0, 0, 0]})
+        assert stats.client_seq("worker-1") == 100
+        assert stats.client_seq("someone else") == 0
+        stats.apply_batch({"a": [1, 1, 0, 0], "c": [5, 0, 0, 0]}, client=("worker-1", 101))
         assert rows(stats.snapshot()) == {
             "a": (101, 101, 0, 0),
             "b": (200, 0, 100, 0),
             "c": (5, 0, 0, 0),
             "ü": (0, 0, 0, 300),
         }
-        assert stats.snapshot().totals.pushed == 306
+        assert stats.client_seq("worker-1") == 101
 
 
 def test_kill_9_mid_update_never_leaves_a_half_applied_batch(name: str) -> None:
     """Kill a full-speed writer at random moments; every reattach sees whole batches only.
 
-    Each batch adds the same k to pushed and processed of all queues, so after any crash all
-    queues must still agree, and the next writer must start exactly where the repair left.
+    Batch n of client "w" adds n to pushed and processed of all 32 queues, so after any
+    crash all queues must agree, and equal 1 + 2 + ... + client_seq("w"): a batch and its
+    seq are committed together. The next writer must continue exactly from there.
     """
     previous = 0
     for round_ in range(3):
         proc = spawn("write-forever", name)
-        started_at = int(first_line(proc).split()[1])
-        assert started_at == previous  # the new writer continues from the repaired state
+        assert first_line(proc) == f"go {previous}"  # continues from the repaired state
         time.sleep(random.uniform(0.02, 0.08))  # the point: a random moment to kill at
         proc.send_signal(signal.SIGKILL)
         _, err = finish(proc)
         assert proc.returncode == -signal.SIGKILL, err
         with SharedStats.create_or_attach(name) as stats:  # repairs, if needed
             view = rows(stats.snapshot())
+            last = stats.client_seq("w")
         assert len(view) == 32
-        values = {pushed for pushed, processed, _, _ in view.values()}
-        assert len(values) == 1, f"round {round_}: a half-applied batch: {sorted(values)}"
-        assert all(pushed == processed for pushed, processed, _, _ in view.values())
-        (value,) = values
-        assert value >= previous
-        previous = value
+        values = {n for pushed, processed, _, _ in view.values() for n in (pushed, processed)}
+        assert values == {last * (last + 1) // 2}, f"round {round_}: torn: {sorted(values)}"
+        assert last > previous
+        previous = last
         with SharedStatsReader(name, timeout=0.5) as reader:
             assert rows(reader.snapshot()) == view
-    assert previous > 0
 
 
 def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
@@ -361,38 +377,75 @@ def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
     """White box, through the documented layout: a writer that died mid-section."""
     clock = Clock()
     with SharedStats.create_or_attach(name, window=5, capacity=4, clock=clock) as stats:
-        stats.add("a", pushed=1, processed=1)
+        stats.apply_batch({"a": (1, 1, 0, 0)}, client=("w", 1))
         stats.add("b", pushed=2)
     shm = attach_untracked(name)
     try:
         buf = shm.buf
         h = raw_header(buf)
-        rec, d, g = raw_offsets(h)
-        # Died after the commit point: log entry 0 = record 0 with pushed 10, count 1, seq odd.
+        rec, d, _, g = raw_offsets(h)
+        entry = 8 * (rec + 1)
+        # Died after the commit point of batch 2 of "w": a log entry for record 0 (pushed
+        # now 10) and one for client entry 0 (seq 2), log count 2, sequence odd.
         buf[g + 8 : g + 8 + 8 * rec] = buf[d : d + 8 * rec]
         write_slot(buf, g // 8, 0)
         write_slot(buf, g // 8 + 1, 10)
-        write_slot(buf, 12, 1)
+        write_slot(buf, (g + entry) // 8, -1)
+        write_slot(buf, (g + entry) // 8 + 1, 2)
+        write_slot(buf, (g + entry) // 8 + 2, int(clock.t) + 1)
+        write_slot(buf, 12, 2)
         write_slot(buf, 5, h["seq"] + 1)
         with pytest.raises(ShmBusy, match="died in the middle"):
             SharedStatsReader(name, timeout=0.05).snapshot()
         with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
             assert rows(stats.snapshot())["a"] == (10, 1, 0, 0)
+            assert stats.client_seq("w") == 2
         h = raw_header(buf)
         assert h["seq"] % 2 == 0
         assert h["log_count"] == 0
+        assert raw_clients(buf) == {"w": (2, int(clock.t) + 1)}
         assert "redid its last batch" in caplog.text
 
         # Died before the commit point: the log holds garbage, nothing must change.
         buf[g + 8 : g + 16] = struct.pack("=q", 999)
+        write_slot(buf, (g + entry) // 8 + 1, 3)
         write_slot(buf, 5, h["seq"] + 1)
         with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
             assert rows(stats.snapshot()) == {"a": (10, 1, 0, 0), "b": (2, 0, 0, 0)}
+            assert stats.client_seq("w") == 2
         assert raw_header(buf)["seq"] % 2 == 0
         assert "nothing to redo" in caplog.text
         del buf
     finally:
         shm.close()
+
+
+def test_clients_are_remembered_forgotten_when_stale_and_the_table_grows(name: str) -> None:
+    clock = Clock()
+    opts: dict[str, Any] = {"client_capacity": 2, "client_ttl": 10, "clock": clock}
+    with SharedStats.create_or_attach(name, **opts) as stats:
+        stats.apply_batch({}, client=("a", 5))  # a batch with no counters (failed jobs only)
+        clock.t += 5
+        stats.apply_batch({"q": (1, 0, 0, 0)}, client=("b", 7))
+        long_id = "ü" * 200  # over CLIENT_ID_MAX bytes: stored shortened, still found
+        clock.t += 7
+        stats.apply_batch({"q": (1, 0, 0, 0)}, client=(long_id, 1))  # a is stale: replaced
+        assert (stats.client_seq("a"), stats.client_seq("b"), stats.client_seq(long_id)) == (
+            0,
+            7,
+            1,
+        )
+        assert stats.client_capacity == 2
+        clock.t += 1
+        stats.apply_batch({}, client=("c", 3))  # b is not stale yet: the table grows
+        assert stats.client_capacity == 4
+        assert stats.generation == 1
+        assert [stats.client_seq(c) for c in ("b", long_id, "c")] == [7, 1, 3]
+        with pytest.raises(ValueError, match="seq"):
+            stats.apply_batch({"q": (1, 0, 0, 0)}, client=("c", -1))
+    with SharedStats.create_or_attach(name, **opts) as stats:  # and they survive a reattach
+        assert [stats.client_seq(c) for c in ("a", "b", long_id, "c")] == [0, 7, 1, 3]
+        assert rows(stats.snapshot()) == {"q": (2, 0, 0, 0)}
 
 
 def test_a_second_writer_is_refused_while_the_first_lives(name: str) -> None:
@@ -465,7 +518,7 @@ def test_many_queues_grow_the_table_and_readers_follow(name: str) -> None:
         try:
             for chunk in range(10):
                 batch = {f"queue-{chunk * 500 + i}": (1, 0, 0, 0) for i in range(500)}
-                stats.apply_batch(batch)
+                stats.apply_batch(batch, client=(f"client-{chunk}", chunk + 1))
                 view = early.snapshot()
                 assert len(view.queues) == (chunk + 1) * 500
                 assert view.totals.pushed == (chunk + 1) * 500
@@ -475,6 +528,7 @@ def test_many_queues_grow_the_table_and_readers_follow(name: str) -> None:
             assert segments(name) == sorted([name, segment_name(name, stats.generation)])
             with SharedStatsReader(name) as late:
                 assert late.snapshot() == early.snapshot() == stats.snapshot()
+            assert [stats.client_seq(f"client-{c}") for c in range(10)] == list(range(1, 11))
         finally:
             early.close()
 
@@ -666,9 +720,12 @@ def attach_untracked_buf(name: str) -> bytes:
 
 def test_raw_layout_matches_the_docstring(name: str) -> None:
     clock = Clock()
-    with SharedStats.create_or_attach(name, window=9, capacity=3, clock=clock) as stats:
-        stats.apply_batch({"a": (3, 2, 1, 0), "é": (1, 0, 0, 0)})
+    with SharedStats.create_or_attach(
+        name, window=9, capacity=3, client_capacity=5, clock=clock
+    ) as stats:
+        stats.apply_batch({"a": (3, 2, 1, 0), "é": (1, 0, 0, 0)}, client=("c1", 4))
         h = raw_header(attach_untracked_buf(name))
+        assert (h["client_capacity"], h["clients"]) == (5, 1)
         assert h["magic"] == MAGIC
         assert (h["version"], h["ring"], h["capacity"], h["count"]) == (1, ring_slots(9), 3, 2)
         assert (h["started"], h["pid"], h["generation"], h["status"]) == (
@@ -681,8 +738,9 @@ def test_raw_layout_matches_the_docstring(name: str) -> None:
         shm = attach_untracked(name)
         try:
             assert raw_rows(shm.buf) == [("a", 3, 2), ("é", 1, 0)]
-            _, _, g = raw_offsets(h)
-            assert shm.size >= g + 8 * (record_len(ring_slots(9)) + 1) * 3
+            assert raw_clients(shm.buf) == {"c1": (4, int(clock.t))}
+            _, _, _, g = raw_offsets(h)
+            assert shm.size == g + 8 * (record_len(ring_slots(9)) + 1) * (3 + 1)
         finally:
             shm.close()
 
@@ -694,19 +752,19 @@ def main(argv: list[str]) -> None:
     mode, name = argv[0], argv[1]
     if mode == "write-then-die":
         stats = SharedStats.create_or_attach(name, capacity=2)
-        for _ in range(100):
-            stats.apply_batch({"a": (1, 1, 0, 0), "b": (2, 0, 1, 0), "ü": (0, 0, 0, 3)})
+        for seq in range(1, 101):
+            batch = {"a": (1, 1, 0, 0), "b": (2, 0, 1, 0), "ü": (0, 0, 0, 3)}
+            stats.apply_batch(batch, client=("worker-1", seq))
         print("written", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     elif mode == "write-forever":
         stats = SharedStats.create_or_attach(name)
         queues = [f"q{i:02d}" for i in range(32)]
-        view = rows(stats.snapshot())
-        print("go", view["q00"][0] if view else 0, flush=True)
-        rng = random.Random()
+        seq = stats.client_seq("w")
+        print("go", seq, flush=True)
         while True:
-            k = rng.randint(1, 1000)
-            stats.apply_batch({q: (k, k, 0, 0) for q in queues})
+            seq += 1
+            stats.apply_batch({q: (seq, seq, 0, 0) for q in queues}, client=("w", seq))
     elif mode == "read":
         how, seconds = argv[2], float(argv[3])
         if how == "seqlock":
