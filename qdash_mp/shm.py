@@ -162,7 +162,10 @@ from qdash_mp.stats import (
 )
 
 __all__ = [
+    "CLIENT_ID_MAX",
     "DEFAULT_CAPACITY",
+    "DEFAULT_CLIENT_CAPACITY",
+    "DEFAULT_CLIENT_TTL",
     "LAYOUT_VERSION",
     "MAGIC",
     "NAME_MAX",
@@ -1149,7 +1152,8 @@ class SharedStatsReader:
     running; ``ShmIncompatible`` for a bad magic or layout version). ``snapshot()`` is
     consistent (seqlock; ``ShmBusy`` after ``timeout`` seconds of failed attempts), sees new
     queues, follows the table when it grows and reopens it when a new collector replaced it.
-    ``clock`` (Unix seconds) is the reader's own, for the throughput window.
+    ``clock`` (Unix seconds) is the reader's own, for the throughput window. A reader keeps
+    decoded names and rows between snapshots: use one per thread.
     """
 
     def __init__(
