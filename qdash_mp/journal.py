@@ -648,21 +648,27 @@ class Journal:
         self._io.sync_dir(self.directory)
 
     def _cut(self, seg: _Segment, buf: Any, offset: int, reason: str) -> None:
-        """Save bytes ``offset..end`` of ``seg`` to a side file, then cut them off."""
+        """Save bytes ``offset..end`` of ``seg`` to a side file, then cut them off.
+
+        A cut at offset 0 (a segment whose very header is torn) removes the file.
+        """
         length = seg.end - offset
-        if length <= 0:
-            return
-        side = self._side_path(seg.path, "cut")
-        self._write_side(side, buf[offset : seg.end])
+        side: Path | None = None
+        if length > 0:
+            side = self._side_path(seg.path, "cut")
+            self._write_side(side, buf[offset : seg.end])
         if offset == 0:
             os.close(seg.fd)
             seg.path.unlink()
             self._io.sync_dir(self.directory)
             del self._segments[seg.num]
-        else:
+        elif length > 0:
             self._io.truncate(seg.fd, offset)
             self._io.sync(seg.fd)
         seg.end = offset
+        if side is None:
+            logger.warning("journal: removed empty segment %s (%s)", seg.path, reason)
+            return
         report = self.recovery
         report.cuts.append(Cut(seg.path, offset, length, side, reason))
         report.side_files.append(side)
@@ -723,7 +729,7 @@ class Journal:
             if enqueued_at is not None and type(enqueued_at) is not float:
                 enqueued_at = float(enqueued_at)
             if type(payload_raw) is not bytes:
-                payload_raw = bytes(payload_raw)
+                payload_raw = bytes(memoryview(payload_raw))
             payload = encode_failed(
                 id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at
             )

@@ -1,0 +1,1261 @@
+"""The failed-job journal, promise by promise: what is committed survives (torn tails, bit
+flips, failing writes and fsyncs, crashes mid-compaction, SIGKILL), nothing damaged is ever
+returned, retention prunes oldest first and says so, and group commit shares fsyncs.
+
+Journals live in short temp dirs on tmpfs when there is one: the files are real, fsync is
+cheap, so the every-offset and bit-flip loops stay fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from qdash_mp.errors import ConfigError, JournalCorrupt, JournalError, NotFound
+from qdash_mp.journal import (
+    COMPACTION_STEPS,
+    ERROR_PREVIEW,
+    FileIO,
+    GroupCommit,
+    Journal,
+    _SimulatedCrash,
+)
+from qdash_mp.journal_format import HEADER, RecordType
+from qdash_mp.models import FailedJob, Job
+
+T0 = 1_700_000_000.0
+_SHM = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+class Clock:
+    """An injected clock: Unix seconds, moved by hand."""
+
+    def __init__(self, now: float = T0 + 60) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fj(
+    key: int | str, *, at: float = T0, error: str | None = None, payload: Any = None
+) -> FailedJob:
+    jid = key if isinstance(key, str) else f"job-{key}"
+    return FailedJob(
+        id=jid,
+        queue="mail" if len(jid) % 2 else "default",
+        job=Job(
+            id=jid,
+            name="tasks.work",
+            payload={"n": jid, "blob": b"\x00\xff"} if payload is None else payload,
+            attempts=2,
+            enqueued_at=at - 5,
+        ),
+        error=error if error is not None else f"ValueError: boom {jid}",
+        failed_at=datetime.fromtimestamp(at, UTC),
+        traceback=f"Traceback (most recent call last):\n  {jid}\n",
+    )
+
+
+def open_j(path: Path, **kwargs: Any) -> Journal:
+    kwargs.setdefault("clock", Clock())
+    return Journal.open(path, **kwargs)
+
+
+def ids_of(journal: Journal) -> list[str]:
+    return [v.id for v in journal.page(0, len(journal) + 5)]
+
+
+def state_of(journal: Journal) -> list[tuple[str, FailedJob]]:
+    """Everything committed, newest first, read back in full."""
+    return [(i, journal.get(i)) for i in ids_of(journal)]
+
+
+def segments(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.name.endswith(".seg"))
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="qj-", dir=_SHM))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def jdir(root: Path) -> Path:
+    return root / "journal"
+
+
+# -- basics ------------------------------------------------------------------------------------
+
+
+def test_roundtrip_commit_reopen(jdir: Path) -> None:
+    payloads: list[Any] = [
+        None,
+        0,
+        -(2**63),
+        2**64 - 1,
+        1.5,
+        "é🚀",
+        b"\x00bin",
+        [1, [2, [3]]],
+        {"a": {"b": None}, 5: "int key"},
+    ]
+    jobs = [fj(i, at=T0 + i, payload=p) for i, p in enumerate(payloads)]
+    with open_j(jdir) as j:
+        for f in jobs:
+            j.stage_failed(f)
+        j.commit()
+        assert len(j) == len(jobs)
+        for f in jobs:
+            assert j.get(f.id) == f
+    with open_j(jdir) as j:
+        assert j.recovery.records == len(jobs)
+        assert j.recovery.bytes_cut == 0
+        assert ids_of(j) == [f.id for f in reversed(jobs)]
+        for f in jobs:
+            assert j.get(f.id) == f
+            assert f.id in j
+        assert "nope" not in j
+        with pytest.raises(NotFound):
+            j.get("nope")
+
+
+def test_page_rows_carry_an_error_preview(jdir: Path) -> None:
+    long_error = "E" * 500 + "tail"
+    with open_j(jdir) as j:
+        j.stage_failed(fj(1, error=long_error))
+        j.commit()
+        (row,) = j.page(0, 10)
+        assert row.error == long_error[:ERROR_PREVIEW]
+        assert (row.id, row.queue, row.name, row.attempts) == (
+            "job-1",
+            fj(1).queue,
+            "tasks.work",
+            2,
+        )
+        assert row.failed_at == datetime.fromtimestamp(T0, UTC)
+        assert j.get("job-1").error == long_error
+        assert j.page(1, 10) == []
+        assert j.page(0, 0) == []
+        with pytest.raises(ValueError, match="negative"):
+            j.page(-1, 5)
+
+
+def test_payload_raw_is_stored_verbatim(jdir: Path) -> None:
+    # A non-canonical encoding (1 as uint32) that a decode/re-encode round trip would change.
+    raw = b"\x92\xce\x00\x00\x00\x01\xa1x"
+    with open_j(jdir) as j:
+        j.stage_failed(fj(1, payload="ignored"), payload_raw=raw)
+        j.commit()
+    with open_j(jdir) as j:
+        failed, stored = j.get_raw("job-1")
+        assert stored == raw
+        assert failed.job.payload == [1, "x"]
+
+
+def test_naive_datetimes_and_int_times_are_taken_as_utc(jdir: Path) -> None:
+    naive = FailedJob(
+        id="n",
+        queue="q",
+        job=Job(id="n", name="t", enqueued_at=int(T0)),  # type: ignore[arg-type]
+        error="e",
+        failed_at=datetime(2024, 5, 1, 12, 0, 0),
+    )
+    with open_j(jdir) as j:
+        j.stage_failed(naive)
+        j.commit()
+        got = j.get("n")
+        assert got.failed_at == datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+        assert got.job.enqueued_at == T0
+        assert isinstance(got.job.enqueued_at, float)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"id": ""},
+        {"id": 5},
+        {"name": None},
+        {"attempts": "2"},
+        {"attempts": True},
+        {"attempts": 2**70},
+        {"queue": b"q"},
+        {"error": "\udcff lone surrogate"},
+        {"failed_at": "yesterday"},
+        {"payload_raw": 12},
+    ],
+)
+def test_unencodable_failures_are_refused_and_nothing_is_staged(
+    jdir: Path, bad: dict[str, Any]
+) -> None:
+    fields: dict[str, Any] = {
+        "id": "x",
+        "name": "t",
+        "payload_raw": b"\xc0",
+        "attempts": 1,
+        "enqueued_at": None,
+        "queue": "q",
+        "error": "e",
+        "traceback": "",
+        "failed_at": T0,
+    }
+    fields.update(bad)
+    with open_j(jdir) as j:
+        with pytest.raises(JournalError):
+            j.stage_failed_fields(**fields)
+        assert j.staged == 0
+        with pytest.raises(JournalError, match="msgpack"):
+            j.stage_failed(fj(1, payload=object()))
+        assert j.staged == 0
+
+
+def test_oversized_record_is_refused(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        with pytest.raises(JournalError, match="exceeds"):
+            j.stage_failed(fj(1, payload=b"x" * (64 * 1024 * 1024 + 1)))
+        assert j.staged == 0
+
+
+def test_bad_limits_are_config_errors(jdir: Path) -> None:
+    with pytest.raises(ConfigError):
+        open_j(jdir, max_jobs=0)
+    with pytest.raises(ConfigError):
+        open_j(jdir, max_age=0)
+
+
+def test_a_second_open_of_the_same_directory_is_refused(jdir: Path) -> None:
+    with open_j(jdir), pytest.raises(JournalError, match="in use"):
+        open_j(jdir)
+    with open_j(jdir):
+        pass
+
+
+def test_closed_journal_refuses_work(jdir: Path) -> None:
+    j = open_j(jdir)
+    j.close()
+    j.close()
+    with pytest.raises(JournalError, match="closed"):
+        j.stage_failed(fj(1))
+    with pytest.raises(JournalError, match="closed"):
+        j.commit()
+    with pytest.raises(JournalError, match="closed"):
+        j.page(0, 5)
+
+
+def test_close_commits_what_is_staged(jdir: Path) -> None:
+    j = open_j(jdir)
+    j.stage_failed(fj(1))
+    j.close()
+    with open_j(jdir) as j:
+        assert ids_of(j) == ["job-1"]
+
+
+# -- visibility and the pending state ----------------------------------------------------------
+
+
+def test_only_committed_records_are_visible(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        j.stage_failed(fj(1))
+        assert len(j) == 0
+        assert "job-1" not in j
+        assert j.page(0, 10) == []
+        with pytest.raises(NotFound):
+            j.get("job-1")
+        j.commit()
+        assert ids_of(j) == ["job-1"]
+        j.stage_removed("job-1", "forgotten")
+        assert ids_of(j) == ["job-1"]  # still there until the removal is durable
+        j.commit()
+        assert ids_of(j) == []
+
+
+def test_removal_is_checked_against_committed_plus_staged(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        with pytest.raises(NotFound):
+            j.stage_removed("job-1", "retried")
+        j.stage_failed(fj(1))
+        j.stage_removed("job-1", "retried")  # staged failure, staged removal: fine
+        with pytest.raises(NotFound):
+            j.stage_removed("job-1", "forgotten")  # twice: no
+        j.stage_failed(fj(2))
+        j.commit()
+        assert ids_of(j) == ["job-2"]
+        j.stage_flush()
+        with pytest.raises(NotFound):
+            j.stage_removed("job-2", "forgotten")
+        j.stage_failed(fj(2))
+        j.stage_removed("job-2", "forgotten")
+        j.commit()
+        assert len(j) == 0
+        with pytest.raises(ValueError, match="reason"):
+            j.stage_removed("job-2", "pruned")  # type: ignore[arg-type]
+
+
+def test_a_second_failure_supersedes_the_first(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        for i in range(3):
+            j.stage_failed(fj(i))
+        j.commit()
+        j.stage_failed(fj(0, error="again", at=T0 + 9))
+        j.commit()
+        assert ids_of(j) == ["job-0", "job-2", "job-1"]
+        assert j.get("job-0").error == "again"
+    with open_j(jdir) as j:
+        assert ids_of(j) == ["job-0", "job-2", "job-1"]
+        assert j.get("job-0").error == "again"
+
+
+def test_flush_drops_everything_before_it(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        for i in range(5):
+            j.stage_failed(fj(i))
+        j.commit()
+        j.stage_failed(fj(5))
+        j.stage_flush()
+        j.stage_failed(fj(6))
+        j.commit()
+        assert ids_of(j) == ["job-6"]
+    with open_j(jdir) as j:
+        assert ids_of(j) == ["job-6"]
+
+
+def test_pages_match_a_model_at_every_depth(jdir: Path) -> None:
+    rng = random.Random(7)
+    model: dict[str, None] = {}
+    with open_j(jdir, max_jobs=10**6) as j:
+        for i in range(6000):
+            key = f"k{rng.randrange(4000)}"
+            j.stage_failed(fj(key, error="e"))
+            model.pop(key, None)
+            model[key] = None
+            if model and rng.random() < 0.45:
+                gone = rng.choice(list(model))
+                j.stage_removed(gone, "forgotten")
+                del model[gone]
+            if i % 97 == 0:
+                j.commit()
+        j.commit()
+        newest = list(reversed(model))
+        assert len(j) == len(newest)
+        for offset in [0, 1, 49, 50, 1023, 1024, 1025, 2000, len(newest) - 50, len(newest) - 1]:
+            assert [v.id for v in j.page(offset, 50)] == newest[offset : offset + 50]
+        assert j.page(len(newest), 50) == []
+        assert j.page(len(newest) + 100, 50) == []
+    with open_j(jdir, max_jobs=10**6) as j:
+        assert ids_of(j) == newest
+
+
+# -- torn tails, bit flips, bad records --------------------------------------------------------
+
+
+def _build_small_journal(
+    path: Path, n: int, rng: random.Random
+) -> tuple[list[list[str]], dict[str, FailedJob]]:
+    """A journal of ``n`` tiny records committed in batches of 1-3; returns the batches."""
+    batches: list[list[str]] = []
+    jobs: dict[str, FailedJob] = {}
+    with open_j(path) as j:
+        i = 0
+        while i < n:
+            batch = []
+            for _ in range(rng.randint(1, 3)):
+                f = FailedJob(
+                    id=f"{i}",
+                    queue="q",
+                    job=Job(id=f"{i}", name="t", payload=i % 7),
+                    error="e",
+                    failed_at=datetime.fromtimestamp(T0, UTC),
+                )
+                j.stage_failed(f)
+                jobs[f.id] = f
+                batch.append(f.id)
+                i += 1
+            j.commit()
+            batches.append(batch)
+    return batches, jobs
+
+
+def _commit_ends(data: bytes) -> list[int]:
+    """End offsets of every COMMIT record in a segment's bytes."""
+    ends = []
+    pos = 0
+    while pos + HEADER.size <= len(data):
+        _crc, n, rtype = HEADER.unpack_from(data, pos)
+        pos += HEADER.size + n
+        if rtype == RecordType.COMMIT:
+            ends.append(pos)
+    return ends
+
+
+def test_truncation_at_every_byte_offset_keeps_exactly_the_whole_batches(root: Path) -> None:
+    src = root / "src"
+    batches, _jobs = _build_small_journal(src, 200, random.Random(1))
+    (seg,) = segments(src)
+    data = seg.read_bytes()
+    ends = _commit_ends(data)
+    assert len(ends) == len(batches)
+    work = root / "work"
+    work.mkdir()
+    target = work / seg.name
+    header_end = _records(data)[0][1]
+    for cut in range(len(data) + 1):
+        for p in work.iterdir():
+            p.unlink()
+        target.write_bytes(data[:cut])
+        whole = sum(1 for e in ends if e <= cut)
+        expected = [i for b in batches[:whole] for i in b]
+        with open_j(work) as j:
+            assert len(j) == len(expected), cut
+            assert all(i in j for i in expected), cut
+            if expected:
+                assert j.page(0, 1)[0].id == expected[-1], cut
+            base = ends[whole - 1] if whole else (header_end if cut >= header_end else 0)
+            assert j.recovery.bytes_cut == cut - base, cut
+    assert ends[-1] == len(data)
+
+
+def test_torn_tail_is_cut_saved_and_logged(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    jdir = root / "j"
+    batches, _ = _build_small_journal(jdir, 10, random.Random(2))
+    (seg,) = segments(jdir)
+    size = seg.stat().st_size
+    original = seg.read_bytes()
+    with seg.open("r+b") as fh:
+        fh.truncate(size - 5)
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.journal"), open_j(jdir) as j:
+        assert ids_of(j) == [i for b in batches[:-1] for i in b][::-1]
+        (cut,) = j.recovery.cuts
+        assert cut.file == seg
+        assert cut.length == j.recovery.bytes_cut > 0
+        assert cut.offset == size - 5 - cut.length
+        assert cut.side_file.exists()
+        assert cut.side_file.read_bytes() == original[cut.offset : size - 5]
+        assert seg.stat().st_size == cut.offset
+    assert any(
+        str(seg) in r.getMessage()
+        and f"offset {cut.offset}" in r.getMessage()
+        and f"{cut.length} bytes" in r.getMessage()
+        for r in caplog.records
+    )
+    with open_j(jdir) as j:  # clean now
+        assert j.recovery.cuts == []
+
+
+def test_zero_filled_tail_is_cut(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        for i in range(5):
+            j.stage_failed(fj(i))
+            j.commit()
+    (seg,) = segments(jdir)
+    size = seg.stat().st_size
+    with seg.open("ab") as fh:
+        fh.write(bytes(8192))
+    with open_j(jdir) as j:
+        assert len(j) == 5
+        (cut,) = j.recovery.cuts
+        assert (cut.offset, cut.length) == (size, 8192)
+        assert cut.side_file.read_bytes() == bytes(8192)
+    assert seg.stat().st_size == size
+
+
+def _records(data: bytes) -> list[tuple[int, int, int]]:
+    """``(offset, size, type)`` of every record in a segment's bytes."""
+    out = []
+    pos = 0
+    while pos + HEADER.size <= len(data):
+        _crc, n, rtype = HEADER.unpack_from(data, pos)
+        out.append((pos, HEADER.size + n, rtype))
+        pos += HEADER.size + n
+    return out
+
+
+def _refit_crc(data: bytearray, pos: int) -> None:
+    n = struct.unpack_from("<I", data, pos + 4)[0]
+    struct.pack_into("<I", data, pos, zlib.crc32(bytes(data[pos + 4 : pos + HEADER.size + n])))
+
+
+def _damaged(jdir: Path, damage: Callable[[bytearray, list[tuple[int, int, int]]], None]) -> Path:
+    (seg,) = segments(jdir)
+    data = bytearray(seg.read_bytes())
+    damage(data, _records(bytes(data)))
+    seg.write_bytes(bytes(data))
+    return seg
+
+
+def _ten_batches(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        for i in range(10):
+            j.stage_failed(fj(i))
+            j.stage_client_seq("client", i + 1)
+            j.commit()
+
+
+@pytest.mark.parametrize(
+    ("new_type", "why"),
+    [
+        (RecordType.REMOVED, "REMOVED"),
+        (RecordType.CLIENT_SEQ, "CLIENT_SEQ"),
+        (RecordType.FLUSHED, "FLUSHED"),
+        (RecordType.COMMIT, "COMMIT"),
+        (RecordType.SEGMENT, "not allowed"),
+        (0, "type 0"),
+        (99, "type 99"),
+    ],
+)
+def test_bad_type_with_fixed_up_checksum_is_corruption(jdir: Path, new_type: int, why: str) -> None:
+    _ten_batches(jdir)
+
+    def retype(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
+        failed = [r for r in recs if r[2] == RecordType.FAILED]
+        pos = failed[3][0]
+        data[pos + 8] = new_type
+        _refit_crc(data, pos)
+
+    seg = _damaged(jdir, retype)
+    with pytest.raises(JournalCorrupt) as info:
+        open_j(jdir)
+    message = str(info.value)
+    assert why in message
+    assert str(seg) in message
+    assert "offset" in message
+    assert "--salvage" in message
+    with open_j(jdir, salvage=True) as j:
+        assert sorted(ids_of(j)) == sorted(f"job-{i}" for i in range(10) if i != 3)
+        assert j.client_seqs == {"client": 10}
+
+
+def test_bad_type_in_the_last_batch_is_still_corruption(jdir: Path) -> None:
+    _ten_batches(jdir)
+
+    def retype(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
+        pos = [r for r in recs if r[2] == RecordType.FAILED][-1][0]
+        data[pos + 8] = RecordType.REMOVED
+        _refit_crc(data, pos)
+
+    _damaged(jdir, retype)
+    # The batch's COMMIT still verifies, so this is damage inside committed data: refused.
+    with pytest.raises(JournalCorrupt, match="--salvage"):
+        open_j(jdir)
+
+
+@pytest.mark.parametrize("fix_crc", [False, True])
+def test_bad_length_is_detected(jdir: Path, fix_crc: bool) -> None:
+    _ten_batches(jdir)
+
+    def relength(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
+        pos = [r for r in recs if r[2] == RecordType.FAILED][4][0]
+        n = struct.unpack_from("<I", data, pos + 4)[0]
+        struct.pack_into("<I", data, pos + 4, n + 3)
+        if fix_crc:
+            _refit_crc(data, pos)
+
+    _damaged(jdir, relength)
+    with pytest.raises(JournalCorrupt, match="--salvage"):
+        open_j(jdir)
+    with open_j(jdir, salvage=True) as j:
+        assert sorted(ids_of(j)) == sorted(f"job-{i}" for i in range(10) if i != 4)
+
+
+def test_huge_length_in_the_last_record_is_a_torn_tail(jdir: Path) -> None:
+    _ten_batches(jdir)
+
+    def relength(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
+        struct.pack_into("<I", data, recs[-1][0] + 4, 0xFFFFFFFF)
+
+    _damaged(jdir, relength)
+    with open_j(jdir) as j:
+        assert sorted(ids_of(j)) == sorted(f"job-{i}" for i in range(9))
+        assert j.client_seqs == {"client": 9}
+        assert len(j.recovery.cuts) == 1
+
+
+def test_zeroed_bytes_followed_by_committed_records_are_corruption(jdir: Path) -> None:
+    _ten_batches(jdir)
+
+    def zero(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
+        pos, size, _ = recs[5]
+        data[pos : pos + size] = bytes(size)
+
+    _damaged(jdir, zero)
+    with pytest.raises(JournalCorrupt, match="--salvage"):
+        open_j(jdir)
+
+
+def test_random_bit_flips_are_detected_or_harmless(root: Path) -> None:
+    src = root / "src"
+    batches, jobs = _build_small_journal(src, 40, random.Random(3))
+    (seg,) = segments(src)
+    data = seg.read_bytes()
+    rng = random.Random(12345)
+    work = root / "work"
+    work.mkdir()
+    target = work / seg.name
+    outcomes: Counter[str] = Counter()
+    for _ in range(10_000):
+        bit = rng.randrange(len(data) * 8)
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        for p in work.iterdir():
+            p.unlink()
+        target.write_bytes(flipped)
+        try:
+            j = open_j(work)
+        except JournalCorrupt as exc:
+            message = str(exc)
+            assert "--salvage" in message, message
+            assert "offset" in message, message
+            outcomes["refused"] += 1
+            continue
+        with j:
+            got = ids_of(j)
+            for jid in got:
+                assert j.get(jid) == jobs[jid], (bit, jid)
+            if len(got) == len(jobs):
+                outcomes["harmless"] += 1
+            else:
+                # Only a whole last batch may go, and only as a reported cut.
+                assert got == [i for b in batches[:-1] for i in b][::-1], bit
+                assert j.recovery.cuts, bit
+                outcomes["cut"] += 1
+    assert outcomes["refused"] > 0
+    assert outcomes["cut"] > 0
+    assert sum(outcomes.values()) == 10_000
+
+
+def test_damage_found_while_reading_is_reported_not_returned(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        for i in range(3):
+            j.stage_failed(fj(i))
+        j.commit()
+        (seg,) = segments(jdir)
+        data = seg.read_bytes()
+        recs = [r for r in _records(data) if r[2] == RecordType.FAILED]
+        pos = recs[1][0] + 20
+        with seg.open("r+b") as fh:
+            fh.seek(pos)
+            fh.write(bytes([data[pos] ^ 0x40]))
+        assert j.get("job-0") == fj(0)
+        with pytest.raises(JournalCorrupt, match="--salvage"):
+            j.get("job-1")
+        with pytest.raises(JournalCorrupt):
+            j.page(0, 10)
+
+
+def test_salvage_keeps_every_record_that_verifies(jdir: Path) -> None:
+    with open_j(jdir, segment_bytes=4096) as j:
+        for i in range(120):
+            j.stage_failed(fj(i))
+            if i % 3 == 2:
+                j.commit()
+        j.commit()
+        before = {i: j.get(i) for i in ids_of(j)}
+        segs = segments(jdir)
+    assert len(segs) > 2
+    victims: set[str] = set()
+    for seg in segs[:-1]:  # damage one FAILED record in each full segment
+        data = bytearray(seg.read_bytes())
+        pos, _size, _ = [r for r in _records(bytes(data)) if r[2] == RecordType.FAILED][1]
+        victims.add(msgpack.unpackb(bytes(data[pos + HEADER.size : pos + _size]))[0])
+        data[pos + 12] ^= 0xFF
+        seg.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt, match="--salvage"):
+        open_j(jdir)
+    with open_j(jdir, salvage=True) as j:
+        assert len(j.recovery.skipped) == len(segs) - 1
+        assert all(s.length > 0 for s in j.recovery.skipped)
+        corrupt_copies = [p for p in jdir.iterdir() if ".corrupt-" in p.name]
+        assert len(corrupt_copies) == len(segs) - 1
+        assert set(ids_of(j)) == set(before) - victims
+        for i in ids_of(j):
+            assert j.get(i) == before[i]
+    with open_j(jdir) as j:  # salvage rewrote the journal: it opens cleanly now
+        assert set(ids_of(j)) == set(before) - victims
+        assert j.recovery.skipped == []
+
+
+def test_a_missing_segment_is_corruption(jdir: Path) -> None:
+    with open_j(jdir, segment_bytes=4096) as j:
+        for i in range(200):
+            j.stage_failed(fj(i))
+            j.commit()
+    segs = segments(jdir)
+    assert len(segs) >= 3
+    segs[1].unlink()
+    with pytest.raises(JournalCorrupt, match="missing"):
+        open_j(jdir)
+    segs[0].unlink()
+    with pytest.raises(JournalCorrupt, match="missing"):
+        open_j(jdir)
+
+
+# -- failing writes and syncs ------------------------------------------------------------------
+
+
+class FaultyIO(FileIO):
+    """Real I/O, except that chosen calls (1-based, per operation) fail once with EIO."""
+
+    def __init__(self, fail: dict[str, set[int]] | None = None, *, partial: bool = False) -> None:
+        self.fail = fail or {}
+        self.partial = partial
+        self.calls: Counter[str] = Counter()
+
+    def _hit(self, op: str) -> bool:
+        self.calls[op] += 1
+        return self.calls[op] in self.fail.get(op, set())
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        if self._hit("pwrite"):
+            if self.partial:
+                os.pwrite(fd, bytes(data[: len(data) // 2]), offset)
+            raise OSError(errno.EIO, "injected write failure")
+        return super().pwrite(fd, data, offset)
+
+    def sync(self, fd: int) -> None:
+        if self._hit("sync"):
+            raise OSError(errno.EIO, "injected fsync failure")
+        super().sync(fd)
+
+    def truncate(self, fd: int, length: int) -> None:
+        if self._hit("truncate"):
+            raise OSError(errno.EIO, "injected truncate failure")
+        super().truncate(fd, length)
+
+
+@pytest.mark.parametrize(
+    ("op", "partial", "truncate_fails"),
+    [
+        ("pwrite", False, False),
+        ("pwrite", True, False),
+        ("sync", False, False),
+        ("pwrite", True, True),
+        ("sync", False, True),
+    ],
+)
+def test_failed_commits_lose_nothing_and_duplicate_nothing(
+    root: Path, op: str, partial: bool, truncate_fails: bool
+) -> None:
+    for k in range(1, 12):
+        jdir = root / f"{op}-{partial}-{truncate_fails}-{k}"
+        io = FaultyIO(partial=partial)
+        j = open_j(jdir, io=io)
+        io.calls.clear()
+        io.fail = {op: {k}, "truncate": {1} if truncate_fails else set()}
+        acked: set[str] = set()
+        staged: set[str] = set()
+        failures = 0
+        for step in range(14):
+            batch = {f"s{step}-{i}" for i in range(3)}
+            for jid in sorted(batch):
+                j.stage_failed(fj(jid))
+            staged |= batch
+            try:
+                j.commit()
+            except JournalError:
+                failures += 1
+                assert not (batch & set(ids_of(j)))  # nothing of it is visible
+            else:
+                acked = set(staged)  # re-staged records ride along with later commits
+            assert set(ids_of(j)) == acked
+            # A crash right now: everything acknowledged is there, nothing unknown.
+            image = root / "image"
+            shutil.rmtree(image, ignore_errors=True)
+            shutil.copytree(jdir, image)
+            with open_j(image) as crashed:
+                got = ids_of(crashed)
+                assert len(got) == len(set(got))
+                assert acked <= set(got) <= staged
+        assert failures == 1
+        io.fail = {}
+        j.commit()
+        assert set(ids_of(j)) == staged
+        j.close()
+        with open_j(jdir) as again:
+            got = ids_of(again)
+            assert sorted(got) == sorted(staged)
+            for jid in got:
+                assert again.get(jid) == fj(jid)
+        shutil.rmtree(jdir)
+
+
+def test_failed_truncate_moves_to_a_new_segment_and_recovery_cuts_the_old_one(
+    jdir: Path,
+) -> None:
+    io = FaultyIO()
+    j = open_j(jdir, io=io)
+    j.stage_failed(fj(1))
+    j.commit()
+    io.calls.clear()
+    io.fail = {"sync": {1}, "truncate": {1}}  # the batch is written whole, the sync fails
+    j.stage_failed(fj(2))
+    with pytest.raises(JournalError, match="fsync"):
+        j.commit()
+    assert ids_of(j) == ["job-1"]
+    io.fail = {}
+    j.commit()
+    assert ids_of(j) == ["job-2", "job-1"]
+    j.close()
+    first, _second = segments(jdir)
+    with open_j(jdir) as j:
+        assert ids_of(j) == ["job-2", "job-1"]
+        (cut,) = j.recovery.cuts
+        assert cut.file == first
+        assert "failed" in cut.reason
+
+
+def test_failed_rotation_is_retried(jdir: Path) -> None:
+    io = FaultyIO()
+    j = open_j(jdir, io=io)
+    j.stage_failed(fj(1))
+    io.calls.clear()
+    # commit: sync 1 fails, truncate fails -> next commit rotates; its header sync (2) fails.
+    io.fail = {"sync": {1, 2}, "truncate": {1}}
+    with pytest.raises(JournalError):
+        j.commit()
+    with pytest.raises(JournalError):
+        j.commit()
+    assert not [p for p in jdir.iterdir() if p.name.endswith(".tmp")]
+    j.commit()
+    assert ids_of(j) == ["job-1"]
+    j.close()
+    with open_j(jdir) as j:
+        assert ids_of(j) == ["job-1"]
+
+
+# -- compaction --------------------------------------------------------------------------------
+
+
+def _churned(jdir: Path, clock: Clock) -> Journal:
+    j = open_j(jdir, segment_bytes=4096, clock=clock)
+    for i in range(300):
+        j.stage_failed(fj(i, at=T0 + i))
+        if i % 4 == 0:
+            j.commit()
+    j.commit()
+    for i in range(0, 300, 3):
+        j.stage_removed(f"job-{i}", "retried" if i % 2 else "forgotten")
+    for i in range(1, 40, 3):
+        j.stage_failed(fj(i, error="again", at=T0 + 1000 + i))
+    for c in range(5):
+        for s in range(1, 4):
+            j.stage_client_seq(f"client-{c}", s * 10 + c)
+    j.commit()
+    return j
+
+
+@pytest.mark.parametrize("step", COMPACTION_STEPS)
+def test_crash_after_each_compaction_step_leaves_old_or_new_state(jdir: Path, step: str) -> None:
+    clock = Clock()
+    j = _churned(jdir, clock)
+    before = state_of(j)
+    seqs = dict(j.client_seqs)
+    with pytest.raises(_SimulatedCrash):
+        j.compact(_crash_after=step)
+    j._abandon()  # the process died here: no cleanup of any kind
+    for _ in range(2):
+        with open_j(jdir, clock=clock) as again:
+            assert state_of(again) == before
+            assert again.client_seqs == seqs
+            names = [p.name for p in jdir.iterdir()]
+            assert not [n for n in names if n.endswith(".tmp")]
+            compacted = [n for n in names if n.endswith(".seg") and not n.endswith(".0000.seg")]
+            if step in ("prepare", "write"):
+                assert compacted == []
+            else:
+                assert len(compacted) == 1
+                assert sorted(n for n in names if n.endswith(".seg"))[0] == compacted[0]
+    with open_j(jdir, clock=clock) as again:  # and it keeps working
+        again.stage_failed(fj("after"))
+        again.stage_removed("job-1", "forgotten")
+        again.commit()
+        assert again.maybe_compact() in (True, False)
+        expected = [("after", fj("after"))] + [(i, f) for i, f in before if i != "job-1"]
+        assert state_of(again) == expected
+    with open_j(jdir, clock=clock) as again:
+        assert state_of(again) == expected
+
+
+def test_compaction_shrinks_and_keeps_the_live_set(jdir: Path) -> None:
+    clock = Clock()
+    j = _churned(jdir, clock)
+    before = state_of(j)
+    size_before = sum(p.stat().st_size for p in segments(jdir))
+    j.compact()
+    assert state_of(j) == before
+    size_after = sum(p.stat().st_size for p in segments(jdir))
+    assert size_after < size_before * 0.6
+    assert j.total_bytes == size_after
+    assert j.total_bytes - j.live_bytes < 1000  # two headers, a COMMIT, the client seqs
+    j.close()
+    with open_j(jdir, clock=clock) as j:
+        assert state_of(j) == before
+        assert j.client_seqs == {f"client-{c}": 30 + c for c in range(5)}
+
+
+def test_maybe_compact_waits_for_dead_data_to_dominate(jdir: Path) -> None:
+    with open_j(jdir, compact_min_bytes=0) as j:
+        for i in range(50):
+            j.stage_failed(fj(i))
+        j.commit()
+        assert not j.maybe_compact()
+        for i in range(40):
+            j.stage_removed(f"job-{i}", "forgotten")
+        j.commit()
+        assert j.maybe_compact()
+        assert j.total_bytes - j.live_bytes < j.live_bytes
+        assert not j.maybe_compact()
+        assert len(j) == 10
+
+
+def test_commits_during_compaction_are_kept(jdir: Path) -> None:
+    clock = Clock()
+    j = _churned(jdir, clock)
+    model = dict(state_of(j))
+    plan = j._compact_prepare()
+    # While the copy is under way: new failures, removals of copied jobs, a supersede.
+    j.stage_failed(fj("new"))
+    j.stage_removed("job-2", "forgotten")
+    j.stage_failed(fj(4, error="during", at=T0 + 5000))
+    j.commit()
+    j._compact_write(plan)
+    j.stage_removed("job-5", "retried")
+    j.commit()
+    j._compact_rename(plan)
+    j._compact_install(plan)
+    j._compact_delete(plan)
+    del model["job-2"], model["job-5"]
+    model["new"] = fj("new")
+    model["job-4"] = fj(4, error="during", at=T0 + 5000)
+    assert dict(state_of(j)) == model
+    assert ids_of(j)[:2] == ["job-4", "new"]
+    j.close()
+    with open_j(jdir, clock=clock) as j:
+        assert dict(state_of(j)) == model
+        assert ids_of(j)[:2] == ["job-4", "new"]
+
+
+def test_flush_during_compaction(jdir: Path) -> None:
+    clock = Clock()
+    j = _churned(jdir, clock)
+    plan = j._compact_prepare()
+    j.stage_flush()
+    j.stage_failed(fj("survivor"))
+    j.commit()
+    j._compact_write(plan)
+    j._compact_rename(plan)
+    j._compact_install(plan)
+    j._compact_delete(plan)
+    assert ids_of(j) == ["survivor"]
+    j.close()
+    with open_j(jdir, clock=clock) as j:
+        assert ids_of(j) == ["survivor"]
+
+
+def test_compaction_drops_clients_not_seen_within_max_age(jdir: Path) -> None:
+    clock = Clock()
+    with open_j(jdir, clock=clock, max_age=100.0) as j:
+        j.stage_client_seq("old", 5)
+        j.commit()
+        clock.now += 90
+        j.stage_client_seq("young", 7)
+        j.commit()
+        clock.now += 20
+        j.compact()
+        assert j.client_seqs == {"old": 5, "young": 7}  # in memory until reopened
+    with open_j(jdir, clock=clock, max_age=100.0) as j:
+        assert j.client_seqs == {"young": 7}
+
+
+def test_client_seqs_keep_the_highest_seq(jdir: Path) -> None:
+    with open_j(jdir) as j:
+        j.stage_client_seq("a", 3)
+        j.stage_client_seq("a", 9)
+        j.stage_client_seq("a", 4)
+        j.stage_client_seq("b", 1)
+        assert j.client_seqs == {}
+        j.commit()
+        assert j.client_seqs == {"a": 9, "b": 1}
+        with pytest.raises(ValueError, match="seq"):
+            j.stage_client_seq("a", -1)
+        with pytest.raises(ValueError, match="client_id"):
+            j.stage_client_seq("", 1)
+    with open_j(jdir) as j:
+        assert j.client_seqs == {"a": 9, "b": 1}
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def test_retention_by_count_prunes_oldest_first(
+    jdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="qdash_mp.journal"), open_j(jdir, max_jobs=5) as j:
+        for i in range(8):
+            j.stage_failed(fj(i, at=T0 + i))
+            j.commit()
+        assert ids_of(j) == [f"job-{i}" for i in (7, 6, 5, 4, 3)]
+        assert j.pruned_total == 3
+        # A batch bigger than the limit: the oldest of it go too, never the newest.
+        for i in range(8, 20):
+            j.stage_failed(fj(i, at=T0 + i))
+        j.commit()
+        assert ids_of(j) == [f"job-{i}" for i in (19, 18, 17, 16, 15)]
+        assert j.pruned_total == 15
+    assert any("pruned 12" in r.getMessage() for r in caplog.records)
+    with open_j(jdir, max_jobs=5) as j:
+        assert ids_of(j) == [f"job-{i}" for i in (19, 18, 17, 16, 15)]
+    with open_j(jdir, max_jobs=2) as j:  # a lower limit applies on open
+        assert ids_of(j) == ["job-19", "job-18"]
+        assert j.recovery.pruned == 3
+        assert j.pruned_total == 3
+
+
+def test_retention_by_age(jdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(T0)
+    day = 86400.0
+    with open_j(jdir, clock=clock, max_age=30 * day) as j:
+        for i in range(6):
+            j.stage_failed(fj(i, at=T0 + i * day))
+        j.commit()
+        clock.now = T0 + 32.5 * day  # jobs 0, 1, 2 are older than 30 days
+        assert j.enforce_retention() == 3
+        assert len(j) == 6  # staged only
+        with caplog.at_level(logging.INFO, logger="qdash_mp.journal"):
+            j.commit()
+        assert ids_of(j) == ["job-5", "job-4", "job-3"]
+        assert j.pruned_total == 3
+        assert any("pruned 3" in r.getMessage() for r in caplog.records)
+        # stage_failed checks the age limit by itself.
+        clock.now = T0 + 34.5 * day
+        j.stage_failed(fj("fresh", at=clock.now))
+        j.commit()
+        assert ids_of(j) == ["fresh", "job-5"]
+    clock.now = T0 + 36 * day
+    with open_j(jdir, clock=clock, max_age=30 * day) as j:
+        assert ids_of(j) == ["fresh"]
+        assert j.recovery.pruned == 1
+
+
+def test_age_pruning_stops_at_the_first_young_job(jdir: Path) -> None:
+    clock = Clock(T0 + 100)
+    with open_j(jdir, clock=clock, max_age=50) as j:
+        j.stage_failed(fj("old", at=T0))
+        j.stage_failed(fj("young", at=T0 + 90))
+        j.stage_failed(fj("old-but-behind", at=T0 + 10))
+        j.enforce_retention()
+        j.commit()
+        assert ids_of(j) == ["old-but-behind", "young"]
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+
+class CountingIO(FileIO):
+    """Real I/O that counts syncs, and can hold a sync until released."""
+
+    def __init__(self) -> None:
+        self.syncs = 0
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        self.fail_next = False
+
+    def sync(self, fd: int) -> None:
+        self.syncs += 1
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(errno.EIO, "injected fsync failure")
+        super().sync(fd)
+
+
+async def test_group_commit_shares_fsyncs(jdir: Path) -> None:
+    io = CountingIO()
+    j = open_j(jdir, io=io)
+    group = GroupCommit(j)
+    io.syncs = 0
+
+    async def one(i: int) -> None:
+        j.stage_failed(fj(i))
+        await group.commit()
+        assert f"job-{i}" in j  # released only once durable and visible
+
+    await asyncio.gather(*(one(i) for i in range(300)))
+    assert len(j) == 300
+    assert group.commits <= 3
+    assert 1 <= io.syncs <= group.commits
+    await group.close()
+    j.close()
+
+
+async def test_group_commit_releases_only_after_the_fsync(jdir: Path) -> None:
+    io = CountingIO()
+    j = open_j(jdir, io=io)
+    group = GroupCommit(j)
+    io.gate = threading.Event()
+    io.entered.clear()
+    for i in range(5):
+        j.stage_failed(fj(i))
+    waiters = [asyncio.ensure_future(group.commit()) for _ in range(5)]
+    await asyncio.get_running_loop().run_in_executor(None, io.entered.wait, 10)
+    # The fsync is under way and held: nobody is released, and the loop keeps serving.
+    assert not any(w.done() for w in waiters)
+    j.stage_failed(fj("late"))
+    late = asyncio.ensure_future(group.commit())
+    io.gate.set()
+    await asyncio.gather(*waiters, late)
+    assert set(ids_of(j)) == {f"job-{i}" for i in range(5)} | {"late"}
+    await group.close()
+    j.close()
+
+
+async def test_group_commit_failure_reaches_every_waiter_of_that_commit(jdir: Path) -> None:
+    io = CountingIO()
+    j = open_j(jdir, io=io)
+    group = GroupCommit(j, window=0.001)
+    io.fail_next = True
+    for i in range(4):
+        j.stage_failed(fj(i))
+    results = await asyncio.gather(*(group.commit() for _ in range(4)), return_exceptions=True)
+    assert all(isinstance(r, JournalError) for r in results)
+    assert len(j) == 0
+    await group.commit()  # the records were staged again: the next commit covers them
+    assert len(j) == 4
+    await group.close()
+    with pytest.raises(JournalError, match="closed"):
+        await group.commit()
+    j.close()
+
+
+async def test_cancelled_waiter_does_not_cancel_the_shared_commit(jdir: Path) -> None:
+    io = CountingIO()
+    j = open_j(jdir, io=io)
+    group = GroupCommit(j)
+    io.gate = threading.Event()
+    io.entered.clear()
+    j.stage_failed(fj(1))
+    a = asyncio.ensure_future(group.commit())
+    b = asyncio.ensure_future(group.commit())
+    await asyncio.get_running_loop().run_in_executor(None, io.entered.wait, 10)
+    a.cancel()
+    io.gate.set()
+    await b
+    assert a.cancelled()
+    assert ids_of(j) == ["job-1"]
+    await group.close()
+    j.close()
+
+
+# -- kill -9 -----------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import random, sys
+    from datetime import UTC, datetime
+    from pathlib import Path
+    from qdash_mp.journal import Journal
+    from qdash_mp.models import FailedJob, Job
+
+    path, cycle = Path(sys.argv[1]), int(sys.argv[2])
+    rng = random.Random(cycle)
+    out = sys.stdout
+    j = Journal.open(path)
+    acked = []
+    n = 0
+    while True:
+        if acked and rng.random() < 0.3:
+            victim = acked.pop(rng.randrange(len(acked)))
+            out.write(f"F {victim}\\n")
+            j.stage_removed(victim, "forgotten")
+        else:
+            ids = [f"c{cycle}-{n + k}" for k in range(rng.randint(1, 8))]
+            n += len(ids)
+            out.write("B " + " ".join(ids) + "\\n")
+            for i in ids:
+                j.stage_failed(FailedJob(id=i, queue="q", job=Job(id=i, name="t", payload=[i]),
+                                         error="err " + i, failed_at=datetime.now(UTC)))
+            acked.extend(ids)
+        out.flush()
+        j.commit()
+        out.write("C\\n")
+        out.flush()
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_no_acknowledged_record(tmp_path: Path) -> None:
+    jdir = tmp_path / "journal"  # a real disk: fsync costs what it costs
+    rng = random.Random(99)
+    present: set[str] = set()  # acknowledged and not acknowledged-forgotten
+    gone: set[str] = set()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for cycle in range(24):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(jdir), str(cycle)],
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        assert proc.stdout is not None
+        first = ""
+        if rng.random() < 0.8:  # mostly while committing, sometimes while starting/recovering
+            first = proc.stdout.readline()
+            time.sleep(rng.uniform(0.0, 0.04))
+        else:
+            time.sleep(rng.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+        out = first + rest
+        assert proc.returncode == -signal.SIGKILL
+        unsure_in: set[str] = set()
+        unsure_out: set[str] = set()
+        lines = out.splitlines()
+        for i, line in enumerate(lines):
+            if line == "C" or not line:
+                continue
+            acked = i + 1 < len(lines) and lines[i + 1] == "C"
+            kind, _, rest = line.partition(" ")
+            if kind == "B":
+                (present if acked else unsure_in).update(rest.split())
+            elif kind == "F":
+                if acked:
+                    present.discard(rest)
+                    gone.add(rest)
+                else:
+                    unsure_out.add(rest)
+        with open_j(jdir, clock=time.time) as j:
+            assert all(jid in j for jid in present - unsure_out), cycle
+            assert not any(jid in j for jid in gone), cycle
+            mine = {jid for jid in present | unsure_in if jid.startswith(f"c{cycle}-")}
+            # An unacknowledged batch is all there or not at all.
+            assert all(jid in j for jid in unsure_in) or not any(jid in j for jid in unsure_in)
+            for jid in mine:
+                if jid in j:
+                    assert j.get(jid).error == f"err {jid}"
+            newest = j.page(0, len(j))
+            assert len({v.id for v in newest}) == len(j)  # each record exactly once
+            present = {v.id for v in newest}  # the baseline of the next cycle
