@@ -39,6 +39,7 @@ from aiohttp import web
 from qdash_mp.errors import (
     CollectorError,
     ConfigError,
+    JournalError,
     ProtocolError,
     RetryConflict,
     RetryError,
@@ -80,6 +81,10 @@ REQUEUE_TIMEOUT = 30.0
 
 READ_SIZE = 256 * 1024
 
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 20
+"""How long/much a connection being closed for an error is drained (see ``_close_with``)."""
+
 _UCRED = struct.Struct("3i")
 
 RequeueFn = Callable[[Job], object]
@@ -120,6 +125,14 @@ def load_requeue(spec: str) -> RequeueFn:
         raise ConfigError(f"--requeue: {spec!r} is not callable")
     fn: RequeueFn = target
     return fn
+
+
+class _Refused(ProtocolError):
+    """A well-formed frame the collector will not take here; ``code`` goes in the ERROR."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass(eq=False)
@@ -374,15 +387,14 @@ class Collector:
         peer = peer_credentials(sock)
         conn = _Conn(peer=peer, writer=writer)
         if not self._allowed(peer):
-            log.warning(
-                "refused connection from pid=%d uid=%d gid=%d: uid not allowed (--allow-uid)",
-                peer.pid,
-                peer.uid,
-                peer.gid,
-            )
             await self._close_with(
-                conn, ErrorCode.REFUSED, f"uid {peer.uid} is not allowed on this socket"
+                conn,
+                ErrorCode.REFUSED,
+                f"uid {peer.uid} (gid {peer.gid}) is not allowed on this socket "
+                "(the collector accepts its own uid, --allow-uid and --allow-gid)",
+                reader,
             )
+            writer.close()
             return
         decoder = FrameDecoder()
         acker: asyncio.Task[None] | None = None
@@ -405,13 +417,13 @@ class Collector:
                 for msg in decoder.feed(data):
                     self._dispatch(conn, hello.client_id, msg)
         except TimeoutError:
-            await self._close_with(
-                conn, ErrorCode.HANDSHAKE, f"no HELLO within {HANDSHAKE_TIMEOUT:g}s"
-            )
+            reason = f"no HELLO within {HANDSHAKE_TIMEOUT:g}s"
+            await self._close_with(conn, ErrorCode.HANDSHAKE, reason, reader)
         except UnsupportedVersion as exc:
-            await self._close_with(conn, ErrorCode.VERSION, str(exc))
+            await self._close_with(conn, ErrorCode.VERSION, str(exc), reader)
         except ProtocolError as exc:
-            await self._close_with(conn, _code_of(exc), str(exc))
+            code = exc.code if isinstance(exc, _Refused) else ErrorCode.PROTOCOL
+            await self._close_with(conn, code, str(exc), reader)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("client %s went away", conn.label())
         finally:
@@ -422,7 +434,6 @@ class Collector:
                         RetryError(f"worker {conn.label()} disconnected before answering")
                     )
             if acker is not None:
-                conn.ack_event.set()
                 await self._finish_acks(acker)
             writer.close()
             with contextlib.suppress(Exception):
@@ -435,11 +446,31 @@ class Collector:
         with contextlib.suppress(asyncio.CancelledError):
             await acker
 
-    async def _close_with(self, conn: _Conn, code: str, reason: str) -> None:
+    async def _close_with(
+        self,
+        conn: _Conn,
+        code: str,
+        reason: str,
+        reader: asyncio.StreamReader | None = None,
+    ) -> None:
+        """Log why, send ERROR, and (given ``reader``) linger so the peer can read it.
+
+        Closing a Unix socket with unread input makes the peer's ``recv`` fail with
+        ECONNRESET, losing the ERROR frame; so the write side is shut first and what the
+        peer still sends is read and dropped, for at most ``LINGER_BYTES``/``LINGER_SECONDS``.
+        """
         log.warning("closing connection %s: %s (%s)", conn.label(), reason, code)
         with contextlib.suppress(Exception):
             conn.send(ErrorMsg(code=str(code), reason=reason))
             await conn.writer.drain()
+        if reader is None:
+            return
+        with contextlib.suppress(Exception):
+            conn.writer.write_eof()
+            async with asyncio.timeout(LINGER_SECONDS):
+                seen = 0
+                while seen < LINGER_BYTES and (chunk := await reader.read(READ_SIZE)):
+                    seen += len(chunk)
 
     async def _handshake(self, reader: asyncio.StreamReader, decoder: FrameDecoder) -> Hello:
         while True:
@@ -451,11 +482,13 @@ class Collector:
                 continue
             first = msgs[0]
             if not isinstance(first, Hello):
-                raise ProtocolError(f"first frame must be HELLO, got {type(first).__name__}")
+                raise _Refused(
+                    ErrorCode.HANDSHAKE, f"first frame must be HELLO, got {type(first).__name__}"
+                )
             if first.version != PROTOCOL_VERSION:
                 raise UnsupportedVersion(first.version)
             if len(msgs) > 1:
-                raise ProtocolError("frames sent before WELCOME")
+                raise _Refused(ErrorCode.HANDSHAKE, "frames sent before WELCOME")
             return first
 
     def _dispatch(self, conn: _Conn, client_id: str, msg: Message) -> None:
@@ -466,7 +499,7 @@ class Collector:
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         else:
-            raise ProtocolError(f"{type(msg).__name__} is not a client message")
+            raise _Refused(ErrorCode.HANDSHAKE, f"{type(msg).__name__} is not a client message")
 
     def _last_seq(self, client_id: str) -> int:
         return self.live.stats.client_seq(client_id)
@@ -482,7 +515,7 @@ class Collector:
         live = self.live
         last = live.stats.client_seq(client_id)
         if last > 0 and batch.seq > last + 1:
-            raise ProtocolError(f"batch seq {batch.seq} skips ahead of {last + 1}")
+            raise _Refused(ErrorCode.SEQUENCE, f"batch seq {batch.seq} skips ahead of {last + 1}")
         if batch.seq > last:
             live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
         if batch.failed and batch.seq > live.journal.client_seqs.get(client_id, 0):
@@ -494,34 +527,41 @@ class Collector:
         conn.ack_event.set()
 
     async def _ack_loop(self, conn: _Conn) -> None:
-        """Send cumulative ACKs once what they cover is durable (one group commit each)."""
+        """Send cumulative ACKs once what they cover is durable (one group commit each).
+
+        Every batch received sets ``ack_event``, resent duplicates included (their first
+        ACK may be what the client missed).
+        """
         group = self.live.group
-        acked = 0
         conn.caught_up.set()
         while True:
             await conn.ack_event.wait()
             conn.ack_event.clear()
             target = conn.ack_wanted
-            if target <= acked:
-                conn.caught_up.set()
-                continue
-            delay = 0.01
-            while True:
-                try:
-                    await group.commit()
-                    break
-                except Exception:
-                    log.exception(
-                        "journal commit failed; %s stays unacknowledged, retrying", conn.label()
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+            await self._commit_until_durable(group, conn)
             conn.send(Ack(seq=target))
-            acked = target
-            if acked >= conn.ack_wanted:
+            if target >= conn.ack_wanted:
                 conn.caught_up.set()
             with contextlib.suppress(ConnectionError):
                 await conn.writer.drain()
+
+    async def _commit_until_durable(self, group: GroupCommit, conn: _Conn) -> None:
+        """Commit the journal, retrying with backoff: an ACK is never sent before that."""
+        delay, failures = 0.01, 0
+        while True:
+            try:
+                await group.commit()
+                return
+            except JournalError as exc:
+                if failures % 30 == 0:
+                    log.error(
+                        "journal commit failed (%s); %s stays unacknowledged, retrying",
+                        exc,
+                        conn.label(),
+                    )
+                failures += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     # ------------------------------------------------------------------ retries
 
@@ -590,15 +630,6 @@ class Collector:
         live.journal.stage_flush()
         await live.group.commit()
         return n
-
-
-def _code_of(exc: ProtocolError) -> str:
-    text = str(exc)
-    if "HELLO" in text or "not a client message" in text or "before WELCOME" in text:
-        return str(ErrorCode.HANDSHAKE)
-    if "skips ahead" in text:
-        return str(ErrorCode.SEQUENCE)
-    return str(ErrorCode.PROTOCOL)
 
 
 class CollectorInspector:

@@ -7,7 +7,9 @@ hostile cases) raw bytes on the socket.
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
+import re
 import os
 import shutil
 import socket
@@ -16,6 +18,8 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +105,19 @@ def raw_exchange(path: str, data: bytes, *, timeout: float = 10) -> list[Any]:
     finally:
         sock.close()
     return msgs
+
+
+def raw_exchange_frames(path: str, data: bytes) -> list[bytes]:
+    """Like ``raw_exchange`` but returns the raw bytes received (for a forked child)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    sock.sendall(data)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    sock.close()
+    return chunks
 
 
 def frame(body: bytes) -> bytes:
@@ -278,28 +295,26 @@ def test_peer_with_another_uid_is_refused(data_dir: Path) -> None:
     c = CollectorProc(data_dir, args=("--socket-mode", "666")).start()
     try:
         os.chmod(data_dir, 0o755)
-        code = (
-            "import socket,sys,os\n"
-            "s=socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
-            f"s.sendall({hello()!r})\n"
-            "data=b''\n"
-            "while (chunk := s.recv(65536)): data += chunk\n"
-            "sys.stdout.write(data.hex())\n"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code, c.socket],
-            user=65534,
-            group=65534,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        msgs = FrameDecoder().feed(bytes.fromhex(out.stdout))
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: become "nobody", then knock
+            try:
+                os.close(read_end)
+                os.setgid(65534)
+                os.setuid(65534)
+                with os.fdopen(write_end, "wb") as out:
+                    out.write(b"".join(raw_exchange_frames(c.socket, hello())))
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as inp:
+            answer = inp.read()
+        os.waitpid(pid, 0)
+        msgs = FrameDecoder().feed(answer)
         assert [type(m) for m in msgs] == [ErrorMsg]
         assert msgs[0].code == "refused"
-        wait_for(lambda: "uid 65534" in c.logs() or "uid=65534" in c.logs(), 5, "refusal log")
-        # root may be allowed explicitly; the owner still is
+        wait_for(lambda: "uid 65534 (gid 65534) is not allowed" in c.logs(), 5, "refusal log")
+        # the owner still gets in
         finish(run_worker(c.socket, pushed=1))
     finally:
         c.cleanup()
@@ -386,23 +401,46 @@ def test_retry_goes_back_to_a_worker_and_leaves_the_journal(
     collector: CollectorProc, data_dir: Path
 ) -> None:
     requeued = data_dir / "requeued.txt"
-    worker = run_worker(collector.socket, failed=3, requeue_file=requeued, id_prefix="r")
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def post(path: str, token: str) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            collector.http + path,
+            data=urllib.parse.urlencode({"csrf_token": token}).encode(),
+            method="POST",
+            headers={"Accept": "application/json"},
+        )
+        try:
+            with opener.open(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    # no worker can requeue yet: 409 with a reason, and the record stays
+    finish(run_worker(collector.socket, failed=3, id_prefix="r"))
+    with opener.open(collector.http + "/queues/failed", timeout=10) as resp:
+        match = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode())
+    assert match is not None
+    token = match.group(1)
+    status, body = post("/queues/failed/r-1/retry", token)
+    assert status == 409
+    assert "requeue" in body["error"]
+    assert get_json(collector.http + "/queues/api/failed")["total"] == 3
+
+    assert post("/queues/failed/r-1/retry", "forged.token")[0] == 403
+
+    worker = run_worker(collector.socket, requeue_file=requeued)
     try:
         assert worker.stdout is not None
         assert json.loads(worker.stdout.readline())["flushed"] is True
+        status, body = post("/queues/failed/r-1/retry", token)
+        assert (status, body["ok"]) == (200, True)
+        assert requeued.read_text().split() == ["r-1"]
         page = get_json(collector.http + "/queues/api/failed")
-        assert page["total"] == 3
-        req = urllib.request.Request(
-            collector.http + "/queues/failed/r-1/retry",
-            method="POST",
-            headers={"Accept": "application/json", "X-CSRF-Token": "x"},
-        )
-        # without a valid CSRF token: 403 and nothing happens
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(req, timeout=10)
-        assert err.value.code == 403
-        assert get_json(collector.http + "/queues/api/failed")["total"] == 3
+        assert page["total"] == 2
+        assert "r-1" not in {j["id"] for j in page["jobs"]}
+        assert totals(collector)["retried"] == 1
+        assert post("/queues/failed/r-1/retry", token)[0] == 404
     finally:
-        assert worker.stdin is not None
-        worker.stdin.close()
-        worker.wait(timeout=30)
+        worker.communicate(input="", timeout=30)

@@ -127,6 +127,4 @@ def run_worker(socket: str, **kw: Any) -> subprocess.Popen[str]:
     env = dict(os.environ)
     tests_dir = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = tests_dir + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=env
-    )
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=env)

@@ -56,7 +56,9 @@ def main() -> int:
         for _ in range(_share(args.processed, round_, n)):
             on_processed(q)
         for _ in range(_share(args.failed, round_, n)):
-            job = Job(id=f"{args.id_prefix}-{failed}", name="Task", payload={"i": failed}, attempts=1)
+            job = Job(
+                id=f"{args.id_prefix}-{failed}", name="Task", payload={"i": failed}, attempts=1
+            )
             client.on_failed(q, job, RuntimeError(f"boom {failed}"))
             failed += 1
         if args.pause and round_ < n - 1:
