@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run everything in this one process instead of a collector and worker processes",
     )
     demo.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the demo collector's data here (default: a temporary directory)",
+    )
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     return parser
 
@@ -176,14 +183,26 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from qdash_mp.demo import run_embedded
+    from qdash_mp.demo import run_embedded, run_multiprocess
 
     host, port = parse_http(args.http)
+    mode = "embedded, one process" if args.embedded else f"collector + {args.workers} workers"
 
     def ready(url: str) -> None:
-        print(f"qdash_mp demo: dashboard at {url}  (Ctrl-C to stop)", flush=True)
+        print(f"qdash_mp demo ({mode}): dashboard at {url}  (Ctrl-C to stop)", flush=True)
 
-    asyncio.run(run_embedded(host, port, workers=args.workers, duration=args.duration, ready=ready))
+    if args.embedded:
+        demo = run_embedded(host, port, workers=args.workers, duration=args.duration, ready=ready)
+    else:
+        demo = run_multiprocess(
+            host,
+            port,
+            workers=args.workers,
+            duration=args.duration,
+            data_dir=args.data_dir,
+            ready=ready,
+        )
+    asyncio.run(demo)
     return 0
 
 
