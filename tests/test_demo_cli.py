@@ -47,7 +47,7 @@ def test_demo_serves_live_traffic_and_stops_cleanly(embedded: bool) -> None:
             assert "Queue Overview" in resp.read().decode()
     finally:
         proc.send_signal(2)  # Ctrl-C
-        out, _ = proc.communicate(timeout=30)
+        proc.communicate(timeout=30)
     assert proc.returncode == 0
 
 
