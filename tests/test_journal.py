@@ -1058,6 +1058,54 @@ def test_retention_by_age(jdir: Path, caplog: pytest.LogCaptureFixture) -> None:
         assert j.recovery.pruned == 1
 
 
+def test_retention_skips_jobs_already_gone_in_the_staged_state(jdir: Path) -> None:
+    with open_j(jdir, max_jobs=3) as j:
+        for i in range(3):
+            j.stage_failed(fj(i))
+        j.commit()
+        j.stage_failed(fj(0, error="again"))  # supersedes the oldest: nothing to prune
+        j.stage_failed(fj(3))  # one too many: the oldest live one is job-1, not job-0
+        j.commit()
+        assert ids_of(j) == ["job-3", "job-0", "job-2"]
+        j.stage_removed("job-2", "forgotten")
+        j.stage_failed(fj(4))
+        j.stage_failed(fj(5))  # prunes job-0 (job-2 is already going)
+        j.commit()
+        assert ids_of(j) == ["job-5", "job-4", "job-3"]
+        assert j.pruned_total == 2
+
+
+def test_staging_while_a_commit_is_in_flight(jdir: Path) -> None:
+    io = CountingIO()
+    j = open_j(jdir, io=io, max_jobs=4)
+    for i in range(3):
+        j.stage_failed(fj(i))
+    j.commit()
+    io.gate = threading.Event()
+    io.entered.clear()
+    j.stage_failed(fj(3))
+    committer = threading.Thread(target=j.commit)
+    committer.start()
+    assert io.entered.wait(10)  # job-3 is written, its fsync is held
+    j.stage_failed(fj(4))  # five jobs: job-0 is pruned behind the in-flight commit
+    j.stage_removed("job-3", "forgotten")  # in flight counts as there
+    with pytest.raises(NotFound):
+        j.stage_removed("job-3", "forgotten")
+    j.stage_flush()
+    j.stage_failed(fj(5))
+    io.gate.set()
+    committer.join(10)
+    assert ids_of(j) == ["job-3", "job-2", "job-1", "job-0"]
+    with pytest.raises(NotFound):  # the staged flush still counts
+        j.stage_removed("job-1", "forgotten")
+    j.stage_removed("job-5", "retried")
+    j.stage_failed(fj(6))
+    j.commit()
+    assert ids_of(j) == ["job-6"]
+    assert j.pruned_total == 1
+    j.close()
+
+
 def test_age_pruning_stops_at_the_first_young_job(jdir: Path) -> None:
     clock = Clock(T0 + 100)
     with open_j(jdir, clock=clock, max_age=50) as j:
