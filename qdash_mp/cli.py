@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="callable the daemon uses to re-enqueue retried jobs (instead of a worker's)",
     )
     col.add_argument(
+        "--max-failed-jobs",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="keep at most N failed jobs; the oldest are pruned first (default %(default)s)",
+    )
+    col.add_argument(
+        "--max-failed-age",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="prune failed jobs older than this many days (default %(default)g)",
+    )
+    col.add_argument(
         "--salvage",
         action="store_true",
         help="open a journal with corruption by keeping every record that verifies",
@@ -136,6 +150,8 @@ def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
         allow_gids=frozenset(args.allow_gid),
         requeue=args.requeue,
         salvage=args.salvage,
+        max_failed_jobs=args.max_failed_jobs,
+        max_failed_age=args.max_failed_age * 86400.0,
     )
 
 

@@ -30,7 +30,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,9 @@ REQUEUE_TIMEOUT = 30.0
 """Seconds a worker has to answer a REQUEUE."""
 
 READ_SIZE = 256 * 1024
+
+STOP_TIMEOUT = 5.0
+"""Seconds a stopping collector waits for in-flight batches to be answered."""
 
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1 << 20
@@ -183,6 +186,7 @@ class Collector:
         self._lock_fd: int | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._request_ids = itertools.count(1)
         self._rr = itertools.count()
         self._retrying: set[str] = set()
@@ -200,7 +204,11 @@ class Collector:
         try:
             self._clear_stale_socket()
             journal = await asyncio.to_thread(
-                Journal.open, s.data_dir / "journal", salvage=s.salvage
+                Journal.open,
+                s.data_dir / "journal",
+                salvage=s.salvage,
+                max_jobs=s.max_failed_jobs,
+                max_age=s.max_failed_age,
             )
             try:
                 stats = SharedStats.create_or_attach(s.shm)
@@ -212,6 +220,7 @@ class Collector:
             if s.http_enabled:
                 await self._serve_http()
             self._write_state()
+            self._spawn(self._maintenance(), "qdash_mp.maintenance")
         except BaseException:
             await self._close_resources(clean=False)
             raise
@@ -222,6 +231,28 @@ class Collector:
             s.shm,
             len(self.live.journal),
         )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _maintenance(self) -> None:
+        """Now and then: expire old failed jobs and compact the journal (off the loop)."""
+        while True:
+            await asyncio.sleep(self.settings.maintenance_interval)
+            live = self.live
+            try:
+                if live.journal.enforce_retention():
+                    await live.group.commit()
+                if await asyncio.to_thread(live.journal.maybe_compact):
+                    log.info(
+                        "journal compacted: %d live bytes in %d bytes",
+                        live.journal.live_bytes,
+                        live.journal.total_bytes,
+                    )
+            except JournalError as exc:
+                log.error("journal maintenance failed (will try again): %s", exc)
 
     @property
     def live(self) -> _Live:
@@ -331,20 +362,25 @@ class Collector:
         # Answer in-flight batches: wait for the acks owed, then close every connection.
         conns = list(self._conns)
         if conns:
-            await asyncio.wait(
-                [asyncio.create_task(c.caught_up.wait()) for c in conns], timeout=5.0
-            )
+            waits = [asyncio.create_task(c.caught_up.wait()) for c in conns]
+            await asyncio.wait(waits, timeout=STOP_TIMEOUT)
+            for w in waits:
+                w.cancel()
         for conn in conns:
             await self._close_with(conn, ErrorCode.SHUTDOWN, "collector is shutting down")
             conn.writer.close()
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
             for task in pending:
                 task.cancel()
         await self._close_resources(clean=True)
         log.info("collector stopped")
 
     async def _close_resources(self, *, clean: bool) -> None:
+        for task in list(self._background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for conn in list(self._conns):
             conn.writer.close()
         if self._server is not None:

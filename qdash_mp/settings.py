@@ -56,7 +56,10 @@ class CollectorSettings:
     """Everything the collector daemon is configured with.
 
     ``socket_path`` defaults to ``<data_dir>/collector.sock``; ``shm_name`` to a name derived
-    from the absolute data dir, so a restarted collector finds its segment again.
+    from the absolute data dir, so a restarted collector finds its segment again. Failed jobs
+    are kept up to ``max_failed_jobs`` and ``max_failed_age`` seconds (oldest pruned first,
+    counted and logged); every ``maintenance_interval`` seconds the collector applies the age
+    limit and compacts the journal when dead records dominate.
     """
 
     data_dir: Path = DEFAULT_DATA_DIR
@@ -70,6 +73,9 @@ class CollectorSettings:
     requeue: str | None = None
     shm_name: str | None = None
     salvage: bool = False
+    max_failed_jobs: int = 1_000_000
+    max_failed_age: float = 30 * 86400.0
+    maintenance_interval: float = 30.0
 
     @property
     def socket(self) -> Path:
