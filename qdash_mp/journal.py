@@ -40,9 +40,7 @@ kept (resynchronising on the next record that verifies), the skipped ranges are 
 ``recovery.skipped``, the damaged segments are copied to ``.corrupt-`` side files and the
 journal is compacted so that it opens cleanly afterwards.
 
-Index. One slot per committed FAILED record in append order, in parallel compact arrays
-(nothing else of a job is held in memory: an age check reads the oldest record's
-``failed_at`` from disk)::
+Index. One slot per committed FAILED record in append order, in parallel compact arrays::
 
     _ids    list[str | None]   job id (None once dead)
     _alive  bytearray          1 = live
@@ -51,16 +49,23 @@ Index. One slot per committed FAILED record in append order, in parallel compact
     _blocks array('i')         live slots per block of 1024 slots
     _pos    dict[str, int]     job id -> slot
 
-A removal only clears ``_alive`` and decrements its block's count; when dead slots outnumber
-live ones the arrays are compacted in C-speed passes (``itertools.compress``) and ``_pos`` is
-rebuilt, so removals are O(1) amortised. ``page(offset, limit)`` walks the block counts from
-the newest end to the block holding the offset-th newest live slot (O(n / 1024) integer
-additions, ~1000 at a million jobs) and then collects ``limit`` slots with
-``bytearray.rfind`` -- deep pages cost the same as the first. Queue, name, attempts and the
-error are not held in memory: a page reads its (at most ``limit``) records with ``pread``
-from the page cache and verifies them again, which keeps the index at ~180 bytes per job
-whatever the error texts are. ``page`` rows carry the error cut to ``ERROR_PREVIEW``
-characters; ``get`` returns the whole record.
+Why this shape: list pages need newest-first access by offset, lookups and removals need
+an id -> record map, and both must stay cheap at a million jobs. An insertion-ordered dict
+alone gives O(offset) deep pages; a sorted structure costs a Python-level O(log n) per
+insert. An append-only slot array with tombstones keeps appends and removals O(1) (a
+removal clears ``_alive`` and decrements its block's count) and makes page lookups cheap:
+``page(offset, limit)`` walks the block counts from the newest end to the block holding the
+offset-th newest live slot (O(n / 1024) integer additions, ~1000 at a million jobs), then
+collects ``limit`` slots with C-speed ``bytearray.rfind`` -- deep pages cost the same as
+the first. When dead slots outnumber live ones the arrays are squeezed in C-speed passes
+(``itertools.compress``) and ``_pos`` rebuilt, so tombstones cost O(1) amortised.
+
+Nothing else of a job is held in memory: queue, name, attempts, error and failed_at are
+read from disk (page cache) when needed -- a page reads its ``limit`` records with
+``pread`` and verifies them again, an age check reads the oldest record. That keeps the
+index at ~170 bytes per job (mostly the id string and its dict entry) whatever the error
+texts are, where an in-memory error preview alone would cost up to ~170 more. ``page``
+rows carry the error cut to ``ERROR_PREVIEW`` characters; ``get`` returns the whole record.
 
 Compaction. When dead bytes (removed, superseded, flushed, pruned records, markers) exceed
 live bytes and ``compact_min_bytes``, ``maybe_compact`` rewrites the live set: start a new
@@ -72,12 +77,19 @@ before it, so a crash before the rename leaves the old state (the temp file is d
 open) and a crash after it the new one (leftover replaced segments are deleted on open):
 never a mix. Commits carry on into the new active segment while the copy runs.
 
-Retention. At most ``max_jobs`` failed jobs, none older than ``max_age`` seconds
-(``failed_at`` against ``clock()``): beyond that the oldest (in journal order) are pruned
-with REMOVED records staged behind the failure that caused it, checked on every
-``stage_failed``, on ``enforce_retention()`` and on open. Age is checked from the oldest
-job forward and stops at the first one still young. Pruned jobs are counted in
-``pruned_total`` and logged once per commit.
+Retention. At most ``max_jobs`` failed jobs (default 1,000,000), none older than
+``max_age`` seconds (default 30 days; ``failed_at`` against ``clock()``): beyond that the
+oldest, in journal order, are pruned with REMOVED records staged right behind the failure
+that pushed them out, so they become durable with it. ``stage_failed`` checks the count
+every time and the age at most once a second; ``enforce_retention()`` checks both now, and
+``open`` does too. Age is checked from the oldest job forward and stops at the first one
+still young. Pruned jobs are counted in ``pruned_total`` (this Journal, since open) and
+logged once per commit that pruned any.
+
+Threads. Staging (``stage_*``) and reading (``page``, ``get``) may run on the event loop
+thread while ``commit`` runs in a worker thread: one lock guards the staged buffer and the
+index, and ``commit`` holds it only to swap the buffer out and to apply what it wrote,
+never while writing or syncing. Commits are serialised by a second lock.
 """
 
 from __future__ import annotations
@@ -136,6 +148,7 @@ __all__ = [
     "ERROR_PREVIEW",
     "COMPACTION_STEPS",
     "Cut",
+    "FailedRow",
     "FileIO",
     "GroupCommit",
     "Journal",
@@ -155,7 +168,7 @@ ERROR_PREVIEW: Final = 120
 """Characters of the error text a ``page`` row carries."""
 COMPACTION_STEPS: Final = ("prepare", "write", "rename", "install", "delete")
 
-_SEG_NAME: Final = re.compile(r"^(\d{10})\.(\d{4})\.seg$")
+_SEG_NAME: Final = re.compile(r"^(\d{10,})\.(\d{4,})\.seg$")
 _LOC_SHIFT: Final = 40
 _LOC_MASK: Final = (1 << _LOC_SHIFT) - 1
 _BLOCK_SHIFT: Final = 10
@@ -171,6 +184,8 @@ _FAILED: Final = int(RecordType.FAILED)
 _REMOVED: Final = int(RecordType.REMOVED)
 _FLUSHED: Final = int(RecordType.FLUSHED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
+FailedRow = tuple[str, str, bytes, int, float | None, str, str, str, float]
+"""A failed job as ``stage_failed_rows`` takes it: the wire FAILED array, payload as bytes."""
 _GONE: Final[Op] = (0, "", 0, None)
 """``_p_ids`` value of an id whose staged removal makes it dead in the pending state."""
 
@@ -292,10 +307,9 @@ def _unpack_payload(data: bytes) -> Any:
 class Journal:
     """The persistent failed-job store (see the module docstring for the guarantees).
 
-    Staging (``stage_*``) and reading (``page``, ``get``) may run on the event loop thread
-    while ``commit`` runs in a worker thread; one lock guards the staged buffer and the
-    index, and ``commit`` holds it only to swap the buffer out and to apply the written
-    records, never while writing or syncing.
+    Keyed by job id: ``FailedJob.id`` is stored, and ``get`` rebuilds the ``Job`` with that
+    id (the wire carries only the job id). Not a ``FailedJobs`` by itself: the collector
+    wraps it (retry goes through a worker, and removal is staged then committed).
     """
 
     recovery: RecoveryReport
@@ -315,7 +329,7 @@ class Journal:
         compact_min_bytes: int,
         io: FileIO,
     ) -> None:
-        """Use ``Journal.open``; this only sets up an empty, closed-over state."""
+        """Use ``Journal.open``: this only sets up empty state, without touching files."""
         self.directory = directory
         self.recovery = RecoveryReport()
         self.client_seqs = {}
@@ -722,7 +736,12 @@ class Journal:
         traceback: str,
         failed_at: float,
     ) -> None:
-        """``stage_failed`` from the wire FAILED fields, without building a ``FailedJob``."""
+        """``stage_failed`` from the wire FAILED fields, without building a ``FailedJob``.
+
+        ``payload_raw`` is the msgpack encoding of the payload (stored verbatim);
+        ``failed_at`` and ``enqueued_at`` are Unix seconds. ``JournalError`` if a field has
+        the wrong type or the record is too big; then nothing is staged.
+        """
         try:
             if type(failed_at) is not float:
                 failed_at = float(failed_at)
@@ -755,6 +774,58 @@ class Journal:
             self._p_queue.append(op)
             if self._p_len > self._max_jobs:
                 self._prune_count()
+            now = self._clock()
+            if now >= self._next_age_check:
+                self._next_age_check = now + _AGE_CHECK_EVERY
+                self._prune_age(now)
+
+    def stage_failed_rows(self, rows: Iterable[FailedRow]) -> None:
+        """Stage many failures at once (e.g. the FAILED arrays of one BATCH frame).
+
+        Each row is the wire FAILED array with the payload as its msgpack bytes:
+        ``(id, name, payload_raw, attempts, enqueued_at, queue, error, traceback,
+        failed_at)``. All or nothing: if one row cannot be encoded, ``JournalError`` and
+        none is staged. Cheaper per record than ``stage_failed_fields`` (one lock, one
+        retention check).
+        """
+        encoded: list[tuple[str, bytes, bytes, float]] = []
+        for row in rows:
+            id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, fat = row
+            try:
+                if type(fat) is not float:
+                    fat = float(fat)
+                if enqueued_at is not None and type(enqueued_at) is not float:
+                    enqueued_at = float(enqueued_at)
+                if type(payload_raw) is not bytes:
+                    payload_raw = bytes(memoryview(payload_raw))
+                payload = encode_failed(
+                    id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, fat
+                )
+                encoded.append((id, record_header(_FAILED, payload), payload, fat))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
+        with self._lock:
+            self._check_open()
+            buf = self._buf
+            ops = self._ops
+            touched = self._p_ids
+            queue_ = self._p_queue
+            pos = self._pos
+            for id, header, payload, fat in encoded:
+                buf += header
+                buf += payload
+                op = (_FAILED, id, len(header) + len(payload), fat)
+                ops.append(op)
+                prev = touched.get(id)
+                if prev is None:
+                    if self._p_flushed or id not in pos:
+                        self._p_len += 1
+                elif prev is _GONE:
+                    self._p_len += 1
+                touched[id] = op
+                queue_.append(op)
+                if self._p_len > self._max_jobs:
+                    self._prune_count()
             now = self._clock()
             if now >= self._next_age_check:
                 self._next_age_check = now + _AGE_CHECK_EVERY
@@ -1258,7 +1329,7 @@ class Journal:
         dead = self._total_bytes - self._live_bytes
         if dead <= self._live_bytes or dead < self._compact_min:
             return False
-        if self._compacting:
+        if self._compact_lock.locked():  # one is running already
             return False
         self.compact()
         return True

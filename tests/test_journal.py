@@ -232,6 +232,30 @@ def test_unencodable_failures_are_refused_and_nothing_is_staged(
         assert j.staged == 0
 
 
+def test_stage_failed_rows_is_all_or_nothing(jdir: Path) -> None:
+    raw = msgpack.packb({"k": [1, 2]})
+    good = ("a", "t", raw, 1, None, "q", "e", "", T0)
+    bad = ("b", "t", raw, "one", None, "q", "e", "", T0)
+    with open_j(jdir, max_jobs=2) as j:
+        with pytest.raises(JournalError, match="'b'"):
+            j.stage_failed_rows([good, bad])
+        assert j.staged == 0
+        later = ("b", "t2", raw, 2, T0 - 1, "q2", "e2", "tb", T0 + 1)
+        j.stage_failed_rows([good, later, ("c", "t", b"\xc0", 0, None, "q", "e", "", T0 + 2)])
+        j.commit()
+        assert ids_of(j) == ["c", "b"]  # max_jobs=2: "a" was pruned
+        failed, stored = j.get_raw("b")
+        assert stored == raw
+        assert failed == FailedJob(
+            id="b",
+            queue="q2",
+            job=Job(id="b", name="t2", payload={"k": [1, 2]}, attempts=2, enqueued_at=T0 - 1),
+            error="e2",
+            failed_at=datetime.fromtimestamp(T0 + 1, UTC),
+            traceback="tb",
+        )
+
+
 def test_oversized_record_is_refused(jdir: Path) -> None:
     with open_j(jdir) as j:
         with pytest.raises(JournalError, match="exceeds"):
