@@ -538,7 +538,17 @@ class Collector:
             raise _Refused(ErrorCode.HANDSHAKE, f"{type(msg).__name__} is not a client message")
 
     def _last_seq(self, client_id: str) -> int:
-        return self.live.stats.client_seq(client_id)
+        """The WELCOME seq: every batch up to it is applied *and* its failed jobs are durable.
+
+        Counters are applied (shared memory) as a batch arrives, its failed jobs become
+        durable only at the next journal commit; a crash in between leaves the shared-memory
+        seq ahead of the journal's. The client must then resend from the journal's seq (the
+        counters of the resent batches are skipped by the shared-memory seq). The journal
+        only records seqs of batches that carried failed jobs, so a client that never failed
+        anything is told 0 and resends what it holds unacknowledged, which costs nothing.
+        """
+        live = self.live
+        return min(live.stats.client_seq(client_id), live.journal.client_seqs.get(client_id, 0))
 
     def _on_batch(self, conn: _Conn, client_id: str, batch: Batch) -> None:
         """Apply a batch exactly once, stage its failed jobs, and owe the client an ACK.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.cookiejar
 import json
+import random
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -28,8 +30,9 @@ from typing import Any
 
 import msgpack
 import pytest
-from qdash_testing.collector import CollectorProc, run_worker, short_dir, wait_for
+from qdash_testing.collector import CollectorProc, run_module, run_worker, short_dir, wait_for
 
+from qdash_mp.journal import Journal
 from qdash_mp.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -447,3 +450,39 @@ def test_retry_goes_back_to_a_worker_and_leaves_the_journal(
         assert post("/queues/failed/r-1/retry", token)[0] == 404
     finally:
         worker.communicate(input="", timeout=30)
+
+
+def test_sigkill_at_random_moments_loses_no_acknowledged_failed_job(data_dir: Path) -> None:
+    """≥ 20 crashes while a worker keeps failing jobs: every acknowledged job is kept, once."""
+    rng = random.Random(20261128)
+    c = CollectorProc(data_dir).start()
+    failer = run_module("qdash_testing.failer", socket=c.socket, group=25)
+    lines: list[str] = []
+    assert failer.stdout is not None
+    out = failer.stdout
+    reader = threading.Thread(target=lambda: lines.extend(iter(out.readline, "")))
+    reader.start()
+    try:
+        for _ in range(22):
+            time.sleep(rng.uniform(0.05, 0.3))
+            c.kill()
+            c.start()
+        time.sleep(0.3)
+    finally:
+        assert failer.stdin is not None
+        failer.stdin.close()
+        failer.wait(timeout=120)
+        reader.join(timeout=30)
+        failer.stdout.close()
+    acked = max(int(line.split()[1]) for line in lines if line.startswith("acked"))
+    assert lines[-1].startswith("acked"), lines[-3:]  # the final flush got through too
+    assert acked > 100
+    assert c.stop() == 0
+    journal = Journal.open(data_dir / "journal")
+    try:
+        ids = [row.id for row in journal.page(0, len(journal) + 1)]
+    finally:
+        journal.close()
+    assert len(ids) == len(set(ids))  # exactly once
+    assert set(ids) == {f"f-{i}" for i in range(acked)}
+    c.cleanup()

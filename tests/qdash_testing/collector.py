@@ -120,7 +120,12 @@ class CollectorProc:
 
 def run_worker(socket: str, **kw: Any) -> subprocess.Popen[str]:
     """Start ``qdash_testing.worker`` with ``--key value`` for each keyword (``True``: a flag)."""
-    argv = [sys.executable, "-m", "qdash_testing.worker", "--socket", socket]
+    return run_module("qdash_testing.worker", socket=socket, **kw)
+
+
+def run_module(module: str, **kw: Any) -> subprocess.Popen[str]:
+    """Start ``python -m module`` with ``--key value`` for each keyword (``True``: a flag)."""
+    argv = [sys.executable, "-m", module]
     for key, value in kw.items():
         flag = f"--{key.replace('_', '-')}"
         argv += [flag] if value is True else [flag, str(value)]
