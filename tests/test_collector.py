@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import http.cookiejar
 import json
-import random
 import os
+import random
 import re
 import shutil
 import socket
