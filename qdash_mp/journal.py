@@ -505,6 +505,7 @@ class Journal:
             last = nxt is None
             if self._scan(seg, header, limit, last, salvage):
                 damaged.append(seg)
+            self._maybe_rebuild()  # keep replayed tombstones from piling up
             if limit < seg.end:
                 with self._map(seg) as buf:
                     self._cut(seg, buf, limit, "bytes of a commit that failed before it")

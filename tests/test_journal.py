@@ -1254,10 +1254,12 @@ _CHILD = textwrap.dedent(
     path, cycle = Path(sys.argv[1]), int(sys.argv[2])
     rng = random.Random(cycle)
     out = sys.stdout
-    j = Journal.open(path)
+    j = Journal.open(path, segment_bytes=8192, compact_min_bytes=0)
     acked = []
     n = 0
     while True:
+        if rng.random() < 0.05:
+            j.compact()  # so that some kills land mid-compaction
         if acked and rng.random() < 0.3:
             victim = acked.pop(rng.randrange(len(acked)))
             out.write(f"F {victim}\\n")
