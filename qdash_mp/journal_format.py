@@ -9,12 +9,12 @@ Segment file
 ------------
 
 A journal is a directory of *segment* files named ``NNNNNNNNNN.GGGG.seg`` (segment number
-``N`` and generation ``G``, zero-padded decimal). A segment is a sequence of records; the
-first record is always a ``SEGMENT`` header, and records are grouped into *batches*, each
-closed by a ``COMMIT`` record. One batch is what one ``Journal.commit()`` wrote with one
-write and made durable with one fsync, so a batch is all-or-nothing on recovery: records
-after the last ``COMMIT`` of the last segment were never acknowledged and are cut as a torn
-tail, however whole they look.
+``N`` and generation ``G``, decimal, zero-padded to at least 10 and 4 digits). A segment is
+a sequence of records; the first record is always a ``SEGMENT`` header, and records are
+grouped into *batches*, each closed by a ``COMMIT`` record. One batch is what one
+``Journal.commit()`` wrote with one write and made durable with one fsync, so a batch is
+all-or-nothing on recovery: records after the last ``COMMIT`` of the last segment were
+never acknowledged and are cut as a torn tail, however whole they look.
 
 Record framing (all integers little-endian)::
 
@@ -24,6 +24,11 @@ Record framing (all integers little-endian)::
     4       4     length   uint32 N, bytes of payload (at most MAX_PAYLOAD)
     8       1     type     uint8, one of RecordType
     9       N     payload  type-specific, below
+
+For example, the COMMIT record closing a batch of 2 records that began at offset 61::
+
+    c6 d3 24 1c   0c 00 00 00   02     3d 00 00 00 00 00 00 00   02 00 00 00
+    crc           length = 12   COMMIT batch start = 61            count = 2
 
 The checksum covers the length and the type as well as the payload, so a flipped length or
 type is caught like a flipped payload byte. A record is accepted only if the checksum
