@@ -6,24 +6,27 @@ but in one POSIX shared-memory block, so the dashboard, ``qdash-mp stats`` or a 
 exporter in any local process can read the counters without asking the daemon, and a
 collector restarted after ``kill -9`` reattaches and counts on from where it stopped.
 
+The block also holds the collector's dedup table: for each client, the seq of the last batch
+applied. A batch's counters and its client's seq change in one write section and one redo-log
+commit, so after any crash either both or neither are there, and a batch the client resends
+because it was never acknowledged is counted exactly once.
+
 ``SharedStats`` is the writer (only the collector creates one); ``SharedStatsReader`` is a
-reader. Both produce the same ``StatsView`` as ``Stats.snapshot()``. The block also keeps,
-for each collector client, the seq of the last batch applied, changed together with that
-batch's counters, so a batch resent after a crash is recognised and not counted twice.
+reader. Both produce the same ``StatsView`` as ``Stats.snapshot()``.
 
 Block layout
 ============
 
 Every integer is a signed 64-bit slot in native byte order (little-endian on x86-64 and
-arm64), 8-byte aligned; ``R`` is the ring size (``window + 1``), ``C`` the capacity (queues
-this block can hold), ``K`` the client capacity and ``L = record_len(R) = 4 + 2R`` the record
-size in slots::
+arm64), 8-byte aligned. ``R`` is the ring size (``window + 1``), ``C`` the capacity in queues,
+``K`` the capacity in clients, ``L = record_len(R) = 4 + 2R`` the record size in slots and
+``W = max(L, 67)`` the redo-log payload size in slots (a client entry is 67 slots)::
 
     offset (bytes)          size      field
     ----------------------  --------  ---------------------------------------------------------
     header (16 slots, 128 bytes)
     0                       8         magic, the bytes b"QDASHSHM"
-    8                       8         layout version, 1
+    8                       8         layout version, 2
     16                      8         R, throughput ring slots (window + 1 seconds)
     24                      8         C, capacity in queues
     32                      8         queue count N (N <= C); entries 0..N-1 are in use
@@ -46,19 +49,22 @@ size in slots::
     records (C records of 8L bytes)
     D = 128 + 256 C
     D + 8L i                8L        queue i's record, exactly the ``qdash_mp.stats`` layout
-    clients (K entries of 256 bytes)
+    clients (K entries of 536 bytes)
     E = D + 8L C
-    E + 256 j               8         byte length n of client j's id (0 <= n <= 232)
-    E + 256 j + 8           8         seq of the last batch of client j applied
-    E + 256 j + 16          8         Unix second that batch was applied
-    E + 256 j + 24          232       the client id, UTF-8, n bytes used, the rest zero
-    redo log (C + 1 entries of 8(L+1) bytes)
-    G = E + 256 K
-    G + 8(L+1) k            8         i >= 0: record index the entry belongs to;
-                                      i < 0: client entry -1 - i
-    G + 8(L+1) k + 8        8L        record: the new content of record i;
-                                      client: its new seq and second (2 slots, rest unused)
-    total size: G + 8(L+1)(C + 1)
+    E + 536 j               8         byte length n of client j's id (1 <= n <= 512)
+    E + 536 j + 8           8         seq of the last batch of client j applied
+    E + 536 j + 16          8         Unix second that batch was applied (its last update)
+    E + 536 j + 24          512       the client id, UTF-8, n bytes used, the rest zero
+    redo log (C + 1 entries of 8(W+1) bytes)
+    G = E + 536 K
+    G + 8(W+1) k            8         t >= 0: this entry is the new content of record t;
+                                      t < 0: the new content of client entry j = -1 - t
+    G + 8(W+1) k + 8        8W        record: its L slots; client: its 67 slots (536 bytes,
+                                      laid out as above); the rest of the W slots unused
+    total size: G + 8(W+1)(C + 1)
+
+Layout version 1 (before the client table) is not read: a reader refuses it
+(``ShmIncompatible``), a writer replaces it (logged: counters restart from 0).
 
 Generation ``g`` lives in the segment ``NAME`` (g = 0) or ``NAME-g<g>``. Segments are created
 owner-only (0600) and fully reserved up front (``posix_fallocate``), so a full ``/dev/shm``
@@ -71,27 +77,35 @@ longer than 248 bytes is stored shortened: its longest prefix of whole character
 (``stored_queue_name`` computes it). Shortened names stay unique (barring a 64-bit hash
 collision); every snapshot, the writer's included, shows the stored form; a queue is
 identified by its stored form, so a short name spelled exactly like another name's shortened
-form shares its counters. Client ids (at most 232 bytes before they are shortened the same
-way) are only read by the writer.
+form shares its counters.
 
-Clients. The entry of a client is found by its id; the table holds K clients and, when full,
-a new client takes the entry of the one whose last batch is oldest, if that is older than
-``client_ttl`` (a day by default), or else the table grows. Forgetting a client is harmless
-unless it still has a batch that was applied but never acknowledged, which would need it to
-stay away for longer than ``client_ttl`` while the table fills up.
+Clients. A client id is 1 to 128 characters (``CLIENT_ID_MAX``, the wire protocol's limit),
+so its UTF-8 (``surrogatepass``) takes at most 512 bytes and is stored whole: lookups are exact
+string matches, never a hash. Only the writer reads the entries; it mirrors them in a dict
+(id to entry and seq), rebuilt on attach, so ``client_seq`` costs a dict lookup.
+
+When a new client comes and all K entries are taken, it gets the entry of the least recently
+updated client if that one's last batch is at least ``client_ttl`` seconds old (10 minutes by
+default; logged at INFO); otherwise the table grows (see Growth) rather than forget a client
+heard from recently. Forgetting a client is exact unless it later resends a batch that was
+applied but not acknowledged: that batch would be counted twice. A client resends as soon as
+it reconnects (its backoff is capped at a second by default), so that takes a client cut off
+from a running collector for longer than ``client_ttl`` while more than K other clients sent
+batches. ``DEFAULT_CLIENT_CAPACITY`` (4096) and the TTL are sized so that this does not happen;
+a table that churns through more clients than that simply grows.
 
 Concurrency
 ===========
 
 Seqlock. The writer makes every change inside a *write section*: it bumps the sequence to odd,
 writes, and bumps it back to even. ``apply_batch`` applies a whole client batch (new directory
-entries, count, every record it touches) in one section. A reader reads the sequence, copies
-the part of the block it needs (the records of the N queues, and the directory entries it has
-not decoded yet; plain ``bytes`` copies, which may tear individual values), reads the
-sequence again, and keeps the copy only if both readings are the same even number; otherwise
-it retries: at once for 0.5 ms (a write section takes microseconds), then sleeping from
-50 µs to 1 ms between attempts, until ``timeout``; then it raises ``ShmBusy`` (saying so when
-the writer died in the middle of a section). Readers never write.
+entries, count, every record it touches, the client's seq) in one section. A reader reads the
+sequence, copies the part of the block it needs (the records of the N queues, and the
+directory entries it has not decoded yet; plain ``bytes`` copies, which may tear individual
+values), reads the sequence again, and keeps the copy only if both readings are the same even
+number; otherwise it retries: at once for 0.5 ms (a write section takes microseconds), then
+sleeping from 50 µs to 1 ms between attempts, until ``timeout``; then it raises ``ShmBusy``
+(saying so when the writer died in the middle of a section). Readers never write.
 
 Memory ordering. Slots are written through ``memoryview.cast("q")`` item assignment, which
 CPython performs as one aligned 8-byte store, in program order: the interpreter's opaque
@@ -103,31 +117,61 @@ assumption as prometheus_client's multiprocess mmap files, which have no check a
 
 Crash safety (``kill -9`` of the collector). Segments outlive their writer (they are kept away
 from ``multiprocessing``'s resource tracker, which would unlink them when the process dies)
-and the next ``create_or_attach`` reattaches. Records are changed through a redo log inside
-the write section: each touched record is copied into the log, the deltas are applied there,
-the client's new seq is added as one more entry, the entry count is stored (the commit
-point), the log entries are copied over the records (and the client entry) and the count reset
-to 0. A writer that dies before the commit point changed no record and no seq (the batch was
-not acknowledged and will be resent); one that dies after it left a complete log, which the
-next writer replays. So a batch and its seq are applied entirely or not at all; the only trace
-of a batch cut short can be a new queue with all counters at 0, or a new client at seq 0.
-Reattaching also ends a write section left open (odd sequence), so readers can read again.
+and the next ``create_or_attach`` reattaches. Records and client entries are changed through a
+redo log inside the write section: each touched record is copied into the log and the deltas
+are applied there; the client's entry is copied in (or built, for a new client) with its new
+seq and second; then the entry count is stored (the commit point), the log entries are copied
+over the records and the client entry (counting a new entry into M) and the count is reset to
+0. A writer that dies before the commit point changed no record and no seq (the batch was not
+acknowledged and will be resent); one that dies after it left a complete log, which the next
+writer replays (replaying twice is harmless). So a batch's counters and seq are applied
+together or not at all; the only trace of a batch cut short can be a new queue with all
+counters at 0. Reattaching also ends a write section left open (odd sequence), so readers can
+read again.
 
 One writer. The writer holds an exclusive ``flock`` on the segment named NAME; a second
 ``create_or_attach`` of the same name fails with ``ShmLocked`` while the first is alive. The
 lock goes away with the process, so a restart after ``kill -9`` is not blocked.
 
 Growth. A block holds C queues (``DEFAULT_CAPACITY`` unless told) and K clients. When a batch
-brings more queues (or a client) than fit, the writer creates generation ``g + 1`` with at
-least twice the capacity that was short, copies the directory, records and clients, then in
-one write section each marks the old block superseded (``next = g + 1``) and points
-generation 0's ``next`` at it, and unlinks the old block unless it is generation 0 (which
-stays as the entry point). A reader that finds its
-block superseded reopens NAME and follows ``next``.
+brings more queues, or a client, than fit, the writer creates generation ``g + 1`` with twice
+the capacity that fell short (or more), copies the directory, records and client entries, then
+in one write section each marks the old block superseded (``next = g + 1``) and points
+generation 0's ``next`` at it, and unlinks the old block unless it is generation 0 (which stays
+as the entry point). A reader that finds its block superseded reopens NAME and follows
+``next``.
+
+Clean restarts: the snapshot file
+=================================
+
+On a clean shutdown the collector removes the segment (``unlink``), so it first ``save``\\ s
+the table to a file; ``create_or_attach(..., restore_from=path)`` loads that file when it has
+to create a new table, and ignores it (logging that it is stale) when a segment survived,
+which is then the newer state. The file is written to a temporary name, fsynced, renamed over
+``path`` and the directory fsynced, so ``path`` is always a whole snapshot, old or new::
+
+    offset  size  field
+    0       8     magic, the bytes b"QDASHSNP"
+    8       4     format version, 1 (big-endian unsigned)
+    12      4     CRC-32 (``zlib.crc32``) of the body (big-endian unsigned)
+    16      8     body length B (big-endian unsigned); the file is exactly 24 + B bytes
+    24      B     body: one msgpack map
+                    "window":   int, the throughput window in seconds (R - 1)
+                    "started":  int, Unix second the table began counting
+                    "saved_at": int, Unix second of the save
+                    "queues":   array of [name: bin (UTF-8, surrogatepass, the stored form),
+                                          record: array of L ints, the record as above]
+                    "clients":  array of [id: bin (UTF-8, surrogatepass), seq: int,
+                                          second: int], least recently updated first
+
+A file that does not verify (magic, version, length, CRC, structure, value ranges) or that was
+saved with another window is renamed to ``path + ".bad"`` with a warning, and the table starts
+empty. The file is left in place after a restore: deleting it is the caller's call.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -138,18 +182,26 @@ import operator
 import os
 import re
 import secrets
+import struct
 import sys
+import tempfile
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
+
+import msgpack
 
 from qdash_mp.errors import CollectorError, ConfigError, QdashError
 from qdash_mp.models import QueueStat, StatsView
+from qdash_mp.protocol import MAX_CLIENT_ID
 from qdash_mp.stats import (
     COUNTERS,
     DEFAULT_WINDOW,
@@ -169,6 +221,8 @@ __all__ = [
     "LAYOUT_VERSION",
     "MAGIC",
     "NAME_MAX",
+    "SNAPSHOT_MAGIC",
+    "SNAPSHOT_VERSION",
     "SharedStats",
     "SharedStatsReader",
     "ShmBusy",
@@ -185,20 +239,22 @@ log = logging.getLogger("qdash_mp.shm")
 _T = TypeVar("_T")
 
 MAGIC: Final = b"QDASHSHM"
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 HEADER_SIZE: Final = 128
 DIR_ENTRY_SIZE: Final = 256
 NAME_MAX: Final = DIR_ENTRY_SIZE - 8
 """Bytes of UTF-8 a queue name may take before it is stored shortened."""
 DEFAULT_CAPACITY: Final = 1024
-"""Queues the first block holds (about 2.6 MB with the default window); it grows beyond."""
-CLIENT_ENTRY_SIZE: Final = 256
-CLIENT_ID_MAX: Final = CLIENT_ENTRY_SIZE - 24
-"""Bytes of UTF-8 a client id may take before it is stored shortened."""
-DEFAULT_CLIENT_CAPACITY: Final = 1024
-"""Clients the first block holds; it grows beyond (or reuses the entries of old clients)."""
-DEFAULT_CLIENT_TTL: Final = 86400.0
+"""Queues the first block holds; it grows beyond."""
+CLIENT_ID_MAX: Final = MAX_CLIENT_ID
+"""Characters in a client id (its UTF-8 takes at most four times as many bytes)."""
+CLIENT_ENTRY_SIZE: Final = 24 + 4 * CLIENT_ID_MAX
+DEFAULT_CLIENT_CAPACITY: Final = 4096
+"""Clients the first block holds (2.2 MB); it grows beyond, or reuses idle clients' entries."""
+DEFAULT_CLIENT_TTL: Final = 600.0
 """Seconds since its last batch before a client's entry may be given to a new client."""
+SNAPSHOT_MAGIC: Final = b"QDASHSNP"
+SNAPSHOT_VERSION: Final = 1
 
 # Header slots (index into the int64 view of the block).
 _VERSION, _RING, _CAPACITY, _COUNT, _SEQ, _STARTED, _PID = 1, 2, 3, 4, 5, 6, 7
@@ -208,12 +264,26 @@ _CLIENT_CAP, _CLIENTS = 14, 15
 _LIVE, _SUPERSEDED, _CLOSED = 1, 2, 3
 
 _N = len(COUNTERS)
+_CS = CLIENT_ENTRY_SIZE // 8
+"""Slots in a client entry: id length, seq, second, then the id bytes."""
+_CLIENT_HEAD = struct.Struct("=3q")
 _HASH_CHARS = 16
 _ELLIPSIS = "…"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _SPIN_SECONDS = 0.0005
 """How long a reader retries at once (write sections take microseconds) before sleeping."""
 _PAUSE_MIN, _PAUSE_MAX = 5e-5, 1e-3
+_INT64 = range(-(2**63), 2**63)
+_SNAPSHOT_HEAD = struct.Struct(">8sIIQ")
+
+_fault_hook: Callable[[str], None] | None = None
+"""Test seam, None in production (where it costs one global lookup per point).
+
+When set, the writer calls it inside ``apply_batch``'s write section with ``"log"`` (the redo
+log is written, not committed), ``"commit"`` (committed, nothing copied back yet) and
+``"copy"`` (records copied back, the client entry not yet), so a test can kill the writer in
+each window.
+"""
 
 
 class ShmError(QdashError):
@@ -236,6 +306,10 @@ class ShmBusy(ShmError):
     """No consistent snapshot could be read in time."""
 
 
+class _BadSnapshot(ShmError):
+    """A snapshot file that does not verify (handled inside ``create_or_attach``)."""
+
+
 def segment_name(name: str, generation: int) -> str:
     """The segment holding ``generation`` of the table called ``name``."""
     return name if generation == 0 else f"{name}-g{generation}"
@@ -243,16 +317,15 @@ def segment_name(name: str, generation: int) -> str:
 
 def stored_queue_name(queue: str) -> str:
     """The name ``queue`` is stored and shown under (itself unless over ``NAME_MAX`` bytes)."""
-    return _stored(queue, NAME_MAX).decode("utf-8", "surrogatepass")
+    return _stored(queue).decode("utf-8", "surrogatepass")
 
 
-def _stored(text: str, limit: int) -> bytes:
-    """``text`` as UTF-8, shortened to ``limit`` bytes as the module docstring describes."""
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) <= limit:
+def _stored(queue: str) -> bytes:
+    raw = queue.encode("utf-8", "surrogatepass")
+    if len(raw) <= NAME_MAX:
         return raw
     suffix = (_ELLIPSIS + hashlib.sha256(raw).hexdigest()[:_HASH_CHARS]).encode()
-    end = limit - len(suffix)
+    end = NAME_MAX - len(suffix)
     while raw[end] & 0xC0 == 0x80:  # a continuation byte: the cut is inside a character
         end -= 1
     return raw[:end] + suffix
@@ -264,6 +337,12 @@ def _check_name(name: str) -> None:
         raise ConfigError(
             f"shared-memory name must be 1-200 characters from [A-Za-z0-9_.-], not {name!r}"
         )
+
+
+def _check_client_id(client_id: object) -> str:
+    if not isinstance(client_id, str) or not 1 <= len(client_id) <= CLIENT_ID_MAX:
+        raise ValueError(f"client id must be a str of 1..{CLIENT_ID_MAX} characters")
+    return client_id
 
 
 # --- segments -------------------------------------------------------------------------------
@@ -326,12 +405,12 @@ class _Layout:
         self.cli_slot = self.cli_at // 8
         log_at = self.cli_at + clients * CLIENT_ENTRY_SIZE
         self.log_slot = log_at // 8
-        self.log_slots = self.rec_slots + 1
+        self.log_slots = max(self.rec_slots, _CS) + 1
         self.size = log_at + (capacity + 1) * self.log_slots * 8
 
     def client_slot(self, j: int) -> int:
-        """Int64 slot of client entry ``j`` (its id length; seq and second follow)."""
-        return self.cli_slot + j * (CLIENT_ENTRY_SIZE // 8)
+        """Int64 slot of client entry ``j`` (its id length; seq, second and id follow)."""
+        return self.cli_slot + j * _CS
 
     @staticmethod
     def entry_at(i: int) -> int:
@@ -427,12 +506,19 @@ def _lock(name: str, pid: int = 0) -> int:
 
 
 def _create(
-    name: str, layout: _Layout, *, generation: int, started: int, incarnation: int
+    name: str,
+    layout: _Layout,
+    *,
+    generation: int,
+    started: int,
+    incarnation: int,
+    content: _Content | None = None,
 ) -> tuple[_Segment, int]:
     """Create, lock, reserve and initialize a block; returns it and the fd holding the lock.
 
-    The magic is written last, so a block whose creator died half-way has none; the lock is
-    taken before anything is written, so nobody mistakes a block being created for such a one.
+    ``content`` (a restored snapshot) is written into the block before it is published. The
+    magic is written last, so a block whose creator died half-way has none; the lock is taken
+    before anything is written, so nobody mistakes a block being created for such a one.
     """
     shm = _open_shm(name, create=True, size=layout.size)
     seg = _Segment(name, shm)
@@ -458,6 +544,10 @@ def _create(
         q[_NAME_MAX] = NAME_MAX
         q[_INCARNATION] = incarnation
         q[_CLIENT_CAP] = layout.clients
+        seg.layout = layout
+        seg.generation = generation
+        if content is not None:
+            _fill(seg, content)
         seg.buf[:8] = MAGIC
     except BaseException:
         if fd >= 0:
@@ -465,9 +555,25 @@ def _create(
         seg.close()
         _unlink(name)
         raise
-    seg.layout = layout
-    seg.generation = generation
     return seg, fd
+
+
+def _fill(seg: _Segment, content: _Content) -> None:
+    """Write a snapshot's queues and clients into a new, still unpublished block."""
+    q, buf, lay = seg.q, seg.buf, seg.layout
+    rs = lay.rec_slots
+    record = struct.Struct(f"={rs}q")
+    for i, (stored, values) in enumerate(content.queues):
+        at = _Layout.entry_at(i)
+        q[at // 8] = len(stored)
+        buf[at + 8 : at + 8 + len(stored)] = stored
+        record.pack_into(buf, lay.rec_at + 8 * rs * i, *values)
+    for j, (raw_id, seq, second) in enumerate(content.clients):
+        at = 8 * lay.client_slot(j)
+        _CLIENT_HEAD.pack_into(buf, at, len(raw_id), seq, second)
+        buf[at + 24 : at + 24 + len(raw_id)] = raw_id
+    q[_COUNT] = len(content.queues)
+    q[_CLIENTS] = len(content.clients)
 
 
 LinkReader = Callable[[_Segment], tuple[int, int]]
@@ -518,20 +624,28 @@ def _follow(name: str, base: _Segment, link: LinkReader) -> _Segment:
 
 def _retire(name: str, base: _Segment) -> None:
     """Remove a table we will not reattach: mark its blocks closed (readers leave), unlink."""
-    q = base.q
-    if bytes(base.buf[:8]) == MAGIC and q[_VERSION] == LAYOUT_VERSION:
-        newest = q[_NEXT]
+    if _ours(base):
+        newest = base.q[_NEXT]
         for gen in range(1, min(newest, 64) + 1):
             try:
                 seg = _attach(segment_name(name, gen))
             except (FileNotFoundError, ShmIncompatible):
                 continue
-            if seg.header_ok() is None:
+            if _ours(seg):
                 _close_block(seg)
             seg.close()
             _unlink(seg.name)
         _close_block(base)
     _unlink(name)
+
+
+def _ours(seg: _Segment) -> bool:
+    """A stats block of this or an older layout (their headers agree up to slot 13)."""
+    return (
+        len(seg.buf) >= HEADER_SIZE
+        and bytes(seg.buf[:8]) == MAGIC
+        and seg.q[_VERSION] in (1, LAYOUT_VERSION)
+    )
 
 
 def _close_block(seg: _Segment) -> None:
@@ -561,18 +675,24 @@ def _recover(seg: _Segment) -> None:
 
 
 def _replay(seg: _Segment, entries: int) -> None:
-    """Copy ``entries`` committed redo-log entries to their records and client entries."""
+    """Copy ``entries`` committed redo-log entries over their records and client entries.
+
+    Idempotent: replaying a log that was already (partly) copied back changes nothing more.
+    """
     q, lay = seg.q, seg.layout
-    rs, count, clients = lay.rec_slots, q[_COUNT], q[_CLIENTS]
+    rs, count = lay.rec_slots, q[_COUNT]
     for k in range(entries):
         e = lay.log_slot + k * lay.log_slots
-        idx = q[e]
-        if 0 <= idx < count:
-            r = lay.rec_slot + idx * rs
+        tag = q[e]
+        if 0 <= tag < count:
+            r = lay.rec_slot + tag * rs
             q[r : r + rs] = q[e + 1 : e + 1 + rs]
-        elif 0 <= -1 - idx < clients:
-            c = lay.client_slot(-1 - idx)
-            q[c + 1 : c + 3] = q[e + 1 : e + 3]
+        elif tag < 0 and -1 - tag <= q[_CLIENTS] and -1 - tag < lay.clients:
+            j = -1 - tag
+            c = lay.client_slot(j)
+            q[c : c + _CS] = q[e + 1 : e + 1 + _CS]
+            if j == q[_CLIENTS]:  # a new client's entry
+                q[_CLIENTS] = j + 1
 
 
 def _pid_alive(pid: int) -> bool:
@@ -600,6 +720,185 @@ def _decode_names(raw: bytes, count: int, name: str) -> list[str]:
         except UnicodeDecodeError as exc:
             raise ShmIncompatible(f"shared stats {name!r}: corrupt queue name: {exc}") from None
     return names
+
+
+def _decode_clients(seg: _Segment, name: str) -> list[tuple[str, int, int]]:
+    """``(id, seq, second)`` of the client entries in use."""
+    buf, lay = seg.buf, seg.layout
+    out = []
+    for j in range(seg.q[_CLIENTS]):
+        at = 8 * lay.client_slot(j)
+        n, seq, second = _CLIENT_HEAD.unpack_from(buf, at)
+        if not 1 <= n <= CLIENT_ENTRY_SIZE - 24:
+            raise ShmIncompatible(f"shared stats {name!r}: corrupt client entry {j} ({n} bytes)")
+        try:
+            out.append(
+                (bytes(buf[at + 24 : at + 24 + n]).decode("utf-8", "surrogatepass"), seq, second)
+            )
+        except UnicodeDecodeError as exc:
+            raise ShmIncompatible(f"shared stats {name!r}: corrupt client id: {exc}") from None
+    return out
+
+
+# --- the snapshot file (pure: bytes in, bytes out) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Content:
+    """A table's contents outside shared memory: what ``save`` writes and a restore loads."""
+
+    window: int
+    started: int
+    saved_at: int
+    queues: list[tuple[bytes, list[int]]]
+    """(stored name as UTF-8, record), in directory order."""
+    clients: list[tuple[bytes, int, int]]
+    """(id as UTF-8, last seq, second of its last update), least recently updated first."""
+
+
+def _encode_snapshot(content: _Content) -> bytes:
+    """The snapshot file's bytes (see "Clean restarts" in the module docstring)."""
+    body: bytes = msgpack.packb(
+        {
+            "window": content.window,
+            "started": content.started,
+            "saved_at": content.saved_at,
+            "queues": [[name, record] for name, record in content.queues],
+            "clients": [[raw_id, seq, second] for raw_id, seq, second in content.clients],
+        },
+        use_bin_type=True,
+    )
+    head = _SNAPSHOT_HEAD.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, zlib.crc32(body), len(body))
+    return head + body
+
+
+def _decode_snapshot(raw: bytes, window: int) -> _Content:
+    """Verify and decode a snapshot file saved with a ``window`` s window; ``_BadSnapshot``."""
+    if len(raw) < _SNAPSHOT_HEAD.size:
+        raise _BadSnapshot(f"{len(raw)} bytes is too short for a header")
+    magic, version, crc, length = _SNAPSHOT_HEAD.unpack_from(raw)
+    body = raw[_SNAPSHOT_HEAD.size :]
+    if magic != SNAPSHOT_MAGIC:
+        raise _BadSnapshot("bad magic (not a qdash_mp stats snapshot)")
+    if version != SNAPSHOT_VERSION:
+        raise _BadSnapshot(f"format version {version}, this qdash_mp reads {SNAPSHOT_VERSION}")
+    if length != len(body):
+        raise _BadSnapshot(f"the header announces {length} body bytes, the file has {len(body)}")
+    if zlib.crc32(body) != crc:
+        raise _BadSnapshot("CRC mismatch (the file is damaged)")
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise _BadSnapshot(f"undecodable body: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _BadSnapshot("the body is not a map")
+    saved_window = _int(obj, "window")
+    if saved_window != window:
+        raise _BadSnapshot(f"saved with a {saved_window} s throughput window, not {window} s")
+    rs = record_len(window + 1)
+    queues: list[tuple[bytes, list[int]]] = []
+    names: set[bytes] = set()
+    for row in _list(obj, "queues"):
+        if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], bytes)):
+            raise _BadSnapshot("a queue row is not [name, record]")
+        name, record = row
+        _utf8(name, "queue name")
+        if len(name) > NAME_MAX or name in names:
+            raise _BadSnapshot(f"queue name {name[:40]!r}... is too long or repeated")
+        if not (isinstance(record, list) and len(record) == rs and all(map(_is_int64, record))):
+            raise _BadSnapshot(f"the record of queue {name[:40]!r} is not {rs} int64s")
+        names.add(name)
+        queues.append((name, record))
+    clients: list[tuple[bytes, int, int]] = []
+    ids: set[bytes] = set()
+    for row in _list(obj, "clients"):
+        if not (
+            isinstance(row, list)
+            and len(row) == 3
+            and isinstance(row[0], bytes)
+            and _is_int64(row[1])
+            and _is_int64(row[2])
+            and row[1] >= 0
+        ):
+            raise _BadSnapshot("a client row is not [id, seq >= 0, second]")
+        raw_id, seq, second = row
+        if not 1 <= len(_utf8(raw_id, "client id")) <= CLIENT_ID_MAX or raw_id in ids:
+            raise _BadSnapshot(f"client id {raw_id[:40]!r} is too long, empty or repeated")
+        ids.add(raw_id)
+        clients.append((raw_id, seq, second))
+    return _Content(window, _int(obj, "started"), _int(obj, "saved_at"), queues, clients)
+
+
+def _is_int64(value: object) -> bool:
+    return type(value) is int and value in _INT64
+
+
+def _int(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if not _is_int64(value):
+        raise _BadSnapshot(f"{key!r} is missing or not an int64")
+    assert isinstance(value, int)
+    return value
+
+
+def _list(obj: dict[str, Any], key: str) -> list[Any]:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise _BadSnapshot(f"{key!r} is missing or not an array")
+    return value
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as exc:
+        raise _BadSnapshot(f"a {what} is not UTF-8: {exc}") from None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a temporary file, fsync, rename, fsync of the directory."""
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _load_snapshot(path: Path, window: int) -> _Content | None:
+    """The snapshot at ``path`` if there is one and it verifies; a bad one is set aside."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read stats snapshot %s (%s): counters start from 0", path, exc)
+        return None
+    try:
+        return _decode_snapshot(raw, window)
+    except _BadSnapshot as exc:
+        bad = path.with_name(path.name + ".bad")
+        try:
+            os.replace(path, bad)
+        except OSError as err:
+            aside = f"could not move it aside: {err}"
+        else:
+            aside = f"moved it to {bad}"
+        log.warning(
+            "stats snapshot %s is unusable (%s); %s; counters start from 0", path, exc, aside
+        )
+        return None
 
 
 class _Rows:
@@ -669,7 +968,7 @@ def _quiet(q: memoryview, off: int, ring: int, now: int) -> bool:
 
 
 class SharedStats(StatsBase):
-    """The collector's per-queue counters in shared memory; the one and only writer.
+    """The collector's per-queue counters and client seqs in shared memory; the one writer.
 
     Build it with ``create_or_attach``. Thread-safe (one short lock per call, like ``Stats``),
     and a ``StatsBase``: the ``on_*`` hooks, ``add`` and ``snapshot`` behave as ``Stats``'s,
@@ -684,6 +983,7 @@ class SharedStats(StatsBase):
         lock_fd: int,
         clock: Callable[[], float],
         client_ttl: float,
+        restored: bool = False,
     ) -> None:
         """Internal: use ``create_or_attach``."""
         self._name = name
@@ -693,27 +993,24 @@ class SharedStats(StatsBase):
         self._release_lock = weakref.finalize(self, os.close, lock_fd)
         self._clock = clock
         self._client_ttl = client_ttl
+        self._restored = restored
         self._ring = seg.layout.ring
         self._lock = threading.Lock()
-        q, lay = seg.q, seg.layout
-        count = q[_COUNT]
+        count = seg.q[_COUNT]
         self._names = _decode_names(
             bytes(seg.buf[HEADER_SIZE : _Layout.entry_at(count)]), count, name
         )
         self._index = {queue: i for i, queue in enumerate(self._names)}
         self._rows = _Rows()
-        # Clients: stored id per entry, the second of its last batch, and id -> entry.
-        self._client_ids: list[str] = []
-        self._client_seen: list[int] = []
-        for j in range(q[_CLIENTS]):
-            c = lay.client_slot(j)
-            n = q[c]
-            if not 0 <= n <= CLIENT_ID_MAX:
-                raise ShmIncompatible(f"shared stats {name!r}: corrupt client entry {j}")
-            raw = bytes(seg.buf[8 * c + 24 : 8 * c + 24 + n])
-            self._client_ids.append(raw.decode("utf-8", "surrogatepass"))
-            self._client_seen.append(q[c + 2])
-        self._clients = {client: j for j, client in enumerate(self._client_ids)}
+        # The client entries, mirrored: id and seq per entry, id -> entry, and the entries
+        # from least to most recently updated, with the second of their last update.
+        entries = _decode_clients(seg, name)
+        self._client_ids = [client_id for client_id, _, _ in entries]
+        self._client_seqs = [seq for _, seq, _ in entries]
+        self._clients = {client_id: j for j, client_id in enumerate(self._client_ids)}
+        self._lru: collections.OrderedDict[int, int] = collections.OrderedDict(
+            sorted(((j, second) for j, (_, _, second) in enumerate(entries)), key=_by_second)
+        )
 
     @classmethod
     def create_or_attach(
@@ -725,6 +1022,7 @@ class SharedStats(StatsBase):
         client_capacity: int = DEFAULT_CLIENT_CAPACITY,
         client_ttl: float = DEFAULT_CLIENT_TTL,
         clock: Callable[[], float] = time.time,
+        restore_from: Path | None = None,
     ) -> SharedStats:
         """Reattach to the table ``name`` if it exists, else create it.
 
@@ -735,6 +1033,11 @@ class SharedStats(StatsBase):
         live writer owns it; ``ShmIncompatible`` if ``name`` is taken by something that is not
         a table. ``capacity`` and ``client_capacity`` are the first block's; the table grows
         as needed. ``client_ttl``: see "Clients" in the module docstring.
+
+        ``restore_from``: a file written by ``save``. When a new table is created, it starts
+        from that file if the file verifies (``restored`` is then True); a file that does not
+        is renamed to ``<name>.bad`` (logged) and the table starts empty. When a table is
+        reattached, the file is ignored: the table in memory is newer.
         """
         _check_name(name)
         if capacity < 1 or client_capacity < 1:
@@ -743,26 +1046,51 @@ class SharedStats(StatsBase):
                 f"and {client_capacity}"
             )
         ring = ring_slots(window)
+        content: _Content | None = None
+        loaded = restore_from is None
         for _ in range(4):
             try:
                 base = _attach(name)
             except FileNotFoundError:
-                layout = _Layout(ring, capacity, client_capacity)
+                if not loaded:
+                    assert restore_from is not None
+                    content = _load_snapshot(Path(restore_from), ring - 1)
+                    loaded = True
+                queues, clients = capacity, client_capacity
+                if content is not None:
+                    queues = _at_least(capacity, len(content.queues))
+                    clients = _at_least(client_capacity, len(content.clients))
+                layout = _Layout(ring, queues, clients)
                 incarnation = secrets.randbits(63)
+                started = int(clock()) if content is None else content.started
                 try:
                     seg, fd = _create(
-                        name, layout, generation=0, started=int(clock()), incarnation=incarnation
+                        name,
+                        layout,
+                        generation=0,
+                        started=started,
+                        incarnation=incarnation,
+                        content=content,
                     )
                 except FileExistsError:
                     continue
                 log.info(
                     "created shared stats %r (%d queues, %d clients, %d bytes)",
                     name,
-                    capacity,
-                    client_capacity,
+                    queues,
+                    clients,
                     layout.size,
                 )
-                return cls(name, seg, seg, fd, clock, client_ttl)
+                if content is not None:
+                    log.info(
+                        "restored shared stats %r from %s (saved at %d): %d queues, %d clients",
+                        name,
+                        restore_from,
+                        content.saved_at,
+                        len(content.queues),
+                        len(content.clients),
+                    )
+                return cls(name, seg, seg, fd, clock, client_ttl, content is not None)
             except ShmIncompatible:
                 # Empty: its creator died before sizing it (or is about to: then it is locked).
                 os.close(_lock(name))
@@ -770,6 +1098,13 @@ class SharedStats(StatsBase):
                 continue
             stats = cls._attach_table(name, base, ring, clock, client_ttl)
             if stats is not None:
+                if restore_from is not None and Path(restore_from).exists():
+                    log.info(
+                        "not restoring from %s: the shared stats %r survived in memory and "
+                        "are newer than that snapshot, which is stale",
+                        restore_from,
+                        name,
+                    )
                 return stats
         raise ShmError(f"could not create or attach shared stats {name!r}: it keeps changing")
 
@@ -864,6 +1199,11 @@ class SharedStats(StatsBase):
         """Clients the block in use can hold before the table grows or reuses entries."""
         return self._live().layout.clients
 
+    @property
+    def restored(self) -> bool:
+        """True if this table was created from the ``restore_from`` snapshot."""
+        return self._restored
+
     # -- writing --
 
     def add(
@@ -875,33 +1215,30 @@ class SharedStats(StatsBase):
     def apply_batch(
         self,
         counters: Mapping[str, Sequence[int]],
-        *,
         client: tuple[str, int] | None = None,
     ) -> None:
         """Add a client batch, ``{queue: [pushed, processed, failed, retried]}``, atomically.
 
         Readers see all of it or none of it, and so does a writer reattaching after a crash.
         ``client=(client_id, seq)`` also records ``seq`` as that client's last applied batch
-        (``client_seq``), in the same commit as the counters.
+        (``client_seq``) in the same commit as the counters; ``seq`` must be above the
+        client's current one (``ValueError`` otherwise, and nothing is applied): deciding
+        whether a batch is new is the caller's job, this only makes the outcome crash-proof.
         """
         self._apply(counters.items(), client)
 
     def client_seq(self, client_id: str) -> int:
         """The seq of ``client_id``'s last batch applied with ``apply_batch``; 0 if none."""
         with self._lock:
-            seg = self._live()
-            slot = self._client_slot(client_id)
-            if slot < 0:
-                return 0
-            seq: int = seg.q[seg.layout.client_slot(slot) + 1]
-            return seq
+            self._live()
+            j = self._clients.get(client_id)
+            return 0 if j is None else self._client_seqs[j]
 
-    def _client_slot(self, client_id: str) -> int:
-        slot = self._clients.get(client_id)
-        if slot is None:
-            key = _stored(client_id, CLIENT_ID_MAX).decode("utf-8", "surrogatepass")
-            slot = self._clients.get(key, -1)
-        return slot
+    def client_seqs(self) -> dict[str, int]:
+        """Every client the table remembers, with the seq of its last batch applied."""
+        with self._lock:
+            self._live()
+            return dict(zip(self._client_ids, self._client_seqs, strict=True))
 
     def _apply(
         self, items: Iterable[tuple[str, Sequence[int]]], client: tuple[str, int] | None
@@ -924,7 +1261,7 @@ class SharedStats(StatsBase):
                 if idx is None:
                     idx = fresh.get(queue)
                     if idx is None:
-                        stored = _stored(queue, NAME_MAX)
+                        stored = _stored(queue)
                         key = stored.decode("utf-8", "surrogatepass")
                         idx = index.get(key, fresh.get(key))
                         if idx is None:
@@ -932,23 +1269,18 @@ class SharedStats(StatsBase):
                             new.append((key, stored))
                         fresh[queue] = idx
                 plan.append((idx, deltas))
-            slot, claim, client_id, client_seq = -1, None, "", 0
-            clients = len(self._client_ids)
+            slot, claim, client_id, client_seq = -1, b"", "", 0
             if client is not None:
                 client_id, client_seq = client[0], operator.index(client[1])
-                if client_seq < 0:
-                    raise ValueError(f"client seq must be >= 0, not {client_seq}")
-                slot = self._client_slot(client_id)
-                if slot < 0:
-                    claim = _stored(client_id, CLIENT_ID_MAX)
-                    slot = self._free_client_slot(seg.layout.clients, now)
+                slot, claim = self._plan_client(client_id, client_seq, seg.layout.clients, now)
             # 2. Grow first if the block is too small (the plan's indexes stay valid).
-            need_clients = clients + 1 if slot == clients else clients
-            if count + len(new) > seg.layout.capacity or need_clients > seg.layout.clients:
-                seg = self._grow(count + len(new), need_clients)
-            # 3. One write section: new entries, then the redo-logged records and client seq.
+            if count + len(new) > seg.layout.capacity or slot >= seg.layout.clients:
+                seg = self._grow(count + len(new), max(len(self._client_ids), slot + 1))
+            # 3. One write section: new directory entries, then the redo-logged records and
+            # client entry, committed by one store.
             q, buf, lay, ring = seg.q, seg.buf, seg.layout, self._ring
             rs, rec0, log0, ls = lay.rec_slots, lay.rec_slot, lay.log_slot, lay.log_slots
+            hook = _fault_hook
             seq = seg.begin()
             try:
                 if new:
@@ -960,8 +1292,6 @@ class SharedStats(StatsBase):
                     self._names.extend(key for key, _ in new)
                 if fresh:
                     index.update(fresh)
-                if claim is not None:
-                    self._claim_client(seg, slot, claim, client_id)
                 logged: dict[int, int] = {}
                 for idx, deltas in plan:
                     if not any(deltas):
@@ -974,71 +1304,103 @@ class SharedStats(StatsBase):
                         q[e : e + rs] = q[r : r + rs]
                     apply_deltas(q, e, ring, deltas, now)
                 entries = len(logged)
+                d = 0
                 if slot >= 0:
-                    e = log0 + entries * ls + 1
-                    q[e - 1] = -1 - slot
-                    q[e] = client_seq
-                    q[e + 1] = now
+                    d = log0 + entries * ls + 1
+                    q[d - 1] = -1 - slot
+                    if claim:  # a new client, in a free entry or a forgotten client's
+                        at = 8 * d
+                        _CLIENT_HEAD.pack_into(buf, at, len(claim), client_seq, now)
+                        buf[at + 24 : at + CLIENT_ENTRY_SIZE] = claim.ljust(
+                            CLIENT_ENTRY_SIZE - 24, b"\0"
+                        )
+                    else:
+                        c = lay.client_slot(slot)
+                        q[d : d + _CS] = q[c : c + _CS]
+                        q[d + 1] = client_seq
+                        q[d + 2] = now
                     entries += 1
+                if hook is not None:
+                    hook("log")
                 if entries:
                     q[_LOG_COUNT] = entries  # the commit point
+                    if hook is not None:
+                        hook("commit")
                     for idx, e in logged.items():
                         r = rec0 + idx * rs
                         q[r : r + rs] = q[e : e + rs]
+                    if hook is not None:
+                        hook("copy")
                     if slot >= 0:
                         c = lay.client_slot(slot)
-                        q[c + 1] = client_seq
-                        q[c + 2] = now
-                        self._client_seen[slot] = now
+                        q[c : c + _CS] = q[d : d + _CS]
+                        if slot == q[_CLIENTS]:
+                            q[_CLIENTS] = slot + 1
                     q[_LOG_COUNT] = 0
             finally:
                 if q[_LOG_COUNT]:  # pragma: no cover - only if copying back itself failed
                     _replay(seg, q[_LOG_COUNT])
                     q[_LOG_COUNT] = 0
                 seg.end(seq)
+            if slot >= 0:
+                self._remember(slot, client_id, client_seq, now, bool(claim))
 
-    def _free_client_slot(self, capacity: int, now: int) -> int:
-        """The entry a new client gets: the next free one, or the stalest old enough."""
-        clients = len(self._client_ids)
-        if clients < capacity:
-            return clients
-        oldest = min(range(clients), key=self._client_seen.__getitem__)
-        if self._client_seen[oldest] < now - self._client_ttl:
-            return oldest
-        return clients  # the table must grow
+    def _plan_client(self, client_id: str, seq: int, capacity: int, now: int) -> tuple[int, bytes]:
+        """The entry ``client_id``'s new ``seq`` goes to, and its id bytes if it is new there.
 
-    def _claim_client(self, seg: _Segment, slot: int, stored: bytes, client_id: str) -> None:
-        """Give entry ``slot`` (free, or a forgotten client's) to a new client, at seq 0."""
-        c = seg.layout.client_slot(slot)
-        q = seg.q
-        q[c + 1] = q[c + 2] = 0
-        q[c] = len(stored)
-        seg.buf[8 * c + 24 : 8 * c + CLIENT_ENTRY_SIZE] = stored.ljust(CLIENT_ID_MAX, b"\0")
-        key = stored.decode("utf-8", "surrogatepass")
-        if slot == len(self._client_ids):
-            q[_CLIENTS] = slot + 1
-            self._client_ids.append(key)
-            self._client_seen.append(0)
-        else:
-            log.info(
-                "client %r takes the entry of %r, silent since %d",
-                key,
-                self._client_ids[slot],
-                self._client_seen[slot],
-            )
-            self._clients = {k: j for k, j in self._clients.items() if j != slot}
-            self._client_ids[slot] = key
-            self._client_seen[slot] = 0
-        self._clients[key] = self._clients[client_id] = slot
+        A known client keeps its entry. A new one gets the next free entry; when there is none,
+        the least recently updated client's if that one is idle for ``client_ttl`` seconds,
+        else entry ``K`` (the caller grows the table).
+        """
+        j = self._clients.get(client_id)
+        if j is not None:
+            last = self._client_seqs[j]
+            if seq <= last:
+                raise ValueError(
+                    f"client {client_id!r}: batch {seq} is not after {last}, its last applied"
+                )
+            return j, b""
+        _check_client_id(client_id)
+        if seq < 1:
+            raise ValueError(f"client {client_id!r}: batch seq must be >= 1, not {seq}")
+        stored = client_id.encode("utf-8", "surrogatepass")
+        known = len(self._client_ids)
+        if known < capacity:
+            return known, stored
+        oldest, second = next(iter(self._lru.items()))
+        if second <= now - self._client_ttl:
+            return oldest, stored
+        return known, stored
+
+    def _remember(self, j: int, client_id: str, seq: int, now: int, claimed: bool) -> None:
+        """Mirror a committed client entry update in process memory."""
+        if claimed:
+            if j < len(self._client_ids):
+                old = self._client_ids[j]
+                log.info(
+                    "shared stats %r: forgot client %r (last batch %d, %d s ago) to make room "
+                    "for %r",
+                    self._name,
+                    old,
+                    self._client_seqs[j],
+                    now - self._lru[j],
+                    client_id,
+                )
+                del self._clients[old]
+                self._client_ids[j] = client_id
+            else:
+                self._client_ids.append(client_id)
+                self._client_seqs.append(0)
+            self._clients[client_id] = j
+        self._client_seqs[j] = seq
+        self._lru[j] = now
+        self._lru.move_to_end(j)
 
     def _grow(self, queues: int, clients: int) -> _Segment:
         """Move the table to a new generation that holds ``queues`` queues and ``clients``."""
         old = self._live()
-        capacity, client_capacity = old.layout.capacity, old.layout.clients
-        while capacity < queues:
-            capacity *= 2
-        while client_capacity < clients:
-            client_capacity *= 2
+        capacity = _at_least(old.layout.capacity, queues)
+        client_capacity = _at_least(old.layout.clients, clients)
         gen = old.generation + 1
         gen_name = segment_name(self._name, gen)
         if _unlink(gen_name):
@@ -1098,6 +1460,45 @@ class SharedStats(StatsBase):
 
     # -- lifecycle --
 
+    def save(self, path: Path) -> None:
+        """Write the whole table (counters, rings, started, client seqs) to ``path``, atomically.
+
+        For a clean shutdown, before ``unlink``; ``create_or_attach(restore_from=path)`` loads
+        it. The format is in the module docstring. ``ShmError`` if the file cannot be written.
+        """
+        path = Path(path)
+        with self._lock:
+            seg = self._live()
+            q, lay = seg.q, seg.layout
+            rs = lay.rec_slots
+            content = _Content(
+                window=self._ring - 1,
+                started=q[_STARTED],
+                saved_at=int(self._clock()),
+                queues=[
+                    (
+                        queue.encode("utf-8", "surrogatepass"),
+                        q[lay.rec_slot + i * rs : lay.rec_slot + (i + 1) * rs].tolist(),
+                    )
+                    for i, queue in enumerate(self._names)
+                ],
+                clients=[
+                    (self._client_ids[j].encode("utf-8", "surrogatepass"), self._client_seqs[j], t)
+                    for j, t in self._lru.items()
+                ],
+            )
+        try:
+            _write_atomically(path, _encode_snapshot(content))
+        except OSError as exc:
+            raise ShmError(f"cannot save shared stats {self._name!r} to {path}: {exc}") from exc
+        log.info(
+            "saved shared stats %r to %s: %d queues, %d clients",
+            self._name,
+            path,
+            len(content.queues),
+            len(content.clients),
+        )
+
     def close(self) -> None:
         """Detach, leaving the table for the next writer (or readers). Idempotent."""
         with self._lock:
@@ -1139,7 +1540,22 @@ class SharedStats(StatsBase):
 
     def __repr__(self) -> str:
         state = "closed" if self._seg is None else f"generation {self._seg.generation}"
-        return f"<SharedStats {self._name!r} {state}, {len(self._names)} queues>"
+        return (
+            f"<SharedStats {self._name!r} {state}, {len(self._names)} queues, "
+            f"{len(self._client_ids)} clients>"
+        )
+
+
+def _by_second(entry: tuple[int, int]) -> tuple[int, int]:
+    j, second = entry
+    return second, j
+
+
+def _at_least(capacity: int, need: int) -> int:
+    """``capacity`` doubled until it holds ``need``."""
+    while capacity < need:
+        capacity *= 2
+    return capacity
 
 
 # --- readers --------------------------------------------------------------------------------

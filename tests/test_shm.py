@@ -76,7 +76,7 @@ FIELDS = [
     "client_capacity",
     "clients",
 ]
-HEADER_SIZE, ENTRY = 128, 256
+HEADER_SIZE, ENTRY, CLIENT_ENTRY = 128, 256, 536
 
 
 def attach_untracked(name: str) -> SharedMemory:
@@ -93,21 +93,22 @@ def raw_header(buf: Any) -> dict[str, Any]:
     return {"magic": magic, **dict(zip(FIELDS, slots, strict=False))}
 
 
-def raw_offsets(h: dict[str, Any]) -> tuple[int, int, int, int]:
-    """(record slots L, and in bytes: records D, clients E, redo log G), per the docstring."""
+def raw_offsets(h: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """(record slots L, then in bytes: records D, clients E, redo log G, log entry 8(W+1))."""
     rec = record_len(h["ring"])
     d = HEADER_SIZE + ENTRY * h["capacity"]
     e = d + 8 * rec * h["capacity"]
-    return rec, d, e, e + ENTRY * h["client_capacity"]
+    g = e + CLIENT_ENTRY * h["client_capacity"]
+    return rec, d, e, g, 8 * (max(rec, 67) + 1)
 
 
 def raw_clients(buf: Any) -> dict[str, tuple[int, int]]:
     """client id -> (last seq, second), per the docstring."""
     h = raw_header(buf)
-    _, _, e, _ = raw_offsets(h)
+    _, _, e, _, _ = raw_offsets(h)
     out = {}
     for j in range(h["clients"]):
-        at = e + ENTRY * j
+        at = e + CLIENT_ENTRY * j
         length, seq, sec = struct.unpack_from("=3q", buf, at)
         out[bytes(buf[at + 24 : at + 24 + length]).decode()] = (seq, sec)
     return out
@@ -116,7 +117,7 @@ def raw_clients(buf: Any) -> dict[str, tuple[int, int]]:
 def raw_rows(buf: Any) -> list[tuple[str, int, int]]:
     """(name, pushed, processed) of every queue, copying the records once, NO seqlock check."""
     h = raw_header(buf)
-    rec, d, _, _ = raw_offsets(h)
+    rec, d, _, _, _ = raw_offsets(h)
     n = h["count"]
     records = bytes(buf[d : d + 8 * rec * n])
     rows = []
@@ -383,69 +384,55 @@ def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
     try:
         buf = shm.buf
         h = raw_header(buf)
-        rec, d, _, g = raw_offsets(h)
-        entry = 8 * (rec + 1)
-        # Died after the commit point of batch 2 of "w": a log entry for record 0 (pushed
-        # now 10) and one for client entry 0 (seq 2), log count 2, sequence odd.
+        rec, d, e, g, entry = raw_offsets(h)
+        t = int(clock.t)
+        # Died after the commit point of batch 2 of "w", which also brought client "new":
+        # log entry 0 = record 0 with pushed 10, entry 1 = client entry 0 with seq 2,
+        # entry 2 = client entry 1 (so far unused: M is 1) for "new" at seq 5; count 3.
         buf[g + 8 : g + 8 + 8 * rec] = buf[d : d + 8 * rec]
         write_slot(buf, g // 8, 0)
         write_slot(buf, g // 8 + 1, 10)
+        buf[g + entry + 8 : g + entry + 8 + CLIENT_ENTRY] = buf[e : e + CLIENT_ENTRY]
         write_slot(buf, (g + entry) // 8, -1)
-        write_slot(buf, (g + entry) // 8 + 1, 2)
-        write_slot(buf, (g + entry) // 8 + 2, int(clock.t) + 1)
-        write_slot(buf, 12, 2)
+        write_slot(buf, (g + entry) // 8 + 2, 2)
+        write_slot(buf, (g + entry) // 8 + 3, t + 1)
+        at = g + 2 * entry
+        write_slot(buf, at // 8, -2)
+        new_entry = struct.pack("=3q", 3, 5, t + 1) + b"new".ljust(CLIENT_ENTRY - 24, b"\0")
+        buf[at + 8 : at + 8 + CLIENT_ENTRY] = new_entry
+        write_slot(buf, 12, 3)
         write_slot(buf, 5, h["seq"] + 1)
         with pytest.raises(ShmBusy, match="died in the middle"):
             SharedStatsReader(name, timeout=0.05).snapshot()
         with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
             assert rows(stats.snapshot())["a"] == (10, 1, 0, 0)
-            assert stats.client_seq("w") == 2
+            assert stats.client_seqs() == {"w": 2, "new": 5}
         h = raw_header(buf)
-        assert h["seq"] % 2 == 0
-        assert h["log_count"] == 0
-        assert raw_clients(buf) == {"w": (2, int(clock.t) + 1)}
-        assert "redid its last batch" in caplog.text
+        assert (h["seq"] % 2, h["log_count"], h["clients"]) == (0, 0, 2)
+        assert raw_clients(buf) == {"w": (2, t + 1), "new": (5, t + 1)}
+        assert "redid its last batch (3 log entries)" in caplog.text
+
+        # Replaying the same log again (died after copying back, before the reset) is a no-op.
+        write_slot(buf, 12, 3)
+        write_slot(buf, 5, h["seq"] + 1)
+        with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
+            assert rows(stats.snapshot())["a"] == (10, 1, 0, 0)
+            assert stats.client_seqs() == {"w": 2, "new": 5}
+        assert raw_header(buf)["clients"] == 2
 
         # Died before the commit point: the log holds garbage, nothing must change.
+        h = raw_header(buf)
         buf[g + 8 : g + 16] = struct.pack("=q", 999)
-        write_slot(buf, (g + entry) // 8 + 1, 3)
+        write_slot(buf, (g + entry) // 8 + 2, 3)
         write_slot(buf, 5, h["seq"] + 1)
         with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
             assert rows(stats.snapshot()) == {"a": (10, 1, 0, 0), "b": (2, 0, 0, 0)}
-            assert stats.client_seq("w") == 2
+            assert stats.client_seqs() == {"w": 2, "new": 5}
         assert raw_header(buf)["seq"] % 2 == 0
         assert "nothing to redo" in caplog.text
         del buf
     finally:
         shm.close()
-
-
-def test_clients_are_remembered_forgotten_when_stale_and_the_table_grows(name: str) -> None:
-    clock = Clock()
-    opts: dict[str, Any] = {"client_capacity": 2, "client_ttl": 10, "clock": clock}
-    with SharedStats.create_or_attach(name, **opts) as stats:
-        stats.apply_batch({}, client=("a", 5))  # a batch with no counters (failed jobs only)
-        clock.t += 5
-        stats.apply_batch({"q": (1, 0, 0, 0)}, client=("b", 7))
-        long_id = "ü" * 200  # over CLIENT_ID_MAX bytes: stored shortened, still found
-        clock.t += 7
-        stats.apply_batch({"q": (1, 0, 0, 0)}, client=(long_id, 1))  # a is stale: replaced
-        assert (stats.client_seq("a"), stats.client_seq("b"), stats.client_seq(long_id)) == (
-            0,
-            7,
-            1,
-        )
-        assert stats.client_capacity == 2
-        clock.t += 1
-        stats.apply_batch({}, client=("c", 3))  # b is not stale yet: the table grows
-        assert stats.client_capacity == 4
-        assert stats.generation == 1
-        assert [stats.client_seq(c) for c in ("b", long_id, "c")] == [7, 1, 3]
-        with pytest.raises(ValueError, match="seq"):
-            stats.apply_batch({"q": (1, 0, 0, 0)}, client=("c", -1))
-    with SharedStats.create_or_attach(name, **opts) as stats:  # and they survive a reattach
-        assert [stats.client_seq(c) for c in ("a", "b", long_id, "c")] == [0, 7, 1, 3]
-        assert rows(stats.snapshot()) == {"q": (2, 0, 0, 0)}
 
 
 def test_a_second_writer_is_refused_while_the_first_lives(name: str) -> None:
@@ -727,7 +714,7 @@ def test_raw_layout_matches_the_docstring(name: str) -> None:
         h = raw_header(attach_untracked_buf(name))
         assert (h["client_capacity"], h["clients"]) == (5, 1)
         assert h["magic"] == MAGIC
-        assert (h["version"], h["ring"], h["capacity"], h["count"]) == (1, ring_slots(9), 3, 2)
+        assert (h["version"], h["ring"], h["capacity"], h["count"]) == (2, ring_slots(9), 3, 2)
         assert (h["started"], h["pid"], h["generation"], h["status"]) == (
             int(clock.t),
             os.getpid(),
@@ -739,8 +726,9 @@ def test_raw_layout_matches_the_docstring(name: str) -> None:
         try:
             assert raw_rows(shm.buf) == [("a", 3, 2), ("é", 1, 0)]
             assert raw_clients(shm.buf) == {"c1": (4, int(clock.t))}
-            _, _, _, g = raw_offsets(h)
-            assert shm.size == g + 8 * (record_len(ring_slots(9)) + 1) * (3 + 1)
+            _, _, _, g, entry = raw_offsets(h)
+            assert entry == 8 * (67 + 1)  # a 9 s window: records are shorter than clients
+            assert shm.size == g + entry * (3 + 1)
         finally:
             shm.close()
 
