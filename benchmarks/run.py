@@ -1,0 +1,250 @@
+"""Run the qdash_mp benchmark suite: ``python benchmarks/run.py [--quick] [--only NAME...]``.
+
+Progress goes to stderr; the table (median, min-max over repeats, paired ratio to the
+reference row) and the targets (met / not met) go to stdout; the rows go to
+``benchmarks/results/latest.json`` and a dated copy. See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_durable_failed
+import bench_hook
+import bench_ingest
+import bench_scale
+from _common import BENCH_DIR, Config, Row, Target, machine_info, progress
+
+BENCHES = {
+    "hook": bench_hook.run,
+    "ingest": bench_ingest.run,
+    "durable_failed": bench_durable_failed.run,
+    "scale": bench_scale.run,
+}
+
+TARGETS = [
+    Target("hook", "qdash_mp", "ns/call", "<=", 2.0, "hook: qdash_mp <= 2x dict", field="ratio"),
+    Target(
+        "ingest",
+        "qdash_mp",
+        "hooks/s",
+        ">=",
+        10e6,
+        "ingest, 4 producers: >= 10M hooks/s exact",
+        producers=4,
+    ),
+    Target(
+        "ingest",
+        "qdash_mp",
+        "hooks/s",
+        ">=",
+        50.0,
+        "ingest, 4 producers: >= 50x redis_pipeline",
+        field="ratio",
+        producers=4,
+    ),
+    Target(
+        "durable_failed",
+        "qdash_mp",
+        "records/s",
+        ">=",
+        300e3,
+        "durable_failed: >= 300k records/s",
+        producers=4,
+    ),
+    Target(
+        "durable_failed",
+        "qdash_mp",
+        "records/s",
+        ">=",
+        1.5,
+        "durable_failed: >= 1.5x sqlite_wal_batch",
+        field="ratio",
+        producers=4,
+    ),
+    Target(
+        "durable_failed",
+        "qdash_mp",
+        "ack_p99",
+        "<=",
+        5.0,
+        "durable_failed: ack p99 <= 5 ms at 10k/s",
+        producers=4,
+    ),
+    Target("scale", "qdash_mp", "page_first_api", "<=", 20.0, "scale: first page <= 20 ms"),
+    Target("scale", "qdash_mp", "page_deep_api", "<=", 20.0, "scale: deep page <= 20 ms"),
+    Target("scale", "qdash_mp", "page_first_html", "<=", 20.0, "scale: first page (HTML) <= 20 ms"),
+    Target("scale", "qdash_mp", "page_deep_html", "<=", 20.0, "scale: deep page (HTML) <= 20 ms"),
+    Target(
+        "scale",
+        "qdash_mp",
+        "recovery_collector",
+        "<=",
+        5.0,
+        "scale: recovery (start->ready) <= 5 s",
+    ),
+    Target("scale", "qdash_mp", "index_bytes_per_job", "<=", 200.0, "scale: <= 200 B/job"),
+    Target(
+        "scale",
+        "qdash_mp",
+        "api_stats_1000q",
+        "<=",
+        2.0,
+        "scale: /api/stats <= 2 ms at 1,000 queues",
+    ),
+]
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    ax = abs(x)
+    if ax >= 1e9:
+        return f"{x / 1e9:.2f}G"
+    if ax >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if ax >= 1e4:
+        return f"{x / 1e3:.0f}k"
+    if ax >= 100:
+        return f"{x:.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def table(rows: list[Row]) -> list[list[str]]:
+    out = [["bench", "subject", "N", "metric", "median", "min-max", "unit", "ratio (ref)", "n"]]
+    for r in rows:
+        if r.skipped is not None:
+            out.append([r.bench, r.subject, _n(r), r.metric, "skipped", r.skipped, "", "", ""])
+            continue
+        lo, hi = (min(r.samples), max(r.samples)) if r.samples else (None, None)
+        ratio = "" if r.ratio is None else f"{fmt(r.ratio)}x ({r.reference})"
+        out.append(
+            [
+                r.bench,
+                r.subject,
+                _n(r),
+                r.metric,
+                fmt(r.value),
+                f"{fmt(lo)}-{fmt(hi)}",
+                r.unit,
+                ratio,
+                str(len(r.samples)),
+            ]
+        )
+    return out
+
+
+def _n(r: Row) -> str:
+    return "" if r.producers is None else str(r.producers)
+
+
+def render(cells: list[list[str]], markdown: bool = False) -> str:
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = []
+    for k, row in enumerate(cells):
+        if markdown:
+            lines.append(
+                "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+            )
+            if k == 0:
+                lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        else:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[Row], selected: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for t in TARGETS:
+        if t.bench not in selected:
+            continue
+        status, got = t.check(rows)
+        out.append({"target": t.text, "status": status, "value": got})
+    return out
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds every ExitStack: servers, workers, temp dirs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (< 60 s in all)")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), metavar="NAME")
+    parser.add_argument("--keep", action="store_true", help="keep temp dirs (debugging)")
+    parser.add_argument(
+        "--out", type=Path, default=BENCH_DIR / "results", help="where the JSON results go"
+    )
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the table as markdown (for the README)"
+    )
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    cfg = Config(quick=args.quick, keep=args.keep)
+    selected = args.only or list(BENCHES)
+    started = datetime.now(UTC)
+    machine = machine_info()
+    progress(
+        f"benchmarks {'(quick) ' if cfg.quick else ''}{', '.join(selected)} on "
+        f"{machine.get('cpu', '?')} x{machine.get('cpus')}, load {machine['load_avg_at_start']}"
+    )
+    rows: list[Row] = []
+    failures: list[str] = []
+    t0 = time.monotonic()
+    for name in selected:
+        progress(f"== {name}")
+        t = time.monotonic()
+        try:
+            rows += BENCHES[name](cfg)
+        except Exception as exc:
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            progress(f"!! {name} FAILED: {type(exc).__name__}: {exc}")
+        progress(f"== {name} took {time.monotonic() - t:.1f}s")
+    elapsed = time.monotonic() - t0
+    targets = target_lines(rows, selected)
+    cells = table(rows)
+    print(render(cells, markdown=args.markdown))
+    print()
+    print("targets:")
+    for t in targets:
+        shown = "" if t["value"] is None else f" (got {fmt(t['value'])})"
+        print(f"  [{t['status']}] {t['target']}{shown}")
+    for f in failures:
+        print(f"FAILED {f}")
+    print(f"\n{'quick' if cfg.quick else 'full'} run took {elapsed:.0f}s")
+
+    doc = {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine,
+        "quick": cfg.quick,
+        "only": args.only,
+        "elapsed_s": round(elapsed, 1),
+        "rows": [r.to_json() for r in rows],
+        "targets": targets,
+        "failures": failures,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=1) + "\n"
+    (args.out / "latest.json").write_text(text)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"{stamp}{'-quick' if cfg.quick else ''}.json").write_text(text)
+    progress(f"wrote {args.out / 'latest.json'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
