@@ -30,6 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qdash_mp import shm
 from qdash_mp.errors import CollectorError, ConfigError, QdashError
 from qdash_mp.models import StatsView
 from qdash_mp.shm import (
@@ -435,6 +436,174 @@ def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
         shm.close()
 
 
+# --- clients: the dedup table ----------------------------------------------------------------
+
+
+def test_apply_batch_sets_the_client_seq_in_the_same_write(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats, SharedStatsReader(name) as reader:
+        assert stats.client_seq("w1") == 0
+        assert stats.client_seqs() == {}
+        stats.apply_batch({"q": (2, 1, 0, 0)}, client=("w1", 1))
+        stats.apply_batch({}, client=("w2", 7))  # failed jobs only: no counters, a seq
+        stats.apply_batch({"q": (1, 0, 0, 0)}, ("w1", 2))  # positional, as in the brief
+        stats.apply_batch({"q": (1, 0, 0, 0)})  # no client: counters only
+        assert stats.client_seqs() == {"w1": 2, "w2": 7}
+        assert (stats.client_seq("w1"), stats.client_seq("w2"), stats.client_seq("x")) == (2, 7, 0)
+        assert rows(reader.snapshot()) == {"q": (4, 1, 0, 0)}
+        # A batch that is not new, or a bad client, is refused and applies nothing.
+        for client, error in [
+            (("w1", 2), "not after 2"),
+            (("w1", 1), "not after 2"),
+            (("new", 0), ">= 1"),
+            (("", 1), "1..128"),
+            (("x" * 129, 1), "1..128"),
+        ]:
+            with pytest.raises(ValueError, match=error):
+                stats.apply_batch({"q": (1, 1, 1, 1), "other": (1, 0, 0, 0)}, client=client)
+        with pytest.raises(TypeError):
+            stats.apply_batch({"q": (1, 0, 0, 0)}, client=("w1", 3.0))  # type: ignore[arg-type]
+        assert rows(reader.snapshot()) == {"q": (4, 1, 0, 0)}
+        assert stats.client_seqs() == {"w1": 2, "w2": 7}
+    with SharedStats.create_or_attach(name) as stats:  # the table outlives its writer
+        assert stats.client_seqs() == {"w1": 2, "w2": 7}
+
+
+def test_client_ids_are_stored_whole_and_matched_exactly(name: str) -> None:
+    """128 four-byte characters fill the 512 id bytes; no two ids share an entry."""
+    ids = [
+        "🙂" * 128,
+        "🙂" * 127 + "😀",  # differs in the last byte only
+        "\ud800" * 128,  # lone surrogates, as any str may hold
+        "a" * 128,
+        "a" * 127,
+        "é",
+        "uuid-" + uuid.uuid4().hex,
+    ]
+    with SharedStats.create_or_attach(name, client_capacity=2) as stats:
+        for seq, client_id in enumerate(ids, 1):
+            stats.apply_batch({"q": (1, 0, 0, 0)}, client=(client_id, seq))
+        expected = {client_id: seq for seq, client_id in enumerate(ids, 1)}
+        assert stats.client_seqs() == expected
+    with SharedStats.create_or_attach(name) as stats:
+        assert stats.client_seqs() == expected
+        assert stats.client_capacity == 8
+
+
+def test_a_full_client_table_forgets_idle_clients_and_grows_for_recent_ones(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="qdash_mp.shm")
+    clock = Clock()
+    opts: dict[str, Any] = {"client_capacity": 8, "client_ttl": 600, "clock": clock}
+    with SharedStats.create_or_attach(name, **opts) as stats:
+        for i in range(8):
+            stats.apply_batch({"q": (1, 0, 0, 0)}, client=(f"old-{i}", 1))
+            clock.t += 1
+        stats.apply_batch({"q": (1, 0, 0, 0)}, client=("old-0", 2))  # old-0: most recent now
+        # 599 s later old-1..old-7 (and not old-0) are idle for 600 s or more: 7 newcomers
+        # take their entries, least recently updated first, and the table does not grow.
+        clock.t += 599
+        for i in range(7):
+            stats.apply_batch({"q": (1, 0, 0, 0)}, client=(f"new-{i}", 1))
+            assert f"forgot client 'old-{i + 1}'" in caplog.text
+        assert stats.client_capacity == 8
+        assert stats.generation == 0
+        assert sorted(stats.client_seqs()) == [*(f"new-{i}" for i in range(7)), "old-0"]
+        # old-0's last batch is 599 s old, under the TTL: the next newcomer grows the table.
+        stats.apply_batch({"q": (1, 0, 0, 0)}, client=("new-7", 1))
+        assert stats.client_capacity == 16
+        assert stats.generation == 1
+        assert stats.client_seq("old-0") == 2
+        # A forgotten client that comes back is a new client (its seqs start over).
+        stats.apply_batch({"q": (1, 0, 0, 0)}, client=("old-1", 1))
+        assert stats.client_seq("old-1") == 1
+        assert rows(stats.snapshot())["q"] == (18, 0, 0, 0)
+        assert len(stats.client_seqs()) == 10
+    # After a reattach the least recently updated entry is still the one to go.
+    clock.t += 1000
+    with SharedStats.create_or_attach(name, **{**opts, "client_capacity": 1}) as stats:
+        assert stats.client_capacity == 16  # the block's, not the argument's
+        for i in range(7):
+            stats.apply_batch({}, client=(f"later-{i}", 1))
+        stats.apply_batch({}, client=("new-0", 2))
+        clock.t += 1
+        stats.apply_batch({}, client=("last", 1))  # the table is full: forgets old-0
+        assert "forgot client 'old-0'" in caplog.text
+        assert "old-0" not in stats.client_seqs()
+        assert stats.client_seq("new-0") == 2
+
+
+# --- crash atomicity of a batch and its seq ------------------------------------------------
+
+KILL_POINTS = ("log", "commit", "copy")
+"""Where ``shm._fault_hook`` is called in a write section; see the child's "crash-loop"."""
+
+
+def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int, int, int]:
+    """Run a "crash-loop" child until it is SIGKILLed, reattach; (start, seq, a, b).
+
+    The child applies batch n = start+1, start+2, ...: pushed of "a" +1, processed of "b" +1,
+    client "crash" at seq n. ``point`` in ``KILL_POINTS``: it kills itself there in batch
+    ``start + kill_at``; "random": it sleeps 0.2 ms at each point and we kill it after a random
+    delay, almost surely inside a write section.
+    """
+    proc = spawn("crash-loop", name, how, point, str(kill_at))
+    start = int(first_line(proc).split()[1])
+    if point == "random":
+        time.sleep(random.uniform(0.005, 0.04))  # the point: a random moment to kill at
+        proc.send_signal(signal.SIGKILL)
+    _, err = finish(proc)
+    assert proc.returncode == -signal.SIGKILL, err
+    with SharedStats.create_or_attach(name) as stats:  # reattach: repairs, replays
+        seq = stats.client_seq("crash")
+        view = rows(stats.snapshot())
+    return start, seq, view.get("a", (0,) * 4)[0], view.get("b", (0,) * 4)[1]
+
+
+def test_kill_9_inside_the_write_section_keeps_counters_and_seq_together(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """24 writers killed in every window of the write section: counters == seq, always.
+
+    Killed before the commit point, batch n is gone entirely (seq n - 1); after it, it is
+    redone entirely (seq n). Never one without the other: the collector's dedup is exact.
+    """
+    rng = random.Random()
+    caplog.set_level("WARNING", logger="qdash_mp.shm")
+    repaired = 0
+    previous = 0
+    for cycle in range(24):
+        point = (*KILL_POINTS, "random")[cycle % 4]
+        kill_at = rng.randint(1, 50)
+        caplog.clear()
+        start, seq, a, b = crash_cycle(name, "atomic", point, kill_at)
+        assert start == previous
+        assert (a, b) == (seq, seq), f"cycle {cycle} ({point}): counters {a}, {b}, seq {seq}"
+        if point in KILL_POINTS:
+            assert seq == start + kill_at - (point == "log"), (cycle, point, start, seq)
+            assert "died mid-update" in caplog.text
+            redone = "redid its last batch (3 log entries)" in caplog.text
+            assert redone == (point != "log")
+        repaired += "died mid-update" in caplog.text
+        previous = seq
+    assert repaired >= 19  # the 18 deterministic cycles and most random ones hit a section
+
+
+def test_control_counters_and_seq_in_two_commits_do_drift(name: str) -> None:
+    """The control for the test above: the same kills, but the child commits the counters
+    and the seq as two batches. Killed between the two, the counters are ahead of the seq,
+    and a resend of that batch would be counted twice. The check above catches it.
+    """
+    previous = 0
+    for kills in range(1, 4):
+        start, seq, a, b = crash_cycle(name, "split", "log", random.randint(1, 50))
+        assert start == previous
+        # What the atomic test must never see: each kill leaves the counters one batch
+        # ahead of the seq, and the next writer resends (recounts) that batch.
+        assert (a, b) == (seq + kills, seq + kills)
+        previous = seq
+
+
 def test_a_second_writer_is_refused_while_the_first_lives(name: str) -> None:
     first = SharedStats.create_or_attach(name)
     try:
@@ -753,6 +922,8 @@ def main(argv: list[str]) -> None:
         while True:
             seq += 1
             stats.apply_batch({q: (seq, seq, 0, 0) for q in queues}, client=("w", seq))
+    elif mode == "crash-loop":
+        crash_loop(name, *argv[2:])
     elif mode == "read":
         how, seconds = argv[2], float(argv[3])
         if how == "seqlock":
@@ -770,6 +941,32 @@ def main(argv: list[str]) -> None:
         print(json.dumps(result), flush=True)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def crash_loop(name: str, how: str, point: str, kill_at: str) -> None:
+    """Apply batches until killed (see ``crash_cycle``); "split" commits seq apart."""
+    stats = SharedStats.create_or_attach(name)
+    seq = stats.client_seq("crash")
+    target, phase = seq + int(kill_at), ""
+
+    def hook(where: str) -> None:
+        if point == "random":
+            time.sleep(0.0002)
+        elif where == point and seq == target and phase != "counters":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    shm._fault_hook = hook
+    print("go", seq, flush=True)
+    batch = {"a": (1, 0, 0, 0), "b": (0, 1, 0, 0)}
+    while True:
+        seq += 1
+        if how == "atomic":
+            stats.apply_batch(batch, client=("crash", seq))
+        else:  # the control: counters and seq in two commits
+            phase = "counters"
+            stats.apply_batch(batch)
+            phase = "seq"
+            stats.apply_batch({}, client=("crash", seq))
 
 
 if __name__ == "__main__":
