@@ -1087,27 +1087,31 @@ class Journal:
         """Apply written records to the index; returns how many were retention prunes."""
         pos = self._pos
         ids = self._ids
-        alive = self._alive
-        loc = self._loc
-        sizes = self._size
         blocks = self._blocks
         kill = self._kill
+        add_id = ids.append
+        add_alive = self._alive.append
+        add_loc = self._loc.append
+        add_size = self._size.append
+        failed = _FAILED
+        mask = _BLOCK_MASK
+        shift = _BLOCK_SHIFT
         base = num << _LOC_SHIFT
         off = start
         live_bytes = 0
         pruned = 0
         for rtype, key, size, extra in ops:
-            if rtype == _FAILED:
+            if rtype == failed:
                 p = pos.get(key)
                 if p is not None:
                     kill(p)
                 p = len(ids)
-                ids.append(key)
-                alive.append(1)
-                loc.append(base + off)
-                sizes.append(size)
-                if p & _BLOCK_MASK:
-                    blocks[p >> _BLOCK_SHIFT] += 1
+                add_id(key)
+                add_alive(1)
+                add_loc(base + off)
+                add_size(size)
+                if p & mask:
+                    blocks[p >> shift] += 1
                 else:
                     blocks.append(1)
                 pos[key] = p
