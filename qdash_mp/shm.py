@@ -789,7 +789,7 @@ def _decode_snapshot(raw: bytes, window: int) -> _Content:
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise _BadSnapshot(f"undecodable body: {exc}") from None
+        raise _BadSnapshot(f"undecodable body: {exc or type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise _BadSnapshot("the body is not a map")
     saved_window = _int(obj, "window")
