@@ -994,15 +994,18 @@ class Journal:
             buf += commit_record(start, len(ops))
             self._write_all(seg.fd, buf, start)
             self._io.sync(seg.fd)
-        except OSError as exc:
-            # A copy, not a resize: the failed write's traceback may still hold views of buf.
+        except BaseException as exc:
+            # Whatever went wrong, the batch is not durable: stage it again, in front. A copy,
+            # not a resize: the failed write's traceback may still hold views of buf.
             restaged = buf[:data_len]
             if seg is not None:
                 self._undo_write(seg)
             with self._lock:
                 self._buf = restaged + self._buf
                 self._ops = ops + self._ops
-            raise JournalError(f"journal commit failed: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise JournalError(f"journal commit failed: {exc}") from exc
+            raise
         seg.end = start + len(buf)
         self._total_bytes += len(buf)
         with self._lock:
