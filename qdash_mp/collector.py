@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from aiohttp import web
 
 from qdash_mp.errors import (
@@ -565,8 +566,20 @@ class Collector:
         if batch.seq > last:
             live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
         if batch.failed and batch.seq > live.journal.client_seqs.get(client_id, 0):
-            for wf in batch.failed:
-                live.journal.stage_failed(wf.to_failed_job())
+            live.journal.stage_failed_rows(
+                (
+                    wf.job_id,
+                    wf.name,
+                    msgpack.packb(wf.payload, use_bin_type=True),
+                    wf.attempts,
+                    wf.enqueued_at,
+                    wf.queue,
+                    wf.error,
+                    wf.traceback,
+                    wf.failed_at,
+                )
+                for wf in batch.failed
+            )
             live.journal.stage_client_seq(client_id, batch.seq)
         conn.ack_wanted = max(conn.ack_wanted, batch.seq)
         conn.caught_up.clear()
@@ -654,11 +667,13 @@ class Collector:
         if id in self._retrying:
             raise RetryConflict(f"a retry of job {id!r} is already in progress")
         failed = await asyncio.to_thread(live.journal.get, id)
+        failed_at = await asyncio.to_thread(live.journal.failed_at, id)
         self._retrying.add(id)
         try:
             await self.requeue(failed)
-            live.journal.stage_removed(id, "retried")
-            await live.group.commit()
+            # A newer failure of the same job that arrived meanwhile stays.
+            if live.journal.stage_removed(id, "retried", if_failed_at=failed_at):
+                await live.group.commit()
         finally:
             self._retrying.discard(id)
         live.stats.add(failed.queue, retried=1)

@@ -832,11 +832,20 @@ class Journal:
                 self._next_age_check = now + _AGE_CHECK_EVERY
                 self._prune_age(now)
 
-    def stage_removed(self, id: str, reason: Literal["retried", "forgotten"]) -> None:
-        """Stage dropping the record of ``id``.
+    def stage_removed(
+        self,
+        id: str,
+        reason: Literal["retried", "forgotten"],
+        *,
+        if_failed_at: float | None = None,
+    ) -> bool:
+        """Stage dropping the record of ``id``; returns whether it did.
 
         ``NotFound`` if it is not there in the pending state (committed plus staged), so a
-        job whose failure is staged can be removed, and a job cannot be removed twice.
+        job whose failure is staged can be removed, and a job cannot be removed twice. With
+        ``if_failed_at`` the record is dropped only if it is still the failure of that time:
+        a retry must not drop a newer failure of the same job that arrived meanwhile
+        (returns False then, staging nothing).
         """
         if reason not in ("retried", "forgotten"):
             raise ValueError(f"reason must be 'retried' or 'forgotten', not {reason!r}")
@@ -844,7 +853,18 @@ class Journal:
             self._check_open()
             if not self._p_live(id):
                 raise NotFound(id)
+            if if_failed_at is not None and self._p_failed_at(id) != if_failed_at:
+                return False
             self._stage_removed(id, reason, reason)
+            return True
+
+    def _p_failed_at(self, id: str) -> float:
+        """``failed_at`` of the live record of ``id`` in the pending state (lock held)."""
+        op = self._p_ids.get(id)
+        if op is not None:
+            failed_at: float = op[3]
+            return failed_at
+        return self._read(self._pos[id]).failed_at
 
     def stage_flush(self) -> None:
         """Stage dropping every failed job."""
@@ -1287,6 +1307,18 @@ class Journal:
     def get(self, id: str) -> FailedJob:
         """The whole committed record of ``id``, read from disk; ``NotFound`` if absent."""
         return self.get_raw(id)[0]
+
+    def failed_at(self, id: str) -> float:
+        """The exact ``failed_at`` (Unix seconds) of the committed record of ``id``.
+
+        What ``stage_removed(..., if_failed_at=)`` compares against; ``NotFound`` if absent.
+        """
+        with self._lock:
+            self._check_open()
+            p = self._pos.get(id)
+            if p is None:
+                raise NotFound(id)
+            return self._read(p).failed_at
 
     def get_raw(self, id: str) -> tuple[FailedJob, bytes]:
         """``get`` plus the payload's msgpack bytes exactly as stored (for a retry)."""

@@ -1333,3 +1333,24 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_record(tmp_path: Path) 
             newest = j.page(0, len(j))
             assert len({v.id for v in newest}) == len(j)  # each record exactly once
             present = {v.id for v in newest}  # the baseline of the next cycle
+
+
+def test_remove_if_failed_at_keeps_a_newer_failure(jdir: Path) -> None:
+    """A retry must not drop a newer failure of the same job that arrived meanwhile."""
+    j = open_j(jdir)
+    try:
+        j.stage_failed(fj(1, at=T0))
+        j.commit()
+        seen = j.failed_at("job-1")
+        assert seen == T0
+        j.stage_failed(fj(1, at=T0 + 7))  # failed again while the retry was in flight
+        assert j.stage_removed("job-1", "retried", if_failed_at=seen) is False
+        j.commit()
+        assert j.failed_at("job-1") == T0 + 7
+        assert j.stage_removed("job-1", "retried", if_failed_at=T0 + 7) is True
+        j.commit()
+        assert "job-1" not in j
+        with pytest.raises(NotFound):
+            j.failed_at("job-1")
+    finally:
+        j.close()
