@@ -67,6 +67,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from qdash_mp.errors import ConfigError, ProtocolError
@@ -93,6 +94,8 @@ from qdash_mp.protocol import (
     pack_failed,
 )
 from qdash_mp.settings import default_socket_path
+from qdash_mp.spool import Replayer, SpoolFile
+from qdash_mp.throttle import LogThrottle
 
 __all__ = ["Client"]
 
@@ -115,42 +118,26 @@ _MAX_TEXT = 64 * 1024
 _QUEUES_PER_BATCH = 2000
 """Counter rows per batch, so a batch stays far below ``MAX_FRAME`` whatever the names."""
 
+_SPOOL_SLACK = 10_000
+"""With a spool, hooks keep failed jobs up to ``max(2 * bound, bound + this)`` while the
+sender thread moves them to disk; only past that (disk failing or far too slow) are details
+dropped."""
+
+_SPOOL_RETRY = 5.0
+"""Seconds before trying again to create a spool file after that failed."""
+
+_SPOOL_JOIN = 10.0
+"""Extra seconds ``close`` waits for the sender thread when it may be writing the spool."""
+
 _HANDSHAKE_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 1.0
 _FIRST_BACKOFF = 0.05
-_LOG_EVERY = 60.0
 _SOCKET_PATH_MAX = 107
 
 
 def _gil_disabled() -> bool:
     is_enabled = getattr(sys, "_is_gil_enabled", None)
     return is_enabled is not None and not is_enabled()
-
-
-class _Throttle:
-    """At most one log line per key per ``every`` seconds, with a count of the rest."""
-
-    def __init__(self, every: float = _LOG_EVERY) -> None:
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def log(self, key: str, level: int, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.every:
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            return
-        skipped = self._skipped.pop(key, 0)
-        self._last[key] = now
-        if skipped:
-            log.log(level, msg + " (%d more like this not logged)", *args, skipped)
-        else:
-            log.log(level, msg, *args)
-
-    def reset(self, key: str) -> None:
-        self._last.pop(key, None)
-        self._skipped.pop(key, None)
 
 
 class Client:
@@ -178,6 +165,7 @@ class Client:
         "_counts",
         "_cut_gen",
         "_cut_seq",
+        "_cut_stream",
         "_decoder",
         "_dropped_failed",
         "_failed",
@@ -185,6 +173,8 @@ class Client:
         "_flush_gen",
         "_flush_interval",
         "_gave_up",
+        "_gen",
+        "_hard_pending",
         "_hello_deadline",
         "_hook_errors",
         "_host",
@@ -197,6 +187,7 @@ class Client:
         "_processed",
         "_pushed",
         "_reconnect_max",
+        "_replayer",
         "_requeue",
         "_requeue_jobs",
         "_requeue_queues",
@@ -207,10 +198,15 @@ class Client:
         "_seq",
         "_sock",
         "_socket_path",
+        "_spool",
+        "_spool_dir",
+        "_spool_retry_at",
+        "_spools_pending",
         "_stop",
         "_thread",
         "_throttle",
         "_unacked",
+        "_wake_every",
         "_wake_r",
         "_wake_w",
         "_welcomed",
@@ -232,6 +228,7 @@ class Client:
         reconnect_max: float = 1.0,
         max_pending_failed: int = 100_000,
         max_unacked: int = 16,
+        spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         path = os.fspath(socket_path) if socket_path is not None else str(default_socket_path())
         if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
@@ -251,6 +248,14 @@ class Client:
         ):
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{name} must be an int >= 1, not {value!r}")
+        spool = None
+        if spool_dir is not None:
+            spool = Path(os.fspath(spool_dir)).absolute()
+            try:
+                spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot use spool_dir {str(spool)!r}: {exc}") from None
+        self._spool_dir = spool
         self._socket_path = path
         self._requeue = requeue
         self._requeue_queues = _requeue_list(requeue, requeue_queues)
@@ -259,10 +264,16 @@ class Client:
         self._max_batch_failed = max_batch_failed
         self._max_pending_failed = max_pending_failed
         self._max_unacked = max_unacked
+        if spool is None:
+            self._hard_pending = max_pending_failed
+            self._wake_every = max_batch_failed
+        else:
+            self._hard_pending = max(2 * max_pending_failed, max_pending_failed + _SPOOL_SLACK)
+            self._wake_every = min(max_batch_failed, max_pending_failed)
         self._host = socket.gethostname()[:MAX_NAME]
         self._closed = False
         self._close_result = False
-        self._throttle = _Throttle()
+        self._throttle = LogThrottle(log)
         self._hook_errors = 0
         self._reset(client_id or uuid.uuid4().hex)
         _install_process_hooks()
@@ -290,11 +301,32 @@ class Client:
         self._seq = 0
         self._acked = 0
         self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
-        # flush(): waiters bump _flush_gen; the sender sets _cut_gen/_cut_seq once every
-        # count and failed job reported before that generation is inside batch _cut_seq.
+        # flush(): waiters bump _flush_gen; the sender sets _cut_gen/_cut_seq/_cut_stream
+        # once every count and failed job reported before that generation is inside batch
+        # _cut_seq of stream _cut_stream.
         self._flush_gen = 0
         self._cut_gen = 0
         self._cut_seq = 0
+        self._cut_stream = 0
+        # Spool: _gen numbers this process's streams (client ids). While the collector is
+        # away, batches of stream _gen go to the spool file _spool; at the next connection
+        # that file is handed to the replayer and the live stream starts over with a new id
+        # (_gen + 1). _spools_pending: streams whose spool is not yet fully acknowledged.
+        self._gen = 0
+        self._spool: SpoolFile | None = None
+        self._spools_pending: set[int] = set()
+        self._spool_retry_at = 0.0
+        self._replayer: Replayer | None = None
+        if self._spool_dir is not None:
+            self._replayer = Replayer(
+                self._spool_dir,
+                self._socket_path,
+                self._host,
+                window=self._max_unacked,
+                reconnect_max=self._reconnect_max,
+                on_done=self._spool_replayed,
+                on_unreachable=self._replay_unreachable,
+            )
         self._stop = False
         self._closing = False
         self._gave_up = False
@@ -322,6 +354,8 @@ class Client:
             target=self._run, name=f"qdash-client-{self._client_id[:8]}", daemon=True
         )
         self._thread.start()
+        if self._replayer is not None:
+            self._replayer.start(name=f"qdash-spool-{self._client_id[:8]}")
 
     def _after_fork_in_child(self) -> None:
         """Forget the parent's connection, counts and threads; start over as a new client."""
@@ -330,6 +364,11 @@ class Client:
                 s.close()  # only this process's copy of the descriptor; the parent keeps its own
         if self._sel is not None:
             self._sel.close()
+        # Close only this process's copies: the parent keeps its spool locks and files.
+        if self._spool is not None:
+            self._spool.release()
+        if self._replayer is not None:
+            self._replayer.forget_in_child()
         was_closed = self._closed
         self._reset(uuid.uuid4().hex)
         if not was_closed:
@@ -352,6 +391,23 @@ class Client:
     def dropped_failed(self) -> int:
         """Failed jobs counted but whose details were dropped (pending list full)."""
         return self._dropped_failed
+
+    @property
+    def spool_dir(self) -> Path | None:
+        """Where undeliverable batches are spooled (``None``: kept in memory only)."""
+        return self._spool_dir
+
+    def spool_pending(self) -> int:
+        """Spooled batches the collector has not acknowledged yet.
+
+        This client's own and those of earlier clients whose spool files it took over;
+        0 without a ``spool_dir``. A snapshot, for tests and monitoring.
+        """
+        spool = self._spool
+        n = spool.pending() if spool is not None else 0
+        if self._replayer is not None:
+            n += self._replayer.pending()
+        return n
 
     # ------------------------------------------------------------------ hooks (hot path)
 
@@ -434,14 +490,15 @@ class Client:
 
     def _record_failed(self, queue: str, job: Job, error: BaseException | str) -> None:
         jobs = self._failed_jobs
-        if len(jobs) >= self._max_pending_failed:
+        if len(jobs) >= self._hard_pending:
             self._dropped_failed += 1
             self._throttle.log(
                 "failed-full",
                 logging.WARNING,
-                "qdash_mp client: %d failed jobs are waiting for the collector; details of "
+                "qdash_mp client: %d failed jobs are waiting for the collector%s; details of "
                 "newer failures are dropped (they are still counted)",
                 len(jobs),
+                "" if self._spool_dir is None else " and cannot be spooled",
             )
             return
         if not isinstance(error, BaseException | str):
@@ -476,7 +533,7 @@ class Client:
             )
             packed = pack_failed(record)
         jobs.append(packed)
-        if len(jobs) % self._max_batch_failed == 0:
+        if len(jobs) % self._wake_every == 0:
             self._wake()
 
     # ------------------------------------------------------------------ flush / close
@@ -502,15 +559,25 @@ class Client:
                 return False
             if self._cut_gen < gen:
                 return False
-            target = self._cut_seq
+            stream, target = self._cut_stream, self._cut_seq
             return self._cond.wait_for(
-                lambda: self._acked >= target or self._gave_up or self._stop,
+                lambda: self._reached(stream, target) or self._gave_up or self._stop,
                 _remaining(deadline),
-            ) and (self._acked >= target)
+            ) and self._reached(stream, target)
+
+    def _reached(self, stream: int, seq: int) -> bool:
+        """(Under ``_cond``) Batch ``seq`` of stream ``stream`` and all before are acknowledged.
+
+        Streams retired to a spool file are acknowledged once their file is replayed; so
+        are all earlier streams, which a flush also waits for.
+        """
+        if any(g <= stream for g in self._spools_pending):
+            return False
+        return stream < self._gen or self._acked >= seq
 
     def _settled(self) -> bool:
         """(Closed client) True if nothing reported is left unacknowledged."""
-        return not self._unacked and not self._has_news()
+        return not self._unacked and not self._has_news() and not self._spools_pending
 
     def close(self, timeout: float | None = 5.0) -> bool:
         """Flush (waiting at most ``timeout`` s), then stop; True if all was acknowledged.
@@ -530,14 +597,26 @@ class Client:
         self._wake()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=_CONNECT_TIMEOUT + 1.0)
+            extra = 0.0 if self._spool_dir is None else _SPOOL_JOIN
+            thread.join(timeout=_CONNECT_TIMEOUT + 1.0 + extra)
+        if self._replayer is not None:
+            self._replayer.stop(timeout=_CONNECT_TIMEOUT + 1.0)
         if self._requeue_jobs is not None:
             self._requeue_jobs.put(None)
         if thread is None or not thread.is_alive():
             for s in (self._wake_r, self._wake_w):
                 s.close()
         _live.discard(self)
-        if not ok:
+        if not ok and self._spool_dir is not None and self._spool is not None:
+            log.info(
+                "qdash_mp client %s closed with %d batches not acknowledged by the collector "
+                "at %s; they are in %s and a client started with this spool_dir sends them",
+                self._client_id,
+                self._spool.pending(),
+                self._socket_path,
+                self._spool.path,
+            )
+        elif not ok:
             log.warning(
                 "qdash_mp client %s closed with counts or failed jobs not acknowledged by "
                 "the collector at %s",
@@ -578,6 +657,8 @@ class Client:
         finally:
             self._disconnect(None)
             sel.close()
+            if self._spool_dir is not None:
+                self._final_spool()
             with self._cond:
                 self._cond.notify_all()
 
@@ -606,6 +687,13 @@ class Client:
         now = time.monotonic()
         if self._sock is not None and not self._welcomed and now >= self._hello_deadline:
             self._disconnect("no WELCOME from the collector in time")
+        if (
+            self._spool_dir is not None
+            and len(self._failed_jobs) >= self._spool_threshold()
+            and not self._can_send()
+            and self._can_spool(now)
+        ):
+            self._spool_now()
         flush_wanted = self._flush_gen > self._cut_gen
         if self._sock is not None and self._welcomed:
             if now >= next_tick or flush_wanted or len(self._failed_jobs) >= self._max_batch_failed:
@@ -622,9 +710,13 @@ class Client:
     def _wants_connection(self) -> bool:
         if self._stop:
             return False
-        if self._requeue is not None or self._unacked:
+        if self._requeue is not None or self._unacked or self._spool is not None:
             return True
         return self._has_news()
+
+    def _can_send(self) -> bool:
+        """A new batch could go out on the live connection right now."""
+        return self._sock is not None and self._welcomed and len(self._unacked) < self._max_unacked
 
     def _has_news(self) -> bool:
         if self._failed_jobs:
@@ -666,6 +758,8 @@ class Client:
                     self._gave_up = True
                     self._cond.notify_all()
             return
+        if self._spool is not None:
+            self._retire_spool()  # the collector is back: the file goes, a new id comes
         self._sock = sock
         self._conn_gen += 1
         self._welcomed = False
@@ -838,43 +932,187 @@ class Client:
         """Turn everything new into batches (as far as ``max_unacked`` allows) and send."""
         with self._cond:
             gen = self._flush_gen
-        jobs = self._failed_jobs
-        owed = len(jobs)  # failed jobs reported before this cycle; all must go out to cut
-        rows = self._deltas()
-        pending = list(rows.items())
+        owed = len(self._failed_jobs)  # reported before this cycle; all must go out to cut
+        pending = list(self._deltas().items())
         while len(self._unacked) < self._max_unacked and self._sock is not None:
-            chunk = pending[:_QUEUES_PER_BATCH]
-            del pending[: len(chunk)]
-            packed: list[bytes] = []
-            size = 0
-            while jobs and len(packed) < self._max_batch_failed:
-                item = jobs[0]
-                if packed and size + len(item) > _BATCH_BYTES:
-                    break
-                packed.append(jobs.popleft())
-                size += len(item)
-            if not chunk and not packed:
+            batch = self._next_batch(pending, 0)
+            if batch is None:
                 break
-            owed -= len(packed)
-            seq = self._seq + 1
-            frame = encode_batch(seq, {q: (d[0], d[1], d[2], d[3]) for q, d in chunk}, packed)
-            self._seq = seq
-            for q, deltas in chunk:
-                for kind, delta in enumerate(deltas):
-                    if delta:
-                        sent = self._sent[kind]
-                        sent[q] = sent.get(q, 0) + delta
+            seq, frame, taken = batch
+            owed -= taken
             self._unacked.append((seq, frame))
             self._send(frame)
         if not pending and owed <= 0:
             self._cut(gen)
+
+    def _next_batch(
+        self, pending: list[tuple[str, list[int]]], max_jobs: int
+    ) -> tuple[int, bytes, int] | None:
+        """Number the next batch from counter rows taken off ``pending`` and failed jobs
+        taken off the deque: as many as fit in a batch, and at most ``max_jobs`` of them
+        (``max_jobs < 1``: no such limit). ``(seq, frame, failed jobs taken)``, or ``None``
+        if there is nothing to send.
+        """
+        jobs = self._failed_jobs
+        chunk = pending[:_QUEUES_PER_BATCH]
+        del pending[: len(chunk)]
+        limit = self._max_batch_failed if max_jobs < 1 else min(self._max_batch_failed, max_jobs)
+        packed: list[bytes] = []
+        size = 0
+        while jobs and len(packed) < limit:
+            item = jobs[0]
+            if packed and size + len(item) > _BATCH_BYTES:
+                break
+            packed.append(jobs.popleft())
+            size += len(item)
+        if not chunk and not packed:
+            return None
+        seq = self._seq + 1
+        frame = encode_batch(seq, {q: (d[0], d[1], d[2], d[3]) for q, d in chunk}, packed)
+        self._seq = seq
+        for q, deltas in chunk:
+            for kind, delta in enumerate(deltas):
+                if delta:
+                    sent = self._sent[kind]
+                    sent[q] = sent.get(q, 0) + delta
+        return seq, frame, len(packed)
 
     def _cut(self, gen: int) -> None:
         """Every count and failed job reported before flush generation ``gen`` is batched."""
         with self._cond:
             self._cut_gen = max(self._cut_gen, gen)
             self._cut_seq = self._seq
+            self._cut_stream = self._gen
             self._cond.notify_all()
+
+    # ------------------------------------------------------------------ spool
+
+    def _spool_threshold(self) -> int:
+        """Failed jobs in memory past which they go to disk (if they cannot go out now).
+
+        The bound itself while disconnected; halfway to the hard limit while a connection
+        is being set up or is busy, so a collector that is merely slow or just came back
+        gets a chance before its client retires its id to a spool file.
+        """
+        bound = self._max_pending_failed
+        return bound if self._sock is None else (bound + self._hard_pending) // 2
+
+    def _can_spool(self, now: float) -> bool:
+        spool = self._spool
+        if spool is None:
+            return now >= self._spool_retry_at
+        return not spool.broken
+
+    def _spool_now(self) -> bool:
+        """Batch everything not yet batched and move every unacknowledged batch to disk.
+
+        The batches are numbered first and stay in ``_unacked`` until the spool file has
+        them durably (fsync); so a failed write loses nothing and leaves the state as if
+        the collector were merely slow. After a write the live connection (if any) is
+        dropped: this client id's batches now live in the file, and the next connection
+        hands the file to the replayer and goes on under a new id (``_retire_spool``).
+        """
+        assert self._spool_dir is not None
+        with self._cond:
+            gen = self._flush_gen
+        owed = len(self._failed_jobs)
+        pending = list(self._deltas().items())
+        while owed > 0 or pending:
+            batch = self._next_batch(pending, owed)
+            if batch is None:
+                break
+            seq, frame, taken = batch
+            owed -= taken
+            self._unacked.append((seq, frame))
+        self._cut(gen)
+        if not self._unacked:
+            return True
+        spool = self._spool
+        try:
+            if spool is None:
+                spool = SpoolFile.create(self._spool_dir, self._client_id, tag=self._gen)
+                spool.acked = self._acked
+                self._spool = spool
+                with self._cond:
+                    self._spools_pending.add(self._gen)
+            spool.append([(s, f) for s, f in self._unacked if s > spool.last_seq])
+        except (OSError, ValueError) as exc:
+            self._spool_retry_at = time.monotonic() + _SPOOL_RETRY
+            self._throttle.log(
+                "spool-error",
+                logging.ERROR,
+                "qdash_mp client: cannot write the spool in %s (%s); failed jobs stay in "
+                "memory, and past %d their details are dropped",
+                self._spool_dir,
+                exc,
+                self._hard_pending,
+            )
+            return False
+        self._unacked.clear()
+        if self._sock is not None:
+            self._disconnect(None)
+        return True
+
+    def _final_spool(self) -> None:
+        """(Sender thread, stopping) Spool whatever the collector has not acknowledged."""
+        try:
+            if self._unacked or self._has_news():
+                if self._spool is not None and self._spool.broken:
+                    log.error(
+                        "qdash_mp client %s: %d batches and the counts since are lost: the "
+                        "spool file %s could not be written",
+                        self._client_id,
+                        len(self._unacked),
+                        self._spool.path,
+                    )
+                else:
+                    self._spool_now()
+        except Exception:
+            log.exception("qdash_mp client: could not spool at close")
+        finally:
+            if self._spool is not None:
+                self._spool.release()  # the file stays, for the next client with this dir
+
+    def _retire_spool(self) -> None:
+        """Hand the spool of the current client id to the replayer; continue as a new id."""
+        spool = self._spool
+        replayer = self._replayer
+        assert spool is not None
+        assert replayer is not None
+        self._spool = None
+        spool.extra = list(self._unacked)  # only after a failed write: the rest of the id
+        spool.acked = max(spool.acked, self._acked)
+        self._unacked.clear()
+        old = self._client_id
+        self._client_id = uuid.uuid4().hex
+        self._seq = 0
+        with self._cond:
+            self._gen += 1
+            self._acked = 0
+        log.info(
+            "qdash_mp client: the collector at %s is back; %d spooled batches of client %s "
+            "are replayed from %s, new batches go out as client %s",
+            self._socket_path,
+            spool.pending(),
+            old,
+            spool.path,
+            self._client_id,
+        )
+        replayer.add(spool)
+
+    def _spool_replayed(self, spool: SpoolFile) -> None:
+        """(Replayer thread) A spool file was fully acknowledged."""
+        if isinstance(spool.tag, int):
+            with self._cond:
+                self._spools_pending.discard(spool.tag)
+                self._cond.notify_all()
+
+    def _replay_unreachable(self) -> None:
+        """(Replayer thread) The collector could not be reached for a replay."""
+        if self._closing:
+            with self._cond:
+                self._gave_up = True
+                self._cond.notify_all()
 
     def _deltas(self) -> dict[str, list[int]]:
         """``cumulative - sent`` per queue, for the queues where anything changed."""

@@ -3,7 +3,10 @@
 Run as ``python -m qdash_testing.worker --socket S --pushed N --processed N --failed N``; it
 prints one JSON line ``{"flushed": bool, "client_id": ...}`` when done. With ``--requeue-file``
 it registers a requeue callback that appends retried job ids to that file and stays up
-until stdin closes.
+until stdin closes. With ``--spool-dir`` the client spools what it cannot deliver;
+``--no-flush`` skips the flush and closes at once (a collector that is down gets the rest
+spooled), printing ``{"flushed": false, "closed": bool, "client_id": ..., "spool_pending": n}``
+and exiting 0.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=1, help="split the calls into this many rounds")
     p.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
     p.add_argument("--announce", action="store_true", help='print "calls done" before flushing')
+    p.add_argument("--spool-dir", default=None)
+    p.add_argument("--max-pending-failed", type=int, default=100_000)
+    p.add_argument("--max-batch-failed", type=int, default=1000)
+    p.add_argument("--no-flush", action="store_true", help="close without flushing first")
     args = p.parse_args()
 
     requeue = None
@@ -45,7 +52,13 @@ def main() -> int:
             with out.open("a") as f:
                 f.write(job.id + "\n")
 
-    client = Client(args.socket, requeue=requeue)
+    client = Client(
+        args.socket,
+        requeue=requeue,
+        spool_dir=args.spool_dir,
+        max_pending_failed=args.max_pending_failed,
+        max_batch_failed=args.max_batch_failed,
+    )
     on_pushed, on_processed = client.on_pushed, client.on_processed
     q = args.queue
     n = max(1, args.chunks)
@@ -65,6 +78,16 @@ def main() -> int:
             time.sleep(args.pause)
     if args.announce:
         print("calls done", flush=True)
+    if args.no_flush:
+        closed = client.close()
+        report = {
+            "flushed": False,
+            "closed": closed,
+            "client_id": client.client_id,
+            "spool_pending": client.spool_pending(),
+        }
+        print(json.dumps(report), flush=True)
+        return 0
     flushed = client.flush(timeout=args.flush_timeout)
     print(json.dumps({"flushed": flushed, "client_id": client.client_id}), flush=True)
     if args.requeue_file:

@@ -1,0 +1,538 @@
+"""The client spool: nothing counted or failed is lost while the collector is away.
+
+Three layers: the pure file format (``qdash_mp.spool_format``: every truncation, every bit
+flip), spool files on disk (``qdash_mp.spool``: locks, takeover, torn tails), and the whole
+path end to end with real collector processes and real worker processes: a worker fails
+jobs while the collector is down and exits, a later client with the same spool directory
+delivers everything exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qdash_testing.collector import CollectorProc, run_worker, short_dir, wait_for
+
+from qdash_mp import Client, Job
+from qdash_mp.protocol import (
+    Ack,
+    Batch,
+    FrameDecoder,
+    Hello,
+    Welcome,
+    encode,
+)
+from qdash_mp.spool import SpoolFile, adopt_orphans
+from qdash_mp.spool_format import (
+    RECORD_HEAD,
+    SpoolCorrupt,
+    decode_header,
+    encode_header,
+    encode_record,
+    scan,
+)
+
+WAIT = 30.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def batch_frame(seq: int, counters: dict[str, tuple[int, int, int, int]] | None = None) -> bytes:
+    return encode(Batch(seq=seq, counters=counters or {"q": (seq, 0, 0, 0)}))
+
+
+def spool_bytes(client_id: str, seqs: range) -> bytes:
+    return encode_header(client_id) + b"".join(encode_record(s, batch_frame(s)) for s in seqs)
+
+
+def decode_frame(frame: bytes) -> Batch:
+    msgs = FrameDecoder().feed(frame)
+    assert len(msgs) == 1
+    assert isinstance(msgs[0], Batch)
+    return msgs[0]
+
+
+def spool_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.spool"))
+
+
+def batches_in(path: Path) -> list[Batch]:
+    """The batches a (possibly torn) spool file would replay."""
+    data = path.read_bytes()
+    result = scan(data)
+    return [decode_frame(data[r.offset : r.end]) for r in result.records]
+
+
+# --------------------------------------------------------------------------- format
+
+
+def test_header_and_records_round_trip() -> None:
+    data = spool_bytes("abc", range(3, 8))
+    result = scan(data)
+    assert result.client_id == "abc"
+    assert result.problem is None
+    assert result.end == len(data)
+    assert [r.seq for r in result.records] == [3, 4, 5, 6, 7]
+    for r in result.records:
+        assert data[r.offset : r.end] == batch_frame(r.seq)
+    assert decode_header(data) == ("abc", result.header_size)
+
+
+def test_docstring_example_bytes() -> None:
+    frame = batch_frame(1, {"q": (1, 0, 0, 0)})
+    assert frame.hex(" ") == "00 00 00 0c 94 03 01 81 a1 71 94 01 00 00 00 90"
+    data = encode_header("ab") + encode_record(1, frame)
+    assert data[:14].hex(" ") == "51 44 53 50 4f 4f 4c 00 01 00 02 00 61 62"
+    assert data[22:34].hex(" ") == "01 00 00 00 00 00 00 00 10 00 00 00"
+    assert len(data) == 18 + RECORD_HEAD.size + len(frame)
+
+
+def test_every_truncation_keeps_exactly_the_whole_records() -> None:
+    data = spool_bytes("trunc", range(1, 5))
+    full = scan(data)
+    header = full.header_size
+    for cut in range(header, len(data) + 1):
+        result = scan(data[:cut])
+        whole = [r for r in full.records if r.end <= cut]
+        assert result.records == whole, cut
+        assert result.end == (whole[-1].end if whole else header)
+        assert (result.problem is None) == (cut == result.end), cut
+    for cut in range(header):
+        with pytest.raises(SpoolCorrupt):
+            scan(data[:cut])
+
+
+def test_every_bit_flip_is_caught() -> None:
+    data = spool_bytes("flip", range(1, 4))
+    full = scan(data)
+    for i in range(len(data)):
+        for bit in range(8):
+            bad = bytearray(data)
+            bad[i] ^= 1 << bit
+            if i < full.header_size:
+                with pytest.raises(SpoolCorrupt):
+                    scan(bytes(bad))
+                continue
+            result = scan(bytes(bad))
+            assert result.problem is not None, (i, bit)
+            # Only records wholly before the flipped byte survive, byte for byte.
+            assert all(r.end <= i for r in result.records), (i, bit)
+            assert result.records == [r for r in full.records if r.end <= i]
+
+
+def test_records_that_do_not_follow_or_do_not_match_are_cut() -> None:
+    head = encode_header("x")
+    gap = head + encode_record(1, batch_frame(1)) + encode_record(3, batch_frame(3))
+    result = scan(gap)
+    assert [r.seq for r in result.records] == [1]
+    assert result.problem is not None
+    assert "does not follow" in result.problem
+
+    mismatch = head + encode_record(1, batch_frame(1)) + encode_record(2, batch_frame(5))
+    result = scan(mismatch)
+    assert [r.seq for r in result.records] == [1]
+    assert result.problem is not None
+    assert "holds batch 5" in result.problem
+
+    not_batch = head + encode_record(1, encode(Ack(seq=1)))
+    result = scan(not_batch)
+    assert result.records == []
+    assert result.problem is not None
+    assert "not a BATCH" in result.problem
+    assert scan(not_batch, verify=False).records != []  # checksum and length alone pass
+
+
+def test_bad_headers_are_refused() -> None:
+    good = encode_header("abc")
+    with pytest.raises(SpoolCorrupt, match="not a spool file"):
+        scan(b"JUNKJUNK" + good[8:])
+    with pytest.raises(SpoolCorrupt, match="checksum"):
+        scan(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(ValueError, match="client_id"):
+        encode_header("")
+    with pytest.raises(ValueError, match="seq"):
+        encode_record(0, batch_frame(1))
+
+
+# --------------------------------------------------------------------------- files
+
+
+@pytest.fixture
+def spool_dir() -> Iterator[Path]:
+    path = short_dir("qsp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_held_file_is_not_taken_over_and_a_released_one_is(spool_dir: Path) -> None:
+    owner = SpoolFile.create(spool_dir, "owner-1", tag=0)
+    owner.append([(1, batch_frame(1)), (2, batch_frame(2))])
+    assert adopt_orphans(spool_dir) == []  # flock: another open file, even in this process
+    assert owner.path.exists()
+    owner.release()
+    [taken] = adopt_orphans(spool_dir)
+    try:
+        assert taken.client_id == "owner-1"
+        assert [seq for seq, _ in taken.frames(0)] == [1, 2]
+        assert [frame for _, frame in taken.frames(1)] == [batch_frame(2)]
+        assert adopt_orphans(spool_dir) == []  # now we hold it
+        assert taken.pending() == 2
+        taken.ack(1)
+        assert taken.pending() == 1
+        taken.remove()
+        assert spool_files(spool_dir) == []
+    finally:
+        taken.release()
+
+
+def test_takeover_cuts_a_torn_tail_and_logs_it(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = SpoolFile.create(spool_dir, "torn")
+    spool.append([(s, batch_frame(s)) for s in range(1, 4)])
+    spool.release()
+    size = spool.path.stat().st_size
+    with spool.path.open("r+b") as f:
+        f.truncate(size - 5)
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.spool"):
+        [taken] = adopt_orphans(spool_dir)
+    try:
+        assert [seq for seq, _ in taken.frames(0)] == [1, 2]
+        assert any("torn or corrupt tail" in r.message for r in caplog.records)
+        assert spool.path.stat().st_size == scan(spool.path.read_bytes()).end
+        # The cut file can be appended to again after the last whole batch.
+        taken.append([(3, batch_frame(3))])
+        assert scan(spool.path.read_bytes()).last_seq == 3
+    finally:
+        taken.release()
+
+
+def test_files_without_a_valid_header_or_batch_are_set_aside_or_removed(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (spool_dir / "bad.spool").write_bytes(b"not a spool at all")
+    (spool_dir / "empty.spool").write_bytes(encode_header("empty"))
+    stale = spool_dir / ".x.1.abcd.spool.new"
+    stale.write_bytes(encode_header("x"))
+    fresh = spool_dir / ".y.1.abcd.spool.new"
+    fresh.write_bytes(encode_header("y"))
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    with caplog.at_level(logging.INFO, logger="qdash_mp.spool"):
+        assert adopt_orphans(spool_dir) == []
+    assert (spool_dir / "bad.spool.corrupt").exists()
+    assert not (spool_dir / "empty.spool").exists()
+    assert not stale.exists()
+    assert fresh.exists()  # maybe a create in progress
+    assert any("cannot be replayed" in r.message for r in caplog.records)
+
+
+def test_a_reused_client_id_gets_its_own_file(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = SpoolFile.create(spool_dir, "same")
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.spool"):
+        second = SpoolFile.create(spool_dir, "same")
+    try:
+        assert first.path != second.path
+        assert {p.name for p in spool_files(spool_dir)} == {"same.spool", "same~1.spool"}
+        assert any("already exists" in r.message for r in caplog.records)
+    finally:
+        first.release()
+        second.release()
+
+
+def test_odd_client_ids_get_safe_file_names(spool_dir: Path) -> None:
+    spool = SpoolFile.create(spool_dir, "../../etc/passwd é")
+    try:
+        assert spool.path.parent == spool_dir
+        assert spool.path.name.startswith("id-")
+        assert decode_header(spool.path.read_bytes())[0] == "../../etc/passwd é"
+    finally:
+        spool.release()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def collector(data_dir: Path) -> Iterator[CollectorProc]:
+    """A collector that is *not* started yet: tests start it when they want it up."""
+    proc = CollectorProc(data_dir)
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def make(socket_path: str, **kwargs: Any) -> Client:
+        kwargs.setdefault("flush_interval", 0.02)
+        kwargs.setdefault("reconnect_max", 0.1)
+        client = Client(socket_path, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close(timeout=0.5)
+
+
+def get_json(url: str) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def totals(c: CollectorProc) -> dict[str, int]:
+    stats = get_json(c.http + "/queues/api/stats")
+    return {k: stats["totals"][k] for k in ("pushed", "processed", "failed", "retried")}
+
+
+def failed_ids(c: CollectorProc) -> list[str]:
+    """Every failed job id the collector lists (duplicates kept)."""
+    first = get_json(c.http + "/queues/api/failed?page=1")
+    ids = [j["id"] for j in first["jobs"]]
+    for page in range(2, first["pages"] + 1):
+        ids += [j["id"] for j in get_json(c.http + f"/queues/api/failed?page={page}")["jobs"]]
+    assert len(ids) == first["total"]
+    return ids
+
+
+def spool_worker(socket_path: str, spool: Path, **kw: Any) -> dict[str, Any]:
+    """Run a worker that closes without flushing (the collector is down) and spools."""
+    worker = run_worker(socket_path, spool_dir=str(spool), no_flush=True, **kw)
+    out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, out
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    assert report["closed"] is False
+    return report
+
+
+def replayed(client: Client, spool: Path) -> bool:
+    return client.spool_pending() == 0 and not spool_files(spool)
+
+
+@pytest.mark.slow
+def test_worker_spools_5000_failed_jobs_and_a_later_client_delivers_them(
+    collector: CollectorProc, spool_dir: Path, clients: Callable[..., Client]
+) -> None:
+    report = spool_worker(
+        collector.socket, spool_dir, pushed=7_000, processed=1_500, failed=5_000, id_prefix="w"
+    )
+    assert report["spool_pending"] > 0
+    [path] = spool_files(spool_dir)
+    assert path.name == report["client_id"] + ".spool"
+
+    collector.start()
+    client = clients(collector.socket, spool_dir=spool_dir)
+    wait_for(lambda: replayed(client, spool_dir), WAIT, "the spool to be replayed")
+
+    assert totals(collector) == {"pushed": 7_000, "processed": 1_500, "failed": 5_000, "retried": 0}
+    ids = failed_ids(collector)
+    assert sorted(ids) == sorted(f"w-{i}" for i in range(5_000))
+    assert client.flush(WAIT)  # the replaying client itself had nothing to say
+
+
+@pytest.mark.slow
+def test_past_the_memory_bound_nothing_is_dropped(
+    collector: CollectorProc, spool_dir: Path, clients: Callable[..., Client]
+) -> None:
+    bound = 50
+    client = clients(
+        collector.socket, spool_dir=spool_dir, max_pending_failed=bound, max_batch_failed=40
+    )
+    for i in range(1_000):
+        client.on_processed("q")
+        client.on_failed("q", Job(id=f"m-{i}", name="t", payload={"i": i}), "boom")
+    # The sender moved the backlog to disk; memory holds less than the bound again.
+    wait_for(lambda: len(client._failed_jobs) < bound, WAIT, "the backlog to be spooled")
+    assert client.spool_pending() > 0
+    assert client.dropped_failed == 0
+    [path] = spool_files(spool_dir)
+    spooled = [f.job_id for b in batches_in(path) for f in b.failed]
+    assert len(spooled) >= 1_000 - bound
+    assert spooled == [f"m-{i}" for i in range(len(spooled))]  # in order
+
+    collector.start()
+    assert client.flush(WAIT)
+    assert client.spool_pending() == 0
+    assert spool_files(spool_dir) == []
+    assert totals(collector) == {"pushed": 0, "processed": 1_000, "failed": 1_000, "retried": 0}
+    assert sorted(failed_ids(collector)) == sorted(f"m-{i}" for i in range(1_000))
+
+
+@pytest.mark.slow
+def test_a_torn_spool_replays_its_whole_records(
+    collector: CollectorProc,
+    spool_dir: Path,
+    clients: Callable[..., Client],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spool_worker(collector.socket, spool_dir, pushed=300, failed=2_500, id_prefix="t")
+    [path] = spool_files(spool_dir)
+    whole = batches_in(path)
+    assert len(whole) == 3
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 7)  # a crash in the middle of the last append
+    kept = batches_in(path)
+    assert len(kept) == 2
+    expect_ids = [f.job_id for b in kept for f in b.failed]
+    expect = [sum(b.counters.get("q", (0, 0, 0, 0))[k] for b in kept) for k in range(4)]
+
+    collector.start()
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.spool"):
+        client = clients(collector.socket, spool_dir=spool_dir)
+        wait_for(lambda: replayed(client, spool_dir), WAIT, "the spool to be replayed")
+    cuts = [r for r in caplog.records if "torn or corrupt tail" in r.message]
+    assert len(cuts) == 1
+    assert path.name in cuts[0].getMessage()
+
+    assert totals(collector) == dict(
+        zip(("pushed", "processed", "failed", "retried"), expect, strict=True)
+    )
+    assert sorted(failed_ids(collector)) == sorted(expect_ids)
+    assert len(expect_ids) == 2_000
+
+
+def send_raw(socket_path: str, client_id: str, frames: list[bytes]) -> int:
+    """HELLO as ``client_id``, send ``frames``, wait for the ACK of the last; its seq."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(socket_path)
+    decoder = FrameDecoder()
+    try:
+        sock.sendall(encode(Hello(client_id=client_id, pid=os.getpid(), host="test")))
+        msgs: list[Any] = []
+        while not msgs:
+            msgs = decoder.feed(sock.recv(65536))
+        assert isinstance(msgs[0], Welcome)
+        sock.sendall(b"".join(frames))
+        want = decode_frame(frames[-1]).seq
+        acked = 0
+        while acked < want:
+            for msg in decoder.feed(sock.recv(65536)):
+                assert isinstance(msg, Ack)
+                acked = max(acked, msg.seq)
+        return acked
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_replay_after_the_collector_applied_part_of_it_duplicates_nothing(
+    collector: CollectorProc, spool_dir: Path, clients: Callable[..., Client]
+) -> None:
+    report = spool_worker(
+        collector.socket,
+        spool_dir,
+        pushed=1_000,
+        processed=900,
+        failed=1_000,
+        max_batch_failed=100,
+        id_prefix="p",
+    )
+    [path] = spool_files(spool_dir)
+    data = path.read_bytes()
+    records = scan(data).records
+    assert len(records) == 10
+    collector.start()
+    # The collector got the first 4 batches (and the client never heard the ACK).
+    assert (
+        send_raw(
+            collector.socket, report["client_id"], [data[r.offset : r.end] for r in records[:4]]
+        )
+        == 4
+    )
+
+    client = clients(collector.socket, spool_dir=spool_dir)
+    wait_for(lambda: replayed(client, spool_dir), WAIT, "the spool to be replayed")
+    assert totals(collector) == {"pushed": 1_000, "processed": 900, "failed": 1_000, "retried": 0}
+    ids = failed_ids(collector)
+    assert len(ids) == len(set(ids)) == 1_000
+
+    # Replaying the very same file again (a crash before the delete) changes nothing.
+    path.write_bytes(data)
+    other = clients(collector.socket, spool_dir=spool_dir)
+    wait_for(lambda: replayed(other, spool_dir), WAIT, "the second replay")
+    assert totals(collector) == {"pushed": 1_000, "processed": 900, "failed": 1_000, "retried": 0}
+    assert len(failed_ids(collector)) == 1_000
+
+
+@pytest.mark.slow
+def test_collector_killed_during_a_replay_loses_and_doubles_nothing(
+    collector: CollectorProc, spool_dir: Path, clients: Callable[..., Client]
+) -> None:
+    spool_worker(
+        collector.socket,
+        spool_dir,
+        pushed=20_000,
+        processed=20_000,
+        failed=8_000,
+        max_batch_failed=50,
+        id_prefix="k",
+    )
+    collector.start()
+    client = clients(collector.socket, spool_dir=spool_dir, max_unacked=4)
+    wait_for(lambda: 0 < client.spool_pending() < 160, WAIT, "the replay to be under way")
+    collector.kill()
+    collector.start()
+    wait_for(lambda: replayed(client, spool_dir), WAIT, "the spool to be replayed")
+    assert totals(collector) == {
+        "pushed": 20_000,
+        "processed": 20_000,
+        "failed": 8_000,
+        "retried": 0,
+    }
+    ids = failed_ids(collector)
+    assert len(ids) == len(set(ids)) == 8_000
+
+
+@pytest.mark.slow
+def test_a_file_held_by_a_live_client_is_not_taken(
+    collector: CollectorProc, spool_dir: Path, clients: Callable[..., Client]
+) -> None:
+    first = spool_worker(collector.socket, spool_dir, failed=100, id_prefix="a")
+    live = clients(collector.socket, spool_dir=spool_dir, max_pending_failed=10)
+    wait_for(lambda: live.spool_pending() == 1, WAIT, "the live client to take the orphan")
+    for i in range(100):
+        live.on_failed("q", Job(id=f"l-{i}", name="t"), "boom")
+    own = spool_dir / f"{live.client_id}.spool"
+    wait_for(own.exists, WAIT, "the live client's own spool")
+    second = spool_worker(collector.socket, spool_dir, failed=100, id_prefix="b")
+
+    # A client started now takes the new orphan (one batch), and neither file the live
+    # client holds: the one it took over, nor its own.
+    other = clients(collector.socket, spool_dir=spool_dir)
+    wait_for(lambda: other.spool_pending() > 0, WAIT, "the new orphan to be taken over")
+    assert other.spool_pending() == 1
+    assert live.spool_pending() > 1
+    held = {f"{first['client_id']}.spool", own.name}
+    assert held <= {p.name for p in spool_files(spool_dir)}
+    assert f"{second['client_id']}.spool" in {p.name for p in spool_files(spool_dir)}
+
+    collector.start()
+    assert live.flush(WAIT)  # its own spool is replayed
+    wait_for(lambda: replayed(live, spool_dir) and replayed(other, spool_dir), WAIT, "replays")
+    assert totals(collector)["failed"] == 300
+    expect = [f"{p}-{i}" for p in ("a", "l", "b") for i in range(100)]
+    assert sorted(failed_ids(collector)) == sorted(expect)
