@@ -42,6 +42,7 @@ from qdash_mp.errors import (
     ConfigError,
     JournalError,
     ProtocolError,
+    QdashError,
     RetryConflict,
     RetryError,
     RetryUnavailable,
@@ -212,10 +213,13 @@ class Collector:
                 max_age=s.max_failed_age,
             )
             try:
-                stats = SharedStats.create_or_attach(s.shm)
+                stats = SharedStats.create_or_attach(s.shm, restore_from=s.counters_file)
             except BaseException:
                 journal.close()
                 raise
+            # Restored, or stale next to a segment that survived a crash: either way the
+            # snapshot has served; left behind it could later roll counters back.
+            s.counters_file.unlink(missing_ok=True)
             self._live = _Live(stats, journal, GroupCommit(journal))
             await self._listen()
             if s.http_enabled:
@@ -395,6 +399,11 @@ class Collector:
             await live.group.close()
             live.journal.close()
             if clean:
+                # Counters outlive a clean restart through a snapshot file, not the segment.
+                try:
+                    live.stats.save(self.settings.counters_file)
+                except (OSError, QdashError) as exc:
+                    log.error("could not save the counters (they restart from 0): %s", exc)
                 live.stats.unlink()
             live.stats.close()
         if clean:

@@ -88,6 +88,11 @@ class CollectorSettings:
         return self.data_dir / STATE_NAME
 
     @property
+    def counters_file(self) -> Path:
+        """``<data_dir>/counters.snapshot``: counters saved at a clean stop, restored at start."""
+        return self.data_dir / "counters.snapshot"
+
+    @property
     def shm(self) -> str:
         """The shared-memory segment name (no leading slash)."""
         if self.shm_name:
