@@ -93,6 +93,7 @@ def run(cfg: Config) -> list[Row]:
     p50s: list[float] = []
     p99s: list[float] = []
     achieved: list[float] = []
+    phases: dict[str, list[float]] = {"calls_done_s": [], "acked_s": []}
     with contextlib.ExitStack() as stack:
         collector, _ = start_collector(stack, short_dir(stack, cfg, "qdf"))
         try:
@@ -116,7 +117,7 @@ def run(cfg: Config) -> list[Row]:
                     continue
                 tag = f"r{rep}"
                 if subject == "qdash_mp":
-                    rate = _run_qdash(collector, reader, count, tag)
+                    rate = _run_qdash(collector, reader, count, tag, phases)
                     journaled += PRODUCERS * count
                     total = _journal_total(collector.http)
                     if total != journaled:
@@ -163,6 +164,9 @@ def run(cfg: Config) -> list[Row]:
                 extra={"records_per_producer": count, "payload_bytes": PAYLOAD_BYTES},
             )
         )
+        if subject == "qdash_mp":
+            # Where the time went: until the last on_failed() call returned, until acked.
+            rows[-1].extra.update({k: [round(x, 3) for x in v] for k, v in phases.items()})
     lat_note = f"at {PRODUCERS}x{RATE_PER_PRODUCER}/s, flush() after every {GROUP} failures"
     extra = {"achieved_rate": [round(r) for r in achieved]}
     rows.append(
@@ -180,7 +184,9 @@ def _journal_total(http: str) -> int:
         return total
 
 
-def _run_qdash(collector: Any, reader: Any, count: int, tag: str) -> float:
+def _run_qdash(
+    collector: Any, reader: Any, count: int, tag: str, phases: dict[str, list[float]]
+) -> float:
     queue = f"failed-{tag}"
     params = [
         {"socket": collector.socket, "queue": queue, "count": count, "prefix": f"{tag}-{i}"}
@@ -196,7 +202,10 @@ def _run_qdash(collector: Any, reader: Any, count: int, tag: str) -> float:
     failed = sum(s.failed for s in reader.snapshot().queues if s.queue == queue)
     if failed != PRODUCERS * count:
         raise BenchError(f"qdash_mp: collector counted {failed} failures, not {PRODUCERS * count}")
-    t1 = max(r["t_flushed"] for r in results)
+    t1: int = max(r["t_flushed"] for r in results)
+    calls_done = max(r["t_calls"] for r in results)
+    phases["calls_done_s"].append((calls_done - t0) / 1e9)
+    phases["acked_s"].append((t1 - t0) / 1e9)
     return PRODUCERS * count / ((t1 - t0) / 1e9)
 
 
@@ -216,7 +225,7 @@ def _run_sqlite(db: Path, count: int, tag: str) -> float:
     con.close()
     if n != PRODUCERS * count:
         raise BenchError(f"sqlite holds {n} rows, expected {PRODUCERS * count}")
-    t1 = max(r["t_done"] for r in results)
+    t1: int = max(r["t_done"] for r in results)
     return PRODUCERS * count / ((t1 - t0) / 1e9)
 
 
@@ -238,7 +247,7 @@ def _run_redis(port: int, count: int, tag: str) -> float:
         r.close()
     if n != PRODUCERS * count:
         raise BenchError(f"redis stream holds {n} entries, expected {PRODUCERS * count}")
-    t1 = max(r["t_done"] for r in results)
+    t1: int = max(r["t_done"] for r in results)
     return PRODUCERS * count / ((t1 - t0) / 1e9)
 
 
@@ -330,7 +339,7 @@ def _redis_producer(p: dict[str, Any]) -> None:
 
     r = redis.Redis(host="127.0.0.1", port=p["port"])
     r.ping()
-    fields = [
+    fields: list[dict[Any, Any]] = [
         {"id": i, "queue": q, "name": n, "payload": pl, "attempts": a, "error": e, "failed_at": t}
         for i, q, n, pl, a, e, t in _rows(p)
     ]

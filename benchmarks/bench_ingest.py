@@ -121,6 +121,8 @@ def run(cfg: Config) -> list[Row]:
                     "hooks/s",
                     samples=r_rates[n],
                     producers=n,
+                    reference="redis_pipeline",
+                    ratios=[1.0] * len(r_rates[n]),
                     extra={"calls_per_producer": m_redis, "exact": True},
                 )
             )

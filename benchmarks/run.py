@@ -177,6 +177,44 @@ def target_lines(rows: list[Row], selected: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def markdown_report(doc: dict[str, Any], cells: list[list[str]]) -> str:
+    """The run as markdown: when, on what, the table and the targets (for the README)."""
+    m = doc["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+    lines = [
+        f"{'Quick' if doc['quick'] else 'Full'} run of {doc['date']} "
+        f"({doc['elapsed_s']:.0f} s), commit {m.get('git_commit', '?')}.",
+        "",
+        f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs, {m.get('memory_mb', '?')} MB, "
+        f"{m['platform']}, Python {m['python']}; load average at start "
+        f"{m['load_avg_at_start']}. Versions: {versions}.",
+        "",
+        render(cells, markdown=True),
+        "",
+        "Targets:",
+        "",
+    ]
+    for t in doc["targets"]:
+        shown = "" if t["value"] is None else f" (got {fmt(t['value'])})"
+        lines.append(f"- **{t['status']}**: {t['target']}{shown}")
+    for f in doc["failures"]:
+        lines.append(f"- FAILED {f}")
+    return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+
+def update_readme(path: Path, report: str) -> None:
+    text = path.read_text()
+    head, sep, rest = text.partition(README_START)
+    _, sep2, tail = rest.partition(README_END)
+    if not sep or not sep2:
+        raise SystemExit(f"{path} lacks the {README_START} / {README_END} markers")
+    path.write_text(f"{head}{README_START}\n{report}{README_END}{tail}")
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds every ExitStack: servers, workers, temp dirs
 
@@ -191,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--markdown", action="store_true", help="print the table as markdown (for the README)"
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="put this run's table into benchmarks/README.md (between the results markers)",
     )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -220,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render(cells, markdown=args.markdown))
     print()
     print("targets:")
-    for t in targets:
-        shown = "" if t["value"] is None else f" (got {fmt(t['value'])})"
-        print(f"  [{t['status']}] {t['target']}{shown}")
+    for line in targets:
+        shown = "" if line["value"] is None else f" (got {fmt(line['value'])})"
+        print(f"  [{line['status']}] {line['target']}{shown}")
     for f in failures:
         print(f"FAILED {f}")
     print(f"\n{'quick' if cfg.quick else 'full'} run took {elapsed:.0f}s")
@@ -242,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.json").write_text(text)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     (args.out / f"{stamp}{'-quick' if cfg.quick else ''}.json").write_text(text)
-    progress(f"wrote {args.out / 'latest.json'}")
+    report = markdown_report(doc, cells)
+    (args.out / "latest.md").write_text(report)
+    progress(f"wrote {args.out / 'latest.json'} and latest.md")
+    if args.update_readme:
+        update_readme(BENCH_DIR / "README.md", report)
+        progress("updated benchmarks/README.md")
     return 1 if failures else 0
 
 
