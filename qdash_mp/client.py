@@ -27,10 +27,10 @@ Hooks never raise and never block: a bad argument is logged once and dropped. ``
 (not a hot path) also snapshots the job -- id, name, payload exactly as given, attempts,
 error text and traceback -- packed to msgpack right away, so later changes to the worker's
 objects cannot leak in. Those packed records wait in a bounded deque
-(``max_pending_failed``, default 100,000). Past the bound the *new* job's details are
-dropped with one warning while its failure is still counted (a later journal spool will
-keep them on disk instead). A payload that is not plain msgpack data, or too big for a
-frame, is replaced by a short text saying so.
+(``max_pending_failed``, default 100,000). Without a spool directory, past the bound the
+*new* job's details are dropped with one warning while its failure is still counted. A
+payload that is not plain msgpack data, or too big for a frame, is replaced by a short text
+saying so.
 
 Delivery. Every batch is kept until an ACK covers it (ACKs are cumulative). On disconnect
 the sender reconnects with exponential backoff (capped at ``reconnect_max``), says HELLO,
@@ -42,12 +42,36 @@ after reconnecting. At most ``max_unacked`` batches are in flight; beyond that, 
 likewise accumulate. ``flush(timeout)`` returns True once everything reported before the
 call is acknowledged.
 
+Spool (``spool_dir``). Nothing is dropped, and nothing is lost at exit, while the collector
+is away. The hooks do not change (still no I/O): past ``max_pending_failed`` they keep
+appending and wake the sender, and the *sender* numbers everything not yet batched and
+writes every unacknowledged batch, as the very BATCH frames the wire would carry, to
+``<spool_dir>/<client id>.spool`` (format in ``qdash_mp.spool_format``), fsync'd before the
+batches leave memory. So does ``close()`` (and so exit) for whatever the collector did not
+acknowledge in time. The file is held with an ``flock`` for the life of the client. When
+the collector is reachable again, the sender hands that file to the *replayer* thread and
+carries on under a **new client id** (so ``client_id`` changes): the spooled stream is
+closed, and its replay on its own connection can never interleave with live batches of
+the same id. The replayer sends it under the spooled id -- WELCOME says which batches the
+collector already applied, the rest follow in order, the file is deleted once the last is
+acknowledged -- and it does the same, at start and every 30 s, for spool files no live
+process holds (their writer exited or crashed): that is how a worker that failed jobs
+while the collector was down and then exited gets them delivered by the next worker
+started with the same ``spool_dir``. A torn tail (a crash mid-append) is cut and logged.
+The collector's (client id, seq) dedup makes every replay exact. ``flush()`` also waits for
+this client's own spooled batches; ``spool_pending()`` counts the spooled batches not yet
+acknowledged. Only if spooling cannot keep up or the disk fails, past
+``max(2 * max_pending_failed, max_pending_failed + 10,000)`` failed jobs in memory, are
+details dropped (still counted). A spool directory is for local disks (``flock``), one
+per machine or per worker pool; any number of clients may share it.
+
 Processes. ``os.fork()`` gives the child a fresh identity: a new client id, empty counters
 (the child never resends the parent's counts), a new sender thread, new locks. Clients are
 closed (and so flushed, waiting at most 2 s in all) at interpreter exit via ``atexit``, and
 in ``multiprocessing`` children -- which leave through ``os._exit`` and skip ``atexit`` --
 via a ``multiprocessing.util.Finalize``. A process that ends with a bare ``os._exit``
-should call ``flush()`` first.
+should call ``flush()`` first. A forked child closes its copies of the parent's spool
+files, which leaves the parent's locks in place (an ``flock`` belongs to the open file).
 """
 
 from __future__ import annotations
@@ -145,8 +169,10 @@ class Client:
 
     ``socket_path`` defaults to ``$QDASH_SOCKET``, then the collector's default.
     ``requeue(job)`` (optional) re-enqueues a job when the dashboard retries it; it is
-    offered for ``requeue_queues`` (``None``: every queue). See the module docstring for
-    the guarantees and how they are kept.
+    offered for ``requeue_queues`` (``None``: every queue). ``spool_dir`` (optional) is
+    where what cannot be delivered is kept on disk, and where spools left by earlier
+    clients are picked up and sent. See the module docstring for the guarantees and how
+    they are kept.
     """
 
     # Slots keep attribute access on the hook path at its fastest: a plain instance dict

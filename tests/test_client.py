@@ -348,18 +348,21 @@ def hook_cost(client: Client) -> Callable[[int], float]:
 
 
 def test_hook_costs_about_a_dict_increment_with_or_without_collector(
-    clients: Callable[..., Client], servers: Callable[..., FakeCollector]
+    clients: Callable[..., Client], servers: Callable[..., FakeCollector], sock_path: str
 ) -> None:
     absent = clients()
+    spooling = clients(spool_dir=os.path.join(os.path.dirname(sock_path), "spool"))
     base = best_of(dict_cost)
     without = best_of(hook_cost(absent))
+    with_spool = best_of(hook_cost(spooling))
     servers()
     present = clients()
     present.on_processed("q")
     assert present.flush(WAIT)
     with_collector = best_of(hook_cost(present))
-    # ~1.5x measured; a loose bound since CI machines are shared and noisy.
+    # ~1.6x measured; a loose bound since CI machines are shared and noisy.
     assert without < 4 * base, (without, base)
+    assert with_spool < 4 * base, (with_spool, base)
     assert with_collector < 4 * base, (with_collector, base)
     assert present.flush(WAIT)
 
@@ -627,6 +630,36 @@ def test_pending_failed_jobs_are_bounded(
     assert client.flush(WAIT)
     assert server.total("q") == [0, 0, 5, 0]
     assert [f.job_id for f in server.failed] == ["job-0", "job-1", "job-2"]
+
+
+def test_with_a_spool_dir_nothing_is_dropped_past_the_bound(
+    clients: Callable[..., Client],
+    servers: Callable[..., FakeCollector],
+    sock_path: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spool = os.path.join(os.path.dirname(sock_path), "spool")
+    client = clients(max_pending_failed=3, spool_dir=spool)
+    first_id = client.client_id
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.client"):
+        for i in range(50):
+            client.on_failed("q", job(i), "e")
+        deadline = time.monotonic() + WAIT
+        while client.spool_pending() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert client.spool_pending() > 0
+    assert os.listdir(spool) == [f"{first_id}.spool"]
+    assert client.dropped_failed == 0
+    assert not [r for r in caplog.records if "dropped" in r.message]
+    server = servers()
+    assert client.flush(WAIT)
+    assert client.spool_pending() == 0
+    assert os.listdir(spool) == []
+    assert server.total("q") == [0, 0, 50, 0]
+    assert sorted(f.job_id for f in server.failed) == sorted(f"job-{i}" for i in range(50))
+    # The spooled batches went out under the old id, later ones under a new one.
+    assert client.client_id != first_id
+    assert first_id in {h.client_id for h in server.hellos}
 
 
 def test_connect_failures_are_logged_rate_limited(

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -536,3 +538,100 @@ def test_a_file_held_by_a_live_client_is_not_taken(
     assert totals(collector)["failed"] == 300
     expect = [f"{p}-{i}" for p in ("a", "l", "b") for i in range(100)]
     assert sorted(failed_ids(collector)) == sorted(expect)
+
+
+@pytest.mark.slow
+def test_a_spool_disk_that_fails_loses_nothing_that_fits_in_memory(
+    collector: CollectorProc, spool_dir: Path
+) -> None:
+    worker = run_worker(
+        collector.socket,
+        spool_dir=str(spool_dir),
+        failed=300,
+        processed=50,
+        max_pending_failed=10,
+        max_batch_failed=10,
+        fsize_limit=4000,  # room for the header and a few batches, then EFBIG
+        chunks=30,  # 10 failures at a time, each spooled before the next
+        pause=0.02,
+        until_spool_fails=True,
+        announce=True,
+        id_prefix="d",
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "calls done"
+        [path] = spool_files(spool_dir)
+        on_disk = batches_in(path)
+        assert on_disk  # some batches made it before the disk "filled up"
+        assert scan(path.read_bytes()).problem is None  # the failed append was cut back
+        collector.start()
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0, out
+        assert json.loads(out.strip().splitlines()[-1])["flushed"] is True
+    finally:
+        worker.kill()
+    assert spool_files(spool_dir) == []
+    assert totals(collector) == {"pushed": 0, "processed": 50, "failed": 300, "retried": 0}
+    assert sorted(failed_ids(collector)) == sorted(f"d-{i}" for i in range(300))
+
+
+def fork_quietly() -> int:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        return os.fork()
+
+
+@pytest.mark.slow
+def test_a_forked_child_neither_takes_nor_releases_the_parents_spool(
+    collector: CollectorProc, spool_dir: Path, clients: Callable[..., Client]
+) -> None:
+    client = clients(collector.socket, spool_dir=spool_dir, max_pending_failed=10)
+    for i in range(50):
+        client.on_failed("q", Job(id=f"f-{i}", name="t"), "boom")
+    own = spool_dir / f"{client.client_id}.spool"
+    wait_for(own.exists, WAIT, "the parent's spool")
+    pid = fork_quietly()
+    if pid == 0:  # child: its copies of the parent's files are closed at fork
+        code = 1
+        try:
+            code = 0 if adopt_orphans(spool_dir) == [] and client.spool_pending() == 0 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert adopt_orphans(spool_dir) == []  # the child's exit did not release the lock
+    assert own.exists()
+    collector.start()
+    assert client.flush(WAIT)
+    assert totals(collector)["failed"] == 50
+    assert sorted(failed_ids(collector)) == sorted(f"f-{i}" for i in range(50))
+
+
+@pytest.mark.slow
+def test_a_process_that_exits_without_closing_spools_at_exit(
+    collector: CollectorProc, spool_dir: Path, clients: Callable[..., Client]
+) -> None:
+    script = (
+        "import sys\n"
+        "from qdash_mp import Client, Job\n"
+        "c = Client(sys.argv[1], spool_dir=sys.argv[2])\n"
+        "for i in range(20):\n"
+        "    c.on_processed('q')\n"
+        "    c.on_failed('q', Job(id=f'x-{i}', name='t'), 'boom')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, collector.socket, str(spool_dir)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [path] = spool_files(spool_dir)
+    assert sum(len(b.failed) for b in batches_in(path)) == 20
+    collector.start()
+    client = clients(collector.socket, spool_dir=spool_dir)
+    wait_for(lambda: replayed(client, spool_dir), WAIT, "the spool to be replayed")
+    assert totals(collector) == {"pushed": 0, "processed": 20, "failed": 20, "retried": 0}

@@ -6,13 +6,17 @@ it registers a requeue callback that appends retried job ids to that file and st
 until stdin closes. With ``--spool-dir`` the client spools what it cannot deliver;
 ``--no-flush`` skips the flush and closes at once (a collector that is down gets the rest
 spooled), printing ``{"flushed": false, "closed": bool, "client_id": ..., "spool_pending": n}``
-and exiting 0.
+and exiting 0. ``--fsize-limit N`` makes every file write past N bytes fail (RLIMIT_FSIZE),
+and ``--until-spool-fails`` waits, before announcing, until the client saw its spool file
+fail that way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,7 +46,13 @@ def main() -> int:
     p.add_argument("--max-pending-failed", type=int, default=100_000)
     p.add_argument("--max-batch-failed", type=int, default=1000)
     p.add_argument("--no-flush", action="store_true", help="close without flushing first")
+    p.add_argument("--fsize-limit", type=int, default=0, help="RLIMIT_FSIZE, bytes")
+    p.add_argument("--until-spool-fails", action="store_true")
     args = p.parse_args()
+
+    if args.fsize_limit:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, args.fsize_limit))
 
     requeue = None
     if args.requeue_file:
@@ -76,6 +86,13 @@ def main() -> int:
             failed += 1
         if args.pause and round_ < n - 1:
             time.sleep(args.pause)
+    if args.until_spool_fails:
+        deadline = time.monotonic() + 60
+        while not (client._spool is not None and client._spool.broken):  # test-only peek
+            if time.monotonic() > deadline:
+                print(json.dumps({"error": "the spool never failed"}), flush=True)
+                return 3
+            time.sleep(0.01)
     if args.announce:
         print("calls done", flush=True)
     if args.no_flush:
