@@ -375,12 +375,16 @@ def test_past_the_memory_bound_nothing_is_dropped(
     assert len(spooled) >= 1_000 - bound
     assert spooled == [f"m-{i}" for i in range(len(spooled))]  # in order
 
+    spooled_as = client.client_id
     collector.start()
+    for i in range(1_000, 1_010):  # the client goes on while its spool is replayed
+        client.on_failed("q", Job(id=f"m-{i}", name="t"), "boom")
     assert client.flush(WAIT)
     assert client.spool_pending() == 0
     assert spool_files(spool_dir) == []
-    assert totals(collector) == {"pushed": 0, "processed": 1_000, "failed": 1_000, "retried": 0}
-    assert sorted(failed_ids(collector)) == sorted(f"m-{i}" for i in range(1_000))
+    assert client.client_id != spooled_as  # new batches went out under a new id
+    assert totals(collector) == {"pushed": 0, "processed": 1_000, "failed": 1_010, "retried": 0}
+    assert sorted(failed_ids(collector)) == sorted(f"m-{i}" for i in range(1_010))
 
 
 @pytest.mark.slow
@@ -635,3 +639,29 @@ def test_a_process_that_exits_without_closing_spools_at_exit(
     client = clients(collector.socket, spool_dir=spool_dir)
     wait_for(lambda: replayed(client, spool_dir), WAIT, "the spool to be replayed")
     assert totals(collector) == {"pushed": 0, "processed": 20, "failed": 20, "retried": 0}
+
+
+@pytest.mark.slow
+def test_a_spool_the_collector_refuses_is_set_aside_and_the_others_still_go(
+    collector: CollectorProc,
+    spool_dir: Path,
+    clients: Callable[..., Client],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    collector.start()
+    assert send_raw(collector.socket, "gappy", [batch_frame(1)]) == 1
+    # Batches 2..4 of "gappy" are nowhere: its spool cannot follow what the collector has.
+    bad = SpoolFile.create(spool_dir, "gappy")
+    bad.append([(5, batch_frame(5)), (6, batch_frame(6))])
+    bad.release()
+    good = SpoolFile.create(spool_dir, "fine")
+    good.append([(1, batch_frame(1, {"ok": (3, 0, 0, 0)}))])
+    good.release()
+    with caplog.at_level(logging.ERROR, logger="qdash_mp.spool"):
+        client = clients(collector.socket, spool_dir=spool_dir)
+        wait_for(lambda: replayed(client, spool_dir), WAIT, "both files to be handled")
+    assert (spool_dir / "gappy.spool.rejected").exists()
+    refused = [r.getMessage() for r in caplog.records if "refuses" in r.message]
+    assert len(refused) == 1
+    assert "sequence" in refused[0]
+    assert totals(collector)["pushed"] == 1 + 3
