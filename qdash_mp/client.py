@@ -633,14 +633,13 @@ class Client:
             for s in (self._wake_r, self._wake_w):
                 s.close()
         _live.discard(self)
-        if not ok and self._spool_dir is not None and self._spool is not None:
+        if not ok and self._spool_dir is not None:
             log.info(
-                "qdash_mp client %s closed with %d batches not acknowledged by the collector "
-                "at %s; they are in %s and a client started with this spool_dir sends them",
+                "qdash_mp client %s closed before the collector at %s acknowledged everything; "
+                "the rest is in spool files in %s, sent by the next client started with it",
                 self._client_id,
-                self._spool.pending(),
                 self._socket_path,
-                self._spool.path,
+                self._spool_dir,
             )
         elif not ok:
             log.warning(
