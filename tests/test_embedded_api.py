@@ -429,3 +429,17 @@ def test_sampler_start_needs_a_running_loop() -> None:
     sampler = Sampler(new_inspector(None, None))
     with pytest.raises(RuntimeError):
         sampler.start()
+
+
+def test_to_dict_keys_are_exactly_the_field_names() -> None:
+    """The JSON API promises the dataclass field names as keys (to_dict is built by hand)."""
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from qdash_mp.models import JobView, QueueStat
+
+    q = QueueStat("q", 1, 2, 3, 4, 5, 6.5)
+    assert q.to_dict() == dataclasses.asdict(q)
+    v = JobView("id", "q", "name", "err", 2, datetime(2026, 1, 2, tzinfo=UTC))
+    assert list(v.to_dict()) == [f.name for f in dataclasses.fields(JobView)]
+    assert v.to_dict()["failed_at"] == "2026-01-02T00:00:00+00:00"
