@@ -194,6 +194,8 @@ class Collector:
         self._retrying: set[str] = set()
         self._stopping = False
         self.http_url: str | None = None
+        self.stats_version = 0
+        """Bumped whenever this collector changes the counters (views can be cached by it)."""
         self.inspector = CollectorInspector(self)
 
     # ------------------------------------------------------------------ life cycle
@@ -574,6 +576,7 @@ class Collector:
             raise _Refused(ErrorCode.SEQUENCE, f"batch seq {batch.seq} skips ahead of {last + 1}")
         if batch.seq > last:
             live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
+            self.stats_version += 1
         if batch.failed and batch.seq > live.journal.client_seqs.get(client_id, 0):
             live.journal.stage_failed_rows(
                 (
@@ -686,6 +689,7 @@ class Collector:
         finally:
             self._retrying.discard(id)
         live.stats.add(failed.queue, retried=1)
+        self.stats_version += 1
 
     async def forget(self, id: str) -> None:
         """Drop failed job ``id`` (durably); ``NotFound`` if unknown."""
@@ -707,9 +711,15 @@ class CollectorInspector:
 
     def __init__(self, collector: Collector) -> None:
         self._c = collector
+        self._view: tuple[tuple[int, int], StatsView] | None = None
 
     async def stats(self) -> StatsView:
-        return self._c.stats.snapshot()
+        # One snapshot per counters change and second (throughput moves with the clock):
+        # many open dashboards cost the daemon one snapshot, not one each.
+        key = (self._c.stats_version, int(time.time()))
+        if self._view is None or self._view[0] != key:
+            self._view = (key, self._c.stats.snapshot())
+        return self._view[1]
 
     async def pending(self, queue: str, page: int) -> list[JobView]:
         # The collector sees counts, not the jobs waiting in the user's queue backend.

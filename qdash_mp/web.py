@@ -59,7 +59,7 @@ from qdash_mp import csrf
 from qdash_mp.errors import NotFound, RetryError
 from qdash_mp.failed import describe_error
 from qdash_mp.inspector import Inspector
-from qdash_mp.models import PAGE_SIZE, FailedJob, JobView, QueueStat
+from qdash_mp.models import PAGE_SIZE, FailedJob, JobView, QueueStat, StatsView
 from qdash_mp.sampler import Sampler
 
 __all__ = [
@@ -302,6 +302,7 @@ class Dashboard:
     secret: bytes = field(default_factory=csrf.new_secret, repr=False)
     env: jinja2.Environment = field(init=False, repr=False)
     app: web.Application = field(init=False, repr=False)
+    _stats_body: tuple[StatsView, bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.env = jinja2.Environment(
@@ -568,7 +569,12 @@ class Dashboard:
 
     async def api_stats(self, request: web.Request) -> web.Response:
         view = await self.inspector.stats()
-        return web.json_response(view.to_dict())
+        cached = self._stats_body
+        if cached is None or cached[0] is not view:
+            # An inspector that hands out the same view while nothing changed (the
+            # collector's does) gets its JSON encoded once, however many viewers poll.
+            cached = self._stats_body = (view, json.dumps(view.to_dict()).encode())
+        return web.Response(body=cached[1], content_type="application/json", charset="utf-8")
 
     async def api_failed(self, request: web.Request) -> web.Response:
         page = self._page(request)
