@@ -491,3 +491,65 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_failed_job(data_dir: Pa
     assert len(ids) == len(set(ids))  # exactly once
     assert set(ids) == {f"f-{i}" for i in range(acked)}
     c.cleanup()
+
+
+def test_requeue_callable_loaded_into_the_daemon(data_dir: Path) -> None:
+    """``--requeue module:function``: retries go to it; if it raises, 502 and the job stays."""
+    out = data_dir / "requeued-by-daemon.txt"
+    c = CollectorProc(
+        data_dir,
+        args=("--requeue", "qdash_testing.requeue:append"),
+        env={"QDASH_TEST_REQUEUE_FILE": str(out)},
+    ).start()
+    try:
+        finish(run_worker(c.socket, failed=2, id_prefix="ok"))
+        finish(run_worker(c.socket, failed=1, id_prefix="refuse"))
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(c.http + "/queues/failed", timeout=10) as resp:
+            match = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode())
+        assert match is not None
+
+        def retry(job_id: str) -> tuple[int, Any]:
+            req = urllib.request.Request(
+                f"{c.http}/queues/failed/{job_id}/retry",
+                data=urllib.parse.urlencode({"csrf_token": match.group(1)}).encode(),
+                headers={"Accept": "application/json"},
+            )
+            try:
+                with opener.open(req, timeout=30) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        assert retry("ok-1")[0] == 200
+        assert out.read_text().split() == ["ok-1"]
+        status, body = retry("refuse-0")
+        assert status == 502
+        assert "broker refused refuse-0" in body["error"]
+        ids = {j["id"] for j in get_json(c.http + "/queues/api/failed")["jobs"]}
+        assert ids == {"ok-0", "refuse-0"}
+        assert totals(c)["retried"] == 1
+    finally:
+        c.cleanup()
+
+
+def test_bad_requeue_spec_is_a_clear_error(data_dir: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qdash_mp",
+            "collector",
+            "--data-dir",
+            str(data_dir),
+            "--requeue",
+            "no_such_module_xyz:fn",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "--requeue: cannot import 'no_such_module_xyz'" in out.stderr

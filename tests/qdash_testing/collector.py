@@ -44,6 +44,7 @@ class CollectorProc:
     proc: subprocess.Popen[bytes] | None = None
     state: dict[str, Any] = field(default_factory=dict)
     log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def socket(self) -> str:
@@ -76,6 +77,7 @@ class CollectorProc:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=_env_with_tests(self.env),
         )
         log.close()
         proc = self.proc
@@ -129,7 +131,15 @@ def run_module(module: str, **kw: Any) -> subprocess.Popen[str]:
     for key, value in kw.items():
         flag = f"--{key.replace('_', '-')}"
         argv += [flag] if value is True else [flag, str(value)]
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=_env_with_tests()
+    )
+
+
+def _env_with_tests(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, with ``tests/`` importable (``qdash_testing``)."""
     env = dict(os.environ)
     tests_dir = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = tests_dir + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=env)
+    env.update(extra or {})
+    return env
