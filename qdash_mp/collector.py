@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import importlib
 import inspect
 import itertools
@@ -47,6 +46,7 @@ from qdash_mp.errors import (
     RetryError,
     RetryUnavailable,
 )
+from qdash_mp.fsio import try_flock, write_atomically
 from qdash_mp.inspector import page_bounds
 from qdash_mp.journal import GroupCommit, Journal
 from qdash_mp.models import FailedJob, Job, JobView, StatsView
@@ -280,10 +280,8 @@ class Collector:
 
     def _take_lock(self) -> None:
         path = self.settings.data_dir / "collector.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not try_flock(fd):
             os.close(fd)
             raise CollectorError(
                 f"another collector is using {self.settings.data_dir} "
@@ -353,10 +351,7 @@ class Collector:
             "protocol": PROTOCOL_VERSION,
             "started_at": time.time(),
         }
-        path = self.settings.state_file
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomically(self.settings.state_file, (json.dumps(state, indent=2) + "\n").encode())
 
     async def stop(self) -> None:
         """Stop accepting, answer what is in flight, make it durable, remove runtime files."""

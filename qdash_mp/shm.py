@@ -174,7 +174,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fcntl
 import hashlib
 import importlib
 import logging
@@ -184,7 +183,6 @@ import re
 import secrets
 import struct
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -200,6 +198,7 @@ from typing import Any, Final, TypeVar
 import msgpack
 
 from qdash_mp.errors import CollectorError, ConfigError, QdashError
+from qdash_mp.fsio import try_flock, write_atomically
 from qdash_mp.models import QueueStat, StatsView
 from qdash_mp.protocol import MAX_CLIENT_ID
 from qdash_mp.stats import (
@@ -494,9 +493,7 @@ def _attach(name: str) -> _Segment:
 def _lock(name: str, pid: int = 0) -> int:
     """An fd of segment ``name`` holding its exclusive writer lock; ``ShmLocked`` if taken."""
     fd: int = _posixshmem().shm_open("/" + name, os.O_RDWR, mode=0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not try_flock(fd):
         os.close(fd)
         owner = f" (pid {pid})" if pid else ""
         raise ShmLocked(
@@ -854,27 +851,6 @@ def _utf8(raw: bytes, what: str) -> str:
         return raw.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError as exc:
         raise _BadSnapshot(f"a {what} is not UTF-8: {exc}") from None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a temporary file, fsync, rename, fsync of the directory."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _load_snapshot(path: Path, window: int) -> _Content | None:
@@ -1491,7 +1467,7 @@ class SharedStats(StatsBase):
                 ],
             )
         try:
-            _write_atomically(path, _encode_snapshot(content))
+            write_atomically(path, _encode_snapshot(content))
         except OSError as exc:
             raise ShmError(f"cannot save shared stats {self._name!r} to {path}: {exc}") from exc
         log.info(

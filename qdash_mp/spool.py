@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import logging
 import mmap
@@ -54,6 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from qdash_mp.errors import ProtocolError
+from qdash_mp.fsio import fsync_dir, pwrite_all, try_flock
 from qdash_mp.protocol import (
     Ack,
     ErrorCode,
@@ -107,30 +107,6 @@ def file_stem(client_id: str) -> str:
     return "id-" + digest[:32]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 class SpoolFile:
     """One spool file this process holds open, and so locked.
 
@@ -176,8 +152,8 @@ class SpoolFile:
         tmp = directory / f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{SUFFIX}{_NEW}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new inode: nobody else has it
-            _pwrite_all(fd, header, 0)
+            try_flock(fd)  # a new inode: nobody else can hold it
+            pwrite_all(fd, header, 0)
             os.fsync(fd)
             path = directory / f"{stem}{SUFFIX}"
             n = 0
@@ -189,7 +165,7 @@ class SpoolFile:
                     n += 1
                     path = directory / f"{stem}~{n}{SUFFIX}"
             os.unlink(tmp)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -222,7 +198,7 @@ class SpoolFile:
             return None
         keep = False
         try:
-            if not _try_lock(fd):
+            if not try_flock(fd):
                 return None
             st = os.fstat(fd)
             try:
@@ -242,7 +218,7 @@ class SpoolFile:
                     aside.name,
                 )
                 os.rename(path, aside)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 return None
             if result.problem is not None:
                 log.warning(
@@ -258,7 +234,7 @@ class SpoolFile:
             if not result.records:
                 log.info("qdash_mp spool: %s holds no batch; deleted", path)
                 os.unlink(path)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 return None
             spool = cls(path, fd, result.client_id, result.records, result.end)
             log.info(
@@ -344,7 +320,7 @@ class SpoolFile:
             pos += len(record)
             expect += 1
         try:
-            _pwrite_all(fd, data, self._end)
+            pwrite_all(fd, data, self._end)
             os.fsync(fd)
         except OSError:
             self.broken = True
@@ -358,7 +334,7 @@ class SpoolFile:
         """Delete the file (every batch in it is acknowledged) and let go of it."""
         try:
             os.unlink(self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         finally:
             self.release()
 
@@ -367,7 +343,7 @@ class SpoolFile:
         aside = self.path.with_name(self.path.name + suffix)
         try:
             os.rename(self.path, aside)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         finally:
             self.release()
         return aside
@@ -429,7 +405,7 @@ def _remove_stale_new(path: Path) -> None:
     except OSError:
         return
     try:
-        if _try_lock(fd):
+        if try_flock(fd):
             os.unlink(path)
             log.info("qdash_mp spool: removed %s, left by an interrupted create", path)
     except OSError:
