@@ -112,10 +112,10 @@ from qdash_mp.protocol import (
     Requeue,
     RequeueResult,
     Welcome,
-    WireFailed,
     encode,
     encode_batch,
-    pack_failed,
+    pack_failed_fields,
+    pack_payload,
 )
 from qdash_mp.settings import default_socket_path
 from qdash_mp.spool import Replayer, SpoolFile
@@ -485,12 +485,12 @@ class Client:
     def _count_new(self, counts: dict[str, int], queue: object) -> bool:
         """First count of ``queue`` (or a bad name): check it, create the entry, count."""
         try:
-            if not isinstance(queue, str) or not 1 <= len(queue) <= MAX_NAME:
+            if not (isinstance(queue, str) and 1 <= len(queue) <= MAX_NAME and _utf8_ok(queue)):
                 self._throttle.log(
                     "bad-queue",
                     logging.ERROR,
                     "qdash_mp client: event for an invalid queue name %r dropped "
-                    "(a queue name is a str of 1..%d characters)",
+                    "(a queue name is a str of 1..%d characters that UTF-8 can encode)",
                     queue,
                     MAX_NAME,
                 )
@@ -530,34 +530,42 @@ class Client:
         if not isinstance(error, BaseException | str):
             error = repr(error)
         text, trace = describe_error(error)
-        record = WireFailed(
-            job_id=_job_id(getattr(job, "id", None)),
-            name=_text(getattr(job, "name", ""), MAX_ID),
-            payload=getattr(job, "payload", None),
-            attempts=_attempts(getattr(job, "attempts", 0)),
-            enqueued_at=_timestamp(getattr(job, "enqueued_at", None)),
-            queue=str.__str__(queue),
-            error=text,
-            traceback=trace,
-            failed_at=time.time(),
-        )
+        # Every field is made valid here, by construction, and the FAILED array is packed
+        # once, as the collector will journal it: only the payload needs a check.
+        job_id = _job_id(getattr(job, "id", None))
         try:
-            packed = pack_failed(record)
+            payload_raw = pack_payload(getattr(job, "payload", None))
         except ProtocolError as exc:
             self._throttle.log(
                 "bad-payload",
                 logging.WARNING,
                 "qdash_mp client: payload of failed job %r replaced: %s",
-                record.job_id,
+                job_id,
                 exc,
             )
-            record = _replace_payload(record, f"<payload not sent: {exc}>")
-            packed = pack_failed(record)
-        if len(packed) > _MAX_RECORD:
-            record = _replace_payload(
-                record, f"<payload not sent: record of {len(packed)} bytes is too big>"
+            payload_raw = pack_payload(_utf8(f"<payload not sent: {exc}>"))
+        name = _text(getattr(job, "name", ""), MAX_ID)
+        attempts = _attempts(getattr(job, "attempts", 0))
+        enqueued_at = _timestamp(getattr(job, "enqueued_at", None))
+        queue = str.__str__(queue)  # checked when first counted
+        failed_at = time.time()
+        try:
+            packed = pack_failed_fields(
+                job_id, name, payload_raw, attempts, enqueued_at, queue, text, trace, failed_at
             )
-            packed = pack_failed(record)
+        except ProtocolError:  # a str UTF-8 cannot encode (a lone surrogate)
+            job_id, name, text, trace = _utf8(job_id), _utf8(name), _utf8(text), _utf8(trace)
+            packed = pack_failed_fields(
+                job_id, name, payload_raw, attempts, enqueued_at, queue, text, trace, failed_at
+            )
+        if len(packed) > _MAX_RECORD:
+            payload_raw = pack_payload(
+                f"<payload not sent: record of {len(packed)} bytes is too big>"
+            )
+            text, trace = text[:_MAX_TEXT], trace[-_MAX_TEXT:]
+            packed = pack_failed_fields(
+                job_id, name, payload_raw, attempts, enqueued_at, queue, text, trace, failed_at
+            )
         jobs.append(packed)
         if len(jobs) % self._wake_every == 0:
             self._wake()
@@ -1245,12 +1253,13 @@ class _LockedClient(Client):
             self._hook_error(exc)
 
     def _bump(self, counts: dict[str, int], queue: str) -> bool:
-        if isinstance(queue, str) and 1 <= len(queue) <= MAX_NAME:
+        if isinstance(queue, str) and queue in counts:
             with self._lock:
                 key = str.__str__(queue)
                 counts[key] = counts.get(key, 0) + 1
             return True
-        return self._count_new(counts, queue)  # logs and drops the bad name
+        with self._lock:
+            return self._count_new(counts, queue)  # checks the name, logs and drops a bad one
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1305,18 +1314,20 @@ def _timestamp(value: object) -> float | None:
     return None
 
 
-def _replace_payload(record: WireFailed, payload: str) -> WireFailed:
-    return WireFailed(
-        job_id=record.job_id,
-        name=record.name,
-        payload=payload,
-        attempts=record.attempts,
-        enqueued_at=record.enqueued_at,
-        queue=record.queue,
-        error=record.error[:_MAX_TEXT],
-        traceback=record.traceback[-_MAX_TEXT:],
-        failed_at=record.failed_at,
-    )
+def _utf8_ok(text: str) -> bool:
+    """Can ``text`` travel as a msgpack str (no lone surrogates)?"""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------------- process hooks

@@ -33,7 +33,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from aiohttp import web
 
 from qdash_mp.errors import (
@@ -573,20 +572,8 @@ class Collector:
             live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
             self.stats_version += 1
         if batch.failed and batch.seq > live.journal.client_seqs.get(client_id, 0):
-            live.journal.stage_failed_rows(
-                (
-                    wf.job_id,
-                    wf.name,
-                    msgpack.packb(wf.payload, use_bin_type=True),
-                    wf.attempts,
-                    wf.enqueued_at,
-                    wf.queue,
-                    wf.error,
-                    wf.traceback,
-                    wf.failed_at,
-                )
-                for wf in batch.failed
-            )
+            # The FAILED arrays were checked by the decoder and are journaled as received.
+            live.journal.stage_failed_packed(batch.failed)
             live.journal.stage_client_seq(client_id, batch.seq)
         conn.ack_wanted = max(conn.ack_wanted, batch.seq)
         conn.caught_up.clear()

@@ -740,56 +740,23 @@ class Journal:
         """``stage_failed`` from the wire FAILED fields, without building a ``FailedJob``.
 
         ``payload_raw`` is the msgpack encoding of the payload (stored verbatim);
-        ``failed_at`` and ``enqueued_at`` are Unix seconds. ``JournalError`` if a field has
-        the wrong type or the record is too big; then nothing is staged.
+        ``failed_at`` and ``enqueued_at`` are Unix seconds. ``JournalError`` if a field
+        breaks the FAILED rules (``protocol.check_failed``) or the record is too big; then
+        nothing is staged.
         """
-        try:
-            if type(failed_at) is not float:
-                failed_at = float(failed_at)
-            if enqueued_at is not None and type(enqueued_at) is not float:
-                enqueued_at = float(enqueued_at)
-            if type(payload_raw) is not bytes:
-                payload_raw = bytes(memoryview(payload_raw))
-            payload = encode_failed(
-                id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at
-            )
-            header = record_header(_FAILED, payload)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
-        op = (_FAILED, id, len(header) + len(payload), failed_at)
-        with self._lock:
-            if self._closed:
-                raise JournalError("the journal is closed")
-            buf = self._buf
-            buf += header
-            buf += payload
-            self._ops.append(op)
-            touched = self._p_ids
-            prev = touched.get(id)
-            if prev is None:
-                if self._p_flushed or id not in self._pos:
-                    self._p_len += 1
-            elif prev is _GONE:
-                self._p_len += 1
-            touched[id] = op
-            self._p_queue.append(op)
-            if self._p_len > self._max_jobs:
-                self._prune_count()
-            now = self._clock()
-            if now >= self._next_age_check:
-                self._next_age_check = now + _AGE_CHECK_EVERY
-                self._prune_age(now)
+        self.stage_failed_rows(
+            [(id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at)]
+        )
 
     def stage_failed_rows(self, rows: Iterable[FailedRow]) -> None:
-        """Stage many failures at once (e.g. the FAILED arrays of one BATCH frame).
+        """Stage many failures at once, from their fields.
 
         Each row is the wire FAILED array with the payload as its msgpack bytes:
         ``(id, name, payload_raw, attempts, enqueued_at, queue, error, traceback,
         failed_at)``. All or nothing: if one row cannot be encoded, ``JournalError`` and
-        none is staged. Cheaper per record than ``stage_failed_fields`` (one lock, one
-        retention check).
+        none is staged.
         """
-        encoded: list[tuple[str, bytes, bytes, float]] = []
+        packed: list[tuple[bytes, str, float]] = []
         for row in rows:
             id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, fat = row
             try:
@@ -799,24 +766,82 @@ class Journal:
                     enqueued_at = float(enqueued_at)
                 if type(payload_raw) is not bytes:
                     payload_raw = bytes(memoryview(payload_raw))
-                payload = encode_failed(
+                data = encode_failed(
                     id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, fat
                 )
-                encoded.append((id, record_header(_FAILED, payload), payload, fat))
             except (TypeError, ValueError, OverflowError) as exc:
                 raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
+            packed.append((data, id, fat))
+        self.stage_failed_packed(packed)
+
+    def stage_failed_packed(self, records: Iterable[tuple[bytes, str, float]]) -> None:
+        """Stage FAILED records that are already packed and checked: the collector's path.
+
+        Each record is ``(data, id, failed_at)``: ``data`` the msgpack bytes of a FAILED
+        array that passed ``protocol.check_failed`` -- what a decoded ``Batch`` carries
+        (``protocol.PackedFailed``) -- and ``id``, ``failed_at`` its fields 0 and 8. The
+        bytes are stored as they are; only the record framing (length, type, one CRC) is
+        added. A failure in ``data`` would only show at recovery, as a damaged record: pass
+        nothing unchecked. All or nothing: a record over ``MAX_PAYLOAD`` bytes raises
+        ``JournalError`` and none is staged.
+        """
+        chunk = bytearray()
+        ops: list[Op] = []
+        add = ops.append
+        failed = _FAILED
+        for data, id, failed_at in records:
+            try:
+                head = record_header(failed, data)
+            except ValueError as exc:
+                raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
+            chunk += head
+            chunk += data
+            add((failed, id, len(head) + len(data), failed_at))
         with self._lock:
             self._check_open()
-            buf = self._buf
-            ops = self._ops
-            touched = self._p_ids
-            queue_ = self._p_queue
-            pos = self._pos
-            for id, header, payload, fat in encoded:
-                buf += header
-                buf += payload
-                op = (_FAILED, id, len(header) + len(payload), fat)
-                ops.append(op)
+            if self._p_len + len(ops) > self._max_jobs:
+                self._stage_pruning(chunk, ops)
+            else:  # no record can push one out: all in one go
+                self._buf += chunk
+                self._ops += ops
+                touched = self._p_ids
+                queue = self._p_queue
+                pos = self._pos
+                flushed = self._p_flushed
+                grown = 0
+                for op in ops:
+                    id = op[1]
+                    prev = touched.get(id)
+                    if prev is None:
+                        if flushed or id not in pos:
+                            grown += 1
+                    elif prev is _GONE:
+                        grown += 1
+                    touched[id] = op
+                queue += ops
+                self._p_len += grown
+            now = self._clock()
+            if now >= self._next_age_check:
+                self._next_age_check = now + _AGE_CHECK_EVERY
+                self._prune_age(now)
+
+    def _stage_pruning(self, chunk: bytearray, ops: list[Op]) -> None:
+        """Stage framed FAILED records one by one, each count prune right behind the
+        failure that caused it (lock held): a later record of the same id in the same
+        batch must come after the prune of its earlier one.
+        """
+        buf = self._buf
+        touched = self._p_ids
+        queue = self._p_queue
+        pos = self._pos
+        off = 0
+        with memoryview(chunk) as view:
+            for op in ops:
+                size = op[2]
+                buf += view[off : off + size]
+                off += size
+                self._ops.append(op)
+                id = op[1]
                 prev = touched.get(id)
                 if prev is None:
                     if self._p_flushed or id not in pos:
@@ -824,13 +849,9 @@ class Journal:
                 elif prev is _GONE:
                     self._p_len += 1
                 touched[id] = op
-                queue_.append(op)
+                queue.append(op)
                 if self._p_len > self._max_jobs:
                     self._prune_count()
-            now = self._clock()
-            if now >= self._next_age_check:
-                self._next_age_check = now + _AGE_CHECK_EVERY
-                self._prune_age(now)
 
     def stage_removed(
         self,

@@ -46,11 +46,12 @@ Payloads (msgpack, ``use_bin_type=True``, strings UTF-8 ``str``, except COMMIT):
                   ``prev_end`` belong to a failed commit and are cut on recovery.
     2 COMMIT      12 raw bytes, struct "<QI": offset of the batch's first record in this
                   segment, number of records in the batch (the COMMIT itself excluded).
-    3 FAILED      [id:str, name:str, payload:bin, attempts:int, enqueued_at:float|None,
+    3 FAILED      [id:str, name:str, payload_raw:bin, attempts:int, enqueued_at:float|None,
                    queue:str, error:str, traceback:str, failed_at:float]
-                  The wire protocol's FAILED array, except that ``payload`` is the msgpack
-                  encoding of the job payload kept as ``bin`` -- the bytes exactly as the
-                  worker sent them, so a retry sends back what was received.
+                  The wire protocol's FAILED array, byte for byte as the worker sent it
+                  (``payload_raw`` is the msgpack encoding of the job payload), so a retry
+                  sends back what was received. Checked on write and on recovery by the
+                  protocol's own ``check_failed``: one set of rules for wire and disk.
     4 REMOVED     [id:str, reason:str]   reason: "retried" | "forgotten" | "pruned"
                   Drops the record of ``id`` that is live at this point of the journal.
     5 FLUSHED     []                     Drops every failed job recorded before it.
@@ -72,6 +73,8 @@ from enum import IntEnum
 from typing import Any, Final, Protocol
 
 import msgpack
+
+from qdash_mp.protocol import check_failed
 
 __all__ = [
     "COMMIT_SIZE",
@@ -183,8 +186,7 @@ def record_header(rtype: int, payload: bytes) -> bytes:
     n = len(payload)
     if n > MAX_PAYLOAD:
         raise ValueError(f"record payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    head = _LEN_TYPE.pack(n, rtype)
-    return _CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + head
+    return HEADER.pack(zlib.crc32(payload, zlib.crc32(_LEN_TYPE.pack(n, rtype))), n, rtype)
 
 
 def append_record(buf: bytearray, rtype: int, payload: bytes) -> int:
@@ -207,8 +209,8 @@ def encode_failed(
 ) -> bytes:
     """The FAILED payload; ``payload_raw`` is the job payload's msgpack bytes, kept as is.
 
-    The fields are checked exactly as recovery checks them (``ValueError`` if one has the
-    wrong type), so nothing is ever written that could not be read back.
+    The fields are checked exactly as recovery checks them (``ValueError`` saying which
+    breaks the rules), so nothing is ever written that could not be read back.
     """
     obj = [id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at]
     why = check_failed(obj)
@@ -303,27 +305,6 @@ class Problem:
 
 def _is_float(value: object) -> bool:
     return type(value) is float
-
-
-def check_failed(obj: Any) -> str:
-    """``""`` if ``obj`` is a well-formed FAILED payload, else what is wrong."""
-    if type(obj) is not list or len(obj) != 9:
-        return "FAILED payload is not a 9-item array"
-    id_, name, praw, attempts, enq, queue, error, trace, failed_at = obj
-    if not (
-        type(id_) is str
-        and id_
-        and type(name) is str
-        and type(praw) is bytes
-        and type(attempts) is int
-        and (enq is None or type(enq) is float)
-        and type(queue) is str
-        and type(error) is str
-        and type(trace) is str
-        and type(failed_at) is float
-    ):
-        return "FAILED payload has a field of the wrong type"
-    return ""
 
 
 def decode_failed(payload: bytes | memoryview) -> FailedFields:

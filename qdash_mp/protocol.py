@@ -25,8 +25,15 @@ Bodies (``[type, field, ...]``, msgpack arrays of exactly this many elements)::
 
     counters = map {queue: [pushed, processed, failed, retried]}   deltas, each 0 <= n < 2**63
     failed   = array of FAILED
-    FAILED   = [job_id, name, payload, attempts, enqueued_at, queue, error, traceback, failed_at]
+    FAILED   = [job_id, name, payload_raw, attempts, enqueued_at, queue, error, traceback,
+                failed_at]
     requeue  = nil (cannot requeue) | ["*"] (every queue) | [queue, ...] (non-empty)
+
+``payload_raw`` is a msgpack *bin* holding the msgpack encoding of the job payload, exactly
+as the worker packed it. A FAILED array is byte for byte the payload of the journal's
+FAILED record (``qdash_mp.journal_format``): the collector checks the FAILED arrays of a
+BATCH (``check_failed``, shared with the journal) and stores their bytes as they came,
+without turning the job into Python objects and back, and a retry sends those same bytes.
 
 Field types are checked exactly: an int field takes a msgpack int and nothing else (a
 boolean is *not* an int here), a text field takes a msgpack str. Every int is bounded to
@@ -38,9 +45,11 @@ limits, all enforced before the data they guard is buffered or allocated:
 * inside a body, msgpack str/bin lengths are bounded by ``max_frame`` and array/map lengths
   by ``max_items`` (default 1,000,000), so a header claiming 4 GiB fails at once;
 * ext types (including msgpack timestamps) are refused: they have no meaning here;
-* a job payload may nest arrays/maps at most ``max_depth`` (default 32) levels deep.
-  msgpack's C unpacker stops a deeper nesting bomb itself (``StackError`` past 1024 levels);
-  both end as ``ProtocolError``, never as ``RecursionError``.
+* a job payload (the msgpack inside ``payload_raw``) must be exactly one object, decoded
+  under the same limits (its str/bin lengths bounded by its own size), and may nest
+  arrays/maps at most ``max_depth`` (default 32) levels deep. msgpack's C unpacker stops a
+  deeper nesting bomb itself (``StackError`` past 1024 levels); both end as
+  ``ProtocolError``, never as ``RecursionError``.
 
 A ``FrameDecoder`` that raised stays failed: the connection it reads is to be closed.
 Sequencing, acknowledgement and dedup rules live with the peers (``client``, ``collector``);
@@ -51,11 +60,12 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import msgpack
 
@@ -83,16 +93,20 @@ __all__ = [
     "Hello",
     "Message",
     "MsgType",
+    "PackedFailed",
     "Requeue",
     "RequeueResult",
     "UnsupportedVersion",
     "Welcome",
     "WireFailed",
+    "check_failed",
     "check_payload",
     "decode_body",
     "encode",
     "encode_batch",
     "pack_failed",
+    "pack_failed_fields",
+    "pack_payload",
     "unpack_failed",
 ]
 
@@ -181,11 +195,15 @@ class UnsupportedVersion(ProtocolError):
 
 @dataclass(frozen=True, slots=True)
 class WireFailed:
-    """One failed job as it travels (the FAILED array); ``failed_at`` is Unix seconds (UTC)."""
+    """One failed job as it travels (the FAILED array), decoded; ``failed_at`` is Unix seconds.
+
+    ``payload_raw`` is the msgpack encoding of the job payload, the bytes the worker packed;
+    ``payload`` decodes them. Build one with ``from_job`` (which packs the payload).
+    """
 
     job_id: str
     name: str
-    payload: Any
+    payload_raw: bytes
     attempts: int
     enqueued_at: float | None
     queue: str
@@ -202,7 +220,11 @@ class WireFailed:
         traceback: str = "",
         failed_at: float | datetime | None = None,
     ) -> WireFailed:
-        """The record of ``job`` failing on ``queue``; ``failed_at`` defaults to now."""
+        """The record of ``job`` failing on ``queue``; ``failed_at`` defaults to now.
+
+        The payload is packed now (``pack_payload``): ``ProtocolError`` if it is not plain
+        msgpack data, and later changes to ``job.payload`` do not show in the record.
+        """
         if failed_at is None:
             ts = datetime.now(UTC).timestamp()
         elif isinstance(failed_at, datetime):
@@ -212,7 +234,7 @@ class WireFailed:
         return cls(
             job_id=job.id,
             name=job.name,
-            payload=job.payload,
+            payload_raw=pack_payload(job.payload),
             attempts=job.attempts,
             enqueued_at=job.enqueued_at,
             queue=queue,
@@ -231,6 +253,11 @@ class WireFailed:
         return cls.from_job(
             failed.job, failed.queue, failed.error, failed.traceback, failed.failed_at
         )
+
+    @property
+    def payload(self) -> Any:
+        """The job payload, decoded from ``payload_raw`` (``ProtocolError`` if it does not)."""
+        return _decode_payload(self.payload_raw, "FAILED", MAX_ITEMS, MAX_DEPTH)
 
     def job(self) -> Job:
         """The ``Job`` this record carries."""
@@ -258,6 +285,28 @@ class WireFailed:
         )
 
 
+class PackedFailed(NamedTuple):
+    """One FAILED array as its msgpack bytes (checked), plus the fields a store keys on.
+
+    What a decoded ``Batch`` carries: the collector journals ``data`` as it came, without
+    decoding the job into Python objects. ``job_id`` and ``failed_at`` are fields 0 and 8
+    of ``data``.
+    """
+
+    data: bytes
+    job_id: str
+    failed_at: float
+
+    @classmethod
+    def of(cls, failed: WireFailed) -> PackedFailed:
+        """``failed`` packed (``pack_failed``: checked)."""
+        return cls(pack_failed(failed), failed.job_id, failed.failed_at)
+
+    def unpack(self) -> WireFailed:
+        """The record, decoded."""
+        return unpack_failed(self.data)
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """First frame of a client: who it is and which queues it can requeue (``None``: none)."""
@@ -283,7 +332,7 @@ class Batch:
 
     seq: int
     counters: Mapping[str, Counts] = field(default_factory=dict)
-    failed: tuple[WireFailed, ...] = ()
+    failed: tuple[PackedFailed, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,11 +425,18 @@ _SCALARS = (type(None), bool, int, float, str, bytes)
 _LEAVES = (str, bytes, bytearray, memoryview, bool, int, float)
 
 
-def check_payload(value: Any, max_depth: int = MAX_DEPTH, what: str = "payload") -> None:
-    """Raise ``ProtocolError`` unless ``value`` is plain msgpack data nested ``<= max_depth``.
+def check_payload(
+    value: Any,
+    max_depth: int = MAX_DEPTH,
+    what: str = "payload",
+    *,
+    max_items: int = MAX_ITEMS,
+) -> None:
+    """Raise ``ProtocolError`` unless ``value`` is plain data a decoder would take back.
 
     Plain data: nil, bool, int, float, str, bytes, arrays (list/tuple) and maps whose keys
-    are scalars. Ext types and any other object are refused. Iterative: a deep value gives
+    are scalars, nested ``<= max_depth`` levels, no array or map longer than ``max_items``.
+    Ext types and any other object are refused. Iterative: a deep value gives
     ``ProtocolError``, never ``RecursionError``. Int ranges are left to the packer.
     """
     stack: list[tuple[Any, int]] = [(value, 0)]
@@ -391,6 +447,8 @@ def check_payload(value: Any, max_depth: int = MAX_DEPTH, what: str = "payload")
         if isinstance(v, dict):
             if depth >= max_depth:
                 raise ProtocolError(f"{what} nests deeper than {max_depth} levels")
+            if len(v) > max_items:
+                raise ProtocolError(f"{what} has a map of more than {max_items} items")
             for k, item in v.items():
                 if not (k is None or isinstance(k, _LEAVES)):
                     raise ProtocolError(f"{what} has a map key of type {_type_name(k)}")
@@ -399,11 +457,121 @@ def check_payload(value: Any, max_depth: int = MAX_DEPTH, what: str = "payload")
         elif isinstance(v, list | tuple) and not isinstance(v, msgpack.ExtType):
             if depth >= max_depth:
                 raise ProtocolError(f"{what} nests deeper than {max_depth} levels")
+            if len(v) > max_items:
+                raise ProtocolError(f"{what} has an array of more than {max_items} items")
             for item in v:
                 if type(item) not in _SCALARS:
                     stack.append((item, depth + 1))
         else:
             raise ProtocolError(f"{what} holds a {_type_name(v)}, which is not plain msgpack data")
+
+
+def _within_depth(value: list[Any] | dict[Any, Any], max_depth: int) -> bool:
+    """Does decoded msgpack data (only lists and dicts nest) nest ``<= max_depth`` levels?"""
+    level: list[Any] = [value]
+    for _ in range(max_depth):
+        deeper: list[Any] = []
+        for container in level:
+            for item in container.values() if type(container) is dict else container:
+                t = type(item)
+                if t is list or t is dict:
+                    deeper.append(item)
+        if not deeper:
+            return True
+        level = deeper
+    return False
+
+
+def _decode_payload(raw: bytes, what: str, max_items: int, max_depth: int) -> Any:
+    """The job payload in ``raw`` if it is one msgpack object a decoder takes as one."""
+    n = len(raw)
+    try:
+        value = msgpack.unpackb(
+            raw,
+            raw=False,
+            use_list=True,
+            strict_map_key=False,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=max_items,
+            max_map_len=max_items,
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
+        )
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(
+            f"{what}.payload_raw is not a valid payload: {_msgpack_error(exc)}"
+        ) from None
+    t = type(value)
+    if (t is list or t is dict) and not _within_depth(value, max_depth):
+        raise ProtocolError(f"{what}.payload nests deeper than {max_depth} levels")
+    return value
+
+
+def _payload_problem(raw: bytes, what: str, max_items: int, max_depth: int) -> str:
+    try:
+        _decode_payload(raw, what, max_items, max_depth)
+    except ProtocolError as exc:
+        return str(exc)
+    return ""
+
+
+def check_failed(
+    obj: object,
+    what: str = "FAILED",
+    *,
+    max_items: int = MAX_ITEMS,
+    max_depth: int = MAX_DEPTH,
+) -> str:
+    """``""`` if ``obj`` is a valid decoded FAILED array, else what is wrong (names ``what``).
+
+    The one check of a FAILED array, shared by the wire (a decoder raises ``ProtocolError``
+    with this text) and the journal (which stores FAILED arrays as its FAILED records and
+    checks them on write and on recovery): exact field types and ranges, then
+    ``payload_raw``, which must be exactly one msgpack object within the decoder's limits,
+    without ext types, nested at most ``max_depth`` levels. Good input costs one expression
+    of type checks and one ``unpackb``; only a bad one goes field by field for the reason.
+    """
+    if type(obj) is list and len(obj) == 9:
+        job_id, name, raw, attempts, enqueued_at, queue, error, trace, failed_at = obj
+        if (
+            type(job_id) is str
+            and 0 < len(job_id) <= MAX_ID
+            and type(name) is str
+            and len(name) <= MAX_ID
+            and type(raw) is bytes
+            and type(attempts) is int
+            and MIN_INT <= attempts <= MAX_INT
+            and (
+                enqueued_at is None
+                or (type(enqueued_at) is float and -MAX_TIMESTAMP <= enqueued_at <= MAX_TIMESTAMP)
+            )
+            and type(queue) is str
+            and 0 < len(queue) <= MAX_NAME
+            and type(error) is str
+            and type(trace) is str
+            and type(failed_at) is float
+            and 0.0 <= failed_at <= MAX_TIMESTAMP  # NaN fails every comparison
+        ):
+            return _payload_problem(raw, what, max_items, max_depth)
+    try:
+        arr = _seq(obj, what)
+        _arity(arr, 9, what)
+        job_id, name, raw, attempts, enqueued_at, queue, error, trace, failed_at = arr
+        _str(job_id, f"{what}.job_id", 1, MAX_ID)
+        _str(name, f"{what}.name", 0, MAX_ID)
+        if type(raw) is not bytes:
+            raise ProtocolError(f"{what}.payload_raw must be a bin, not {_type_name(raw)}")
+        _int(attempts, f"{what}.attempts")
+        if enqueued_at is not None:
+            _float(enqueued_at, f"{what}.enqueued_at", -MAX_TIMESTAMP, MAX_TIMESTAMP)
+        _str(queue, f"{what}.queue", 1, MAX_NAME)
+        _str(error, f"{what}.error")
+        _str(trace, f"{what}.traceback")
+        _float(failed_at, f"{what}.failed_at", 0.0, MAX_TIMESTAMP)
+    except ProtocolError as exc:
+        return str(exc)
+    return _payload_problem(raw, what, max_items, max_depth)  # a valid tuple, not a list
 
 
 def _to_timestamp(dt: datetime) -> float:
@@ -413,33 +581,18 @@ def _to_timestamp(dt: datetime) -> float:
     return dt.timestamp()
 
 
-def _failed_fields(value: object, what: str, max_depth: int) -> WireFailed:
-    arr = _seq(value, what)
-    _arity(arr, 9, what)
-    job_id, name, payload, attempts, enqueued_at, queue, error, trace, failed_at = arr
-    check_payload(payload, max_depth, f"{what}.payload")
-    return WireFailed(
-        job_id=_str(job_id, f"{what}.job_id", 1, MAX_ID),
-        name=_str(name, f"{what}.name", 0, MAX_ID),
-        payload=payload,
-        attempts=_int(attempts, f"{what}.attempts"),
-        enqueued_at=(
-            None
-            if enqueued_at is None
-            else _float(enqueued_at, f"{what}.enqueued_at", -MAX_TIMESTAMP, MAX_TIMESTAMP)
-        ),
-        queue=_str(queue, f"{what}.queue", 1, MAX_NAME),
-        error=_str(error, f"{what}.error"),
-        traceback=_str(trace, f"{what}.traceback"),
-        failed_at=_float(failed_at, f"{what}.failed_at", 0.0, MAX_TIMESTAMP),
-    )
+def _wire_failed(value: object, what: str, max_items: int, max_depth: int) -> WireFailed:
+    why = check_failed(value, what, max_items=max_items, max_depth=max_depth)
+    if why:
+        raise ProtocolError(why)
+    return WireFailed(*value)  # type: ignore[misc]
 
 
 def _failed_array(f: WireFailed) -> list[Any]:
     return [
         f.job_id,
         f.name,
-        f.payload,
+        f.payload_raw,
         f.attempts,
         f.enqueued_at,
         f.queue,
@@ -517,14 +670,13 @@ def _parse(obj: object, max_items: int, max_depth: int) -> Message:
         _arity(obj, 4, what)
         seq = _int(obj[1], "BATCH seq", 1, MAX_INT)
         counters = _counters(obj[2], max_items)
-        failed = _seq(obj[3], "BATCH failed")
-        return Batch(
-            seq=seq,
-            counters=counters,
-            failed=tuple(
-                _failed_fields(f, f"BATCH failed[{i}]", max_depth) for i, f in enumerate(failed)
-            ),
-        )
+        packed = []
+        for i, f in enumerate(_seq(obj[3], "BATCH failed")):
+            why = check_failed(f, f"BATCH failed[{i}]", max_items=max_items, max_depth=max_depth)
+            if why:
+                raise ProtocolError(why)
+            packed.append(PackedFailed(_packb(f, "FAILED"), f[0], f[8]))
+        return Batch(seq=seq, counters=counters, failed=tuple(packed))
     if t is MsgType.ACK:
         _arity(obj, 2, what)
         return Ack(seq=_int(obj[1], "ACK seq", 0, MAX_INT))
@@ -539,7 +691,7 @@ def _parse(obj: object, max_items: int, max_depth: int) -> Message:
         return Requeue(
             request_id=_int(obj[1], "REQUEUE request_id", 0, MAX_INT),
             queue=_str(obj[2], "REQUEUE queue", 1, MAX_NAME),
-            failed=_failed_fields(obj[3], "REQUEUE job", max_depth),
+            failed=_wire_failed(obj[3], "REQUEUE job", max_items, max_depth),
         )
     _arity(obj, 4, what)
     return RequeueResult(
@@ -555,9 +707,6 @@ def _array(msg: Message) -> list[Any]:
         return [MsgType.HELLO, msg.version, msg.client_id, msg.pid, msg.host, requeue]
     if isinstance(msg, Welcome):
         return [MsgType.WELCOME, msg.version, msg.last_seq]
-    if isinstance(msg, Batch):
-        counters = {q: list(row) for q, row in msg.counters.items()}
-        return [MsgType.BATCH, msg.seq, counters, [_failed_array(f) for f in msg.failed]]
     if isinstance(msg, Ack):
         return [MsgType.ACK, msg.seq]
     if isinstance(msg, ErrorMsg):
@@ -572,12 +721,24 @@ def _array(msg: Message) -> list[Any]:
 
 # --------------------------------------------------------------------------- encoding
 
+_local = threading.local()
+
 
 def _packb(obj: Any, what: str) -> bytes:
+    """msgpack (bin type on) through a per-thread ``Packer``: a third of ``packb``'s cost.
+
+    The packer is taken out while it packs, so a call made from inside packing (user code
+    run for a payload's dict subclass) gets a fresh one instead of corrupting the buffer.
+    """
+    packer = _local.__dict__.pop("packer", None)
+    if packer is None:
+        packer = msgpack.Packer(use_bin_type=True)
     try:
-        data: bytes = msgpack.packb(obj, use_bin_type=True)
+        data: bytes = packer.pack(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"{what} cannot be encoded: {exc}") from None
+    finally:
+        _local.packer = packer
     return data
 
 
@@ -587,28 +748,81 @@ def _frame(body: bytes, max_frame: int) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def _check_packed(f: object, what: str) -> None:
+    if not isinstance(f, PackedFailed):
+        raise ProtocolError(f"{what} must be a PackedFailed, not {_type_name(f)}")
+    arr = _unpackb(f.data, len(f.data), MAX_ITEMS)
+    why = check_failed(arr, what)
+    if why:
+        raise ProtocolError(why)
+    assert isinstance(arr, list)
+    if arr[0] != f.job_id or arr[8] != f.failed_at:
+        raise ProtocolError(f"{what}: job_id or failed_at differ from the packed record")
+
+
 def encode(msg: Message, *, max_frame: int = MAX_FRAME) -> bytes:
     """The whole frame (header + body) of ``msg``, after checking it as a decoder would.
 
     Message types are written as plain ints; ``ProtocolError`` if a field breaks the
     protocol or the body would exceed ``max_frame``.
     """
+    # Check through the decoder's own rules so we never send what a peer must refuse.
+    if isinstance(msg, Batch):
+        for i, f in enumerate(msg.failed):
+            _check_packed(f, f"BATCH failed[{i}]")
+        packed = [f.data for f in msg.failed]
+        return encode_batch(msg.seq, msg.counters, packed, max_frame=max_frame)
     arr = _array(msg)
     arr[0] = int(arr[0])
-    # Check through the decoder's own rules so we never send what a peer must refuse.
     _parse(arr, MAX_ITEMS, MAX_DEPTH)
     return _frame(_packb(arr, MsgType(arr[0]).name), max_frame)
 
 
-def pack_failed(failed: WireFailed, *, max_depth: int = MAX_DEPTH) -> bytes:
-    """The msgpack bytes of one FAILED array (checked), for ``encode_batch``.
+def pack_payload(value: Any, *, max_items: int = MAX_ITEMS, max_depth: int = MAX_DEPTH) -> bytes:
+    """The msgpack bytes of a job payload (a FAILED's ``payload_raw``), checked.
 
-    Packing at the moment of failure snapshots the payload: later changes to the worker's
-    objects do not leak into what is sent.
+    ``ProtocolError`` unless ``value`` is plain data (``check_payload``) that a decoder with
+    these limits takes back; a tuple becomes an array. Packing at the moment of failure
+    snapshots the payload: later changes to the worker's objects do not leak in.
     """
+    if type(value) not in _SCALARS:
+        check_payload(value, max_depth, max_items=max_items)
+    return _packb(value, "payload")
+
+
+def pack_failed(
+    failed: WireFailed, *, max_items: int = MAX_ITEMS, max_depth: int = MAX_DEPTH
+) -> bytes:
+    """The msgpack bytes of one FAILED array, checked (``check_failed``), for ``encode_batch``."""
     arr = _failed_array(failed)
-    _failed_fields(arr, "FAILED", max_depth)
+    why = check_failed(arr, max_items=max_items, max_depth=max_depth)
+    if why:
+        raise ProtocolError(why)
     return _packb(arr, "FAILED")
+
+
+def pack_failed_fields(
+    job_id: str,
+    name: str,
+    payload_raw: bytes,
+    attempts: int,
+    enqueued_at: float | None,
+    queue: str,
+    error: str,
+    traceback: str,
+    failed_at: float,
+) -> bytes:
+    """The msgpack bytes of the FAILED array of these fields, **not** checked.
+
+    For a caller that makes every field valid by construction -- ``Client.on_failed`` does,
+    ``payload_raw`` from ``pack_payload`` -- and would double its cost by checking again
+    (``tests/test_client.py`` checks that what it sends decodes). ``ProtocolError`` only if
+    a field cannot be packed at all (e.g. a str with a lone surrogate).
+    """
+    return _packb(
+        [job_id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at],
+        "FAILED",
+    )
 
 
 def unpack_failed(
@@ -619,7 +833,7 @@ def unpack_failed(
     max_depth: int = MAX_DEPTH,
 ) -> WireFailed:
     """The ``WireFailed`` in ``data`` as made by ``pack_failed`` (checked strictly)."""
-    return _failed_fields(_unpackb(data, max_size, max_items), "FAILED", max_depth)
+    return _wire_failed(_unpackb(data, max_size, max_items), "FAILED", max_items, max_depth)
 
 
 def encode_batch(
@@ -629,10 +843,11 @@ def encode_batch(
     *,
     max_frame: int = MAX_FRAME,
 ) -> bytes:
-    """The BATCH frame of ``seq``, ``counters`` and FAILED arrays already ``pack_failed``-ed.
+    """The BATCH frame of ``seq``, ``counters`` and FAILED arrays already packed.
 
-    Byte-identical to ``encode(Batch(seq, counters, failed))``; the packed failed jobs are
-    spliced in without being decoded again.
+    The FAILED arrays (from ``pack_failed``, ``pack_failed_fields`` or ``PackedFailed.data``)
+    are spliced in as they are, not checked again; ``encode(Batch(...))`` checks them and
+    gives the same bytes.
     """
     _int(seq, "BATCH seq", 1, MAX_INT)
     checked = _counters(counters, MAX_ITEMS)
@@ -653,6 +868,34 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ProtocolError(f"msgpack ext type {code} is not allowed")
 
 
+_DECODE_ERRORS = (
+    ProtocolError,  # from _refuse_ext
+    ValueError,  # msgpack's own errors (ExtraData, StackError, FormatError...) and bad UTF-8
+    TypeError,  # an array or a map as a map key (unhashable)
+    OverflowError,
+    RecursionError,
+    msgpack.UnpackException,  # OutOfData, BufferFull
+)
+
+
+def _msgpack_error(exc: BaseException) -> str:
+    """What a msgpack decoding error means, in words."""
+    if isinstance(exc, ProtocolError):
+        return str(exc)
+    if isinstance(exc, msgpack.ExtraData):
+        return "trailing bytes after the msgpack object"
+    if isinstance(exc, msgpack.StackError | RecursionError):
+        return "msgpack data nests too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a msgpack str is not valid UTF-8: {exc.reason}"
+    text = str(exc)
+    if "incomplete input" in text:
+        return "truncated msgpack data (a length inside claims more bytes than there are)"
+    if "max_ext_len" in text:
+        return "msgpack ext types are not allowed"
+    return text or f"invalid msgpack data ({_type_name(exc)})"
+
+
 def _unpackb(body: bytes, max_size: int, max_items: int) -> object:
     try:
         return msgpack.unpackb(
@@ -667,30 +910,72 @@ def _unpackb(body: bytes, max_size: int, max_items: int) -> object:
             max_ext_len=0,
             ext_hook=_refuse_ext,
         )
-    except ProtocolError:
-        raise
-    except msgpack.ExtraData:
-        raise ProtocolError("trailing bytes after the msgpack object in the body") from None
-    except msgpack.StackError:
-        raise ProtocolError("msgpack data nests too deeply") from None
-    except RecursionError:
-        raise ProtocolError("msgpack data nests too deeply") from None
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"a msgpack str is not valid UTF-8: {exc.reason}") from None
-    except (ValueError, TypeError, OverflowError) as exc:
-        text = str(exc)
-        if "incomplete input" in text:
-            text = "truncated msgpack data (a length inside claims more bytes than the body has)"
-        elif "max_ext_len" in text:
-            text = "msgpack ext types are not allowed"
-        elif not text:
-            text = f"invalid msgpack data ({_type_name(exc)})"
-        raise ProtocolError(f"undecodable body: {text}") from None
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"undecodable body: {_msgpack_error(exc)}") from None
+
+
+_BATCH_HEAD = bytes((0x94, MsgType.BATCH))
+"""How a BATCH body starts when packed the usual way: fixarray of 4, then the type 3."""
+
+
+def _decode_batch(body: bytes, max_items: int, max_depth: int) -> Batch:
+    """A BATCH body (starting with ``_BATCH_HEAD``) read in one pass, each FAILED array
+    checked and kept as its own bytes: a slice of the body, not decoded and packed again.
+
+    Raises on anything invalid without saying much: ``_decode`` then decodes the body the
+    general way, which names the problem.
+    """
+    n = len(body)
+    unpacker = msgpack.Unpacker(
+        None,
+        max_buffer_size=n,
+        raw=False,
+        use_list=True,
+        strict_map_key=False,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=max_items,
+        max_map_len=max_items,
+        max_ext_len=0,
+        ext_hook=_refuse_ext,
+    )
+    unpacker.feed(body)
+    unpacker.read_array_header()  # 4
+    unpacker.skip()  # the type, 3
+    seq = _int(unpacker.unpack(), "BATCH seq", 1, MAX_INT)
+    counters = _counters(unpacker.unpack(), max_items)
+    count = unpacker.read_array_header()  # ValueError if not an array
+    unpack = unpacker.unpack
+    tell = unpacker.tell
+    new = tuple.__new__  # PackedFailed(...) costs twice as much through its Python __new__
+    failed = []
+    start = tell()
+    for _ in range(count):
+        arr = unpack()
+        end = tell()
+        if check_failed(arr, max_items=max_items, max_depth=max_depth):
+            raise ProtocolError("invalid FAILED")
+        failed.append(new(PackedFailed, (body[start:end], arr[0], arr[8])))
+        start = end
+    if start != n:
+        raise ProtocolError("trailing bytes")
+    return Batch(seq, counters, tuple(failed))
+
+
+def _decode(body: bytes, max_items: int, max_depth: int) -> Message:
+    if body[:2] == _BATCH_HEAD:
+        try:
+            return _decode_batch(body, max_items, max_depth)
+        except _DECODE_ERRORS:
+            pass  # invalid: the general path below finds the problem and names it
+    # A BATCH that gets here (invalid, or an array header longer than it needs) has its
+    # FAILED arrays packed again: the same values, payload_raw byte for byte.
+    return _parse(_unpackb(body, len(body), max_items), max_items, max_depth)
 
 
 def decode_body(body: bytes, *, max_items: int = MAX_ITEMS, max_depth: int = MAX_DEPTH) -> Message:
     """The message in one frame body (without its header); ``ProtocolError`` if invalid."""
-    return _parse(_unpackb(body, len(body), max_items), max_items, max_depth)
+    return _decode(body, max_items, max_depth)
 
 
 class FrameDecoder:
@@ -758,6 +1043,4 @@ class FrameDecoder:
             body = bytes(buf[: self._need])
             del buf[: self._need]
             self._need = -1
-            out.append(
-                _parse(_unpackb(body, len(body), self.max_items), self.max_items, self.max_depth)
-            )
+            out.append(_decode(body, self.max_items, self.max_depth))

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from qdash_mp.client import Client, _LockedClient
@@ -193,7 +194,7 @@ class FakeCollector:
                         tot = self.totals.setdefault(q, [0, 0, 0, 0])
                         for i, n in enumerate(row):
                             tot[i] += n
-                    self.failed.extend(msg.failed)
+                    self.failed.extend(f.unpack() for f in msg.failed)
                 else:
                     raise AssertionError(f"gap: seq {msg.seq} after {last}")
                 self.cond.notify_all()
@@ -472,6 +473,70 @@ def test_odd_jobs_are_sanitised_not_lost(
     assert "datetime" in first.payload
     assert "too big" in second.payload
     assert server.total("q")[2] == 2
+
+
+def nested(depth: int) -> Any:
+    value: Any = None
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_whatever_a_worker_passes_the_collector_takes(
+    clients: Callable[..., Client], servers: Callable[..., FakeCollector]
+) -> None:
+    # Client.on_failed packs each FAILED array once, without the decoder's check: every
+    # field must be valid by construction, or the collector would refuse the batch (and
+    # the client resend it forever). These reach a strict decoder (FakeCollector's).
+    server = servers()
+    client = clients()
+    odd: list[tuple[Any, BaseException | str]] = [
+        (Job(id="\udcff", name="\udcff", payload="\udcff", attempts=2**70), "\udcff"),
+        (Job(id="x" * 2000, name="n" * 2000, payload=nested(33)), ValueError("\udcff")),
+        (Job(id=None, name=b"b", payload={(1, 2): 1}, attempts=1.5), RuntimeError()),  # type: ignore[arg-type]
+        (Job(id="", name="many", payload=[0] * 1_000_001, attempts=-(2**64)), "e"),
+        (Job(id="ext", name="n", payload=msgpack.ExtType(1, b"x")), "e"),
+        (Job(id="big-int", name="n", payload=2**64), "e"),
+        (Job(id="nan", name="n", enqueued_at=float("nan")), "e"),
+        (Job(id="inf", name="n", enqueued_at=float("inf")), "e"),
+        (Job(id="keys", name="n", payload={None: 1, 1.5: 2, b"k": (3,), True: nested(31)}), "e"),
+    ]
+    for j, error in odd:
+        client.on_failed("q", j, error)
+    assert client.flush(WAIT)
+    got = {f.job_id: f for f in server.failed}
+    assert len(server.failed) == len(odd)
+    assert got["\\udcff"].error == "\\udcff"
+    assert got["\\udcff"].name == "\\udcff"
+    assert "not sent" in got["\\udcff"].payload
+    assert got["\\udcff"].attempts == 0
+    assert len(got["x" * 1024].name) == 1024
+    assert "nests deeper than 32" in got["x" * 1024].payload
+    by_name = {f.name: f for f in server.failed}
+    assert len(by_name["b'b'"].job_id) == len(by_name["many"].job_id) == 32  # a new uuid4 hex
+    assert "map key of type tuple" in by_name["b'b'"].payload
+    assert by_name["b'b'"].error == "RuntimeError"
+    assert "more than 1000000 items" in by_name["many"].payload
+    assert by_name["many"].attempts == 0
+    assert "ExtType" in got["ext"].payload
+    assert "cannot be encoded" in got["big-int"].payload
+    assert got["nan"].enqueued_at is got["inf"].enqueued_at is None
+    assert got["keys"].payload == {None: 1, 1.5: 2, b"k": [3], True: nested(31)}
+    assert server.total("q")[2] == len(odd)
+
+
+def test_queue_names_utf8_cannot_encode_are_dropped(
+    clients: Callable[..., Client], servers: Callable[..., FakeCollector]
+) -> None:
+    server = servers()
+    client = clients()
+    client.on_pushed("bad \udcff")
+    client.on_failed("bad \udcff", job(1), "e")
+    client.on_pushed("good")
+    assert client.flush(WAIT)
+    assert server.total("good") == [1, 0, 0, 0]
+    assert server.totals.keys() == {"good"}
+    assert server.failed == []
 
 
 def test_flush_is_true_only_after_the_ack(

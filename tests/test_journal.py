@@ -43,6 +43,7 @@ from qdash_mp.journal import (
 )
 from qdash_mp.journal_format import HEADER, RecordType
 from qdash_mp.models import FailedJob, Job
+from qdash_mp.protocol import pack_failed_fields
 
 T0 = 1_700_000_000.0
 _SHM = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -205,7 +206,13 @@ def test_naive_datetimes_and_int_times_are_taken_as_utc(jdir: Path) -> None:
         {"queue": b"q"},
         {"error": "\udcff lone surrogate"},
         {"failed_at": "yesterday"},
+        {"failed_at": -1.0},
         {"payload_raw": 12},
+        # What the wire refuses, the journal refuses too (one check, protocol.check_failed).
+        {"name": "n" * 1025},
+        {"queue": ""},
+        {"payload_raw": b"\xc0\xc0"},
+        {"payload_raw": b"\xd4\x05\x00"},
     ],
 )
 def test_unencodable_failures_are_refused_and_nothing_is_staged(
@@ -254,6 +261,54 @@ def test_stage_failed_rows_is_all_or_nothing(jdir: Path) -> None:
             failed_at=datetime.fromtimestamp(T0 + 1, UTC),
             traceback="tb",
         )
+
+
+def packed(id: str, at: float, name: str = "t") -> tuple[bytes, str, float]:
+    """A FAILED record as a decoded BATCH carries it: ``(data, id, failed_at)``."""
+    return pack_failed_fields(id, name, b"\xa1p", 1, None, "q", "e", "", at), id, at
+
+
+def test_stage_failed_packed_stores_the_bytes_as_given(jdir: Path) -> None:
+    # Packed the long way (attempts as uint64): re-encoding would change these bytes.
+    fields = [msgpack.packb(v) for v in ("j", "t", b"\x92\x01\x02")]
+    fields += [b"\xcf" + (7).to_bytes(8, "big")]
+    fields += [msgpack.packb(v) for v in (None, "q", "e", "tb", T0)]
+    data = b"\x99" + b"".join(fields)
+    with open_j(jdir) as j:
+        j.stage_failed_packed([(data, "j", T0)])
+        j.commit()
+        (seg,) = segments(jdir)
+        assert (
+            HEADER.pack(
+                zlib.crc32(data, zlib.crc32(struct.pack("<IB", len(data), 3))), len(data), 3
+            )
+            + data
+            in seg.read_bytes()
+        )
+    with open_j(jdir) as j:
+        failed, raw = j.get_raw("j")
+        assert raw == b"\x92\x01\x02"
+        assert (failed.job.payload, failed.job.attempts, failed.traceback) == ([1, 2], 7, "tb")
+
+
+def test_a_batch_that_prunes_keeps_a_job_failing_again_in_it(jdir: Path) -> None:
+    with open_j(jdir, max_jobs=1) as j:
+        j.stage_failed_packed([packed("a", T0), packed("b", T0 + 1), packed("a", T0 + 2)])
+        j.commit()
+        assert ids_of(j) == ["a"]
+        assert j.failed_at("a") == T0 + 2
+    with open_j(jdir, max_jobs=1) as j:
+        assert ids_of(j) == ["a"]
+        assert j.failed_at("a") == T0 + 2
+    with open_j(jdir, max_jobs=5) as j:  # no prune possible: the batch goes in at once
+        j.stage_failed_packed([packed("c", T0 + 3), packed("c", T0 + 4, name="again")])
+        j.stage_failed_packed([])
+        j.commit()
+        assert ids_of(j) == ["c", "a"]
+        assert j.get("c").job.name == "again"
+        j.stage_removed("c", "forgotten")  # the pending state knows c once, not twice
+        with pytest.raises(NotFound):
+            j.stage_removed("c", "forgotten")
 
 
 def test_oversized_record_is_refused(jdir: Path) -> None:

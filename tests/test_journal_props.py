@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,7 @@ from qdash_mp.journal_format import (
     encode_removed,
 )
 from qdash_mp.models import FailedJob, Job
+from qdash_mp.protocol import MAX_TIMESTAMP, check_failed, pack_payload
 
 T0 = 1_700_000_000.0
 MAX_JOBS = 3
@@ -174,17 +176,55 @@ ids = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=20
 
 @st.composite
 def failed_fields(draw: st.DrawFn) -> tuple[Any, ...]:
+    """Any FAILED record within the rules (``protocol.check_failed``)."""
     return (
         draw(ids),
         draw(texts),
-        draw(st.binary(max_size=40)),
-        draw(st.integers(-(2**63), 2**64 - 1)),
-        draw(st.none() | st.floats(allow_nan=False)),
+        draw(payloads.map(pack_payload)),
+        draw(st.integers(-(2**63), 2**63 - 1)),
+        draw(st.none() | st.floats(-MAX_TIMESTAMP, MAX_TIMESTAMP)),
+        draw(ids),
         draw(texts),
         draw(texts),
-        draw(texts),
-        draw(st.floats(allow_nan=False)),
+        draw(st.floats(0.0, MAX_TIMESTAMP)),
     )
+
+
+BREAKS: list[tuple[int, Any]] = [
+    (0, ""),
+    (0, "i" * 1025),
+    (1, None),
+    (2, "not bin"),
+    (2, b""),
+    (2, b"\xc0\xc0"),
+    (2, b"\xd4\x05\x00"),  # an ext type
+    (2, b"\x91" * 33 + b"\xc0"),  # nested too deep
+    (3, True),
+    (3, 2**63),
+    (4, 1),
+    (4, float("inf")),
+    (5, ""),
+    (5, "q" * 256),
+    (6, b"e"),
+    (7, None),
+    (8, -0.5),
+    (8, float("nan")),
+    (8, 1e300),
+]
+
+
+@settings(max_examples=100, deadline=None)
+@given(fields=failed_fields(), broken=st.sampled_from(BREAKS))
+def test_encode_failed_refuses_what_recovery_would(
+    fields: tuple[Any, ...], broken: tuple[int, Any]
+) -> None:
+    record = encode_failed(*fields)
+    assert check_failed(msgpack.unpackb(record)) == ""
+    index, value = broken
+    bad = list(fields)
+    bad[index] = value
+    with pytest.raises(ValueError, match="FAILED"):
+        encode_failed(*bad)
 
 
 def _journal_bytes(batches: list[list[tuple[Any, ...]]]) -> tuple[bytes, list[int]]:

@@ -26,22 +26,26 @@ from qdash_mp.protocol import (
     FrameDecoder,
     Hello,
     Message,
+    PackedFailed,
     Requeue,
     RequeueResult,
     UnsupportedVersion,
     Welcome,
     WireFailed,
+    check_failed,
     decode_body,
     encode,
     encode_batch,
     pack_failed,
+    pack_failed_fields,
+    pack_payload,
     unpack_failed,
 )
 
 FAILED = WireFailed(
     job_id="job-1",
     name="send_email",
-    payload={"to": "a@example.com", "n": [1, 2, {"deep": b"\x00\xff"}]},
+    payload_raw=pack_payload({"to": "a@example.com", "n": [1, 2, {"deep": b"\x00\xff"}]}),
     attempts=3,
     enqueued_at=1_700_000_000.25,
     queue="mail",
@@ -49,6 +53,7 @@ FAILED = WireFailed(
     traceback='Traceback (most recent call last):\n  File "x.py"\nValueError: boom\n',
     failed_at=1_700_000_001.5,
 )
+PACKED = PackedFailed.of(FAILED)
 
 MESSAGES: list[Message] = [
     Hello(client_id="c" * 32, pid=1234, host="worker-1", requeue=None),
@@ -58,7 +63,7 @@ MESSAGES: list[Message] = [
     Welcome(last_seq=2**63 - 1),
     Batch(seq=1),
     Batch(seq=7, counters={"mail": (3, 2, 1, 0), "déjà vu ☃": (0, 0, 0, 2**63 - 1)}),
-    Batch(seq=2**63 - 1, counters={"q": (1, 1, 0, 0)}, failed=(FAILED, FAILED)),
+    Batch(seq=2**63 - 1, counters={"q": (1, 1, 0, 0)}, failed=(PACKED, PACKED)),
     Ack(seq=0),
     Ack(seq=99),
     ErrorMsg(code="version", reason="protocol version 2 is not supported"),
@@ -82,7 +87,7 @@ def failed_array(**changes: Any) -> list[Any]:
     fields = {
         "job_id": "j",
         "name": "n",
-        "payload": None,
+        "payload_raw": b"\xc0",  # nil
         "attempts": 0,
         "enqueued_at": None,
         "queue": "q",
@@ -131,13 +136,35 @@ def test_payload_is_kept_exactly() -> None:
         b"k": "bytes key",
     }
     failed = WireFailed.from_job(Job("id", "name", payload), "q", "err", failed_at=1.0)
-    out = decode_one(encode(Batch(seq=1, failed=(failed,))))
+    out = decode_one(encode(Batch(seq=1, failed=(PackedFailed.of(failed),))))
     assert isinstance(out, Batch)
-    got = out.failed[0].payload
-    assert got == payload
-    assert type(got["bytes"]) is bytes
-    assert type(got["text"]) is str
-    assert type(got["bools"][0]) is bool
+    (packed,) = out.failed
+    assert packed == (pack_failed(failed), "id", 1.0)
+    got = packed.unpack()
+    assert got.payload_raw == failed.payload_raw
+    assert got.payload == payload
+    assert type(got.payload["bytes"]) is bytes
+    assert type(got.payload["text"]) is str
+    assert type(got.payload["bools"][0]) is bool
+
+
+def test_failed_arrays_are_carried_as_sent() -> None:
+    # A FAILED array packed the long way (attempts as uint64, job_id as str8): the decoder
+    # checks it and hands on its bytes, never re-encoding them.
+    fields = [b"\xd9\x01j", b"\xa1n", b"\xc4\x01\xc0", b"\xcf" + (7).to_bytes(8, "big")]
+    fields += [msgpack.packb(v) for v in (None, "q", "e", "", 2.5)]
+    data = b"\x99" + b"".join(fields)
+    (batch,) = FrameDecoder().feed(encode_batch(1, {}, [data]))
+    assert isinstance(batch, Batch)
+    assert batch.failed == (PackedFailed(data, "j", 2.5),)
+    assert batch.failed[0].unpack() == WireFailed("j", "n", b"\xc0", 7, None, "q", "e", "", 2.5)
+
+
+def test_a_long_batch_header_takes_the_general_path_to_the_same_batch() -> None:
+    body = encode(MESSAGES[7])[4:]
+    assert body[0] == 0x94
+    long_form = b"\xdc\x00\x04" + body[1:]  # array16 of 4: valid, just not the shortest
+    assert decode_body(long_form) == decode_body(body) == MESSAGES[7]
 
 
 def test_tuples_in_payload_come_back_as_lists() -> None:
@@ -148,18 +175,33 @@ def test_tuples_in_payload_come_back_as_lists() -> None:
 
 def test_encode_batch_is_byte_identical_to_encode() -> None:
     counters = {"a": (1, 2, 3, 4), "b": (0, 0, 0, 1)}
-    expected = encode(Batch(seq=3, counters=counters, failed=(FAILED, FAILED)))
+    expected = encode(Batch(seq=3, counters=counters, failed=(PACKED, PACKED)))
     assert encode_batch(3, counters, [pack_failed(FAILED)] * 2) == expected
     assert encode_batch(1, {}) == encode(Batch(seq=1))
 
 
 def test_pack_failed_round_trips_and_snapshots_the_payload() -> None:
     payload: dict[str, Any] = {"items": [1, 2]}
-    packed = pack_failed(WireFailed.from_job(Job("j", "n", payload), "q", "e", failed_at=2.0))
+    wire = WireFailed.from_job(Job("j", "n", payload), "q", "e", failed_at=2.0)
     payload["items"].append(3)
+    packed = pack_failed(wire)
     out = unpack_failed(packed)
+    assert out == wire
     assert out.payload == {"items": [1, 2]}
     assert out.job() == Job("j", "n", {"items": [1, 2]})
+    assert PackedFailed.of(wire) == (packed, "j", 2.0)
+    assert PackedFailed.of(wire).unpack() == wire
+
+
+def test_pack_failed_fields_is_the_same_array_unchecked() -> None:
+    args = [getattr(FAILED, f) for f in WireFailed.__dataclass_fields__]
+    assert pack_failed_fields(*args) == pack_failed(FAILED)
+    # Not checked (its caller makes every field valid): a decoder is what refuses this.
+    unchecked = pack_failed_fields("", "n", b"\xc0", 0, None, "q", "e", "", 1.0)
+    with pytest.raises(ProtocolError, match=r"FAILED\.job_id must not be empty"):
+        unpack_failed(unchecked)
+    with pytest.raises(ProtocolError, match="FAILED cannot be encoded"):
+        pack_failed_fields("\udcff", "n", b"\xc0", 0, None, "q", "e", "", 1.0)
 
 
 def test_error_code_enum_encodes_as_its_text() -> None:
@@ -287,13 +329,31 @@ def test_item_limit_is_configurable() -> None:
         FrameDecoder(max_items=10).feed(data)
 
 
+def test_item_limit_holds_inside_payloads() -> None:
+    data = payload_frame(msgpack.packb(list(range(11))))
+    assert FrameDecoder(max_items=11).feed(data)
+    with pytest.raises(ProtocolError, match=r"payload_raw .*exceeds max_array_len"):
+        FrameDecoder(max_items=10).feed(data)
+    with pytest.raises(ProtocolError, match="an array of more than 10 items"):
+        pack_payload([[0] * 11], max_items=10)
+
+
+def test_str32_claiming_4_gib_inside_a_payload_fails_fast() -> None:
+    start = time.perf_counter()
+    with pytest.raises(ProtocolError, match=r"payload_raw .*truncated msgpack data"):
+        FrameDecoder().feed(payload_frame(b"\xdb\xff\xff\xff\xff" + b"x" * 16))
+    assert time.perf_counter() - start < 0.5
+
+
+def payload_frame(payload_raw: bytes) -> bytes:
+    """A BATCH frame whose one failed job has these payload bytes (not checked)."""
+    fields = ("j", "n", payload_raw, 0, None, "q", "e", "", 1.0)
+    return encode_batch(1, {}, [pack_failed_fields(*fields)])
+
+
 def deep_payload_frame(depth: int) -> bytes:
     """A BATCH whose one failed job's payload is ``depth`` nested arrays around nil."""
-    head = b"\x94\x03\x01\x80\x91"  # [3, 1, {}, [ ... one FAILED
-    before = b"\x99" + msgpack.packb("j") + msgpack.packb("n")
-    after = b"".join(msgpack.packb(x) for x in [0, None, "q", "e", "", 1.0])
-    body = head + before + b"\x91" * depth + b"\xc0" + after
-    return raw_frame(body)
+    return payload_frame(b"\x91" * depth + b"\xc0")
 
 
 def test_deep_nesting_bomb_is_a_protocol_error() -> None:
@@ -319,7 +379,7 @@ def test_deep_maps_are_refused_too() -> None:
     for _ in range(40):
         payload = {"k": payload}
     with pytest.raises(ProtocolError, match="nests deeper than 32 levels"):
-        FrameDecoder().feed(frame([3, 1, {}, [failed_array(payload=payload)]]))
+        FrameDecoder().feed(frame([3, 1, {}, [failed_array(payload_raw=msgpack.packb(payload))]]))
 
 
 # --------------------------------------------------------------------------- hostile bodies
@@ -378,6 +438,21 @@ def test_deep_maps_are_refused_too() -> None:
         ([3, 1, {}, [failed_array(failed_at=1e300)]], r"\.failed_at must be a finite"),
         ([3, 1, {}, [failed_array(queue=None)]], r"\.queue must be a str, not NoneType"),
         ([3, 1, {}, [failed_array(error=b"e")]], r"\.error must be a str, not bytes"),
+        ([3, 1, {}, [failed_array(name="n" * 1025)]], r"\.name is longer than 1024"),
+        ([3, 1, {}, [failed_array(queue="q" * 256)]], r"\.queue is longer than 255"),
+        ([3, 1, {}, [failed_array(attempts=2**63)]], r"\.attempts must be in"),
+        ([3, 1, {}, [failed_array(enqueued_at=-1e300)]], r"\.enqueued_at must be a finite"),
+        ([3, 1, {}, [failed_array(payload_raw=None)]], r"payload_raw must be a bin, not NoneType"),
+        ([3, 1, {}, [failed_array(payload_raw="x")]], r"payload_raw must be a bin, not str"),
+        ([3, 1, {}, [failed_array(payload_raw=b"")]], r"payload_raw .*truncated msgpack data"),
+        ([3, 1, {}, [failed_array(payload_raw=b"\xc0\xc0")]], r"payload_raw .*trailing bytes"),
+        ([3, 1, {}, [failed_array(payload_raw=b"\xc1")]], r"payload_raw is not a valid payload"),
+        ([3, 1, {}, [failed_array(payload_raw=b"\xa2\xff\xfe")]], "not valid UTF-8"),
+        ([3, 1, {}, [failed_array(payload_raw=b"\xd6\xff\0\0\0\0")]], "ext types are not"),
+        ([3, 1, {}, [failed_array(payload_raw=b"\xc7\x00\x05")]], "ext type 5 is not allowed"),
+        ([3, 1, {}, [failed_array(payload_raw=b"\x81\x90\x01")]], "payload_raw .*unhashable"),
+        ([3, 1, {}, [failed_array(), failed_array(job_id=1)]], r"failed\[1\]\.job_id must be a"),
+        ([6, 1, "q", failed_array(payload_raw=b"\xc1")], r"REQUEUE job\.payload_raw is not"),
         ([5, "", "r"], "ERROR code must not be empty"),
         ([5, 1, "r"], "ERROR code must be a str, not int"),
         ([5, "c", "r" * 5000], "ERROR reason is longer than 4096"),
@@ -475,21 +550,56 @@ def test_encode_refuses_what_a_decoder_would(msg: Message, match: str) -> None:
 
 
 def test_encode_refuses_unencodable_payloads() -> None:
-    def with_payload(payload: Any) -> Batch:
-        return Batch(seq=1, failed=(WireFailed.from_job(Job("j", "n", payload), "q", "e"),))
+    def with_payload(payload: Any) -> WireFailed:
+        return WireFailed.from_job(Job("j", "n", payload), "q", "e")
 
     with pytest.raises(ProtocolError, match="holds a datetime"):
-        encode(with_payload({"when": datetime.now(UTC)}))
+        with_payload({"when": datetime.now(UTC)})
     with pytest.raises(ProtocolError, match="holds a ExtType"):
-        encode(with_payload([msgpack.ExtType(1, b"x")]))
+        with_payload([msgpack.ExtType(1, b"x")])
     with pytest.raises(ProtocolError, match="map key of type tuple"):
-        encode(with_payload({(1, 2): "x"}))
+        with_payload({(1, 2): "x"})
     with pytest.raises(ProtocolError, match="cannot be encoded"):
-        encode(with_payload(2**64))
+        with_payload(2**64)
+    with pytest.raises(ProtocolError, match="cannot be encoded"):
+        with_payload("lone \udcff surrogate")
     with pytest.raises(ProtocolError, match="nests deeper"):
-        pack_failed(WireFailed.from_job(Job("j", "n", [[[[]]]]), "q", "e"), max_depth=3)
+        pack_payload([[[[]]]], max_depth=3)
+    assert pack_payload([[[]]], max_depth=3) == b"\x91\x91\x90"
     with pytest.raises(ProtocolError, match="not a protocol message"):
         encode("hello")  # type: ignore[arg-type]
+
+
+def test_encode_checks_packed_failed_jobs_as_a_decoder_would() -> None:
+    bad_raw = WireFailed("j", "n", b"\xc0\xc0", 0, None, "q", "e", "", 1.0)
+    with pytest.raises(ProtocolError, match=r"FAILED\.payload_raw .*trailing bytes"):
+        pack_failed(bad_raw)
+    with pytest.raises(ProtocolError, match=r"FAILED\.queue must not be empty"):
+        pack_failed(WireFailed("j", "n", b"\xc0", 0, None, "", "e", "", 1.0))
+    unchecked = pack_failed_fields("j", "n", b"\xc0\xc0", 0, None, "q", "e", "", 1.0)
+    cases: list[tuple[Any, str]] = [
+        (FAILED, r"failed\[0\] must be a PackedFailed, not WireFailed"),
+        (PackedFailed(unchecked, "j", 1.0), r"failed\[0\]\.payload_raw .*trailing bytes"),
+        (PackedFailed(PACKED.data, "other", PACKED.failed_at), "differ from the packed record"),
+        (PackedFailed(PACKED.data, PACKED.job_id, 2.0), "differ from the packed record"),
+    ]
+    for f, match in cases:
+        with pytest.raises(ProtocolError, match=match):
+            encode(Batch(seq=1, failed=(f,)))
+    with pytest.raises(ProtocolError, match=r"REQUEUE job\.payload_raw"):
+        encode(Requeue(request_id=1, queue="q", failed=bad_raw))
+
+
+def test_check_failed_names_the_field_and_takes_tuples() -> None:
+    arr = failed_array()
+    assert check_failed(arr) == ""
+    assert check_failed(tuple(arr)) == ""
+    assert check_failed(failed_array(failed_at=float("inf")), "X").startswith("X.failed_at")
+    assert check_failed(arr[:8]) == "FAILED must have 9 elements, not 8"
+    assert check_failed(failed_array(payload_raw=b"\x91" * 40 + b"\xc0"), max_depth=40) == ""
+    assert "deeper than 39" in check_failed(
+        failed_array(payload_raw=b"\x91" * 40 + b"\xc0"), max_depth=39
+    )
 
 
 def test_encode_refuses_oversize_bodies() -> None:
@@ -542,7 +652,7 @@ wire_failed = st.builds(
     WireFailed,
     job_id=names,
     name=st.text(max_size=20),
-    payload=json_like,
+    payload_raw=json_like.map(pack_payload),
     attempts=st.integers(min_value=-(2**63), max_value=2**63 - 1),
     enqueued_at=st.none() | st.floats(min_value=0, max_value=4e9),
     queue=names,
@@ -554,7 +664,7 @@ batches = st.builds(
     Batch,
     seq=st.integers(min_value=1, max_value=2**63 - 1),
     counters=st.dictionaries(names, st.tuples(counts, counts, counts, counts), max_size=5),
-    failed=st.lists(wire_failed, max_size=3).map(tuple),
+    failed=st.lists(wire_failed.map(PackedFailed.of), max_size=3).map(tuple),
 )
 
 
@@ -570,5 +680,7 @@ def test_batches_round_trip_through_any_chunking(batch: Batch, cuts: list[int]) 
         pos += cut
     got.extend(dec.feed(data[pos:]))
     assert got == [batch, Ack(seq=1)]
-    packed = [pack_failed(f) for f in batch.failed]
+    packed = [f.data for f in batch.failed]
     assert encode_batch(batch.seq, batch.counters, packed) == encode(batch)
+    # The general decoding path (taken for a longer array header) gives the same batch.
+    assert decode_body(b"\xdd\x00\x00\x00\x04" + data[5 : len(data) - 7]) == batch
