@@ -124,6 +124,18 @@ def test_hello_bytes_match_the_documented_dump() -> None:
     assert encode(hello).hex(" ") == "00 00 00 0d 96 01 01 a3 61 62 63 2a a1 68 91 a1 2a"
 
 
+def test_batch_bytes_match_the_documented_dump() -> None:
+    job = Job("j1", "send_email", {"to": "a@b"}, 1, 1_700_000_000.0)
+    wire = WireFailed.from_job(job, "mail", "ValueError: boom", "", 1_700_000_001.5)
+    batch = Batch(seq=1, counters={"mail": (3, 2, 1, 0)}, failed=(PackedFailed.of(wire),))
+    assert encode(batch).hex(" ") == (
+        "00 00 00 52 94 03 01 81 a4 6d 61 69 6c 94 03 02 01 00 91 "
+        "99 a2 6a 31 aa 73 65 6e 64 5f 65 6d 61 69 6c c4 08 81 a2 74 6f a3 61 40 62 01 "
+        "cb 41 d9 54 fc 40 00 00 00 a4 6d 61 69 6c "
+        "b0 56 61 6c 75 65 45 72 72 6f 72 3a 20 62 6f 6f 6d a0 cb 41 d9 54 fc 40 60 00 00"
+    )
+
+
 def test_payload_is_kept_exactly() -> None:
     payload = {
         "bytes": b"\x00\x01\xfe\xff",
