@@ -42,7 +42,7 @@ journal is compacted so that it opens cleanly afterwards.
 
 Index. One slot per committed FAILED record in append order, in parallel compact arrays::
 
-    _ids    list[str | None]   job id (None once dead)
+    _ids    _Ids               job id (kept when dead, until the arrays are squeezed)
     _alive  bytearray          1 = live
     _loc    array('q')         segment number << 40 | file offset of the record
     _size   array('I')         bytes of the record
@@ -59,6 +59,12 @@ offset-th newest live slot (O(n / 1024) integer additions, ~1000 at a million jo
 collects ``limit`` slots with C-speed ``bytearray.rfind`` -- deep pages cost the same as
 the first. When dead slots outnumber live ones the arrays are squeezed in C-speed passes
 (``itertools.compress``) and ``_pos`` rebuilt, so tombstones cost O(1) amortised.
+
+Garbage collection. Apart from ``_ids`` nothing in the index is a container the cyclic GC
+tracks (arrays, a bytearray, a dict of str -> int, which the GC untracks). ``_ids`` keeps
+its ids in blocks of 1024 sealed as tuples, which the GC untracks too: a flat list of a
+million ids would make every full collection visit a million scattered str objects, ~30 ms
+at 600k jobs, and a collector decoding batches triggers one every few thousand records.
 
 Nothing else of a job is held in memory: queue, name, attempts, error and failed_at are
 read from disk (page cache) when needed -- a page reads its ``limit`` records with
@@ -110,7 +116,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import compress, repeat
+from itertools import accumulate, chain, compress, islice, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -118,6 +125,8 @@ import msgpack
 
 from qdash_mp.errors import ConfigError, JournalCorrupt, JournalError, NotFound
 from qdash_mp.journal_format import (
+    HEADER,
+    MAX_PAYLOAD,
     BatchReader,
     FailedFields,
     Op,
@@ -132,10 +141,10 @@ from qdash_mp.journal_format import (
     encode_removed,
     find_commit,
     flushed_payload,
+    frame_records,
     header_size,
     read_header,
     read_record,
-    record_header,
     segment_record,
 )
 from qdash_mp.models import FailedJob, Job, JobView
@@ -186,8 +195,47 @@ _FLUSHED: Final = int(RecordType.FLUSHED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
 FailedRow = tuple[str, str, bytes, int, float | None, str, str, str, float]
 """A failed job as ``stage_failed_rows`` takes it: the wire FAILED array, payload as bytes."""
+_NOT_FAILED: Final = re.compile(rb"[^\x%02x]" % _FAILED)
+"""Finds the next record that is not a FAILED in a string of record type bytes."""
 _GONE: Final[Op] = (0, "", 0, None)
 """``_p_ids`` value of an id whose staged removal makes it dead in the pending state."""
+
+
+class _Ids:
+    """The job id of every slot, in blocks of ``1 << _BLOCK_SHIFT`` sealed as tuples.
+
+    Full blocks are tuples of str, which the cyclic GC stops tracking after its first look
+    at them; only the last block is a list. See "Garbage collection" in the module
+    docstring for why the index must not be one big list.
+    """
+
+    __slots__ = ("_sealed", "_tail")
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._sealed: list[tuple[str, ...]] = []
+        self._tail: list[str] = []
+        self.extend(ids)
+
+    def __len__(self) -> int:
+        return (len(self._sealed) << _BLOCK_SHIFT) + len(self._tail)
+
+    def __getitem__(self, p: int) -> str:
+        block = p >> _BLOCK_SHIFT
+        if block < len(self._sealed):
+            return self._sealed[block][p & _BLOCK_MASK]
+        return self._tail[p - (block << _BLOCK_SHIFT)]
+
+    def __iter__(self) -> Iterator[str]:
+        return chain(chain.from_iterable(self._sealed), self._tail)
+
+    def extend(self, ids: Iterable[str]) -> None:
+        tail = self._tail
+        tail += ids
+        size = 1 << _BLOCK_SHIFT
+        if len(tail) >= size:
+            full = len(tail) - len(tail) % size
+            self._sealed += [tuple(tail[i : i + size]) for i in range(0, full, size)]
+            del tail[:full]
 
 
 class FileIO:
@@ -353,7 +401,7 @@ class Journal:
         self._live_bytes = 0
         self._client_seen: dict[str, float] = {}
         # committed index
-        self._ids: list[str | None] = []
+        self._ids = _Ids()
         self._alive = bytearray()
         self._loc: array[int] = array("q")
         self._size: array[int] = array("I")
@@ -779,47 +827,40 @@ class Journal:
 
         Each record is ``(data, id, failed_at)``: ``data`` the msgpack bytes of a FAILED
         array that passed ``protocol.check_failed`` -- what a decoded ``Batch`` carries
-        (``protocol.PackedFailed``) -- and ``id``, ``failed_at`` its fields 0 and 8. The
+        (each a ``protocol.PackedFailed``) -- and ``id``, ``failed_at`` its fields 0 and 8. The
         bytes are stored as they are; only the record framing (length, type, one CRC) is
         added. A failure in ``data`` would only show at recovery, as a damaged record: pass
         nothing unchecked. All or nothing: a record over ``MAX_PAYLOAD`` bytes raises
         ``JournalError`` and none is staged.
         """
-        chunk = bytearray()
-        ops: list[Op] = []
-        add = ops.append
-        failed = _FAILED
-        for data, id, failed_at in records:
-            try:
-                head = record_header(failed, data)
-            except ValueError as exc:
-                raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
-            chunk += head
-            chunk += data
-            add((failed, id, len(head) + len(data), failed_at))
+        records = list(records)
+        if not records:
+            return
+        datas, ids, failed_ats = zip(*records, strict=True)
+        try:
+            chunk = frame_records(_FAILED, datas)
+        except ValueError as exc:
+            big = next(r for r in records if len(r[0]) > MAX_PAYLOAD)
+            raise JournalError(f"cannot record failed job {big[1]!r}: {exc}") from None
+        sizes = [HEADER.size + n for n in map(len, datas)]
+        ops: list[Op] = list(zip(repeat(_FAILED), ids, sizes, failed_ats, strict=False))
         with self._lock:
             self._check_open()
+            touched = self._p_ids
+            before = len(touched)
             if self._p_len + len(ops) > self._max_jobs:
                 self._stage_pruning(chunk, ops)
-            else:  # no record can push one out: all in one go
+            elif touched.keys().isdisjoint(ids) and (
+                self._p_flushed or self._pos.keys().isdisjoint(ids)
+            ):
+                # Every id is new to the pending state (the common case): all in C passes.
                 self._buf += chunk
                 self._ops += ops
-                touched = self._p_ids
-                queue = self._p_queue
-                pos = self._pos
-                flushed = self._p_flushed
-                grown = 0
-                for op in ops:
-                    id = op[1]
-                    prev = touched.get(id)
-                    if prev is None:
-                        if flushed or id not in pos:
-                            grown += 1
-                    elif prev is _GONE:
-                        grown += 1
-                    touched[id] = op
-                queue += ops
-                self._p_len += grown
+                touched.update(zip(ids, ops, strict=True))
+                self._p_queue += ops
+                self._p_len += len(touched) - before  # a repeat within the batch supersedes
+            else:
+                self._stage_pruning(chunk, ops)  # record by record; it prunes nothing here
             now = self._clock()
             if now >= self._next_age_check:
                 self._next_age_check = now + _AGE_CHECK_EVERY
@@ -991,7 +1032,7 @@ class Journal:
                 if p < 0:
                     break
                 key = ids[p]
-                if key is not None and key not in touched:
+                if key not in touched:
                     self._p_front = p
                     return key, p, _GONE
                 p += 1
@@ -1129,38 +1170,27 @@ class Journal:
 
     def _apply(self, num: int, start: int, ops: Iterable[Op], *, replay: bool) -> int:
         """Apply written records to the index; returns how many were retention prunes."""
+        ops = ops if isinstance(ops, list) else list(ops)
+        # Runs of FAILED records (a batch's failed jobs) go in a few C-level passes; the
+        # other records, one by one.
+        kinds = bytes(map(itemgetter(0), ops))
+        not_failed = _NOT_FAILED.search
         pos = self._pos
-        ids = self._ids
-        blocks = self._blocks
         kill = self._kill
-        add_id = ids.append
-        add_alive = self._alive.append
-        add_loc = self._loc.append
-        add_size = self._size.append
-        failed = _FAILED
-        mask = _BLOCK_MASK
-        shift = _BLOCK_SHIFT
         base = num << _LOC_SHIFT
         off = start
-        live_bytes = 0
         pruned = 0
-        for rtype, key, size, extra in ops:
-            if rtype == failed:
-                p = pos.get(key)
-                if p is not None:
-                    kill(p)
-                p = len(ids)
-                add_id(key)
-                add_alive(1)
-                add_loc(base + off)
-                add_size(size)
-                if p & mask:
-                    blocks[p >> shift] += 1
-                else:
-                    blocks.append(1)
-                pos[key] = p
-                live_bytes += size
-            elif rtype == _REMOVED:
+        i = 0
+        n = len(ops)
+        while i < n:
+            rtype, key, size, extra = ops[i]
+            if rtype == _FAILED:
+                m = not_failed(kinds, i)
+                j = n if m is None else m.start()
+                off = self._append_failed(base, off, ops[i:j])
+                i = j
+                continue
+            if rtype == _REMOVED:
                 p = pos.pop(key, None)
                 if p is not None:
                     kill(p)
@@ -1175,13 +1205,47 @@ class Journal:
                 if at > self._client_seen.get(key, -math.inf):
                     self._client_seen[key] = at
             off += size
-        self._live_bytes += live_bytes
+            i += 1
         self.pruned_total += pruned
         return pruned
 
+    def _append_failed(self, base: int, off: int, run: list[Op]) -> int:
+        """Give each FAILED record of ``run`` (written back to back from ``off``) a new slot,
+        superseding the live record of its id; returns the offset after the run.
+        """
+        keys = [op[1] for op in run]
+        sizes = [op[2] for op in run]
+        k = len(run)
+        p0 = len(self._ids)
+        self._ids.extend(keys)
+        self._alive += b"\x01" * k
+        self._loc.extend(islice(accumulate(sizes, initial=base + off), k))
+        self._size.extend(sizes)
+        blocks = self._blocks
+        p, stop = p0, p0 + k
+        while p < stop:  # live slots per block of 1 << _BLOCK_SHIFT
+            upto = min(stop, ((p >> _BLOCK_SHIFT) + 1) << _BLOCK_SHIFT)
+            if p & _BLOCK_MASK:
+                blocks[p >> _BLOCK_SHIFT] += upto - p
+            else:
+                blocks.append(upto - p)
+            p = upto
+        total = sum(sizes)
+        self._live_bytes += total
+        # One probe per id: setdefault returns the slot of a live record of the same id,
+        # which the new one supersedes (an earlier record of this very run included).
+        slots = range(p0, stop)
+        found = list(map(self._pos.setdefault, keys, slots))
+        if found != list(slots):
+            pos = self._pos
+            for key, new, old in zip(keys, slots, found, strict=True):
+                if old != new:
+                    self._kill(pos[key])
+                    pos[key] = new
+        return off + total
+
     def _kill(self, p: int) -> None:
         self._alive[p] = 0
-        self._ids[p] = None
         self._blocks[p >> _BLOCK_SHIFT] -= 1
         self._live_bytes -= self._size[p]
         self._dead += 1
@@ -1192,11 +1256,11 @@ class Journal:
         n = len(self._ids)
         if self._compacting:  # slots must keep their numbers until the compaction installs
             self._alive[:] = bytes(n)
-            self._ids[:] = repeat(None, n)
             self._blocks[:] = array("i", bytes(4 * len(self._blocks)))
             self._dead = n
             return
-        del self._ids[:], self._alive[:], self._loc[:], self._size[:]
+        self._ids = _Ids()
+        del self._alive[:], self._loc[:], self._size[:]
         del self._blocks[:]
         self._dead = 0
         self._p_front = 0
@@ -1206,7 +1270,7 @@ class Journal:
         if self._compacting or self._dead <= max(_REBUILD_MIN, len(self._pos)):
             return
         keep = bytes(self._alive)
-        self._ids = list(compress(self._ids, keep))
+        self._ids = _Ids(compress(self._ids, keep))
         self._loc = array("q", compress(self._loc, keep))
         self._size = array("I", compress(self._size, keep))
         n = len(self._ids)
@@ -1215,7 +1279,7 @@ class Journal:
         self._blocks = array("i", repeat(1 << _BLOCK_SHIFT, full))
         if rest:
             self._blocks.append(rest)
-        self._pos = dict(zip(self._ids, range(n), strict=True))  # type: ignore[arg-type]
+        self._pos = dict(zip(self._ids, range(n), strict=True))
         self._dead = 0
         self._p_front = 0
 

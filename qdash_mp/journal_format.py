@@ -68,6 +68,7 @@ import re
 import struct
 import threading
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, Protocol
@@ -100,6 +101,7 @@ __all__ = [
     "find_commit",
     "find_record",
     "flushed_payload",
+    "frame_records",
     "header_size",
     "read_header",
     "read_record",
@@ -187,6 +189,24 @@ def record_header(rtype: int, payload: bytes) -> bytes:
     if n > MAX_PAYLOAD:
         raise ValueError(f"record payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte limit")
     return HEADER.pack(zlib.crc32(payload, zlib.crc32(_LEN_TYPE.pack(n, rtype))), n, rtype)
+
+
+def frame_records(rtype: int, payloads: Iterable[bytes]) -> bytearray:
+    """Many records of ``rtype`` back to back: what ``record_header`` + payload each makes.
+
+    ``ValueError`` (and nothing framed) if a payload is over ``MAX_PAYLOAD`` bytes.
+    """
+    out = bytearray()
+    pack = HEADER.pack
+    len_type = _LEN_TYPE.pack
+    crc32 = zlib.crc32
+    for payload in payloads:
+        n = len(payload)
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"record payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+        out += pack(crc32(payload, crc32(len_type(n, rtype))), n, rtype)
+        out += payload
+    return out
 
 
 def append_record(buf: bytearray, rtype: int, payload: bytes) -> int:
