@@ -43,6 +43,7 @@ from qdash_mp.protocol import (
     Welcome,
     WireFailed,
     encode,
+    unpack_failed,
 )
 
 WAIT = 5.0
@@ -194,7 +195,7 @@ class FakeCollector:
                         tot = self.totals.setdefault(q, [0, 0, 0, 0])
                         for i, n in enumerate(row):
                             tot[i] += n
-                    self.failed.extend(f.unpack() for f in msg.failed)
+                    self.failed.extend(unpack_failed(f[0]) for f in msg.failed)
                 else:
                     raise AssertionError(f"gap: seq {msg.seq} after {last}")
                 self.cond.notify_all()

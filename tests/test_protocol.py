@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import struct
 import time
 from datetime import UTC, datetime, timedelta, timezone
@@ -26,7 +27,6 @@ from qdash_mp.protocol import (
     FrameDecoder,
     Hello,
     Message,
-    PackedFailed,
     Requeue,
     RequeueResult,
     UnsupportedVersion,
@@ -38,6 +38,7 @@ from qdash_mp.protocol import (
     encode_batch,
     pack_failed,
     pack_failed_fields,
+    pack_failed_record,
     pack_payload,
     unpack_failed,
 )
@@ -53,7 +54,7 @@ FAILED = WireFailed(
     traceback='Traceback (most recent call last):\n  File "x.py"\nValueError: boom\n',
     failed_at=1_700_000_001.5,
 )
-PACKED = PackedFailed.of(FAILED)
+PACKED = pack_failed_record(FAILED)
 
 MESSAGES: list[Message] = [
     Hello(client_id="c" * 32, pid=1234, host="worker-1", requeue=None),
@@ -127,7 +128,7 @@ def test_hello_bytes_match_the_documented_dump() -> None:
 def test_batch_bytes_match_the_documented_dump() -> None:
     job = Job("j1", "send_email", {"to": "a@b"}, 1, 1_700_000_000.0)
     wire = WireFailed.from_job(job, "mail", "ValueError: boom", "", 1_700_000_001.5)
-    batch = Batch(seq=1, counters={"mail": (3, 2, 1, 0)}, failed=(PackedFailed.of(wire),))
+    batch = Batch(seq=1, counters={"mail": (3, 2, 1, 0)}, failed=(pack_failed_record(wire),))
     assert encode(batch).hex(" ") == (
         "00 00 00 52 94 03 01 81 a4 6d 61 69 6c 94 03 02 01 00 91 "
         "99 a2 6a 31 aa 73 65 6e 64 5f 65 6d 61 69 6c c4 08 81 a2 74 6f a3 61 40 62 01 "
@@ -148,11 +149,11 @@ def test_payload_is_kept_exactly() -> None:
         b"k": "bytes key",
     }
     failed = WireFailed.from_job(Job("id", "name", payload), "q", "err", failed_at=1.0)
-    out = decode_one(encode(Batch(seq=1, failed=(PackedFailed.of(failed),))))
+    out = decode_one(encode(Batch(seq=1, failed=(pack_failed_record(failed),))))
     assert isinstance(out, Batch)
     (packed,) = out.failed
     assert packed == (pack_failed(failed), "id", 1.0)
-    got = packed.unpack()
+    got = unpack_failed(packed[0])
     assert got.payload_raw == failed.payload_raw
     assert got.payload == payload
     assert type(got.payload["bytes"]) is bytes
@@ -168,8 +169,12 @@ def test_failed_arrays_are_carried_as_sent() -> None:
     data = b"\x99" + b"".join(fields)
     (batch,) = FrameDecoder().feed(encode_batch(1, {}, [data]))
     assert isinstance(batch, Batch)
-    assert batch.failed == (PackedFailed(data, "j", 2.5),)
-    assert batch.failed[0].unpack() == WireFailed("j", "n", b"\xc0", 7, None, "q", "e", "", 2.5)
+    assert batch.failed == ((data, "j", 2.5),)
+    # Plain tuples, which the cyclic GC stops tracking (a class instance it would not).
+    gc.collect()
+    assert type(batch.failed[0]) is tuple
+    assert not gc.is_tracked(batch.failed[0])
+    assert unpack_failed(data) == WireFailed("j", "n", b"\xc0", 7, None, "q", "e", "", 2.5)
 
 
 def test_a_long_batch_header_takes_the_general_path_to_the_same_batch() -> None:
@@ -201,8 +206,7 @@ def test_pack_failed_round_trips_and_snapshots_the_payload() -> None:
     assert out == wire
     assert out.payload == {"items": [1, 2]}
     assert out.job() == Job("j", "n", {"items": [1, 2]})
-    assert PackedFailed.of(wire) == (packed, "j", 2.0)
-    assert PackedFailed.of(wire).unpack() == wire
+    assert pack_failed_record(wire) == (packed, "j", 2.0)
 
 
 def test_pack_failed_fields_is_the_same_array_unchecked() -> None:
@@ -590,10 +594,10 @@ def test_encode_checks_packed_failed_jobs_as_a_decoder_would() -> None:
         pack_failed(WireFailed("j", "n", b"\xc0", 0, None, "", "e", "", 1.0))
     unchecked = pack_failed_fields("j", "n", b"\xc0\xc0", 0, None, "q", "e", "", 1.0)
     cases: list[tuple[Any, str]] = [
-        (FAILED, r"failed\[0\] must be a PackedFailed, not WireFailed"),
-        (PackedFailed(unchecked, "j", 1.0), r"failed\[0\]\.payload_raw .*trailing bytes"),
-        (PackedFailed(PACKED.data, "other", PACKED.failed_at), "differ from the packed record"),
-        (PackedFailed(PACKED.data, PACKED.job_id, 2.0), "differ from the packed record"),
+        (FAILED, r"failed\[0\] must be a \(data, job_id, failed_at\) tuple, not WireFailed"),
+        ((unchecked, "j", 1.0), r"failed\[0\]\.payload_raw .*trailing bytes"),
+        ((PACKED[0], "other", PACKED[2]), "differ from the packed record"),
+        ((PACKED[0], PACKED[1], 2.0), "differ from the packed record"),
     ]
     for f, match in cases:
         with pytest.raises(ProtocolError, match=match):
@@ -676,7 +680,7 @@ batches = st.builds(
     Batch,
     seq=st.integers(min_value=1, max_value=2**63 - 1),
     counters=st.dictionaries(names, st.tuples(counts, counts, counts, counts), max_size=5),
-    failed=st.lists(wire_failed.map(PackedFailed.of), max_size=3).map(tuple),
+    failed=st.lists(wire_failed.map(pack_failed_record), max_size=3).map(tuple),
 )
 
 
@@ -692,7 +696,7 @@ def test_batches_round_trip_through_any_chunking(batch: Batch, cuts: list[int]) 
         pos += cut
     got.extend(dec.feed(data[pos:]))
     assert got == [batch, Ack(seq=1)]
-    packed = [f.data for f in batch.failed]
+    packed = [f[0] for f in batch.failed]
     assert encode_batch(batch.seq, batch.counters, packed) == encode(batch)
     # The general decoding path (taken for a longer array header) gives the same batch.
     assert decode_body(b"\xdd\x00\x00\x00\x04" + data[5 : len(data) - 7]) == batch

@@ -371,7 +371,7 @@ def test_past_the_memory_bound_nothing_is_dropped(
     assert client.spool_pending() > 0
     assert client.dropped_failed == 0
     [path] = spool_files(spool_dir)
-    spooled = [f.job_id for b in batches_in(path) for f in b.failed]
+    spooled = [job_id for b in batches_in(path) for _data, job_id, _at in b.failed]
     assert len(spooled) >= 1_000 - bound
     assert spooled == [f"m-{i}" for i in range(len(spooled))]  # in order
 
@@ -402,7 +402,7 @@ def test_a_torn_spool_replays_its_whole_records(
         f.truncate(path.stat().st_size - 7)  # a crash in the middle of the last append
     kept = batches_in(path)
     assert len(kept) == 2
-    expect_ids = [f.job_id for b in kept for f in b.failed]
+    expect_ids = [job_id for b in kept for _data, job_id, _at in b.failed]
     expect = [sum(b.counters.get("q", (0, 0, 0, 0))[k] for b in kept) for k in range(4)]
 
     collector.start()
