@@ -104,6 +104,7 @@ from qdash_mp.protocol import (
     MAX_ID,
     MAX_INT,
     MAX_NAME,
+    MAX_TIMESTAMP,
     Ack,
     ErrorCode,
     ErrorMsg,
@@ -527,12 +528,18 @@ class Client:
                 "" if self._spool_dir is None else " and cannot be spooled",
             )
             return
-        if not isinstance(error, BaseException | str):
-            error = repr(error)
-        text, trace = describe_error(error)
-        # Every field is made valid here, by construction, and the FAILED array is packed
-        # once, as the collector will journal it: only the payload needs a check.
-        job_id = _job_id(getattr(job, "id", None))
+        if type(error) is str:
+            text, trace = error, ""
+        else:
+            if not isinstance(error, BaseException | str):
+                error = repr(error)
+            text, trace = describe_error(error)
+        # Every field is made valid here, by construction (exact types, in range; what is
+        # not is sanitised), and the FAILED array is packed once, as the collector will
+        # journal it: only the payload needs a check.
+        job_id = getattr(job, "id", None)
+        if type(job_id) is not str or not 0 < len(job_id) <= MAX_ID:
+            job_id = _job_id(job_id)
         try:
             payload_raw = pack_payload(getattr(job, "payload", None))
         except ProtocolError as exc:
@@ -544,9 +551,17 @@ class Client:
                 exc,
             )
             payload_raw = pack_payload(_utf8(f"<payload not sent: {exc}>"))
-        name = _text(getattr(job, "name", ""), MAX_ID)
-        attempts = _attempts(getattr(job, "attempts", 0))
-        enqueued_at = _timestamp(getattr(job, "enqueued_at", None))
+        name = getattr(job, "name", "")
+        if type(name) is not str or len(name) > MAX_ID:
+            name = _text(name, MAX_ID)
+        attempts = getattr(job, "attempts", 0)
+        if type(attempts) is not int or not -MAX_INT <= attempts <= MAX_INT:
+            attempts = _attempts(attempts)
+        enqueued_at = getattr(job, "enqueued_at", None)
+        if enqueued_at is not None and not (
+            type(enqueued_at) is float and -MAX_TIMESTAMP <= enqueued_at <= MAX_TIMESTAMP
+        ):
+            enqueued_at = _timestamp(enqueued_at)
         queue = str.__str__(queue)  # checked when first counted
         failed_at = time.time()
         try:
@@ -1309,7 +1324,7 @@ def _attempts(value: object) -> int:
 def _timestamp(value: object) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         ts = float(value)
-        if math.isfinite(ts) and abs(ts) <= 253402300799.0:  # a datetime-able second
+        if math.isfinite(ts) and abs(ts) <= MAX_TIMESTAMP:  # a datetime-able second
             return ts
     return None
 

@@ -768,6 +768,22 @@ def _packb(obj: Any, what: str) -> bytes:
     return data
 
 
+def _packb_plain(obj: Any, what: str) -> bytes:
+    """``_packb`` for an object made only of exact plain types (str, bytes, int, float,
+    bool, None, lists of those): packing it runs no Python code, so the per-thread packer
+    needs no taking out.
+    """
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        data: bytes = packer.pack(obj)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"{what} cannot be encoded: {exc}") from None
+    return data
+
+
 def _frame(body: bytes, max_frame: int) -> bytes:
     if len(body) > max_frame:
         raise ProtocolError(f"frame body of {len(body)} bytes exceeds the {max_frame} byte limit")
@@ -812,8 +828,9 @@ def pack_payload(value: Any, *, max_items: int = MAX_ITEMS, max_depth: int = MAX
     these limits takes back; a tuple becomes an array. Packing at the moment of failure
     snapshots the payload: later changes to the worker's objects do not leak in.
     """
-    if type(value) not in _SCALARS:
-        check_payload(value, max_depth, max_items=max_items)
+    if type(value) in _SCALARS:
+        return _packb_plain(value, "payload")
+    check_payload(value, max_depth, max_items=max_items)
     return _packb(value, "payload")
 
 
@@ -843,10 +860,11 @@ def pack_failed_fields(
 
     For a caller that makes every field valid by construction -- ``Client.on_failed`` does,
     ``payload_raw`` from ``pack_payload`` -- and would double its cost by checking again
-    (``tests/test_client.py`` checks that what it sends decodes). ``ProtocolError`` only if
-    a field cannot be packed at all (e.g. a str with a lone surrogate).
+    (``tests/test_client.py`` checks that what it sends decodes). Every field must be of
+    its exact type (no subclasses). ``ProtocolError`` only if a field cannot be packed at
+    all (e.g. a str with a lone surrogate).
     """
-    return _packb(
+    return _packb_plain(
         [job_id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at],
         "FAILED",
     )
