@@ -197,6 +197,9 @@ FailedRow = tuple[str, str, bytes, int, float | None, str, str, str, float]
 """A failed job as ``stage_failed_rows`` takes it: the wire FAILED array, payload as bytes."""
 _NOT_FAILED: Final = re.compile(rb"[^\x%02x]" % _FAILED)
 """Finds the next record that is not a FAILED in a string of record type bytes."""
+_REMOVED_OR_FLUSHED: Final = re.compile(rb"[\x%02x\x%02x]" % (_REMOVED, _FLUSHED))
+_IS_FAILED: Final = bytes(int(b == _FAILED) for b in range(256))
+"""``bytes.translate`` table: a string of record types -> 1 where FAILED, else 0."""
 _GONE: Final[Op] = (0, "", 0, None)
 """``_p_ids`` value of an id whose staged removal makes it dead in the pending state."""
 
@@ -836,7 +839,9 @@ class Journal:
         records = list(records)
         if not records:
             return
-        datas, ids, failed_ats = zip(*records, strict=True)
+        datas = list(map(itemgetter(0), records))
+        ids = list(map(itemgetter(1), records))
+        failed_ats = list(map(itemgetter(2), records))
         try:
             chunk = frame_records(_FAILED, datas)
         except ValueError as exc:
@@ -1285,6 +1290,15 @@ class Journal:
 
     def _refresh_pending(self) -> None:
         """Re-derive the pending overlay from what is still staged (after a commit)."""
+        ops = self._ops
+        kinds = bytes(map(itemgetter(0), ops))
+        if _REMOVED_OR_FLUSHED.search(kinds) is None:
+            # Only failures (and client seqs) staged, the usual case: in C-level passes.
+            failed = list(compress(ops, kinds.translate(_IS_FAILED)))
+            self._p_ids = dict(zip(map(itemgetter(1), failed), failed, strict=True))
+            self._p_queue = deque(failed)
+            self._p_flushed = False
+            return
         touched: dict[str, Op] = {}
         queue: deque[Op] = deque()
         flushed = False

@@ -1074,25 +1074,38 @@ class FrameDecoder:
             raise
 
     def _feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        # Frames are cut straight out of ``data`` (one copy each); only a partial frame at
+        # its end waits in the buffer for the rest.
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            data = buf
         out: list[Message] = []
+        pos = 0
+        end = len(data)
+        need = self._need
         while True:
-            if self._need < 0:
-                if len(buf) < HEADER.size:
-                    return out
-                (n,) = HEADER.unpack_from(buf)
+            if need < 0:
+                if end - pos < HEADER.size:
+                    break
+                (n,) = HEADER.unpack_from(data, pos)
                 if n > self.max_frame:
                     raise ProtocolError(
                         f"frame header announces {n} bytes, over the {self.max_frame} byte limit"
                     )
                 if n == 0:
                     raise ProtocolError("empty frame (length 0)")
-                del buf[: HEADER.size]
-                self._need = n
-            if len(buf) < self._need:
-                return out
-            body = bytes(buf[: self._need])
-            del buf[: self._need]
-            self._need = -1
+                pos += HEADER.size
+                need = n
+            if end - pos < need:
+                break
+            body = bytes(data[pos : pos + need])
+            pos += need
+            need = -1
             out.append(_decode(body, self.max_items, self.max_depth))
+        self._need = need
+        if data is buf:
+            del buf[:pos]
+        else:
+            buf += data[pos:]
+        return out

@@ -311,6 +311,56 @@ def test_a_batch_that_prunes_keeps_a_job_failing_again_in_it(jdir: Path) -> None
             j.stage_removed("c", "forgotten")
 
 
+class StagingIO(FileIO):
+    """Real I/O that runs ``during`` inside the next sync: work arriving mid-commit."""
+
+    def __init__(self) -> None:
+        self.during: Callable[[], None] | None = None
+
+    def sync(self, fd: int) -> None:
+        during, self.during = self.during, None
+        if during is not None:
+            during()
+        super().sync(fd)
+
+
+def test_failures_staged_during_a_commit_stay_pending(jdir: Path) -> None:
+    io = StagingIO()
+    with open_j(jdir, io=io) as j:
+        j.stage_failed_packed([packed("a", T0), packed("b", T0 + 1)])
+        io.during = lambda: j.stage_failed_packed(
+            [packed("c", T0 + 2), packed("c", T0 + 3), packed("d", T0 + 4)]
+        )
+        j.commit()
+        assert ids_of(j) == ["b", "a"]  # what that commit wrote, nothing staged meanwhile
+        assert j.staged == 3
+        assert j.stage_removed("c", "forgotten", if_failed_at=T0 + 2) is False  # c failed again
+        j.stage_removed("c", "forgotten")
+        with pytest.raises(NotFound):
+            j.stage_removed("c", "forgotten")
+        j.commit()
+        assert ids_of(j) == ["d", "b", "a"]
+
+
+def test_removals_staged_during_a_commit_stay_pending(jdir: Path) -> None:
+    io = StagingIO()
+    with open_j(jdir, io=io) as j:
+        j.stage_failed_packed([packed("a", T0), packed("b", T0 + 1)])
+
+        def during() -> None:
+            j.stage_failed_packed([packed("c", T0 + 2)])
+            j.stage_removed("a", "forgotten")  # being committed: live in the pending state
+
+        io.during = during
+        j.commit()
+        assert ids_of(j) == ["b", "a"]
+        with pytest.raises(NotFound):
+            j.stage_removed("a", "forgotten")  # its removal is staged
+        j.stage_removed("c", "forgotten")
+        j.commit()
+        assert ids_of(j) == ["b"]
+
+
 def test_oversized_record_is_refused(jdir: Path) -> None:
     with open_j(jdir) as j:
         with pytest.raises(JournalError, match="exceeds"):
