@@ -86,11 +86,15 @@ never a mix. Commits carry on into the new active segment while the copy runs.
 Retention. At most ``max_jobs`` failed jobs (default 1,000,000), none older than
 ``max_age`` seconds (default 30 days; ``failed_at`` against ``clock()``): beyond that the
 oldest, in journal order, are pruned with REMOVED records staged right behind the failure
-that pushed them out, so they become durable with it. ``stage_failed`` checks the count
-every time and the age at most once a second; ``enforce_retention()`` checks both now, and
-``open`` does too. Age is checked from the oldest job forward and stops at the first one
-still young. Pruned jobs are counted in ``pruned_total`` (this Journal, since open) and
-logged once per commit that pruned any.
+that pushed them out, so they become durable with it. Staging checks the count every time
+and the age at most once a second; ``enforce_retention()`` checks both now, and ``open``
+does too. The count is exact where it matters and free where it does not: while the
+committed jobs plus everything staged, all taken as new, stay within ``max_jobs``, a batch
+is staged without looking its ids up in the committed index (the costliest step of
+staging at a million jobs); past that, the live jobs of the pending state are counted
+once and then kept up to date. Age is checked from the oldest job forward and stops at
+the first one still young. Pruned jobs are counted in ``pruned_total`` (this Journal,
+since open) and logged once per commit that pruned any.
 
 Threads. Staging (``stage_*``) and reading (``page``, ``get``) may run on the event loop
 thread while ``commit`` runs in a worker thread: one lock guards the staged buffer and the
@@ -417,7 +421,7 @@ class Journal:
         self._p_ids: dict[str, Op] = {}  # id -> its live staged FAILED op, or _GONE
         self._p_queue: deque[Op] = deque()  # staged FAILED ops, oldest first
         self._p_flushed = False
-        self._p_len = 0
+        self._p_len: int | None = 0  # live jobs in the pending state; None: not counted
         self._p_front = 0
         self._next_age_check = -math.inf
 
@@ -568,7 +572,7 @@ class Journal:
             self._active = self._create_segment(SegmentHeader(next_num, 0, created_at=self._now()))
             self._segments[self._active.num] = self._active
             self._total_bytes = self._active.end
-        self._p_len = len(self._pos)
+        self._p_len = None
         report.seconds = time.perf_counter() - started
 
         if damaged:
@@ -852,20 +856,32 @@ class Journal:
         with self._lock:
             self._check_open()
             touched = self._p_ids
-            before = len(touched)
-            if self._p_len + len(ops) > self._max_jobs:
-                self._stage_pruning(chunk, ops)
-            elif touched.keys().isdisjoint(ids) and (
-                self._p_flushed or self._pos.keys().isdisjoint(ids)
-            ):
-                # Every id is new to the pending state (the common case): all in C passes.
+            queue = self._p_queue
+            committed = 0 if self._p_flushed else len(self._pos)
+            if committed + len(queue) + len(ops) <= self._max_jobs:
+                # Even if every id were new, max_jobs could not be reached (the usual case):
+                # no need to count, nor to look the ids up in the (big) committed index.
+                self._p_len = None
                 self._buf += chunk
                 self._ops += ops
-                touched.update(zip(ids, ops, strict=True))
-                self._p_queue += ops
-                self._p_len += len(touched) - before  # a repeat within the batch supersedes
+                touched.update(zip(ids, ops, strict=True))  # a later record supersedes
+                queue += ops
             else:
-                self._stage_pruning(chunk, ops)  # record by record; it prunes nothing here
+                before = len(touched)
+                p_len = self._pending_len()
+                if p_len + len(ops) > self._max_jobs:
+                    self._stage_pruning(chunk, ops)
+                elif touched.keys().isdisjoint(ids) and (
+                    self._p_flushed or self._pos.keys().isdisjoint(ids)
+                ):
+                    # Every id is new to the pending state: all in C passes.
+                    self._buf += chunk
+                    self._ops += ops
+                    touched.update(zip(ids, ops, strict=True))
+                    queue += ops
+                    self._p_len = p_len + len(touched) - before  # a repeat supersedes
+                else:
+                    self._stage_pruning(chunk, ops)  # record by record; it prunes nothing
             now = self._clock()
             if now >= self._next_age_check:
                 self._next_age_check = now + _AGE_CHECK_EVERY
@@ -880,6 +896,7 @@ class Journal:
         touched = self._p_ids
         queue = self._p_queue
         pos = self._pos
+        p_len = self._pending_len()
         off = 0
         with memoryview(chunk) as view:
             for op in ops:
@@ -891,13 +908,16 @@ class Journal:
                 prev = touched.get(id)
                 if prev is None:
                     if self._p_flushed or id not in pos:
-                        self._p_len += 1
+                        p_len += 1
                 elif prev is _GONE:
-                    self._p_len += 1
+                    p_len += 1
                 touched[id] = op
                 queue.append(op)
-                if self._p_len > self._max_jobs:
+                if p_len > self._max_jobs:
+                    self._p_len = p_len
                     self._prune_count()
+                    p_len = self._pending_len()
+        self._p_len = p_len
 
     def stage_removed(
         self,
@@ -992,7 +1012,8 @@ class Journal:
         size = self._append(_REMOVED, encode_removed(id, reason))
         self._ops.append((_REMOVED, id, size, detail))
         self._p_ids[id] = _GONE
-        self._p_len -= 1
+        if self._p_len is not None:
+            self._p_len -= 1
 
     def _p_live(self, id: str) -> bool:
         """Is ``id`` live in the pending state (committed, then everything staged)?"""
@@ -1001,8 +1022,22 @@ class Journal:
             return op is not _GONE
         return not self._p_flushed and id in self._pos
 
+    def _pending_len(self) -> int:
+        """Live jobs in the pending state (lock held), counted now if they were not."""
+        if self._p_len is None:
+            pos = self._pos
+            touched = self._p_ids
+            if self._p_flushed:
+                n = sum(1 for op in touched.values() if op is not _GONE)
+            else:  # a staged id replaces its committed state
+                n = len(pos)
+                for id, op in touched.items():
+                    n += (op is not _GONE) - (id in pos)
+            self._p_len = n
+        return self._p_len
+
     def _prune_count(self) -> None:
-        while self._p_len > self._max_jobs:
+        while self._pending_len() > self._max_jobs:
             oldest = self._p_oldest()
             if oldest is None:  # pragma: no cover - p_len > 0 implies a live job
                 return

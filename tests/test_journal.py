@@ -311,6 +311,30 @@ def test_a_batch_that_prunes_keeps_a_job_failing_again_in_it(jdir: Path) -> None
             j.stage_removed("c", "forgotten")
 
 
+def test_jobs_failing_again_while_uncounted_are_counted_once(root: Path) -> None:
+    # Far below max_jobs a batch is staged without counting (no look-up of its ids in the
+    # committed index); near it the pending jobs are counted, re-failures once.
+    with open_j(root / "a", max_jobs=5) as j:
+        j.stage_failed_packed([packed("a", T0), packed("b", T0 + 1)])
+        j.commit()
+        j.stage_failed_packed([packed("a", T0 + 2), packed("b", T0 + 3)])  # not counted
+        j.stage_failed_packed([packed("c", T0 + 4), packed("d", T0 + 5), packed("e", T0 + 6)])
+        j.commit()
+        assert ids_of(j) == ["e", "d", "c", "b", "a"]  # 5 jobs: nothing pruned
+        j.stage_failed_packed([packed("f", T0 + 7)])
+        j.commit()
+        assert ids_of(j) == ["f", "e", "d", "c", "b"]  # the oldest, a, made room
+    with open_j(root / "b", max_jobs=4) as j:
+        j.stage_failed_packed([packed("a", T0), packed("b", T0 + 1)])
+        j.commit()
+        j.stage_failed_packed([packed("a", T0 + 2)])  # not counted, then committed
+        j.commit()
+        j.stage_failed_packed([packed("c", T0 + 3), packed("d", T0 + 4)])
+        j.stage_failed_packed([packed("e", T0 + 5)])  # 5 jobs: the oldest, b, goes
+        j.commit()
+        assert ids_of(j) == ["e", "d", "c", "a"]
+
+
 class StagingIO(FileIO):
     """Real I/O that runs ``during`` inside the next sync: work arriving mid-commit."""
 
