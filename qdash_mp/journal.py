@@ -1253,8 +1253,8 @@ class Journal:
         """Give each FAILED record of ``run`` (written back to back from ``off``) a new slot,
         superseding the live record of its id; returns the offset after the run.
         """
-        keys = [op[1] for op in run]
-        sizes = [op[2] for op in run]
+        keys: list[str] = list(map(itemgetter(1), run))
+        sizes: list[int] = list(map(itemgetter(2), run))
         k = len(run)
         p0 = len(self._ids)
         self._ids.extend(keys)
