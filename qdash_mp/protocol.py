@@ -221,11 +221,15 @@ class WireFailed:
         error: str,
         traceback: str = "",
         failed_at: float | datetime | None = None,
+        *,
+        payload_raw: bytes | None = None,
     ) -> WireFailed:
         """The record of ``job`` failing on ``queue``; ``failed_at`` defaults to now.
 
         The payload is packed now (``pack_payload``): ``ProtocolError`` if it is not plain
-        msgpack data, and later changes to ``job.payload`` do not show in the record.
+        msgpack data, and later changes to ``job.payload`` do not show in the record. Given
+        ``payload_raw`` (the bytes a store kept, e.g. ``Journal.get_raw``), those are sent
+        instead, as they are: a retry hands the worker back exactly what it sent.
         """
         if failed_at is None:
             ts = datetime.now(UTC).timestamp()
@@ -236,7 +240,7 @@ class WireFailed:
         return cls(
             job_id=job.id,
             name=job.name,
-            payload_raw=pack_payload(job.payload),
+            payload_raw=pack_payload(job.payload) if payload_raw is None else payload_raw,
             attempts=job.attempts,
             enqueued_at=job.enqueued_at,
             queue=queue,
@@ -246,14 +250,19 @@ class WireFailed:
         )
 
     @classmethod
-    def from_failed_job(cls, failed: FailedJob) -> WireFailed:
+    def from_failed_job(cls, failed: FailedJob, *, payload_raw: bytes | None = None) -> WireFailed:
         """The wire form of a ``FailedJob`` (a naive ``failed_at`` is taken as UTC).
 
         The record's ``id`` is its job's id (stores key failed jobs by job id), so only
-        ``failed.job.id`` travels.
+        ``failed.job.id`` travels. ``payload_raw``: as for ``from_job``.
         """
         return cls.from_job(
-            failed.job, failed.queue, failed.error, failed.traceback, failed.failed_at
+            failed.job,
+            failed.queue,
+            failed.error,
+            failed.traceback,
+            failed.failed_at,
+            payload_raw=payload_raw,
         )
 
     @property

@@ -33,6 +33,7 @@ import pytest
 from qdash_testing.collector import CollectorProc, run_module, run_worker, short_dir, wait_for
 
 from qdash_mp.journal import Journal
+from qdash_mp.journal_format import RecordType, record_header
 from qdash_mp.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -41,6 +42,8 @@ from qdash_mp.protocol import (
     Hello,
     Welcome,
     encode,
+    encode_batch,
+    pack_failed_fields,
 )
 
 pytestmark = pytest.mark.slow
@@ -129,6 +132,12 @@ def frame(body: bytes) -> bytes:
 def hello(client_id: str = "raw-client", version: int = PROTOCOL_VERSION) -> bytes:
     body = msgpack.packb([1, version, client_id, os.getpid(), "test", None])
     return frame(body)
+
+
+def failed_batch(payload_raw: bytes) -> bytes:
+    """HELLO, then a BATCH whose one failed job carries these payload bytes (unchecked)."""
+    record = pack_failed_fields("j", "n", payload_raw, 0, None, "q", "e", "", 1.0)
+    return hello() + encode_batch(1, {"q": (0, 0, 1, 0)}, [record])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +230,10 @@ def test_collector_absent_at_start_then_appearing(data_dir: Path) -> None:
         ("deep nesting", frame(b"\x91" * 100_000 + b"\xc0"), "protocol"),
         ("wrong version", hello(version=99), "version"),
         ("batch before hello", encode(Batch(seq=1, counters={"q": (1, 0, 0, 0)})), "handshake"),
+        ("payload nesting bomb", failed_batch(b"\x91" * 100_000 + b"\xc0"), "protocol"),
+        ("payload with an ext", failed_batch(b"\x91\xd6\xff\x00\x00\x00\x00"), "protocol"),
+        ("payload str32 of 4 GiB", failed_batch(b"\xdb\xff\xff\xff\xff" + b"x" * 8), "protocol"),
+        ("two objects in a payload", failed_batch(b"\xc0\xc0"), "protocol"),
     ],
 )
 def test_hostile_frames_close_only_that_connection(
@@ -290,6 +303,39 @@ def test_handshake_and_batch_over_a_raw_socket(collector: CollectorProc) -> None
     assert isinstance(err, ErrorMsg)
     assert err.code == "sequence"
     sock.close()
+
+
+def test_failed_jobs_are_journaled_byte_for_byte_as_sent(
+    collector: CollectorProc, data_dir: Path
+) -> None:
+    # A FAILED array packed the long way (attempts as uint64): re-encoding would change it.
+    fields = [msgpack.packb(v) for v in ("raw-job", "task", b"\x92\x01\xa1x")]
+    fields.append(b"\xcf" + (3).to_bytes(8, "big"))
+    fields += [msgpack.packb(v) for v in (None, "mail", "ValueError: boom", "", 1_700_000_000.5)]
+    record = b"\x99" + b"".join(fields)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(collector.socket)
+    decoder = FrameDecoder()
+
+    def read_one() -> Any:
+        msgs: list[Any] = []
+        while not msgs:
+            data = sock.recv(65536)
+            assert data, "the collector closed the connection"
+            msgs = decoder.feed(data)
+        assert len(msgs) == 1
+        return msgs[0]
+
+    sock.sendall(hello("bytes-client"))
+    assert read_one() == Welcome(last_seq=0)
+    sock.sendall(encode_batch(1, {"mail": (0, 0, 1, 0)}, [record]))
+    assert read_one().seq == 1  # the ACK: the record is durable
+    sock.close()
+    journal = b"".join(p.read_bytes() for p in sorted((data_dir / "journal").glob("*.seg")))
+    assert record_header(RecordType.FAILED, record) + record in journal
+    job = get_json(collector.http + "/queues/api/failed/raw-job")
+    assert (job["queue"], job["attempts"], job["payload"]) == ("mail", 3, [1, "x"])
 
 
 def test_socket_is_owner_only(collector: CollectorProc) -> None:

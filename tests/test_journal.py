@@ -41,7 +41,7 @@ from qdash_mp.journal import (
     Journal,
     _SimulatedCrash,
 )
-from qdash_mp.journal_format import HEADER, RecordType
+from qdash_mp.journal_format import HEADER, RecordType, record_header
 from qdash_mp.models import FailedJob, Job
 from qdash_mp.protocol import pack_failed_fields
 
@@ -278,13 +278,7 @@ def test_stage_failed_packed_stores_the_bytes_as_given(jdir: Path) -> None:
         j.stage_failed_packed([(data, "j", T0)])
         j.commit()
         (seg,) = segments(jdir)
-        assert (
-            HEADER.pack(
-                zlib.crc32(data, zlib.crc32(struct.pack("<IB", len(data), 3))), len(data), 3
-            )
-            + data
-            in seg.read_bytes()
-        )
+        assert record_header(RecordType.FAILED, data) + data in seg.read_bytes()
     with open_j(jdir) as j:
         failed, raw = j.get_raw("j")
         assert raw == b"\x92\x01\x02"

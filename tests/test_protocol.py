@@ -240,6 +240,19 @@ def test_failed_job_conversion_round_trips_with_utc_datetimes() -> None:
     assert back.failed_at.tzinfo is UTC
 
 
+def test_a_stored_payload_goes_back_as_it_was_stored() -> None:
+    raw = b"\x92\xce\x00\x00\x00\x01\xa1x"  # [1, "x"], 1 as uint32: packing again changes it
+    job = Job(id="j", name="n", payload=[1, "x"])
+    fj = FailedJob(id="j", queue="q", job=job, error="E", failed_at=datetime.now(UTC))
+    wire = WireFailed.from_failed_job(fj, payload_raw=raw)
+    assert wire.payload_raw == raw
+    (msg,) = FrameDecoder().feed(encode(Requeue(request_id=1, queue="q", failed=wire)))
+    assert isinstance(msg, Requeue)
+    assert msg.failed.payload_raw == raw
+    assert msg.failed.job() == job
+    assert WireFailed.from_failed_job(fj).payload_raw == b"\x92\x01\xa1x"
+
+
 def test_failed_at_from_other_timezones_and_naive_utc() -> None:
     aware = datetime(2024, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     naive = datetime(2024, 1, 1, 10, 0)
