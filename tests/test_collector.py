@@ -69,15 +69,48 @@ def get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def cli_stats(data_dir: Path) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "qdash_mp", "stats", "--data-dir", str(data_dir), "--json"],
+def qdash_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m qdash_mp ARGS`` to completion, as a user would at a shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "qdash_mp", *args],
         capture_output=True,
         text=True,
         timeout=30,
-        check=True,
+        check=False,
     )
+
+
+def cli_stats(data_dir: Path) -> Any:
+    out = qdash_cli("stats", "--data-dir", str(data_dir), "--json")
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+class DashboardSession:
+    """A browser-like HTTP session: cookie jar plus the CSRF token from the failed page."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with self.opener.open(base + "/queues/failed", timeout=10) as resp:
+            match = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode())
+        assert match is not None
+        self.token = match.group(1)
+
+    def post(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        """POST a form asking for JSON; ``(status, body)``, also for 4xx/5xx answers."""
+        req = urllib.request.Request(
+            self.base + path,
+            data=urllib.parse.urlencode({"csrf_token": token or self.token}).encode(),
+            method="POST",
+            headers={"Accept": "application/json"},
+        )
+        try:
+            with self.opener.open(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
 
 
 def finish(worker: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
@@ -393,33 +426,18 @@ def test_second_collector_on_a_live_socket_refuses_to_start(
 ) -> None:
     other = short_dir()
     try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qdash_mp",
-                "collector",
-                "--data-dir",
-                str(other),
-                "--socket",
-                collector.socket,
-                "--http",
-                "127.0.0.1:0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+        out = qdash_cli(
+            "collector",
+            "--data-dir",
+            str(other),
+            "--socket",
+            collector.socket,
+            "--http",
+            "127.0.0.1:0",
         )
         assert out.returncode == 2
         assert "already listening" in out.stderr
-        same_dir = subprocess.run(
-            [sys.executable, "-m", "qdash_mp", "collector", "--data-dir", str(data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        same_dir = qdash_cli("collector", "--data-dir", str(data_dir))
         assert same_dir.returncode == 2
         assert "another collector" in same_dir.stderr
         # the first one is untouched
@@ -443,13 +461,7 @@ def test_sigterm_stops_cleanly_and_counters_continue(
 
 
 def test_stats_cli_explains_a_missing_collector(data_dir: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "qdash_mp", "stats", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = qdash_cli("stats", "--data-dir", str(data_dir))
     assert out.returncode == 2
     assert "qdash-mp collector --data-dir" in out.stderr
 
@@ -458,47 +470,29 @@ def test_retry_goes_back_to_a_worker_and_leaves_the_journal(
     collector: CollectorProc, data_dir: Path
 ) -> None:
     requeued = data_dir / "requeued.txt"
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-
-    def post(path: str, token: str) -> tuple[int, Any]:
-        req = urllib.request.Request(
-            collector.http + path,
-            data=urllib.parse.urlencode({"csrf_token": token}).encode(),
-            method="POST",
-            headers={"Accept": "application/json"},
-        )
-        try:
-            with opener.open(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
 
     # no worker can requeue yet: 409 with a reason, and the record stays
     finish(run_worker(collector.socket, failed=3, id_prefix="r"))
-    with opener.open(collector.http + "/queues/failed", timeout=10) as resp:
-        match = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode())
-    assert match is not None
-    token = match.group(1)
-    status, body = post("/queues/failed/r-1/retry", token)
+    session = DashboardSession(collector.http)
+    status, body = session.post("/queues/failed/r-1/retry")
     assert status == 409
     assert "requeue" in body["error"]
     assert get_json(collector.http + "/queues/api/failed")["total"] == 3
 
-    assert post("/queues/failed/r-1/retry", "forged.token")[0] == 403
+    assert session.post("/queues/failed/r-1/retry", "forged.token")[0] == 403
 
     worker = run_worker(collector.socket, requeue_file=requeued)
     try:
         assert worker.stdout is not None
         assert json.loads(worker.stdout.readline())["flushed"] is True
-        status, body = post("/queues/failed/r-1/retry", token)
+        status, body = session.post("/queues/failed/r-1/retry")
         assert (status, body["ok"]) == (200, True)
         assert requeued.read_text().split() == ["r-1"]
         page = get_json(collector.http + "/queues/api/failed")
         assert page["total"] == 2
         assert "r-1" not in {j["id"] for j in page["jobs"]}
         assert totals(collector)["retried"] == 1
-        assert post("/queues/failed/r-1/retry", token)[0] == 404
+        assert session.post("/queues/failed/r-1/retry")[0] == 404
     finally:
         worker.communicate(input="", timeout=30)
 
@@ -550,23 +544,10 @@ def test_requeue_callable_loaded_into_the_daemon(data_dir: Path) -> None:
     try:
         finish(run_worker(c.socket, failed=2, id_prefix="ok"))
         finish(run_worker(c.socket, failed=1, id_prefix="refuse"))
-        jar = http.cookiejar.CookieJar()
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        with opener.open(c.http + "/queues/failed", timeout=10) as resp:
-            match = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode())
-        assert match is not None
+        session = DashboardSession(c.http)
 
         def retry(job_id: str) -> tuple[int, Any]:
-            req = urllib.request.Request(
-                f"{c.http}/queues/failed/{job_id}/retry",
-                data=urllib.parse.urlencode({"csrf_token": match.group(1)}).encode(),
-                headers={"Accept": "application/json"},
-            )
-            try:
-                with opener.open(req, timeout=30) as resp:
-                    return resp.status, json.loads(resp.read())
-            except urllib.error.HTTPError as err:
-                return err.code, json.loads(err.read())
+            return session.post(f"/queues/failed/{job_id}/retry")
 
         assert retry("ok-1")[0] == 200
         assert out.read_text().split() == ["ok-1"]
@@ -581,21 +562,6 @@ def test_requeue_callable_loaded_into_the_daemon(data_dir: Path) -> None:
 
 
 def test_bad_requeue_spec_is_a_clear_error(data_dir: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qdash_mp",
-            "collector",
-            "--data-dir",
-            str(data_dir),
-            "--requeue",
-            "no_such_module_xyz:fn",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    out = qdash_cli("collector", "--data-dir", str(data_dir), "--requeue", "no_such_module_xyz:fn")
     assert out.returncode == 2
     assert "--requeue: cannot import 'no_such_module_xyz'" in out.stderr
