@@ -198,13 +198,19 @@ def frame_records(rtype: int, payloads: Iterable[bytes]) -> bytearray:
     """
     out = bytearray()
     pack = HEADER.pack
-    len_type = _LEN_TYPE.pack
     crc32 = zlib.crc32
+    # A record's CRC starts from that of its length and type bytes: once per length.
+    head_crcs: dict[int, int] = {}
     for payload in payloads:
         n = len(payload)
-        if n > MAX_PAYLOAD:
-            raise ValueError(f"record payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-        out += pack(crc32(payload, crc32(len_type(n, rtype))), n, rtype)
+        start = head_crcs.get(n)
+        if start is None:
+            if n > MAX_PAYLOAD:
+                raise ValueError(
+                    f"record payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+                )
+            start = head_crcs[n] = crc32(_LEN_TYPE.pack(n, rtype))
+        out += pack(crc32(payload, start), n, rtype)
         out += payload
     return out
 
