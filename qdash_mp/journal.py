@@ -149,6 +149,7 @@ from qdash_mp.journal_format import (
     header_size,
     read_header,
     read_record,
+    record_header,
     segment_record,
 )
 from qdash_mp.models import FailedJob, Job, JobView
@@ -199,6 +200,8 @@ _FLUSHED: Final = int(RecordType.FLUSHED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
 FailedRow = tuple[str, str, bytes, int, float | None, str, str, str, float]
 """A failed job as ``stage_failed_rows`` takes it: the wire FAILED array, payload as bytes."""
+_BULK: Final = 16
+"""``stage_failed_packed`` frames this many records or more in column passes."""
 _NOT_FAILED: Final = re.compile(rb"[^\x%02x]" % _FAILED)
 """Finds the next record that is not a FAILED in a string of record type bytes."""
 _REMOVED_OR_FLUSHED: Final = re.compile(rb"[\x%02x\x%02x]" % (_REMOVED, _FLUSHED))
@@ -841,18 +844,32 @@ class Journal:
         ``JournalError`` and none is staged.
         """
         records = list(records)
-        if not records:
+        if len(records) < _BULK:  # a few: the column passes below cost more than they save
+            chunk = bytearray()
+            ops: list[Op] = []
+            ids = []
+            for data, id, failed_at in records:
+                try:
+                    head = record_header(_FAILED, data)
+                except ValueError as exc:
+                    raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
+                chunk += head
+                chunk += data
+                ops.append((_FAILED, id, len(head) + len(data), failed_at))
+                ids.append(id)
+        else:
+            datas = list(map(itemgetter(0), records))
+            ids = list(map(itemgetter(1), records))
+            failed_ats = list(map(itemgetter(2), records))
+            try:
+                chunk = frame_records(_FAILED, datas)
+            except ValueError as exc:
+                big = next(r for r in records if len(r[0]) > MAX_PAYLOAD)
+                raise JournalError(f"cannot record failed job {big[1]!r}: {exc}") from None
+            sizes = [HEADER.size + n for n in map(len, datas)]
+            ops = list(zip(repeat(_FAILED), ids, sizes, failed_ats, strict=False))
+        if not ops:
             return
-        datas = list(map(itemgetter(0), records))
-        ids = list(map(itemgetter(1), records))
-        failed_ats = list(map(itemgetter(2), records))
-        try:
-            chunk = frame_records(_FAILED, datas)
-        except ValueError as exc:
-            big = next(r for r in records if len(r[0]) > MAX_PAYLOAD)
-            raise JournalError(f"cannot record failed job {big[1]!r}: {exc}") from None
-        sizes = [HEADER.size + n for n in map(len, datas)]
-        ops: list[Op] = list(zip(repeat(_FAILED), ids, sizes, failed_ats, strict=False))
         with self._lock:
             self._check_open()
             touched = self._p_ids
@@ -864,7 +881,7 @@ class Journal:
                 self._p_len = None
                 self._buf += chunk
                 self._ops += ops
-                touched.update(zip(ids, ops, strict=True))  # a later record supersedes
+                touched.update(zip(ids, ops, strict=False))  # (same length) a later one supersedes
                 queue += ops
             else:
                 before = len(touched)
@@ -877,7 +894,7 @@ class Journal:
                     # Every id is new to the pending state: all in C passes.
                     self._buf += chunk
                     self._ops += ops
-                    touched.update(zip(ids, ops, strict=True))
+                    touched.update(zip(ids, ops, strict=False))  # same length
                     queue += ops
                     self._p_len = p_len + len(touched) - before  # a repeat supersedes
                 else:
