@@ -697,6 +697,40 @@ batches = st.builds(
 )
 
 
+payload_bytes = (
+    st.binary(max_size=40)
+    | json_like.map(pack_payload)
+    | st.tuples(json_like.map(pack_payload), st.binary(max_size=3)).map(lambda t: t[0] + t[1])
+    | st.tuples(json_like.map(pack_payload), st.integers(0, 50)).map(lambda t: t[0][: t[1]])
+    | st.integers(0, 40).map(lambda n: b"\x91" * n + b"\xc0")
+    | st.sampled_from(
+        [
+            b"\xd4\x05\x00",  # fixext1
+            b"\xc7\x00\x05",  # zero-length ext
+            b"\x91\xd6\xff\x00\x00\x00\x00",  # a timestamp in an array
+            b"\x81\xa1k\xd4\x01\x02",  # an ext as a map value
+            b"\x81\x90\x01",  # an array as a map key
+            b"\xa2\xff\xfe",  # bad UTF-8
+        ]
+    )
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload_bytes)
+def test_check_failed_accepts_a_payload_exactly_when_it_decodes(raw: bytes) -> None:
+    # check_failed's fast path (batches) and its field-by-field path (the reason, and
+    # WireFailed.payload) must agree on every payload.
+    verdict = check_failed(failed_array(payload_raw=raw))
+    wire = WireFailed("j", "n", raw, 0, None, "q", "e", "", 1.0)
+    if verdict:
+        with pytest.raises(ProtocolError) as info:
+            wire.payload  # noqa: B018
+        assert str(info.value) == verdict
+    else:
+        assert wire.payload == msgpack.unpackb(raw, strict_map_key=False)
+
+
 @settings(max_examples=150, deadline=None)
 @given(batches, st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20))
 def test_batches_round_trip_through_any_chunking(batch: Batch, cuts: list[int]) -> None:
