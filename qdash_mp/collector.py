@@ -618,8 +618,12 @@ class Collector:
 
     # ------------------------------------------------------------------ retries
 
-    async def requeue(self, failed: FailedJob) -> None:
-        """Hand ``failed.job`` back to a worker (or ``--requeue``); raise if that failed."""
+    async def requeue(self, failed: FailedJob, payload_raw: bytes | None = None) -> None:
+        """Hand ``failed.job`` back to a worker (or ``--requeue``); raise if that failed.
+
+        ``payload_raw`` (the payload's msgpack bytes as journaled) is sent to the worker as
+        is, so a retry carries exactly the bytes the failing worker sent.
+        """
         if self._requeue_fn is not None:
             fn = self._requeue_fn
             if inspect.iscoroutinefunction(fn):
@@ -641,7 +645,9 @@ class Collector:
         conn.pending[request_id] = fut
         conn.send(
             Requeue(
-                request_id=request_id, queue=failed.queue, failed=WireFailed.from_failed_job(failed)
+                request_id=request_id,
+                queue=failed.queue,
+                failed=WireFailed.from_failed_job(failed, payload_raw=payload_raw),
             )
         )
         try:
@@ -660,11 +666,11 @@ class Collector:
         live = self.live
         if id in self._retrying:
             raise RetryConflict(f"a retry of job {id!r} is already in progress")
-        failed = await asyncio.to_thread(live.journal.get, id)
+        failed, payload_raw = await asyncio.to_thread(live.journal.get_raw, id)
         failed_at = await asyncio.to_thread(live.journal.failed_at, id)
         self._retrying.add(id)
         try:
-            await self.requeue(failed)
+            await self.requeue(failed, payload_raw)
             # A newer failure of the same job that arrived meanwhile stays.
             if live.journal.stage_removed(id, "retried", if_failed_at=failed_at):
                 await live.group.commit()
