@@ -17,6 +17,7 @@ __all__ = [
     "RetryConflict",
     "RetryError",
     "RetryUnavailable",
+    "SnapshotNotSaved",
 ]
 
 
@@ -58,3 +59,7 @@ class CollectorError(QdashError):
 
 class ConfigError(QdashError, ValueError):
     """A setting or command-line value is invalid."""
+
+
+class SnapshotNotSaved(CollectorError):
+    """A stopping collector could not save its counters; it kept the shared-memory segment."""
