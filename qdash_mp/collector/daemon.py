@@ -49,7 +49,7 @@ __all__ = ["Collector", "run", "serve"]
 log = logging.getLogger("qdash_mp.collector")
 
 LOCK_NAME = "collector.lock"
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")  # noqa: S108 - where Linux keeps POSIX shared memory
 
 
 @dataclass(frozen=True, slots=True)
