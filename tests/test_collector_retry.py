@@ -172,7 +172,9 @@ async def test_forget_during_retry(collector: tuple[Collector, CountingRequeue])
     assert q.retried == 1
 
 
-async def test_retry_counts_add_up_with_a_worker(collector: tuple[Collector, CountingRequeue]) -> None:
+async def test_retry_counts_add_up_with_a_worker(
+    collector: tuple[Collector, CountingRequeue],
+) -> None:
     """A worker pushes 3 jobs, 1 fails; the dashboard retries it; it then succeeds."""
     c, requeue = collector
     with Client(str(c.settings.socket)) as client:
