@@ -237,7 +237,8 @@ def test_memory_retry_exactly_once_under_threads() -> None:
         t.join(30)
     assert outcomes["ok"] == len(ids)
     assert outcomes["ok"] + outcomes["conflict"] + outcomes["notfound"] == 2 * len(ids)
-    assert all(n == 1 for n in calls.values()) and len(calls) == len(ids)
+    assert all(n == 1 for n in calls.values())
+    assert len(calls) == len(ids)
     assert len(failed) == 0
 
 
@@ -245,7 +246,7 @@ def test_memory_retry_counts_add_up_and_bumps_attempts() -> None:
     stats = Stats()
     seen: list[Job] = []
     failed = MemoryFailedJobs(seen.append).with_stats(stats)
-    for i in range(3):
+    for _i in range(3):
         stats.on_pushed("q")
     stats.on_processed("q")
     stats.on_processed("q")

@@ -7,6 +7,7 @@ side of the protocol need to send exactly the frames they mean (hand-made ones i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 
@@ -100,7 +101,5 @@ class RawClient:
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
