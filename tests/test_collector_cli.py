@@ -21,7 +21,7 @@ from qdash_testing.collector import CollectorProc, short_dir
 from qdash_mp import __version__
 from qdash_mp.settings import CollectorSettings
 
-SHM = Path("/dev/shm")  # noqa: S108 - where Linux keeps POSIX shared memory
+SHM = Path("/dev/shm")
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
