@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 
 from qdash_mp.models import Job
@@ -37,6 +38,8 @@ class RawClient:
         self.decoder = FrameDecoder()
         self.inbox: list[Message] = []
         self.welcome_seq = -1
+        self.base_time = float(int(time.time()))
+        """FAILED records of this client fail at ``base_time + i`` (recent: kept by retention)."""
 
     async def connect(self, path: str) -> RawClient:
         self.reader, self.writer = await asyncio.open_unix_connection(path)
@@ -58,7 +61,7 @@ class RawClient:
                     Job(id=f"{self.client_id[:8]}-{seq}-{i}", name="t", payload={"i": i}),
                     "q",
                     "boom",
-                    failed_at=1_700_000_000.0 + i,
+                    failed_at=self.base_time + i,
                 )
             )
             for i in range(failed)
