@@ -123,7 +123,7 @@ def test_full_disk_at_stop_keeps_the_counts(small_fs: Path) -> None:
         assert code != 0, proc.logs()
         assert "could not save the counters" in proc.logs()
         assert "kept the shared-memory segment" in proc.logs()
-        assert Path("/dev/shm", proc.shm).exists()  # noqa: S108
+        assert Path("/dev/shm", proc.shm).exists()
         assert not (small_fs / "counters.snapshot").exists()
         filler.unlink()
         (small_fs / "collector.log").unlink()  # restart with room (the log is rewritten)
