@@ -408,7 +408,14 @@ class Connections:
         if last > 0 and batch.seq > last + 1:
             raise Refused(ErrorCode.SEQUENCE, f"batch seq {batch.seq} skips ahead of {last + 1}")
         if batch.seq > last:
-            live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
+            try:
+                live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
+            except (ValueError, OverflowError) as exc:
+                # The decoder bounds deltas; should one still not fit, this connection is
+                # refused rather than its task dying without an answer.
+                raise Refused(
+                    ErrorCode.PROTOCOL, f"batch seq {batch.seq} counters cannot be applied: {exc}"
+                ) from exc
             self._c.stats_version += 1
         if batch.failed:
             if batch.seq > live.journal.client_seqs.get(client_id, 0):
