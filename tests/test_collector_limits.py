@@ -169,3 +169,33 @@ async def test_rss_returns_near_baseline_after_garbage() -> None:
     finally:
         proc.cleanup()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_held_partial_frames_are_capped_in_a_real_daemon() -> None:
+    """24 connections each holding most of a 15 MiB frame: the daemon keeps to its budget."""
+    data_dir = short_dir()
+    proc = CollectorProc(data_dir, args=("--no-http",)).start()
+    held: list[RawClient] = []
+    try:
+        assert proc.proc is not None
+        pid = proc.proc.pid
+        baseline = vm_rss(pid)
+        chunk = partial(15 * 1024 * 1024, 14 * 1024 * 1024)
+        for _ in range(24):
+            c = await RawClient().connect(proc.socket)
+            held.append(c)
+            c.send_raw(chunk)
+            assert c.writer is not None
+            try:
+                await asyncio.wait_for(c.writer.drain(), 10)
+            except (ConnectionError, TimeoutError):
+                pass  # evicted (or no longer read) while sending: what the budget is for
+        peak = vm_rss(pid)
+        # 24 x 14 MiB = 336 MiB unbounded; the default budget is 64 MiB.
+        assert peak - baseline < 128 * 1024 * 1024, (baseline, peak)
+        assert "byte budget" in proc.logs()
+    finally:
+        for c in held:
+            await c.close()
+        proc.cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
