@@ -146,7 +146,9 @@ class MemoryFailedJobs:
             with self._lock:
                 self._retrying.discard(id)
         if self._stats is not None:
-            self._stats.add(failed.queue, pushed=1, retried=1)
+            # Re-enqueued: a push. Forget-only (no ``requeue``) enqueues nothing.
+            pushed = 1 if self._requeue is not None else 0
+            self._stats.add(failed.queue, pushed=pushed, retried=1)
 
     def forget(self, id: str) -> None:
         """Drop the record of ``id``; ``NotFound`` if there is none."""
