@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qdash_mp import __version__
-from qdash_mp.errors import CollectorError, QdashError
+from qdash_mp.errors import CollectorNotRunning, QdashError
 from qdash_mp.settings import DEFAULT_DATA_DIR, DEFAULT_HTTP, CollectorSettings, parse_http
 
 __all__ = ["build_parser", "main"]
@@ -33,10 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-class NotRunning(CollectorError):
-    """``qdash-mp stats`` found no running collector (exit 1)."""
 
 
 def _octal(value: str) -> int:
@@ -251,7 +247,7 @@ class _Fanout(logging.Handler):
 
 
 def _running_shm(data_dir: Path) -> str:
-    """The stats segment of the collector running on ``data_dir``; ``NotRunning`` if none.
+    """The stats segment of the collector running on ``data_dir``; ``CollectorNotRunning`` if none.
 
     A segment outlives a crashed collector (it is how the next start recovers its counts),
     so its existence says nothing: the state file must name a live process.
@@ -262,15 +258,17 @@ def _running_shm(data_dir: Path) -> str:
         data = json.loads(state.read_text())
         pid, name = int(data["pid"]), str(data["shm"])
     except FileNotFoundError:
-        raise NotRunning(f"no collector is running for {data_dir} (no {state}); {hint}") from None
+        raise CollectorNotRunning(
+            f"no collector is running for {data_dir} (no {state}); {hint}"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise NotRunning(
+        raise CollectorNotRunning(
             f"no collector is running for {data_dir} ({state}: {exc}); {hint}"
         ) from None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        raise NotRunning(
+        raise CollectorNotRunning(
             f"no collector is running for {data_dir} (pid {pid} in {state} is gone); {hint}"
         ) from None
     except PermissionError:
@@ -285,7 +283,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     try:
         reader = SharedStatsReader(name)
     except ShmMissing:
-        raise NotRunning(
+        raise CollectorNotRunning(
             f"no collector is running for {args.data_dir} (no shared stats {name!r}); "
             f"start one with: qdash-mp collector --data-dir {args.data_dir}"
         ) from None
@@ -347,6 +345,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except QdashError as exc:
         print(f"qdash-mp: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, NotRunning) else 2
+        return 1 if isinstance(exc, CollectorNotRunning) else 2
     parser.error(f"unknown command {args.command!r}")
     return 2

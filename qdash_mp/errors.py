@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CollectorError",
+    "CollectorNotRunning",
     "ConfigError",
     "JournalCorrupt",
     "JournalError",
@@ -63,3 +64,7 @@ class ConfigError(QdashError, ValueError):
 
 class SnapshotNotSaved(CollectorError):
     """A stopping collector could not save its counters; it kept the shared-memory segment."""
+
+
+class CollectorNotRunning(CollectorError):
+    """No collector is running for that data dir (``qdash-mp stats`` exits 1)."""

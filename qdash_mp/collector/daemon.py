@@ -284,7 +284,8 @@ class Collector:
         then kept for the next start, which reattaches to it.
         """
         if self._stopping:
-            log.info("collector already stopping: waiting for the drain to finish")
+            if not self._stopped.is_set():
+                log.info("collector already stopping: waiting for the drain to finish")
             await self._stopped.wait()
             return
         self._stopping = True
