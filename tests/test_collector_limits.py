@@ -101,12 +101,33 @@ async def test_error_logging_is_rate_limited(
     assert len(lines) <= 12  # connects/disconnects of one uid are throttled too
 
 
-async def test_huge_delta_refused_for_that_connection_only(limited: Collector) -> None:
-    """Hole 2 end to end: passes once the wire refuses (and shm saturates) such deltas."""
+@pytest.mark.parametrize(
+    "queue_first",
+    [
+        True,
+        pytest.param(
+            False,
+            marks=pytest.mark.xfail(
+                reason="needs the wire's delta bound at decode (other branch): remove at merge",
+                strict=False,
+            ),
+        ),
+    ],
+    ids=["queue-exists", "queue-fresh"],
+)
+async def test_huge_delta_refused_for_that_connection_only(
+    limited: Collector, queue_first: bool
+) -> None:
+    """Hole 2 end to end: one client's 2**63-1 delta gets it ERROR; others stay exact.
+
+    With the queue already counted the collector refuses it on its own (the sum does not fit);
+    on a fresh queue it fits once and only the wire's bound at decode refuses it.
+    """
     sock = str(limited.settings.socket)
     with Client(sock) as good:
-        good.on_pushed("q")
-        assert await asyncio.to_thread(good.flush, 10)
+        if queue_first:
+            good.on_pushed("q")
+            assert await asyncio.to_thread(good.flush, 10)
         bad = await RawClient().connect(sock)
         # Hand-made so no encoder check can stop it: [3, seq, {"q": [2**63-1, 0, 0, 0]}, []]
         body = b"\x94\x03\x01\x81\xa1q\x94\xcf" + (2**63 - 1).to_bytes(8, "big") + b"\0\0\0\x90"
@@ -121,7 +142,7 @@ async def test_huge_delta_refused_for_that_connection_only(limited: Collector) -
         assert await asyncio.to_thread(good.flush, 10)
     q = (await limited.inspector.stats()).queue("q")
     assert q is not None
-    assert (q.pushed, q.processed) == (4, 1)
+    assert (q.pushed, q.processed) == (3 + queue_first, 1)
 
 
 def vm_rss(pid: int) -> int:

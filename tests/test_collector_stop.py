@@ -57,6 +57,9 @@ async def test_second_sigterm_does_not_cut_the_drain_short() -> None:
         code = await asyncio.to_thread(proc.proc.wait, 30)
         assert code == 0, proc.logs()
         assert "already stopping" in proc.logs()
+        assert await raw.ack() == 1  # the drain answered the batch ...
+        shutdown = await raw.error()
+        assert shutdown.code == "shutdown"  # ... before closing the connection
         await raw.close()
         journal = await asyncio.to_thread(Journal.open, data_dir / "journal")
         try:

@@ -292,7 +292,7 @@ class Connections:
         self.partial_bytes += n - conn.held
         conn.held = n
         budget = self._c.settings.partial_frame_budget
-        if self.partial_bytes <= budget:
+        if self.partial_bytes <= budget or not self.conns:
             return
         victim = max(self.conns, key=lambda c: c.held)
         reason = (
