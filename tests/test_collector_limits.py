@@ -129,13 +129,16 @@ async def test_huge_delta_refused_for_that_connection_only(
             good.on_pushed("q")
             assert await asyncio.to_thread(good.flush, 10)
         bad = await RawClient().connect(sock)
-        # Hand-made so no encoder check can stop it: [3, seq, {"q": [2**63-1, 0, 0, 0]}, []]
-        body = b"\x94\x03\x01\x81\xa1q\x94\xcf" + (2**63 - 1).to_bytes(8, "big") + b"\0\0\0\x90"
-        bad.send_raw(HEADER.pack(len(body)) + body)
-        err = await bad.error()
-        assert err.code in ("protocol", "refused")
-        assert await bad.next_message() is None
-        await bad.close()
+        try:
+            # Hand-made so no encoder check can stop it: [3, 1, {"q": [2**63-1, 0, 0, 0]}, []]
+            big = (2**63 - 1).to_bytes(8, "big")
+            body = b"\x94\x03\x01\x81\xa1q\x94\xcf" + big + b"\0\0\0\x90"
+            bad.send_raw(HEADER.pack(len(body)) + body)
+            err = await bad.error()
+            assert err.code in ("protocol", "refused")
+            assert await bad.next_message() is None
+        finally:
+            await bad.close()
         for _ in range(3):
             good.on_pushed("q")
         good.on_processed("q")
@@ -162,14 +165,16 @@ async def test_rss_returns_near_baseline_after_garbage() -> None:
 
         async def garbage(n_frames: int, partial_bytes: int) -> None:
             c = await RawClient().connect(proc.socket)
-            if partial_bytes:  # abandoned halfway through a big frame
-                c.send_raw(partial(16_000_000, partial_bytes))
-                assert c.writer is not None
-                await c.writer.drain()
-            else:
-                c.send_raw((HEADER.pack(3) + b"\xc1\xc1\xc1") * n_frames)
-                assert isinstance(await c.next_message(), ErrorMsg)
-            await c.close()
+            try:
+                if partial_bytes:  # abandoned halfway through a big frame
+                    c.send_raw(partial(16_000_000, partial_bytes))
+                    assert c.writer is not None
+                    await c.writer.drain()
+                else:
+                    c.send_raw((HEADER.pack(3) + b"\xc1\xc1\xc1") * n_frames)
+                    assert isinstance(await c.next_message(), ErrorMsg)
+            finally:
+                await c.close()
 
         async def wave(conns: int, n_frames: int, partial_bytes: int) -> None:
             for start in range(0, conns, 25):

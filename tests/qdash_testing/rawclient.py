@@ -44,7 +44,11 @@ class RawClient:
     async def connect(self, path: str) -> RawClient:
         self.reader, self.writer = await asyncio.open_unix_connection(path)
         self.send_raw(encode(Hello(client_id=self.client_id, pid=os.getpid(), host="test")))
-        welcome = await self.next_message()
+        try:
+            welcome = await self.next_message()
+        except BaseException:
+            await self.close()
+            raise
         self.welcome_seq = getattr(welcome, "last_seq", -1)
         return self
 
