@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from qdash_mp import Inspector, create_app
+from qdash_mp.testing import qdash_collector  # noqa: F401  (registers the shipped fixture)
 
 DashboardClient = TestClient[web.Request, web.Application]
 MakeDashboard = Callable[..., Awaitable[DashboardClient]]

@@ -574,6 +574,31 @@ async def test_csrf_valid_token_html_and_json(
     assert len(failed) == 0
 
 
+async def test_csrf_without_origin_the_token_decides(
+    dashboard_client: MakeDashboard, page_token: PageToken
+) -> None:
+    """No ``Origin``/``Sec-Fetch-Site`` (curl, a script): a valid cookie+token pair passes,
+    anything less is 403; with the pair, a foreign ``Origin`` is still 403."""
+    client, failed, token = await _csrf_setup(dashboard_client, page_token)
+    assert "Origin" not in client.session.headers
+    resp = await post_form(client, "/queues/failed/job-2/forget", token)  # form field + cookie
+    assert resp.status == 303
+    resp = await client.post("/queues/failed/job-1/forget", headers={**JSON, "X-CSRF-Token": token})
+    assert resp.status == 200
+    assert [f.id for f in failed.list()] == ["job-0"]
+    resp = await client.post("/queues/failed/job-0/forget", headers=JSON)  # cookie alone
+    assert resp.status == 403
+    resp = await client.post(
+        "/queues/failed/job-0/forget",
+        headers={**JSON, "X-CSRF-Token": token, "Origin": "http://evil.example"},
+    )
+    assert resp.status == 403
+    client.session.cookie_jar.clear()
+    resp = await client.post("/queues/failed/job-0/forget", headers={**JSON, "X-CSRF-Token": token})
+    assert resp.status == 403  # token alone, no cookie
+    assert [f.id for f in failed.list()] == ["job-0"]
+
+
 async def test_redirect_goes_back_to_the_page(
     dashboard_client: MakeDashboard, page_token: PageToken
 ) -> None:
