@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 from qdash_testing.collector import run_worker
+from qdash_testing.http import get_json
 
 from qdash_mp import Client, Job
 from qdash_mp.testing import CollectorThread, InProcessCollector
@@ -29,11 +28,6 @@ def report(client: Client, n_failed: int = 2) -> None:
     for i in range(n_failed):
         job = Job(id=f"mail-{i}", name="SendWelcome", payload={"to": i}, attempts=1)
         client.on_failed("emails", job, RuntimeError(f"smtp down {i}"))
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 def leftovers(data_dir: Path, shm: str) -> list[str]:
@@ -75,13 +69,13 @@ async def test_in_process_collector_with_a_spawned_process() -> None:
         assert {j.id for j in await qc.failed()} == {"p-0", "p-1", "p-2"}
 
 
-async def test_failed_lists_every_page() -> None:
-    async with InProcessCollector(http=False) as qc:
-        client = qc.client()
-        await asyncio.to_thread(report, client, 120)  # more than two pages of 50
-        assert await qc.flushed(client)
-        ids = [j.id for j in await qc.failed()]
-        assert ids == [f"mail-{i}" for i in reversed(range(120))]
+async def test_failed_lists_every_page(inprocess_collector: InProcessCollector) -> None:
+    qc = inprocess_collector
+    client = qc.client()
+    await asyncio.to_thread(report, client, 120)  # more than two pages of 50
+    assert await qc.flushed(client)
+    ids = [j.id for j in await qc.failed()]
+    assert ids == [f"mail-{i}" for i in reversed(range(120))]
 
 
 async def test_requeue_function_serves_dashboard_retries() -> None:
