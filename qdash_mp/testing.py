@@ -37,6 +37,7 @@ Both give ``socket_path`` (pass it to your own ``Client``s or worker processes),
 dashboard's ``http://127.0.0.1:PORT``; ``/queues/`` and ``/queues/api/stats`` below it),
 ``stats()`` (a ``StatsView``), ``failed()`` (every failed job, newest first, as ``JobView``),
 ``failed_job(id)`` (the full ``FailedJob``) and ``client(**kw)`` (a ``Client`` bound to it).
+Only the fixture needs pytest; the classes work under any test runner.
 ``requeue=`` sets the collector's own requeue function (what a dashboard retry calls when no
 connected client registered one).
 """
@@ -52,8 +53,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
-
-import pytest
 
 from qdash_mp.client import Client
 from qdash_mp.collector import Collector
@@ -283,8 +282,15 @@ class CollectorThread:
         return self._call(self.inner.failed_job(id))
 
 
-@pytest.fixture
-def qdash_collector() -> Iterator[CollectorThread]:
+def _qdash_collector() -> Iterator[CollectorThread]:
     """A running ``CollectorThread`` for one test; stopped and removed afterwards."""
     with CollectorThread() as qc:
         yield qc
+
+
+try:
+    import pytest
+except ImportError:  # InProcessCollector and CollectorThread need no pytest; the fixture does
+    pass
+else:
+    qdash_collector = pytest.fixture(name="qdash_collector")(_qdash_collector)
