@@ -27,7 +27,21 @@ messages), ``urls``/``paging``/``display`` (pure helpers). The narrative is in `
 """
 
 from qdash_mp.web.app import DASHBOARD, SAMPLER, create_app
-from qdash_mp.web.csrf import CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER
+from qdash_mp.web.csrf import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    CSRF_HEADER,
+    check_request,
+    issue_token,
+    new_secret,
+    new_token,
+    same_origin,
+    set_token_cookie,
+    sign,
+    token_valid,
+    tokens_match,
+    unsign,
+)
 from qdash_mp.web.flash import FLASH_COOKIE, FLASH_TTL, Flash
 from qdash_mp.web.guard import CSP, MAX_BODY
 from qdash_mp.web.paging import MAX_PAGE, page_numbers, parse_page
@@ -55,4 +69,15 @@ __all__ = [
     "page_numbers",
     "parse_page",
     "quote_id",
+    # qdash_mp.web.csrf, formerly qdash_mp.csrf
+    "check_request",
+    "issue_token",
+    "new_secret",
+    "new_token",
+    "same_origin",
+    "set_token_cookie",
+    "sign",
+    "token_valid",
+    "tokens_match",
+    "unsign",
 ]
