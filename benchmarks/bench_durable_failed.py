@@ -15,12 +15,16 @@ orchestrator releases them until the last one has its records durable and acknow
                       (``BEGIN IMMEDIATE``, ``executemany``, ``COMMIT``). Note: WAL with
                       NORMAL does not fsync at commit (only at checkpoints), so it survives a
                       process crash but not a power cut -- a weaker promise than qdash_mp's.
+    sqlite_wal_full   the same database, schema, batches and processes with
+                      ``synchronous=FULL``: the WAL is fsynced at every COMMIT before it
+                      returns -- the like-for-like durable peer (qdash_mp fdatasyncs its
+                      journal before it acknowledges).
     redis_aof_always  a private redis-server with ``appendonly yes``, ``appendfsync always``;
                       each process sends ``XADD failed * field value...`` pipelined (no MULTI)
                       in batches of 1000; Redis fsyncs the AOF before it replies.
 
-Repeats run the three subjects back to back, in an order rotated every repeat, and the ratio
-to sqlite_wal_batch is taken within each repeat.
+Repeats run the four subjects back to back, in an order rotated every repeat, and the ratios
+to sqlite_wal_batch (and, for qdash_mp, to sqlite_wal_full) are taken within each repeat.
 
 Ack latency at a fixed 10k failures/s: 4 producers, each paced at 2.5k failures/s on a fixed
 schedule (a group of 10 failures every 4 ms; a late group does not shift the later ones).
@@ -70,7 +74,8 @@ ERROR = "RuntimeError: boom"
 RATE_PER_PRODUCER = 2500
 GROUP = 10
 TIMEOUT = 300.0
-SUBJECTS = ("qdash_mp", "sqlite_wal_batch", "redis_aof_always")
+SUBJECTS = ("qdash_mp", "sqlite_wal_batch", "sqlite_wal_full", "redis_aof_always")
+SQLITE_SYNC = {"sqlite_wal_batch": "NORMAL", "sqlite_wal_full": "FULL"}
 
 
 def sizes(cfg: Config) -> tuple[int, int, float, int]:
@@ -111,7 +116,8 @@ def run(cfg: Config) -> list[Row]:
             f"({PAYLOAD_BYTES}-byte payloads)"
         )
         for rep in range(repeats):
-            order = SUBJECTS[rep % 3 :] + SUBJECTS[: rep % 3]
+            k = rep % len(SUBJECTS)
+            order = SUBJECTS[k:] + SUBJECTS[:k]
             for subject in order:
                 if subject in skips:
                     continue
@@ -122,8 +128,9 @@ def run(cfg: Config) -> list[Row]:
                     total = _journal_total(collector.http)
                     if total != journaled:
                         raise BenchError(f"journal holds {total} failed jobs, expected {journaled}")
-                elif subject == "sqlite_wal_batch":
-                    rate = _run_sqlite(sqlite_dir / f"{tag}.db", count, tag)
+                elif subject in SQLITE_SYNC:
+                    db = sqlite_dir / f"{tag}-{SQLITE_SYNC[subject]}.db"
+                    rate = _run_sqlite(db, count, tag, SQLITE_SYNC[subject])
                 else:
                     rate = _run_redis(redis_port, count, tag)
                 rates[subject].append(rate)
@@ -164,6 +171,12 @@ def run(cfg: Config) -> list[Row]:
                 extra={"records_per_producer": count, "payload_bytes": PAYLOAD_BYTES},
             )
         )
+        if subject == "qdash_mp" and "sqlite_wal_full" not in skips:
+            rows[-1].more_ratios["sqlite_wal_full"] = paired_ratios(
+                rates[subject], rates["sqlite_wal_full"]
+            )
+        if subject in SQLITE_SYNC:
+            rows[-1].extra["synchronous"] = SQLITE_SYNC[subject]
         if subject == "qdash_mp":
             # Where the time went: until the last on_failed() call returned, until acked.
             rows[-1].extra.update({k: [round(x, 3) for x in v] for k, v in phases.items()})
@@ -209,7 +222,7 @@ def _run_qdash(
     return PRODUCERS * count / ((t1 - t0) / 1e9)
 
 
-def _run_sqlite(db: Path, count: int, tag: str) -> float:
+def _run_sqlite(db: Path, count: int, tag: str, synchronous: str) -> float:
     con = sqlite3.connect(db)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(
@@ -217,7 +230,10 @@ def _run_sqlite(db: Path, count: int, tag: str) -> float:
         "payload BLOB, attempts INTEGER, error TEXT, failed_at REAL)"
     )
     con.commit()
-    params = [{"db": str(db), "count": count, "prefix": f"{tag}-{i}"} for i in range(PRODUCERS)]
+    params = [
+        {"db": str(db), "count": count, "prefix": f"{tag}-{i}", "synchronous": synchronous}
+        for i in range(PRODUCERS)
+    ]
     with workers(__file__, "sqlite", params) as ws:
         t0 = go_all(ws)
         results = [w.read(TIMEOUT)["result"] for w in ws]
@@ -320,7 +336,16 @@ def _rows(p: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 def _sqlite_producer(p: dict[str, Any]) -> None:
     con = sqlite3.connect(p["db"], timeout=TIMEOUT, isolation_level=None)
-    con.execute("PRAGMA synchronous=NORMAL")
+    sync = p["synchronous"]
+    if sync not in ("NORMAL", "FULL"):
+        raise BenchError(f"unexpected synchronous={sync!r}")
+    con.execute(f"PRAGMA synchronous={sync}")
+    (got,) = con.execute("PRAGMA synchronous").fetchone()
+    if got != {"NORMAL": 1, "FULL": 2}[sync]:  # the setting is per connection: check it took
+        raise BenchError(f"sqlite: PRAGMA synchronous is {got}, not {sync}")
+    (mode,) = con.execute("PRAGMA journal_mode").fetchone()
+    if mode != "wal":
+        raise BenchError(f"sqlite: journal_mode is {mode}, not wal")
     rows = _rows(p)
     sql = "INSERT INTO failed VALUES (?, ?, ?, ?, ?, ?, ?)"
     say(ready=True)

@@ -35,6 +35,24 @@ BENCHES = {
 TARGETS = [
     Target("hook", "qdash_mp", "ns/call", "<=", 2.0, "hook: qdash_mp <= 2x dict", field="ratio"),
     Target(
+        "hook",
+        "qdash_mp_no_collector",
+        "ns/call",
+        "<=",
+        2.0,
+        "hook, no collector: qdash_mp <= 2x dict",
+        field="ratio",
+    ),
+    Target(
+        "hook",
+        "qdash_mp_spool",
+        "ns/call",
+        "<=",
+        2.0,
+        "hook, no collector, spooling: qdash_mp <= 2x dict",
+        field="ratio",
+    ),
+    Target(
         "ingest",
         "qdash_mp",
         "hooks/s",
@@ -54,6 +72,15 @@ TARGETS = [
         producers=4,
     ),
     Target(
+        "ingest",
+        "qdash_mp",
+        "collector_core_pct",
+        "<=",
+        5.0,
+        "ingest, 4 producers: collector <= 5% of a core per 10M hooks/s",
+        producers=4,
+    ),
+    Target(
         "durable_failed",
         "qdash_mp",
         "records/s",
@@ -68,7 +95,18 @@ TARGETS = [
         "records/s",
         ">=",
         1.5,
-        "durable_failed: >= 1.5x sqlite_wal_batch",
+        "durable_failed: >= 1.5x sqlite_wal_full (fsync at every commit)",
+        field="ratio",
+        producers=4,
+        reference="sqlite_wal_full",
+    ),
+    Target(
+        "durable_failed",
+        "qdash_mp",
+        "records/s",
+        ">=",
+        1.0,
+        "durable_failed: >= 1.0x sqlite_wal_batch (synchronous=NORMAL)",
         field="ratio",
         producers=4,
     ),
@@ -130,6 +168,8 @@ def table(rows: list[Row]) -> list[list[str]]:
             continue
         lo, hi = (min(r.samples), max(r.samples)) if r.samples else (None, None)
         ratio = "" if r.ratio is None else f"{fmt(r.ratio)}x ({r.reference})"
+        for ref in r.more_ratios:
+            ratio += f", {fmt(r.ratio_to(ref))}x ({ref})"
         out.append(
             [
                 r.bench,
