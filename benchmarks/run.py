@@ -1,5 +1,7 @@
 """Run the qdash_mp benchmark suite: ``python benchmarks/run.py [--quick] [--only NAME...]``.
 
+``run.py --compare OLD.json NEW.json`` runs nothing and prints two runs side by side.
+
 Progress goes to stderr; the table (median, min-max over repeats, paired ratio to the
 reference row) and the targets (met / not met) go to stdout; the rows go to
 ``benchmarks/results/latest.json`` and a dated copy. See ``benchmarks/README.md``.
@@ -275,7 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="put this run's table into benchmarks/README.md (between the results markers)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="run nothing: print two result JSONs side by side (see compare.py)",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        import compare
+
+        return compare.main([*map(str, args.compare), *(["--markdown"] if args.markdown else [])])
     signal.signal(signal.SIGTERM, _terminate)
     cfg = Config(quick=args.quick, keep=args.keep)
     selected = args.only or list(BENCHES)
