@@ -600,13 +600,36 @@ def rss_bytes() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by process ``pid``, all its threads.
+    """User + system CPU seconds used so far by process ``pid`` (utime + stime).
 
-    From ``/proc/<pid>/stat`` fields 14 and 15 (utime, stime, in clock ticks: 10 ms
-    resolution at the usual 100 Hz). The command name (field 2) may hold spaces or
-    parentheses, so the fields are counted from its closing parenthesis.
+    From ``/proc/<pid>/stat`` fields 14 and 15, in clock ticks: 10 ms resolution at the
+    usual 100 Hz. The command name (field 2) may hold spaces or parentheses, so the fields
+    are counted from its closing parenthesis.
     """
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state): utime is field 14, stime field 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_fine(pid: int) -> float | None:
+    """CPU seconds used so far by the live threads of ``pid``, to the nanosecond.
+
+    The sum of the first field of ``/proc/<pid>/task/<tid>/schedstat`` (time on a CPU, ns)
+    over its threads; None where the kernel has no schedstat. A thread that exits between
+    two readings drops out of the sum (the collector's threads live as long as it does):
+    ``cpu_seconds`` (whole process, 10 ms ticks) is the cross-check.
+    """
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except FileNotFoundError:
+            continue  # the thread exited meanwhile
+        except (OSError, ValueError, IndexError):
+            return None
+    return total / 1e9

@@ -159,6 +159,8 @@ def fmt(x: float | None) -> str:
         return f"{x:.0f}"
     if ax >= 10:
         return f"{x:.1f}"
+    if 0 < ax < 0.1:
+        return f"{x:.2g}"  # e.g. CPU seconds per million hooks: 0.0028
     return f"{x:.2f}"
 
 
