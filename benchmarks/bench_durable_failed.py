@@ -31,7 +31,14 @@ schedule (a group of 10 failures every 4 ms; a late group does not shift the lat
 After each group the producer calls ``client.flush()``; a failure's latency is the time from
 just before its ``on_failed`` call to the return of that ``flush()`` -- the first moment the
 worker can know its record is durable. Latencies of all producers are pooled per repeat;
-p50/p99 are medians over repeats. ``flush()`` sends at once; without it a client batches for
+p50/p99 are medians over repeats.
+
+Collector CPU per record (``collector_cpu``, µs): the collector's CPU time (its threads'
+``schedstat``, as in ``ingest``) from just before the qdash_mp producers are started (their
+connections and warm-up flush fall in the window: a trifle) until every producer's flush
+returned, divided by the records of the repeat. The collector decodes,
+stages and commits under one GIL, so this figure bounds its rate: 1e6 / it records/s on a
+free core, whatever the disk does. ``flush()`` sends at once; without it a client batches for
 up to its ``flush_interval`` (100 ms) -- that delay is a client setting, not measured here.
 """
 
@@ -51,6 +58,8 @@ from _common import (
     Config,
     Row,
     Skip,
+    cpu_seconds,
+    cpu_seconds_fine,
     go_all,
     paired_ratios,
     percentile,
@@ -99,6 +108,7 @@ def run(cfg: Config) -> list[Row]:
     p99s: list[float] = []
     achieved: list[float] = []
     phases: dict[str, list[float]] = {"calls_done_s": [], "acked_s": []}
+    cpu_us: list[float] = []  # collector CPU per record, per qdash_mp repeat
     with contextlib.ExitStack() as stack:
         collector, _ = start_collector(stack, short_dir(stack, cfg, "qdf"))
         try:
@@ -123,7 +133,9 @@ def run(cfg: Config) -> list[Row]:
                     continue
                 tag = f"r{rep}"
                 if subject == "qdash_mp":
+                    cpu0 = _collector_cpu(collector)
                     rate = _run_qdash(collector, reader, count, tag, phases)
+                    cpu_us.append((_collector_cpu(collector) - cpu0) / (PRODUCERS * count) * 1e6)
                     journaled += PRODUCERS * count
                     total = _journal_total(collector.http)
                     if total != journaled:
@@ -180,6 +192,17 @@ def run(cfg: Config) -> list[Row]:
         if subject == "qdash_mp":
             # Where the time went: until the last on_failed() call returned, until acked.
             rows[-1].extra.update({k: [round(x, 3) for x in v] for k, v in phases.items()})
+    rows.append(
+        Row(
+            BENCH,
+            "qdash_mp",
+            "collector_cpu",
+            "us/record",
+            cpu_us,
+            PRODUCERS,
+            note="collector CPU (its threads' schedstat) per record, start to last ack",
+        )
+    )
     lat_note = f"at {PRODUCERS}x{RATE_PER_PRODUCER}/s, flush() after every {GROUP} failures"
     extra = {"achieved_rate": [round(r) for r in achieved]}
     rows.append(
@@ -189,6 +212,12 @@ def run(cfg: Config) -> list[Row]:
         Row(BENCH, "qdash_mp", "ack_p99", "ms", p99s, PRODUCERS, note=lat_note, extra=extra)
     )
     return rows
+
+
+def _collector_cpu(collector: Any) -> float:
+    pid: int = collector.proc.pid
+    fine = cpu_seconds_fine(pid)
+    return cpu_seconds(pid) if fine is None else fine
 
 
 def _journal_total(http: str) -> int:
