@@ -233,12 +233,8 @@ PackedFailed: TypeAlias = tuple[bytes, str, float]
 """One FAILED array as its msgpack bytes (checked), plus the fields a store keys on:
 ``(data, job_id, failed_at)``, ``job_id`` and ``failed_at`` being fields 0 and 8 of ``data``.
 
-What a decoded ``Batch`` carries: the collector journals ``data`` as it came, without
-decoding the job into Python objects. ``pack_failed_record`` makes one, ``unpack_failed``
-decodes ``data``. A plain tuple on purpose: the cyclic GC stops tracking a tuple of plain
-values at its first look, not an instance of a class (a NamedTuple included), and a
-collector holding a batch of those through a collection gets them promoted, enough of
-which trigger full collections (measured: ~0.3 us a record).
+What a decoded ``Batch`` carries and the journal stores as it came. A plain tuple on purpose:
+the cyclic GC stops tracking it at its first look (why that matters: docs/protocol.md).
 """
 
 

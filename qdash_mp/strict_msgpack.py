@@ -25,6 +25,9 @@ MIN_INT = -(2**63)
 """Smallest int of a field (signed 64-bit)."""
 
 
+# --------------------------------------------------------------------------- field checks
+
+
 def type_name(value: object) -> str:
     return type(value).__name__
 
@@ -71,6 +74,8 @@ def expect_arity(arr: Sequence[Any], n: int, what: str) -> None:
     if len(arr) != n:
         raise ProtocolError(f"{what} must have {n} elements, not {len(arr)}")
 
+
+# --------------------------------------------------------------------------- encoding
 
 _local = threading.local()
 
@@ -145,6 +150,8 @@ def msgpack_error(exc: BaseException) -> str:
 
 
 def unpackb(body: bytes, max_size: int, max_items: int) -> object:
+    """The one msgpack object in ``body``: str/bin lengths bounded by ``max_size``,
+    array/map lengths by ``max_items``, ext types refused; ``ProtocolError`` otherwise."""
     try:
         return msgpack.unpackb(
             body,

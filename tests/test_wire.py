@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -48,6 +50,8 @@ from qdash_mp.wire import (
     pack_payload,
     unpack_failed,
 )
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 MESSAGES: list[Message] = [
     Hello(client_id="c" * 32, pid=1234, host="worker-1", requeue=None),
@@ -112,6 +116,30 @@ def test_batch_bytes_match_the_documented_dump() -> None:
         "cb 41 d9 54 fc 40 00 00 00 a4 6d 61 69 6c "
         "b0 56 61 6c 75 65 45 72 72 6f 72 3a 20 62 6f 6f 6d a0 cb 41 d9 54 fc 40 60 00 00"
     )
+
+
+def _doc_dump(title: str) -> bytes:
+    """The bytes of the hex dump that follows ``title`` in docs/protocol.md."""
+    text = DOCS.read_text().split(title, 1)[1].split("```", 2)[1]
+    rows = re.findall(r"^ *((?:[0-9a-f]{2} )*[0-9a-f]{2})(?: {2,}|$)", text, re.MULTILINE)
+    return bytes.fromhex("".join(rows))
+
+
+def test_the_documented_dumps_are_what_encode_makes() -> None:
+    job = Job("j1", "send_email", {"to": "a@b"}, 1, 1_700_000_000.0)
+    record = FailedRecord.from_job(job, "mail", "ValueError: boom", "", 1_700_000_001.5)
+    batch = Batch(seq=1, counters={"mail": (3, 2, 1, 0)}, failed=(pack_failed_record(record),))
+    assert _doc_dump("### Example: a BATCH, byte by byte") == encode(batch)
+    hello = Hello(client_id="abc", pid=42, host="h", requeue=("*",))
+    assert _doc_dump("### Example: a HELLO, byte by byte") == encode(hello)
+    small = {
+        "WELCOME `last_seq=0`": Welcome(last_seq=0),
+        "ACK `seq=1`": Ack(seq=1),
+        'REQUEUE_RESULT `(7, false, "boom")`': RequeueResult(7, ok=False, error="boom"),
+    }
+    text = " ".join(DOCS.read_text().split())
+    for name, msg in small.items():
+        assert f"{name} is `{encode(msg).hex(' ')}`" in text
 
 
 def test_payload_is_kept_exactly() -> None:

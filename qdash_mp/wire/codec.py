@@ -122,7 +122,7 @@ def _decode_batch(body: bytes, max_items: int, max_depth: int) -> Batch:
     """A BATCH body (starting with ``_BATCH_HEAD``) read in one pass, each FAILED array
     checked and kept as its own bytes: a slice of the body, not decoded and packed again.
 
-    Raises on anything invalid without saying much: ``_decode`` then decodes the body the
+    Raises on anything invalid without saying much: ``decode`` then decodes the body the
     general way, which names the problem.
     """
     n = len(body)
@@ -170,6 +170,7 @@ def _decode_batch(body: bytes, max_items: int, max_depth: int) -> Batch:
 
 
 def decode(body: bytes, max_items: int, max_depth: int) -> Message:
+    """``decode_body`` with its limits positional (the ``FrameDecoder`` loop calls this)."""
     if body[:2] == _BATCH_HEAD:
         try:
             return _decode_batch(body, max_items, max_depth)
