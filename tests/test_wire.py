@@ -44,6 +44,7 @@ from qdash_mp.wire import (
     decode_body,
     encode,
     encode_batch,
+    messages,
     pack_failed,
     pack_failed_fields,
     pack_failed_record,
@@ -689,3 +690,30 @@ def test_batch_fast_path_and_general_path_agree(body: bytes) -> None:
     # take and refuse the same bodies, and make the same Batch of what they take.
     fast, general = _decoded_by_each_path(body)
     assert fast == general
+
+
+counter_rows = st.lists(
+    st.integers(min_value=-2, max_value=2**64 - 1)
+    | st.sampled_from([0, MAX_DELTA, MAX_DELTA + 1, 2**63 - 1, True, False, 1.0, None, "1"]),
+    min_size=0,
+    max_size=5,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(["q", "", "q" * 255, "q" * 256, 1, None, b"q"]),
+    counter_rows | counter_rows.map(tuple) | st.sampled_from([5, None, "abcd", {}]),
+)
+def test_counter_rows_fast_check_and_item_by_item_check_agree(queue: Any, row: Any) -> None:
+    # counters_map passes a good row in one expression (ingest pays for every row) and
+    # goes through any other item by item (counter_row), which names what is wrong.
+    try:
+        expected: object = {queue: messages.counter_row(queue, row)}
+    except ProtocolError as exc:
+        expected = str(exc)
+    try:
+        got: object = messages.counters_map({queue: row}, MAX_ITEMS)
+    except ProtocolError as exc:
+        got = str(exc)
+    assert got == expected

@@ -200,14 +200,40 @@ def counters_map(value: object, max_items: int) -> dict[str, Counts]:
     if len(value) > max_items:
         raise ProtocolError(f"BATCH counters has more than {max_items} queues")
     out: dict[str, Counts] = {}
-    for queue, value_row in value.items():
-        expect_str(queue, "BATCH counters key", 1, MAX_NAME)
-        what = f"BATCH counters[{queue!r}]"
-        row = expect_array(value_row, what)
-        expect_arity(row, 4, what)
-        pushed, processed, failed, retried = (_delta(n, f"{what}[{i}]") for i, n in enumerate(row))
-        out[queue] = (pushed, processed, failed, retried)
+    for queue, row in value.items():
+        # A good row (every row, but for a broken or hostile peer) passes one expression of
+        # exact checks; any other is gone through item by item, which names what is wrong.
+        if (
+            type(queue) is str
+            and 0 < len(queue) <= MAX_NAME
+            and (type(row) is tuple or type(row) is list)
+            and len(row) == 4
+        ):
+            a, b, c, d = row
+            if (
+                type(a) is int
+                and type(b) is int
+                and type(c) is int
+                and type(d) is int
+                and 0 <= a <= MAX_DELTA
+                and 0 <= b <= MAX_DELTA
+                and 0 <= c <= MAX_DELTA
+                and 0 <= d <= MAX_DELTA
+            ):
+                out[queue] = (a, b, c, d)
+                continue
+        out[queue] = counter_row(queue, row)
     return out
+
+
+def counter_row(queue: object, row: object) -> Counts:
+    """One entry of BATCH ``counters`` checked item by item; ``ProtocolError`` says why not."""
+    expect_str(queue, "BATCH counters key", 1, MAX_NAME)
+    what = f"BATCH counters[{queue!r}]"
+    items = expect_array(row, what)
+    expect_arity(items, 4, what)
+    pushed, processed, failed, retried = (_delta(n, f"{what}[{i}]") for i, n in enumerate(items))
+    return (pushed, processed, failed, retried)
 
 
 def _requeue_list(value: object) -> tuple[str, ...] | None:
