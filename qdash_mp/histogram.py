@@ -1,0 +1,302 @@
+"""Latency histograms: the bucket scheme for runtimes and wait times, summaries, rolling windows.
+
+Pure logic, no I/O. A histogram is a list (or a sparse mapping) of plain int counts, one per
+bucket, so it merges *exactly* by summing: across processes, across batches, across minutes.
+That is what lets bucket counts travel like today's counters (cumulative, resent, deduplicated
+by the batch sequence number) and survive a collector ``kill -9`` unchanged.
+
+Bucket scheme (HDR-style log-linear, 16 linear sub-buckets per power of two)
+-------------------------------------------------------------------------
+
+``math.frexp(x)`` splits ``x`` into ``m * 2**e`` with ``0.5 <= m < 1``. The octave
+``[2**(e-1), 2**e)`` is cut into 16 equal sub-buckets by the top four mantissa bits after the
+leading one, ``int(m * 32) - 16``. The tracked range is 2**-14 s (61.04 us) .. 2**12 s
+(4096 s), 26 octaves, which covers the target 100 us .. 1 hour::
+
+    index   range (seconds)                      meaning
+    0       x < 2**-14  (also 0, negatives, NaN)  underflow
+    1       [2**-14, 2**-14 * 17/16)              first tracked bucket
+    ...     16 buckets per octave
+    416     [2**12 * 31/32, 2**12)                last tracked bucket
+    417     x >= 2**12  (also +inf)               overflow
+
+    bucket_of(x) = (e << 4) + int(m * 32) + 193      for 2**-14 <= x < 2**12
+
+Bucket edges are dyadic rationals, so they are exact in binary floating point: the bucket of a
+value is the same on every platform, and ``bucket_bounds`` gives its exact edges.
+
+Relative error. A bucket ``[lo, hi)`` has ``hi / lo <= 17/16`` (the first sub-bucket of an
+octave is the widest relative to its value). A value is reported as the bucket's geometric
+midpoint ``sqrt(lo * hi)``, which is off by at most ``sqrt(17/16) - 1 = 3.078 %`` from any value
+in the bucket, in either direction (``MAX_RELATIVE_ERROR``). ``tests/test_histogram.py``
+measures it over a dense sweep of the whole range. Underflow is reported as 2**-14 s and
+overflow as 2**12 s (bounds, not estimates); outside the tracked range no error bound holds.
+
+Percentiles use the nearest-rank definition: ``p``-th percentile of ``n`` values = the value
+of rank ``ceil(p * n)`` in sorted order (computed in integers, no float rounding). The bucket
+holding that rank is exactly the bucket of the exact percentile, so a reported percentile is
+within ``MAX_RELATIVE_ERROR`` of the exact one.
+
+Cost. ``bucket_of`` is one C call (``frexp``) and a few integer operations; the hot-path
+form a client inlines is given in ``docs/lifecycle.md`` with its measured cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from math import frexp
+from typing import Final
+
+__all__ = [
+    "EMPTY",
+    "WINDOWS",
+    "HIGHEST",
+    "LOWEST",
+    "MAX_RELATIVE_ERROR",
+    "NBUCKETS",
+    "OVERFLOW",
+    "PERCENTILES",
+    "SUB_BUCKETS",
+    "UNDERFLOW",
+    "LatencySummary",
+    "RollingHistogram",
+    "add_into",
+    "bucket_bounds",
+    "bucket_of",
+    "dense",
+    "merge",
+    "percentile",
+    "representative",
+    "sparse",
+    "summary",
+]
+
+SUB_BUCKETS: Final = 16
+"""Linear sub-buckets per power of two."""
+_LOW_EXP: Final = -14
+_HIGH_EXP: Final = 12
+LOWEST: Final = 2.0**_LOW_EXP
+"""Smallest tracked value, 61.03515625 us; below it is the underflow bucket."""
+HIGHEST: Final = 2.0**_HIGH_EXP
+"""First untracked value, 4096 s; from it on is the overflow bucket."""
+UNDERFLOW: Final = 0
+OVERFLOW: Final = (_HIGH_EXP - _LOW_EXP) * SUB_BUCKETS + 1
+"""Index of the overflow bucket (417)."""
+NBUCKETS: Final = OVERFLOW + 1
+"""Buckets in a histogram, underflow and overflow included (418)."""
+MAX_RELATIVE_ERROR: Final = math.sqrt(1.0 + 1.0 / SUB_BUCKETS) - 1.0
+"""Largest relative error of a reported value inside the tracked range (0.03078)."""
+
+# frexp's exponent of a value in [2**(k-1), 2**k) is k; the first tracked octave has k = -13.
+_OFFSET: Final = 1 - (_LOW_EXP + 1) * SUB_BUCKETS - SUB_BUCKETS  # 193
+
+PERCENTILES: Final = ((50, "p50"), (90, "p90"), (95, "p95"), (99, "p99"))
+"""Reported percentiles as (percent, field name); integer percents keep ranks exact."""
+
+
+def bucket_of(seconds: float) -> int:
+    """Index of the bucket holding ``seconds`` (never raises, for any float)."""
+    if LOWEST <= seconds < HIGHEST:
+        m, e = frexp(seconds)
+        return (e << 4) + int(m * 32.0) + _OFFSET
+    # NaN fails both comparisons and lands in underflow with 0 and the negatives.
+    return OVERFLOW if seconds >= HIGHEST else UNDERFLOW
+
+
+def bucket_bounds(index: int) -> tuple[float, float]:
+    """Exact ``[lo, hi)`` of bucket ``index``; underflow is ``[-inf, LOWEST)``, overflow
+    ``[HIGHEST, inf)``."""
+    if index == UNDERFLOW:
+        return (-math.inf, LOWEST)
+    if index == OVERFLOW:
+        return (HIGHEST, math.inf)
+    if not 0 < index < OVERFLOW:
+        raise IndexError(f"bucket index {index} out of range 0..{OVERFLOW}")
+    octave, sub = divmod(index - 1, SUB_BUCKETS)
+    base = math.ldexp(1.0, _LOW_EXP + octave)
+    step = base / SUB_BUCKETS
+    return (base + sub * step, base + (sub + 1) * step)
+
+
+def representative(index: int) -> float:
+    """The value reported for bucket ``index``: its geometric midpoint (bounds at the ends)."""
+    if index == UNDERFLOW:
+        return LOWEST
+    if index == OVERFLOW:
+        return HIGHEST
+    lo, hi = bucket_bounds(index)
+    return math.sqrt(lo * hi)
+
+
+Counts = Sequence[int] | Mapping[int, int]
+"""A histogram: dense (a sequence of ``NBUCKETS`` counts) or sparse (bucket -> count)."""
+
+
+def _items(counts: Counts) -> Iterable[tuple[int, int]]:
+    if isinstance(counts, Mapping):
+        return sorted((i, n) for i, n in counts.items() if n)
+    return ((i, n) for i, n in enumerate(counts) if n)
+
+
+def dense(counts: Counts) -> list[int]:
+    """A dense copy (``NBUCKETS`` ints) of any histogram."""
+    out = [0] * NBUCKETS
+    add_into(out, counts)
+    return out
+
+
+def sparse(counts: Counts) -> dict[int, int]:
+    """A sparse copy (non-zero buckets only) of any histogram."""
+    return dict(_items(counts))
+
+
+def add_into(target: list[int], delta: Counts) -> None:
+    """Add ``delta`` to the dense histogram ``target`` in place (exact: int sums)."""
+    items = delta.items() if isinstance(delta, Mapping) else enumerate(delta)
+    for i, n in items:
+        if n:
+            target[i] += n
+
+
+def merge(*histograms: Counts) -> list[int]:
+    """The sum of ``histograms``: exactly the histogram of the union of their values."""
+    out = [0] * NBUCKETS
+    for h in histograms:
+        add_into(out, h)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """``count`` values and their percentiles / maximum in seconds (``None`` if count is 0)."""
+
+    count: int
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        """The JSON shape of DESIGN.md (``{"count", "p50", ..., "max"}``)."""
+        return {
+            "count": self.count,
+            "p50": self.p50,
+            "p90": self.p90,
+            "p95": self.p95,
+            "p99": self.p99,
+            "max": self.max,
+        }
+
+
+EMPTY: Final = LatencySummary(0)
+
+
+def percentile(counts: Counts, percent: int) -> float | None:
+    """Nearest-rank ``percent``-th percentile (an int 1..100) of a histogram, or None."""
+    items = list(_items(counts))
+    total = sum(n for _, n in items)
+    if not total:
+        return None
+    rank = max(1, -(-percent * total // 100))
+    seen = 0
+    for i, n in items:
+        seen += n
+        if seen >= rank:
+            return representative(i)
+    raise AssertionError("unreachable: rank <= total")  # pragma: no cover
+
+
+def summary(counts: Counts, max_seen: float | None = None) -> LatencySummary:
+    """Count, p50/p90/p95/p99 and max of a histogram.
+
+    ``max`` is ``max_seen`` when the caller tracked the exact maximum, else the highest
+    non-empty bucket's representative; percentiles never exceed ``max``.
+    """
+    items = list(_items(counts))
+    total = sum(n for _, n in items)
+    if not total:
+        return EMPTY
+    top = representative(items[-1][0]) if max_seen is None else max_seen
+    ranks = [(max(1, -(-pct * total // 100)), name) for pct, name in PERCENTILES]
+    found: dict[str, float] = {}
+    seen = 0
+    k = 0
+    for i, n in items:
+        seen += n
+        while k < len(ranks) and seen >= ranks[k][0]:
+            found[ranks[k][1]] = min(representative(i), top)
+            k += 1
+        if k == len(ranks):
+            break
+    return LatencySummary(
+        count=total,
+        p50=found["p50"],
+        p90=found["p90"],
+        p95=found["p95"],
+        p99=found["p99"],
+        max=top,
+    )
+
+
+WINDOWS: Final = (("1m", 1), ("5m", 5), ("1h", 60))
+"""Rolling windows as (name, minutes)."""
+
+
+class RollingHistogram:
+    """Per-minute sparse bucket deltas in a ring, for 1 min / 5 min / 1 h and lifetime.
+
+    Minutes are ``int(unix_seconds // 60)``. A window of ``n`` minutes at minute ``now``
+    covers the ``n`` complete minutes before ``now`` *and* the current, partial one (so the
+    1-minute window is never empty just after a minute boundary): it spans ``n`` to ``n + 1``
+    minutes. The ring therefore holds 61 minutes. A delta for a minute older than the ring
+    counts for the lifetime only. Memory: the lifetime list (``NBUCKETS`` ints) plus at most
+    one dict entry per distinct bucket per minute (in practice a few dozen per minute).
+    """
+
+    RING: Final = 61
+
+    __slots__ = ("_lifetime", "_minutes", "_slots")
+
+    def __init__(self, lifetime: Counts | None = None) -> None:
+        self._lifetime = dense(lifetime) if lifetime is not None else [0] * NBUCKETS
+        self._minutes: list[int] = [-1] * self.RING
+        self._slots: list[dict[int, int]] = [{} for _ in range(self.RING)]
+
+    @property
+    def lifetime(self) -> list[int]:
+        """A copy of the lifetime counts (dense)."""
+        return list(self._lifetime)
+
+    def add(self, minute: int, delta: Counts) -> None:
+        """Count ``delta`` (bucket counts) as having happened in ``minute``."""
+        add_into(self._lifetime, delta)
+        newest = max(self._minutes)
+        if newest >= 0 and minute <= newest - self.RING:
+            return  # too old for any window
+        k = minute % self.RING
+        if self._minutes[k] != minute:
+            self._minutes[k] = minute
+            self._slots[k] = {}
+        slot = self._slots[k]
+        for i, n in _items(delta):
+            slot[i] = slot.get(i, 0) + n
+
+    def window(self, now_minute: int, minutes: int) -> dict[int, int]:
+        """Sparse counts of minutes ``now_minute - minutes .. now_minute`` (inclusive)."""
+        if not 0 < minutes < self.RING:
+            raise ValueError(f"window of {minutes} minutes; the ring holds {self.RING - 1}")
+        out: dict[int, int] = {}
+        for m, slot in zip(self._minutes, self._slots, strict=True):
+            if now_minute - minutes <= m <= now_minute:
+                for i, n in slot.items():
+                    out[i] = out.get(i, 0) + n
+        return out
+
+    def summaries(self, now_minute: int) -> dict[str, LatencySummary]:
+        """``{"1m", "5m", "1h", "lifetime"}`` -> summary at ``now_minute``."""
+        out = {name: summary(self.window(now_minute, n)) for name, n in WINDOWS}
+        out["lifetime"] = summary(self._lifetime)
+        return out
