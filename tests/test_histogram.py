@@ -185,12 +185,14 @@ def test_rolling_windows() -> None:
     for minute in range(1000, 1100):  # one value a minute for 100 minutes
         r.add(minute, {b: 1})
     now = 1099
-    assert sum(r.window(now, 1).values()) == 2  # the current minute and the previous one
-    assert sum(r.window(now, 5).values()) == 6
-    assert sum(r.window(now, 60).values()) == 61
+    assert sum(r.window(now, 1)) == 2  # the current minute and the previous one
+    assert sum(r.window(now, 5)) == 6
+    # the current 5-minute block (1095..1099) and the 12 before it: 1035..1099
+    assert sum(r.window(now, 60)) == 65
+    assert sum(r.window(now, 10)) == 15
     sums = r.summaries(now)
     assert sums["lifetime"].count == 100
-    assert sums["1h"].count == 61
+    assert sums["1h"].count == 65
     assert sums["1m"].p50 == representative(b)
     # an idle hour later every window is empty, the lifetime is not
     later = r.summaries(now + 120)
@@ -199,9 +201,10 @@ def test_rolling_windows() -> None:
     # a late delta older than the ring counts for the lifetime only
     r.add(now - 200, {b: 5})
     assert r.summaries(now)["lifetime"].count == 105
-    assert r.summaries(now)["1h"].count == 61
-    with pytest.raises(ValueError, match="ring"):
-        r.window(now, 61)
+    assert r.summaries(now)["1h"].count == 65
+    for bad in (0, 7, 61, 65):
+        with pytest.raises(ValueError, match="no window"):
+            r.window(now, bad)
 
 
 @settings(max_examples=50)
@@ -213,8 +216,10 @@ def test_rolling_lifetime_equals_merge(events: list[tuple[int, float]]) -> None:
     assert r.lifetime == histogram_of([v for _, v in events])
     if events:
         now = max(m for m, _ in events)
-        expect = [v for m, v in events if now - 60 <= m <= now]
-        assert h.dense(r.window(now, 60)) == histogram_of(expect)
+        hour = [v for m, v in events if (now // 5 - 12) * 5 <= m <= now]
+        assert r.window(now, 60) == histogram_of(hour)
+        five = [v for m, v in events if now - 5 <= m <= now]
+        assert r.window(now, 5) == histogram_of(five)
 
 
 def test_bucket_of_cost_is_reported() -> None:
