@@ -51,8 +51,8 @@ measured costs and the proposed hot path are in ``docs/lifecycle.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from array import array
+from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass
 from math import frexp
 from typing import Final
