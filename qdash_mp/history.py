@@ -103,7 +103,11 @@ class _QueueFile:
 
 
 class History:
-    """The history directory; one writer process at a time (a ``flock`` on ``history.lock``)."""
+    """The history directory; one writer process at a time (a ``flock`` on ``history.lock``).
+
+    Not thread-safe: the collector calls ``tick`` and ``points`` from one thread (or one
+    ``asyncio.to_thread`` at a time). A minute close costs one ``fsync`` per queue file.
+    """
 
     def __init__(
         self,
