@@ -74,6 +74,7 @@ __all__ = [
     "bucket_bounds",
     "bucket_of",
     "count_values",
+    "cumulative_at_octaves",
     "dense",
     "merge",
     "percentile",
@@ -263,6 +264,21 @@ def summary(counts: Counts, max_seen: float | None = None) -> LatencySummary:
         p99=found["p99"],
         max=top,
     )
+
+
+def cumulative_at_octaves(counts: Counts) -> list[tuple[float, int]]:
+    """``(le, values below le)`` at every octave edge 2**-14 .. 2**12, then ``(inf, total)``:
+    a Prometheus histogram's buckets (27 + 1), exact sums of ours. Prometheus counts values
+    *equal* to ``le`` too; here a value exactly on an octave edge counts in the next one."""
+    out: list[tuple[float, int]] = []
+    d = dense(counts)
+    running = d[UNDERFLOW]
+    for octave in range(_HIGH_EXP - _LOW_EXP + 1):
+        out.append((math.ldexp(1.0, _LOW_EXP + octave), running))
+        start = 1 + octave * SUB_BUCKETS
+        running += sum(d[start : start + SUB_BUCKETS])
+    out.append((math.inf, running))
+    return out
 
 
 WINDOWS: Final = (("1m", 1), ("5m", 5), ("1h", 60))

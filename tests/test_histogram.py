@@ -231,3 +231,14 @@ def test_bucket_of_cost_is_reported() -> None:
     call = min(timeit.repeat("bucket_of(x)", setup, number=n, repeat=3)) / n
     print(f"dict increment {base * 1e9:.1f} ns, bucket_of {call * 1e9:.1f} ns")
     assert call < 5e-6
+
+
+@given(st.lists(any_float, max_size=100))
+def test_prometheus_buckets_at_octave_edges(values: list[float]) -> None:
+    rows = h.cumulative_at_octaves(histogram_of(values))
+    assert len(rows) == 28
+    assert rows[0][0] == LOWEST
+    assert rows[-2][0] == HIGHEST
+    assert rows[-1] == (math.inf, len(values))
+    for le, below in rows[:-1]:
+        assert below == sum(1 for v in values if not v >= le)  # NaN counts as underflow
