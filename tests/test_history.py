@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qdash_mp import history_format as fmt
 from qdash_mp.errors import HistoryCorrupt, HistoryError, QdashError
@@ -335,3 +337,37 @@ def test_a_slot_in_the_wrong_place_raises(tmp_path: Path) -> None:
         f.write(slot)
     with History(tmp_path, Clock(T0 + 600)) as h, pytest.raises(HistoryCorrupt, match="not this"):
         h.points("q")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    d = tmp_path_factory.mktemp("image")
+    return made(d, 70).read_bytes()  # more than an hour: both rings and states in use
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, fmt.FILE_SIZE - 1), st.integers(1, 255)), min_size=1, max_size=4
+    )
+)
+def test_any_damage_is_skipped_or_history_corrupt(
+    tmp_path: Path, image: bytes, flips: list[tuple[int, int]]
+) -> None:
+    """Flipped bits anywhere: the file opens and reads (damage skipped) or HistoryCorrupt,
+    never another exception."""
+    d = tmp_path / str(abs(hash(tuple(flips))))
+    d.mkdir()
+    raw = bytearray(image)
+    for offset, mask in flips:
+        raw[offset] ^= mask
+    (d / fmt.file_name("q")).write_bytes(raw)
+    try:
+        with History(d, Clock(T0 + 3600)) as h:
+            for resolution in ("minute", "hour"):
+                for p in h.points("q", resolution):  # type: ignore[arg-type]
+                    assert p["t"] >= T0
+    except HistoryCorrupt:
+        pass
