@@ -16,7 +16,8 @@ Two ways in:
   attribution of that partial minute. An event is attributed to the minute in which the tick
   after it ran (at most one tick interval late).
 * ``record(queue, minute_start, pushed, processed, failed, runtime_counts)``: deltas for one
-  minute, when the caller already has them.
+  minute, when the caller already has them. Use one way or the other for a queue: ``record``
+  does not move ``base``, so a later ``tick`` would count those deltas again.
 
 Durability. Closing a minute writes, in this order: the finished hour's slot when the hour
 changed, the new state copy (the alternate of A/B, holding the hour accumulator, ``base`` and
