@@ -33,7 +33,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdash_mp import shm
 from qdash_mp.errors import CollectorError, ConfigError, QdashError
 from qdash_mp.models import StatsView
 from qdash_mp.shm import (
@@ -50,6 +49,7 @@ from qdash_mp.shm import (
     segment_name,
     stored_queue_name,
 )
+from qdash_mp.shm import writer as shm_writer
 from qdash_mp.stats import (
     Stats,
     StatsBase,
@@ -540,7 +540,7 @@ def test_a_full_client_table_forgets_idle_clients_and_grows_for_recent_ones(
 # --- crash atomicity of a batch and its seq ------------------------------------------------
 
 KILL_POINTS = ("log", "commit", "copy")
-"""Where ``shm._fault_hook`` is called in a write section; see the child's "crash-loop"."""
+"""Where ``shm_writer._fault_hook`` is called in a write section; see the child's "crash-loop"."""
 
 
 def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int, int, int]:
@@ -1020,6 +1020,59 @@ def test_a_batch_is_all_or_nothing_on_bad_input(name: str) -> None:
         assert "b" not in rows(reader.snapshot())
 
 
+INT64_MAX = 2**63 - 1
+
+
+def test_counts_saturate_and_a_huge_delta_never_wedges_a_queue(name: str) -> None:
+    """Hole 2: a batch carrying 2**63-1 used to make every later batch of that queue raise."""
+    clock = Clock()
+    big = INT64_MAX
+    batches: list[tuple[dict[str, tuple[int, int, int, int]], tuple[str, int] | None]] = [
+        ({"q": (big, big, 0, 0), "other": (1, 0, 0, 0)}, ("w", 1)),
+        ({"q": (5, 5, 5, 5)}, ("w", 2)),  # would overflow pushed, processed and the ring
+        ({"q": (1, 1, 1, 1), "other": (1, 1, 1, 1)}, ("x", 1)),
+        ({"q": (0, 0, big, 2**64)}, ("w", 3)),  # failed saturates, retried is past int64
+        ({"q": (1, 0, 0, 0), "third": (2, 0, 0, 0)}, None),
+        ({"q": (big, 7, 0, 0), "other": (1, 0, 0, 0)}, ("x", 2)),
+    ]
+    embedded = Stats(3, clock=clock)
+    with SharedStats.create_or_attach(name, window=3, clock=clock) as stats:
+        reader = SharedStatsReader(name, clock=clock)
+        for batch, client in batches:
+            stats.apply_batch(batch, client=client)
+            for queue, deltas in batch.items():
+                embedded.add(queue, *deltas)
+            clock.t += 1
+        stats.add("q", pushed=big, processed=big, failed=big, retried=big)
+        embedded.add("q", pushed=big, processed=big, failed=big, retried=big)
+        stats.on_processed("q")
+        embedded.on_processed("q")
+        assert stats.client_seqs() == {"w": 3, "x": 2}
+        expected = {
+            "q": (big, big, big, big),
+            "other": (3, 1, 1, 1),
+            "third": (2, 0, 0, 0),
+        }
+        assert rows(stats.snapshot()) == expected
+        assert rows(reader.snapshot()) == expected
+        assert rows(embedded.snapshot()) == expected
+        assert reader.snapshot() == embedded.snapshot() == stats.snapshot()
+        reader.close()
+        # The low end: an (impossible on the wire) huge negative delta stops at -2**63.
+        stats.apply_batch({"low": (-(2**70), 0, 0, 0)})
+        assert rows(stats.snapshot())["low"] == (-(2**63), 0, 0, 0)
+
+
+def test_apply_deltas_saturates_every_slot() -> None:
+    ring = ring_slots(3)
+    buf = array("q", bytes(8 * record_len(ring)))
+    apply_deltas(buf, 0, ring, (INT64_MAX, INT64_MAX, 1, 0), 100)
+    apply_deltas(buf, 0, ring, (1, 2**80, 1, -(2**80)), 100)
+    assert buf[:4].tolist() == [INT64_MAX, INT64_MAX, 2, -(2**63)]
+    assert buf[4 + 100 % ring] == 100
+    assert buf[4 + ring + 100 % ring] == INT64_MAX
+
+
 def test_bad_names_and_capacity_are_config_errors() -> None:
     for bad in ("", "has/slash", "colon:name", "é", "x" * 201):
         with pytest.raises(ConfigError):
@@ -1131,7 +1184,7 @@ def crash_loop(name: str, how: str, point: str, kill_at: str) -> None:
         elif where == point and seq == target and phase != "counters":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    shm._fault_hook = hook
+    shm_writer._fault_hook = hook
     print("go", seq, flush=True)
     batch = {"a": (1, 0, 0, 0), "b": (0, 1, 0, 0)}
     while True:
