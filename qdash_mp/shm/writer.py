@@ -6,7 +6,6 @@ redo log (written here, inline, on the hot path; replayed by ``redo``). See ``do
 
 from __future__ import annotations
 
-import collections
 import logging
 import operator
 import os
@@ -21,6 +20,7 @@ from qdash_mp.errors import ConfigError, ShmError
 from qdash_mp.models import StatsView
 from qdash_mp.shm import layout as hdr
 from qdash_mp.shm import snapshot
+from qdash_mp.shm.clients import ClientTable
 from qdash_mp.shm.layout import (
     CLIENT_ENTRY_SIZE,
     CLIENT_HEAD,
@@ -30,7 +30,6 @@ from qdash_mp.shm.layout import (
     DEFAULT_CLIENT_TTL,
     HEADER_SIZE,
     Layout,
-    check_client_id,
     check_name,
     decode_names,
     segment_name,
@@ -43,7 +42,6 @@ from qdash_mp.shm.table import Opened, at_least, open_table
 from qdash_mp.stats import (
     COUNTERS,
     DEFAULT_WINDOW,
-    INT64_MAX,
     StatsBase,
     apply_deltas,
     build_view,
@@ -84,7 +82,6 @@ class SharedStats(StatsBase):
         self._base = opened.base
         self._seg: Segment | None = seg
         self._clock = clock
-        self._client_ttl = client_ttl
         self._restored = opened.restored
         self._ring = seg.layout.ring
         self._lock = threading.Lock()
@@ -94,15 +91,7 @@ class SharedStats(StatsBase):
         )
         self._index = {queue: i for i, queue in enumerate(self._names)}
         self._rows = Rows()
-        # The client entries, mirrored: id and seq per entry, id -> entry, and the entries
-        # from least to most recently updated, with the second of their last update.
-        entries = decode_clients(seg, name)
-        self._client_ids = [client_id for client_id, _, _ in entries]
-        self._client_seqs = [seq for _, seq, _ in entries]
-        self._clients = {client_id: j for j, client_id in enumerate(self._client_ids)}
-        self._lru: collections.OrderedDict[int, int] = collections.OrderedDict(
-            sorted(((j, second) for j, (_, _, second) in enumerate(entries)), key=_by_second)
-        )
+        self._clients = ClientTable(decode_clients(seg, name), client_ttl, name)
         # Closing the fd releases the writer lock: at close(), or when the object is dropped.
         # Registered last: if anything above raised, the caller still owns the fd.
         self._release_lock = weakref.finalize(self, os.close, opened.fd)
@@ -160,7 +149,7 @@ class SharedStats(StatsBase):
                 name,
                 opened.seg.generation,
                 len(stats._names),
-                len(stats._client_ids),
+                len(stats._clients),
             )
         return stats
 
@@ -227,14 +216,13 @@ class SharedStats(StatsBase):
         """The seq of ``client_id``'s last batch applied with ``apply_batch``; 0 if none."""
         with self._lock:
             self._live()
-            j = self._clients.get(client_id)
-            return 0 if j is None else self._client_seqs[j]
+            return self._clients.seq(client_id)
 
     def client_seqs(self) -> dict[str, int]:
         """Every client the table remembers, with the seq of its last batch applied."""
         with self._lock:
             self._live()
-            return dict(zip(self._client_ids, self._client_seqs, strict=True))
+            return dict(zip(self._clients.ids, self._clients.seqs, strict=True))
 
     def _apply(
         self, items: Iterable[tuple[str, Sequence[int]]], client: tuple[str, int] | None
@@ -268,10 +256,10 @@ class SharedStats(StatsBase):
             slot, claim, client_id, client_seq = -1, b"", "", 0
             if client is not None:
                 client_id, client_seq = client[0], operator.index(client[1])
-                slot, claim = self._plan_client(client_id, client_seq, seg.layout.clients, now)
+                slot, claim = self._clients.plan(client_id, client_seq, seg.layout.clients, now)
             # 2. Grow first if the block is too small (the plan's indexes stay valid).
             if count + len(new) > seg.layout.capacity or slot >= seg.layout.clients:
-                seg = self._grow(count + len(new), max(len(self._client_ids), slot + 1))
+                seg = self._grow(count + len(new), max(len(self._clients), slot + 1))
             # 3. One write section: new directory entries, then the redo-logged records and
             # client entry, committed by one store.
             q, buf, lay, ring = seg.q, seg.buf, seg.layout, self._ring
@@ -339,60 +327,7 @@ class SharedStats(StatsBase):
                     q[hdr.LOG_COUNT] = 0
                 seg.end(seq)
             if slot >= 0:
-                self._remember(slot, client_id, client_seq, now, bool(claim))
-
-    def _plan_client(self, client_id: str, seq: int, capacity: int, now: int) -> tuple[int, bytes]:
-        """The entry ``client_id``'s new ``seq`` goes to, and its id bytes if it is new there.
-
-        A known client keeps its entry. A new one gets the next free entry; when there is none,
-        the least recently updated client's if that one is idle for ``client_ttl`` seconds,
-        else entry ``K`` (the caller grows the table).
-        """
-        if seq > INT64_MAX:  # checked here, before the write section, like every ValueError
-            raise ValueError(f"client {client_id!r}: batch seq {seq} is beyond int64")
-        j = self._clients.get(client_id)
-        if j is not None:
-            last = self._client_seqs[j]
-            if seq <= last:
-                raise ValueError(
-                    f"client {client_id!r}: batch {seq} is not after {last}, its last applied"
-                )
-            return j, b""
-        check_client_id(client_id)
-        if seq < 1:
-            raise ValueError(f"client {client_id!r}: batch seq must be >= 1, not {seq}")
-        stored = client_id.encode("utf-8", "surrogatepass")
-        known = len(self._client_ids)
-        if known < capacity:
-            return known, stored
-        oldest, second = next(iter(self._lru.items()))
-        if second <= now - self._client_ttl:
-            return oldest, stored
-        return known, stored
-
-    def _remember(self, j: int, client_id: str, seq: int, now: int, claimed: bool) -> None:
-        """Mirror a committed client entry update in process memory."""
-        if claimed:
-            if j < len(self._client_ids):
-                old = self._client_ids[j]
-                log.info(
-                    "shared stats %r: forgot client %r (last batch %d, %d s ago) to make room "
-                    "for %r",
-                    self._name,
-                    old,
-                    self._client_seqs[j],
-                    now - self._lru[j],
-                    client_id,
-                )
-                del self._clients[old]
-                self._client_ids[j] = client_id
-            else:
-                self._client_ids.append(client_id)
-                self._client_seqs.append(0)
-            self._clients[client_id] = j
-        self._client_seqs[j] = seq
-        self._lru[j] = now
-        self._lru.move_to_end(j)
+                self._clients.remember(slot, client_id, client_seq, now, bool(claim))
 
     def _grow(self, queues: int, clients: int) -> Segment:
         """Move the table to a new generation that holds ``queues`` queues and ``clients``."""
@@ -411,7 +346,7 @@ class SharedStats(StatsBase):
             incarnation=old.q[hdr.INCARNATION],
         )
         os.close(fd)
-        copy_table(old, new, len(self._names), len(self._client_ids))
+        copy_table(old, new, len(self._names), len(self._clients))
         for seg in (old, self._base) if old is not self._base else (old,):
             seq = seg.begin()
             seg.q[hdr.NEXT] = gen
@@ -472,8 +407,8 @@ class SharedStats(StatsBase):
                     for i, queue in enumerate(self._names)
                 ],
                 clients=[
-                    (self._client_ids[j].encode("utf-8", "surrogatepass"), self._client_seqs[j], t)
-                    for j, t in self._lru.items()
+                    (client_id.encode("utf-8", "surrogatepass"), seq, second)
+                    for client_id, seq, second in self._clients.by_age()
                 ],
             )
         snapshot.save(path, content, self._name)
@@ -528,10 +463,5 @@ class SharedStats(StatsBase):
         state = "closed" if self._seg is None else f"generation {self._seg.generation}"
         return (
             f"<SharedStats {self._name!r} {state}, {len(self._names)} queues, "
-            f"{len(self._client_ids)} clients>"
+            f"{len(self._clients)} clients>"
         )
-
-
-def _by_second(entry: tuple[int, int]) -> tuple[int, int]:
-    j, second = entry
-    return second, j
