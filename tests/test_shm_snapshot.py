@@ -6,7 +6,10 @@ process), not a mock.
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from qdash_testing.shm import (
     segments,
 )
 
+from qdash_mp.errors import QdashError, SnapshotError
 from qdash_mp.shm import (
     SNAPSHOT_MAGIC,
     SharedStats,
@@ -205,3 +209,74 @@ def test_no_snapshot_file_is_a_fresh_start_and_save_errors_are_shm_errors(
         with pytest.raises(ShmError, match="closed"):
             stats.save(tmp_path / "late")
     assert "WARNING" not in caplog.text
+
+
+# --- hole 3: a snapshot that cannot be written must not cost the counters -------------------
+
+FAILING_SAVE = r"""
+import json, resource, signal, sys
+from pathlib import Path
+from qdash_mp.errors import SnapshotError
+from qdash_mp.shm import SharedStats
+
+name, path = sys.argv[1], Path(sys.argv[2])
+stats = SharedStats.create_or_attach(name, restore_from=path)
+restored = stats.restored
+stats.apply_batch({"q": (5, 4, 1, 0), "r": (2, 0, 0, 0)}, client=("w", 7))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # a "full disk" for this process only
+try:
+    stats.save(path)
+except SnapshotError as exc:
+    stats.close()  # what a collector's stop must do now: keep the segment
+    print(json.dumps({"restored": restored, "error": str(exc)}), flush=True)
+    sys.exit(3)
+print(json.dumps({"restored": restored, "error": None}), flush=True)
+"""
+
+
+def test_a_failed_save_keeps_the_segment_and_the_next_start_reattaches_it(
+    name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hole 3: the save fails for real; the segment, not the older file, carries the counts."""
+    caplog.set_level("INFO", logger="qdash_mp.shm")
+    path = tmp_path / "stats.snapshot"
+    with SharedStats.create_or_attach(name) as stats:  # an earlier clean stop: file, no segment
+        stats.apply_batch({"q": (1, 0, 0, 0)}, client=("w", 1))
+        stats.save(path)
+        stats.unlink()
+    older = path.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-c", FAILING_SAVE, name, str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["restored"] is True
+    assert f"cannot save shared stats {name!r} to {path}" in out["error"]
+    assert "File too large" in out["error"]
+    assert "still in shared memory" in out["error"]
+    assert path.read_bytes() == older  # the previous snapshot is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.snapshot"]  # no temp file
+    assert segments(name) == [name]  # the segment was kept
+    # The next start (this process) reattaches the kept segment: the file is older.
+    with SharedStats.create_or_attach(name, restore_from=path) as stats:
+        assert not stats.restored
+        assert rows(stats.snapshot()) == {"q": (6, 4, 1, 0), "r": (2, 0, 0, 0)}
+        assert stats.client_seq("w") == 7
+    assert "snapshot, which is stale" in caplog.text
+    assert path.read_bytes() == older
+
+
+def test_save_errors_are_snapshot_errors_under_qdash_error(name: str, tmp_path: Path) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        stats.on_pushed("q")
+        with pytest.raises(SnapshotError) as info:
+            stats.save(tmp_path / "no-such-dir" / "stats.snapshot")
+        assert isinstance(info.value, ShmError)
+        assert isinstance(info.value, QdashError)
+        assert rows(stats.snapshot()) == {"q": (1, 0, 0, 0)}
+        stats.unlink()
