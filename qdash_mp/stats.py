@@ -114,11 +114,10 @@ def apply_deltas(buf: Int64Buffer, off: int, ring: int, deltas: Iterable[int], n
     """
     for i, d in enumerate(deltas):
         if d:
-            at = off + i
             try:
-                buf[at] += d
+                buf[off + i] += d
             except (OverflowError, ValueError):  # array raises the one, memoryview the other
-                buf[at] = _saturate(buf[at] + d)
+                buf[off + i] = _saturate(buf[off + i] + d)
             if i == _PROCESSED:
                 b = now % ring
                 sec = off + _N + b
