@@ -2,9 +2,9 @@
 
 One concept, two homes. ``Stats`` keeps its counters in a flat buffer of signed 64-bit
 integers, one fixed-size *record* per queue; the collector keeps the very same records in a
-shared-memory block (``qdash_mp.shm``) so other processes can read them. The pure functions
-here (``apply_deltas``, ``read_record``, ``build_view``) are the only code that interprets a
-record, whichever buffer it lives in.
+shared-memory block (``qdash_mp.shm``, see ``docs/shm.md``) so other processes can read
+them. The pure functions here (``apply_deltas``, ``read_record``, ``record_quiet``,
+``build_view``) are the only code that interprets a record, whichever buffer it lives in.
 
 Record layout (``record_len(ring)`` int64 slots, native byte order)::
 
@@ -25,6 +25,9 @@ Since every bucket ``b`` only ever holds a second ``s`` with ``s % R == b``, the
 queue that processed jobs in every recent second hold exactly the pattern ``now - R + 1 ..
 now``; ``read_record`` compares against that pattern first (one ``memcmp``) and only walks
 the ring bucket by bucket when it differs. The result is the same either way.
+
+Counts saturate: a slot whose sum would leave the int64 range stays at ``INT64_MAX`` (or
+``INT64_MIN``), so ``apply_deltas`` (and every ``add`` over it) never raises on a value.
 
 ``StatsBase`` is the concept both homes implement: the hook methods over ``add`` and
 ``snapshot``.

@@ -788,6 +788,31 @@ def test_apply_deltas_saturates_every_slot() -> None:
     assert buf[4 + ring + 100 % ring] == INT64_MAX
 
 
+INT64 = st.integers(-(2**63), INT64_MAX)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=st.lists(INT64, min_size=4, max_size=4),
+    deltas=st.lists(st.integers(-(2**65), 2**65) | INT64, min_size=4, max_size=4),
+    shared=st.booleans(),
+)
+def test_apply_deltas_is_the_clamped_sum_on_either_path(
+    start: list[int], deltas: list[int], shared: bool
+) -> None:
+    """The fast path (``+=``) and the saturating one agree with ``clamp(old + delta)``."""
+    ring = ring_slots(3)
+    raw = array("q", bytes(8 * record_len(ring)))
+    raw[:4] = array("q", start)
+    buf: Any = memoryview(raw).cast("B").cast("q") if shared else raw
+    apply_deltas(buf, 0, ring, deltas, 100)
+    clamp = [max(-(2**63), min(INT64_MAX, a + d)) for a, d in zip(start, deltas, strict=True)]
+    assert raw[:4].tolist() == clamp
+    assert raw[4 + ring + 100 % ring] == (
+        max(-(2**63), min(INT64_MAX, deltas[1])) if deltas[1] else 0
+    )
+
+
 def test_bad_names_and_capacity_are_config_errors() -> None:
     for bad in ("", "has/slash", "colon:name", "é", "x" * 201):
         with pytest.raises(ConfigError):
