@@ -69,8 +69,8 @@ import sys
 from typing import Final
 
 from qdash_mp.errors import ConfigError, ShmIncompatible
-from qdash_mp.protocol import MAX_CLIENT_ID
 from qdash_mp.stats import record_len
+from qdash_mp.wire import MAX_CLIENT_ID
 
 __all__ = [
     "CLIENT_ENTRY_SIZE",
