@@ -1481,3 +1481,84 @@ def test_remove_if_failed_at_keeps_a_newer_failure(jdir: Path) -> None:
             j.failed_at("job-1")
     finally:
         j.close()
+
+
+# -- hole 4: damage to the last COMMIT vs. a torn tail ----------------------------------------
+
+_PAGE = 4096
+
+
+def _acked_batches(jdir: Path, batches: int = 40) -> list[str]:
+    """A journal of acknowledged batches (each commit returned) bigger than a page."""
+    acked: list[str] = []
+    with open_j(jdir) as j:
+        for b in range(batches):
+            for i in range(3):
+                j.stage_failed(fj(f"b{b}-{i}"))
+                acked.append(f"b{b}-{i}")
+            j.stage_client_seq("client", b + 1)
+            j.commit()
+    return acked
+
+
+def test_a_flipped_bit_in_the_last_commit_never_drops_an_acknowledged_batch(root: Path) -> None:
+    src = root / "src"
+    acked = _acked_batches(src)
+    (seg,) = segments(src)
+    data = seg.read_bytes()
+    pos, size, rtype = _records(data)[-1]
+    assert rtype == RecordType.COMMIT and pos + size == len(data)
+    work = root / "work"
+    outcomes: Counter[str] = Counter()
+    for byte in range(pos, pos + size):
+        for bit in range(8):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            flipped = bytearray(data)
+            flipped[byte] ^= 1 << bit
+            (work / seg.name).write_bytes(bytes(flipped))
+            try:
+                j = open_j(work)
+            except JournalCorrupt as exc:
+                message = str(exc)
+                assert str(work / seg.name) in message, message
+                assert "offset" in message and "--salvage" in message, message
+                outcomes["refused"] += 1
+                continue
+            with j:
+                assert sorted(ids_of(j)) == sorted(acked), (byte, bit)
+                assert j.client_seqs == {"client": 40}, (byte, bit)
+                assert j.recovery.bytes_cut == 0, (byte, bit)
+            with open_j(work) as again:  # and it stays whole
+                assert sorted(ids_of(again)) == sorted(acked), (byte, bit)
+            outcomes["kept"] += 1
+    assert sum(outcomes.values()) == size * 8
+
+
+def test_a_torn_last_commit_is_still_cut_silently(root: Path) -> None:
+    src = root / "src"
+    acked = _acked_batches(src)
+    (seg,) = segments(src)
+    data = seg.read_bytes()
+    pos, size, _ = _records(data)[-1]
+    assert len(data) > 2 * _PAGE
+    before_last = acked[:-3]
+    work = root / "work"
+
+    def opens_with(image: bytes) -> list[str]:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        (work / seg.name).write_bytes(image)
+        with open_j(work) as j:
+            return sorted(ids_of(j))
+
+    # A short file: the write stopped somewhere in the last COMMIT.
+    for cut in range(pos, pos + size):
+        assert opens_with(data[:cut]) == sorted(before_last), cut
+    # A zero-filled last page: the file grew, its last page never reached the disk.
+    page = (len(data) - 1) // _PAGE * _PAGE
+    zeroed = data[:page] + bytes(len(data) - page)
+    whole = sum(1 for e in _commit_ends(data) if e <= page)
+    assert opens_with(zeroed) == sorted(acked[: 3 * whole])
+    # The last COMMIT alone zero-filled (its sector never written).
+    assert opens_with(data[:pos] + bytes(size)) == sorted(before_last)
