@@ -1580,3 +1580,41 @@ def test_a_torn_last_commit_is_still_cut_silently(root: Path) -> None:
     assert opens_with(zeroed) == sorted(acked[: 3 * whole])
     # The last COMMIT alone zero-filled (its sector never written).
     assert opens_with(data[:pos] + bytes(size)) == sorted(before_last)
+
+
+def test_a_repaired_last_commit_is_reported_and_its_bytes_kept(root: Path) -> None:
+    jdir = root / "j"
+    acked = _acked_batches(jdir, batches=5)
+    (seg,) = segments(jdir)
+    data = bytearray(seg.read_bytes())
+    pos, size, _ = _records(bytes(data))[-1]
+    data[pos + 2] ^= 0x10
+    seg.write_bytes(bytes(data))
+    with open_j(jdir) as j:
+        (rep,) = j.recovery.repaired
+        assert (rep.file, rep.offset) == (seg, pos)
+        assert rep.side_file.read_bytes() == bytes(data[pos : pos + size])
+        assert sorted(ids_of(j)) == sorted(acked)
+    with open_j(jdir) as j:  # rewritten in place: clean now
+        assert j.recovery.repaired == []
+        assert sorted(ids_of(j)) == sorted(acked)
+
+
+def test_a_last_commit_beyond_repair_is_refused_and_salvage_keeps_the_batch(root: Path) -> None:
+    jdir = root / "j"
+    acked = _acked_batches(jdir, batches=5)
+    (seg,) = segments(jdir)
+    data = bytearray(seg.read_bytes())
+    pos, size, _ = _records(bytes(data))[-1]
+    data[pos : pos + size] = record_header(RecordType.COMMIT, bytes(12)) + bytes(12)
+    seg.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt) as info:
+        open_j(jdir)
+    message = str(info.value)
+    assert str(seg) in message
+    assert f"offset {pos}" in message
+    assert "--salvage" in message
+    with open_j(jdir, salvage=True) as j:
+        assert sorted(ids_of(j)) == sorted(acked)
+    with open_j(jdir) as j:
+        assert sorted(ids_of(j)) == sorted(acked)

@@ -8,17 +8,26 @@ itself is in ``qdash_mp.journal.format``; why a torn tail looks the way it does 
 ``docs/journal.md``.
 
 A torn write (power lost between ``pwrite`` and the end of ``fdatasync``) leaves the last
-batch as a *prefix* of what was written, in which whole file-system blocks of
-``BLOCK`` bytes may read as zeros. So, for the 21 bytes where the COMMIT of a batch of
-``count`` records from ``start`` should end the file (``want``, e.g. for 2 records at 61)::
+batch as a *prefix* of what was written, in which whole file-system blocks of ``BLOCK``
+bytes may read as zeros; a flipped bit leaves everything in place but one bit. So, for the
+21 bytes where the COMMIT of a batch of ``count`` records from ``start`` should end the
+file (``want``; here 2 records from offset 61)::
 
     want  c6 d3 24 1c 0c 00 00 00 02 3d 00 00 00 00 00 00 00 02 00 00 00
-    torn  00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00   (never written)
-    torn  c6 d3 24 1c 0c 00 00 00 02 3d 00|00 00 00 00 00 00 00 00 00 00   (zeros from a
-                                           ^ block boundary to the end)
-    flip  c6 d3 24 1c 0c 00 00 00 02 3d 00 00 00 00 00 00 00 03 00 00 00   (repaired)
+    flip  c6 d3 24 1c 0c 00 00 00 02 3d 00 00 00 00 00 00 00 03 00 00 00  -> repair
+    zero  00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00  -> torn
+    block c6 d3 24 1c|00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00  -> torn
+    short 53 4a 7b 2a 18 00 00 00 03 99 a1 6a a1 74 c4 01 01 01 c0 a1 71  -> None
+    other 4a 74 38 15 0c 00 00 00 02 00 00 00 00 00 00 00 00 63 00 00 00  -> damaged
 
-a record the file ends inside is a short write (cut); anything else is damage.
+``block``: zeros from a ``BLOCK`` boundary (``|``) on. ``short``: the first 21 bytes of a
+FAILED record of 33, the file ends inside it (a short write: the ordinary rule cuts it).
+``other``: a whole record that verifies as no COMMIT of this batch (here, of 99 records
+from offset 0).
+
+Up to ``REPAIR_MAX_BITS`` bits away from ``want`` is repaired first, even where it could
+also read as zeros from a block boundary: either way every record of the batch is on disk
+whole, as after a crash between write and fsync, which recovery has always kept.
 """
 
 from __future__ import annotations
@@ -230,8 +239,8 @@ def classify_last_commit(
     ``start`` to ``pos``). ``None`` unless exactly one COMMIT fits in ``pos .. end`` after
     at least one record: then the ordinary rule applies (no valid COMMIT after = torn
     tail). Otherwise the batch was written to its last byte, and the COMMIT is either
-    ``"torn"`` (zeros from ``pos`` or from a ``BLOCK`` boundary on, the rest as expected),
     ``"repair"`` (within ``REPAIR_MAX_BITS`` of the expected COMMIT: a flipped bit),
+    ``"torn"`` (zeros from ``pos`` or from a ``BLOCK`` boundary on, the rest as expected),
     ``None`` (a record the file ends inside, e.g. a FAILED record cut 21 bytes in), or
     ``"damaged"`` (a whole record that is no COMMIT of this batch).
     """
@@ -239,14 +248,14 @@ def classify_last_commit(
         return None
     want = commit_record(start, count)
     got = bytes(buf[pos:end])
+    bits = sum((a ^ b).bit_count() for a, b in zip(got, want, strict=True))
+    if bits <= REPAIR_MAX_BITS:
+        return "repair"
     first_block = -(-pos // BLOCK) * BLOCK
     for z in (pos, *range(first_block, end, BLOCK)):
         k = z - pos
         if got[:k] == want[:k] and not any(got[k:]):
             return "torn"
-    bits = sum((a ^ b).bit_count() for a, b in zip(got, want, strict=True))
-    if bits <= REPAIR_MAX_BITS:
-        return "repair"
     _crc, n, _t = HEADER.unpack(got[: HEADER.size])
     if pos + HEADER.size + n > end:
         return None  # a record the file ends inside: a short write, the ordinary rule
