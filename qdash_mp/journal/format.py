@@ -1,9 +1,10 @@
-"""The failed-job journal's on-disk format: record framing, payload codecs and the scanner.
+"""The failed-job journal's on-disk format: record framing, payload codecs, the header.
 
-Pure functions and classes over bytes, without any I/O: ``qdash_mp.journal`` owns the files,
-the index and the durability rules, and uses what is here to encode what it appends and to
-read back what it finds. Keeping the format apart makes it testable on plain ``bytes`` (every
-byte offset, every bit flip) and keeps the hot encode path small.
+Pure functions and classes over bytes, without any I/O: the rest of ``qdash_mp.journal``
+owns the files, the index and the durability rules, and uses what is here to encode what
+it appends and to read back what it finds (reading a sequence of records is ``scan``).
+Keeping the format apart makes it testable on plain ``bytes`` (every byte offset, every
+bit flip) and keeps the hot encode path small.
 
 Segment file
 ------------
@@ -14,7 +15,8 @@ a sequence of records; the first record is always a ``SEGMENT`` header, and reco
 grouped into *batches*, each closed by a ``COMMIT`` record. One batch is what one
 ``Journal.commit()`` wrote with one write and made durable with one fsync, so a batch is
 all-or-nothing on recovery: records after the last ``COMMIT`` of the last segment were
-never acknowledged and are cut as a torn tail, however whole they look.
+never acknowledged and are cut as a torn tail -- unless the batch was written to its last
+byte and only its COMMIT is damaged, which recovery repairs (``scan.classify_last_commit``).
 
 Record framing (all integers little-endian)::
 
