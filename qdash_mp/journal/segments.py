@@ -139,12 +139,15 @@ class JournalBase:
     # What the other parts provide (``Journal`` combines them).
 
     def commit(self) -> None:
+        """Provided by ``store.Journal``."""
         raise NotImplementedError
 
     def compact(self, *, _crash_after: str | None = None) -> None:
+        """Provided by ``compaction.Compaction``."""
         raise NotImplementedError
 
     def enforce_retention(self) -> int:
+        """Provided by ``staging.Staging``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ files
