@@ -39,7 +39,7 @@ from qdash_testing.journal import (
 )
 
 from qdash_mp.errors import ConfigError, JournalError, NotFound
-from qdash_mp.fsio import FileIO
+from qdash_mp.fsio import FileIO, fsync_dir, pwrite_all, write_atomically
 from qdash_mp.journal import (
     ERROR_PREVIEW,
     MAX_PAYLOAD,
@@ -485,6 +485,51 @@ def test_pages_match_a_model_at_every_depth(jdir: Path) -> None:
 
 
 # -- failing writes and syncs ------------------------------------------------------------------
+
+
+class SeamIO(FileIO):
+    """Counts every call of the seam; fails fsync when told to."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.fail_fsync = False
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        self.calls["pwrite"] += 1
+        return super().pwrite(fd, data, offset)
+
+    def fsync(self, fd: int) -> None:
+        self.calls["fsync"] += 1
+        if self.fail_fsync:
+            raise OSError(errno.EIO, "injected fsync failure")
+        super().fsync(fd)
+
+
+def test_fsio_functions_and_the_journal_share_one_seam(root: Path) -> None:
+    io = SeamIO()
+    target = root / "state.bin"
+    write_atomically(target, b"old", io=io)
+    assert io.calls["fsync"] == 2  # the file, then its directory
+    fd = os.open(root / "raw", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        pwrite_all(fd, b"abc", 0, io=io)
+    finally:
+        os.close(fd)
+    assert io.calls["pwrite"] == 1
+    fsync_dir(root, io=io)
+    assert io.calls["fsync"] == 3
+    io.fail_fsync = True
+    with pytest.raises(OSError, match="injected"):
+        write_atomically(target, b"new", io=io)
+    assert target.read_bytes() == b"old"
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    io.fail_fsync = False
+    io.calls.clear()
+    with open_j(root / "j", io=io) as j:  # the journal's writes go through the same object
+        j.stage_failed(fj(1))
+        j.commit()
+    assert io.calls["pwrite"] >= 2  # the new segment's header, the batch
+    assert io.calls["fsync"] >= 1  # the directory, after the segment's rename
 
 
 class FaultyIO(FileIO):
