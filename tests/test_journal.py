@@ -48,7 +48,7 @@ from qdash_mp.journal import (
     record_header,
 )
 from qdash_mp.models import FailedJob, Job
-from qdash_mp.protocol import pack_failed_fields
+from qdash_mp.records import pack_failed_fields
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from qdash_mp.journal import (
     scan,
 )
 from qdash_mp.journal.scan import BLOCK, REPAIR_MAX_BITS
-from qdash_mp.protocol import pack_failed_fields
+from qdash_mp.records import pack_failed_fields
 
 
 def _hex_rows(doc: str, label: str) -> list[bytes]:

@@ -34,7 +34,13 @@ from qdash_mp.journal import (
     encode_removed,
 )
 from qdash_mp.models import FailedJob, Job
-from qdash_mp.protocol import MAX_TIMESTAMP, WireFailed, check_failed, pack_failed, pack_payload
+from qdash_mp.records import (
+    MAX_TIMESTAMP,
+    FailedRecord,
+    check_failed,
+    pack_failed,
+    pack_payload,
+)
 
 T0 = 1_700_000_000.0
 MAX_JOBS = 3
@@ -218,13 +224,13 @@ def test_the_failed_record_refuses_what_recovery_would(
     fields: tuple[Any, ...], broken: tuple[int, Any]
 ) -> None:
     # The journal stores FAILED arrays packed by the wire's pack_failed (one set of rules).
-    record = pack_failed(WireFailed(*fields))
+    record = pack_failed(FailedRecord(*fields))
     assert check_failed(msgpack.unpackb(record)) == ""
     index, value = broken
     bad = list(fields)
     bad[index] = value
     with pytest.raises(ProtocolError, match="FAILED"):
-        pack_failed(WireFailed(*bad))
+        pack_failed(FailedRecord(*bad))
 
 
 def _journal_bytes(batches: list[list[tuple[Any, ...]]]) -> tuple[bytes, list[int]]:
@@ -234,7 +240,7 @@ def _journal_bytes(batches: list[list[tuple[Any, ...]]]) -> tuple[bytes, list[in
     for batch in batches:
         start = len(buf)
         for fields in batch:
-            append_record(buf, RecordType.FAILED, pack_failed(WireFailed(*fields)))
+            append_record(buf, RecordType.FAILED, pack_failed(FailedRecord(*fields)))
             append_record(buf, RecordType.REMOVED, encode_removed(fields[0], "retried"))
         buf += commit_record(start, 2 * len(batch))
         ends.append(len(buf))

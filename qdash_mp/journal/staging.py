@@ -40,7 +40,7 @@ from qdash_mp.journal.format import (
 )
 from qdash_mp.journal.segments import JournalBase
 from qdash_mp.models import FailedJob
-from qdash_mp.protocol import PackedFailed, WireFailed, pack_failed_record
+from qdash_mp.records import FailedRecord, PackedFailed, pack_failed_record
 
 __all__ = ["GONE", "Staging"]
 
@@ -75,7 +75,7 @@ class Staging(JournalBase):
 
         ``payload_raw`` is the msgpack encoding of the job payload exactly as received;
         without it the payload is packed here. The record is checked as the wire checks a
-        FAILED array (``protocol.check_failed``): ``JournalError`` saying what breaks the
+        FAILED array (``records.check_failed``): ``JournalError`` saying what breaks the
         rules, and nothing staged. Naive datetimes are taken as UTC.
         """
         job = failed.job
@@ -93,7 +93,7 @@ class Staging(JournalBase):
             if enqueued_at is not None and type(enqueued_at) is not float:
                 enqueued_at = float(enqueued_at)
             record = pack_failed_record(
-                WireFailed(
+                FailedRecord(
                     job_id=failed.id,
                     name=job.name,
                     payload_raw=payload_raw,
@@ -113,8 +113,8 @@ class Staging(JournalBase):
         """Stage FAILED records that are already packed and checked: the collector's path.
 
         Each record is ``(data, id, failed_at)``: ``data`` the msgpack bytes of a FAILED
-        array that passed ``protocol.check_failed`` -- what a decoded ``Batch`` carries
-        (each a ``protocol.PackedFailed``) -- and ``id``, ``failed_at`` its fields 0 and 8. The
+        array that passed ``records.check_failed`` -- what a decoded ``Batch`` carries
+        (each a ``records.PackedFailed``) -- and ``id``, ``failed_at`` its fields 0 and 8. The
         bytes are stored as they are; only the record framing (length, type, one CRC) is
         added. A failure in ``data`` would only show at recovery, as a damaged record: pass
         nothing unchecked. All or nothing: a record over ``MAX_PAYLOAD`` bytes raises
