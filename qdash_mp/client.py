@@ -97,7 +97,10 @@ from typing import Any
 from qdash_mp.errors import ConfigError, ProtocolError
 from qdash_mp.failed import describe_error
 from qdash_mp.models import Job
-from qdash_mp.protocol import (
+from qdash_mp.settings import default_socket_path
+from qdash_mp.spool import Replayer, SpoolFile
+from qdash_mp.throttle import LogThrottle
+from qdash_mp.wire import (
     ALL_QUEUES,
     MAX_CLIENT_ID,
     MAX_FRAME,
@@ -118,9 +121,6 @@ from qdash_mp.protocol import (
     pack_failed_fields,
     pack_payload,
 )
-from qdash_mp.settings import default_socket_path
-from qdash_mp.spool import Replayer, SpoolFile
-from qdash_mp.throttle import LogThrottle
 
 __all__ = ["Client"]
 

@@ -54,16 +54,6 @@ from pathlib import Path
 
 from qdash_mp.errors import ProtocolError
 from qdash_mp.fsio import fsync_dir, pwrite_all, try_flock
-from qdash_mp.protocol import (
-    Ack,
-    ErrorCode,
-    ErrorMsg,
-    FrameDecoder,
-    Hello,
-    Message,
-    Welcome,
-    encode,
-)
 from qdash_mp.spool_format import (
     RECORD_HEAD,
     RecordRef,
@@ -74,6 +64,16 @@ from qdash_mp.spool_format import (
     scan,
 )
 from qdash_mp.throttle import LogThrottle
+from qdash_mp.wire import (
+    Ack,
+    ErrorCode,
+    ErrorMsg,
+    FrameDecoder,
+    Hello,
+    Message,
+    Welcome,
+    encode,
+)
 
 __all__ = ["SUFFIX", "Replayer", "SpoolFile", "adopt_orphans", "file_stem"]
 

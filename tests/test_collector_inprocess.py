@@ -75,11 +75,11 @@ class HeldSync(FileIO):
         self.release.set()
         self.waiting = threading.Event()
 
-    def sync(self, fd: int) -> None:
+    def fdatasync(self, fd: int) -> None:
         if not self.release.is_set():
             self.waiting.set()
             self.release.wait(30)
-        super().sync(fd)
+        super().fdatasync(fd)
 
 
 async def test_counter_only_acks_do_not_wait_on_a_journal_commit() -> None:

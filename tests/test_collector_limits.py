@@ -20,7 +20,7 @@ from qdash_testing.rawclient import RawClient
 
 from qdash_mp import Client
 from qdash_mp.collector import Collector
-from qdash_mp.protocol import ErrorMsg
+from qdash_mp.wire import ErrorMsg
 from qdash_mp.settings import CollectorSettings
 
 HEADER = struct.Struct(">I")
@@ -101,27 +101,14 @@ async def test_error_logging_is_rate_limited(
     assert len(lines) <= 12  # connects/disconnects of one uid are throttled too
 
 
-@pytest.mark.parametrize(
-    "queue_first",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                reason="needs the wire's delta bound at decode (other branch): remove at merge",
-                strict=False,
-            ),
-        ),
-    ],
-    ids=["queue-exists", "queue-fresh"],
-)
+@pytest.mark.parametrize("queue_first", [True, False], ids=["queue-exists", "queue-fresh"])
 async def test_huge_delta_refused_for_that_connection_only(
     limited: Collector, queue_first: bool
 ) -> None:
     """Hole 2 end to end: one client's 2**63-1 delta gets it ERROR; others stay exact.
 
-    With the queue already counted the collector refuses it on its own (the sum does not fit);
-    on a fresh queue it fits once and only the wire's bound at decode refuses it.
+    The wire refuses a delta over ``MAX_DELTA`` at decode; should a sum still not fit a
+    slot, the collector refuses that batch on its own (tested with the queue already counted).
     """
     sock = str(limited.settings.socket)
     with Client(sock) as good:

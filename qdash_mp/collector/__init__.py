@@ -1,7 +1,7 @@
 """The collector daemon: one asyncio process that workers' ``Client`` hooks report to.
 
 It listens on a Unix socket (owner-only by default, peers checked with ``SO_PEERCRED``),
-speaks ``qdash_mp.protocol``, applies counter deltas to the shared-memory ``SharedStats``
+speaks ``qdash_mp.wire``, applies counter deltas to the shared-memory ``SharedStats``
 (exactly once per ``(client id, seq)``), journals failed jobs durably before acknowledging
 them, routes dashboard retries back to a worker that registered a ``requeue`` callback, and
 serves the dashboard over HTTP on the same loop.

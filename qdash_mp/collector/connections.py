@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from qdash_mp.errors import JournalError, ProtocolError, RetryError
 from qdash_mp.journal import GroupCommit
-from qdash_mp.protocol import (
+from qdash_mp.throttle import LogThrottle
+from qdash_mp.wire import (
     ALL_QUEUES,
     PROTOCOL_VERSION,
     Ack,
@@ -40,7 +41,6 @@ from qdash_mp.protocol import (
     Welcome,
     encode,
 )
-from qdash_mp.throttle import LogThrottle
 
 if TYPE_CHECKING:
     from qdash_mp.collector.daemon import Collector

@@ -39,10 +39,10 @@ from qdash_mp.collector.retry import RequeueFn, Retries, load_requeue
 from qdash_mp.errors import CollectorError, JournalError, QdashError, SnapshotNotSaved
 from qdash_mp.fsio import try_flock, write_atomically
 from qdash_mp.journal import FileIO, GroupCommit, Journal
-from qdash_mp.protocol import PROTOCOL_VERSION
 from qdash_mp.settings import MAX_SOCKET_PATH, CollectorSettings
 from qdash_mp.shm import SharedStats
 from qdash_mp.web import create_app
+from qdash_mp.wire import PROTOCOL_VERSION
 
 __all__ = ["Collector", "run", "serve"]
 

@@ -40,7 +40,7 @@ from qdash_mp.errors import (
 )
 from qdash_mp.journal import Journal
 from qdash_mp.models import FailedJob, Job
-from qdash_mp.protocol import Requeue, RequeueResult, WireFailed
+from qdash_mp.wire import FailedRecord, Requeue, RequeueResult
 
 if TYPE_CHECKING:
     from qdash_mp.collector.daemon import Collector
@@ -137,7 +137,7 @@ class Retries:
             Requeue(
                 request_id=request_id,
                 queue=failed.queue,
-                failed=WireFailed.from_failed_job(failed, payload_raw=payload_raw),
+                failed=FailedRecord.from_failed_job(failed, payload_raw=payload_raw),
             )
         )
         try:

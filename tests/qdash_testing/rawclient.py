@@ -13,14 +13,14 @@ import time
 import uuid
 
 from qdash_mp.models import Job
-from qdash_mp.protocol import (
+from qdash_mp.wire import (
     Ack,
     Batch,
     ErrorMsg,
+    FailedRecord,
     FrameDecoder,
     Hello,
     Message,
-    WireFailed,
     encode,
     pack_failed_record,
 )
@@ -61,7 +61,7 @@ class RawClient:
     ) -> None:
         records = tuple(
             pack_failed_record(
-                WireFailed.from_job(
+                FailedRecord.from_job(
                     Job(id=f"{self.client_id[:8]}-{seq}-{i}", name="t", payload={"i": i}),
                     "q",
                     "boom",
