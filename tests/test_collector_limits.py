@@ -20,8 +20,8 @@ from qdash_testing.rawclient import RawClient
 
 from qdash_mp import Client
 from qdash_mp.collector import Collector
-from qdash_mp.wire import ErrorMsg
 from qdash_mp.settings import CollectorSettings
+from qdash_mp.wire import ErrorMsg
 
 HEADER = struct.Struct(">I")
 
