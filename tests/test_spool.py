@@ -33,8 +33,8 @@ from qdash_mp.protocol import (
     Welcome,
     encode,
 )
-from qdash_mp.spool import SpoolFile, adopt_orphans
-from qdash_mp.spool_format import (
+from qdash_mp.client import SpoolFile, adopt_orphans
+from qdash_mp.client.spool_format import (
     RECORD_HEAD,
     SpoolCorrupt,
     decode_header,
@@ -206,7 +206,7 @@ def test_takeover_cuts_a_torn_tail_and_logs_it(
     size = spool.path.stat().st_size
     with spool.path.open("r+b") as f:
         f.truncate(size - 5)
-    with caplog.at_level(logging.WARNING, logger="qdash_mp.spool"):
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.client"):
         [taken] = adopt_orphans(spool_dir)
     try:
         assert [seq for seq, _ in taken.frames(0)] == [1, 2]
@@ -230,7 +230,7 @@ def test_files_without_a_valid_header_or_batch_are_set_aside_or_removed(
     fresh.write_bytes(encode_header("y"))
     old = time.time() - 3600
     os.utime(stale, (old, old))
-    with caplog.at_level(logging.INFO, logger="qdash_mp.spool"):
+    with caplog.at_level(logging.INFO, logger="qdash_mp.client"):
         assert adopt_orphans(spool_dir) == []
     assert (spool_dir / "bad.spool.corrupt").exists()
     assert not (spool_dir / "empty.spool").exists()
@@ -243,7 +243,7 @@ def test_a_reused_client_id_gets_its_own_file(
     spool_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = SpoolFile.create(spool_dir, "same")
-    with caplog.at_level(logging.WARNING, logger="qdash_mp.spool"):
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.client"):
         second = SpoolFile.create(spool_dir, "same")
     try:
         assert first.path != second.path
@@ -406,7 +406,7 @@ def test_a_torn_spool_replays_its_whole_records(
     expect = [sum(b.counters.get("q", (0, 0, 0, 0))[k] for b in kept) for k in range(4)]
 
     collector.start()
-    with caplog.at_level(logging.WARNING, logger="qdash_mp.spool"):
+    with caplog.at_level(logging.WARNING, logger="qdash_mp.client"):
         client = clients(collector.socket, spool_dir=spool_dir)
         wait_for(lambda: replayed(client, spool_dir), WAIT, "the spool to be replayed")
     cuts = [r for r in caplog.records if "torn or corrupt tail" in r.message]
@@ -657,7 +657,7 @@ def test_a_spool_the_collector_refuses_is_set_aside_and_the_others_still_go(
     good = SpoolFile.create(spool_dir, "fine")
     good.append([(1, batch_frame(1, {"ok": (3, 0, 0, 0)}))])
     good.release()
-    with caplog.at_level(logging.ERROR, logger="qdash_mp.spool"):
+    with caplog.at_level(logging.ERROR, logger="qdash_mp.client"):
         client = clients(collector.socket, spool_dir=spool_dir)
         wait_for(lambda: replayed(client, spool_dir), WAIT, "both files to be handled")
     assert (spool_dir / "gappy.spool.rejected").exists()

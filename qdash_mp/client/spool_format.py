@@ -4,7 +4,7 @@ A ``Client`` given a ``spool_dir`` writes the batches it cannot deliver (collect
 memory bound reached, process exiting) to a *spool file*; a later client replays them to the
 collector under the spooled client id, and the collector's (client id, batch seq) dedup
 makes that replay exact. This module is the pure part: bytes in, bytes out, no I/O, so every
-offset and every bit flip can be tested on plain ``bytes``. ``qdash_mp.spool`` owns the
+offset and every bit flip can be tested on plain ``bytes``. ``qdash_mp.client.spool`` owns the
 files, their locks and the replay.
 
 A spool file holds the batches of **one** client id, numbered consecutively, each stored as
