@@ -25,14 +25,6 @@ import pytest
 from qdash_testing.collector import CollectorProc, run_worker, short_dir, wait_for
 
 from qdash_mp import Client, Job
-from qdash_mp.protocol import (
-    Ack,
-    Batch,
-    FrameDecoder,
-    Hello,
-    Welcome,
-    encode,
-)
 from qdash_mp.client import SpoolFile, adopt_orphans
 from qdash_mp.client.spool_format import (
     RECORD_HEAD,
@@ -41,6 +33,14 @@ from qdash_mp.client.spool_format import (
     encode_header,
     encode_record,
     scan,
+)
+from qdash_mp.protocol import (
+    Ack,
+    Batch,
+    FrameDecoder,
+    Hello,
+    Welcome,
+    encode,
 )
 
 WAIT = 30.0

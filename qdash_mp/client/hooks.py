@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import socket
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,18 +30,12 @@ from qdash_mp.client.record import pack_failed_job, utf8_ok
 from qdash_mp.client.requeue import RequeueFn, requeue_list
 from qdash_mp.client.sender import Sender, SenderConfig
 from qdash_mp.client.spool import SpoolFile
-from qdash_mp.errors import ConfigError, ProtocolError
-from qdash_mp.failed import describe_error
+from qdash_mp.errors import ConfigError
 from qdash_mp.hooks import Hooks
 from qdash_mp.models import Job
 from qdash_mp.protocol import (
     MAX_CLIENT_ID,
-    MAX_ID,
-    MAX_INT,
     MAX_NAME,
-    MAX_TIMESTAMP,
-    pack_failed_fields,
-    pack_payload,
 )
 from qdash_mp.settings import default_socket_path
 from qdash_mp.throttle import LogThrottle
@@ -181,7 +173,7 @@ class Client(Hooks):
         self._failed_jobs: collections.deque[bytes] = collections.deque()
         self._dropped_failed = 0
         self._lock = threading.Lock()  # hooks' slow paths and locked (free-threaded) hooks
-        self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs)
+        self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs, self)
 
     def _after_fork_in_child(self) -> None:
         """Forget the parent's connection, counts and threads; start over as a new client."""
@@ -256,7 +248,13 @@ class Client(Hooks):
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
 
-    def on_failed(self, queue: str, job: Job | None, error: BaseException | str) -> None:
+    def on_failed(
+        self,
+        queue: str,
+        job: Job | None,
+        error: BaseException | str,
+        runtime: float | None = None,
+    ) -> None:
         """A job of ``queue`` failed with ``error``; ``job`` (if given) is kept for retry."""
         try:
             self._failed[queue] += 1
@@ -399,7 +397,13 @@ class _LockedClient(Client):
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
 
-    def on_failed(self, queue: str, job: Job | None, error: BaseException | str) -> None:
+    def on_failed(
+        self,
+        queue: str,
+        job: Job | None,
+        error: BaseException | str,
+        runtime: float | None = None,
+    ) -> None:
         try:
             if self._bump(self._failed, queue) and job is not None:
                 self._record_failed(queue, job, error)

@@ -85,9 +85,7 @@ def pack_failed_job(
             job_id, name, payload_raw, attempts, enqueued_at, queue, text, trace, failed_at
         )
     if len(packed) > MAX_RECORD:
-        payload_raw = pack_payload(
-            f"<payload not sent: record of {len(packed)} bytes is too big>"
-        )
+        payload_raw = pack_payload(f"<payload not sent: record of {len(packed)} bytes is too big>")
         text, trace = text[:MAX_TEXT], trace[-MAX_TEXT:]
         packed = pack_failed_fields(
             job_id, name, payload_raw, attempts, enqueued_at, queue, text, trace, failed_at

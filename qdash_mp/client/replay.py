@@ -277,4 +277,3 @@ class Replayer:
         if msg is not None and msg.code in (ErrorCode.SEQUENCE, ErrorCode.PROTOCOL):
             raise _Rejected(f"ERROR {msg.code}: {msg.reason}")
         raise _Unavailable(session.lost or "connection closed")
-

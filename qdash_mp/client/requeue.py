@@ -23,9 +23,7 @@ __all__ = ["RequeueFn", "Requeuer", "requeue_list"]
 RequeueFn = Callable[[Job], object]
 
 
-def requeue_list(
-    requeue: RequeueFn | None, queues: Iterable[str] | None
-) -> tuple[str, ...] | None:
+def requeue_list(requeue: RequeueFn | None, queues: Iterable[str] | None) -> tuple[str, ...] | None:
     """The queues announced in HELLO (``("*",)``: all), or ``None`` without a callback."""
     if requeue is None:
         if queues is not None:
@@ -47,7 +45,7 @@ def requeue_list(
 
 
 def refusal(queues: tuple[str, ...] | None, queue: str) -> str | None:
-    """Why a client announcing ``queues`` does not requeue a job of ``queue`` (``None``: it does)."""
+    """Why a client announcing ``queues`` does not requeue ``queue`` (``None``: it does)."""
     if queues is None:
         return "this client has no requeue callback"
     if ALL_QUEUES not in queues and queue not in queues:

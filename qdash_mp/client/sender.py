@@ -24,7 +24,7 @@ from pathlib import Path
 
 from qdash_mp.client.batcher import Batcher
 from qdash_mp.client.replay import Replayer
-from qdash_mp.client.requeue import Requeuer, RequeueFn, refusal
+from qdash_mp.client.requeue import RequeueFn, Requeuer, refusal
 from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents
 from qdash_mp.client.spool import SpoolFile
 from qdash_mp.protocol import ErrorCode, ErrorMsg, Requeue, RequeueResult, encode
@@ -74,7 +74,11 @@ class Sender(SessionEvents):
         client_id: str,
         counts: tuple[dict[str, int], ...],
         failed_jobs: collections.deque[bytes],
+        owner: object = None,
     ) -> None:
+        # The running thread holds the sender and so the owner (the Client): a client
+        # dropped without close() stays alive, and is still closed and flushed at exit.
+        self._owner = owner
         self._config = config
         self._failed_jobs = failed_jobs
         self._batcher = Batcher(counts, failed_jobs, config.max_batch_failed)
@@ -194,7 +198,9 @@ class Sender(SessionEvents):
 
     def _settled(self) -> bool:
         """(Stopped) True if nothing reported is left unacknowledged."""
-        return not self.session.unacked and not self._batcher.has_news() and not self._spools_pending
+        return (
+            not self.session.unacked and not self._batcher.has_news() and not self._spools_pending
+        )
 
     def close(self, timeout: float | None) -> bool:
         """Flush (waiting at most ``timeout`` s), then stop every thread; True if all acked."""
