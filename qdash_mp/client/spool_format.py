@@ -44,11 +44,11 @@ Example: client id ``"ab"``, one batch ``Batch(seq=1, counters={"q": (1, 0, 0, 0
     01 00                     version 1
     02 00                     n = 2
     61 62                     "ab"
-    xx xx xx xx               crc32 of the 14 bytes above
-    xx xx xx xx               record crc32 of the next 12 + 15 bytes
+    2c fb 77 8b               crc32 of the 14 bytes above
+    56 ea 0e f4               record crc32 of the next 12 + 16 bytes
     01 00 00 00 00 00 00 00   seq 1
-    0f 00 00 00               N = 15
-    00 00 00 0b               frame: body of 11 bytes
+    10 00 00 00               N = 16
+    00 00 00 0c               frame: body of 12 bytes
     94 03 01 81 a1 71 94 01 00 00 00 90   [3, 1, {"q": [1, 0, 0, 0]}, []]
 """
 
