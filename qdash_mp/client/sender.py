@@ -24,10 +24,10 @@ from pathlib import Path
 
 from qdash_mp.client.batcher import Batcher
 from qdash_mp.client.replay import Replayer
-from qdash_mp.client.requeue import RequeueFn, Requeuer, refusal
+from qdash_mp.client.requeue import RequeueFn, Requeuer
 from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents
 from qdash_mp.client.spool import SpoolFile
-from qdash_mp.protocol import ErrorCode, ErrorMsg, Requeue, RequeueResult, encode
+from qdash_mp.protocol import ErrorCode, ErrorMsg, Requeue
 from qdash_mp.throttle import LogThrottle
 
 __all__ = ["Sender", "SenderConfig"]
@@ -126,9 +126,9 @@ class Sender(SessionEvents):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._requeuer: Requeuer | None = None
-        if config.requeue is not None:
-            self._requeuer = Requeuer(config.requeue, self.wake, f"qdash-requeue-{client_id[:8]}")
+        self._requeuer = Requeuer(
+            config.requeue, config.requeue_queues, self.wake, f"qdash-requeue-{client_id[:8]}"
+        )
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -217,8 +217,7 @@ class Sender(SessionEvents):
             thread.join(timeout=CONNECT_TIMEOUT + 1.0 + extra)
         if self.replayer is not None:
             self.replayer.stop(timeout=CONNECT_TIMEOUT + 1.0)
-        if self._requeuer is not None:
-            self._requeuer.stop()
+        self._requeuer.stop()
         if thread is None or not thread.is_alive():
             for s in (self._wake_r, self._wake_w):
                 s.close()
@@ -273,7 +272,7 @@ class Sender(SessionEvents):
                 self._drain_wake()
             else:
                 session.on_event(mask)
-        self._send_requeue_results()
+        self._requeuer.deliver(self.session)
         now = time.monotonic()
         session.check_handshake(now)
         if (
@@ -366,31 +365,8 @@ class Sender(SessionEvents):
             self._cond.notify_all()
 
     def on_requeue(self, msg: Requeue) -> bool:
-        why = refusal(self._config.requeue_queues, msg.queue)
-        if why is not None or self._requeuer is None:
-            self._answer(msg.request_id, False, why or "this client has no requeue callback")
-        else:
-            self._requeuer.submit(self.session.conn_gen, msg.request_id, msg.failed.job())
+        self._requeuer.handle(msg, self.session)
         return True
-
-    def _send_requeue_results(self) -> None:
-        if self._requeuer is None:
-            return
-        results = self._requeuer.results
-        while results:
-            conn_gen, request_id, ok, error = results.popleft()
-            if conn_gen == self.session.conn_gen and self.session.sock is not None:
-                self._answer(request_id, ok, error)
-            else:
-                log.warning(
-                    "qdash_mp client: requeue answer %d (ok=%s) not delivered: the "
-                    "connection it came on is gone",
-                    request_id,
-                    ok,
-                )
-
-    def _answer(self, request_id: int, ok: bool, error: str) -> None:
-        self.session.send(encode(RequeueResult(request_id=request_id, ok=ok, error=error)))
 
     # ------------------------------------------------------------------ batches
 
