@@ -1,9 +1,10 @@
 """The client spool: nothing counted or failed is lost while the collector is away.
 
 Two layers here (the pure byte format is in ``test_spool_format.py``): spool files on disk
-(``qdash_mp.client.spool``: locks, takeover, torn tails), and the whole path end to end with real collector processes and real worker processes: a worker fails
-jobs while the collector is down and exits, a later client with the same spool directory
-delivers everything exactly once.
+(``qdash_mp.client.spool``: locks, takeover, torn tails), and the whole path end to end with
+real collector processes and real worker processes: a worker fails jobs while the collector
+is down and exits, a later client with the same spool directory delivers everything exactly
+once.
 """
 
 from __future__ import annotations
