@@ -71,7 +71,8 @@ class Row:
 
     ``samples`` are the per-repeat (or per-round, per-request) values; ``value`` is their
     median. ``ratios`` are the per-repeat ratios ``value / reference value`` of the same
-    repeat (paired), ``ratio`` their median.
+    repeat (paired), ``ratio`` their median. ``more_ratios`` holds paired ratios to further
+    reference rows (reference name -> per-repeat ratios), e.g. a second durable peer.
     """
 
     bench: str
@@ -85,6 +86,7 @@ class Row:
     skipped: str | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    more_ratios: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def value(self) -> float | None:
@@ -93,6 +95,13 @@ class Row:
     @property
     def ratio(self) -> float | None:
         return statistics.median(self.ratios) if self.ratios else None
+
+    def ratio_to(self, reference: str | None) -> float | None:
+        """The median paired ratio to ``reference`` (None: the row's own reference)."""
+        if reference is None or reference == self.reference:
+            return self.ratio
+        ratios = self.more_ratios.get(reference)
+        return statistics.median(ratios) if ratios else None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -116,6 +125,16 @@ class Row:
             if self.ratios:
                 out["ratio_min"] = _round(min(self.ratios))
                 out["ratio_max"] = _round(max(self.ratios))
+        if self.more_ratios:
+            out["ratios_vs"] = {
+                ref: {
+                    "ratio": _round(statistics.median(rs)),
+                    "ratio_min": _round(min(rs)),
+                    "ratio_max": _round(max(rs)),
+                }
+                for ref, rs in self.more_ratios.items()
+                if rs
+            }
         if self.note:
             out["note"] = self.note
         out.update(self.extra)
@@ -156,7 +175,11 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal printed as met / not met; ``field`` is "value" or "ratio"."""
+    """A goal printed as met / not met; ``field`` is "value" or "ratio".
+
+    A "ratio" target compares with the row's own reference, or with ``reference`` (one of
+    the row's ``more_ratios``) when given.
+    """
 
     bench: str
     subject: str
@@ -166,6 +189,7 @@ class Target:
     text: str
     field: str = "value"
     producers: int | None = None
+    reference: str | None = None
 
     def check(self, rows: Iterable[Row]) -> tuple[str, float | None]:
         for row in rows:
@@ -178,7 +202,7 @@ class Target:
                 continue
             if row.skipped is not None:
                 return "not measured", None
-            got = row.value if self.field == "value" else row.ratio
+            got = row.value if self.field == "value" else row.ratio_to(self.reference)
             if got is None:
                 return "not measured", None
             ok = got <= self.threshold if self.op == "<=" else got >= self.threshold
@@ -573,3 +597,39 @@ def rss_bytes() -> int:
     """Resident set size of this process (from /proc/self/statm)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (utime + stime).
+
+    From ``/proc/<pid>/stat`` fields 14 and 15, in clock ticks: 10 ms resolution at the
+    usual 100 Hz. The command name (field 2) may hold spaces or parentheses, so the fields
+    are counted from its closing parenthesis.
+    """
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state): utime is field 14, stime field 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_fine(pid: int) -> float | None:
+    """CPU seconds used so far by the live threads of ``pid``, to the nanosecond.
+
+    The sum of the first field of ``/proc/<pid>/task/<tid>/schedstat`` (time on a CPU, ns)
+    over its threads; None where the kernel has no schedstat. A thread that exits between
+    two readings drops out of the sum (the collector's threads live as long as it does):
+    ``cpu_seconds`` (whole process, 10 ms ticks) is the cross-check.
+    """
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except FileNotFoundError:
+            continue  # the thread exited meanwhile
+        except (OSError, ValueError, IndexError):
+            return None
+    return total / 1e9

@@ -15,19 +15,30 @@ orchestrator releases them until the last one has its records durable and acknow
                       (``BEGIN IMMEDIATE``, ``executemany``, ``COMMIT``). Note: WAL with
                       NORMAL does not fsync at commit (only at checkpoints), so it survives a
                       process crash but not a power cut -- a weaker promise than qdash_mp's.
+    sqlite_wal_full   the same database, schema, batches and processes with
+                      ``synchronous=FULL``: the WAL is fsynced at every COMMIT before it
+                      returns -- the like-for-like durable peer (qdash_mp fdatasyncs its
+                      journal before it acknowledges).
     redis_aof_always  a private redis-server with ``appendonly yes``, ``appendfsync always``;
                       each process sends ``XADD failed * field value...`` pipelined (no MULTI)
                       in batches of 1000; Redis fsyncs the AOF before it replies.
 
-Repeats run the three subjects back to back, in an order rotated every repeat, and the ratio
-to sqlite_wal_batch is taken within each repeat.
+Repeats run the four subjects back to back, in an order rotated every repeat, and the ratios
+to sqlite_wal_batch (and, for qdash_mp, to sqlite_wal_full) are taken within each repeat.
 
 Ack latency at a fixed 10k failures/s: 4 producers, each paced at 2.5k failures/s on a fixed
 schedule (a group of 10 failures every 4 ms; a late group does not shift the later ones).
 After each group the producer calls ``client.flush()``; a failure's latency is the time from
 just before its ``on_failed`` call to the return of that ``flush()`` -- the first moment the
 worker can know its record is durable. Latencies of all producers are pooled per repeat;
-p50/p99 are medians over repeats. ``flush()`` sends at once; without it a client batches for
+p50/p99 are medians over repeats.
+
+Collector CPU per record (``collector_cpu``, µs): the collector's CPU time (its threads'
+``schedstat``, as in ``ingest``) from just before the qdash_mp producers are started (their
+connections and warm-up flush fall in the window: a trifle) until every producer's flush
+returned, divided by the records of the repeat. The collector decodes,
+stages and commits under one GIL, so this figure bounds its rate: 1e6 / it records/s on a
+free core, whatever the disk does. ``flush()`` sends at once; without it a client batches for
 up to its ``flush_interval`` (100 ms) -- that delay is a client setting, not measured here.
 """
 
@@ -47,6 +58,8 @@ from _common import (
     Config,
     Row,
     Skip,
+    cpu_seconds,
+    cpu_seconds_fine,
     go_all,
     paired_ratios,
     percentile,
@@ -70,7 +83,8 @@ ERROR = "RuntimeError: boom"
 RATE_PER_PRODUCER = 2500
 GROUP = 10
 TIMEOUT = 300.0
-SUBJECTS = ("qdash_mp", "sqlite_wal_batch", "redis_aof_always")
+SUBJECTS = ("qdash_mp", "sqlite_wal_batch", "sqlite_wal_full", "redis_aof_always")
+SQLITE_SYNC = {"sqlite_wal_batch": "NORMAL", "sqlite_wal_full": "FULL"}
 
 
 def sizes(cfg: Config) -> tuple[int, int, float, int]:
@@ -94,6 +108,7 @@ def run(cfg: Config) -> list[Row]:
     p99s: list[float] = []
     achieved: list[float] = []
     phases: dict[str, list[float]] = {"calls_done_s": [], "acked_s": []}
+    cpu_us: list[float] = []  # collector CPU per record, per qdash_mp repeat
     with contextlib.ExitStack() as stack:
         collector, _ = start_collector(stack, short_dir(stack, cfg, "qdf"))
         try:
@@ -111,19 +126,23 @@ def run(cfg: Config) -> list[Row]:
             f"({PAYLOAD_BYTES}-byte payloads)"
         )
         for rep in range(repeats):
-            order = SUBJECTS[rep % 3 :] + SUBJECTS[: rep % 3]
+            k = rep % len(SUBJECTS)
+            order = SUBJECTS[k:] + SUBJECTS[:k]
             for subject in order:
                 if subject in skips:
                     continue
                 tag = f"r{rep}"
                 if subject == "qdash_mp":
+                    cpu0 = _collector_cpu(collector)
                     rate = _run_qdash(collector, reader, count, tag, phases)
+                    cpu_us.append((_collector_cpu(collector) - cpu0) / (PRODUCERS * count) * 1e6)
                     journaled += PRODUCERS * count
                     total = _journal_total(collector.http)
                     if total != journaled:
                         raise BenchError(f"journal holds {total} failed jobs, expected {journaled}")
-                elif subject == "sqlite_wal_batch":
-                    rate = _run_sqlite(sqlite_dir / f"{tag}.db", count, tag)
+                elif subject in SQLITE_SYNC:
+                    db = sqlite_dir / f"{tag}-{SQLITE_SYNC[subject]}.db"
+                    rate = _run_sqlite(db, count, tag, SQLITE_SYNC[subject])
                 else:
                     rate = _run_redis(redis_port, count, tag)
                 rates[subject].append(rate)
@@ -164,9 +183,26 @@ def run(cfg: Config) -> list[Row]:
                 extra={"records_per_producer": count, "payload_bytes": PAYLOAD_BYTES},
             )
         )
+        if subject == "qdash_mp" and "sqlite_wal_full" not in skips:
+            rows[-1].more_ratios["sqlite_wal_full"] = paired_ratios(
+                rates[subject], rates["sqlite_wal_full"]
+            )
+        if subject in SQLITE_SYNC:
+            rows[-1].extra["synchronous"] = SQLITE_SYNC[subject]
         if subject == "qdash_mp":
             # Where the time went: until the last on_failed() call returned, until acked.
             rows[-1].extra.update({k: [round(x, 3) for x in v] for k, v in phases.items()})
+    rows.append(
+        Row(
+            BENCH,
+            "qdash_mp",
+            "collector_cpu",
+            "us/record",
+            cpu_us,
+            PRODUCERS,
+            note="collector CPU (its threads' schedstat) per record, start to last ack",
+        )
+    )
     lat_note = f"at {PRODUCERS}x{RATE_PER_PRODUCER}/s, flush() after every {GROUP} failures"
     extra = {"achieved_rate": [round(r) for r in achieved]}
     rows.append(
@@ -176,6 +212,12 @@ def run(cfg: Config) -> list[Row]:
         Row(BENCH, "qdash_mp", "ack_p99", "ms", p99s, PRODUCERS, note=lat_note, extra=extra)
     )
     return rows
+
+
+def _collector_cpu(collector: Any) -> float:
+    pid: int = collector.proc.pid
+    fine = cpu_seconds_fine(pid)
+    return cpu_seconds(pid) if fine is None else fine
 
 
 def _journal_total(http: str) -> int:
@@ -209,7 +251,7 @@ def _run_qdash(
     return PRODUCERS * count / ((t1 - t0) / 1e9)
 
 
-def _run_sqlite(db: Path, count: int, tag: str) -> float:
+def _run_sqlite(db: Path, count: int, tag: str, synchronous: str) -> float:
     con = sqlite3.connect(db)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(
@@ -217,7 +259,10 @@ def _run_sqlite(db: Path, count: int, tag: str) -> float:
         "payload BLOB, attempts INTEGER, error TEXT, failed_at REAL)"
     )
     con.commit()
-    params = [{"db": str(db), "count": count, "prefix": f"{tag}-{i}"} for i in range(PRODUCERS)]
+    params = [
+        {"db": str(db), "count": count, "prefix": f"{tag}-{i}", "synchronous": synchronous}
+        for i in range(PRODUCERS)
+    ]
     with workers(__file__, "sqlite", params) as ws:
         t0 = go_all(ws)
         results = [w.read(TIMEOUT)["result"] for w in ws]
@@ -320,7 +365,16 @@ def _rows(p: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 def _sqlite_producer(p: dict[str, Any]) -> None:
     con = sqlite3.connect(p["db"], timeout=TIMEOUT, isolation_level=None)
-    con.execute("PRAGMA synchronous=NORMAL")
+    sync = p["synchronous"]
+    if sync not in ("NORMAL", "FULL"):
+        raise BenchError(f"unexpected synchronous={sync!r}")
+    con.execute(f"PRAGMA synchronous={sync}")
+    (got,) = con.execute("PRAGMA synchronous").fetchone()
+    if got != {"NORMAL": 1, "FULL": 2}[sync]:  # the setting is per connection: check it took
+        raise BenchError(f"sqlite: PRAGMA synchronous is {got}, not {sync}")
+    (mode,) = con.execute("PRAGMA journal_mode").fetchone()
+    if mode != "wal":
+        raise BenchError(f"sqlite: journal_mode is {mode}, not wal")
     rows = _rows(p)
     sql = "INSERT INTO failed VALUES (?, ?, ?, ?, ?, ?, ?)"
     say(ready=True)

@@ -4,6 +4,11 @@ Subjects, each measured as a loop of calls with the per-call target bound to a l
 
     dict            for _ in range(n): d[k] += 1                   (the floor)
     qdash_mp        inc = client.on_processed; for ...: inc(q)      (collector running)
+    qdash_mp_no_collector   the same with no collector at the socket path: the counts pile
+                    up in the client while its sender thread retries the connection
+    qdash_mp_spool  the same, no collector, ``spool_dir`` set (counts stay in memory while
+                    the hook runs -- only failed jobs past a bound go to disk early -- and
+                    are spooled at ``close()``)
     prometheus_mp   labels = counter.labels; for ...: labels(q).inc()
                     (PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported)
     statsd          incr = statsd.incr; for ...: incr(name)       (UDP to 127.0.0.1, drained
@@ -15,7 +20,10 @@ All subjects live in one worker process and take turns: each round runs one chun
 subject, in an order rotated every round, so machine noise lands on all of them alike. A
 round gives each subject's ns/call and its ratio to ``dict`` *in that round*; the row is the
 median over rounds. At the end the worker checks that the collector counted every
-``on_processed`` call exactly (and redis every HINCRBY).
+``on_processed`` call exactly (and redis every HINCRBY), that the collector-less clients
+could not deliver (``flush()`` is False) and that the spooling one spooled at close.
+The two collector-less rows replace a timed unit test (a hook stays about a dict increment
+with or without a collector, with or without a spool): timing belongs here, not in tests.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from _common import (
@@ -46,7 +55,15 @@ from _common import (
 )
 
 BENCH = "hook"
-SUBJECTS = ("dict", "qdash_mp", "prometheus_mp", "statsd", "redis_pipeline")
+SUBJECTS = (
+    "dict",
+    "qdash_mp",
+    "qdash_mp_no_collector",
+    "qdash_mp_spool",
+    "prometheus_mp",
+    "statsd",
+    "redis_pipeline",
+)
 QUEUE = "default"
 PIPELINE = 1000
 
@@ -103,8 +120,11 @@ def run(cfg: Config) -> list[Row]:
         sink = _UdpSink()
         stack.callback(sink.close)
         prom_dir = short_dir(stack, cfg, "qdp")
+        absent_dir = short_dir(stack, cfg, "qda")
         params = {
             "socket": collector.socket,
+            "absent_socket": str(absent_dir / "nobody.sock"),
+            "spool_dir": str(absent_dir / "spool"),
             "shm": collector.shm,
             "redis_port": redis_port,
             "statsd_port": sink.port,
@@ -193,6 +213,36 @@ def _subjects(p: dict[str, Any]) -> tuple[dict[str, Callable[[int], None]], dict
         client.close()
 
     checks["qdash_mp"] = qdash_check
+
+    absent = Client(p["absent_socket"])
+    spooling = Client(p["absent_socket"], spool_dir=p["spool_dir"])
+
+    def absent_chunk(n: int, inc: Any = absent.on_processed, q: str = QUEUE) -> None:
+        for _ in range(n):
+            inc(q)
+
+    def spool_chunk(n: int, inc: Any = spooling.on_processed, q: str = QUEUE) -> None:
+        for _ in range(n):
+            inc(q)
+
+    chunks["qdash_mp_no_collector"] = absent_chunk
+    chunks["qdash_mp_spool"] = spool_chunk
+
+    def absent_check(total: int) -> None:
+        if absent.flush(timeout=0.2):
+            raise BenchError("qdash_mp_no_collector: flush() succeeded with no collector")
+        absent.close()
+
+    def spool_check(total: int) -> None:
+        if spooling.flush(timeout=0.2):
+            raise BenchError("qdash_mp_spool: flush() succeeded with no collector")
+        spooling.close()  # spools what the collector never acknowledged
+        spooled = [f for f in Path(p["spool_dir"]).iterdir() if f.stat().st_size > 0]
+        if not spooled:
+            raise BenchError("qdash_mp_spool: close() spooled nothing")
+
+    checks["qdash_mp_no_collector"] = absent_check
+    checks["qdash_mp_spool"] = spool_check
 
     if "prometheus_mp" not in skipped:
         try:

@@ -17,6 +17,16 @@ only flatter it (a fixed end-to-end delay weighs more in a short run).
 
 Each repeat runs both subjects for each N back to back (their order swapped every repeat);
 the ratio is taken within each (repeat, N) pair.
+
+Collector cost: around each qdash_mp run the orchestrator reads the collector process's
+CPU time just before it releases the producers and again once every producer has reported
+its flush; ``collector_cpu`` is those CPU seconds per million hook calls, and
+``collector_core_pct`` the same figure as the share of one core the collector would need at
+10M hooks/s (``cpu_s_per_M * 10 * 100``). The CPU time is the sum of the collector's
+threads' ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds): utime + stime from
+``/proc/<pid>/stat`` count 10 ms ticks, and a quick run's 2-8M hooks cost the collector
+only a few ticks (one tick is 1.25-5 % of a core at 10M hooks/s). The tick figure is kept
+beside it (``stat_cpu_s_per_M``) as a cross-check; without schedstat it is the row.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from _common import (
     Config,
     Row,
     Skip,
+    cpu_seconds,
+    cpu_seconds_fine,
     go_all,
     paired_ratios,
     progress,
@@ -62,9 +74,13 @@ def run(cfg: Config) -> list[Row]:
     m, m_redis, repeats = sizes(cfg)
     q_rates: dict[int, list[float]] = {n: [] for n in PRODUCERS}
     r_rates: dict[int, list[float]] = {n: [] for n in PRODUCERS}
+    cpu_per_m: dict[int, list[float]] = {n: [] for n in PRODUCERS}
+    ticks_per_m: dict[int, list[float]] = {n: [] for n in PRODUCERS}
     redis_skip: str | None = None
     with contextlib.ExitStack() as stack:
         collector, _ = start_collector(stack, short_dir(stack, cfg, "qdi"), "--no-http")
+        assert collector.proc is not None
+        pid = collector.proc.pid
         redis_port = 0
         try:
             redis_port = start_redis(stack, cfg).port
@@ -85,8 +101,12 @@ def run(cfg: Config) -> list[Row]:
                     order.reverse()
                 for subject in order:
                     if subject == "qdash_mp":
-                        rate = _run_qdash(collector.socket, reader, n, m, f"r{rep}n{n}")
+                        rate, cpu, ticks = _run_qdash(
+                            collector.socket, pid, reader, n, m, f"r{rep}n{n}"
+                        )
                         q_rates[n].append(rate)
+                        cpu_per_m[n].append(cpu / (n * m / 1e6))
+                        ticks_per_m[n].append(ticks / (n * m / 1e6))
                     elif redis_skip is None:
                         rate = _run_redis(redis_port, n, m_redis, f"r{rep}n{n}")
                         r_rates[n].append(rate)
@@ -106,6 +126,31 @@ def run(cfg: Config) -> list[Row]:
                 reference=None if redis_skip else "redis_pipeline",
                 ratios=[] if redis_skip else paired_ratios(q_rates[n], r_rates[n]),
                 extra={"calls_per_producer": m, "exact": True},
+            )
+        )
+        note = "collector CPU (its threads' schedstat) per million hook calls"
+        cross = {"stat_cpu_s_per_M": [round(x, 5) for x in ticks_per_m[n]]}
+        rows.append(
+            Row(
+                BENCH,
+                "qdash_mp",
+                "collector_cpu",
+                "s/M hooks",
+                samples=cpu_per_m[n],
+                producers=n,
+                note=note,
+                extra=cross,
+            )
+        )
+        rows.append(
+            Row(
+                BENCH,
+                "qdash_mp",
+                "collector_core_pct",
+                "% core@10M/s",
+                samples=[x * 10 * 100 for x in cpu_per_m[n]],
+                producers=n,
+                note="share of one core the collector needs at 10M hooks/s",
             )
         )
         if redis_skip is not None:
@@ -129,7 +174,10 @@ def run(cfg: Config) -> list[Row]:
     return rows
 
 
-def _run_qdash(socket: str, reader: Any, n: int, m: int, tag: str) -> float:
+def _run_qdash(
+    socket: str, pid: int, reader: Any, n: int, m: int, tag: str
+) -> tuple[float, float, float]:
+    """(hooks/s, collector CPU seconds from the release to the last flush: fine, in ticks)."""
     queue = f"ingest-{tag}"
     half = m // 2
     want = n * half
@@ -142,6 +190,7 @@ def _run_qdash(socket: str, reader: Any, n: int, m: int, tag: str) -> float:
 
     params = [{"socket": socket, "queue": queue, "calls": m}] * n
     with workers(__file__, "qdash", params) as ws:
+        fine0, ticks0 = cpu_seconds_fine(pid), cpu_seconds(pid)
         t0 = go_all(ws)
         deadline = time.monotonic() + TIMEOUT
         while True:
@@ -155,11 +204,14 @@ def _run_qdash(socket: str, reader: Any, n: int, m: int, tag: str) -> float:
                 raise BenchError(f"qdash_mp: counts stuck at {pushed}/{processed} of {want}")
             time.sleep(POLL)
         results = [w.read()["result"] for w in ws]
+        fine1, ticks1 = cpu_seconds_fine(pid), cpu_seconds(pid)
     if not all(r["flushed"] for r in results):
         raise BenchError("qdash_mp: a producer's client.flush() did not succeed")
     if totals() != (want, want):
         raise BenchError(f"qdash_mp: counts moved past exact after flush: {totals()} != {want}")
-    return 2 * want / ((t1 - t0) / 1e9)
+    ticks = ticks1 - ticks0
+    cpu = ticks if fine0 is None or fine1 is None else fine1 - fine0
+    return 2 * want / ((t1 - t0) / 1e9), cpu, ticks
 
 
 def _run_redis(port: int, n: int, m: int, tag: str) -> float:

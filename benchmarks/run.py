@@ -1,5 +1,7 @@
 """Run the qdash_mp benchmark suite: ``python benchmarks/run.py [--quick] [--only NAME...]``.
 
+``run.py --compare OLD.json NEW.json`` runs nothing and prints two runs side by side.
+
 Progress goes to stderr; the table (median, min-max over repeats, paired ratio to the
 reference row) and the targets (met / not met) go to stdout; the rows go to
 ``benchmarks/results/latest.json`` and a dated copy. See ``benchmarks/README.md``.
@@ -35,6 +37,24 @@ BENCHES = {
 TARGETS = [
     Target("hook", "qdash_mp", "ns/call", "<=", 2.0, "hook: qdash_mp <= 2x dict", field="ratio"),
     Target(
+        "hook",
+        "qdash_mp_no_collector",
+        "ns/call",
+        "<=",
+        2.0,
+        "hook, no collector: qdash_mp <= 2x dict",
+        field="ratio",
+    ),
+    Target(
+        "hook",
+        "qdash_mp_spool",
+        "ns/call",
+        "<=",
+        2.0,
+        "hook, no collector, spooling: qdash_mp <= 2x dict",
+        field="ratio",
+    ),
+    Target(
         "ingest",
         "qdash_mp",
         "hooks/s",
@@ -54,6 +74,15 @@ TARGETS = [
         producers=4,
     ),
     Target(
+        "ingest",
+        "qdash_mp",
+        "collector_core_pct",
+        "<=",
+        5.0,
+        "ingest, 4 producers: collector <= 5% of a core per 10M hooks/s",
+        producers=4,
+    ),
+    Target(
         "durable_failed",
         "qdash_mp",
         "records/s",
@@ -68,7 +97,18 @@ TARGETS = [
         "records/s",
         ">=",
         1.5,
-        "durable_failed: >= 1.5x sqlite_wal_batch",
+        "durable_failed: >= 1.5x sqlite_wal_full (fsync at every commit)",
+        field="ratio",
+        producers=4,
+        reference="sqlite_wal_full",
+    ),
+    Target(
+        "durable_failed",
+        "qdash_mp",
+        "records/s",
+        ">=",
+        1.0,
+        "durable_failed: >= 1.0x sqlite_wal_batch (synchronous=NORMAL)",
         field="ratio",
         producers=4,
     ),
@@ -119,6 +159,8 @@ def fmt(x: float | None) -> str:
         return f"{x:.0f}"
     if ax >= 10:
         return f"{x:.1f}"
+    if 0 < ax < 0.1:
+        return f"{x:.2g}"  # e.g. CPU seconds per million hooks: 0.0028
     return f"{x:.2f}"
 
 
@@ -130,6 +172,8 @@ def table(rows: list[Row]) -> list[list[str]]:
             continue
         lo, hi = (min(r.samples), max(r.samples)) if r.samples else (None, None)
         ratio = "" if r.ratio is None else f"{fmt(r.ratio)}x ({r.reference})"
+        for ref in r.more_ratios:
+            ratio += f", {fmt(r.ratio_to(ref))}x ({ref})"
         out.append(
             [
                 r.bench,
@@ -235,7 +279,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="put this run's table into benchmarks/README.md (between the results markers)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="run nothing: print two result JSONs side by side (see compare.py)",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        import compare
+
+        return compare.main([*map(str, args.compare), *(["--markdown"] if args.markdown else [])])
     signal.signal(signal.SIGTERM, _terminate)
     cfg = Config(quick=args.quick, keep=args.keep)
     selected = args.only or list(BENCHES)

@@ -49,13 +49,17 @@ from qdash_mp.fsio import try_flock, write_atomically
 from qdash_mp.inspector import page_bounds
 from qdash_mp.journal import GroupCommit, Journal
 from qdash_mp.models import FailedJob, Job, JobView, StatsView
-from qdash_mp.protocol import (
+from qdash_mp.settings import CollectorSettings
+from qdash_mp.shm import SharedStats
+from qdash_mp.web import create_app
+from qdash_mp.wire import (
     ALL_QUEUES,
     PROTOCOL_VERSION,
     Ack,
     Batch,
     ErrorCode,
     ErrorMsg,
+    FailedRecord,
     FrameDecoder,
     Hello,
     Message,
@@ -63,12 +67,8 @@ from qdash_mp.protocol import (
     RequeueResult,
     UnsupportedVersion,
     Welcome,
-    WireFailed,
     encode,
 )
-from qdash_mp.settings import CollectorSettings
-from qdash_mp.shm import SharedStats
-from qdash_mp.web import create_app
 
 __all__ = ["Collector", "CollectorInspector", "PeerCred", "load_requeue", "peer_credentials", "run"]
 
@@ -647,7 +647,7 @@ class Collector:
             Requeue(
                 request_id=request_id,
                 queue=failed.queue,
-                failed=WireFailed.from_failed_job(failed, payload_raw=payload_raw),
+                failed=FailedRecord.from_failed_job(failed, payload_raw=payload_raw),
             )
         )
         try:

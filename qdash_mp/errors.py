@@ -17,6 +17,8 @@ __all__ = [
     "RetryConflict",
     "RetryError",
     "RetryUnavailable",
+    "HistoryCorrupt",
+    "HistoryError",
 ]
 
 
@@ -58,3 +60,11 @@ class CollectorError(QdashError):
 
 class ConfigError(QdashError, ValueError):
     """A setting or command-line value is invalid."""
+
+
+class HistoryError(QdashError):
+    """The per-queue history files could not be read or written."""
+
+
+class HistoryCorrupt(HistoryError):
+    """A history file holds corruption that is not a torn write (bad header, size, state)."""

@@ -75,7 +75,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
-from qdash_mp.protocol import check_failed
+from qdash_mp.records import check_failed
 
 __all__ = [
     "COMMIT_SIZE",

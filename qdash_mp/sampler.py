@@ -1,5 +1,9 @@
 """``Sampler``: periodic readings of processed counters, turned into jobs/min per queue.
 
+Units: ``rate()`` and ``ThroughputSample.rate`` are jobs/min (the public contract);
+``QueueStat.throughput``, ``/api/stats``, ``qdash-mp stats`` and the dashboard's "Jobs/s"
+column are jobs/s (the dashboard shows ``rate() / 60``).
+
 It polls an ``Inspector`` every ``interval`` seconds and keeps, per queue, the readings of
 the last ``window`` seconds. ``sample()`` takes one reading now, and the clock is injectable,
 so tests drive it without sleeping.

@@ -200,7 +200,6 @@ import msgpack
 from qdash_mp.errors import CollectorError, ConfigError, QdashError
 from qdash_mp.fsio import try_flock, write_atomically
 from qdash_mp.models import QueueStat, StatsView
-from qdash_mp.protocol import MAX_CLIENT_ID
 from qdash_mp.stats import (
     COUNTERS,
     DEFAULT_WINDOW,
@@ -211,6 +210,7 @@ from qdash_mp.stats import (
     record_len,
     ring_slots,
 )
+from qdash_mp.wire import MAX_CLIENT_ID
 
 __all__ = [
     "CLIENT_ID_MAX",

@@ -1,22 +1,30 @@
-"""Shared fixtures. Web: a real dashboard app served by pytest-aiohttp, plus CSRF helpers."""
+"""Shared fixtures: the ones in ``qdash_testing.fixtures`` (collector processes, short dirs,
+clients, an in-process collector), ``qdash_collector`` from ``qdash_mp.testing``, and for the
+web tests a real dashboard app served by pytest-aiohttp plus a CSRF token getter."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from qdash_testing.fixtures import (  # noqa: F401  (registers them for every test module)
+    client_factory,
+    collector_proc,
+    data_dir,
+    inprocess_collector,
+    running_collector,
+)
+from qdash_testing.http import csrf_token_in
 
 from qdash_mp import Inspector, create_app
+from qdash_mp.testing import qdash_collector  # noqa: F401  (registers the shipped fixture)
 
 DashboardClient = TestClient[web.Request, web.Application]
 MakeDashboard = Callable[..., Awaitable[DashboardClient]]
 PageToken = Callable[[DashboardClient, str], Awaitable[str]]
-
-_TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 @pytest.fixture
@@ -51,8 +59,6 @@ def page_token() -> PageToken:
     async def get(client: DashboardClient, path: str) -> str:
         resp = await client.get(path)
         assert resp.status == 200, await resp.text()
-        match = _TOKEN_RE.search(await resp.text())
-        assert match is not None, "page has no CSRF form field"
-        return match.group(1)
+        return csrf_token_in(await resp.text())
 
     return get

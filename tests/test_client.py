@@ -1,7 +1,7 @@
 """The worker-side ``Client`` against a real Unix socket.
 
 The server side here is a small test harness (``FakeCollector``) that speaks the protocol
-with ``qdash_mp.protocol`` and applies the dedup rule of ``docs/protocol.md``; integration
+with ``qdash_mp.wire`` and applies the dedup rule of ``docs/protocol.md``; integration
 tests against the real collector daemon live elsewhere.
 """
 
@@ -31,17 +31,17 @@ import pytest
 from qdash_mp.client import Client, _LockedClient
 from qdash_mp.errors import ConfigError
 from qdash_mp.models import Job
-from qdash_mp.protocol import (
+from qdash_mp.wire import (
     Ack,
     Batch,
     ErrorMsg,
+    FailedRecord,
     FrameDecoder,
     Hello,
     Message,
     Requeue,
     RequeueResult,
     Welcome,
-    WireFailed,
     encode,
     unpack_failed,
 )
@@ -105,7 +105,7 @@ class FakeCollector:
         self.cond = threading.Condition()
         self.last_seq: dict[str, int] = {}
         self.totals: dict[str, list[int]] = {}
-        self.failed: list[WireFailed] = []
+        self.failed: list[FailedRecord] = []
         self.hellos: list[Hello] = []
         self.received = 0  # batches received, duplicates included
         self.duplicates = 0
@@ -233,7 +233,7 @@ class FakeCollector:
         with self.cond:
             return list(self.totals.get(queue, [0, 0, 0, 0]))
 
-    def requeue(self, request_id: int, failed: WireFailed) -> RequeueResult:
+    def requeue(self, request_id: int, failed: FailedRecord) -> RequeueResult:
         with self.cond:
             conn = next(c for c in reversed(self.conns) if c.hello and not c.closed)
         conn.send(Requeue(request_id=request_id, queue=failed.queue, failed=failed))
@@ -726,9 +726,9 @@ def test_requeue_is_answered_ok_or_with_the_error(
     clients(requeue=requeue, requeue_queues=["mail", "sms"])
     assert server.wait(lambda: len(server.hellos) == 1)  # connects at once: it can requeue
     assert server.hellos[0].requeue == ("mail", "sms")
-    good = WireFailed.from_job(job("good", {"x": [1]}), "mail", "e", failed_at=1.0)
-    bad = WireFailed.from_job(job("bad"), "mail", "e", failed_at=1.0)
-    other = WireFailed.from_job(job("other"), "push", "e", failed_at=1.0)
+    good = FailedRecord.from_job(job("good", {"x": [1]}), "mail", "e", failed_at=1.0)
+    bad = FailedRecord.from_job(job("bad"), "mail", "e", failed_at=1.0)
+    other = FailedRecord.from_job(job("other"), "push", "e", failed_at=1.0)
     assert server.requeue(1, good) == RequeueResult(request_id=1, ok=True, error="")
     assert requeued == [good.job()]
     assert server.requeue(2, bad) == RequeueResult(2, False, "RuntimeError: broker down")
@@ -744,7 +744,7 @@ def test_requeue_for_every_queue_is_sent_as_star(
     clients(requeue=lambda j: None)
     assert server.wait(lambda: len(server.hellos) == 1)
     assert server.hellos[0].requeue == ("*",)
-    failed = WireFailed.from_job(job(1), "any", "e", failed_at=1.0)
+    failed = FailedRecord.from_job(job(1), "any", "e", failed_at=1.0)
     assert server.requeue(9, failed).ok
 
 
@@ -756,7 +756,7 @@ def test_client_without_requeue_refuses_requests(
     client.on_processed("q")
     assert client.flush(WAIT)
     assert server.hellos[0].requeue is None
-    result = server.requeue(1, WireFailed.from_job(job(1), "q", "e", failed_at=1.0))
+    result = server.requeue(1, FailedRecord.from_job(job(1), "q", "e", failed_at=1.0))
     assert not result.ok
     assert "no requeue callback" in result.error
 

@@ -20,8 +20,8 @@ import pytest
 from qdash_mp import Client, Hooks, Job, Stats
 from qdash_mp.client import _LockedClient
 from qdash_mp.client.batcher import Batcher
-from qdash_mp.protocol import Batch, FrameDecoder, WireFailed, unpack_failed
 from qdash_mp.stats import StatsBase
+from qdash_mp.wire import Batch, FailedRecord, FrameDecoder, unpack_failed
 
 ODD_ERROR = object()
 """Neither an exception nor a str (its repr, with its address, becomes the error text)."""
@@ -137,7 +137,7 @@ def calls(client: Client) -> None:
     client.on_failed("a", Job(id="big", name="t", payload=b"x" * 100), ODD_ERROR)  # type: ignore[arg-type]
 
 
-def without_time(raw: bytes) -> WireFailed:
+def without_time(raw: bytes) -> FailedRecord:
     return dataclasses.replace(unpack_failed(raw), failed_at=0.0)
 
 

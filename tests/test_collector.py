@@ -34,7 +34,7 @@ from qdash_testing.collector import CollectorProc, run_module, run_worker, short
 
 from qdash_mp.journal import Journal
 from qdash_mp.journal_format import RecordType, record_header
-from qdash_mp.protocol import (
+from qdash_mp.wire import (
     PROTOCOL_VERSION,
     Batch,
     ErrorMsg,

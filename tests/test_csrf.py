@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qdash_mp.csrf import (
+from qdash_mp.web.csrf import (
     new_secret,
     new_token,
     same_origin,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,13 +11,9 @@ from typing import Any
 
 import pytest
 from qdash_testing.collector import wait_for
+from qdash_testing.http import get_json
 
 from qdash_mp.cli import build_parser
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.mark.slow

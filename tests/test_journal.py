@@ -43,7 +43,7 @@ from qdash_mp.journal import (
 )
 from qdash_mp.journal_format import HEADER, RecordType, record_header
 from qdash_mp.models import FailedJob, Job
-from qdash_mp.protocol import pack_failed_fields
+from qdash_mp.records import pack_failed_fields
 
 T0 = 1_700_000_000.0
 _SHM = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None

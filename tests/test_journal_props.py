@@ -35,7 +35,7 @@ from qdash_mp.journal_format import (
     encode_removed,
 )
 from qdash_mp.models import FailedJob, Job
-from qdash_mp.protocol import MAX_TIMESTAMP, check_failed, pack_payload
+from qdash_mp.records import MAX_TIMESTAMP, check_failed, pack_payload
 
 T0 = 1_700_000_000.0
 MAX_JOBS = 3

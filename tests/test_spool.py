@@ -32,7 +32,7 @@ from qdash_mp.client.spool_format import (
     encode_record,
     scan,
 )
-from qdash_mp.protocol import (
+from qdash_mp.wire import (
     Ack,
     Batch,
     FrameDecoder,

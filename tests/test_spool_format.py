@@ -20,7 +20,7 @@ from qdash_mp.client.spool_format import (
     encode_record,
     scan,
 )
-from qdash_mp.protocol import Ack, Batch, encode
+from qdash_mp.wire import Ack, Batch, encode
 
 
 def batch_frame(seq: int, counters: dict[str, tuple[int, int, int, int]] | None = None) -> bytes:

@@ -24,10 +24,10 @@ from qdash_mp import (
     create_app,
     new_inspector,
 )
-from qdash_mp.csrf import CSRF_COOKIE, new_secret, new_token
 from qdash_mp.errors import RetryUnavailable
 from qdash_mp.inspector import LocalInspector
 from qdash_mp.web import CSP, DASHBOARD, FLASH_COOKIE, MAX_BODY, page_numbers, parse_page
+from qdash_mp.web.csrf import CSRF_COOKIE, new_secret, new_token
 
 if TYPE_CHECKING:
     from conftest import DashboardClient, MakeDashboard, PageToken
@@ -141,7 +141,7 @@ async def test_overview_rows_totals_and_refresh(dashboard_client: MakeDashboard)
     text = await (await client.get("/queues/")).text()
     rows = re.findall(r"<tr>\s*<td class=\"queue\">(.*?)</td>(.*?)</tr>", text, re.S)
     cells = {q: re.findall(r'<td class="num[^"]*">([^<]*)</td>', rest) for q, rest in rows}
-    # pushed, processed, failed, retried, pending, jobs/min
+    # pushed, processed, failed, retried, pending, jobs/s
     assert cells["emails"][:5] == ["3", "1", "1", "1", "1"]
     assert cells["reports"][:5] == ["1", "0", "0", "0", "1"]
     totals = re.search(r'<tr class="totals">(.*?)</tr>', text, re.S)
@@ -164,6 +164,7 @@ async def test_overview_empty_state(dashboard_client: MakeDashboard) -> None:
 
 
 async def test_overview_rate_from_sampler_and_fallback(dashboard_client: MakeDashboard) -> None:
+    """The overview shows jobs/s, like /api/stats' throughput and ``qdash-mp stats``."""
     now = [1_000.0]
     stats = Stats(window=10, clock=lambda: now[0])
     insp = new_inspector(stats, None)
@@ -184,20 +185,29 @@ async def test_overview_rate_from_sampler_and_fallback(dashboard_client: MakeDas
         assert m is not None
         return m.group(1)
 
-    # no two readings yet: throughput (jobs/s over the Stats window) * 60
+    # the column says its unit, the same unit as QueueStat.throughput
     text = await (await client.get("/queues/")).text()
-    assert rate(text, "slow") == f"{stats.snapshot().queue('slow').throughput * 60:.1f}"  # type: ignore[union-attr]
-    assert rate(text, "slow") == "60.0"
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", text)
+    assert headers[6] == "Jobs/s", headers
+    assert "Jobs/min" not in text
+    # no two readings yet: the inspector's throughput (jobs/s), as /api/stats reports it
+    api = await (await client.get("/queues/api/stats")).json()
+    slow = next(q for q in api["queues"] if q["queue"] == "slow")
+    assert rate(text, "slow") == f"{slow['throughput']:.2f}" == "1.00"
 
-    # two readings a minute apart, 120 processed in between: 120 jobs/min
+    # two readings a minute apart, 120 processed in between: 2 jobs/s (Sampler.rate: 120/min)
     await sampler.sample()
     for _ in range(120):
         stats.on_processed("fast")
     clock[0] += 60
     await sampler.sample()
+    assert sampler.rate("fast") == 120.0
     text = await (await client.get("/queues/")).text()
-    assert rate(text, "fast") == "120.0"
-    assert rate(text, "slow") == "0.0"
+    assert rate(text, "fast") == "2.00"
+    assert rate(text, "slow") == "0.00"
+    totals = re.search(r'<tr class="totals">(.*?)</tr>', text, re.S)
+    assert totals is not None
+    assert re.findall(r'<td class="num">([^<]*)</td>', totals.group(1))[-1] == "2.00"
 
 
 async def test_app_starts_and_stops_its_sampler(aiohttp_client: Any) -> None:
@@ -562,6 +572,31 @@ async def test_csrf_valid_token_html_and_json(
     resp = await client.post("/queues/failed/flush", headers={**JSON, "X-CSRF-Token": token})
     assert await resp.json() == {"ok": True, "action": "flush", "flushed": 1}
     assert len(failed) == 0
+
+
+async def test_csrf_without_origin_the_token_decides(
+    dashboard_client: MakeDashboard, page_token: PageToken
+) -> None:
+    """No ``Origin``/``Sec-Fetch-Site`` (curl, a script): a valid cookie+token pair passes,
+    anything less is 403; with the pair, a foreign ``Origin`` is still 403."""
+    client, failed, token = await _csrf_setup(dashboard_client, page_token)
+    assert "Origin" not in client.session.headers
+    resp = await post_form(client, "/queues/failed/job-2/forget", token)  # form field + cookie
+    assert resp.status == 303
+    resp = await client.post("/queues/failed/job-1/forget", headers={**JSON, "X-CSRF-Token": token})
+    assert resp.status == 200
+    assert [f.id for f in failed.list()] == ["job-0"]
+    resp = await client.post("/queues/failed/job-0/forget", headers=JSON)  # cookie alone
+    assert resp.status == 403
+    resp = await client.post(
+        "/queues/failed/job-0/forget",
+        headers={**JSON, "X-CSRF-Token": token, "Origin": "http://evil.example"},
+    )
+    assert resp.status == 403
+    client.session.cookie_jar.clear()
+    resp = await client.post("/queues/failed/job-0/forget", headers={**JSON, "X-CSRF-Token": token})
+    assert resp.status == 403  # token alone, no cookie
+    assert [f.id for f in failed.list()] == ["job-0"]
 
 
 async def test_redirect_goes_back_to_the_page(

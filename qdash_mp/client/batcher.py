@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 
-from qdash_mp.protocol import MAX_INT, encode_batch
+from qdash_mp.wire import MAX_INT, encode_batch
 
 __all__ = ["BATCH_BYTES", "QUEUES_PER_BATCH", "Batcher"]
 

@@ -17,14 +17,14 @@ import uuid
 from qdash_mp.errors import ProtocolError
 from qdash_mp.failed import describe_error
 from qdash_mp.models import Job
-from qdash_mp.protocol import (
+from qdash_mp.throttle import LogThrottle
+from qdash_mp.wire import (
     MAX_ID,
     MAX_INT,
     MAX_TIMESTAMP,
     pack_failed_fields,
     pack_payload,
 )
-from qdash_mp.throttle import LogThrottle
 
 __all__ = ["pack_failed_job", "utf8_ok"]
 

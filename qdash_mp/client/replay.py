@@ -22,8 +22,8 @@ from pathlib import Path
 
 from qdash_mp.client.session import Session, SessionEvents
 from qdash_mp.client.spool import REJECTED, SpoolFile, adopt_orphans
-from qdash_mp.protocol import ErrorCode
 from qdash_mp.throttle import LogThrottle
+from qdash_mp.wire import ErrorCode
 
 __all__ = ["ACK_TIMEOUT", "RESCAN_INTERVAL", "Replayer"]
 

@@ -18,7 +18,7 @@ from qdash_mp.client.session import Session
 from qdash_mp.errors import ConfigError
 from qdash_mp.failed import describe_error
 from qdash_mp.models import Job
-from qdash_mp.protocol import ALL_QUEUES, MAX_NAME, Requeue, RequeueResult, encode
+from qdash_mp.wire import ALL_QUEUES, MAX_NAME, Requeue, RequeueResult, encode
 
 __all__ = ["RequeueFn", "Requeuer", "refusal", "requeue_list"]
 

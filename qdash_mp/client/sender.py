@@ -27,8 +27,8 @@ from qdash_mp.client.replay import Replayer
 from qdash_mp.client.requeue import RequeueFn, Requeuer
 from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents
 from qdash_mp.client.spool import SpoolFile
-from qdash_mp.protocol import ErrorCode, ErrorMsg, Requeue
 from qdash_mp.throttle import LogThrottle
+from qdash_mp.wire import ErrorCode, ErrorMsg, Requeue
 
 __all__ = ["Sender", "SenderConfig"]
 

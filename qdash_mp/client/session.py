@@ -28,7 +28,7 @@ import socket
 import time
 
 from qdash_mp.errors import ProtocolError
-from qdash_mp.protocol import (
+from qdash_mp.wire import (
     MAX_FRAME,
     Ack,
     ErrorCode,

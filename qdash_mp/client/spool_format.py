@@ -61,8 +61,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from qdash_mp.errors import ProtocolError, QdashError
-from qdash_mp.protocol import HEADER as FRAME_HEADER
-from qdash_mp.protocol import MAX_CLIENT_ID, MAX_FRAME, MAX_INT, Batch, decode_body
+from qdash_mp.wire import HEADER as FRAME_HEADER
+from qdash_mp.wire import MAX_CLIENT_ID, MAX_FRAME, MAX_INT, Batch, decode_body
 
 __all__ = [
     "FORMAT_VERSION",

@@ -18,6 +18,12 @@ in every form. A mutating request passes only if
 3. that value equals the cookie (constant-time), and
 4. it is validly signed by this app's secret (constant-time).
 
+A missing ``Origin`` is not refused: the token decides. Browsers send ``Origin`` on every
+cross-origin POST (form or ``fetch``), so a forged browser request meets check 1; a request
+without it comes from a same-origin page or a non-browser client (curl, a script), and such a
+client can present a valid cookie+token pair only after reading a dashboard page, which is
+what a cross-site attacker cannot do.
+
 The pure functions (``new_secret``, ``new_token``, ``token_valid``, ``tokens_match``,
 ``same_origin``) know nothing of HTTP; the small aiohttp helpers at the bottom read the
 cookie/headers and set the cookie.

@@ -1,0 +1,83 @@
+"""How values look on the pages and in JSON: dates, rates, clipped errors, pretty payloads.
+
+Pure functions; ``template_env()`` registers them as Jinja filters. Job data is hostile, so
+the environment autoescapes everything and fails on undefined names.
+"""
+
+from __future__ import annotations
+
+import json
+import pprint
+from datetime import UTC, datetime
+from typing import Any
+
+import jinja2
+
+from qdash_mp.web.urls import addressable
+
+__all__ = ["clip", "epoch", "jsonable", "pretty", "rate", "template_env", "when"]
+
+_LIST_ERROR_CHARS = 200
+_PAYLOAD_MAX_CHARS = 64 * 1024
+
+
+def when(value: datetime | None) -> str:
+    """A datetime as ``YYYY-MM-DD HH:MM:SS UTC`` (an em dash for ``None``)."""
+    if value is None:
+        return "—"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def epoch(value: float) -> str:
+    """Epoch seconds as ``when()`` shows them; the number itself if out of range."""
+    try:
+        return when(datetime.fromtimestamp(value, UTC))
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+
+
+def clip(text: str, limit: int = _LIST_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def rate(per_second: float) -> str:
+    """A throughput in jobs/s: two decimals, so one job a minute still shows (``0.02``)."""
+    return f"{per_second:,.2f}"
+
+
+def pretty(payload: Any) -> str:
+    """Payload as indented JSON (falling back to ``pprint``), cut at a readable size."""
+    try:
+        text = json.dumps(payload, indent=2, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        text = pprint.pformat(payload, width=100)
+    if len(text) > _PAYLOAD_MAX_CHARS:
+        text = text[:_PAYLOAD_MAX_CHARS] + f"\n… ({len(text) - _PAYLOAD_MAX_CHARS} more chars)"
+    return text
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold (bytes, odd keys) turned into text."""
+    try:
+        return json.loads(json.dumps(value, default=repr))
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+
+
+def template_env() -> jinja2.Environment:
+    """The dashboard's Jinja environment over ``qdash_mp/templates``, filters registered."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("qdash_mp", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = lambda n: f"{n:,}"
+    env.filters["rate"] = rate
+    env.filters["when"] = when
+    env.filters["epoch"] = epoch
+    env.filters["clip"] = clip
+    env.tests["addressable"] = addressable
+    return env

@@ -1,0 +1,71 @@
+"""Shared pytest fixtures; ``tests/conftest.py`` imports them, so every test module has them.
+
+A module that defines a fixture of the same name keeps its own (pytest prefers the closer one).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qdash_mp import Client
+from qdash_mp.testing import InProcessCollector
+from qdash_testing.collector import CollectorProc, short_dir
+
+__all__ = [
+    "client_factory",
+    "collector_proc",
+    "data_dir",
+    "inprocess_collector",
+    "running_collector",
+]
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A fresh short directory under /tmp (room for a Unix socket path), removed afterwards."""
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def collector_proc(data_dir: Path) -> Iterator[CollectorProc]:
+    """A collector process on ``data_dir``, *not* started: the test starts it when it wants."""
+    proc = CollectorProc(data_dir)
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture
+def running_collector(collector_proc: CollectorProc) -> CollectorProc:
+    """A collector process on ``data_dir``, started (and cleaned up after the test)."""
+    return collector_proc.start()
+
+
+@pytest.fixture
+def client_factory() -> Iterator[Callable[..., Client]]:
+    """``make(socket_path, **kw)`` → a fast-flushing ``Client``, closed after the test."""
+    made: list[Client] = []
+
+    def make(socket_path: str, **kwargs: Any) -> Client:
+        kwargs.setdefault("flush_interval", 0.02)
+        kwargs.setdefault("reconnect_max", 0.1)
+        client = Client(socket_path, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close(timeout=0.5)
+
+
+@pytest.fixture
+async def inprocess_collector() -> AsyncIterator[InProcessCollector]:
+    """A real collector in the test's own loop, without HTTP (``qdash_mp.testing``)."""
+    async with InProcessCollector(http=False) as qc:
+        yield qc
