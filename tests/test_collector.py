@@ -32,8 +32,7 @@ import msgpack
 import pytest
 from qdash_testing.collector import CollectorProc, run_module, run_worker, short_dir, wait_for
 
-from qdash_mp.journal import Journal
-from qdash_mp.journal_format import RecordType, record_header
+from qdash_mp.journal import Journal, RecordType, record_header
 from qdash_mp.wire import (
     PROTOCOL_VERSION,
     Batch,
