@@ -35,10 +35,7 @@ from qdash_mp.hooks import Hooks
 from qdash_mp.models import Job
 from qdash_mp.settings import default_socket_path
 from qdash_mp.throttle import LogThrottle
-from qdash_mp.wire import (
-    MAX_CLIENT_ID,
-    MAX_NAME,
-)
+from qdash_mp.wire import MAX_CLIENT_ID, MAX_NAME
 
 __all__ = ["Client"]
 
