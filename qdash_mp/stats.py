@@ -46,7 +46,8 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import compress
 from typing import Protocol, overload
 
-from qdash_mp.models import QueueStat, StatsView
+from qdash_mp.hooks import Hooks
+from qdash_mp.models import Job, QueueStat, StatsView
 
 __all__ = [
     "COUNTERS",
@@ -232,7 +233,7 @@ def build_view(rows: Iterable[QueueStat]) -> StatsView:
     return StatsView(queues=queues, totals=totals)
 
 
-class StatsBase(abc.ABC):
+class StatsBase(Hooks, abc.ABC):
     """The counters concept: the hook methods, written once over ``add`` and ``snapshot``.
 
     ``Stats`` keeps the records in process memory; ``qdash_mp.shm.SharedStats`` keeps the very
@@ -254,11 +255,13 @@ class StatsBase(abc.ABC):
     def snapshot(self) -> StatsView:
         """A consistent view of every queue, sorted by name, with totals."""
 
-    def on_pushed(self, queue: str) -> None:
+    def on_pushed(self, queue: str, job: Job | None = None) -> None:
         """A job was enqueued on ``queue``."""
         self.add(queue, pushed=1)
 
-    def on_processed(self, queue: str, runtime: float | None = None) -> None:
+    def on_processed(
+        self, queue: str, job: Job | None = None, runtime: float | None = None
+    ) -> None:
         """A job of ``queue`` finished successfully.
 
         ``runtime`` (seconds) is accepted for API compatibility with worker code that knows
@@ -266,7 +269,13 @@ class StatsBase(abc.ABC):
         """
         self.add(queue, processed=1)
 
-    def on_failed(self, queue: str) -> None:
+    def on_failed(
+        self,
+        queue: str,
+        job: Job | None = None,
+        error: BaseException | str | None = None,
+        runtime: float | None = None,
+    ) -> None:
         """A job of ``queue`` failed for good (dead-lettered)."""
         self.add(queue, failed=1)
 
