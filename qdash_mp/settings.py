@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,9 @@ class CollectorSettings:
     limit and compacts the journal when dead records dominate. A partial frame must complete
     within ``frame_deadline`` seconds, and partial frames of all connections together may hold
     at most ``partial_frame_budget`` bytes (over it, the connection holding most is closed).
+    Every ``tick_interval`` seconds the lifecycle tick feeds the rolling windows and the
+    history; a disconnected worker stays listed as gone for ``worker_retention`` seconds.
+    ``clock`` (Unix seconds) dates workers, windows and history points (tests speed it up).
     """
 
     data_dir: Path = DEFAULT_DATA_DIR
@@ -83,6 +88,9 @@ class CollectorSettings:
     maintenance_interval: float = 30.0
     frame_deadline: float = 10.0
     partial_frame_budget: int = 64 * 1024 * 1024
+    tick_interval: float = 1.0
+    worker_retention: float = 600.0
+    clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)
 
     @property
     def socket(self) -> Path:

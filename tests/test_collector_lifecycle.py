@@ -16,7 +16,9 @@ def test_worker_lifecycle_connected_batch_gone_expired() -> None:
     assert (v.id, v.pid, v.host, v.name, v.state, v.can_requeue) == (
         "c1", 42, "h1", "worker-1", "connected", True,
     )  # fmt: skip
-    assert v.queues == ("mail",) and v.connected_at == 100.0 and v.last_seen == 101.0
+    assert v.queues == ("mail",)
+    assert v.connected_at == 100.0
+    assert v.last_seen == 101.0
     assert [(j.queue, j.id, j.name, j.started_at) for j in v.active] == [
         ("mail", "j1", "send", 100.5)
     ]
@@ -25,13 +27,19 @@ def test_worker_lifecycle_connected_batch_gone_expired() -> None:
     w.batch("c1", 102.0, ["sms"], None, None)
     w.seen("c1", 103.0)
     (v,) = w.views()
-    assert v.queues == ("mail", "sms") and v.last_seen == 103.0 and len(v.active) == 1
+    assert v.queues == ("mail", "sms")
+    assert v.last_seen == 103.0
+    assert len(v.active) == 1
     w.disconnect("c1", tok, now=104.0)
     (v,) = w.views()
-    assert v.state == "gone" and v.active == () and v.last_seen == 104.0
+    assert v.state == "gone"
+    assert v.active == ()
+    assert v.last_seen == 104.0
     assert w.active_by_queue() == {}
-    assert w.expire(104.0 + 599) == 0 and len(w) == 1
-    assert w.expire(104.0 + 600) == 1 and w.views() == []
+    assert w.expire(104.0 + 599) == 0
+    assert len(w) == 1
+    assert w.expire(104.0 + 600) == 1
+    assert w.views() == []
 
 
 def test_gauges_replace_and_zero_drops() -> None:
@@ -52,7 +60,9 @@ def test_reconnect_same_id_is_connected_again_and_old_end_is_ignored() -> None:
     new = w.connect("c", 1, "h", "n", False, 2.0)  # reconnect before the old end is seen
     w.disconnect("c", old, 3.0)
     (v,) = w.views()
-    assert v.state == "connected" and v.connected_at == 2.0 and v.queues == ("q",)
+    assert v.state == "connected"
+    assert v.connected_at == 2.0
+    assert v.queues == ("q",)
     w.disconnect("c", new, 4.0)
     assert w.views()[0].state == "gone"
     w.connect("c", 1, "h", "n", False, 5.0)
@@ -92,11 +102,13 @@ def test_tracking_exact_small_run() -> None:
         "started_at": None, "finished_at": None, "runtime": None,
     }  # fmt: skip
     recent = t.recent("q", 0, 50)
-    assert [(j.id, j.state, j.enqueued_at, j.started_at, j.finished_at, j.runtime) for j in recent] == [
+    rows = [(j.id, j.state, j.enqueued_at, j.started_at, j.finished_at, j.runtime) for j in recent]
+    assert rows == [
         ("j1", "failed", 11.0, 22.0, 23.0, 0.5),
         ("j0", "processed", 10.0, 20.0, 21.0, 1.0),
     ]  # fmt: skip
-    assert t.pending("other", 0, 50) == [] and t.recent("other", 0, 50) == []
+    assert t.pending("other", 0, 50) == []
+    assert t.recent("other", 0, 50) == []
     assert [j.id for j in t.pending("q", 1, 1)] == ["j3"]
 
 
@@ -110,7 +122,8 @@ def test_tracking_bounded_for_a_large_run() -> None:
     assert t.counts("q") == (0, 10)
     assert [j.id for j in t.recent("q", 0, 3)] == ["j999", "j998", "j997"]
     t.apply([("p", "r", "x", "n", 0.0, None), ("p", "s", "y", "n", 0.0, None)])
-    assert t.queues() == ["q", "r"] and t.dropped == 901
+    assert t.queues() == ["q", "r"]
+    assert t.dropped == 901
 
 
 def test_windows_count_deltas_from_the_baseline() -> None:
@@ -129,7 +142,8 @@ def test_windows_count_deltas_from_the_baseline() -> None:
     exp = [0] * NBUCKETS
     count_values(exp, values)
     assert s["1m"]["runtime"] == summary(exp).as_dict()
-    assert s["1m"]["wait"]["count"] == 2 and s["1h"]["runtime"]["count"] == 4
+    assert s["1m"]["wait"]["count"] == 2
+    assert s["1h"]["runtime"]["count"] == 4
     assert win.summaries("new", 100)["5m"]["runtime"]["count"] == 11  # new: counts from zero
     assert win.summaries("q", 103)["1m"]["runtime"]["count"] == 0  # rolled out
     assert win.summaries("q", 103)["5m"]["runtime"]["count"] == 4

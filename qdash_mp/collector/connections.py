@@ -49,6 +49,9 @@ __all__ = ["Conn", "Connections", "PeerCred", "peer_credentials"]
 
 log = logging.getLogger("qdash_mp.collector")
 
+ACCEPTED_VERSIONS = frozenset({1, PROTOCOL_VERSION})
+"""HELLO versions taken; WELCOME answers ``min(client's, PROTOCOL_VERSION)``."""
+
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a new connection has to send HELLO."""
 
@@ -108,6 +111,8 @@ class Conn:
     held: int = 0
     """Bytes of a partial frame this connection holds (counted in the global budget)."""
     evicted: str | None = None
+    worker_token: int = 0
+    """This connection's token in the workers registry (see ``Workers.connect``)."""
     ack_event: asyncio.Event = field(default_factory=asyncio.Event)
     caught_up: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -216,7 +221,17 @@ class Connections:
                 hello.host,
                 list(hello.requeue) if hello.requeue is not None else None,
             )
-            conn.send(Welcome(last_seq=self._last_seq(hello.client_id)))
+            workers = self._c.lifecycle.workers
+            conn.worker_token = workers.connect(
+                hello.client_id,
+                hello.pid,
+                hello.host,
+                getattr(hello, "name", ""),  # TEMPORARY seam until w2/l1 (Hello v2) lands
+                hello.requeue is not None,
+                self._c.lifecycle.clock(),
+            )
+            version = min(hello.version, PROTOCOL_VERSION)
+            conn.send(Welcome(last_seq=self._last_seq(hello.client_id), version=version))
             acker = asyncio.create_task(self._ack_loop(conn))
             await self._read_loop(reader, conn, hello.client_id)
         except TimeoutError:
@@ -254,6 +269,9 @@ class Connections:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             if conn.hello is not None:
+                self._c.lifecycle.workers.disconnect(
+                    conn.hello.client_id, conn.worker_token, self._c.lifecycle.clock()
+                )
                 self._throttle.log(
                     f"disconnect:{peer.uid}",
                     logging.INFO,
@@ -366,7 +384,7 @@ class Connections:
                 raise Refused(
                     ErrorCode.HANDSHAKE, f"first frame must be HELLO, got {type(first).__name__}"
                 )
-            if first.version != PROTOCOL_VERSION:
+            if first.version not in ACCEPTED_VERSIONS:
                 raise UnsupportedVersion(first.version)
             if len(msgs) > 1:
                 raise Refused(ErrorCode.HANDSHAKE, "frames sent before WELCOME")
@@ -376,6 +394,7 @@ class Connections:
         if isinstance(msg, Batch):
             self._on_batch(conn, client_id, msg)
         elif isinstance(msg, RequeueResult):
+            self._c.lifecycle.workers.seen(client_id, self._c.lifecycle.clock())
             fut = conn.pending.pop(msg.request_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -407,9 +426,18 @@ class Connections:
         last = live.stats.client_seq(client_id)
         if last > 0 and batch.seq > last + 1:
             raise Refused(ErrorCode.SEQUENCE, f"batch seq {batch.seq} skips ahead of {last + 1}")
+        lc = self._c.lifecycle
+        # TEMPORARY getattr seam until w2/l1 (BATCH v2) lands
+        hist = getattr(batch, "hist", None) or None
+        started = getattr(batch, "started", None) or None
         if batch.seq > last:
             try:
-                live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
+                if hist is None and started is None:
+                    live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
+                else:
+                    live.stats.apply_batch(  # type: ignore[call-arg]  # until w2/l2
+                        batch.counters, client=(client_id, batch.seq), started=started, hist=hist
+                    )
             except (ValueError, OverflowError) as exc:
                 # The decoder bounds deltas; should one still not fit, this connection is
                 # refused rather than its task dying without an answer.
@@ -417,6 +445,17 @@ class Connections:
                     ErrorCode.PROTOCOL, f"batch seq {batch.seq} counters cannot be applied: {exc}"
                 ) from exc
             self._c.stats_version += 1
+            events = getattr(batch, "events", ())
+            if events:
+                lc.tracking.apply(events)
+        queues = batch.counters.keys() | hist.keys() if hist else batch.counters.keys()
+        lc.workers.batch(
+            client_id,
+            lc.clock(),
+            queues,
+            getattr(batch, "active", None),
+            getattr(batch, "jobs", None),
+        )
         if batch.failed:
             if batch.seq > live.journal.client_seqs.get(client_id, 0):
                 # The FAILED arrays were checked by the decoder and are journaled as received.

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from qdash_mp.collector.connections import Connections
 from qdash_mp.collector.inspector import CollectorInspector
+from qdash_mp.collector.lifecycle import Lifecycle
 from qdash_mp.collector.retry import RequeueFn, Retries, load_requeue
 from qdash_mp.errors import CollectorError, JournalError, QdashError, SnapshotNotSaved
 from qdash_mp.fsio import try_flock, write_atomically
@@ -87,6 +88,7 @@ class Collector:
         self.http_url: str | None = None
         self.stats_version = 0
         """Bumped whenever this collector changes the counters (views can be cached by it)."""
+        self.lifecycle = Lifecycle(settings)
         self.connections = Connections(self)
         self.retries = Retries(self, requeue)
         self.inspector = CollectorInspector(self)
@@ -126,6 +128,7 @@ class Collector:
                 journal.close()
                 raise
             self._live = Live(stats, journal, GroupCommit(journal))
+            await self.lifecycle.open(stats)
             await self.connections.listen()
             created.append(s.socket)
             if s.http_enabled:
@@ -136,6 +139,7 @@ class Collector:
             # back. A start that failed keeps it, so the counts are not lost with the segment.
             s.counters_file.unlink(missing_ok=True)
             self._spawn(self._maintenance(), "qdash_mp.maintenance")
+            self._spawn(self.lifecycle.run(stats, lambda: self.stats_version), "qdash_mp.tick")
         except BaseException as exc:
             await self._close_resources(clean=False, unlink_shm=shm_created)
             _remove_created(created, s)
@@ -240,7 +244,7 @@ class Collector:
         )
 
     async def _serve_http(self) -> None:
-        app = create_app(self.inspector)
+        app = create_app(self.inspector)  # type: ignore[arg-type]  # TEMPORARY: until w2/l2's Inspector.pending
 
         async def root(request: web.Request) -> web.StreamResponse:
             raise web.HTTPFound(str(request.app.router["qdash.overview"].url_for()))
@@ -304,6 +308,7 @@ class Collector:
                 await task
         await self.connections.close()
         await self.retries.close()
+        await asyncio.to_thread(self.lifecycle.close)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

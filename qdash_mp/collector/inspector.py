@@ -1,11 +1,16 @@
-"""``CollectorInspector``: the dashboard's ``Inspector`` over a running collector."""
+"""``CollectorInspector``: the dashboard's ``Inspector`` over a running collector.
+
+Beyond the protocol: ``failed_count``/``failed_job`` (detail pages) and the lifecycle reads
+``pending``/``recent`` (tracked jobs), ``history``, ``workers`` and ``windows``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
+from qdash_mp.collector._models import TrackedJob, WorkerView
 from qdash_mp.inspector import page_bounds
 from qdash_mp.models import FailedJob, JobView, StatsView
 
@@ -20,19 +25,43 @@ class CollectorInspector:
 
     def __init__(self, collector: Collector) -> None:
         self._c = collector
-        self._view: tuple[tuple[int, int], StatsView] | None = None
+        self._view: tuple[tuple[object, ...], StatsView] | None = None
 
     async def stats(self) -> StatsView:
         # One snapshot per counters change and second (throughput moves with the clock):
         # many open dashboards cost the daemon one snapshot, not one each.
-        key = (self._c.stats_version, int(time.time()))
+        # Active counts come from the workers' gauges, so they are part of the key too.
+        lc = self._c.lifecycle
+        active = lc.workers.active_by_queue()
+        key = (self._c.stats_version, int(time.time()), tuple(sorted(active.items())))
         if self._view is None or self._view[0] != key:
-            self._view = (key, self._c.stats.snapshot())
+            self._view = (key, lc.with_active(self._c.stats.snapshot()))
         return self._view[1]
 
-    async def pending(self, queue: str, page: int) -> list[JobView]:
-        # The collector sees counts, not the jobs waiting in the user's queue backend.
-        return []
+    async def pending(self, queue: str, page: int) -> list[TrackedJob]:
+        """Tracked jobs pushed and not started, oldest first (``[]`` if not tracked)."""
+        offset, limit = page_bounds(page)
+        return self._c.lifecycle.tracking.pending(queue, offset, limit)
+
+    async def recent(self, queue: str, page: int) -> list[TrackedJob]:
+        """Tracked jobs finished, newest first (``[]`` if not tracked)."""
+        offset, limit = page_bounds(page)
+        return self._c.lifecycle.tracking.recent(queue, offset, limit)
+
+    async def history(
+        self, queue: str, resolution: Literal["minute", "hour"]
+    ) -> list[dict[str, Any]]:
+        """DESIGN.md's history points of ``queue``, oldest first."""
+        return await self._c.lifecycle.points(queue, resolution)
+
+    async def workers(self) -> list[WorkerView]:
+        """Connected workers, then the recently gone."""
+        return self._c.lifecycle.workers.views()
+
+    async def windows(self, queue: str) -> dict[str, dict[str, Any]]:
+        """Rolling runtime/wait summaries of ``queue``: ``{"1m"|"5m"|"1h": {"runtime",
+        "wait"}}``."""
+        return self._c.lifecycle.windows_of(queue)
 
     async def failed(self, page: int) -> list[JobView]:
         offset, limit = page_bounds(page)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from qdash_mp.inspector import Inspector
 from qdash_mp.sampler import Sampler
+from qdash_mp.web import lifecycle_api
 from qdash_mp.web.guard import MAX_BODY
 from qdash_mp.web.views import Dashboard
 
@@ -61,5 +62,6 @@ def create_app(inspector: Inspector, *, sampler: Sampler | None = None) -> web.A
     r.add_get("/queues/api/stats", dashboard.api_stats, name="qdash.api.stats")
     r.add_get("/queues/api/failed", dashboard.api_failed, name="qdash.api.failed")
     r.add_get("/queues/api/failed/{id}", dashboard.api_job, name="qdash.api.job")
+    lifecycle_api.add_routes(r, inspector)
     r.add_static("/queues/static", STATIC_DIR, name="qdash.static")
     return app
