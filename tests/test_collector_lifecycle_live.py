@@ -1,0 +1,358 @@
+"""The collector's lifecycle data end to end: workers, active jobs, tracking, history, routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from qdash_testing.collector import run_module, short_dir, wait_for
+from qdash_testing.rawclient import RawClient
+
+from qdash_mp import Client, Job
+from qdash_mp.collector import Collector
+from qdash_mp.inspector import new_inspector
+from qdash_mp.settings import CollectorSettings
+from qdash_mp.stats import Stats
+from qdash_mp.web import create_app
+from qdash_mp.wire import Batch, encode
+
+T0 = 1_700_000_040.0  # a minute boundary
+TIMEOUT = 30.0
+
+
+class Clock:
+    def __init__(self, t: float = T0 + 1) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+async def get(url: str) -> tuple[int, Any]:
+    return await asyncio.to_thread(_get, url)
+
+
+async def until(predicate: Any, what: str, timeout: float = TIMEOUT) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy; bounded."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        got = predicate()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def settings(clock: Clock) -> Iterator[CollectorSettings]:
+    d = short_dir()
+    yield CollectorSettings(data_dir=d, http_port=0, tick_interval=0.02, clock=clock)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def collector(settings: CollectorSettings) -> AsyncIterator[Collector]:
+    c = Collector(settings)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+async def test_workers_appear_show_their_job_and_go_gone(collector: Collector) -> None:
+    sock = str(collector.settings.socket)
+    proc = run_module(
+        "qdash_testing.lifecycle", mode="worker", socket=sock, name="w-one", queue="mail"
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert line.strip() == "started"
+        url = f"{collector.http_url}/queues/api/workers"
+        _, body = await get(url)
+        (w,) = body["workers"]
+        assert (w["pid"], w["host"], w["name"], w["state"]) == (
+            proc.pid, socket.gethostname(), "w-one", "connected",
+        )  # fmt: skip
+        assert w["queues"] == ["mail"]
+        assert [(j["queue"], j["id"], j["name"]) for j in w["active"]] == [
+            ("mail", "w-one-1", "work")
+        ]
+        _, stats = await get(f"{collector.http_url}/queues/api/stats")
+        assert stats["queues"][0]["active"] == 1
+        assert stats["totals"]["active"] == 1
+        proc.stdin.write("finish\n")
+        proc.stdin.flush()
+        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "done"
+        _, body = await get(url)
+        assert body["workers"][0]["active"] == []
+        proc.stdin.close()
+        assert await asyncio.to_thread(proc.wait, TIMEOUT) == 0
+        _, body = await get(url)
+        (w,) = body["workers"]
+        assert w["state"] == "gone"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_kill9_worker_mid_job_does_not_stay_active(
+    collector: Collector, clock: Clock
+) -> None:
+    sock = str(collector.settings.socket)
+    proc = run_module(
+        "qdash_testing.lifecycle", mode="worker", socket=sock, name="doomed", queue="mail"
+    )
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "started"
+        view = await collector.inspector.stats()
+        assert view.totals.active == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, TIMEOUT)
+
+        async def gone() -> bool:
+            ws = await collector.inspector.workers()
+            return bool(ws) and ws[0].state == "gone"
+
+        await until(gone, "the killed worker to be gone")
+        view = await collector.inspector.stats()
+        assert view.totals.active == 0
+        assert view.queues[0].active == 0
+        (w,) = await collector.inspector.workers()
+        assert w.active == ()
+        clock.t += collector.settings.worker_retention + 1
+        await until(lambda: len(collector.lifecycle.workers) == 0, "the gone worker to expire")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+async def test_tracking_pages_exact_for_a_small_run(collector: Collector) -> None:
+    with Client(str(collector.settings.socket), track_jobs=True) as client:  # type: ignore[call-arg]
+        jobs = [Job(id=f"j{i}", name="send") for i in range(5)]
+        for job in jobs:
+            client.on_pushed("mail", job)
+        for job in jobs[:2]:
+            client.on_started("mail", job)  # type: ignore[attr-defined]
+            client.on_processed("mail", job, runtime=0.25)  # type: ignore[call-arg]
+        client.on_started("mail", jobs[2])  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(client.flush, 10)
+    base = f"{collector.http_url}/queues/api/queues/mail"
+    status, body = await get(base + "/pending")
+    assert status == 200
+    assert body["queue"] == "mail"
+    assert body["page"] == 1
+    assert [j["id"] for j in body["jobs"]] == ["j3", "j4"]
+    assert body["jobs"][0]["state"] == "pending"
+    _, body = await get(base + "/recent?page=1")
+    assert [(j["id"], j["state"], j["runtime"]) for j in body["jobs"]] == [
+        ("j1", "processed", 0.25),
+        ("j0", "processed", 0.25),
+    ]
+    assert (await get(base + "/recent?page=2"))[1]["jobs"] == []
+
+
+async def test_tracking_is_bounded_for_a_large_run(collector: Collector) -> None:
+    rc = await RawClient().connect(str(collector.settings.socket))
+    try:
+        t = collector.lifecycle.tracking
+        events = tuple(("p", "big", f"j{i}", "n", float(i), None) for i in range(12_000))
+        for seq, start in enumerate(range(0, 12_000, 4_000), 1):
+            rc.send_raw(encode(Batch(seq=seq, events=events[start : start + 4_000])))  # type: ignore[call-arg]
+            assert await rc.ack() == seq
+        assert t.counts("big") == (t.max_pending, 0)
+        assert [j.id for j in t.pending("big", 0, 1)] == ["j2000"]
+    finally:
+        await rc.close()
+
+
+# --------------------------------------------------------------------------- history
+
+
+async def _push(sock: str, queue: str, n: int) -> None:
+    with Client(sock) as client:
+        for _ in range(n):
+            client.on_pushed(queue)
+        assert await asyncio.to_thread(client.flush, 10)
+
+
+async def test_history_points_per_minute_survive_a_restart(
+    settings: CollectorSettings, clock: Clock
+) -> None:
+    c = Collector(settings)
+    await c.start()
+    try:
+        await _push(str(settings.socket), "q", 3)
+        await until(lambda: "q" in c.lifecycle.history.queues(), "the history to see q")  # type: ignore[union-attr]
+        clock.t += 60
+        pts = await until(lambda: c.inspector.history("q", "minute"), "a minute point")
+        assert [(p["t"], p["pushed"]) for p in pts] == [(T0, 3)]
+        await _push(str(settings.socket), "q", 5)
+        await asyncio.sleep(0.1)  # a few ticks inside the minute
+        clock.t += 60
+
+        async def two() -> bool:
+            return len(await c.inspector.history("q", "minute")) == 2
+
+        await until(two, "a second minute point")
+    finally:
+        await c.stop()
+    again = Collector(settings)
+    await again.start()
+    try:
+        pts = await again.inspector.history("q", "minute")
+        assert [(p["t"], p["pushed"]) for p in pts] == [(T0, 3), (T0 + 60, 5)]
+        status, body = await get(f"{again.http_url}/queues/api/history?queue=q")
+        assert status == 200
+        assert body["queue"] == "q"
+        assert body["resolution"] == "minute"
+        assert body["points"] == pts
+        _, hours = await get(f"{again.http_url}/queues/api/history?queue=q&resolution=hour")
+        assert sum(p["pushed"] for p in hours["points"]) == 8
+    finally:
+        await again.stop()
+
+
+def test_history_survives_a_collector_kill9() -> None:
+    d = short_dir()
+    (d / "clock").write_text(repr(T0 + 1))
+    procs: list[subprocess.Popen[str]] = []
+
+    def start() -> tuple[str, str]:
+        (d / "collector.json").unlink(missing_ok=True)
+        procs.append(run_module("qdash_testing.lifecycle", mode="collector", data_dir=d))
+        state = wait_for(
+            lambda: (
+                (d / "collector.json").exists() and json.loads((d / "collector.json").read_text())
+            ),
+            TIMEOUT,
+            "the collector to be ready",
+        )
+        return state["socket"], state["http"]
+
+    def points(http: str) -> list[dict[str, Any]]:
+        return _get(f"{http}/queues/api/history?queue=q")[1]["points"]  # type: ignore[no-any-return]
+
+    def push(sock: str, n: int) -> None:
+        with Client(sock) as client:
+            for _ in range(n):
+                client.on_processed("q")
+            assert client.flush(10)
+
+    try:
+        sock, http = start()
+        push(sock, 4)
+        wait_for(lambda: (d / "history").glob("q-*.qh"), TIMEOUT, "the history file")
+        (d / "clock").write_text(repr(T0 + 61))
+        wait_for(lambda: points(http), TIMEOUT, "the first minute point")
+        push(sock, 6)
+        os.kill(procs[-1].pid, signal.SIGKILL)
+        procs[-1].wait(TIMEOUT)
+        sock, http = start()
+        assert [(p["t"], p["processed"]) for p in points(http)] == [(T0, 4)]
+        (d / "clock").write_text(repr(T0 + 125))
+        # the first tick after a restart only opens the minute: move once more
+        wait_for(lambda: (d / "history").glob("q-*.qh"), TIMEOUT, "the history")
+        for t in (T0 + 185, T0 + 245):
+            (d / "clock").write_text(repr(t))
+            wait_for(lambda: len(points(http)) >= 2, TIMEOUT, "a point after the restart")
+        assert sum(p["processed"] for p in points(http)) == 10  # nothing lost
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+async def test_routes_json_shapes_and_400s(collector: Collector) -> None:
+    base = f"{collector.http_url}/queues/api"
+    for path, word in [
+        ("/history", "queue"),
+        ("/history?queue=q&resolution=day", "resolution"),
+        ("/queues/q/pending?page=0", "page"),
+        ("/queues/q/recent?page=x", "page"),
+    ]:
+        status, body = await get(base + path)
+        assert status == 400, path
+        assert word in body["error"]
+    assert await get(base + "/history?queue=nope") == (
+        200,
+        {"queue": "nope", "resolution": "minute", "points": [], "windows": _empty_windows()},
+    )
+    assert await get(base + "/workers") == (200, {"workers": []})
+    for kind in ("pending", "recent"):
+        assert await get(f"{base}/queues/nope/{kind}?page=2") == (
+            200,
+            {"queue": "nope", "page": 2, "page_size": 50, "jobs": []},
+        )
+
+
+def _empty_windows() -> dict[str, Any]:
+    empty = {"count": 0, "p50": None, "p90": None, "p95": None, "p99": None, "max": None}
+    return {w: {"runtime": empty, "wait": empty} for w in ("1m", "5m", "1h")}
+
+
+async def test_routes_work_embedded() -> None:
+    stats = Stats(track_jobs=True)  # type: ignore[call-arg]
+    stats.on_pushed("mail", Job(id="a", name="n"))
+    app = create_app(new_inspector(stats, None))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        base = f"http://{host}:{port}/queues/api"
+        status, body = await get(base + "/queues/mail/pending")
+        assert status == 200
+        assert [j["id"] for j in body["jobs"]] == ["a"]
+        assert await get(base + "/workers") == (200, {"workers": []})
+        status, body = await get(base + "/history?queue=mail")
+        assert (status, body["points"]) == (200, [])
+        assert (await get(base + "/history?queue=mail&resolution=week"))[0] == 400
+    finally:
+        await runner.cleanup()
