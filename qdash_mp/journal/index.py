@@ -147,6 +147,23 @@ class Index:
                     pos[key] = new
         return off + total
 
+    def append_one(self, loc: int, key: str, size: int) -> None:
+        """``append_failed`` of a run of one record, at ``loc`` (``_apply``'s short path)."""
+        p = len(self.ids)
+        self.ids.extend((key,))
+        self.alive.append(1)
+        self.loc.append(loc)
+        self.size.append(size)
+        if p & _BLOCK_MASK:
+            self.blocks[p >> BLOCK_SHIFT] += 1
+        else:
+            self.blocks.append(1)
+        self.live_bytes += size
+        old = self.pos.setdefault(key, p)
+        if old != p:
+            self.kill(old)
+            self.pos[key] = p
+
     def remove(self, key: str) -> None:
         """Drop the live record of ``key``, if any."""
         p = self.pos.pop(key, None)
