@@ -6,6 +6,7 @@ same pending state and pruned counts, before and after a commit, a reopen and a 
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import subprocess
@@ -151,7 +152,9 @@ def test_a_batch_that_refails_an_id_being_pruned_falls_back_and_matches(root: Pa
     for j in (fast, plain):
         j.commit()
     check_same(fast, plain, universe)
-    assert "a1" in fast and "a0" not in fast and "a2" not in fast
+    assert "a1" in fast
+    assert "a0" not in fast
+    assert "a2" not in fast
     reopen_same(root, fast, plain)
 
 
@@ -282,7 +285,8 @@ def test_sigkill_after_pruning_commits_recovers_the_plain_twins_state(root: Path
         cwd=env_root,
         env={"PYTHONPATH": str(env_root), "PATH": "/usr/bin:/bin"},
     )
-    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stdin is not None
     try:
         assert proc.stdout.readline() == "committed\n"
         proc.send_signal(signal.SIGKILL)
@@ -301,7 +305,7 @@ def test_sigkill_after_pruning_commits_recovers_the_plain_twins_state(root: Path
         plain.commit()
     # The fast twin's segment does hold prunes ahead of the failures that caused them.
     kinds = [t for _off, _size, t in records(segments(root / "fast")[-1].read_bytes())]
-    assert any(a == _REMOVED and b == _FAILED for a, b in zip(kinds, kinds[1:], strict=False))
+    assert any(a == _REMOVED and b == _FAILED for a, b in itertools.pairwise(kinds))
     fast = Journal.open(root / "fast", max_jobs=MAX, clock=Clock())
     try:
         assert committed(fast)[:-2] == committed(plain)[:-2]  # pruned_total counts since open

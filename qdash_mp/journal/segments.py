@@ -255,7 +255,7 @@ class JournalBase:
                 m = not_removed(kinds, i)
                 j = n if m is None else m.start()
                 remove = index.remove
-                for rtype, key, size, extra in ops[i:j]:
+                for _rtype, key, size, extra in ops[i:j]:
                     remove(key)
                     off += size
                     if not replay and extra.startswith("pruned"):
