@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from qdash_mp.journal import Journal, RecordType
+from qdash_mp.journal.index import LOC_SHIFT, Index, loc_of
 from qdash_mp.records import FailedRecord, PackedFailed, pack_failed_record
 from tests.qdash_testing.journal import SHM, T0, Clock, ids_of, records, segments
 
@@ -312,3 +313,26 @@ def test_sigkill_after_pruning_commits_recovers_the_plain_twins_state(root: Path
     finally:
         fast.close()
         plain.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_lone_failed_record_applies_as_a_run_of_one_does(seed: int) -> None:
+    """``Index.append_one`` (``_apply``'s path for a FAILED record alone) and
+    ``append_failed`` of a run of one leave the same index, supersedes and removals included.
+    """
+    rng = random.Random(seed)
+    one, run = Index(), Index()
+    off = 0
+    for _ in range(3000):
+        key = f"k{rng.randrange(400)}"
+        if rng.random() < 0.2:
+            one.remove(key)
+            run.remove(key)
+            continue
+        size = rng.randrange(20, 90)
+        one.append_one(loc_of(3, off), key, size)
+        assert run.append_failed(3 << LOC_SHIFT, off, [(_FAILED, key, size, 1.0)]) == off + size
+        off += size
+    for name in ("alive", "loc", "size", "blocks", "pos", "dead", "live_bytes"):
+        assert getattr(one, name) == getattr(run, name), name
+    assert list(one.ids) == list(run.ids)
