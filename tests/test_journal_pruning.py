@@ -336,3 +336,28 @@ def test_a_lone_failed_record_applies_as_a_run_of_one_does(seed: int) -> None:
     for name in ("alive", "loc", "size", "blocks", "pos", "dead", "live_bytes"):
         assert getattr(one, name) == getattr(run, name), name
     assert list(one.ids) == list(run.ids)
+
+
+def test_removing_many_at_once_matches_one_by_one_and_id_slices_match() -> None:
+    """``Index.remove_many`` (``_apply``'s path for a run of prunes) leaves what ``remove``
+    of each leaves; ``_Ids.slice`` gives what indexing slot by slot gives."""
+    rng = random.Random(5)
+    many, each = Index(), Index()
+    off = 0
+    for round_ in range(40):
+        run = [(_FAILED, f"k{rng.randrange(3000)}", rng.randrange(20, 90), 1.0) for _ in range(100)]
+        for index in (many, each):
+            index.append_failed(3 << LOC_SHIFT, off, run)
+        off += sum(op[2] for op in run)
+        doomed = [f"k{rng.randrange(3000)}" for _ in range(rng.randrange(60))]
+        doomed = list(dict.fromkeys(doomed))  # a run of prunes names each id once
+        many.remove_many(doomed)
+        for key in doomed:
+            each.remove(key)
+        for name in ("alive", "loc", "size", "blocks", "pos", "dead", "live_bytes"):
+            assert getattr(many, name) == getattr(each, name), (round_, name)
+    ids = list(many.ids)
+    for _ in range(200):
+        a = rng.randrange(len(ids) + 5)
+        b = rng.randrange(a, len(ids) + 2000)
+        assert many.ids.slice(a, b) == ids[a:b]

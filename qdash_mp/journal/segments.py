@@ -254,12 +254,11 @@ class JournalBase:
                 # A run of removals (a batch's retention prunes): one loop, no dispatch.
                 m = not_removed(kinds, i)
                 j = n if m is None else m.start()
-                remove = index.remove
-                for _rtype, key, size, extra in ops[i:j]:
-                    remove(key)
-                    off += size
-                    if not replay and extra.startswith("pruned"):
-                        pruned += 1
+                run = ops[i:j]
+                index.remove_many(list(map(itemgetter(1), run)))
+                off += sum(map(itemgetter(2), run))
+                if not replay:
+                    pruned += sum(1 for op in run if op[3].startswith("pruned"))
                 i = j
                 continue
             if rtype == _REMOVED:

@@ -19,7 +19,7 @@ import re
 from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from itertools import compress, repeat
+from itertools import compress, filterfalse, repeat, takewhile
 from operator import itemgetter
 from typing import Final, Literal
 
@@ -236,12 +236,18 @@ class Staging(JournalBase):
                 p = alive.find(1, p)
                 if p < 0:
                     break
-                key = slot_ids[p]
-                if key not in touched:
-                    if not out:  # nothing below it still counts (as ``_p_oldest`` moves it)
-                        self._index.front = p
-                    out.append(key)
-                p += 1
+                # A stretch of live slots (at the cap, all of it: pruned from the front) in
+                # C-level slices; a staged record of an id makes its slot dead in the pending
+                # state, so those are left out.
+                q = alive.find(0, p, p + n - len(out))
+                q = p + n - len(out) if q < 0 else q
+                keys = slot_ids.slice(p, q)
+                if not out:  # nothing below p still counts (as ``_p_oldest`` moves it)
+                    self._index.front = p + sum(1 for _ in takewhile(touched.__contains__, keys))
+                if touched:
+                    keys = list(filterfalse(touched.__contains__, keys))
+                out += keys
+                p = q
         if len(out) < n:
             for op in self._p_queue:
                 if touched.get(op[1]) is op:
