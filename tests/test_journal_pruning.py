@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from qdash_mp.journal import Journal, RecordType
+from qdash_mp.journal.format import encode_removed, encode_removed_many
 from qdash_mp.journal.index import LOC_SHIFT, Index, loc_of
 from qdash_mp.records import FailedRecord, PackedFailed, pack_failed_record
 from tests.qdash_testing.journal import SHM, T0, Clock, ids_of, records, segments
@@ -361,3 +362,10 @@ def test_removing_many_at_once_matches_one_by_one_and_id_slices_match() -> None:
         a = rng.randrange(len(ids) + 5)
         b = rng.randrange(a, len(ids) + 2000)
         assert many.ids.slice(a, b) == ids[a:b]
+
+
+def test_removed_payloads_packed_at_once_match_one_by_one() -> None:
+    ids = ["a", "", "é" * 40, "x" * 300, "job-7", "\x00"]
+    for reason in ("pruned", "retried", "forgotten"):
+        assert encode_removed_many(ids, reason) == [encode_removed(i, reason) for i in ids]
+    assert encode_removed_many([], "pruned") == []

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -258,7 +259,7 @@ class JournalBase:
                 index.remove_many(list(map(itemgetter(1), run)))
                 off += sum(map(itemgetter(2), run))
                 if not replay:
-                    pruned += sum(1 for op in run if op[3].startswith("pruned"))
+                    pruned += sum(map(str.startswith, map(itemgetter(3), run), repeat("pruned")))
                 i = j
                 continue
             if rtype == _REMOVED:

@@ -34,6 +34,7 @@ from qdash_mp.journal.format import (
     append_record,
     encode_client_seq,
     encode_removed,
+    encode_removed_many,
     flushed_payload,
     frame_records,
     record_header,
@@ -211,7 +212,7 @@ class Staging(JournalBase):
         """``_stage_removed(id, "pruned", "pruned:count")`` for each of ``ids`` (all live in
         the pending state, distinct), in C passes (lock held).
         """
-        payloads = [encode_removed(id, "pruned") for id in ids]
+        payloads = encode_removed_many(ids, "pruned")
         try:
             self._buf += frame_records(_REMOVED, payloads)
         except ValueError as exc:  # pragma: no cover - an id is at most MAX_ID characters
