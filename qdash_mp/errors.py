@@ -19,6 +19,8 @@ __all__ = [
     "RetryUnavailable",
     "HistoryCorrupt",
     "HistoryError",
+    "AuditCorrupt",
+    "AuditError",
 ]
 
 
@@ -68,3 +70,11 @@ class HistoryError(QdashError):
 
 class HistoryCorrupt(HistoryError):
     """A history file holds corruption that is not a torn write (bad header, size, state)."""
+
+
+class AuditError(QdashError):
+    """The audit log could not be read or written."""
+
+
+class AuditCorrupt(AuditError):
+    """The audit log holds corruption that is not a torn tail."""
