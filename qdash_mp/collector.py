@@ -51,7 +51,7 @@ from qdash_mp.journal import GroupCommit, Journal
 from qdash_mp.models import FailedJob, Job, JobView, StatsView
 from qdash_mp.settings import CollectorSettings
 from qdash_mp.shm import SharedStats
-from qdash_mp.web import create_app
+from qdash_mp.web.collector_app import collector_app
 from qdash_mp.wire import (
     ALL_QUEUES,
     PROTOCOL_VERSION,
@@ -325,7 +325,7 @@ class Collector:
         os.chmod(path, self.settings.socket_mode)
 
     async def _serve_http(self) -> None:
-        app = create_app(self.inspector)
+        app = collector_app(self)
 
         async def root(request: web.Request) -> web.StreamResponse:
             raise web.HTTPFound(str(request.app.router["qdash.overview"].url_for()))

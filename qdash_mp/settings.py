@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qdash_mp.access_settings import AccessSettings
 from qdash_mp.errors import ConfigError
 
 __all__ = [
@@ -76,6 +77,7 @@ class CollectorSettings:
     max_failed_jobs: int = 1_000_000
     max_failed_age: float = 30 * 86400.0
     maintenance_interval: float = 30.0
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     @property
     def socket(self) -> Path:
