@@ -34,12 +34,20 @@ def host_name(host: str) -> str | None:
     return name.rstrip(".") if name else None
 
 
+def _entry_name(entry: str) -> str | None:
+    """An allowlist entry (``name``, ``name:port``, ``::1``, ``[::1]``) as a host name."""
+    entry = entry.strip()
+    if entry.count(":") > 1 and not entry.startswith("["):
+        return entry.lower()  # a bare IPv6 address
+    return host_name(entry)
+
+
 class HostAllowlist:
     """The set of host names this dashboard answers to."""
 
     def __init__(self, names: Iterable[str] = (), *, defaults: bool = True) -> None:
         wanted = [*(DEFAULT_HOSTS if defaults else ()), *names]
-        self.names = frozenset(n for n in (host_name(x) for x in wanted) if n)
+        self.names = frozenset(n for n in (_entry_name(x) for x in wanted) if n)
 
     def __repr__(self) -> str:
         return f"HostAllowlist({sorted(self.names)!r})"
