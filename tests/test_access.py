@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from qdash_testing.http import csrf_token_in
+from test_access_matrix import FULL, TOKEN, USERS
 
 from qdash_mp import Job, MemoryFailedJobs, Stats, create_app, new_inspector
 from qdash_mp.access_cli import JsonFormatter
@@ -31,8 +32,6 @@ from qdash_mp.web.authz import Identity
 from qdash_mp.web.hosts import HostAllowlist, host_name
 from qdash_mp.web.passwords import hash_password, parse_hash, verify
 from qdash_mp.web.proxy import TrustedProxies, forwarded
-
-from test_access_matrix import FULL, TOKEN, USERS, basic
 
 IDS = ("j1", "j2")
 
@@ -99,7 +98,7 @@ def test_host_names() -> None:
 
 
 def token_app(**kw: Any) -> Any:
-    inspector, failed, requeued = store()
+    inspector, failed, _ = store()
     app = create_app(inspector, access=AccessSettings(token=TOKEN, users=USERS), **kw)
     return app, failed
 
@@ -311,7 +310,7 @@ async def test_bearer_token_needs_no_csrf_but_basic_does(aiohttp_client: Any) ->
 
 
 async def test_forwarded_headers_from_a_trusted_proxy(aiohttp_client: Any) -> None:
-    inspector, failed, _ = store()
+    inspector, _, _ = store()
     settings = AccessSettings(
         trusted_proxies=("127.0.0.1/32",),
         allowed_hosts=("dash.example.com",),
@@ -438,7 +437,7 @@ def test_cli_refuses_loose_token_file_in_one_line(tmp_path: Path) -> None:
 
 def test_cli_refuses_non_loopback_http_without_auth(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    done = qdash("collector", "--data-dir", str(data), "--http", "0.0.0.0:0")  # noqa: S104
+    done = qdash("collector", "--data-dir", str(data), "--http", "0.0.0.0:0")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -447,7 +446,7 @@ def test_cli_refuses_non_loopback_http_without_auth(tmp_path: Path) -> None:
     assert not data.exists()
     assert is_loopback("127.0.0.2")
     assert is_loopback("::1")
-    assert not is_loopback("0.0.0.0")  # noqa: S104
+    assert not is_loopback("0.0.0.0")
     assert not is_loopback("dash.example.com")
 
 
