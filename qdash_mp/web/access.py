@@ -217,6 +217,8 @@ class Access:
             return response
         except web.HTTPException as exc:
             status = exc.status
+            if exc.text:
+                state.audit.setdefault("message", exc.text)
             raise
         finally:
             await self._record(request, state, action, status)
