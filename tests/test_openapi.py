@@ -120,5 +120,5 @@ async def test_real_responses_validate(client: Any) -> None:
 
 
 async def test_validation_catches_a_wrong_body() -> None:
-    with pytest.raises(Exception, match="is a required property"):  # noqa: PT011
+    with pytest.raises(Exception, match="is a required property"):
         validate(OPENAPI, "/queues/api/stats", "get", 200, {"queues": []})
