@@ -156,6 +156,8 @@ def test_collector_serves_metrics_behind_auth() -> None:
                 client.on_pushed("emails")
             client.on_failed("emails", Job(id="x1", name="t"), "boom")
             assert client.flush(timeout=30)
+            live = _get(proc.http + "/metrics", TOKEN)[2].decode()
+            assert samples(live, "qdash_collector_connected_clients") == {"": 1}
         status, _, _ = _get(proc.http + "/metrics")
         assert status == 401
         status, ctype, body = _get(proc.http + "/metrics", TOKEN)

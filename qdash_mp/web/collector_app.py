@@ -3,7 +3,7 @@ file, the health probe and ``/metrics`` at the root.
 
 Kept out of ``qdash_mp.collector`` so the daemon's only line about it is
 ``app = collector_app(self)``; what it reads from the collector is ``settings``,
-``inspector``, ``journal`` and (for metrics) the number of client connections.
+``inspector``, ``journal`` and (for metrics) ``connections.conns``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def collector_app(collector: Any) -> web.Application:
             journal = collector.journal
         except QdashError:
             return Health(up=False)
+        conns = getattr(getattr(collector, "connections", None), "conns", None)
         return Health(
-            connected_clients=len(getattr(collector, "_conns", ())),
+            connected_clients=len(conns) if conns is not None else None,
             failed_jobs_stored=len(journal),
             journal_bytes=journal.total_bytes,
             audit_entries=len(audit),
