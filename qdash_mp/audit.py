@@ -3,6 +3,7 @@
 ``FileAuditLog`` (the collector's: ``<data-dir>/audit.log``) appends one checksummed record
 per action and fsyncs it before the action's answer is sent, so an answered action survives
 ``kill -9``; at open it cuts a torn tail (logged) and refuses corruption (``AuditCorrupt``).
+The file is created by the first action, so a collector that fails to start leaves none.
 Retention (max entries, max age) rewrites the file atomically (temp file, fsync, rename, fsync
 of the directory) when it has grown a quarter past the limit, so the cost is amortised.
 ``MemoryAuditLog`` is the embedded app's. The byte layout is in ``qdash_mp.audit_format``.
@@ -129,7 +130,9 @@ class FileAuditLog:
         self._lock = threading.Lock()
         self._entries: list[AuditEntry] = []
         self._fd = -1
-        self._open()
+        self._closed = False
+        if path.exists():
+            self._open()
 
     # -- open / recover ----------------------------------------------------------------------
 
@@ -181,8 +184,10 @@ class FileAuditLog:
     def append_sync(self, entry: AuditEntry) -> None:
         record = encode_record(entry.to_dict())
         with self._lock:
-            if self._fd < 0:
+            if self._closed:
                 raise AuditError("the audit log is closed")
+            if self._fd < 0:
+                self._open()  # the first action creates the file
             end = os.lseek(self._fd, 0, os.SEEK_END)
             try:
                 os.pwrite(self._fd, record, end)
@@ -219,6 +224,7 @@ class FileAuditLog:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1

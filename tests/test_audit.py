@@ -16,7 +16,7 @@ from qdash_testing.collector import CollectorProc, short_dir
 import qdash_mp.audit_format as fmt
 from qdash_mp import Client, Job
 from qdash_mp.audit import AuditEntry, FileAuditLog, MemoryAuditLog
-from qdash_mp.errors import AuditCorrupt
+from qdash_mp.errors import AuditCorrupt, AuditError
 
 TOKEN = "audit-test-token-0123456789"
 
@@ -171,3 +171,15 @@ def test_audit_entries_survive_kill_9() -> None:
         assert page["total"] == 2
     finally:
         proc.cleanup()
+
+
+def test_file_is_created_by_the_first_action(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = FileAuditLog(path)
+    assert not path.exists()  # a collector that fails to start leaves nothing behind
+    assert log.page(0, 5) == []
+    log.append_sync(entry(1))
+    assert path.stat().st_mode & 0o777 == 0o600
+    log.close()
+    with pytest.raises(AuditError, match="closed"):
+        log.append_sync(entry(2))
