@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -483,4 +482,8 @@ def test_check_command_against_a_running_collector(running_collector: Any) -> No
     done = qdash("--log-format", "json", "check", "--data-dir", str(running_collector.data_dir))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: collector pid")
-    assert os.path.exists(running_collector.data_dir / "audit.log")
+    assert "journal sound (0 failed jobs)" in done.stdout
+    running_collector.kill()
+    gone = qdash("check", "--data-dir", str(running_collector.data_dir))
+    assert gone.returncode == 1
+    assert "is gone" in gone.stderr
