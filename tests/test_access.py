@@ -8,10 +8,13 @@ import json
 import logging
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qdash_testing.collector import CollectorProc, short_dir
 from qdash_testing.http import csrf_token_in
 from test_access_matrix import FULL, TOKEN, USERS
 
@@ -487,3 +490,29 @@ def test_check_command_against_a_running_collector(running_collector: Any) -> No
     gone = qdash("check", "--data-dir", str(running_collector.data_dir))
     assert gone.returncode == 1
     assert "is gone" in gone.stderr
+
+
+def _status(url: str, host: str) -> int:
+    req = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        err.close()
+        return int(err.code)
+
+
+@pytest.mark.slow
+def test_real_collector_refuses_rebound_host_and_honours_allowed_host() -> None:
+    data = short_dir("qreb")
+    proc = CollectorProc(data, args=("--allowed-host", "dash.lan"))
+    try:
+        proc.start()
+        port = proc.http.rsplit(":", 1)[1]
+        url = proc.http + "/queues/api/failed"
+        assert _status(url, f"evil.example:{port}") == 421
+        assert _status(url, f"dash.lan:{port}") == 200
+        assert _status(url, f"localhost:{port}") == 200
+        assert _status(url, f"127.0.0.1:{port}") == 200
+    finally:
+        proc.cleanup()
