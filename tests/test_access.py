@@ -516,3 +516,25 @@ def test_real_collector_refuses_rebound_host_and_honours_allowed_host() -> None:
         assert _status(url, f"127.0.0.1:{port}") == 200
     finally:
         proc.cleanup()
+
+
+async def test_audit_page_shows_actions_escaped(aiohttp_client: Any) -> None:
+    inspector, failed, _ = store()
+    failed.record(Job(id="<i>evil</i>", name="t"), "q", "boom")
+    client = await aiohttp_client(create_app(inspector))
+    token = csrf_token_in(await (await client.get("/queues/failed")).text())
+    resp = await client.post(
+        "/queues/failed/%3Ci%3Eevil%3C%2Fi%3E/forget",
+        data={"csrf_token": token},
+        headers={"Accept": "application/json"},
+    )
+    assert resp.status == 200
+    page = await client.get("/queues/audit")
+    html = await page.text()
+    assert page.status == 200
+    assert "&lt;i&gt;evil&lt;/i&gt;" in html
+    assert "<i>evil" not in html
+    assert "anonymous" in html
+    api = await (await client.get("/queues/api/audit?page=1")).json()
+    assert api["entries"][0]["ids"] == ["<i>evil</i>"]
+    assert (await client.get("/queues/api/audit?page=0")).status == 400
