@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qdash_mp.access_settings import AccessSettings
 from qdash_mp.errors import ConfigError
 
 __all__ = [
@@ -88,6 +89,7 @@ class CollectorSettings:
     maintenance_interval: float = 30.0
     frame_deadline: float = 10.0
     partial_frame_budget: int = 64 * 1024 * 1024
+    access: AccessSettings = field(default_factory=AccessSettings)
     tick_interval: float = 1.0
     worker_retention: float = 600.0
     clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)
