@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from jsonschema import Draft202012Validator
 from qdash_testing.collector import run_module, short_dir, wait_for
 from qdash_testing.rawclient import RawClient
 
@@ -25,6 +26,7 @@ from qdash_mp.inspector import new_inspector
 from qdash_mp.settings import CollectorSettings
 from qdash_mp.stats import Stats
 from qdash_mp.web import create_app
+from qdash_mp.web.openapi import OPENAPI
 from qdash_mp.wire import Batch, encode
 
 T0 = 1_700_000_040.0  # a minute boundary
@@ -50,6 +52,13 @@ def _get(url: str) -> tuple[int, Any]:
 
 async def get(url: str) -> tuple[int, Any]:
     return await asyncio.to_thread(_get, url)
+
+
+def conforms(path: str, status: int, body: Any) -> None:
+    """``body`` validates against the OpenAPI schema of ``path``'s GET ``status``."""
+    op = OPENAPI["paths"][path]["get"]
+    schema = op["responses"][str(status)]["content"]["application/json"]["schema"]
+    Draft202012Validator({**OPENAPI, "$ref": "#/x", "x": schema}).validate(body)
 
 
 async def until(predicate: Any, what: str, timeout: float = TIMEOUT) -> Any:
@@ -103,7 +112,8 @@ async def test_workers_appear_show_their_job_and_go_gone(collector: Collector) -
         line = await asyncio.to_thread(proc.stdout.readline)
         assert line.strip() == "started"
         url = f"{collector.http_url}/queues/api/workers"
-        _, body = await get(url)
+        status, body = await get(url)
+        conforms("/queues/api/workers", status, body)
         (w,) = body["workers"]
         assert (w["pid"], w["host"], w["name"], w["state"]) == (
             proc.pid, socket.gethostname(), "w-one", "connected",
@@ -180,11 +190,13 @@ async def test_tracking_pages_exact_for_a_small_run(collector: Collector) -> Non
     base = f"{collector.http_url}/queues/api/queues/mail"
     status, body = await get(base + "/pending")
     assert status == 200
+    conforms("/queues/api/queues/{queue}/pending", status, body)
     assert body["queue"] == "mail"
     assert body["page"] == 1
     assert [j["id"] for j in body["jobs"]] == ["j3", "j4"]
     assert body["jobs"][0]["state"] == "pending"
-    _, body = await get(base + "/recent?page=1")
+    status, body = await get(base + "/recent?page=1")
+    conforms("/queues/api/queues/{queue}/recent", status, body)
     assert [(j["id"], j["state"], j["runtime"]) for j in body["jobs"]] == [
         ("j1", "processed", 0.25),
         ("j0", "processed", 0.25),
@@ -244,6 +256,7 @@ async def test_history_points_per_minute_survive_a_restart(
         assert [(p["t"], p["pushed"]) for p in pts] == [(T0, 3), (T0 + 60, 5)]
         status, body = await get(f"{again.http_url}/queues/api/history?queue=q")
         assert status == 200
+        conforms("/queues/api/history", status, body)
         assert body["queue"] == "q"
         assert body["resolution"] == "minute"
         assert body["points"] == pts
@@ -310,15 +323,16 @@ def test_history_survives_a_collector_kill9() -> None:
 
 async def test_routes_json_shapes_and_400s(collector: Collector) -> None:
     base = f"{collector.http_url}/queues/api"
-    for path, word in [
-        ("/history", "queue"),
-        ("/history?queue=q&resolution=day", "resolution"),
-        ("/queues/q/pending?page=0", "page"),
-        ("/queues/q/recent?page=x", "page"),
+    for path, route, word in [
+        ("/history", "/history", "queue"),
+        ("/history?queue=q&resolution=day", "/history", "resolution"),
+        ("/queues/q/pending?page=0", "/queues/{queue}/pending", "page"),
+        ("/queues/q/recent?page=x", "/queues/{queue}/recent", "page"),
     ]:
         status, body = await get(base + path)
         assert status == 400, path
         assert word in body["error"]
+        conforms("/queues/api" + route, status, body)
     assert await get(base + "/history?queue=nope") == (
         200,
         {"queue": "nope", "resolution": "minute", "points": [], "windows": _empty_windows()},

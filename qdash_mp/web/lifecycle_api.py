@@ -25,9 +25,110 @@ from aiohttp import web
 from qdash_mp.models import PAGE_SIZE
 from qdash_mp.web.paging import parse_page
 
-__all__ = ["RESOLUTIONS", "add_routes"]
+__all__ = ["OPENAPI_PATHS", "OPENAPI_SCHEMAS", "RESOLUTIONS", "add_routes"]
 
 RESOLUTIONS = ("minute", "hour")
+
+# -- the OpenAPI part of these routes (merged into qdash_mp.web.openapi.OPENAPI) -------------
+
+_NUM = {"type": "number"}
+_NNUM = {"type": ["number", "null"]}
+_INT = {"type": "integer", "minimum": 0}
+_STR = {"type": "string"}
+
+
+def _obj(props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": list(props), "properties": props}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _get(summary: str, ok: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    def body(schema: dict[str, Any], what: str) -> dict[str, Any]:
+        return {"description": what, "content": {"application/json": {"schema": schema}}}
+
+    return {
+        "get": {
+            "summary": summary,
+            "parameters": params,
+            "responses": {"200": body(_ref(ok), "ok"), "400": body(_ref("Error"), "bad input")},
+        }
+    }
+
+
+_SUMMARY = _obj({"count": _INT, **{k: _NNUM for k in ("p50", "p90", "p95", "p99", "max")}})
+_PAIR = _obj({"runtime": _ref("LatencySummary"), "wait": _ref("LatencySummary")})
+OPENAPI_SCHEMAS: dict[str, Any] = {
+    "LatencySummary": _SUMMARY,
+    "HistoryPoint": _obj(
+        {"t": _NUM, "pushed": _INT, "processed": _INT, "failed": _INT, "runtime": _SUMMARY}
+    ),
+    "History": _obj(
+        {
+            "queue": _STR,
+            "resolution": {"enum": list(RESOLUTIONS)},
+            "points": {"type": "array", "items": _ref("HistoryPoint")},
+            "windows": {"type": "object", "additionalProperties": _PAIR},
+        }
+    ),
+    "ActiveJob": _obj({"queue": _STR, "id": _STR, "name": _STR, "started_at": _NUM}),
+    "Worker": _obj(
+        {
+            "id": _STR,
+            "pid": _INT,
+            "host": _STR,
+            "name": _STR,
+            "queues": {"type": "array", "items": _STR},
+            "connected_at": _NUM,
+            "last_seen": _NUM,
+            "active": {"type": "array", "items": _ref("ActiveJob")},
+            "state": {"enum": ["connected", "gone"]},
+            "can_requeue": {"type": "boolean"},
+        }
+    ),
+    "Workers": _obj({"workers": {"type": "array", "items": _ref("Worker")}}),
+    "TrackedJob": _obj(
+        {
+            "id": _STR,
+            "queue": _STR,
+            "name": _STR,
+            "state": {"enum": ["pending", "active", "processed", "failed"]},
+            "enqueued_at": _NNUM,
+            "started_at": _NNUM,
+            "finished_at": _NNUM,
+            "runtime": _NNUM,
+        }
+    ),
+    "TrackedPage": _obj(
+        {
+            "queue": _STR,
+            "page": {"type": "integer", "minimum": 1},
+            "page_size": _INT,
+            "jobs": {"type": "array", "items": _ref("TrackedJob")},
+        }
+    ),
+}
+_PAGE = {"name": "page", "in": "query", "required": False, "schema": {"type": "integer"}}
+_QUEUE = {"name": "queue", "in": "path", "required": True, "schema": _STR}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/queues/api/history": _get(
+        "A queue's history (per minute 24 h, per hour 30 days) and rolling windows",
+        "History",
+        [
+            {"name": "queue", "in": "query", "required": True, "schema": _STR},
+            {"name": "resolution", "in": "query", "schema": {"enum": list(RESOLUTIONS)}},
+        ],
+    ),
+    "/queues/api/workers": _get("Connected and recently gone workers", "Workers", []),
+    "/queues/api/queues/{queue}/pending": _get(
+        "Tracked jobs pushed and not started, oldest first", "TrackedPage", [_QUEUE, _PAGE]
+    ),
+    "/queues/api/queues/{queue}/recent": _get(
+        "Tracked jobs finished, newest first", "TrackedPage", [_QUEUE, _PAGE]
+    ),
+}
 
 
 def _bad(reason: str) -> web.Response:

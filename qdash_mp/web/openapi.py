@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from qdash_mp.web import lifecycle_api
+
 __all__ = ["OPENAPI", "add_openapi_route"]
 
 _NUM = {"type": "number"}
@@ -241,6 +243,8 @@ OPENAPI: dict[str, Any] = {
     },
 }
 
+OPENAPI["paths"].update(lifecycle_api.OPENAPI_PATHS)  # history, workers, pending, recent
+OPENAPI["components"]["schemas"].update(lifecycle_api.OPENAPI_SCHEMAS)
 _BODY = json.dumps(OPENAPI, indent=1).encode()
 
 
