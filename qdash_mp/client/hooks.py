@@ -10,6 +10,13 @@ Measured on CPython 3.11: ``d[k] += 1`` in a loop ~37 ns, ``client.on_processed(
 with a lock ~170 ns, which is what ``_LockedClient`` (picked by ``Client()`` on a free-threaded
 build) pays. Hooks never raise and never block: a bad argument is logged once and dropped.
 ``on_failed`` (not a hot path) also packs the job to a FAILED record right away.
+
+Lifecycle (``docs/client.md``): ``on_processed(q, runtime=rt)`` appends ``rt`` to a per-queue
+list *instead of* the increment (the sender counts and buckets the list: deferred, ~the cost
+of the increment). The first ``on_started`` of a process switches the instance to
+``_LifeClient`` (the same slots), whose finish hooks also look the job up by id to time it
+(monotonic) and keep the active count; plain ``Client`` hooks never pay for that. A client
+with ``track_jobs`` is a ``_LifeClient`` from the start (its ``on_pushed`` records events).
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from qdash_mp.client import process
+from qdash_mp.client.lifecycle import MAX_PENDING_EVENTS, LifeState
 from qdash_mp.client.record import pack_failed_job, utf8_ok
 from qdash_mp.client.requeue import RequeueFn, requeue_list
 from qdash_mp.client.sender import Sender, SenderConfig
@@ -54,6 +63,27 @@ def _gil_disabled() -> bool:
     return is_enabled is not None and not is_enabled()
 
 
+def _default_name() -> str:
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    return f"{os.path.basename(argv0)}:{os.getpid()}"[:MAX_NAME]
+
+
+def _track_spec(track_jobs: bool | Iterable[str]) -> tuple[str, ...] | None:
+    if track_jobs is True:
+        return ("*",)
+    if track_jobs is False or track_jobs is None:
+        return None
+    if isinstance(track_jobs, str):
+        raise ConfigError("track_jobs must be a bool or a list of queue names, not a str")
+    queues = tuple(track_jobs)
+    for q in queues:
+        if not (isinstance(q, str) and 1 <= len(q) <= MAX_NAME and utf8_ok(q)):
+            raise ConfigError(f"track_jobs: {q!r} is not a queue name")
+    if not queues:
+        return None
+    return ("*",) if "*" in queues else queues
+
+
 class Client(Hooks):
     """Worker-side hooks that stream counts and failed jobs to the collector daemon.
 
@@ -62,33 +92,51 @@ class Client(Hooks):
     offered for ``requeue_queues`` (``None``: every queue). ``spool_dir`` (optional) is
     where what cannot be delivered is kept on disk, and where spools left by earlier
     clients are picked up and sent. See ``docs/client.md`` for the guarantees.
+
+    ``name`` is the worker's name on the dashboard (default: program name and pid).
+    ``track_jobs`` (``True``, or a list of queues) reports each job of those queues (pushed,
+    started, finished) so the dashboard can list pending and recent jobs; best effort and
+    bounded (``docs/client.md``).
     """
 
     # Slots keep attribute access on the hook path at its fastest: a plain instance dict
     # with this many keys loses CPython's shared-key fast path (~10 ns per hook call).
     __slots__ = (
         "__weakref__",
+        "_anon",
         "_close_result",
         "_closed",
         "_config",
         "_counts",
         "_dropped_failed",
+        "_events",
         "_failed",
         "_failed_jobs",
+        "_fruntimes",
         "_hard_pending",
         "_hook_errors",
+        "_jobs",
+        "_life",
         "_lock",
         "_processed",
         "_pushed",
         "_retried",
+        "_runtimes",
         "_sender",
         "_spool_dir",
+        "_started",
         "_throttle",
+        "_track",
+        "_wait_lists",
         "_wake_every",
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Client:
-        kind = _LockedClient if cls is Client and _gil_disabled() else cls
+        kind = cls
+        if cls is Client and _gil_disabled():
+            kind = _LockedClient
+        elif cls is Client and kwargs.get("track_jobs"):
+            kind = _LifeClient
         return super().__new__(kind)
 
     def __init__(
@@ -104,6 +152,8 @@ class Client(Hooks):
         max_pending_failed: int = 100_000,
         max_unacked: int = 16,
         spool_dir: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        track_jobs: bool | Iterable[str] = False,
     ) -> None:
         path = os.fspath(socket_path) if socket_path is not None else str(default_socket_path())
         if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
@@ -116,13 +166,13 @@ class Client(Hooks):
             raise ConfigError(f"flush_interval must be > 0, not {flush_interval}")
         if not reconnect_max > 0:
             raise ConfigError(f"reconnect_max must be > 0, not {reconnect_max}")
-        for name, value in (
+        for what, value in (
             ("max_batch_failed", max_batch_failed),
             ("max_pending_failed", max_pending_failed),
             ("max_unacked", max_unacked),
         ):
             if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(f"{name} must be an int >= 1, not {value!r}")
+                raise ConfigError(f"{what} must be an int >= 1, not {value!r}")
         spool = None
         if spool_dir is not None:
             spool = Path(os.fspath(spool_dir)).absolute()
@@ -130,6 +180,12 @@ class Client(Hooks):
                 spool.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"cannot use spool_dir {str(spool)!r}: {exc}") from None
+        if name is not None and not (isinstance(name, str) and len(name) <= MAX_NAME):
+            raise ConfigError(f"name must be a str of at most {MAX_NAME} characters")
+        track = _track_spec(track_jobs)
+        self._track: bool | frozenset[str] = (
+            False if track is None else True if track == ("*",) else frozenset(track)
+        )
         queues = requeue_list(requeue, requeue_queues)
         if spool is None:
             self._hard_pending = max_pending_failed
@@ -150,6 +206,8 @@ class Client(Hooks):
             hard_pending=self._hard_pending,
             max_unacked=max_unacked,
             spool_dir=spool,
+            name=_default_name() if name is None else name,
+            track=track,
         )
         self._closed = False
         self._close_result = False
@@ -170,7 +228,15 @@ class Client(Hooks):
         self._failed_jobs: collections.deque[bytes] = collections.deque()
         self._dropped_failed = 0
         self._lock = threading.Lock()  # hooks' slow paths and locked (free-threaded) hooks
-        self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs, self)
+        life = self._life = LifeState()
+        self._runtimes = life.runtimes  # processed with a runtime: counted by the sender
+        self._fruntimes = life.fruntimes  # failed with a runtime: buckets only
+        self._wait_lists = life.waits
+        self._started = life.started
+        self._jobs = life.jobs
+        self._anon = life.anon
+        self._events = life.events
+        self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs, self, life)
 
     def _after_fork_in_child(self) -> None:
         """Forget the parent's connection, counts and threads; start over as a new client."""
@@ -225,16 +291,34 @@ class Client(Hooks):
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
 
+    def on_started(self, queue: str, job: Job | None = None) -> None:
+        """A worker began a job of ``queue``: counted, active, timed until it finishes."""
+        # From now on this process's finish hooks look jobs up (plain ones never do).
+        try:
+            self.__class__ = _life_class(type(self))
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return
+        self.on_started(queue, job)
+
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None
     ) -> None:
-        """A job of ``queue`` finished successfully."""
-        try:
-            self._processed[queue] += 1
-        except KeyError:
-            self._count_new(self._processed, queue)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
+        """A job of ``queue`` finished successfully (in ``runtime`` seconds, if given)."""
+        if runtime is None:
+            try:
+                self._processed[queue] += 1
+            except KeyError:
+                self._count_new(self._processed, queue)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+        else:
+            try:
+                self._runtimes[queue].append(runtime)  # counted and bucketed by the sender
+            except KeyError:
+                self._list_new(self._runtimes, queue, runtime)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
 
     def on_retried(self, queue: str) -> None:
         """A job of ``queue`` was retried."""
@@ -261,24 +345,48 @@ class Client(Hooks):
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
             return
+        if runtime is not None:
+            self._add(self._fruntimes, queue, runtime)
         if job is not None:
             try:
                 self._record_failed(queue, job, error)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
                 self._hook_error(exc)
 
+    def _add(self, lists: dict[str, list[Any]], queue: str, value: object) -> None:
+        try:
+            lists[queue].append(value)
+        except KeyError:
+            self._list_new(lists, queue, value)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _list_new(self, lists: dict[str, list[Any]], queue: object, value: object) -> None:
+        """First value of ``queue`` in ``lists`` (or a bad name): check, create, append."""
+        try:
+            if not self._good_queue(queue):
+                return
+            lists.setdefault(str.__str__(queue), []).append(value)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _good_queue(self, queue: object) -> TypeGuard[str]:
+        if isinstance(queue, str) and 1 <= len(queue) <= MAX_NAME and utf8_ok(queue):
+            return True
+        self._throttle.log(
+            "bad-queue",
+            logging.ERROR,
+            "qdash_mp client: event for an invalid queue name %r dropped "
+            "(a queue name is a str of 1..%d characters that UTF-8 can encode)",
+            queue,
+            MAX_NAME,
+        )
+        return False
+
     def _count_new(self, counts: dict[str, int], queue: object) -> bool:
         """First count of ``queue`` (or a bad name): check it, create the entry, count."""
         try:
-            if not (isinstance(queue, str) and 1 <= len(queue) <= MAX_NAME and utf8_ok(queue)):
-                self._throttle.log(
-                    "bad-queue",
-                    logging.ERROR,
-                    "qdash_mp client: event for an invalid queue name %r dropped "
-                    "(a queue name is a str of 1..%d characters that UTF-8 can encode)",
-                    queue,
-                    MAX_NAME,
-                )
+            if not self._good_queue(queue):
                 return False
             counts.setdefault(str.__str__(queue), 0)  # one C call: racing creators both count
             counts[queue] += 1
@@ -366,33 +474,76 @@ class Client(Hooks):
         return f"<Client {self.client_id} socket={self.socket_path!r}>"
 
 
-class _LockedClient(Client):
-    """``Client`` for free-threaded CPython: unlocked read-modify-write could lose counts.
+class _LifeClient(Client):
+    """``Client`` once a job was started in this process (or with ``track_jobs``).
 
-    ``Client()`` returns one of these by itself when the GIL is disabled.
+    Finish hooks end the job's active entry (by job id, or the queue's count of jobs started
+    without one) and time it from its ``on_started`` (monotonic) unless given a runtime;
+    tracked queues also get events. Same slots as ``Client``: an instance changes class.
     """
 
     __slots__ = ()
 
     def on_pushed(self, queue: str, job: Job | None = None) -> None:
         try:
-            self._bump(self._pushed, queue)
+            self._pushed[queue] += 1
+        except KeyError:
+            if not self._count_new(self._pushed, queue):
+                return
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
+            return
+        if job is not None and self._track is not False:
+            self._event("p", queue, job, None, None)
+
+    def on_started(self, queue: str, job: Job | None = None) -> None:
+        try:
+            self._started[queue] += 1
+        except KeyError:
+            if not self._count_new(self._started, queue):
+                return
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return
+        try:
+            if job is None:
+                anon = self._anon
+                anon[queue] = anon.get(queue, 0) + 1
+                return
+            wall = time.time()
+            jid = job.id
+            self._jobs[jid] = (queue, jid, job.name, wall, time.monotonic())
+            enqueued = getattr(job, "enqueued_at", None)
+            if type(enqueued) is float or type(enqueued) is int:
+                self._add(self._wait_lists, queue, wall - enqueued)
+            if self._track is not False:
+                self._event("s", queue, job, None, wall)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _finish(self, queue: str, job: Job | None, runtime: float | None) -> float | None:
+        """End the job's active entry; its measured runtime unless one was given."""
+        try:
+            entry = None if job is None else self._jobs.pop(job.id, None)
+            if entry is None:
+                anon = self._anon
+                n = anon.get(queue)
+                if n:
+                    anon[queue] = n - 1
+                return runtime
+            if runtime is None:
+                return time.monotonic() - entry[4]
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+        return runtime
 
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None
     ) -> None:
-        try:
-            self._bump(self._processed, queue)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-
-    def on_retried(self, queue: str) -> None:
-        try:
-            self._bump(self._retried, queue)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
+        runtime = self._finish(queue, job, runtime)
+        Client.on_processed(self, queue, None, runtime)
+        if job is not None and self._track is not False:
+            self._event("d", queue, job, runtime, None)
 
     def on_failed(
         self,
@@ -401,17 +552,78 @@ class _LockedClient(Client):
         error: BaseException | str,
         runtime: float | None = None,
     ) -> None:
+        runtime = self._finish(queue, job, runtime)
+        Client.on_failed(self, queue, job, error, runtime)
+        if job is not None and self._track is not False:
+            self._event("f", queue, job, runtime, None)
+
+    def _event(
+        self, kind: str, queue: str, job: Job, runtime: float | None, at: float | None
+    ) -> None:
         try:
-            if self._bump(self._failed, queue) and job is not None:
-                self._record_failed(queue, job, error)
+            track = self._track
+            if track is not True and queue not in track:  # type: ignore[operator]
+                return
+            events = self._events
+            if len(events) >= MAX_PENDING_EVENTS:
+                self._life.dropped_events += 1
+                return
+            when = time.time() if at is None else at
+            events.append((kind, queue, job.id, job.name, when, runtime))
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
 
-    def _bump(self, counts: dict[str, int], queue: str) -> bool:
-        if isinstance(queue, str) and queue in counts:
-            with self._lock:
-                key = str.__str__(queue)
-                counts[key] = counts.get(key, 0) + 1
-            return True
+
+_LIFE_CLASSES: dict[type, type] = {}
+
+
+def _life_class(cls: type) -> type:
+    """The lifecycle twin of ``cls``: ``_LifeClient`` for ``Client``; for a subclass of
+    ``Client``, a subclass of both (same layout, so an instance can change to it)."""
+    if issubclass(cls, _LifeClient):
+        return cls
+    if cls is Client:
+        return _LifeClient
+    twin = _LIFE_CLASSES.get(cls)
+    if twin is None:
+        twin = type(cls.__name__, (_LifeClient, cls), {"__slots__": ()})
+        _LIFE_CLASSES[cls] = twin
+    return twin
+
+
+class _LockedClient(_LifeClient):
+    """``Client`` for free-threaded CPython: unlocked read-modify-write could lose counts.
+
+    ``Client()`` returns one of these by itself when the GIL is disabled. Every hook is the
+    lifecycle hook (``_LifeClient``) under the client's lock.
+    """
+
+    __slots__ = ()
+
+    def on_pushed(self, queue: str, job: Job | None = None) -> None:
         with self._lock:
-            return self._count_new(counts, queue)  # checks the name, logs and drops a bad one
+            _LifeClient.on_pushed(self, queue, job)
+
+    def on_started(self, queue: str, job: Job | None = None) -> None:
+        with self._lock:
+            _LifeClient.on_started(self, queue, job)
+
+    def on_processed(
+        self, queue: str, job: Job | None = None, runtime: float | None = None
+    ) -> None:
+        with self._lock:
+            _LifeClient.on_processed(self, queue, job, runtime)
+
+    def on_retried(self, queue: str) -> None:
+        with self._lock:
+            _LifeClient.on_retried(self, queue)
+
+    def on_failed(
+        self,
+        queue: str,
+        job: Job | None,
+        error: BaseException | str,
+        runtime: float | None = None,
+    ) -> None:
+        with self._lock:
+            _LifeClient.on_failed(self, queue, job, error, runtime)

@@ -1,0 +1,365 @@
+"""The client's lifecycle hooks on the wire: runtimes, waits, started, active, jobs, tracking.
+
+A scripted peer (a real Unix socket, our real decoder) records every BATCH a real ``Client``
+sends; what the hooks reported must arrive exactly (counters, bucket counts) or as the latest
+snapshot (gauges). Also: version negotiation with a v1 collector, and deltas above
+``MAX_DELTA`` split over batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from qdash_testing.collector import short_dir, wait_for
+
+from qdash_mp.client import Client, _LockedClient
+from qdash_mp.client.batcher import Batcher
+from qdash_mp.client.lifecycle import LifeBatcher, LifeState
+from qdash_mp.histogram import bucket_of
+from qdash_mp.models import Job
+from qdash_mp.wire import (
+    MAX_DELTA,
+    Ack,
+    Batch,
+    ErrorCode,
+    ErrorMsg,
+    FrameDecoder,
+    Hello,
+    Message,
+    Welcome,
+    encode,
+)
+
+WAIT = 10.0
+
+
+@dataclass
+class Conn:
+    hello: Hello | None = None
+    batches: list[Batch] = field(default_factory=list)
+
+
+class Peer:
+    """Answers HELLO with ``answer(n, hello)``; ACKs every batch (connection ``n`` hangs up
+    after ``hang_up_after`` batches of it, unACKed, if set); records everything."""
+
+    def __init__(
+        self,
+        path: str,
+        answer: Callable[[int, Hello], Message],
+        hang_up_after: int | None = None,
+    ) -> None:
+        self.answer = answer
+        self.hang_up_after = hang_up_after
+        self.conns: list[Conn] = []
+        self.lock = threading.Lock()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with sock:
+                self._serve(sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = Conn()
+        with self.lock:
+            self.conns.append(conn)
+            n = len(self.conns)
+        decoder = FrameDecoder()
+        sock.settimeout(WAIT)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for msg in decoder.feed(data):
+                if isinstance(msg, Hello):
+                    conn.hello = msg
+                    reply = self.answer(n, msg)
+                    sock.sendall(encode(reply))
+                    if isinstance(reply, ErrorMsg):
+                        return
+                elif isinstance(msg, Batch):
+                    with self.lock:
+                        conn.batches.append(msg)
+                    if n == 1 and self.hang_up_after == len(conn.batches):
+                        return
+                    sock.sendall(encode(Ack(seq=msg.seq)))
+
+    def batches(self) -> list[Batch]:
+        """Every batch received once (a resent seq of the same client id counted once)."""
+        seen: dict[tuple[str, int], Batch] = {}
+        with self.lock:
+            for c in self.conns:
+                assert c.hello is not None
+                for b in c.batches:
+                    seen.setdefault((c.hello.client_id, b.seq), b)
+        return list(seen.values())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+def welcome_v2(n: int, hello: Hello) -> Message:
+    return Welcome(last_seq=0, version=min(hello.version, 2))
+
+
+@pytest.fixture
+def where() -> Iterator[Path]:
+    path = short_dir("qlc")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def peer(where: Path) -> Iterator[Peer]:
+    p = Peer(str(where / "c.sock"), welcome_v2)
+    yield p
+    p.close()
+
+
+def totals(batches: list[Batch]) -> dict[str, object]:
+    """Counters, started and bucket counts summed; the last gauges and jobs; all events."""
+    counters: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
+    started: collections.Counter[str] = collections.Counter()
+    runtime: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    wait: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    active: object = None
+    jobs: object = None
+    events: list[object] = []
+    for b in sorted(batches, key=lambda b: b.seq):
+        for q, row in b.counters.items():
+            for i, n in enumerate(row):
+                counters[q][i] += n
+        started.update(b.started)
+        for q, (r, w) in b.hist.items():
+            runtime[q].update(r)
+            wait[q].update(w)
+        if b.active is not None:
+            active, jobs = b.active, b.jobs
+        events.extend(b.events)
+    return {
+        "counters": dict(counters),
+        "started": dict(started),
+        "runtime": {q: dict(c) for q, c in runtime.items()},
+        "wait": {q: dict(c) for q, c in wait.items()},
+        "active": active,
+        "jobs": jobs,
+        "events": events,
+    }
+
+
+def make(peer: Peer, **kw: object) -> Client:
+    return Client(
+        peer.listener.getsockname(),
+        flush_interval=0.02,
+        reconnect_max=0.05,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------- the batcher
+
+
+def test_a_delta_above_max_delta_is_split_over_batches() -> None:
+    """The wire refuses a delta above MAX_DELTA: the batcher caps it, the rest follows."""
+    counts: tuple[dict[str, int], ...] = ({"q": MAX_DELTA + 5}, {}, {}, {"q": 3})
+    batcher = Batcher(counts, collections.deque(), 10)
+    got = []
+    for seq in (1, 2, 3):
+        built = batcher.next_batch(seq, batcher.deltas(), 0)
+        if built is None:
+            break
+        (msg,) = FrameDecoder().feed(built[0])
+        assert isinstance(msg, Batch)
+        got.append(msg.counters["q"])
+    assert got == [(MAX_DELTA, 0, 0, 3), (5, 0, 0, 0)]
+    assert not batcher.has_news()
+
+
+def test_bucket_deltas_above_max_delta_are_split_too() -> None:
+    life = LifeState()
+    batcher = Batcher(({}, {}, {}, {}), collections.deque(), 10, LifeBatcher(life))
+    life.started["q"] = MAX_DELTA + 1
+    first = batcher.next_batch(1, batcher.deltas(), 0)
+    second = batcher.next_batch(2, batcher.deltas(), 0)
+    assert first is not None
+    assert second is not None
+    msgs = [FrameDecoder().feed(f)[0] for f, _ in (first, second)]
+    assert [m.started for m in msgs if isinstance(m, Batch)] == [{"q": MAX_DELTA}, {"q": 1}]
+
+
+def test_runtimes_that_are_not_numbers_are_dropped_but_counted() -> None:
+    life = LifeState()
+    batcher = Batcher(({}, {}, {}, {}), collections.deque(), 10, LifeBatcher(life))
+    life.runtimes["q"] = [0.05, "slow", None, 0.05, float("nan")]
+    built = batcher.next_batch(1, batcher.deltas(), 0)
+    assert built is not None
+    (msg,) = FrameDecoder().feed(built[0])
+    assert isinstance(msg, Batch)
+    assert msg.counters["q"] == (0, 5, 0, 0)
+    assert msg.hist["q"] == ({bucket_of(0.05): 2, 0: 1}, {})
+
+
+# --------------------------------------------------------------------------- on the wire
+
+
+def test_runtimes_waits_started_and_active_reach_the_collector(peer: Peer) -> None:
+    client = make(peer, name="worker-7")
+    try:
+        for _ in range(3):
+            client.on_processed("q", runtime=0.05)
+        client.on_failed("q", None, "boom", runtime=2.0)
+        job = Job(id="j1", name="send", payload=None, enqueued_at=time.time() - 1.2)
+        client.on_started("q", job)
+        client.on_started("anon")
+        assert client.flush(WAIT)
+        now = totals(peer.batches())
+        assert now["active"] == {"q": 1, "anon": 1}
+        jobs = now["jobs"]
+        assert isinstance(jobs, tuple)
+        assert [(q, i, n) for q, i, n, _ in jobs] == [("q", "j1", "send")]
+        assert abs(jobs[0][3] - time.time()) < 60
+        client.on_processed("q", job)  # timed from on_started
+        client.on_processed("anon")
+        assert client.flush(WAIT)
+    finally:
+        client.close(WAIT)
+    t = totals(peer.batches())
+    assert t["counters"] == {"q": [0, 4, 1, 0], "anon": [0, 1, 0, 0]}
+    assert t["started"] == {"q": 1, "anon": 1}
+    runtime = t["runtime"]
+    assert isinstance(runtime, dict)
+    assert sum(runtime["q"].values()) == 5
+    assert runtime["q"][bucket_of(0.05)] >= 3
+    assert runtime["q"][bucket_of(2.0)] == 1
+    wait = t["wait"]
+    assert isinstance(wait, dict)
+    (bucket,) = wait["q"]
+    assert abs(bucket - bucket_of(1.2)) <= 3  # a few ms of scheduling
+    assert t["active"] == {}
+    assert t["jobs"] == ()
+    assert t["events"] == []  # nothing tracked
+    hello = peer.conns[0].hello
+    assert hello is not None
+    assert (hello.version, hello.name, hello.track) == (2, "worker-7", None)
+
+
+def test_gauges_are_sent_again_after_each_welcome(where: Path) -> None:
+    peer = Peer(str(where / "c.sock"), welcome_v2, hang_up_after=1)
+    client = make(peer)
+    try:
+        client.on_started("q", Job(id="a", name="n", payload=None))
+        wait_for(lambda: len(peer.conns) >= 2 and peer.conns[1].batches, WAIT, "a reconnect")
+        assert client.flush(WAIT)
+        first = peer.conns[1].batches[0]
+        assert first.active == {"q": 1}
+        assert first.jobs is not None
+        assert [j[1] for j in first.jobs] == ["a"]
+    finally:
+        client.close(WAIT)
+        peer.close()
+
+
+def test_tracked_queues_send_events(peer: Peer) -> None:
+    client = make(peer, track_jobs=["q"])
+    try:
+        for queue in ("q", "other"):
+            job = Job(id=f"{queue}-1", name="send", payload=None)
+            client.on_pushed(queue, job)
+            client.on_started(queue, job)
+            client.on_processed(queue, job, runtime=0.5)
+            job2 = Job(id=f"{queue}-2", name="send", payload=None)
+            client.on_pushed(queue, job2)
+            client.on_started(queue, job2)
+            client.on_failed(queue, job2, "boom")
+        assert client.flush(WAIT)
+    finally:
+        client.close(WAIT)
+    events = totals(peer.batches())["events"]
+    assert isinstance(events, list)
+    assert [(e[0], e[1], e[2]) for e in events] == [
+        ("p", "q", "q-1"),
+        ("s", "q", "q-1"),
+        ("d", "q", "q-1"),
+        ("p", "q", "q-2"),
+        ("s", "q", "q-2"),
+        ("f", "q", "q-2"),
+    ]
+    assert events[2][5] == 0.5
+    assert events[5][5] is not None  # measured
+    hello = peer.conns[0].hello
+    assert hello is not None
+    assert hello.track == ("q",)
+
+
+def test_a_v1_collector_gets_v1_hello_and_batches(where: Path) -> None:
+    def v1_only(n: int, hello: Hello) -> Message:
+        if hello.version != 1:
+            return ErrorMsg(ErrorCode.VERSION, f"protocol version {hello.version} unsupported")
+        return Welcome(last_seq=0, version=1)
+
+    peer = Peer(str(where / "c.sock"), v1_only)
+    client = make(peer)
+    try:
+        client.on_started("q", Job(id="a", name="n", payload=None))
+        client.on_processed("q", runtime=0.05)
+        client.on_processed("q", Job(id="a", name="n", payload=None))
+        assert client.flush(WAIT)
+    finally:
+        client.close(WAIT)
+        peer.close()
+    assert [c.hello.version for c in peer.conns if c.hello] == [2, 1]
+    batches = peer.batches()
+    assert batches
+    assert not any(b.has_ext for b in batches)
+    assert totals(batches)["counters"] == {"q": [0, 2, 0, 0]}
+
+
+def test_locked_twin_agrees_on_the_lifecycle_hooks(where: Path) -> None:
+    nowhere = str(where / "absent.sock")
+    plain = Client(nowhere, client_id="same")
+    locked = _LockedClient(nowhere, client_id="same")
+    try:
+        for c in (plain, locked):
+            for i in range(20):
+                job = Job(id=f"j{i}", name="t", payload=None, enqueued_at=1.0)
+                c.on_started("q", job)
+                if i % 2:
+                    c.on_processed("q", job, runtime=0.01)
+                elif i % 3:
+                    c.on_failed("q", job, "x", runtime=0.02)
+            c.on_started("q")
+            c.on_processed("q", runtime=0.03)
+        assert type(plain).__name__ == "_LifeClient"  # switched by on_started
+        assert plain._counts == locked._counts
+        assert plain._runtimes == locked._runtimes
+        assert plain._fruntimes == locked._fruntimes
+        assert plain._started == locked._started
+        assert plain._anon == locked._anon == {"q": 0}
+        assert sorted(plain._jobs) == sorted(locked._jobs) == ["j0", "j12", "j18", "j6"]
+        assert len(plain._wait_lists["q"]) == len(locked._wait_lists["q"]) == 20
+    finally:
+        plain.close(timeout=0)
+        locked.close(timeout=0)
