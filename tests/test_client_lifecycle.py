@@ -363,3 +363,50 @@ def test_locked_twin_agrees_on_the_lifecycle_hooks(where: Path) -> None:
     finally:
         plain.close(timeout=0)
         locked.close(timeout=0)
+
+
+def test_lifecycle_hooks_never_raise_on_bad_arguments(where: Path) -> None:
+    client = Client(str(where / "absent.sock"), track_jobs=True)
+    try:
+        assert type(client).__name__ == "_LifeClient"  # tracking: from the start
+        client.on_started("", Job(id="x", name="n", payload=None))  # bad queue: dropped
+        client.on_started("q", object())  # type: ignore[arg-type]  # no id
+        client.on_started("q", Job(id=["unhashable"], name="n", payload=None))  # type: ignore[arg-type]
+        client.on_processed("q", object())  # type: ignore[arg-type]
+        client.on_processed("q", runtime="slow")  # type: ignore[arg-type]
+        client.on_failed("q", None, "x", runtime=object())  # type: ignore[arg-type]
+        client.on_processed("bad\ud800", runtime=0.1)
+        client.on_started("q", Job(id="w", name="n", payload=None, enqueued_at="soon"))  # type: ignore[arg-type]
+        assert "bad\ud800" not in client._runtimes
+        assert "" not in client._started
+        assert client._started["q"] == 3
+        assert list(client._jobs) == ["w"]
+        assert "q" not in client._wait_lists  # enqueued_at not a number
+    finally:
+        client.close(timeout=0)
+
+
+def test_tracking_events_are_bounded(where: Path) -> None:
+    from qdash_mp.client.lifecycle import MAX_PENDING_EVENTS
+
+    client = Client(str(where / "absent.sock"), track_jobs=["q"])
+    try:
+        job = Job(id="j", name="n", payload=None)
+        for _ in range(MAX_PENDING_EVENTS + 5):
+            client.on_pushed("q", job)
+        assert len(client._events) == MAX_PENDING_EVENTS
+        assert client._life.dropped_events == 5
+    finally:
+        client.close(timeout=0)
+
+
+def test_track_jobs_and_name_are_checked(where: Path) -> None:
+    from qdash_mp.errors import ConfigError
+
+    nowhere = str(where / "absent.sock")
+    with pytest.raises(ConfigError, match="track_jobs"):
+        Client(nowhere, track_jobs="q")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="not a queue name"):
+        Client(nowhere, track_jobs=[""])
+    with pytest.raises(ConfigError, match="name must be a str"):
+        Client(nowhere, name="n" * 300)

@@ -50,6 +50,9 @@ __all__ = ["Client"]
 
 log = logging.getLogger("qdash_mp.client.hooks")
 
+_wall = time.time
+_mono = time.monotonic
+
 _SPOOL_SLACK = 10_000
 """With a spool, hooks keep failed jobs up to ``max(2 * bound, bound + this)`` while the
 sender thread moves them to disk; only past that (disk failing or far too slow) are details
@@ -510,29 +513,35 @@ class _LifeClient(Client):
                 anon = self._anon
                 anon[queue] = anon.get(queue, 0) + 1
                 return
-            wall = time.time()
+            wall = _wall()
             jid = job.id
-            self._jobs[jid] = (queue, jid, job.name, wall, time.monotonic())
-            enqueued = getattr(job, "enqueued_at", None)
-            if type(enqueued) is float or type(enqueued) is int:
-                self._add(self._wait_lists, queue, wall - enqueued)
+            self._jobs[jid] = (queue, jid, job.name, wall, _mono())
+            enqueued = getattr(job, "enqueued_at", None)  # duck-typed jobs may lack it
+            if enqueued is not None and (type(enqueued) is float or type(enqueued) is int):
+                try:
+                    self._wait_lists[queue].append(wall - enqueued)
+                except KeyError:
+                    self._list_new(self._wait_lists, queue, wall - enqueued)
             if self._track is not False:
                 self._event("s", queue, job, None, wall)
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
+
+    def _anon_done(self, queue: str) -> None:
+        """A job finished that was not started by id: one fewer started without an id."""
+        anon = self._anon
+        n = anon.get(queue)
+        if n:
+            anon[queue] = n - 1
 
     def _finish(self, queue: str, job: Job | None, runtime: float | None) -> float | None:
         """End the job's active entry; its measured runtime unless one was given."""
         try:
             entry = None if job is None else self._jobs.pop(job.id, None)
             if entry is None:
-                anon = self._anon
-                n = anon.get(queue)
-                if n:
-                    anon[queue] = n - 1
-                return runtime
-            if runtime is None:
-                return time.monotonic() - entry[4]
+                self._anon_done(queue)
+            elif runtime is None:
+                return _mono() - entry[4]
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
         return runtime
@@ -540,10 +549,34 @@ class _LifeClient(Client):
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None
     ) -> None:
-        runtime = self._finish(queue, job, runtime)
-        Client.on_processed(self, queue, None, runtime)
-        if job is not None and self._track is not False:
-            self._event("d", queue, job, runtime, None)
+        # _finish and Client.on_processed inlined: this pair is the started-job hot path.
+        if job is not None:
+            try:
+                entry = self._jobs.pop(job.id, None)
+                if entry is None:
+                    self._anon_done(queue)
+                elif runtime is None:
+                    runtime = _mono() - entry[4]
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+            if self._track is not False:
+                self._event("d", queue, job, runtime, None)
+        elif self._anon:
+            self._anon_done(queue)
+        if runtime is None:
+            try:
+                self._processed[queue] += 1
+            except KeyError:
+                self._count_new(self._processed, queue)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+        else:
+            try:
+                self._runtimes[queue].append(runtime)
+            except KeyError:
+                self._list_new(self._runtimes, queue, runtime)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
 
     def on_failed(
         self,
