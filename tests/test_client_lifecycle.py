@@ -410,3 +410,55 @@ def test_track_jobs_and_name_are_checked(where: Path) -> None:
         Client(nowhere, track_jobs=[""])
     with pytest.raises(ConfigError, match="name must be a str"):
         Client(nowhere, name="n" * 300)
+
+
+def test_bucket_counts_are_exact_across_threads_and_a_reconnect(where: Path) -> None:
+    """4 threads time jobs while the sender drains their lists; the connection drops once
+    (unACKed batches resent): the bucket counts received equal those of the data."""
+    import random
+
+    from qdash_mp.histogram import NBUCKETS, count_values
+
+    peer = Peer(str(where / "c.sock"), welcome_v2, hang_up_after=1)
+    client = Client(peer.listener.getsockname(), flush_interval=0.002, reconnect_max=0.05)
+    per_thread = 5_000
+    rngs = [random.Random(t) for t in range(4)]
+    data = [[rng.lognormvariate(-3, 1.5) for _ in range(per_thread)] for rng in rngs]
+    start = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        start.wait()
+        for i, rt in enumerate(data[t]):
+            if i % 100 == 0:
+                job = Job(id=f"{t}-{i}", name="n", payload=None, enqueued_at=time.time() - 1)
+                client.on_started("q", job)
+                client.on_processed("q", job, runtime=rt)
+            else:
+                client.on_processed("q", runtime=rt)
+
+    client.on_pushed("warm-up")  # batch 1, lost with the first connection
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert client.flush(WAIT)
+    finally:
+        client.close(WAIT)
+        peer.close()
+    assert len(peer.conns) >= 2
+    want = [0] * NBUCKETS
+    for d in data:
+        count_values(want, d)
+    t = totals(peer.batches())
+    runtime = t["runtime"]
+    assert isinstance(runtime, dict)
+    got = [runtime["q"].get(i, 0) for i in range(NBUCKETS)]
+    assert got == want
+    assert t["counters"] == {"q": [0, 4 * per_thread, 0, 0], "warm-up": [1, 0, 0, 0]}
+    assert t["started"] == {"q": 4 * per_thread // 100}
+    wait = t["wait"]
+    assert isinstance(wait, dict)
+    assert sum(wait["q"].values()) == 4 * per_thread // 100
+    assert t["active"] == {}
