@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from qdash_testing.collector import short_dir, wait_for
+from qdash_testing.collector import CollectorProc, short_dir, wait_for
 
 from qdash_mp.client import Client, _LockedClient
 from qdash_mp.client.batcher import Batcher
@@ -462,3 +462,50 @@ def test_bucket_counts_are_exact_across_threads_and_a_reconnect(where: Path) -> 
     assert isinstance(wait, dict)
     assert sum(wait["q"].values()) == 4 * per_thread // 100
     assert t["active"] == {}
+
+
+# --------------------------------------------------------------------------- real collector
+
+
+def test_round_trip_through_a_real_collector(
+    running_collector: CollectorProc, client_factory: Callable[..., Client]
+) -> None:
+    """Runtimes and waits of a real client land in a real collector's shared memory
+    exactly: counts, and summaries equal to those of the same data's buckets."""
+    import random
+
+    from qdash_mp.histogram import NBUCKETS, count_values, summary
+    from qdash_mp.shm import SharedStatsReader
+
+    rng = random.Random(9)
+    data = [rng.lognormvariate(-3, 1) for _ in range(2_000)]
+    client = client_factory(running_collector.socket, name="round-trip")
+    for rt in data:
+        client.on_pushed("rt")
+        client.on_processed("rt", runtime=rt)
+    job = Job(id="live", name="n", payload=None, enqueued_at=time.time() - 2.0)
+    client.on_started("rt", job)
+    assert client.flush(WAIT)
+    with SharedStatsReader(running_collector.shm) as reader:
+        (row,) = [s for s in reader.snapshot().queues if s.queue == "rt"]
+    assert (row.pushed, row.processed) == (2_000, 2_000)
+    runtime = getattr(row, "runtime", None)
+    if runtime is None:
+        pytest.skip("the shared stats do not carry runtime histograms yet")
+    want = [0] * NBUCKETS
+    count_values(want, data)
+    expected = summary(want)
+    assert runtime.count == 2_000
+    assert (runtime.p50, runtime.p90, runtime.p95, runtime.p99) == (
+        expected.p50,
+        expected.p90,
+        expected.p95,
+        expected.p99,
+    )
+    assert row.wait.count == 1
+    client.on_processed("rt", job)
+    assert client.flush(WAIT)
+    with SharedStatsReader(running_collector.shm) as reader:
+        (row,) = [s for s in reader.snapshot().queues if s.queue == "rt"]
+    assert row.runtime.count == 2_001
+    assert row.processed == 2_001
