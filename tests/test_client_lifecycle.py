@@ -352,12 +352,13 @@ def test_locked_twin_agrees_on_the_lifecycle_hooks(where: Path) -> None:
                     c.on_failed("q", job, "x", runtime=0.02)
             c.on_started("q")
             c.on_processed("q", runtime=0.03)
-        assert type(plain).__name__ == "_LifeClient"  # switched by on_started
+        assert type(plain) is Client
         assert plain._counts == locked._counts
         assert plain._runtimes == locked._runtimes
         assert plain._fruntimes == locked._fruntimes
         assert plain._started == locked._started
-        assert plain._anon == locked._anon == {"q": 0}
+        assert plain._life.started_ids == locked._life.started_ids == {"q": 20}
+        assert plain._life.done_ids == locked._life.done_ids == {"q": 16}
         assert sorted(plain._jobs) == sorted(locked._jobs) == ["j0", "j12", "j18", "j6"]
         assert len(plain._wait_lists["q"]) == len(locked._wait_lists["q"]) == 20
     finally:
@@ -368,7 +369,6 @@ def test_locked_twin_agrees_on_the_lifecycle_hooks(where: Path) -> None:
 def test_lifecycle_hooks_never_raise_on_bad_arguments(where: Path) -> None:
     client = Client(str(where / "absent.sock"), track_jobs=True)
     try:
-        assert type(client).__name__ == "_LifeClient"  # tracking: from the start
         client.on_started("", Job(id="x", name="n", payload=None))  # bad queue: dropped
         client.on_started("q", object())  # type: ignore[arg-type]  # no id
         client.on_started("q", Job(id=["unhashable"], name="n", payload=None))  # type: ignore[arg-type]
@@ -509,3 +509,34 @@ def test_round_trip_through_a_real_collector(
         (row,) = [s for s in reader.snapshot().queues if s.queue == "rt"]
     assert row.runtime.count == 2_001
     assert row.processed == 2_001
+
+
+def test_runtime_lists_are_drained_without_a_collector(where: Path) -> None:
+    """The hooks' runtime lists stay small while the collector is away: the sender drains
+    them into its cumulative buckets whether or not it can send."""
+    client = Client(str(where / "absent.sock"), flush_interval=0.01, reconnect_max=0.05)
+    try:
+        for _ in range(1000):
+            client.on_processed("q", runtime=0.01)
+        wait_for(lambda: not client._runtimes["q"], WAIT, "the runtime list drained")
+        life = client._sender._life
+        assert life is not None
+        assert life.extra_processed == {"q": 1000}
+    finally:
+        client.close(timeout=0)
+
+
+def test_jobs_started_without_an_id_are_active_until_as_many_finish() -> None:
+    life = LifeState()
+    counts: tuple[dict[str, int], ...] = ({}, {"other": 5}, {}, {})
+    batcher = Batcher(counts, collections.deque(), 10, LifeBatcher(life))
+    assert batcher.life is not None
+    life.started["q"] = 3
+    assert batcher.life.gauges()[0] == {"q": 3}
+    counts[1]["q"] = 1
+    life.runtimes["q"] = [0.1]
+    assert batcher.life.gauges()[0] == {"q": 1}
+    counts[2]["q"] = 1
+    assert batcher.life.gauges()[0] == {}
+    counts[2]["q"] = 5  # more finishes than starts: never below 0
+    assert batcher.life.gauges()[0] == {}

@@ -66,6 +66,8 @@ class Batcher:
         self._failed_jobs = failed_jobs
         self._max_failed = max_failed
         self.life = life
+        if life is not None:
+            life.counts = counts
         self.ext_ok = True
         """Send ``ext`` (the collector welcomed version 2, or none was met yet)."""
 

@@ -13,10 +13,10 @@ build) pays. Hooks never raise and never block: a bad argument is logged once an
 
 Lifecycle (``docs/client.md``): ``on_processed(q, runtime=rt)`` appends ``rt`` to a per-queue
 list *instead of* the increment (the sender counts and buckets the list: deferred, ~the cost
-of the increment). The first ``on_started`` of a process switches the instance to
-``_LifeClient`` (the same slots), whose finish hooks also look the job up by id to time it
-(monotonic) and keep the active count; plain ``Client`` hooks never pay for that. A client
-with ``track_jobs`` is a ``_LifeClient`` from the start (its ``on_pushed`` records events).
+of the increment). A finish hook given a job ends its active entry and times it from its
+``on_started`` (monotonic); without a job it is the plain path (one ``is None`` test more).
+Jobs started without an id are active until as many finishes without one: the sender
+derives that gauge from the cumulative counts, so plain hooks keep no such count.
 """
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ class Client(Hooks):
     # with this many keys loses CPython's shared-key fast path (~10 ns per hook call).
     __slots__ = (
         "__weakref__",
-        "_anon",
         "_close_result",
         "_closed",
         "_config",
         "_counts",
+        "_done_ids",
         "_dropped_failed",
         "_events",
         "_failed",
@@ -135,11 +135,7 @@ class Client(Hooks):
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Client:
-        kind = cls
-        if cls is Client and _gil_disabled():
-            kind = _LockedClient
-        elif cls is Client and kwargs.get("track_jobs"):
-            kind = _LifeClient
+        kind = _LockedClient if cls is Client and _gil_disabled() else cls
         return super().__new__(kind)
 
     def __init__(
@@ -237,7 +233,7 @@ class Client(Hooks):
         self._wait_lists = life.waits
         self._started = life.started
         self._jobs = life.jobs
-        self._anon = life.anon
+        self._done_ids = life.done_ids
         self._events = life.events
         self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs, self, life)
 
@@ -290,24 +286,35 @@ class Client(Hooks):
         try:
             self._pushed[queue] += 1
         except KeyError:
-            self._count_new(self._pushed, queue)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-
-    def on_started(self, queue: str, job: Job | None = None) -> None:
-        """A worker began a job of ``queue``: counted, active, timed until it finishes."""
-        # From now on this process's finish hooks look jobs up (plain ones never do).
-        try:
-            self.__class__ = _life_class(type(self))
+            if not self._count_new(self._pushed, queue):
+                return
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
             return
-        self.on_started(queue, job)
+        if job is not None and self._track is not False:
+            self._event("p", queue, job, None, None)
 
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None
     ) -> None:
         """A job of ``queue`` finished successfully (in ``runtime`` seconds, if given)."""
+        if job is runtime:  # type: ignore[comparison-overlap]  # both None: the hot path
+            try:
+                self._processed[queue] += 1
+            except KeyError:
+                self._count_new(self._processed, queue)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+            return
+        if job is None:  # a runtime given: the deferred runtime path
+            try:
+                self._runtimes[queue].append(runtime)  # counted and bucketed by the sender
+            except KeyError:
+                self._list_new(self._runtimes, queue, runtime)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+            return
+        runtime = self._finish(queue, job, runtime)
         if runtime is None:
             try:
                 self._processed[queue] += 1
@@ -316,12 +323,66 @@ class Client(Hooks):
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
                 self._hook_error(exc)
         else:
-            try:
-                self._runtimes[queue].append(runtime)  # counted and bucketed by the sender
-            except KeyError:
-                self._list_new(self._runtimes, queue, runtime)
-            except Exception as exc:  # noqa: BLE001 -- hooks never raise
-                self._hook_error(exc)
+            self._add(self._runtimes, queue, runtime)
+        if self._track is not False:
+            self._event("d", queue, job, runtime, None)
+
+    def on_started(self, queue: str, job: Job | None = None) -> None:
+        """A worker began a job of ``queue``: counted, active, timed until it finishes."""
+        try:
+            self._started[queue] += 1
+        except KeyError:
+            if not self._count_new(self._started, queue):
+                return
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return
+        try:
+            if job is None:
+                return  # active "without an id": started minus finished (the sender)
+            wall = _wall()
+            jid = job.id
+            self._jobs[jid] = (queue, jid, job.name, wall, _mono())
+            started_ids = self._life.started_ids
+            started_ids[queue] = started_ids.get(queue, 0) + 1
+            enqueued = getattr(job, "enqueued_at", None)  # duck-typed jobs may lack it
+            if enqueued is not None and (type(enqueued) is float or type(enqueued) is int):
+                self._add(self._wait_lists, queue, wall - enqueued)
+            if self._track is not False:
+                self._event("s", queue, job, None, wall)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _finish(self, queue: str, job: Job, runtime: float | None) -> float | None:
+        """End the job's active entry, if it was started by id here; its measured runtime
+        unless one was given. (A job not found ends one started without an id, if any.)"""
+        try:
+            entry = self._jobs.pop(job.id, None)
+            if entry is None:
+                return runtime
+            done = self._done_ids
+            done[entry[0]] = done.get(entry[0], 0) + 1
+            if runtime is None:
+                return _mono() - entry[4]
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+        return runtime
+
+    def _event(
+        self, kind: str, queue: str, job: Job, runtime: float | None, at: float | None
+    ) -> None:
+        try:
+            track = self._track
+            if track is not True and queue not in track:  # type: ignore[operator]
+                return
+            events = self._events
+            if len(events) >= MAX_PENDING_EVENTS:
+                self._life.dropped_events += 1
+                return
+            when = _wall() if at is None else at
+            events.append((kind, queue, job.id, job.name, when, runtime))
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
 
     def on_retried(self, queue: str) -> None:
         """A job of ``queue`` was retried."""
@@ -340,6 +401,8 @@ class Client(Hooks):
         runtime: float | None = None,
     ) -> None:
         """A job of ``queue`` failed with ``error``; ``job`` (if given) is kept for retry."""
+        if job is not None:
+            runtime = self._finish(queue, job, runtime)
         try:
             self._failed[queue] += 1
         except KeyError:
@@ -355,6 +418,8 @@ class Client(Hooks):
                 self._record_failed(queue, job, error)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
                 self._hook_error(exc)
+            if self._track is not False:
+                self._event("f", queue, job, runtime, None)
 
     def _add(self, lists: dict[str, list[Any]], queue: str, value: object) -> None:
         try:
@@ -477,179 +542,32 @@ class Client(Hooks):
         return f"<Client {self.client_id} socket={self.socket_path!r}>"
 
 
-class _LifeClient(Client):
-    """``Client`` once a job was started in this process (or with ``track_jobs``).
-
-    Finish hooks end the job's active entry (by job id, or the queue's count of jobs started
-    without one) and time it from its ``on_started`` (monotonic) unless given a runtime;
-    tracked queues also get events. Same slots as ``Client``: an instance changes class.
-    """
-
-    __slots__ = ()
-
-    def on_pushed(self, queue: str, job: Job | None = None) -> None:
-        try:
-            self._pushed[queue] += 1
-        except KeyError:
-            if not self._count_new(self._pushed, queue):
-                return
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-            return
-        if job is not None and self._track is not False:
-            self._event("p", queue, job, None, None)
-
-    def on_started(self, queue: str, job: Job | None = None) -> None:
-        try:
-            self._started[queue] += 1
-        except KeyError:
-            if not self._count_new(self._started, queue):
-                return
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-            return
-        try:
-            if job is None:
-                anon = self._anon
-                anon[queue] = anon.get(queue, 0) + 1
-                return
-            wall = _wall()
-            jid = job.id
-            self._jobs[jid] = (queue, jid, job.name, wall, _mono())
-            enqueued = getattr(job, "enqueued_at", None)  # duck-typed jobs may lack it
-            if enqueued is not None and (type(enqueued) is float or type(enqueued) is int):
-                try:
-                    self._wait_lists[queue].append(wall - enqueued)
-                except KeyError:
-                    self._list_new(self._wait_lists, queue, wall - enqueued)
-            if self._track is not False:
-                self._event("s", queue, job, None, wall)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-
-    def _anon_done(self, queue: str) -> None:
-        """A job finished that was not started by id: one fewer started without an id."""
-        anon = self._anon
-        n = anon.get(queue)
-        if n:
-            anon[queue] = n - 1
-
-    def _finish(self, queue: str, job: Job | None, runtime: float | None) -> float | None:
-        """End the job's active entry; its measured runtime unless one was given."""
-        try:
-            entry = None if job is None else self._jobs.pop(job.id, None)
-            if entry is None:
-                self._anon_done(queue)
-            elif runtime is None:
-                return _mono() - entry[4]
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-        return runtime
-
-    def on_processed(
-        self, queue: str, job: Job | None = None, runtime: float | None = None
-    ) -> None:
-        # _finish and Client.on_processed inlined: this pair is the started-job hot path.
-        if job is not None:
-            try:
-                entry = self._jobs.pop(job.id, None)
-                if entry is None:
-                    self._anon_done(queue)
-                elif runtime is None:
-                    runtime = _mono() - entry[4]
-            except Exception as exc:  # noqa: BLE001 -- hooks never raise
-                self._hook_error(exc)
-            if self._track is not False:
-                self._event("d", queue, job, runtime, None)
-        elif self._anon:
-            self._anon_done(queue)
-        if runtime is None:
-            try:
-                self._processed[queue] += 1
-            except KeyError:
-                self._count_new(self._processed, queue)
-            except Exception as exc:  # noqa: BLE001 -- hooks never raise
-                self._hook_error(exc)
-        else:
-            try:
-                self._runtimes[queue].append(runtime)
-            except KeyError:
-                self._list_new(self._runtimes, queue, runtime)
-            except Exception as exc:  # noqa: BLE001 -- hooks never raise
-                self._hook_error(exc)
-
-    def on_failed(
-        self,
-        queue: str,
-        job: Job | None,
-        error: BaseException | str,
-        runtime: float | None = None,
-    ) -> None:
-        runtime = self._finish(queue, job, runtime)
-        Client.on_failed(self, queue, job, error, runtime)
-        if job is not None and self._track is not False:
-            self._event("f", queue, job, runtime, None)
-
-    def _event(
-        self, kind: str, queue: str, job: Job, runtime: float | None, at: float | None
-    ) -> None:
-        try:
-            track = self._track
-            if track is not True and queue not in track:  # type: ignore[operator]
-                return
-            events = self._events
-            if len(events) >= MAX_PENDING_EVENTS:
-                self._life.dropped_events += 1
-                return
-            when = time.time() if at is None else at
-            events.append((kind, queue, job.id, job.name, when, runtime))
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-
-
-_LIFE_CLASSES: dict[type, type] = {}
-
-
-def _life_class(cls: type) -> type:
-    """The lifecycle twin of ``cls``: ``_LifeClient`` for ``Client``; for a subclass of
-    ``Client``, a subclass of both (same layout, so an instance can change to it)."""
-    if issubclass(cls, _LifeClient):
-        return cls
-    if cls is Client:
-        return _LifeClient
-    twin = _LIFE_CLASSES.get(cls)
-    if twin is None:
-        twin = type(cls.__name__, (_LifeClient, cls), {"__slots__": ()})
-        _LIFE_CLASSES[cls] = twin
-    return twin
-
-
-class _LockedClient(_LifeClient):
+class _LockedClient(Client):
     """``Client`` for free-threaded CPython: unlocked read-modify-write could lose counts.
 
-    ``Client()`` returns one of these by itself when the GIL is disabled. Every hook is the
-    lifecycle hook (``_LifeClient``) under the client's lock.
+    ``Client()`` returns one of these by itself when the GIL is disabled. Every hook is
+    ``Client``'s under the client's lock.
     """
 
     __slots__ = ()
 
     def on_pushed(self, queue: str, job: Job | None = None) -> None:
         with self._lock:
-            _LifeClient.on_pushed(self, queue, job)
+            Client.on_pushed(self, queue, job)
 
     def on_started(self, queue: str, job: Job | None = None) -> None:
         with self._lock:
-            _LifeClient.on_started(self, queue, job)
+            Client.on_started(self, queue, job)
 
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None
     ) -> None:
         with self._lock:
-            _LifeClient.on_processed(self, queue, job, runtime)
+            Client.on_processed(self, queue, job, runtime)
 
     def on_retried(self, queue: str) -> None:
         with self._lock:
-            _LifeClient.on_retried(self, queue)
+            Client.on_retried(self, queue)
 
     def on_failed(
         self,
@@ -659,4 +577,4 @@ class _LockedClient(_LifeClient):
         runtime: float | None = None,
     ) -> None:
         with self._lock:
-            _LifeClient.on_failed(self, queue, job, error, runtime)
+            Client.on_failed(self, queue, job, error, runtime)

@@ -9,13 +9,19 @@ those structures, and ``LifeBatcher`` (sender thread only) turns them into BATCH
     waits[q].append(w)      on_started(job)   ->   wait buckets
     started[q] += 1         on_started        ->   "s" deltas
     jobs[id] = (q, id, name, wall, mono)      ->   "a" gauges, "j" (first 100 by start)
-    anon[q] += 1            on_started(q)     ->   "a" gauges (jobs started without an id)
+    started_ids / done_ids  (started / ended by id) -> "a": jobs without an id (below)
     events.append(row)      tracked queues    ->   "t" (at most MAX_EVENTS a batch)
 
 A list is drained as ``k = len(lst); chunk = lst[:k]; del lst[:k]``: hooks only append at
 the end and only the sender removes, from the front, so the first ``k`` items are exactly
 the ones taken whatever interleaves (docs/lifecycle.md). Bucket counts are cumulative dense
 lists, shipped as ``cumulative - sent`` like the counters, so they are exact across resends.
+
+Active per queue = jobs in ``jobs`` + jobs started without an id and not finished, which is
+``(started - started_ids) - (processed + failed - done_ids)`` (at least 0) from cumulative
+counts: a finish without a job (or with one not started by id here) ends one started without
+an id, if any. So the plain hot path keeps no count of its own for it; the gauge, read from
+counts the hooks keep changing, may be one off for a cycle and is right at the next.
 """
 
 from __future__ import annotations
@@ -48,13 +54,14 @@ class LifeState:
     """The hooks' lifecycle structures of one process (fresh in a forked child)."""
 
     __slots__ = (
-        "anon",
+        "done_ids",
         "dropped_events",
         "events",
         "fruntimes",
         "jobs",
         "runtimes",
         "started",
+        "started_ids",
         "waits",
     )
 
@@ -64,7 +71,8 @@ class LifeState:
         self.waits: dict[str, list[Any]] = {}
         self.started: dict[str, int] = {}
         self.jobs: dict[Any, tuple[str, Any, Any, float, float]] = {}
-        self.anon: dict[str, int] = {}
+        self.started_ids: dict[str, int] = {}
+        self.done_ids: dict[str, int] = {}
         self.events: list[tuple[str, str, Any, Any, float, Any]] = []
         self.dropped_events = 0
 
@@ -106,12 +114,15 @@ class LifeBatcher:
         "_sent",
         "_sent_started",
         "_throttle",
+        "counts",
         "extra_processed",
         "state",
     )
 
     def __init__(self, state: LifeState) -> None:
         self.state = state
+        self.counts: tuple[dict[str, int], ...] = ({}, {}, {}, {})
+        """The hooks' cumulative counters (set by the ``Batcher``): for finishes without id."""
         self.extra_processed: dict[str, int] = {}
         """Jobs counted by their runtime (``on_processed(q, runtime=...)``), cumulative."""
         self._cum: dict[str, tuple[list[int], list[int]]] = {}
@@ -235,11 +246,22 @@ class LifeBatcher:
     def gauges(self) -> tuple[dict[str, int], list[tuple[str, str, str, float]]]:
         """``(active per queue, the first MAX_JOBS active jobs by start)`` right now."""
         st = self.state
-        entries = list(st.jobs.values())
         active: dict[str, int] = {}
-        for q, n in st.anon.copy().items():
-            if n > 0:
-                active[q] = min(n, MAX_ACTIVE)
+        # Finishes first: a job that starts and ends between the reads shows as ended.
+        done = self.counts[1].copy()
+        for q, n in self.counts[2].copy().items():
+            done[q] = done.get(q, 0) + n
+        for q, n in self.extra_processed.items():
+            done[q] = done.get(q, 0) + n
+        for q, lst in list(st.runtimes.items()):
+            done[q] = done.get(q, 0) + len(lst)
+        done_ids = st.done_ids.copy()
+        started_ids = st.started_ids.copy()
+        for q, n in st.started.copy().items():
+            anon = n - started_ids.get(q, 0) - (done.get(q, 0) - done_ids.get(q, 0))
+            if anon > 0:
+                active[q] = min(anon, MAX_ACTIVE)
+        entries = list(st.jobs.values())
         for e in entries:
             active[e[0]] = min(active.get(e[0], 0) + 1, MAX_ACTIVE)
         entries.sort(key=lambda e: e[4])

@@ -290,6 +290,11 @@ class Sender(SessionEvents):
         ):
             self._spool_now()
         flush_wanted = self._flush_gen > self._cut_gen
+        if self._life is not None and now >= next_tick and not session.welcomed:
+            # Runtime lists are drained into the cumulative buckets whether or not the
+            # collector is there, so they hold at most ~an interval's (or a backoff's) worth.
+            self._life.drain()
+            next_tick = now + interval
         if session.sock is not None and session.welcomed:
             full = len(self._failed_jobs) >= self._config.max_batch_failed
             if now >= next_tick or flush_wanted or full:
