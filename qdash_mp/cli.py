@@ -20,6 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qdash_mp import __version__
+from qdash_mp.access_cli import (
+    ACCESS_COMMANDS,
+    access_settings,
+    add_access_arguments,
+    add_access_commands,
+    add_logging_arguments,
+    configure_logging,
+    run_access_command,
+)
 from qdash_mp.errors import CollectorNotRunning, QdashError
 from qdash_mp.settings import DEFAULT_DATA_DIR, DEFAULT_HTTP, CollectorSettings, parse_http
 
@@ -75,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
     )
+    add_logging_arguments(parser)
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
+    add_access_commands(sub)
 
     col = sub.add_parser("collector", help="run the collector daemon in the foreground")
     col.add_argument(
@@ -149,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GID",
         help="also accept clients whose primary gid is this (repeatable)",
     )
+    add_access_arguments(col)
 
     st = sub.add_parser("stats", help="print the counters straight from shared memory")
     st.add_argument(
@@ -197,6 +209,7 @@ def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
         salvage=args.salvage,
         max_failed_jobs=args.max_failed_jobs,
         max_failed_age=args.max_failed_age * 86400.0,
+        access=access_settings(args, host, not args.no_http),
     )
 
 
@@ -330,11 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qdash-mp`` and ``python -m qdash_mp``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
+        configure_logging(args)
+        if args.command in ACCESS_COMMANDS:
+            return run_access_command(args)
         if args.command == "collector":
             return _run_collector(args)
         if args.command == "stats":
