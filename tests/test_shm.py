@@ -190,7 +190,7 @@ def test_read_record_fast_paths_match_the_definition(
         apply_deltas(buf, 0, ring, (0, delta, 0, 0), base + offset)
     now = base
     window = ring - 1
-    recent = sum(buf[4 + ring + b] for b in range(ring) if now - window <= buf[4 + b] < now)
+    recent = sum(buf[5 + ring + b] for b in range(ring) if now - window <= buf[5 + b] < now)
     span = min(window, now - (now - started_ago))
     expected = recent / span if span > 0 else 0.0
     for buffer in (buf, memoryview(buf.tobytes()).cast("q"), list(buf)):
@@ -273,19 +273,23 @@ def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
         rec, d, e, g, entry = raw_offsets(h)
         t = int(clock.t)
         # Died after the commit point of batch 2 of "w", which also brought client "new":
-        # log entry 0 = record 0 with pushed 10, entry 1 = client entry 0 with seq 2,
+        # log entry 0 = record 0 (whole) with pushed 10, entry 1 = client entry 0 with seq 2,
         # entry 2 = client entry 1 (so far unused: M is 1) for "new" at seq 5; count 3.
-        buf[g + 8 : g + 8 + 8 * rec] = buf[d : d + 8 * rec]
+        # Each entry: target, slots that count, then the payload.
+        buf[g + 16 : g + 16 + 8 * rec] = buf[d : d + 8 * rec]
         write_slot(buf, g // 8, 0)
-        write_slot(buf, g // 8 + 1, 10)
-        buf[g + entry + 8 : g + entry + 8 + CLIENT_ENTRY] = buf[e : e + CLIENT_ENTRY]
+        write_slot(buf, g // 8 + 1, rec)
+        write_slot(buf, g // 8 + 2, 10)
+        buf[g + entry + 16 : g + entry + 16 + CLIENT_ENTRY] = buf[e : e + CLIENT_ENTRY]
         write_slot(buf, (g + entry) // 8, -1)
-        write_slot(buf, (g + entry) // 8 + 2, 2)
-        write_slot(buf, (g + entry) // 8 + 3, t + 1)
+        write_slot(buf, (g + entry) // 8 + 1, CLIENT_ENTRY // 8)
+        write_slot(buf, (g + entry) // 8 + 3, 2)
+        write_slot(buf, (g + entry) // 8 + 4, t + 1)
         at = g + 2 * entry
         write_slot(buf, at // 8, -2)
+        write_slot(buf, at // 8 + 1, CLIENT_ENTRY // 8)
         new_entry = struct.pack("=3q", 3, 5, t + 1) + b"new".ljust(CLIENT_ENTRY - 24, b"\0")
-        buf[at + 8 : at + 8 + CLIENT_ENTRY] = new_entry
+        buf[at + 16 : at + 16 + CLIENT_ENTRY] = new_entry
         write_slot(buf, 12, 3)
         write_slot(buf, 5, h["seq"] + 1)
         with pytest.raises(ShmBusy, match="died in the middle"):
@@ -308,8 +312,8 @@ def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
 
         # Died before the commit point: the log holds garbage, nothing must change.
         h = raw_header(buf)
-        buf[g + 8 : g + 16] = struct.pack("=q", 999)
-        write_slot(buf, (g + entry) // 8 + 2, 3)
+        buf[g + 16 : g + 24] = struct.pack("=q", 999)
+        write_slot(buf, (g + entry) // 8 + 3, 3)
         write_slot(buf, 5, h["seq"] + 1)
         with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
             assert rows(stats.snapshot()) == {"a": (10, 1, 0, 0), "b": (2, 0, 0, 0)}
@@ -691,18 +695,19 @@ def test_a_foreign_segment_is_refused_and_left_alone(name: str) -> None:
         shm.close()
 
 
-@pytest.mark.parametrize("version", [1, 99])
+@pytest.mark.parametrize("version", [1, 2, 99])
 def test_another_layout_version_is_refused_by_readers_and_replaced_by_the_writer(
     name: str, caplog: pytest.LogCaptureFixture, version: int
 ) -> None:
-    """Version 1 is the layout before the client table; 99 one from the future."""
+    """Version 1 is the layout before the client table, 2 before the histograms; 99 one from
+    the future."""
     with SharedStats.create_or_attach(name, capacity=1) as stats:
         stats.apply_batch({"old": (1, 0, 0, 0), "older": (1, 0, 0, 0)})  # grows: generation 1
     for seg in segments(name):
         shm = attach_untracked(seg)
         write_slot(shm.buf, 1, version)
         shm.close()
-    with pytest.raises(ShmIncompatible, match=f"layout version {version}, this qdash_mp reads 2"):
+    with pytest.raises(ShmIncompatible, match=f"layout version {version}, this qdash_mp reads 3"):
         SharedStatsReader(name)
     with SharedStats.create_or_attach(name) as stats:
         assert stats.snapshot().queues == []
@@ -784,8 +789,8 @@ def test_apply_deltas_saturates_every_slot() -> None:
     apply_deltas(buf, 0, ring, (INT64_MAX, INT64_MAX, 1, 0), 100)
     apply_deltas(buf, 0, ring, (1, 2**80, 1, -(2**80)), 100)
     assert buf[:4].tolist() == [INT64_MAX, INT64_MAX, 2, -(2**63)]
-    assert buf[4 + 100 % ring] == 100
-    assert buf[4 + ring + 100 % ring] == INT64_MAX
+    assert buf[5 + 100 % ring] == 100
+    assert buf[5 + ring + 100 % ring] == INT64_MAX
 
 
 INT64 = st.integers(-(2**63), INT64_MAX)
@@ -808,7 +813,7 @@ def test_apply_deltas_is_the_clamped_sum_on_either_path(
     apply_deltas(buf, 0, ring, deltas, 100)
     clamp = [max(-(2**63), min(INT64_MAX, a + d)) for a, d in zip(start, deltas, strict=True)]
     assert raw[:4].tolist() == clamp
-    assert raw[4 + ring + 100 % ring] == (
+    assert raw[5 + ring + 100 % ring] == (
         max(-(2**63), min(INT64_MAX, deltas[1])) if deltas[1] else 0
     )
 

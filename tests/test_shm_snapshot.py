@@ -56,7 +56,7 @@ def snapshot_body(path: Path) -> dict[str, Any]:
     raw = path.read_bytes()
     magic, version, crc, length = SNAP_HEAD.unpack_from(raw)
     body = raw[SNAP_HEAD.size :]
-    assert (magic, version, length, crc) == (SNAPSHOT_MAGIC, 1, len(body), zlib.crc32(body))
+    assert (magic, version, length, crc) == (SNAPSHOT_MAGIC, 2, len(body), zlib.crc32(body))
     obj: dict[str, Any] = msgpack.unpackb(body)
     return obj
 
@@ -126,7 +126,7 @@ BAD_SNAPSHOTS: dict[str, Any] = {
     "truncated": lambda good: good[:-1],
     "one flipped bit": lambda good: good[:-5] + bytes([good[-5] ^ 0x10]) + good[-4:],
     "bad magic": lambda good: b"QDASHXXX" + good[8:],
-    "future version": lambda good: good[:8] + struct.pack(">I", 2) + good[12:],
+    "future version": lambda good: good[:8] + struct.pack(">I", 3) + good[12:],
     "other window": lambda good: with_body({**msgpack.unpackb(good[24:]), "window": 30}),
     "not a map": lambda good: with_body([1, 2, 3]),
     "bad msgpack": lambda good: SNAP_HEAD.pack(SNAPSHOT_MAGIC, 1, zlib.crc32(b"\xc1"), 1) + b"\xc1",
