@@ -46,6 +46,7 @@ from qdash_testing.shm import (
 )
 
 from qdash_mp.errors import CollectorError, ConfigError, QdashError
+from qdash_mp.histogram import NBUCKETS, merge, summary
 from qdash_mp.shm import (
     MAGIC,
     NAME_MAX,
@@ -76,6 +77,23 @@ def name() -> Iterator[str]:
     n = fresh_name()
     yield n
     remove_segments(n)
+
+
+def raw_started(name: str) -> dict[str, int]:
+    """queue -> its ``started`` slot (record slot 4, per ``qdash_mp.stats``), read raw from
+    the newest generation."""
+    newest = raw_header(attach_untracked_buf(name))["next"]
+    shm = attach_untracked(segment_name(name, newest))
+    try:
+        h = raw_header(shm.buf)
+        rec, d, _, _, _ = raw_offsets(h)
+        names = [queue for queue, _, _ in raw_rows(shm.buf)]
+        return {
+            queue: struct.unpack_from("=q", shm.buf, d + 8 * rec * i + 32)[0]
+            for i, queue in enumerate(names)
+        }
+    finally:
+        shm.close()
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
@@ -249,9 +267,17 @@ def test_kill_9_mid_update_never_leaves_a_half_applied_batch(name: str) -> None:
         with SharedStats.create_or_attach(name) as stats:  # repairs, if needed
             view = rows(stats.snapshot())
             last = stats.client_seq("w")
+            hists = {q: stats.buckets(q) for q in view}
+            started = raw_started(name)
         assert len(view) == 32
         values = {n for pushed, processed, _, _ in view.values() for n in (pushed, processed)}
+        values |= set(started.values())
+        values |= {sum(h) for pair in hists.values() for h in pair}
         assert values == {last * (last + 1) // 2}, f"round {round_}: torn: {sorted(values)}"
+        runtime = [0] * NBUCKETS
+        for n in range(1, last + 1):
+            runtime[n % NBUCKETS] += n
+        assert all(r == runtime for r, _ in hists.values())  # every bucket, exactly
         assert last > previous
         previous = last
         with SharedStatsReader(name, timeout=0.5) as reader:
@@ -422,6 +448,80 @@ def test_a_full_client_table_forgets_idle_clients_and_grows_for_recent_ones(
         assert stats.client_seq("new-0") == 2
 
 
+# --- lifetime histograms and started -------------------------------------------------------
+
+
+def test_lifetime_buckets_are_exact_across_clients_and_resends(name: str) -> None:
+    """4 clients x 150 batches of sparse bucket deltas, each batch sent 1-3 times. A resend
+    (seq not after the client's last) is refused whole, so every bucket ends at the exact sum
+    of the batches, and the summaries are those of that sum."""
+    rng = random.Random(9)
+    expected = {q: ([0] * NBUCKETS, [0] * NBUCKETS) for q in ("a", "b")}
+    started = {"a": 0, "b": 0}
+    refused = 0
+    with SharedStats.create_or_attach(name, capacity=1) as stats:
+        for seq in range(1, 151):
+            for c in range(4):
+                hist = {}
+                for q in rng.sample(["a", "b"], rng.randint(1, 2)):
+                    runtime = {rng.randrange(NBUCKETS): rng.randint(1, 9) for _ in range(3)}
+                    wait = {rng.randrange(NBUCKETS): rng.randint(1, 9)}
+                    hist[q] = (runtime, wait)
+                n = rng.randint(0, 3)
+                for attempt in range(rng.randint(1, 3)):
+                    client = (f"worker-{c}", seq)
+                    if attempt == 0:
+                        stats.apply_batch({"a": (0, 1, 0, 0)}, client, started={"b": n}, hist=hist)
+                        continue
+                    with pytest.raises(ValueError, match="not after"):
+                        stats.apply_batch({"a": (0, 1, 0, 0)}, client, started={"b": n}, hist=hist)
+                    refused += 1
+                started["b"] += n
+                for q, (runtime, wait) in hist.items():
+                    for b, k in runtime.items():
+                        expected[q][0][b] += k
+                    for b, k in wait.items():
+                        expected[q][1][b] += k
+        assert refused > 100
+        for q in ("a", "b"):
+            assert stats.buckets(q) == expected[q]
+        assert raw_started(name) == started
+        assert stats.buckets("never") == ([0] * NBUCKETS, [0] * NBUCKETS)
+        view = stats.snapshot()
+        with SharedStatsReader(name) as reader:
+            assert reader.snapshot() == view
+        for q in ("a", "b"):
+            row = view.queue(q)
+            assert row is not None
+            assert (row.runtime, row.wait) == (summary(expected[q][0]), summary(expected[q][1]))
+        merged = [summary(merge(*(expected[q][w] for q in ("a", "b")))) for w in (0, 1)]
+        assert (view.totals.runtime, view.totals.wait) == tuple(merged)
+        totals = stats.totals()
+        assert totals["a"].processed == 600 and list(totals["b"].runtime) == expected["b"][0]
+
+
+def test_bad_histograms_are_refused_before_anything_is_applied(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        for bad in [({NBUCKETS: 1}, None), ({-1: 1}, None), ({"3": 1}, None), ({1: 1.5}, None)]:
+            with pytest.raises(ValueError, match="not an int in"):
+                stats.apply_batch({"q": (1, 0, 0, 0)}, ("w", 1), hist={"q": bad})
+        with pytest.raises(ValueError, match="must be \\(runtime, wait\\)"):
+            stats.apply_batch({}, ("w", 1), hist={"q": ({1: 1},)})  # type: ignore[dict-item]
+        with pytest.raises(TypeError):
+            stats.apply_batch({}, ("w", 1), started={"q": 1.5})  # type: ignore[dict-item]
+        assert stats.snapshot().queues == []
+        assert stats.client_seq("w") == 0
+
+
+def test_saturating_histograms_never_wedge_a_queue(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        stats.apply_batch({}, hist={"q": ({7: INT64_MAX}, {7: INT64_MAX})}, started={"q": 2**70})
+        stats.apply_batch({}, hist={"q": ({7: 5, 8: 1}, {7: 5})}, started={"q": 1})
+        runtime, wait = stats.buckets("q")
+        assert (runtime[7], runtime[8], wait[7]) == (INT64_MAX, 1, INT64_MAX)
+        assert raw_started(name) == {"q": INT64_MAX}
+
+
 # --- crash atomicity of a batch and its seq ------------------------------------------------
 
 KILL_POINTS = ("log", "commit", "copy")
@@ -432,7 +532,8 @@ def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int
     """Run a "crash-loop" child until it is SIGKILLed, reattach; (start, seq, a, b).
 
     The child applies batch n = start+1, start+2, ...: pushed of "a" +1, processed of "b" +1,
-    client "crash" at seq n. ``point`` in ``KILL_POINTS``: it kills itself there in batch
+    client "crash" at seq n; "atomic" also adds started of "a" +1 and, to "b", runtime bucket
+    ``n % NBUCKETS`` +1 and wait bucket 0 +2 (checked here against the seq, every bucket). ``point`` in ``KILL_POINTS``: it kills itself there in batch
     ``start + kill_at``; "random": it sleeps 0.2 ms at each point and we kill it after a random
     delay, almost surely inside a write section.
     """
@@ -446,6 +547,14 @@ def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int
     with SharedStats.create_or_attach(name) as stats:  # reattach: repairs, replays
         seq = stats.client_seq("crash")
         view = rows(stats.snapshot())
+        runtime, wait = stats.buckets("b")
+    if how == "atomic":
+        expected = [0] * NBUCKETS
+        for n in range(1, seq + 1):
+            expected[n % NBUCKETS] += 1
+        assert runtime == expected, f"{point}: runtime buckets torn from seq {seq}"
+        assert wait == [2 * seq] + [0] * (NBUCKETS - 1)
+        assert raw_started(name).get("a", 0) == seq
     return start, seq, view.get("a", (0,) * 4)[0], view.get("b", (0,) * 4)[1]
 
 
@@ -859,7 +968,12 @@ def main(argv: list[str]) -> None:
         print("go", seq, flush=True)
         while True:
             seq += 1
-            stats.apply_batch({q: (seq, seq, 0, 0) for q in queues}, client=("w", seq))
+            stats.apply_batch(
+                {q: (seq, seq, 0, 0) for q in queues},
+                client=("w", seq),
+                started={q: seq for q in queues},
+                hist={q: ({seq % NBUCKETS: seq}, {seq * 7 % NBUCKETS: seq}) for q in queues},
+            )
     elif mode == "crash-loop":
         crash_loop(name, *argv[2:])
     elif mode == "read":
@@ -899,7 +1013,12 @@ def crash_loop(name: str, how: str, point: str, kill_at: str) -> None:
     while True:
         seq += 1
         if how == "atomic":
-            stats.apply_batch(batch, client=("crash", seq))
+            stats.apply_batch(
+                batch,
+                client=("crash", seq),
+                started={"a": 1},
+                hist={"b": ({seq % NBUCKETS: 1}, {0: 2})},
+            )
         else:  # the control: counters and seq in two commits
             phase = "counters"
             stats.apply_batch(batch)
