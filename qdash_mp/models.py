@@ -200,7 +200,12 @@ class ActiveJob:
     started_at: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"queue": self.queue, "id": self.id, "name": self.name, "started_at": self.started_at}
+        return {
+            "queue": self.queue,
+            "id": self.id,
+            "name": self.name,
+            "started_at": self.started_at,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,9 +66,7 @@ def test_raw_layout_matches_the_docstring(name: str) -> None:
         finally:
             shm.close()
         # started (slot 4) and the histograms (H = 5 + 2R on, B = 418 each), per the table.
-        stats.apply_batch(
-            {}, ("c1", 5), started={"é": 7}, hist={"é": ({0: 2, 417: 3}, {5: 4})}
-        )
+        stats.apply_batch({}, ("c1", 5), started={"é": 7}, hist={"é": ({0: 2, 417: 3}, {5: 4})})
         shm = attach_untracked(name)
         try:
             at = d + 8 * rec  # record 1, "é"

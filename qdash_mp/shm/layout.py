@@ -58,7 +58,8 @@ client entry is 67 slots)::
 
 Layouts 1 (before the client table) and 2 (before ``started`` and the histograms) are not
 read: a reader refuses them, a writer replaces them (a clean stop's snapshot file carries the
-counters over an upgrade: ``snapshot`` converts format 1). Generation ``g`` lives in the segment ``NAME`` (g = 0) or ``NAME-g<g>``.
+counters over an upgrade: ``snapshot`` converts format 1). Generation ``g`` lives in the
+segment ``NAME`` (g = 0) or ``NAME-g<g>``.
 
 A queue name is its UTF-8 bytes (``surrogatepass``); one over 248 bytes is stored shortened:
 its longest prefix of whole characters that fits in 229 bytes, then ``"…"`` (3 bytes) and the

@@ -225,8 +225,7 @@ class SharedStats(StatsBase):
         client: tuple[str, int] | None = None,
         *,
         started: Mapping[str, int] | None = None,
-        hist: Mapping[str, tuple[Mapping[int, int] | None, Mapping[int, int] | None]]
-        | None = None,
+        hist: Mapping[str, tuple[Mapping[int, int] | None, Mapping[int, int] | None]] | None = None,
     ) -> None:
         """Add a client batch, ``{queue: [pushed, processed, failed, retried]}``, atomically.
 
@@ -499,7 +498,9 @@ class SharedStats(StatsBase):
             for i, queue in enumerate(self._names):
                 off = lay.rec_slot + i * rs
                 r = hist_at(off, ring, 0)
-                out[queue] = QueueTotals(q[off], q[off + 1], q[off + 2], q[r : r + NBUCKETS].tolist())
+                out[queue] = QueueTotals(
+                    q[off], q[off + 1], q[off + 2], q[r : r + NBUCKETS].tolist()
+                )
             return out
 
     # -- lifecycle --
