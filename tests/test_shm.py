@@ -497,7 +497,8 @@ def test_lifetime_buckets_are_exact_across_clients_and_resends(name: str) -> Non
         merged = [summary(merge(*(expected[q][w] for q in ("a", "b")))) for w in (0, 1)]
         assert (view.totals.runtime, view.totals.wait) == tuple(merged)
         totals = stats.totals()
-        assert totals["a"].processed == 600 and list(totals["b"].runtime) == expected["b"][0]
+        assert totals["a"].processed == 600
+        assert list(totals["b"].runtime) == expected["b"][0]
 
 
 def test_bad_histograms_are_refused_before_anything_is_applied(name: str) -> None:
@@ -533,8 +534,9 @@ def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int
 
     The child applies batch n = start+1, start+2, ...: pushed of "a" +1, processed of "b" +1,
     client "crash" at seq n; "atomic" also adds started of "a" +1 and, to "b", runtime bucket
-    ``n % NBUCKETS`` +1 and wait bucket 0 +2 (checked here against the seq, every bucket). ``point`` in ``KILL_POINTS``: it kills itself there in batch
-    ``start + kill_at``; "random": it sleeps 0.2 ms at each point and we kill it after a random
+    ``n % NBUCKETS`` +1 and wait bucket 0 +2 (checked here against the seq, every bucket).
+    ``point`` in ``KILL_POINTS``: it kills itself there in batch ``start + kill_at``;
+    "random": it sleeps 0.2 ms at each point and we kill it after a random
     delay, almost surely inside a write section.
     """
     proc = spawn("crash-loop", name, how, point, str(kill_at))
