@@ -25,8 +25,8 @@ Format 1 (before ``started`` and the histograms: records of ``4 + 2R`` ints) is 
 converted (``started`` 0, empty histograms), so a clean stop carries the counters over an
 upgrade. A file that does not verify (magic, version, length, CRC, structure, value ranges)
 or that was saved with another window is renamed to ``path + ".bad"`` with a warning, and the
-table starts empty. A file that cannot be written raises ``SnapshotError`` and leaves any previous file as
-it was. Which wins when both a segment and a file exist: see ``docs/shm.md``.
+table starts empty. A file that cannot be written raises ``SnapshotError`` and leaves any
+previous file as it was. Which wins when both a segment and a file exist: see ``docs/shm.md``.
 """
 
 from __future__ import annotations
