@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -61,6 +61,7 @@ __all__ = ["SharedStats"]
 log = logging.getLogger("qdash_mp.shm")
 
 _N = len(COUNTERS)
+_NONE: frozenset[int] = frozenset()
 
 _fault_hook: Callable[[str], None] | None = None
 """Test seam, None in production (where it costs one global lookup per point).
@@ -294,8 +295,9 @@ class SharedStats(StatsBase):
             # Lifecycle parts (absent from the counters hot path): validated here, before the
             # write section, so nothing below can raise on them.
             extra: list[tuple[int, int, Mapping[int, int] | None, Mapping[int, int] | None]] = []
-            full: set[int] = set()
+            full: Container[int] = _NONE
             if started or hist:
+                full = touched = set()
                 for queue in dict.fromkeys((*(started or ()), *(hist or ()))):
                     n = operator.index((started or {}).get(queue, 0))
                     pair = (hist or {}).get(queue)
@@ -316,7 +318,7 @@ class SharedStats(StatsBase):
                         fresh[queue] = idx
                     extra.append((idx, n, runtime, wait))
                     if runtime or wait:
-                        full.add(idx)
+                        touched.add(idx)
             slot, claim, client_id, client_seq = -1, b"", "", 0
             if client is not None:
                 client_id, client_seq = client[0], operator.index(client[1])
