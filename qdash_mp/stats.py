@@ -13,11 +13,17 @@ Record layout (``record_len(ring)`` int64 slots, native byte order)::
     slot 2                   failed      cumulative count
     slot 3                   retried     cumulative count
     slot 4                   started     cumulative count of jobs started
-    slot 5 .. 5+R-1          ring_sec    the Unix second each ring bucket belongs to
-    slot 5+R .. 5+2R-1       ring_cnt    processed jobs counted in that second
+    slot 5                   active      gauge: jobs running now (set, not added; see below)
+    slot 6 .. 6+R-1          ring_sec    the Unix second each ring bucket belongs to
+    slot 6+R .. 6+2R-1       ring_cnt    processed jobs counted in that second
     slot H .. H+B-1          runtime     lifetime runtime histogram, B = histogram.NBUCKETS
     slot H+B .. H+2B-1       wait        lifetime wait-time histogram
-    (H = head_len(R) = 5 + 2R; record_len(R) = H + 2B = 5 + 2R + 836)
+    (H = head_len(R) = 6 + 2R; record_len(R) = H + 2B = 6 + 2R + 836)
+
+``active`` is the one slot that is not a cumulative count: the embedded ``Stats`` keeps its
+active counts beside the records (and this slot at 0); the collector sets it to the sum of
+its connected clients' gauges (``SharedStats.set_active``) and zeroes it when it attaches
+(whoever was active before a restart is not known to be now).
 
 The *head* (slots 0 .. H-1) is what every counters-only update touches; the bucket slots come
 last so a writer can copy (and redo-log) only the head when a batch carries no histogram.
@@ -68,10 +74,12 @@ from qdash_mp.models import (
 from qdash_mp.tracking import JobTracker
 
 __all__ = [
+    "ACTIVE_SLOT",
     "COUNTERS",
     "DEFAULT_WINDOW",
     "INT64_MAX",
     "INT64_MIN",
+    "STARTED_SLOT",
     "Int64Buffer",
     "Stats",
     "StatsBase",
@@ -103,7 +111,9 @@ _N = len(COUNTERS)
 _PROCESSED = COUNTERS.index("processed")
 STARTED_SLOT = _N
 """Slot of the ``started`` counter in a record."""
-_RING = _N + 1  # first ring slot
+ACTIVE_SLOT = _N + 1
+"""Slot of the ``active`` gauge in a record."""
+_RING = _N + 2  # first ring slot
 
 
 class Int64Buffer(Protocol):
@@ -257,6 +267,7 @@ def read_record(
         retried=retried,
         pending=max(0, pushed - processed - failed),
         throughput=recent / span if span > 0 else 0.0,
+        active=buf[off + ACTIVE_SLOT],
         runtime=_summary_of(buf, hist_at(off, ring, 0)),
         wait=_summary_of(buf, hist_at(off, ring, 1)),
     )

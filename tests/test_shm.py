@@ -208,7 +208,7 @@ def test_read_record_fast_paths_match_the_definition(
         apply_deltas(buf, 0, ring, (0, delta, 0, 0), base + offset)
     now = base
     window = ring - 1
-    recent = sum(buf[5 + ring + b] for b in range(ring) if now - window <= buf[5 + b] < now)
+    recent = sum(buf[6 + ring + b] for b in range(ring) if now - window <= buf[6 + b] < now)
     span = min(window, now - (now - started_ago))
     expected = recent / span if span > 0 else 0.0
     for buffer in (buf, memoryview(buf.tobytes()).cast("q"), list(buf)):
@@ -521,6 +521,23 @@ def test_saturating_histograms_never_wedge_a_queue(name: str) -> None:
         runtime, wait = stats.buckets("q")
         assert (runtime[7], runtime[8], wait[7]) == (INT64_MAX, 1, INT64_MAX)
         assert raw_started(name) == {"q": INT64_MAX}
+
+
+def test_active_gauges_are_set_read_everywhere_and_zeroed_by_a_new_writer(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        stats.apply_batch({"a": (1, 0, 0, 0), "b": (1, 0, 0, 0)}, started={"a": 5})
+        stats.set_active({"a": 3, "b": 2, "unknown": 7})
+        with SharedStatsReader(name) as reader:
+            view = reader.snapshot()
+        assert [(q.queue, q.active) for q in view.queues] == [("a", 3), ("b", 2)]
+        assert view.totals.active == 5
+        assert view == stats.snapshot()
+        stats.set_active({"b": 1})  # "a" not named: 0
+        assert [q.active for q in stats.snapshot().queues] == [0, 1]
+    # A restarted collector (here: reattaching after close) knows no running job.
+    with SharedStats.create_or_attach(name) as stats:
+        assert [q.active for q in stats.snapshot().queues] == [0, 0]
+        assert raw_started(name) == {"a": 5, "b": 0}  # the counter next to it is kept
 
 
 # --- crash atomicity of a batch and its seq ------------------------------------------------
@@ -900,8 +917,8 @@ def test_apply_deltas_saturates_every_slot() -> None:
     apply_deltas(buf, 0, ring, (INT64_MAX, INT64_MAX, 1, 0), 100)
     apply_deltas(buf, 0, ring, (1, 2**80, 1, -(2**80)), 100)
     assert buf[:4].tolist() == [INT64_MAX, INT64_MAX, 2, -(2**63)]
-    assert buf[5 + 100 % ring] == 100
-    assert buf[5 + ring + 100 % ring] == INT64_MAX
+    assert buf[6 + 100 % ring] == 100
+    assert buf[6 + ring + 100 % ring] == INT64_MAX
 
 
 INT64 = st.integers(-(2**63), INT64_MAX)
@@ -924,7 +941,7 @@ def test_apply_deltas_is_the_clamped_sum_on_either_path(
     apply_deltas(buf, 0, ring, deltas, 100)
     clamp = [max(-(2**63), min(INT64_MAX, a + d)) for a, d in zip(start, deltas, strict=True)]
     assert raw[:4].tolist() == clamp
-    assert raw[5 + ring + 100 % ring] == (
+    assert raw[6 + ring + 100 % ring] == (
         max(-(2**63), min(INT64_MAX, deltas[1])) if deltas[1] else 0
     )
 

@@ -306,7 +306,7 @@ def test_a_format_1_snapshot_is_converted(name: str, tmp_path: Path) -> None:
     body = snapshot_body(path)
     ring = 11
     # The same file as format 1 wrote it: no started slot, no histograms.
-    body["queues"] = [[n, [*rec[:4], *rec[5 : 5 + 2 * ring]]] for n, rec in body["queues"]]
+    body["queues"] = [[n, [*rec[:4], *rec[6 : 6 + 2 * ring]]] for n, rec in body["queues"]]
     path.write_bytes(with_body(body, version=1))
     with SharedStats.create_or_attach(name, window=10, clock=clock, restore_from=path) as stats:
         assert stats.restored

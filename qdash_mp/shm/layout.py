@@ -8,8 +8,8 @@ snapshots) is in ``docs/shm.md``.
 Every integer is a signed 64-bit slot in native byte order (little-endian on x86-64 and
 arm64), 8-byte aligned. ``R`` is the ring size (``window + 1``), ``C`` the capacity in queues,
 ``K`` the capacity in clients, ``B`` = ``histogram.NBUCKETS`` = 418 buckets per histogram,
-``L = record_len(R) = 5 + 2R + 2B`` the record size in slots (``H = 5 + 2R`` of them its
-head: counters, started, ring) and ``W = max(L, 67)`` the redo-log payload size in slots (a
+``L = record_len(R) = 6 + 2R + 2B`` the record size in slots (``H = 6 + 2R`` of them its
+head: counters, started, active, ring) and ``W = max(L, 67)`` the redo-log payload size in slots (a
 client entry is 67 slots)::
 
     offset (bytes)          size      field

@@ -21,12 +21,13 @@ directory fsynced, so ``path`` is always a whole snapshot, old or new::
                     "clients":  array of [id: bin (UTF-8, surrogatepass), seq: int,
                                           second: int], least recently updated first
 
-Format 1 (before ``started`` and the histograms: records of ``4 + 2R`` ints) is still read and
-converted (``started`` 0, empty histograms), so a clean stop carries the counters over an
-upgrade. A file that does not verify (magic, version, length, CRC, structure, value ranges)
-or that was saved with another window is renamed to ``path + ".bad"`` with a warning, and the
-table starts empty. A file that cannot be written raises ``SnapshotError`` and leaves any
-previous file as it was. Which wins when both a segment and a file exist: see ``docs/shm.md``.
+Format 1 (before ``started`` and the histograms: records of ``4 + 2R`` ints) is still read
+and converted (``started`` and ``active`` 0, empty histograms), so a clean stop carries the
+counters over an upgrade. A file that does not verify (magic, version, length, CRC,
+structure, value ranges) or that was saved with another window is renamed to
+``path + ".bad"`` with a warning, and the table starts empty. A file that cannot be written
+raises ``SnapshotError`` and leaves any previous file as it was. Which wins when both a
+segment and a file exist: see ``docs/shm.md``.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def decode(raw: bytes, window: int) -> Content:
     if saved_window != window:
         raise BadSnapshot(f"saved with a {saved_window} s throughput window, not {window} s")
     rs = record_len(window + 1)
-    if version == 1:  # records of 4 counters + 2R ring slots: insert started, append buckets
+    if version == 1:  # 4 counters + 2R ring slots: insert started and active, append buckets
         rs = 4 + 2 * (window + 1)
     queues: list[tuple[bytes, list[int]]] = []
     names: set[bytes] = set()
@@ -139,7 +140,7 @@ def decode(raw: bytes, window: int) -> Content:
             raise BadSnapshot(f"the record of queue {name[:40]!r} is not {rs} int64s")
         names.add(name)
         if version == 1:
-            record = [*record[:4], 0, *record[4:], *[0] * (2 * NBUCKETS)]
+            record = [*record[:4], 0, 0, *record[4:], *[0] * (2 * NBUCKETS)]
         queues.append((name, record))
     clients: list[tuple[bytes, int, int]] = []
     ids: set[bytes] = set()

@@ -43,8 +43,10 @@ from qdash_mp.shm.rows import Rows
 from qdash_mp.shm.segment import Segment, close_block, copy_table, create, decode_clients, unlink
 from qdash_mp.shm.table import Opened, at_least, open_table
 from qdash_mp.stats import (
+    ACTIVE_SLOT,
     COUNTERS,
     DEFAULT_WINDOW,
+    INT64_MAX,
     StatsBase,
     apply_deltas,
     apply_hist,
@@ -152,6 +154,8 @@ class SharedStats(StatsBase):
         except BaseException:
             opened.abandon()
             raise
+        if opened.reattached or opened.restored:
+            stats._zero_active()
         if opened.reattached:
             log.info(
                 "reattached to shared stats %r: generation %d, %d queues, %d clients",
@@ -246,6 +250,34 @@ class SharedStats(StatsBase):
         without them costs what a counters-only batch always did.
         """
         self._apply(counters.items(), client, started, hist)
+
+    def set_active(self, gauges: Mapping[str, int]) -> None:
+        """Set every queue's ``active`` gauge: ``gauges[queue]``, 0 for a queue not named.
+
+        The collector calls it with the sum of its connected clients' gauges whenever they
+        change, so readers (``qdash-mp stats``, the dashboard) see jobs running now. One write
+        section, not redo-logged: a gauge is set, not added, and a restarted writer zeroes
+        them all anyway (``create_or_attach``). Queues not in the table are ignored.
+        """
+        with self._lock:
+            seg = self._live()
+            q, lay = seg.q, seg.layout
+            values = [0] * len(self._names)
+            for queue, n in gauges.items():
+                idx = self._index.get(queue)
+                if idx is not None:
+                    values[idx] = min(max(operator.index(n), 0), INT64_MAX)
+            at, rs = lay.rec_slot + ACTIVE_SLOT, lay.rec_slots
+            seq = seg.begin()
+            try:
+                for i, n in enumerate(values):
+                    q[at + i * rs] = n
+            finally:
+                seg.end(seq)
+
+    def _zero_active(self) -> None:
+        """A (re)attached table knows no running job: zero every ``active`` gauge."""
+        self.set_active({})
 
     def client_seq(self, client_id: str) -> int:
         """The seq of ``client_id``'s last batch applied with ``apply_batch``; 0 if none."""
