@@ -7,9 +7,14 @@ of the same data.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +228,58 @@ def test_shared_stats_hooks_count_started_runtime_and_wait(runtime: float | None
             stats.unlink()
     finally:
         remove_segments(name)
+
+
+def test_the_stats_command_shows_active_and_runtime_percentiles(tmp_path: Path) -> None:
+    """``qdash-mp stats`` in a real process, over a table set up as a running collector's."""
+    from qdash_testing.shm import fresh_name, remove_segments
+
+    from qdash_mp.settings import CollectorSettings
+    from qdash_mp.shm import SharedStats
+
+    name = fresh_name()
+    state = CollectorSettings(data_dir=tmp_path).state_file
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"pid": os.getpid(), "shm": name}))
+    runtimes = {bucket_of(0.0123): 98, bucket_of(2.5): 2}
+    try:
+        with SharedStats.create_or_attach(name) as stats:
+            stats.apply_batch(
+                {"mail": (100, 100, 0, 0), "idle": (1, 0, 0, 0)},
+                started={"mail": 103},
+                hist={"mail": (runtimes, None)},
+            )
+            stats.set_active({"mail": 3})
+            run = [sys.executable, "-m", "qdash_mp", "stats", "--data-dir", str(tmp_path)]
+            table = subprocess.run(run, capture_output=True, text=True, timeout=60, check=True)
+            as_json = subprocess.run(
+                [*run, "--json"], capture_output=True, text=True, timeout=60, check=True
+            )
+            stats.unlink()
+    finally:
+        remove_segments(name)
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == [
+        "queue",
+        "pushed",
+        "processed",
+        "failed",
+        "retried",
+        "pending",
+        "active",
+        "jobs/s",
+        "p50",
+        "p99",
+    ]
+    by_queue = {line.split()[0]: line.split() for line in lines[1:]}
+    assert by_queue["mail"][6] == "3"
+    assert by_queue["mail"][8:] == ["12.3ms", "2.54s"]  # bucket midpoints, within 2.19 %
+    assert by_queue["idle"][6:] == ["0", "0.0", "-", "-"]
+    assert by_queue["total"][6] == "3"
+    doc = json.loads(as_json.stdout)
+    mail = doc["queues"][1]
+    assert mail["queue"] == "mail"
+    assert mail["active"] == 3
+    assert mail["runtime"] == summary(runtimes).to_dict()
+    assert mail["wait"]["count"] == 0
+    assert doc["totals"]["runtime"]["count"] == 100
