@@ -426,10 +426,15 @@ class SharedStats(StatsBase):
                     q[hdr.LOG_COUNT] = entries  # the commit point
                     if hook is not None:
                         hook("commit")
-                    for idx, e in logged.items():
-                        r = rec0 + idx * rs
-                        n = q[e - 1]
-                        q[r : r + n] = q[e : e + n]
+                    if full:
+                        for idx, e in logged.items():
+                            r = rec0 + idx * rs
+                            n = q[e - 1]
+                            q[r : r + n] = q[e : e + n]
+                    else:  # counters only: every entry is a head
+                        for idx, e in logged.items():
+                            r = rec0 + idx * rs
+                            q[r : r + hs] = q[e : e + hs]
                     if hook is not None:
                         hook("copy")
                     if slot >= 0:
