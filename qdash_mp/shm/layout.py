@@ -38,7 +38,7 @@ client entry is 67 slots)::
     128 + 256 i + 8         248       the name, UTF-8, n bytes used, the rest zero
     records (C records of 8L bytes)
     D = 128 + 256 C
-    D + 8L i                8L        queue i's record, exactly the ``qdash_mp.stats`` layout
+    D + 8L i                8L        queue i's record, exactly the ``qdash_mp.stats_record`` layout
     clients (K entries of 536 bytes)
     E = D + 8L C
     E + 536 j               8         byte length n of client j's id (1 <= n <= 512)
