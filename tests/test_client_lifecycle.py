@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import shutil
 import socket
 import threading
@@ -467,6 +468,11 @@ def test_bucket_counts_are_exact_across_threads_and_a_reconnect(where: Path) -> 
 # --------------------------------------------------------------------------- real collector
 
 
+@pytest.mark.xfail(
+    importlib.util.find_spec("qdash_mp.collector.lifecycle") is None,
+    reason="the collector applies BATCH v2 bucket deltas from w2/l3 on (passes merged with it)",
+    strict=True,
+)
 def test_round_trip_through_a_real_collector(
     running_collector: CollectorProc, client_factory: Callable[..., Client]
 ) -> None:
