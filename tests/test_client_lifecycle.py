@@ -546,3 +546,19 @@ def test_jobs_started_without_an_id_are_active_until_as_many_finish() -> None:
     assert batcher.life.gauges()[0] == {}
     counts[2]["q"] = 5  # more finishes than starts: never below 0
     assert batcher.life.gauges()[0] == {}
+
+
+def test_a_finish_hook_bound_before_the_first_start_still_ends_the_job(where: Path) -> None:
+    """Integrations keep bound hooks (``done = client.on_processed``) from before their first
+    ``on_started``; the job must still end and be timed (a class switch broke this)."""
+    client = Client(str(where / "absent.sock"))
+    try:
+        start, done = client.on_started, client.on_processed
+        job = Job(id="j", name="n", payload=None)
+        start("q", job)
+        done("q", job)
+        assert client._jobs == {}
+        assert len(client._runtimes["q"]) == 1
+        assert client._life.done_ids == {"q": 1}
+    finally:
+        client.close(timeout=0)
