@@ -307,12 +307,28 @@ def _run_stats(args: argparse.Namespace) -> int:
         return 0
     rows = [*view.queues, view.totals]
     width = max([5, *(len(q.queue) for q in rows)])
-    cols = ("pushed", "processed", "failed", "retried", "pending")
-    print(f"{'queue':<{width}}  " + "  ".join(f"{c:>12}" for c in cols) + f"  {'jobs/s':>10}")
+    cols = ("pushed", "processed", "failed", "retried", "pending", "active")
+    print(
+        f"{'queue':<{width}}  "
+        + "  ".join(f"{c:>12}" for c in cols)
+        + f"  {'jobs/s':>10}  {'p50':>8}  {'p99':>8}"
+    )
     for q in rows:
         nums = "  ".join(f"{getattr(q, c):>12}" for c in cols)
-        print(f"{q.queue:<{width}}  {nums}  {q.throughput:>10.1f}")
+        p50, p99 = _duration(q.runtime.p50), _duration(q.runtime.p99)
+        print(f"{q.queue:<{width}}  {nums}  {q.throughput:>10.1f}  {p50:>8}  {p99:>8}")
     return 0
+
+
+def _duration(seconds: float | None) -> str:
+    """A runtime percentile for the ``stats`` table: ``-`` when there is none."""
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
 
 
 def _run_demo(args: argparse.Namespace) -> int:
