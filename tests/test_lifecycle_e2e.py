@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from qdash_testing.collector import CollectorProc, run_module
+from qdash_testing.collector import CollectorProc, run_module, wait_for
 from qdash_testing.http import get_json
 from qdash_testing.lifecycle import runtimes, waits
 
@@ -53,6 +52,14 @@ def _finish(procs: list[subprocess.Popen[str]]) -> None:
         out = p.stdout.readline()
         assert json.loads(out) == {"flushed": True}
         assert p.wait(60) == 0
+        p.stdout.close()
+        if p.stdin is not None:
+            p.stdin.close()
+
+
+def _processed(http: str) -> int:
+    queues = get_json(http + "/queues/api/stats")["queues"]
+    return int(queues[0]["processed"]) if queues else 0
 
 
 def _lifetime_buckets(data_dir: Path) -> tuple[list[int], list[int]]:
@@ -70,10 +77,12 @@ def _lifetime_buckets(data_dir: Path) -> tuple[list[int], list[int]]:
 def test_four_processes_exact_histograms(data_dir: Path, crash: bool) -> None:
     c = CollectorProc(data_dir).start()
     try:
-        procs = _start_workers(c.socket, pause=0.02 if crash else 0.0)
+        procs = _start_workers(c.socket, pause=0.05 if crash else 0.0)
         if crash:
-            time.sleep(0.3)  # let traffic flow, then crash the collector mid-run
+            # crash the collector once some, not all, of the jobs have arrived
+            seen = wait_for(lambda: _processed(c.http), 60, "the first jobs to arrive")
             c.kill()
+            assert seen < len(SEEDS) * COUNT, "the run ended before the kill: not mid-run"
             c.start()
         _finish(procs)
         values = [v for s in SEEDS for v in runtimes(s, COUNT)]
@@ -93,10 +102,11 @@ def test_four_processes_exact_histograms(data_dir: Path, crash: bool) -> None:
         count_values(expected, values)
         assert runtime == expected  # exact, bucket by bucket
         assert sum(wait) == len(values)
-        # waits are measured by the clients (now - enqueued_at): same count, and nearly
-        # all in the buckets of the drawn waits
+        # waits are measured by the clients (now - enqueued_at, microseconds after it was
+        # set): same count, and all but the few within microseconds of a bucket edge in the
+        # buckets of the drawn waits
         drawn = [0] * NBUCKETS
         count_values(drawn, [w for s in SEEDS for w in waits(s, COUNT)])
-        assert sum(min(a, b) for a, b in zip(wait, drawn, strict=True)) >= 0.95 * len(values)
+        assert sum(min(a, b) for a, b in zip(wait, drawn, strict=True)) >= 0.99 * len(values)
     finally:
         c.cleanup()

@@ -226,7 +226,7 @@ class Connections:
                 hello.client_id,
                 hello.pid,
                 hello.host,
-                getattr(hello, "name", ""),  # TEMPORARY seam until w2/l1 (Hello v2) lands
+                hello.name,
                 hello.requeue is not None,
                 self._c.lifecycle.clock(),
             )
@@ -427,17 +427,14 @@ class Connections:
         if last > 0 and batch.seq > last + 1:
             raise Refused(ErrorCode.SEQUENCE, f"batch seq {batch.seq} skips ahead of {last + 1}")
         lc = self._c.lifecycle
-        # TEMPORARY getattr seam until w2/l1 (BATCH v2) lands
-        hist = getattr(batch, "hist", None) or None
-        started = getattr(batch, "started", None) or None
         if batch.seq > last:
             try:
-                if hist is None and started is None:
-                    live.stats.apply_batch(batch.counters, client=(client_id, batch.seq))
-                else:
-                    live.stats.apply_batch(  # type: ignore[call-arg]  # until w2/l2
-                        batch.counters, client=(client_id, batch.seq), started=started, hist=hist
-                    )
+                live.stats.apply_batch(
+                    batch.counters,
+                    client=(client_id, batch.seq),
+                    started=batch.started or None,
+                    hist=batch.hist or None,
+                )
             except (ValueError, OverflowError) as exc:
                 # The decoder bounds deltas; should one still not fit, this connection is
                 # refused rather than its task dying without an answer.
@@ -445,17 +442,10 @@ class Connections:
                     ErrorCode.PROTOCOL, f"batch seq {batch.seq} counters cannot be applied: {exc}"
                 ) from exc
             self._c.stats_version += 1
-            events = getattr(batch, "events", ())
-            if events:
-                lc.tracking.apply(events)
-        queues = batch.counters.keys() | hist.keys() if hist else batch.counters.keys()
-        lc.workers.batch(
-            client_id,
-            lc.clock(),
-            queues,
-            getattr(batch, "active", None),
-            getattr(batch, "jobs", None),
-        )
+            if batch.events:
+                lc.tracking.apply(batch.events)
+        queues = batch.counters.keys() | batch.hist.keys() if batch.hist else batch.counters
+        lc.workers.batch(client_id, lc.clock(), queues, batch.active, batch.jobs)
         if batch.failed:
             if batch.seq > live.journal.client_seqs.get(client_id, 0):
                 # The FAILED arrays were checked by the decoder and are journaled as received.

@@ -10,9 +10,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from qdash_mp.collector._models import TrackedJob, WorkerView
 from qdash_mp.inspector import page_bounds
-from qdash_mp.models import FailedJob, JobView, StatsView
+from qdash_mp.models import FailedJob, JobView, StatsView, TrackedJob, WorkerView
 
 if TYPE_CHECKING:
     from qdash_mp.collector.daemon import Collector

@@ -61,8 +61,7 @@ class Lifecycle:
             self.history = await asyncio.to_thread(History, self.history_dir, self.clock)
         except (HistoryError, OSError) as exc:
             log.error("history disabled: cannot open %s: %s", self.history_dir, exc)
-        if hasattr(stats, "totals"):  # TEMPORARY seam until w2/l2
-            self.windows.prime({q: stats.buckets(q) for q in stats.totals()})
+        self.windows.prime({q: stats.buckets(q) for q in stats.totals()})
 
     async def run(self, stats: SharedStats, version: Callable[[], int]) -> None:
         """The tick, every ``tick_interval`` seconds until cancelled."""
@@ -75,9 +74,6 @@ class Lifecycle:
 
     async def tick(self, stats: SharedStats, version: int) -> None:
         now = self.clock()
-        if not hasattr(stats, "totals"):  # TEMPORARY seam until w2/l2
-            self.workers.expire(now)
-            return
         totals = stats.totals()
         if version != self._seen_version:
             self._seen_version = version
@@ -108,12 +104,11 @@ class Lifecycle:
     def with_active(self, view: StatsView) -> StatsView:
         """``view`` with ``active`` per queue (and totals) from the connected workers' gauges."""
         active = self.workers.active_by_queue()
-        if not active and not any(getattr(q, "active", 0) for q in view.queues):
+        if not active and not view.totals.active:
             return view
-        # TEMPORARY ignores until w2/l2's QueueStat.active
-        queues = [dataclasses.replace(q, active=active.get(q.queue, 0)) for q in view.queues]  # type: ignore[call-arg]
-        total = sum(q.active for q in queues)  # type: ignore[attr-defined]
-        return StatsView(queues, dataclasses.replace(view.totals, active=total))  # type: ignore[call-arg]
+        queues = [dataclasses.replace(q, active=active.get(q.queue, 0)) for q in view.queues]
+        total = sum(q.active for q in queues)
+        return StatsView(queues, dataclasses.replace(view.totals, active=total))
 
     def close(self) -> None:
         """Close the history (waits for a tick in flight in its thread)."""

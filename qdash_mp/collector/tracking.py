@@ -18,7 +18,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
-from qdash_mp.collector._models import TrackedJob
+from qdash_mp.models import TrackedJob
 
 __all__ = ["MAX_PENDING", "MAX_QUEUES", "MAX_RECENT", "Event", "Tracking"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from qdash_mp.collector._models import ActiveJob, WorkerView
+from qdash_mp.models import ActiveJob, WorkerView
 
 __all__ = ["MAX_GONE", "MAX_QUEUES_PER_WORKER", "Workers"]
 
