@@ -34,7 +34,6 @@ from qdash_testing.collector import CollectorProc, run_module, run_worker, short
 
 from qdash_mp.journal import Journal, RecordType, record_header
 from qdash_mp.wire import (
-    PROTOCOL_VERSION,
     Batch,
     ErrorMsg,
     FrameDecoder,
@@ -161,7 +160,8 @@ def frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def hello(client_id: str = "raw-client", version: int = PROTOCOL_VERSION) -> bytes:
+def hello(client_id: str = "raw-client", version: int = 1) -> bytes:
+    """A HELLO of 6 elements: version 1's form (version 2 adds an info map)."""
     body = msgpack.packb([1, version, client_id, os.getpid(), "test", None])
     return frame(body)
 
@@ -311,7 +311,7 @@ def test_handshake_and_batch_over_a_raw_socket(collector: CollectorProc) -> None
                 return msgs[0]
 
     sock.sendall(encode(Hello(client_id="raw-1", pid=os.getpid(), host="t")))
-    assert read_one() == Welcome(last_seq=0)
+    assert read_one() == Welcome(last_seq=0)  # version 2: the collector's and the client's
     sock.sendall(encode(Batch(seq=1, counters={"raw": (3, 2, 1, 0)})))
     assert read_one().seq == 1
     sock.sendall(encode(Batch(seq=1, counters={"raw": (3, 2, 1, 0)})))  # a resend: dedup
@@ -360,7 +360,7 @@ def test_failed_jobs_are_journaled_byte_for_byte_as_sent(
         return msgs[0]
 
     sock.sendall(hello("bytes-client"))
-    assert read_one() == Welcome(last_seq=0)
+    assert read_one() == Welcome(last_seq=0, version=1)
     sock.sendall(encode_batch(1, {"mail": (0, 0, 1, 0)}, [record]))
     assert read_one().seq == 1  # the ACK: the record is durable
     sock.close()

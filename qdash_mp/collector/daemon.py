@@ -128,6 +128,8 @@ class Collector:
                 journal.close()
                 raise
             self._live = Live(stats, journal, GroupCommit(journal))
+            if not self.lifecycle.history_dir.exists():
+                created.append(self.lifecycle.history_dir)
             await self.lifecycle.open(stats)
             await self.connections.listen()
             created.append(s.socket)
@@ -376,7 +378,7 @@ def _remove_created(created: list[Path], s: CollectorSettings) -> None:
     for path in reversed(created):
         with contextlib.suppress(OSError):
             if path.is_dir() and not path.is_symlink():
-                if path.name == "journal":
+                if path.name in ("journal", "history"):
                     shutil.rmtree(path)
                 else:
                     path.rmdir()
