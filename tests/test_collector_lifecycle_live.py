@@ -379,3 +379,22 @@ async def test_routes_work_embedded() -> None:
         assert (await get(base + "/history?queue=mail&resolution=week"))[0] == 400
     finally:
         await runner.cleanup()
+
+
+async def test_a_broken_history_dir_leaves_the_collector_counting(
+    settings: CollectorSettings,
+) -> None:
+    history = settings.data_dir / "history"
+    history.mkdir(parents=True)
+    (history / ("q-" + "0" * 32 + ".qh")).write_bytes(b"not a history file")
+    c = Collector(settings)
+    await c.start()
+    try:
+        assert c.lifecycle.history is None
+        await _push(str(settings.socket), "q", 2)
+        status, body = await get(f"{c.http_url}/queues/api/history?queue=q")
+        assert (status, body["points"]) == (200, [])
+        view = await c.inspector.stats()
+        assert view.totals.pushed == 2
+    finally:
+        await c.stop()
