@@ -37,8 +37,13 @@ TIMEOUT = 30.0
 class Clock:
     def __init__(self, t: float = T0 + 1) -> None:
         self.t = t
+        self.fail = False
+        self.failures = 0
 
     def __call__(self) -> float:
+        if self.fail:
+            self.failures += 1
+            raise ValueError("a clock that fails (a bug in a tick)")
         return self.t
 
 
@@ -274,8 +279,12 @@ async def test_history_points_per_minute_survive_a_restart(
 
 def test_history_survives_a_collector_kill9() -> None:
     d = short_dir()
-    (d / "clock").write_text(repr(T0 + 1))
+    (d / "clock").write_text(repr(T0 + 1))  # before any collector reads it
     procs: list[subprocess.Popen[str]] = []
+
+    def set_clock(text: str) -> None:  # atomically: the collector reads it at any time
+        (d / "clock.tmp").write_text(text)
+        (d / "clock.tmp").replace(d / "clock")
 
     def start() -> tuple[str, str]:
         (d / "collector.json").unlink(missing_ok=True)
@@ -302,7 +311,7 @@ def test_history_survives_a_collector_kill9() -> None:
         sock, http = start()
         push(sock, 4)
         wait_for(lambda: any((d / "history").glob("q-*.qh")), TIMEOUT, "the history file")
-        (d / "clock").write_text(repr(T0 + 61))
+        set_clock(repr(T0 + 61))
         wait_for(lambda: points(http), TIMEOUT, "the first minute point")
         push(sock, 6)
         os.kill(procs[-1].pid, signal.SIGKILL)
@@ -315,10 +324,10 @@ def test_history_survives_a_collector_kill9() -> None:
 
         # The first tick after the restart opens a minute; the minute closed after it
         # carries what came in meanwhile: the 6 counted before the kill.
-        for k in range(5):
-            (d / "clock").write_text(repr(T0 + 125 + 60 * k))
+        for k in range(10):
+            set_clock(repr(T0 + 125 + 60 * k))
             with contextlib.suppress(AssertionError):
-                wait_for(lambda: total() == 10, 2.0, "the 6 counted before the kill")
+                wait_for(lambda: total() == 10, 3.0, "the 6 counted before the kill", 0.05)
                 break
         assert sum(p["processed"] for p in points(http)) == 10  # nothing lost
     finally:
@@ -398,3 +407,18 @@ async def test_a_broken_history_dir_leaves_the_collector_counting(
         assert view.totals.pushed == 2
     finally:
         await c.stop()
+
+
+async def test_a_tick_that_raises_does_not_stop_the_ticks(
+    collector: Collector, clock: Clock
+) -> None:
+    clock.fail = True
+    await until(lambda: clock.failures >= 2, "two failed ticks")
+    clock.fail = False
+    await _push(str(collector.settings.socket), "q", 3)
+    history = collector.lifecycle.history
+    assert history is not None
+    await until(lambda: "q" in history.queues(), "a tick after the failures")
+    clock.t += 60
+    pts = await until(lambda: collector.inspector.history("q", "minute"), "a minute point")
+    assert pts[0]["pushed"] == 3

@@ -71,6 +71,9 @@ class Lifecycle:
                 await self.tick(stats, version())
             except (HistoryError, OSError) as exc:
                 log.error("lifecycle tick failed (will try again): %s", exc)
+            except Exception:
+                # A bug here must not stop the ticks for good (nor the collector).
+                log.exception("lifecycle tick failed (will try again)")
 
     async def tick(self, stats: SharedStats, version: int) -> None:
         now = self.clock()
