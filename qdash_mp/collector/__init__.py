@@ -8,7 +8,9 @@ serves the dashboard over HTTP on the same loop.
 
 Modules: ``daemon`` (life cycle, signals, lock, state file), ``connections`` (socket,
 handshake, batches, ACKs, resource bounds), ``retry`` (requeue routing, retry/forget/flush),
-``inspector`` (the dashboard's view). The narrative is in docs/collector.md.
+``inspector`` (the dashboard's view), ``lifecycle`` (the once-a-second tick: rolling windows,
+history) over the pure ``workers``, ``tracking`` and ``windows``. The narrative is in
+docs/collector.md.
 """
 
 from __future__ import annotations
