@@ -151,13 +151,34 @@ def test_collector_serves_metrics_behind_auth() -> None:
     proc = _collector()
     try:
         proc.start()
+        runtimes = [0.003, 0.02, 0.02, 0.4, 7.0]
         with Client(proc.socket) as client:
-            for _ in range(5):
+            for rt in runtimes:
                 client.on_pushed("emails")
+                client.on_processed("emails", runtime=rt)
+            client.on_started("emails", Job(id="busy", name="t"))  # still running
             client.on_failed("emails", Job(id="x1", name="t"), "boom")
             assert client.flush(timeout=30)
             live = _get(proc.http + "/metrics", TOKEN)[2].decode()
             assert samples(live, "qdash_collector_connected_clients") == {"": 1}
+            assert samples(live, "qdash_jobs_active") == {'{queue="emails"}': 1}
+            # Runtime histogram: our buckets summed at the octave edges, exactly.
+            ours = [0] * NBUCKETS
+            count_values(ours, runtimes)
+            want = {
+                f'{{le="{"+Inf" if math.isinf(le) else repr(le)}",queue="emails"}}': float(n)
+                for le, n in cumulative_at_octaves(ours)
+            }
+            assert samples(live, "qdash_job_runtime_seconds_bucket") == want
+            # No exact sum of runtimes is kept, so no _sum (nor _count, which prometheus_client
+            # writes with it): histogram_quantile() needs only the buckets.
+            assert samples(live, "qdash_job_runtime_seconds_sum") == {}
+            # Collector health: batches arrived, the failed job's commit was timed.
+            assert samples(live, "qdash_collector_batches_total")[""] >= 1
+            assert samples(live, "qdash_collector_fsync_seconds_count")[""] >= 1
+            assert samples(live, "qdash_collector_fsync_seconds_sum")[""] > 0
+            if PROMTOOL is not None:
+                promtool_check(live.encode())
         status, _, _ = _get(proc.http + "/metrics")
         assert status == 401
         status, ctype, body = _get(proc.http + "/metrics", TOKEN)

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,10 @@ class Connections:
         self._throttle = LogThrottle(log, LOG_EVERY)
         self.partial_bytes = 0
         """Bytes held in partial frames across all connections."""
+        self.batches = 0
+        """BATCH frames received (resends included), for ``/metrics``."""
+        self.errors: Counter[str] = Counter()
+        """Connections closed with an error, by ERROR code (and ``evicted``), for ``/metrics``."""
 
     async def listen(self) -> None:
         path = self._c.settings.socket
@@ -320,6 +325,7 @@ class Connections:
         self._evict(victim, reason)
 
     def _evict(self, conn: Conn, reason: str) -> None:
+        self.errors["evicted"] += 1
         conn.evicted = reason
         self.partial_bytes -= conn.held
         conn.held = 0
@@ -346,6 +352,7 @@ class Connections:
         ECONNRESET, losing the ERROR frame; so the write side is shut first and what the
         peer still sends is read and dropped, for at most ``LINGER_BYTES``/``LINGER_SECONDS``.
         """
+        self.errors[str(code)] += 1
         self._throttle.log(
             f"close:{conn.peer.uid}:{code}",
             logging.WARNING,
@@ -422,6 +429,7 @@ class Connections:
         journal's own committed seq: a batch whose counters were applied before a crash but
         whose failed jobs never reached the disk gets them staged again.
         """
+        self.batches += 1
         live = self._c.live
         last = live.stats.client_seq(client_id)
         if last > 0 and batch.seq > last + 1:
@@ -489,6 +497,7 @@ class Connections:
                 await group.commit()
                 return
             except JournalError as exc:
+                self.errors["journal_commit"] += 1
                 if failures % 30 == 0:
                     log.error(
                         "journal commit failed (%s); %s stays unacknowledged, retrying",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from qdash_mp.errors import JournalError
@@ -31,6 +32,8 @@ class GroupCommit:
         self._closed = False
         self.commits = 0
         """Commits run so far."""
+        self.commit_seconds = 0.0
+        """Wall time of those commits (write + fdatasync, in the worker thread), summed."""
 
     async def commit(self) -> None:
         """Wait until everything staged before this call is durable."""
@@ -53,6 +56,7 @@ class GroupCommit:
             else:
                 await asyncio.sleep(0)  # one loop pass: let this pass's callers join
             fut, self._next = self._next, None
+            started = time.perf_counter()
             try:
                 await loop.run_in_executor(self._executor, self._journal.commit)
             except asyncio.CancelledError:
@@ -63,6 +67,7 @@ class GroupCommit:
             else:
                 fut.set_result(None)
             self.commits += 1
+            self.commit_seconds += time.perf_counter() - started
 
     async def close(self) -> None:
         """Finish the commits callers wait for, then stop the worker thread."""

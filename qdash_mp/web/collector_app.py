@@ -3,7 +3,8 @@ file, the health probe and ``/metrics`` at the root.
 
 Kept out of ``qdash_mp.collector`` so the daemon's only line about it is
 ``app = collector_app(self)``; what it reads from the collector is ``settings``,
-``inspector``, ``journal`` and (for metrics) ``connections.conns``.
+``inspector``, ``journal`` and (for metrics) ``connections`` (clients, batches, errors by
+kind), ``live.group`` (commits and their time) and ``stats.buckets`` (latency histograms).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from aiohttp import web
 from qdash_mp.access_settings import AccessSettings
 from qdash_mp.audit import AUDIT_FILE, DEFAULT_MAX_ENTRIES, FileAuditLog
 from qdash_mp.errors import QdashError
-from qdash_mp.metrics import Health, metrics_handler
+from qdash_mp.metrics import Health, Latency, metrics_handler
+from qdash_mp.models import QueueStat
 from qdash_mp.web.app import ACCESS, create_app
 
 __all__ = ["collector_app"]
@@ -37,13 +39,25 @@ def collector_app(collector: Any) -> web.Application:
             journal = collector.journal
         except QdashError:
             return Health(up=False)
-        conns = getattr(getattr(collector, "connections", None), "conns", None)
+        connections = collector.connections
+        group = collector.live.group
         return Health(
-            connected_clients=len(conns) if conns is not None else None,
+            connected_clients=len(connections.conns),
+            batches_total=connections.batches,
+            fsync_count=group.commits,
+            fsync_seconds=group.commit_seconds,
+            errors=dict(connections.errors),
             failed_jobs_stored=len(journal),
             journal_bytes=journal.total_bytes,
             audit_entries=len(audit),
         )
+
+    def latency(stat: QueueStat, kind: str) -> Latency | None:
+        # The lifetime bucket counts straight from shared memory (runs in the render thread):
+        # every Prometheus bucket is an exact sum of ours. The exact sum of values is not
+        # kept, so ``_sum`` is left out.
+        runtime, wait = collector.stats.buckets(stat.queue)
+        return Latency(runtime if kind == "runtime" else wait)
 
     async def probe() -> dict[str, Any]:
         # The journal is sound while the collector holds it open: recovery refused corruption
@@ -53,7 +67,9 @@ def collector_app(collector: Any) -> web.Application:
 
     app[ACCESS].health = probe
     app.router.add_get(
-        "/metrics", metrics_handler(collector.inspector.stats, health), name="qdash.metrics"
+        "/metrics",
+        metrics_handler(collector.inspector.stats, health, latency),
+        name="qdash.metrics",
     )
 
     async def close_audit(app: web.Application) -> None:
