@@ -335,6 +335,22 @@ def test_handshake_and_batch_over_a_raw_socket(collector: CollectorProc) -> None
     assert isinstance(err, ErrorMsg)
     assert err.code == "sequence"
     sock.close()
+    # A client the collector has never seen (last_seq 0) may start at any seq: one that
+    # still holds batches from before is not refused forever (docs/protocol.md).
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(collector.socket)
+    decoder = FrameDecoder()
+    sock.sendall(encode(Hello(client_id="raw-2", pid=os.getpid(), host="t")))
+    assert read_one() == Welcome(last_seq=0)
+    sock.sendall(encode(Batch(seq=7, counters={"raw": (1, 0, 0, 0)})))
+    assert read_one().seq == 7
+    sock.sendall(encode(Batch(seq=9, counters={"raw": (1, 0, 0, 0)})))  # now a gap
+    err = read_one()
+    assert isinstance(err, ErrorMsg)
+    assert err.code == "sequence"
+    sock.close()
+    assert totals(collector)["pushed"] == 4
 
 
 def test_failed_jobs_are_journaled_byte_for_byte_as_sent(
