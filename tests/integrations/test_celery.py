@@ -23,10 +23,16 @@ def test_counts_failures_and_dashboard_retry(env: Env) -> None:
     # only arrives if the adapter closes the client on worker_process_shutdown.
     _worker(env, "--max-tasks-per-child", "1")
     try:
-        env.run([env.bin("python"), "it_celery.py", "6", "2", "1"])
-        # 6 ok + 2 failed + 1 flaky (retried once, then ok): pushed 9, processed 7.
-        env.wait_counts((9, 7, 2, 1))
-        failed = sorted(env.failed(), key=lambda f: f.job.payload["args"][0])
+        env.run([env.bin("python"), "it_celery.py", "6", "2", "1", "1"])
+        # 6 ok + 2 failed + 1 flaky (retried once, then ok) + 1 killed pool child (reported
+        # by the parent as WorkerLostError): pushed 10, processed 7, failed 3, retried 1.
+        env.wait_counts((10, 7, 3, 1))
+        lost = [f for f in env.failed() if f.job.name == "it.die"]
+        assert len(lost) == 1
+        assert lost[0].error.startswith("WorkerLostError"), lost[0].error
+        assert lost[0].job.payload == {"args": [0], "kwargs": {}, "queue": env.queue}
+        failed = [f for f in env.failed() if f.job.name != "it.die"]
+        failed.sort(key=lambda f: f.job.payload["args"][0])
         assert [f.job.name for f in failed] == ["it.fail", "it.fail"]
         assert [f.job.payload for f in failed] == [
             {"args": [0], "kwargs": {"note": "n0"}, "queue": env.queue},
@@ -40,7 +46,7 @@ def test_counts_failures_and_dashboard_retry(env: Env) -> None:
         env.retry(failed[1].id)
         env.wait_mark("ok-1")
         # the retry is pushed through Celery again and processed; the collector counts it.
-        env.wait_counts((10, 8, 2, 2))
-        assert [f.id for f in env.failed()] == [failed[0].id]
+        env.wait_counts((11, 8, 3, 2))
+        assert sorted(f.id for f in env.failed()) == sorted([failed[0].id, lost[0].id])
     finally:
         env.stop_all()

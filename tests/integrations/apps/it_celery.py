@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from celery import Celery
@@ -38,7 +39,13 @@ def flaky(self, x: int) -> None:  # type: ignore[no-untyped-def]
         raise self.retry(countdown=0)
 
 
-if __name__ == "__main__":  # producer: python it_celery.py OK FAIL [FLAKY]
+@app.task(name="it.die")
+def die(x: int) -> None:
+    mark(f"die-{x}")
+    os.kill(os.getpid(), signal.SIGKILL)  # the pool child dies: the parent reports the loss
+
+
+if __name__ == "__main__":  # producer: python it_celery.py OK FAIL [FLAKY [DIE]]
     n_ok, n_fail, *rest = (int(a) for a in sys.argv[1:])
     for i in range(n_ok):
         add.delay(i, 1)
@@ -46,3 +53,5 @@ if __name__ == "__main__":  # producer: python it_celery.py OK FAIL [FLAKY]
         fail.apply_async((i,), {"note": f"n{i}"})
     for i in range(rest[0] if rest else 0):
         flaky.delay(i)
+    for i in range(rest[1] if len(rest) > 1 else 0):
+        die.delay(i)
