@@ -66,7 +66,10 @@ def make_job(
     attempts: int = 0,
     enqueued_at: float | None = None,
 ) -> Job:
-    """A ``Job`` whose payload ``job_args`` turns back into the call."""
+    """A ``Job`` whose payload ``job_args`` turns back into the call.
+
+    ``attempts`` counts runs, this one included (every adapter: the library's retries + 1).
+    """
     return Job(
         id=str(id),
         name=name,

@@ -113,7 +113,7 @@ class CeleryAdapter:
             self._running[str(task_id)] = (time.perf_counter(), queue)
         request = sender.request
         job = make_job(
-            task_id, sender.name, request.args, request.kwargs, queue, request.retries or 0
+            task_id, sender.name, request.args, request.kwargs, queue, (request.retries or 0) + 1
         )
         report_started(self.clients.get(), queue, job)
 
@@ -141,7 +141,7 @@ class CeleryAdapter:
         request = getattr(sender, "request", None)
         retries = (getattr(request, "retries", 0) or 0) if request is not None else 0
         name = getattr(sender, "name", "") or ""
-        job = make_job(task_id, name, args, kwargs, queue, int(retries))
+        job = make_job(task_id, name, args, kwargs, queue, int(retries) + 1)
         error = exception if isinstance(exception, BaseException) else str(exception)
         report_failed(self.clients.get(), queue, job, error, runtime)
 
