@@ -89,6 +89,8 @@ def collector() -> Iterator[CollectorThread]:
 
 
 @pytest.fixture
-def env(redis_url: str, collector: CollectorThread, tmp_path: Path, request: pytest.FixtureRequest) -> Env:
+def env(
+    redis_url: str, collector: CollectorThread, tmp_path: Path, request: pytest.FixtureRequest
+) -> Env:
     """Names, directories and environment for one test's worker and producer processes."""
     return Env.make(redis_url, collector, tmp_path, request.node.name)

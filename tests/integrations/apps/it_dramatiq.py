@@ -30,7 +30,9 @@ def fail(x: int, note: str = "") -> None:
     boom(x)
 
 
-@dramatiq.actor(queue_name=QUEUE, actor_name="it.flaky", max_retries=3, min_backoff=10, max_backoff=20)
+@dramatiq.actor(
+    queue_name=QUEUE, actor_name="it.flaky", max_retries=3, min_backoff=10, max_backoff=20
+)
 def flaky(x: int) -> None:
     """Fails on its first run; Dramatiq's Retries runs it again."""
     mark(f"flaky-{x}")
@@ -38,7 +40,9 @@ def flaky(x: int) -> None:
         raise RuntimeError("first run fails")
 
 
-@dramatiq.actor(queue_name=QUEUE, actor_name="it.doomed", max_retries=2, min_backoff=10, max_backoff=20)
+@dramatiq.actor(
+    queue_name=QUEUE, actor_name="it.doomed", max_retries=2, min_backoff=10, max_backoff=20
+)
 def doomed(x: int) -> None:
     """Always fails: retried twice by Dramatiq, then failed for good."""
     mark(f"doomed-{x}")
