@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qdash_testing.http import DashboardSession
+
 from qdash_mp.models import FailedJob, QueueStat
 from qdash_mp.testing import CollectorThread
-from qdash_testing.http import DashboardSession
 
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -104,10 +106,8 @@ class Env:
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
         """Stop a worker we started (its group, by id) and wait; SIGKILL after 30 s."""
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qdash_testing.collector import short_dir
 
 from qdash_mp.testing import CollectorThread
-from qdash_testing.collector import short_dir
 
 from ._support import Env
 

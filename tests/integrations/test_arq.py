@@ -18,7 +18,8 @@ def test_counts_failures_and_dashboard_retry(env: Env) -> None:
         # failed 3, retried 2.
         env.wait_counts((9, 6, 3, 2))
         doomed = [f for f in env.failed() if f.job.name == "doomed"]
-        assert len(doomed) == 1 and doomed[0].job.attempts == 2
+        assert len(doomed) == 1
+        assert doomed[0].job.attempts == 2
         fails = sorted(
             (f for f in env.failed() if f.job.name == "fail"),
             key=lambda f: f.job.payload["args"][0],
