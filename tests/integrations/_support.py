@@ -46,6 +46,7 @@ class Env:
     queue: str
     marks: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    grace: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def make(cls, redis_url: str, collector: CollectorThread, tmp: Path, test: str) -> Env:
@@ -70,8 +71,13 @@ class Env:
     def bin(self, name: str) -> str:
         return str(Path(sys.executable).parent / name)
 
-    def spawn(self, argv: Sequence[str], log: str, **extra: str) -> subprocess.Popen[bytes]:
-        """Start a worker (its own process group) logging to ``tmp/<log>.log``."""
+    def spawn(
+        self, argv: Sequence[str], log: str, grace: float = 30.0, **extra: str
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker (its own process group) logging to ``tmp/<log>.log``.
+
+        ``grace``: seconds it gets to stop on SIGTERM before its group is SIGKILLed.
+        """
         out = (self.tmp / f"{log}.log").open("wb")
         proc = subprocess.Popen(
             list(argv),
@@ -83,6 +89,7 @@ class Env:
         )
         out.close()
         self.procs.append(proc)
+        self.grace[proc.pid] = grace
         return proc
 
     def run(self, argv: Sequence[str], timeout: float = WAIT, **extra: str) -> str:
@@ -104,12 +111,12 @@ class Env:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-        """Stop a worker we started (its group, by id) and wait; SIGKILL after 30 s."""
+        """Stop a worker we started (its group, by id) and wait; SIGKILL after its grace."""
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
             try:
-                proc.wait(30)
+                proc.wait(self.grace.get(proc.pid, 30.0))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
