@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from qdash_mp.client import Client
 from qdash_mp.errors import NotFound, QdashError
 from qdash_mp.failed import FailedJobs, MemoryFailedJobs
+from qdash_mp.hooks import Hooks
 from qdash_mp.inspector import Inspector, new_inspector
 from qdash_mp.models import (
     PAGE_SIZE,
@@ -45,8 +46,9 @@ __all__ = [
     "new_inspector",
     # dashboard
     "create_app",
-    # worker hooks to the collector
+    # worker hooks to the collector, and the contract both sides implement
     "Client",
+    "Hooks",
     # errors
     "NotFound",
     "QdashError",

@@ -1,8 +1,9 @@
 """The ``qdash-mp`` command line: a thin layer that parses arguments into settings.
 
 Commands: ``collector`` (the daemon, foreground), ``demo`` (collector + simulated workers),
-``stats`` (counters straight from shared memory). Errors print one line that says what to do
-next and exit non-zero; no traceback for expected failures.
+``stats`` (counters straight from shared memory of a running collector). Errors -- bad flags
+included -- print one line that says what to do next and exit 2; no traceback for expected
+failures. ``stats`` with no collector running exits 1.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import argparse
 import asyncio
 import json
 import logging
+import logging.handlers
+import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from qdash_mp.errors import QdashError
+from qdash_mp import __version__
+from qdash_mp.errors import CollectorNotRunning, QdashError
 from qdash_mp.settings import DEFAULT_DATA_DIR, DEFAULT_HTTP, CollectorSettings, parse_http
 
 __all__ = ["build_parser", "main"]
@@ -23,16 +28,56 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("qdash_mp.cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (exit 2), not usage + error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _octal(value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {value!r} (e.g. 660)") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {value} is out of range (000-777)")
+    return mode
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _positive(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qdash-mp`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qdash-mp",
         description="Operations dashboard for Python job queues.",
     )
+    parser.add_argument("--version", action="version", version=f"qdash-mp {__version__}")
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     col = sub.add_parser("collector", help="run the collector daemon in the foreground")
     col.add_argument(
@@ -64,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--max-failed-jobs",
-        type=int,
+        type=_count,
         default=1_000_000,
         metavar="N",
         help="keep at most N failed jobs; the oldest are pruned first (default %(default)s)",
     )
     col.add_argument(
         "--max-failed-age",
-        type=float,
+        type=_positive,
         default=30.0,
         metavar="DAYS",
         help="prune failed jobs older than this many days (default %(default)g)",
@@ -83,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--socket-mode",
-        type=lambda v: int(v, 8),
+        type=_octal,
         default=0o600,
         metavar="OCTAL",
         help="permissions of the socket file (default 600: owner only)",
@@ -156,30 +201,89 @@ def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
 
 
 def _run_collector(args: argparse.Namespace) -> int:
-    from qdash_mp.collector import run
+    from qdash_mp.collector import Collector, serve
 
-    run(_collector_settings(args))
+    # What the start logs is held back until it succeeded: a failed start says one line (the
+    # error, printed by ``main``), unless DEBUG was asked for.
+    root = logging.getLogger()
+    held = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    shown = list(root.handlers)
+    for h in shown:
+        root.removeHandler(h)
+    held.setTarget(_Fanout(shown))
+    root.addHandler(held)
+
+    def ready(_collector: Collector) -> None:
+        root.removeHandler(held)
+        held.flush()
+        for h in shown:
+            root.addHandler(h)
+
+    try:
+        asyncio.run(serve(_collector_settings(args), ready=ready))
+    finally:
+        if held in root.handlers:
+            root.removeHandler(held)
+            if root.isEnabledFor(logging.DEBUG):
+                held.flush()
+            for h in shown:
+                root.addHandler(h)
+        held.setTarget(None)
+        held.close()
     return 0
 
 
-def _shm_name(data_dir: Path) -> str:
-    """The stats segment of the collector using ``data_dir`` (its state file, else derived)."""
+class _Fanout(logging.Handler):
+    """Hands each record to several handlers (the ``MemoryHandler`` target)."""
+
+    def __init__(self, handlers: list[logging.Handler]) -> None:
+        super().__init__()
+        self._handlers = handlers
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for h in self._handlers:
+            if record.levelno >= h.level:
+                h.handle(record)
+
+
+def _running_shm(data_dir: Path) -> str:
+    """The stats segment of the collector running on ``data_dir``; ``CollectorNotRunning`` if none.
+
+    A segment outlives a crashed collector (it is how the next start recovers its counts),
+    so its existence says nothing: the state file must name a live process.
+    """
     state = CollectorSettings(data_dir=data_dir).state_file
+    hint = f"start one with: qdash-mp collector --data-dir {data_dir}"
     try:
-        name = json.loads(state.read_text())["shm"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return CollectorSettings(data_dir=data_dir).shm
-    return str(name)
+        data = json.loads(state.read_text())
+        pid, name = int(data["pid"]), str(data["shm"])
+    except FileNotFoundError:
+        raise CollectorNotRunning(
+            f"no collector is running for {data_dir} (no {state}); {hint}"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CollectorNotRunning(
+            f"no collector is running for {data_dir} ({state}: {exc}); {hint}"
+        ) from None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise CollectorNotRunning(
+            f"no collector is running for {data_dir} (pid {pid} in {state} is gone); {hint}"
+        ) from None
+    except PermissionError:
+        pass  # alive, another user's
+    return name
 
 
 def _run_stats(args: argparse.Namespace) -> int:
     from qdash_mp.shm import SharedStatsReader, ShmMissing
 
-    name = _shm_name(args.data_dir)
+    name = _running_shm(args.data_dir)
     try:
         reader = SharedStatsReader(name)
     except ShmMissing:
-        raise QdashError(
+        raise CollectorNotRunning(
             f"no collector is running for {args.data_dir} (no shared stats {name!r}); "
             f"start one with: qdash-mp collector --data-dir {args.data_dir}"
         ) from None
@@ -241,6 +345,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except QdashError as exc:
         print(f"qdash-mp: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, CollectorNotRunning) else 2
     parser.error(f"unknown command {args.command!r}")
     return 2

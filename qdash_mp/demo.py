@@ -82,8 +82,7 @@ async def run_embedded(
 
     def requeue(job: Job) -> None:
         queue = str(job.payload["queue"])
-        retries.put_nowait((queue, job))
-        stats.on_pushed(queue)
+        retries.put_nowait((queue, job))  # the retry counted the push
 
     failed = MemoryFailedJobs(requeue).with_stats(stats)
     app = create_app(new_inspector(stats, failed))
@@ -140,9 +139,10 @@ def _worker_main(socket_path: str, seed: int) -> None:
         while running:
             outcome = traffic.next()
             queue, job = outcome.queue, outcome.job
-            with contextlib.suppress(queues.Empty):
-                queue, job = retries.get_nowait()
-            client.on_pushed(queue, job)
+            try:
+                queue, job = retries.get_nowait()  # the collector counted its push
+            except queues.Empty:
+                client.on_pushed(queue, job)
             time.sleep(outcome.runtime)
             if outcome.error is not None:
                 client.on_failed(queue, job, outcome.error)

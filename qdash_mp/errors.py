@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CollectorError",
+    "CollectorNotRunning",
     "ConfigError",
     "JournalCorrupt",
     "JournalError",
@@ -19,6 +20,13 @@ __all__ = [
     "RetryUnavailable",
     "HistoryCorrupt",
     "HistoryError",
+    "ShmBusy",
+    "ShmError",
+    "ShmIncompatible",
+    "ShmLocked",
+    "ShmMissing",
+    "SnapshotError",
+    "SnapshotNotSaved",
 ]
 
 
@@ -68,3 +76,39 @@ class HistoryError(QdashError):
 
 class HistoryCorrupt(HistoryError):
     """A history file holds corruption that is not a torn write (bad header, size, state)."""
+
+
+class ShmError(QdashError):
+    """The shared-memory stats block cannot be used."""
+
+
+class ShmMissing(ShmError, CollectorError):
+    """No stats segment of that name: the collector is not running (or shut down)."""
+
+
+class ShmIncompatible(ShmError):
+    """A segment of that name exists but is not a stats block this version can read."""
+
+
+class ShmLocked(ShmError, CollectorError):
+    """Another live writer (collector) owns the segment."""
+
+
+class ShmBusy(ShmError):
+    """No consistent snapshot could be read in time."""
+
+
+class SnapshotError(ShmError):
+    """The stats snapshot file could not be written; the shared-memory segment is untouched.
+
+    Raised by ``SharedStats.save``. The counters are still in the segment: a caller that is
+    shutting down must keep it (``close``, not ``unlink``) so the next start reattaches.
+    """
+
+
+class SnapshotNotSaved(CollectorError):
+    """A stopping collector could not save its counters; it kept the shared-memory segment."""
+
+
+class CollectorNotRunning(CollectorError):
+    """No collector is running for that data dir (``qdash-mp stats`` exits 1)."""

@@ -3,11 +3,18 @@
 A failed job is keyed by its job id: a second failure of the same job replaces the older
 record (and becomes the newest). ``retry`` hands the job to ``requeue`` and drops the record
 only once that returned, so a failing re-enqueue never loses the job.
+
+Retries follow the collector's rules (docs/collector.md, "Retries"): exactly once per id (a
+concurrent second retry gets ``RetryConflict``, a later one ``NotFound``); a newer failure
+of the job recorded meanwhile stays; the job handed to ``requeue`` carries ``attempts + 1``;
+and with ``with_stats`` a retry counts ``retried`` +1 and ``pushed`` +1 (it is enqueued
+again), so ``requeue`` must not call ``on_pushed`` for it.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import threading
 import traceback as tb
 from collections.abc import Callable
@@ -68,7 +75,11 @@ class MemoryFailedJobs:
         self._stats: Stats | None = None
 
     def with_stats(self, stats: Stats) -> MemoryFailedJobs:
-        """Bump ``stats.on_retried(queue)`` on every successful retry; returns ``self``."""
+        """Count every successful retry in ``stats``; returns ``self``.
+
+        A retry counts ``retried`` +1 and, as the job is enqueued again, ``pushed`` +1 (one
+        ``add``), so ``pushed == processed + failed + pending`` holds across it.
+        """
         self._stats = stats
         return self
 
@@ -113,7 +124,9 @@ class MemoryFailedJobs:
 
         The lock is not held while ``requeue`` runs (it may call back into this store); a
         concurrent retry of the same id raises ``RetryConflict`` instead of re-enqueueing
-        twice. If the job failed again while being re-enqueued, the newer record stays.
+        twice. If the job failed again while being re-enqueued, the newer record stays; if it
+        was forgotten meanwhile, the retry still succeeds (the job was re-enqueued). The job
+        handed to ``requeue`` carries ``attempts + 1``.
         """
         with self._lock:
             failed = self._jobs.get(id)
@@ -124,7 +137,8 @@ class MemoryFailedJobs:
             self._retrying.add(id)
         try:
             if self._requeue is not None:
-                self._requeue(failed.job)
+                job = failed.job
+                self._requeue(dataclasses.replace(job, attempts=job.attempts + 1))
             with self._lock:
                 if self._jobs.get(id) is failed:
                     del self._jobs[id]
@@ -132,7 +146,9 @@ class MemoryFailedJobs:
             with self._lock:
                 self._retrying.discard(id)
         if self._stats is not None:
-            self._stats.on_retried(failed.queue)
+            # Re-enqueued: a push. Forget-only (no ``requeue``) enqueues nothing.
+            pushed = 1 if self._requeue is not None else 0
+            self._stats.add(failed.queue, pushed=pushed, retried=1)
 
     def forget(self, id: str) -> None:
         """Drop the record of ``id``; ``NotFound`` if there is none."""

@@ -16,6 +16,7 @@ from qdash_mp.errors import ConfigError
 __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_HTTP",
+    "MAX_SOCKET_PATH",
     "SOCKET_ENV",
     "CollectorSettings",
     "default_socket_path",
@@ -27,6 +28,8 @@ DEFAULT_HTTP = ("127.0.0.1", 8700)
 SOCKET_ENV = "QDASH_SOCKET"
 SOCKET_NAME = "collector.sock"
 STATE_NAME = "collector.json"
+MAX_SOCKET_PATH = 107
+"""Longest Unix socket path in bytes (``sun_path`` is 108 bytes with its NUL on Linux)."""
 
 
 def default_socket_path() -> Path:
@@ -59,7 +62,9 @@ class CollectorSettings:
     from the absolute data dir, so a restarted collector finds its segment again. Failed jobs
     are kept up to ``max_failed_jobs`` and ``max_failed_age`` seconds (oldest pruned first,
     counted and logged); every ``maintenance_interval`` seconds the collector applies the age
-    limit and compacts the journal when dead records dominate.
+    limit and compacts the journal when dead records dominate. A partial frame must complete
+    within ``frame_deadline`` seconds, and partial frames of all connections together may hold
+    at most ``partial_frame_budget`` bytes (over it, the connection holding most is closed).
     """
 
     data_dir: Path = DEFAULT_DATA_DIR
@@ -76,6 +81,8 @@ class CollectorSettings:
     max_failed_jobs: int = 1_000_000
     max_failed_age: float = 30 * 86400.0
     maintenance_interval: float = 30.0
+    frame_deadline: float = 10.0
+    partial_frame_budget: int = 64 * 1024 * 1024
 
     @property
     def socket(self) -> Path:

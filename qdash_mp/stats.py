@@ -2,9 +2,9 @@
 
 One concept, two homes. ``Stats`` keeps its counters in a flat buffer of signed 64-bit
 integers, one fixed-size *record* per queue; the collector keeps the very same records in a
-shared-memory block (``qdash_mp.shm``) so other processes can read them. The pure functions
-here (``apply_deltas``, ``read_record``, ``build_view``) are the only code that interprets a
-record, whichever buffer it lives in.
+shared-memory block (``qdash_mp.shm``, see ``docs/shm.md``) so other processes can read
+them. The pure functions here (``apply_deltas``, ``read_record``, ``record_quiet``,
+``build_view``) are the only code that interprets a record, whichever buffer it lives in.
 
 Record layout (``record_len(ring)`` int64 slots, native byte order)::
 
@@ -26,6 +26,9 @@ queue that processed jobs in every recent second hold exactly the pattern ``now 
 now``; ``read_record`` compares against that pattern first (one ``memcmp``) and only walks
 the ring bucket by bucket when it differs. The result is the same either way.
 
+Counts saturate: a slot whose sum would leave the int64 range stays at ``INT64_MAX`` (or
+``INT64_MIN``), so ``apply_deltas`` (and every ``add`` over it) never raises on a value.
+
 ``StatsBase`` is the concept both homes implement: the hook methods over ``add`` and
 ``snapshot``.
 """
@@ -43,17 +46,21 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import compress
 from typing import Protocol, overload
 
-from qdash_mp.models import QueueStat, StatsView
+from qdash_mp.hooks import Hooks
+from qdash_mp.models import Job, QueueStat, StatsView
 
 __all__ = [
     "COUNTERS",
     "DEFAULT_WINDOW",
+    "INT64_MAX",
+    "INT64_MIN",
     "Int64Buffer",
     "Stats",
     "StatsBase",
     "apply_deltas",
     "build_view",
     "read_record",
+    "record_quiet",
     "record_len",
     "ring_slots",
 ]
@@ -63,6 +70,10 @@ COUNTERS: tuple[str, ...] = ("pushed", "processed", "failed", "retried")
 
 DEFAULT_WINDOW = 60
 """Default throughput window, in seconds."""
+
+INT64_MAX = 2**63 - 1
+"""Where a count stops: a slot saturates instead of overflowing (see ``apply_deltas``)."""
+INT64_MIN = -(2**63)
 
 _N = len(COUNTERS)
 _PROCESSED = COUNTERS.index("processed")
@@ -100,11 +111,17 @@ def record_len(ring: int) -> int:
 def apply_deltas(buf: Int64Buffer, off: int, ring: int, deltas: Iterable[int], now: int) -> None:
     """Add ``deltas`` (in ``COUNTERS`` order) to the record at ``off``; ``now`` is a Unix second.
 
-    Processed deltas also land in the throughput bucket of ``now``.
+    Processed deltas also land in the throughput bucket of ``now``. Never raises on a value:
+    a slot whose sum leaves the int64 range saturates at ``INT64_MAX`` (or ``INT64_MIN``), so
+    one absurd batch cannot make every later batch of its queue fail. A non-int delta still
+    raises ``TypeError`` (before anything of its record is written only if it comes first).
     """
     for i, d in enumerate(deltas):
         if d:
-            buf[off + i] += d
+            try:
+                buf[off + i] += d
+            except (OverflowError, ValueError):  # array raises the one, memoryview the other
+                buf[off + i] = _saturate(buf[off + i] + d)
             if i == _PROCESSED:
                 b = now % ring
                 sec = off + _N + b
@@ -112,7 +129,15 @@ def apply_deltas(buf: Int64Buffer, off: int, ring: int, deltas: Iterable[int], n
                 if buf[sec] != now:
                     buf[sec] = now
                     buf[cnt] = 0
-                buf[cnt] += d
+                try:
+                    buf[cnt] += d
+                except (OverflowError, ValueError):
+                    buf[cnt] = _saturate(buf[cnt] + d)
+
+
+def _saturate(value: int) -> int:
+    """``value`` clamped to the int64 range (the slow path: only for sums that overflowed)."""
+    return INT64_MAX if value > INT64_MAX else INT64_MIN if value < INT64_MIN else value
 
 
 def read_record(
@@ -137,6 +162,20 @@ def read_record(
         pending=max(0, pushed - processed - failed),
         throughput=recent / span if span > 0 else 0.0,
     )
+
+
+def record_quiet(buf: Int64Buffer, off: int, ring: int, now: int) -> bool:
+    """No bucket of the record at ``off`` counts for a window ending at ``now`` or later.
+
+    Then its throughput is 0 at ``now`` and stays 0 until the record changes: a reader may keep
+    its decoded row (see ``qdash_mp.shm.rows``).
+    """
+    lo = now - ring + 1
+    secs = buf[off + _N : off + _N + ring]
+    if max(secs) < lo:
+        return True
+    cnts = buf[off + _N + ring : off + _N + 2 * ring]
+    return all(sec < lo for sec, cnt in zip(secs, cnts, strict=True) if cnt)
 
 
 def _recent(secs: Sequence[int], cnts: Sequence[int], now: int) -> int:
@@ -194,7 +233,7 @@ def build_view(rows: Iterable[QueueStat]) -> StatsView:
     return StatsView(queues=queues, totals=totals)
 
 
-class StatsBase(abc.ABC):
+class StatsBase(Hooks, abc.ABC):
     """The counters concept: the hook methods, written once over ``add`` and ``snapshot``.
 
     ``Stats`` keeps the records in process memory; ``qdash_mp.shm.SharedStats`` keeps the very
@@ -216,11 +255,13 @@ class StatsBase(abc.ABC):
     def snapshot(self) -> StatsView:
         """A consistent view of every queue, sorted by name, with totals."""
 
-    def on_pushed(self, queue: str) -> None:
+    def on_pushed(self, queue: str, job: Job | None = None) -> None:
         """A job was enqueued on ``queue``."""
         self.add(queue, pushed=1)
 
-    def on_processed(self, queue: str, runtime: float | None = None) -> None:
+    def on_processed(
+        self, queue: str, job: Job | None = None, runtime: float | None = None
+    ) -> None:
         """A job of ``queue`` finished successfully.
 
         ``runtime`` (seconds) is accepted for API compatibility with worker code that knows
@@ -228,7 +269,13 @@ class StatsBase(abc.ABC):
         """
         self.add(queue, processed=1)
 
-    def on_failed(self, queue: str) -> None:
+    def on_failed(
+        self,
+        queue: str,
+        job: Job | None = None,
+        error: BaseException | str | None = None,
+        runtime: float | None = None,
+    ) -> None:
         """A job of ``queue`` failed for good (dead-lettered)."""
         self.add(queue, failed=1)
 

@@ -213,7 +213,7 @@ def test_retry_calls_requeue_and_drops_only_on_success() -> None:
     store.record(job(1, payload=[1]), "q", "e")
     store.record(job(2), "q", "e")
     store.retry("job-1")
-    assert requeued == [job(1, payload=[1])]
+    assert requeued == [job(1, payload=[1], attempts=1)]  # a retry is one more attempt
     assert [f.id for f in store.list()] == ["job-2"]
 
 
@@ -256,6 +256,7 @@ def test_with_stats_bumps_retried_on_success() -> None:
     view = stats.snapshot()
     assert view.queue("emails").retried == 1  # type: ignore[union-attr]
     assert view.queue("sms").retried == 1  # type: ignore[union-attr]
+    assert view.queue("sms").pushed == 1  # type: ignore[union-attr]  # enqueued again
     store.record(job(3), "sms", "e")
     store.forget("job-3")
     assert stats.snapshot().totals.retried == 2  # forget is not a retry

@@ -1,9 +1,8 @@
-"""The failed-job journal, promise by promise: what is committed survives (torn tails, bit
-flips, failing writes and fsyncs, crashes mid-compaction, SIGKILL), nothing damaged is ever
-returned, retention prunes oldest first and says so, and group commit shares fsyncs.
-
-Journals live in short temp dirs on tmpfs when there is one: the files are real, fsync is
-cheap, so the every-offset and bit-flip loops stay fast.
+"""The failed-job journal's store, promise by promise: round trips, visibility of committed
+state only, failing writes and fsyncs lose and duplicate nothing, retention prunes oldest
+first and says so, group commit shares fsyncs, SIGKILL loses no acknowledged record.
+Recovery and compaction have their own files (``test_journal_recovery.py``,
+``test_journal_compaction.py``); the pure parts are in ``test_journal_format.py``.
 """
 
 from __future__ import annotations
@@ -15,14 +14,12 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -31,75 +28,32 @@ from typing import Any
 
 import msgpack
 import pytest
-
-from qdash_mp.errors import ConfigError, JournalCorrupt, JournalError, NotFound
-from qdash_mp.journal import (
-    COMPACTION_STEPS,
-    ERROR_PREVIEW,
-    FileIO,
-    GroupCommit,
-    Journal,
-    _SimulatedCrash,
+from qdash_testing.journal import (
+    SHM,
+    T0,
+    Clock,
+    fj,
+    ids_of,
+    open_j,
+    segments,
 )
-from qdash_mp.journal_format import HEADER, RecordType, record_header
+
+from qdash_mp.errors import ConfigError, JournalError, NotFound
+from qdash_mp.fsio import FileIO, fsync_dir, pwrite_all, write_atomically
+from qdash_mp.journal import (
+    ERROR_PREVIEW,
+    MAX_PAYLOAD,
+    GroupCommit,
+    RecordType,
+    record_header,
+)
 from qdash_mp.models import FailedJob, Job
 from qdash_mp.records import pack_failed_fields
-
-T0 = 1_700_000_000.0
-_SHM = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
-class Clock:
-    """An injected clock: Unix seconds, moved by hand."""
-
-    def __init__(self, now: float = T0 + 60) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def fj(
-    key: int | str, *, at: float = T0, error: str | None = None, payload: Any = None
-) -> FailedJob:
-    jid = key if isinstance(key, str) else f"job-{key}"
-    return FailedJob(
-        id=jid,
-        queue="mail" if len(jid) % 2 else "default",
-        job=Job(
-            id=jid,
-            name="tasks.work",
-            payload={"n": jid, "blob": b"\x00\xff"} if payload is None else payload,
-            attempts=2,
-            enqueued_at=at - 5,
-        ),
-        error=error if error is not None else f"ValueError: boom {jid}",
-        failed_at=datetime.fromtimestamp(at, UTC),
-        traceback=f"Traceback (most recent call last):\n  {jid}\n",
-    )
-
-
-def open_j(path: Path, **kwargs: Any) -> Journal:
-    kwargs.setdefault("clock", Clock())
-    return Journal.open(path, **kwargs)
-
-
-def ids_of(journal: Journal) -> list[str]:
-    return [v.id for v in journal.page(0, len(journal) + 5)]
-
-
-def state_of(journal: Journal) -> list[tuple[str, FailedJob]]:
-    """Everything committed, newest first, read back in full."""
-    return [(i, journal.get(i)) for i in ids_of(journal)]
-
-
-def segments(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.name.endswith(".seg"))
 
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="qj-", dir=_SHM))
+    d = Path(tempfile.mkdtemp(prefix="qj-", dir=SHM))
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -230,25 +184,40 @@ def test_unencodable_failures_are_refused_and_nothing_is_staged(
         "failed_at": T0,
     }
     fields.update(bad)
+    failed = FailedJob(
+        id=fields["id"],
+        queue=fields["queue"],
+        job=Job(
+            id="x",
+            name=fields["name"],
+            attempts=fields["attempts"],
+            enqueued_at=fields["enqueued_at"],
+        ),
+        error=fields["error"],
+        failed_at=fields["failed_at"],
+        traceback=fields["traceback"],
+    )
     with open_j(jdir) as j:
         with pytest.raises(JournalError):
-            j.stage_failed_fields(**fields)
+            j.stage_failed(failed, payload_raw=fields["payload_raw"])
         assert j.staged == 0
         with pytest.raises(JournalError, match="msgpack"):
             j.stage_failed(fj(1, payload=object()))
         assert j.staged == 0
 
 
-def test_stage_failed_rows_is_all_or_nothing(jdir: Path) -> None:
+def test_stage_failed_packed_is_all_or_nothing(jdir: Path) -> None:
     raw = msgpack.packb({"k": [1, 2]})
-    good = ("a", "t", raw, 1, None, "q", "e", "", T0)
-    bad = ("b", "t", raw, "one", None, "q", "e", "", T0)
+    good = packed("a", T0)
+    too_big = (b"\x00" * (MAX_PAYLOAD + 1), "b", T0)
     with open_j(jdir, max_jobs=2) as j:
         with pytest.raises(JournalError, match="'b'"):
-            j.stage_failed_rows([good, bad])
+            j.stage_failed_packed([good, too_big])
+        with pytest.raises(JournalError, match="'b'"):
+            j.stage_failed_packed([good] * 20 + [too_big])  # the column path
         assert j.staged == 0
-        later = ("b", "t2", raw, 2, T0 - 1, "q2", "e2", "tb", T0 + 1)
-        j.stage_failed_rows([good, later, ("c", "t", b"\xc0", 0, None, "q", "e", "", T0 + 2)])
+        later = pack_failed_fields("b", "t2", raw, 2, T0 - 1, "q2", "e2", "tb", T0 + 1)
+        j.stage_failed_packed([good, (later, "b", T0 + 1), packed("c", T0 + 2)])
         j.commit()
         assert ids_of(j) == ["c", "b"]  # max_jobs=2: "a" was pruned
         failed, stored = j.get_raw("b")
@@ -335,11 +304,11 @@ class StagingIO(FileIO):
     def __init__(self) -> None:
         self.during: Callable[[], None] | None = None
 
-    def sync(self, fd: int) -> None:
+    def fdatasync(self, fd: int) -> None:
         during, self.during = self.during, None
         if during is not None:
             during()
-        super().sync(fd)
+        super().fdatasync(fd)
 
 
 def test_failures_staged_during_a_commit_stay_pending(jdir: Path) -> None:
@@ -515,350 +484,52 @@ def test_pages_match_a_model_at_every_depth(jdir: Path) -> None:
         assert ids_of(j) == newest
 
 
-# -- torn tails, bit flips, bad records --------------------------------------------------------
-
-
-def _build_small_journal(
-    path: Path, n: int, rng: random.Random
-) -> tuple[list[list[str]], dict[str, FailedJob]]:
-    """A journal of ``n`` tiny records committed in batches of 1-3; returns the batches."""
-    batches: list[list[str]] = []
-    jobs: dict[str, FailedJob] = {}
-    with open_j(path) as j:
-        i = 0
-        while i < n:
-            batch = []
-            for _ in range(rng.randint(1, 3)):
-                f = FailedJob(
-                    id=f"{i}",
-                    queue="q",
-                    job=Job(id=f"{i}", name="t", payload=i % 7),
-                    error="e",
-                    failed_at=datetime.fromtimestamp(T0, UTC),
-                )
-                j.stage_failed(f)
-                jobs[f.id] = f
-                batch.append(f.id)
-                i += 1
-            j.commit()
-            batches.append(batch)
-    return batches, jobs
-
-
-def _commit_ends(data: bytes) -> list[int]:
-    """End offsets of every COMMIT record in a segment's bytes."""
-    ends = []
-    pos = 0
-    while pos + HEADER.size <= len(data):
-        _crc, n, rtype = HEADER.unpack_from(data, pos)
-        pos += HEADER.size + n
-        if rtype == RecordType.COMMIT:
-            ends.append(pos)
-    return ends
-
-
-def test_truncation_at_every_byte_offset_keeps_exactly_the_whole_batches(root: Path) -> None:
-    src = root / "src"
-    batches, _jobs = _build_small_journal(src, 200, random.Random(1))
-    (seg,) = segments(src)
-    data = seg.read_bytes()
-    ends = _commit_ends(data)
-    assert len(ends) == len(batches)
-    work = root / "work"
-    work.mkdir()
-    target = work / seg.name
-    header_end = _records(data)[0][1]
-    for cut in range(len(data) + 1):
-        for p in work.iterdir():
-            p.unlink()
-        target.write_bytes(data[:cut])
-        whole = sum(1 for e in ends if e <= cut)
-        expected = [i for b in batches[:whole] for i in b]
-        with open_j(work) as j:
-            assert len(j) == len(expected), cut
-            assert all(i in j for i in expected), cut
-            if expected:
-                assert j.page(0, 1)[0].id == expected[-1], cut
-            base = ends[whole - 1] if whole else (header_end if cut >= header_end else 0)
-            assert j.recovery.bytes_cut == cut - base, cut
-    assert ends[-1] == len(data)
-
-
-def test_torn_tail_is_cut_saved_and_logged(root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    jdir = root / "j"
-    batches, _ = _build_small_journal(jdir, 10, random.Random(2))
-    (seg,) = segments(jdir)
-    size = seg.stat().st_size
-    original = seg.read_bytes()
-    with seg.open("r+b") as fh:
-        fh.truncate(size - 5)
-    with caplog.at_level(logging.WARNING, logger="qdash_mp.journal"), open_j(jdir) as j:
-        assert ids_of(j) == [i for b in batches[:-1] for i in b][::-1]
-        (cut,) = j.recovery.cuts
-        assert cut.file == seg
-        assert cut.length == j.recovery.bytes_cut > 0
-        assert cut.offset == size - 5 - cut.length
-        assert cut.side_file.exists()
-        assert cut.side_file.read_bytes() == original[cut.offset : size - 5]
-        assert seg.stat().st_size == cut.offset
-    assert any(
-        str(seg) in r.getMessage()
-        and f"offset {cut.offset}" in r.getMessage()
-        and f"{cut.length} bytes" in r.getMessage()
-        for r in caplog.records
-    )
-    with open_j(jdir) as j:  # clean now
-        assert j.recovery.cuts == []
-
-
-def test_zero_filled_tail_is_cut(jdir: Path) -> None:
-    with open_j(jdir) as j:
-        for i in range(5):
-            j.stage_failed(fj(i))
-            j.commit()
-    (seg,) = segments(jdir)
-    size = seg.stat().st_size
-    with seg.open("ab") as fh:
-        fh.write(bytes(8192))
-    with open_j(jdir) as j:
-        assert len(j) == 5
-        (cut,) = j.recovery.cuts
-        assert (cut.offset, cut.length) == (size, 8192)
-        assert cut.side_file.read_bytes() == bytes(8192)
-    assert seg.stat().st_size == size
-
-
-def _records(data: bytes) -> list[tuple[int, int, int]]:
-    """``(offset, size, type)`` of every record in a segment's bytes."""
-    out = []
-    pos = 0
-    while pos + HEADER.size <= len(data):
-        _crc, n, rtype = HEADER.unpack_from(data, pos)
-        out.append((pos, HEADER.size + n, rtype))
-        pos += HEADER.size + n
-    return out
-
-
-def _refit_crc(data: bytearray, pos: int) -> None:
-    n = struct.unpack_from("<I", data, pos + 4)[0]
-    struct.pack_into("<I", data, pos, zlib.crc32(bytes(data[pos + 4 : pos + HEADER.size + n])))
-
-
-def _damaged(jdir: Path, damage: Callable[[bytearray, list[tuple[int, int, int]]], None]) -> Path:
-    (seg,) = segments(jdir)
-    data = bytearray(seg.read_bytes())
-    damage(data, _records(bytes(data)))
-    seg.write_bytes(bytes(data))
-    return seg
-
-
-def _ten_batches(jdir: Path) -> None:
-    with open_j(jdir) as j:
-        for i in range(10):
-            j.stage_failed(fj(i))
-            j.stage_client_seq("client", i + 1)
-            j.commit()
-
-
-@pytest.mark.parametrize(
-    ("new_type", "why"),
-    [
-        (RecordType.REMOVED, "REMOVED"),
-        (RecordType.CLIENT_SEQ, "CLIENT_SEQ"),
-        (RecordType.FLUSHED, "FLUSHED"),
-        (RecordType.COMMIT, "COMMIT"),
-        (RecordType.SEGMENT, "not allowed"),
-        (0, "type 0"),
-        (99, "type 99"),
-    ],
-)
-def test_bad_type_with_fixed_up_checksum_is_corruption(jdir: Path, new_type: int, why: str) -> None:
-    _ten_batches(jdir)
-
-    def retype(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
-        failed = [r for r in recs if r[2] == RecordType.FAILED]
-        pos = failed[3][0]
-        data[pos + 8] = new_type
-        _refit_crc(data, pos)
-
-    seg = _damaged(jdir, retype)
-    with pytest.raises(JournalCorrupt) as info:
-        open_j(jdir)
-    message = str(info.value)
-    assert why in message
-    assert str(seg) in message
-    assert "offset" in message
-    assert "--salvage" in message
-    with open_j(jdir, salvage=True) as j:
-        assert sorted(ids_of(j)) == sorted(f"job-{i}" for i in range(10) if i != 3)
-        assert j.client_seqs == {"client": 10}
-
-
-def test_bad_type_in_the_last_batch_is_still_corruption(jdir: Path) -> None:
-    _ten_batches(jdir)
-
-    def retype(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
-        pos = [r for r in recs if r[2] == RecordType.FAILED][-1][0]
-        data[pos + 8] = RecordType.REMOVED
-        _refit_crc(data, pos)
-
-    _damaged(jdir, retype)
-    # The batch's COMMIT still verifies, so this is damage inside committed data: refused.
-    with pytest.raises(JournalCorrupt, match="--salvage"):
-        open_j(jdir)
-
-
-@pytest.mark.parametrize("fix_crc", [False, True])
-def test_bad_length_is_detected(jdir: Path, fix_crc: bool) -> None:
-    _ten_batches(jdir)
-
-    def relength(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
-        pos = [r for r in recs if r[2] == RecordType.FAILED][4][0]
-        n = struct.unpack_from("<I", data, pos + 4)[0]
-        struct.pack_into("<I", data, pos + 4, n + 3)
-        if fix_crc:
-            _refit_crc(data, pos)
-
-    _damaged(jdir, relength)
-    with pytest.raises(JournalCorrupt, match="--salvage"):
-        open_j(jdir)
-    with open_j(jdir, salvage=True) as j:
-        assert sorted(ids_of(j)) == sorted(f"job-{i}" for i in range(10) if i != 4)
-
-
-def test_huge_length_in_the_last_record_is_a_torn_tail(jdir: Path) -> None:
-    _ten_batches(jdir)
-
-    def relength(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
-        struct.pack_into("<I", data, recs[-1][0] + 4, 0xFFFFFFFF)
-
-    _damaged(jdir, relength)
-    with open_j(jdir) as j:
-        assert sorted(ids_of(j)) == sorted(f"job-{i}" for i in range(9))
-        assert j.client_seqs == {"client": 9}
-        assert len(j.recovery.cuts) == 1
-
-
-def test_zeroed_bytes_followed_by_committed_records_are_corruption(jdir: Path) -> None:
-    _ten_batches(jdir)
-
-    def zero(data: bytearray, recs: list[tuple[int, int, int]]) -> None:
-        pos, size, _ = recs[5]
-        data[pos : pos + size] = bytes(size)
-
-    _damaged(jdir, zero)
-    with pytest.raises(JournalCorrupt, match="--salvage"):
-        open_j(jdir)
-
-
-def test_random_bit_flips_are_detected_or_harmless(root: Path) -> None:
-    src = root / "src"
-    batches, jobs = _build_small_journal(src, 40, random.Random(3))
-    (seg,) = segments(src)
-    data = seg.read_bytes()
-    rng = random.Random(12345)
-    work = root / "work"
-    work.mkdir()
-    target = work / seg.name
-    outcomes: Counter[str] = Counter()
-    for _ in range(10_000):
-        bit = rng.randrange(len(data) * 8)
-        flipped = bytearray(data)
-        flipped[bit // 8] ^= 1 << (bit % 8)
-        for p in work.iterdir():
-            p.unlink()
-        target.write_bytes(flipped)
-        try:
-            j = open_j(work)
-        except JournalCorrupt as exc:
-            message = str(exc)
-            assert "--salvage" in message, message
-            assert "offset" in message, message
-            outcomes["refused"] += 1
-            continue
-        with j:
-            got = ids_of(j)
-            for jid in got:
-                assert j.get(jid) == jobs[jid], (bit, jid)
-            if len(got) == len(jobs):
-                outcomes["harmless"] += 1
-            else:
-                # Only a whole last batch may go, and only as a reported cut.
-                assert got == [i for b in batches[:-1] for i in b][::-1], bit
-                assert j.recovery.cuts, bit
-                outcomes["cut"] += 1
-    assert outcomes["refused"] > 0
-    assert outcomes["cut"] > 0
-    assert sum(outcomes.values()) == 10_000
-
-
-def test_damage_found_while_reading_is_reported_not_returned(jdir: Path) -> None:
-    with open_j(jdir) as j:
-        for i in range(3):
-            j.stage_failed(fj(i))
-        j.commit()
-        (seg,) = segments(jdir)
-        data = seg.read_bytes()
-        recs = [r for r in _records(data) if r[2] == RecordType.FAILED]
-        pos = recs[1][0] + 20
-        with seg.open("r+b") as fh:
-            fh.seek(pos)
-            fh.write(bytes([data[pos] ^ 0x40]))
-        assert j.get("job-0") == fj(0)
-        with pytest.raises(JournalCorrupt, match="--salvage"):
-            j.get("job-1")
-        with pytest.raises(JournalCorrupt):
-            j.page(0, 10)
-
-
-def test_salvage_keeps_every_record_that_verifies(jdir: Path) -> None:
-    with open_j(jdir, segment_bytes=4096) as j:
-        for i in range(120):
-            j.stage_failed(fj(i))
-            if i % 3 == 2:
-                j.commit()
-        j.commit()
-        before = {i: j.get(i) for i in ids_of(j)}
-        segs = segments(jdir)
-    assert len(segs) > 2
-    victims: set[str] = set()
-    for seg in segs[:-1]:  # damage one FAILED record in each full segment
-        data = bytearray(seg.read_bytes())
-        pos, _size, _ = [r for r in _records(bytes(data)) if r[2] == RecordType.FAILED][1]
-        victims.add(msgpack.unpackb(bytes(data[pos + HEADER.size : pos + _size]))[0])
-        data[pos + 12] ^= 0xFF
-        seg.write_bytes(bytes(data))
-    with pytest.raises(JournalCorrupt, match="--salvage"):
-        open_j(jdir)
-    with open_j(jdir, salvage=True) as j:
-        assert len(j.recovery.skipped) == len(segs) - 1
-        assert all(s.length > 0 for s in j.recovery.skipped)
-        corrupt_copies = [p for p in jdir.iterdir() if ".corrupt-" in p.name]
-        assert len(corrupt_copies) == len(segs) - 1
-        assert set(ids_of(j)) == set(before) - victims
-        for i in ids_of(j):
-            assert j.get(i) == before[i]
-    with open_j(jdir) as j:  # salvage rewrote the journal: it opens cleanly now
-        assert set(ids_of(j)) == set(before) - victims
-        assert j.recovery.skipped == []
-
-
-def test_a_missing_segment_is_corruption(jdir: Path) -> None:
-    with open_j(jdir, segment_bytes=4096) as j:
-        for i in range(200):
-            j.stage_failed(fj(i))
-            j.commit()
-    segs = segments(jdir)
-    assert len(segs) >= 3
-    segs[1].unlink()
-    with pytest.raises(JournalCorrupt, match="missing"):
-        open_j(jdir)
-    segs[0].unlink()
-    with pytest.raises(JournalCorrupt, match="missing"):
-        open_j(jdir)
-
-
 # -- failing writes and syncs ------------------------------------------------------------------
+
+
+class SeamIO(FileIO):
+    """Counts every call of the seam; fails fsync when told to."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.fail_fsync = False
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        self.calls["pwrite"] += 1
+        return super().pwrite(fd, data, offset)
+
+    def fsync(self, fd: int) -> None:
+        self.calls["fsync"] += 1
+        if self.fail_fsync:
+            raise OSError(errno.EIO, "injected fsync failure")
+        super().fsync(fd)
+
+
+def test_fsio_functions_and_the_journal_share_one_seam(root: Path) -> None:
+    io = SeamIO()
+    target = root / "state.bin"
+    write_atomically(target, b"old", io=io)
+    assert io.calls["fsync"] == 2  # the file, then its directory
+    fd = os.open(root / "raw", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        pwrite_all(fd, b"abc", 0, io=io)
+    finally:
+        os.close(fd)
+    assert io.calls["pwrite"] == 1
+    fsync_dir(root, io=io)
+    assert io.calls["fsync"] == 3
+    io.fail_fsync = True
+    with pytest.raises(OSError, match="injected"):
+        write_atomically(target, b"new", io=io)
+    assert target.read_bytes() == b"old"
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    io.fail_fsync = False
+    io.calls.clear()
+    with open_j(root / "j", io=io) as j:  # the journal's writes go through the same object
+        j.stage_failed(fj(1))
+        j.commit()
+    assert io.calls["pwrite"] >= 2  # the new segment's header, the batch
+    assert io.calls["fsync"] >= 1  # the directory, after the segment's rename
 
 
 class FaultyIO(FileIO):
@@ -880,10 +551,10 @@ class FaultyIO(FileIO):
             raise OSError(errno.EIO, "injected write failure")
         return super().pwrite(fd, data, offset)
 
-    def sync(self, fd: int) -> None:
+    def fdatasync(self, fd: int) -> None:
         if self._hit("sync"):
             raise OSError(errno.EIO, "injected fsync failure")
-        super().sync(fd)
+        super().fdatasync(fd)
 
     def truncate(self, fd: int, length: int) -> None:
         if self._hit("truncate"):
@@ -989,167 +660,6 @@ def test_failed_rotation_is_retried(jdir: Path) -> None:
     j.close()
     with open_j(jdir) as j:
         assert ids_of(j) == ["job-1"]
-
-
-# -- compaction --------------------------------------------------------------------------------
-
-
-def _churned(jdir: Path, clock: Clock) -> Journal:
-    j = open_j(jdir, segment_bytes=4096, clock=clock)
-    for i in range(300):
-        j.stage_failed(fj(i, at=T0 + i))
-        if i % 4 == 0:
-            j.commit()
-    j.commit()
-    for i in range(0, 300, 3):
-        j.stage_removed(f"job-{i}", "retried" if i % 2 else "forgotten")
-    for i in range(1, 40, 3):
-        j.stage_failed(fj(i, error="again", at=T0 + 1000 + i))
-    for c in range(5):
-        for s in range(1, 4):
-            j.stage_client_seq(f"client-{c}", s * 10 + c)
-    j.commit()
-    return j
-
-
-@pytest.mark.parametrize("step", COMPACTION_STEPS)
-def test_crash_after_each_compaction_step_leaves_old_or_new_state(jdir: Path, step: str) -> None:
-    clock = Clock()
-    j = _churned(jdir, clock)
-    before = state_of(j)
-    seqs = dict(j.client_seqs)
-    with pytest.raises(_SimulatedCrash):
-        j.compact(_crash_after=step)
-    j._abandon()  # the process died here: no cleanup of any kind
-    for _ in range(2):
-        with open_j(jdir, clock=clock) as again:
-            assert state_of(again) == before
-            assert again.client_seqs == seqs
-            names = [p.name for p in jdir.iterdir()]
-            assert not [n for n in names if n.endswith(".tmp")]
-            compacted = [n for n in names if n.endswith(".seg") and not n.endswith(".0000.seg")]
-            if step in ("prepare", "write"):
-                assert compacted == []
-            else:
-                assert len(compacted) == 1
-                assert sorted(n for n in names if n.endswith(".seg"))[0] == compacted[0]
-    with open_j(jdir, clock=clock) as again:  # and it keeps working
-        again.stage_failed(fj("after"))
-        again.stage_removed("job-1", "forgotten")
-        again.commit()
-        assert again.maybe_compact() in (True, False)
-        expected = [("after", fj("after"))] + [(i, f) for i, f in before if i != "job-1"]
-        assert state_of(again) == expected
-    with open_j(jdir, clock=clock) as again:
-        assert state_of(again) == expected
-
-
-def test_compaction_shrinks_and_keeps_the_live_set(jdir: Path) -> None:
-    clock = Clock()
-    j = _churned(jdir, clock)
-    before = state_of(j)
-    size_before = sum(p.stat().st_size for p in segments(jdir))
-    j.compact()
-    assert state_of(j) == before
-    size_after = sum(p.stat().st_size for p in segments(jdir))
-    assert size_after < size_before * 0.6
-    assert j.total_bytes == size_after
-    assert j.total_bytes - j.live_bytes < 1000  # two headers, a COMMIT, the client seqs
-    j.close()
-    with open_j(jdir, clock=clock) as j:
-        assert state_of(j) == before
-        assert j.client_seqs == {f"client-{c}": 30 + c for c in range(5)}
-
-
-def test_maybe_compact_waits_for_dead_data_to_dominate(jdir: Path) -> None:
-    with open_j(jdir, compact_min_bytes=0) as j:
-        for i in range(50):
-            j.stage_failed(fj(i))
-        j.commit()
-        assert not j.maybe_compact()
-        for i in range(40):
-            j.stage_removed(f"job-{i}", "forgotten")
-        j.commit()
-        assert j.maybe_compact()
-        assert j.total_bytes - j.live_bytes < j.live_bytes
-        assert not j.maybe_compact()
-        assert len(j) == 10
-
-
-def test_commits_during_compaction_are_kept(jdir: Path) -> None:
-    clock = Clock()
-    j = _churned(jdir, clock)
-    model = dict(state_of(j))
-    plan = j._compact_prepare()
-    # While the copy is under way: new failures, removals of copied jobs, a supersede.
-    j.stage_failed(fj("new"))
-    j.stage_removed("job-2", "forgotten")
-    j.stage_failed(fj(4, error="during", at=T0 + 5000))
-    j.commit()
-    j._compact_write(plan)
-    j.stage_removed("job-5", "retried")
-    j.commit()
-    j._compact_rename(plan)
-    j._compact_install(plan)
-    j._compact_delete(plan)
-    del model["job-2"], model["job-5"]
-    model["new"] = fj("new")
-    model["job-4"] = fj(4, error="during", at=T0 + 5000)
-    assert dict(state_of(j)) == model
-    assert ids_of(j)[:2] == ["job-4", "new"]
-    j.close()
-    with open_j(jdir, clock=clock) as j:
-        assert dict(state_of(j)) == model
-        assert ids_of(j)[:2] == ["job-4", "new"]
-
-
-def test_flush_during_compaction(jdir: Path) -> None:
-    clock = Clock()
-    j = _churned(jdir, clock)
-    plan = j._compact_prepare()
-    j.stage_flush()
-    j.stage_failed(fj("survivor"))
-    j.commit()
-    j._compact_write(plan)
-    j._compact_rename(plan)
-    j._compact_install(plan)
-    j._compact_delete(plan)
-    assert ids_of(j) == ["survivor"]
-    j.close()
-    with open_j(jdir, clock=clock) as j:
-        assert ids_of(j) == ["survivor"]
-
-
-def test_compaction_drops_clients_not_seen_within_max_age(jdir: Path) -> None:
-    clock = Clock()
-    with open_j(jdir, clock=clock, max_age=100.0) as j:
-        j.stage_client_seq("old", 5)
-        j.commit()
-        clock.now += 90
-        j.stage_client_seq("young", 7)
-        j.commit()
-        clock.now += 20
-        j.compact()
-        assert j.client_seqs == {"old": 5, "young": 7}  # in memory until reopened
-    with open_j(jdir, clock=clock, max_age=100.0) as j:
-        assert j.client_seqs == {"young": 7}
-
-
-def test_client_seqs_keep_the_highest_seq(jdir: Path) -> None:
-    with open_j(jdir) as j:
-        j.stage_client_seq("a", 3)
-        j.stage_client_seq("a", 9)
-        j.stage_client_seq("a", 4)
-        j.stage_client_seq("b", 1)
-        assert j.client_seqs == {}
-        j.commit()
-        assert j.client_seqs == {"a": 9, "b": 1}
-        with pytest.raises(ValueError, match="seq"):
-            j.stage_client_seq("a", -1)
-        with pytest.raises(ValueError, match="client_id"):
-            j.stage_client_seq("", 1)
-    with open_j(jdir) as j:
-        assert j.client_seqs == {"a": 9, "b": 1}
 
 
 # -- retention ---------------------------------------------------------------------------------
@@ -1276,7 +786,7 @@ class CountingIO(FileIO):
         self.entered = threading.Event()
         self.fail_next = False
 
-    def sync(self, fd: int) -> None:
+    def fdatasync(self, fd: int) -> None:
         self.syncs += 1
         self.entered.set()
         if self.gate is not None:
@@ -1284,7 +794,7 @@ class CountingIO(FileIO):
         if self.fail_next:
             self.fail_next = False
             raise OSError(errno.EIO, "injected fsync failure")
-        super().sync(fd)
+        super().fdatasync(fd)
 
 
 async def test_group_commit_shares_fsyncs(jdir: Path) -> None:

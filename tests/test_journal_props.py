@@ -22,20 +22,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from qdash_mp.errors import NotFound
-from qdash_mp.journal import Journal
-from qdash_mp.journal_format import (
+from qdash_mp.errors import NotFound, ProtocolError
+from qdash_mp.journal import (
     BatchReader,
+    Journal,
     Problem,
     RecordType,
     append_record,
     commit_record,
     decode_failed,
-    encode_failed,
     encode_removed,
 )
 from qdash_mp.models import FailedJob, Job
-from qdash_mp.records import MAX_TIMESTAMP, check_failed, pack_payload
+from qdash_mp.records import (
+    MAX_TIMESTAMP,
+    FailedRecord,
+    check_failed,
+    pack_failed,
+    pack_payload,
+)
 
 T0 = 1_700_000_000.0
 MAX_JOBS = 3
@@ -215,16 +220,17 @@ BREAKS: list[tuple[int, Any]] = [
 
 @settings(max_examples=100, deadline=None)
 @given(fields=failed_fields(), broken=st.sampled_from(BREAKS))
-def test_encode_failed_refuses_what_recovery_would(
+def test_the_failed_record_refuses_what_recovery_would(
     fields: tuple[Any, ...], broken: tuple[int, Any]
 ) -> None:
-    record = encode_failed(*fields)
+    # The journal stores FAILED arrays packed by the wire's pack_failed (one set of rules).
+    record = pack_failed(FailedRecord(*fields))
     assert check_failed(msgpack.unpackb(record)) == ""
     index, value = broken
     bad = list(fields)
     bad[index] = value
-    with pytest.raises(ValueError, match="FAILED"):
-        encode_failed(*bad)
+    with pytest.raises(ProtocolError, match="FAILED"):
+        pack_failed(FailedRecord(*bad))
 
 
 def _journal_bytes(batches: list[list[tuple[Any, ...]]]) -> tuple[bytes, list[int]]:
@@ -234,7 +240,7 @@ def _journal_bytes(batches: list[list[tuple[Any, ...]]]) -> tuple[bytes, list[in
     for batch in batches:
         start = len(buf)
         for fields in batch:
-            append_record(buf, RecordType.FAILED, encode_failed(*fields))
+            append_record(buf, RecordType.FAILED, pack_failed(FailedRecord(*fields)))
             append_record(buf, RecordType.REMOVED, encode_removed(fields[0], "retried"))
         buf += commit_record(start, 2 * len(batch))
         ends.append(len(buf))

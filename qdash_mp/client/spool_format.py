@@ -4,7 +4,7 @@ A ``Client`` given a ``spool_dir`` writes the batches it cannot deliver (collect
 memory bound reached, process exiting) to a *spool file*; a later client replays them to the
 collector under the spooled client id, and the collector's (client id, batch seq) dedup
 makes that replay exact. This module is the pure part: bytes in, bytes out, no I/O, so every
-offset and every bit flip can be tested on plain ``bytes``. ``qdash_mp.spool`` owns the
+offset and every bit flip can be tested on plain ``bytes``. ``qdash_mp.client.spool`` owns the
 files, their locks and the replay.
 
 A spool file holds the batches of **one** client id, numbered consecutively, each stored as
@@ -44,11 +44,11 @@ Example: client id ``"ab"``, one batch ``Batch(seq=1, counters={"q": (1, 0, 0, 0
     01 00                     version 1
     02 00                     n = 2
     61 62                     "ab"
-    xx xx xx xx               crc32 of the 14 bytes above
-    xx xx xx xx               record crc32 of the next 12 + 15 bytes
+    2c fb 77 8b               crc32 of the 14 bytes above
+    56 ea 0e f4               record crc32 of the next 12 + 16 bytes
     01 00 00 00 00 00 00 00   seq 1
-    0f 00 00 00               N = 15
-    00 00 00 0b               frame: body of 11 bytes
+    10 00 00 00               N = 16
+    00 00 00 0c               frame: body of 12 bytes
     94 03 01 81 a1 71 94 01 00 00 00 90   [3, 1, {"q": [1, 0, 0, 0]}, []]
 """
 

@@ -1,9 +1,10 @@
-"""The failed-job journal's on-disk format: record framing, payload codecs and the scanner.
+"""The failed-job journal's on-disk format: record framing, payload codecs, the header.
 
-Pure functions and classes over bytes, without any I/O: ``qdash_mp.journal`` owns the files,
-the index and the durability rules, and uses what is here to encode what it appends and to
-read back what it finds. Keeping the format apart makes it testable on plain ``bytes`` (every
-byte offset, every bit flip) and keeps the hot encode path small.
+Pure functions and classes over bytes, without any I/O: the rest of ``qdash_mp.journal``
+owns the files, the index and the durability rules, and uses what is here to encode what
+it appends and to read back what it finds (reading a sequence of records is ``scan``).
+Keeping the format apart makes it testable on plain ``bytes`` (every byte offset, every
+bit flip) and keeps the hot encode path small.
 
 Segment file
 ------------
@@ -14,7 +15,8 @@ a sequence of records; the first record is always a ``SEGMENT`` header, and reco
 grouped into *batches*, each closed by a ``COMMIT`` record. One batch is what one
 ``Journal.commit()`` wrote with one write and made durable with one fsync, so a batch is
 all-or-nothing on recovery: records after the last ``COMMIT`` of the last segment were
-never acknowledged and are cut as a torn tail, however whole they look.
+never acknowledged and are cut as a torn tail -- unless the batch was written to its last
+byte and only its COMMIT is damaged, which recovery repairs (``scan.classify_last_commit``).
 
 Record framing (all integers little-endian)::
 
@@ -64,7 +66,6 @@ A later FAILED record with the id of a live one supersedes it (the job failed ag
 
 from __future__ import annotations
 
-import re
 import struct
 import threading
 import zlib
@@ -84,7 +85,6 @@ __all__ = [
     "MAGIC",
     "MAX_PAYLOAD",
     "REASONS",
-    "BatchReader",
     "Buffer",
     "FailedFields",
     "Op",
@@ -92,14 +92,11 @@ __all__ = [
     "RecordType",
     "SegmentHeader",
     "append_record",
-    "check_failed",
     "commit_record",
     "decode_failed",
+    "decode_op",
     "encode_client_seq",
-    "encode_failed",
     "encode_removed",
-    "find_commit",
-    "find_record",
     "flushed_payload",
     "frame_records",
     "header_size",
@@ -222,29 +219,6 @@ def append_record(buf: bytearray, rtype: int, payload: bytes) -> int:
     return HEADER.size + len(payload)
 
 
-def encode_failed(
-    id: str,
-    name: str,
-    payload_raw: bytes,
-    attempts: int,
-    enqueued_at: float | None,
-    queue: str,
-    error: str,
-    traceback: str,
-    failed_at: float,
-) -> bytes:
-    """The FAILED payload; ``payload_raw`` is the job payload's msgpack bytes, kept as is.
-
-    The fields are checked exactly as recovery checks them (``ValueError`` saying which
-    breaks the rules), so nothing is ever written that could not be read back.
-    """
-    obj = [id, name, payload_raw, attempts, enqueued_at, queue, error, traceback, failed_at]
-    why = check_failed(obj)
-    if why:
-        raise ValueError(why)
-    return _packb(obj)
-
-
 def encode_removed(id: str, reason: str) -> bytes:
     """The REMOVED payload."""
     return _packb([id, reason])
@@ -342,7 +316,7 @@ def decode_failed(payload: bytes | memoryview) -> FailedFields:
     return FailedFields(*obj)
 
 
-def _decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:
+def decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:
     """The index op of a data record, or a reason string if it does not decode."""
     try:
         obj = _unpackb(payload)
@@ -425,170 +399,3 @@ def header_size(buf: Buffer) -> int:
     """Bytes of the SEGMENT record at offset 0 (call after ``read_header`` succeeded)."""
     _crc, n, _t = HEADER.unpack(buf[0 : HEADER.size])
     return HEADER.size + int(n)
-
-
-# --------------------------------------------------------------------------- scanning
-
-_COMMIT_PATTERN: Final = _LEN_TYPE.pack(_COMMIT.size, _COMMIT_T)
-_TYPE_BYTE: Final = re.compile(rb"[\x02-\x06]")
-
-
-def _valid_commit(buf: Buffer, pos: int, end: int) -> bool:
-    rec = read_record(buf, pos, end)
-    return not isinstance(rec, Problem) and rec[0] == _COMMIT_T
-
-
-def find_commit(buf: Buffer, start: int, end: int) -> int:
-    """Offset of the first valid COMMIT record at or after ``start``, or -1.
-
-    A valid COMMIT after damaged bytes proves that acknowledged data follows them, which is
-    what tells corruption from a torn tail.
-    """
-    at = start + 4
-    while True:
-        hit = buf.find(_COMMIT_PATTERN, at, end)
-        if hit < 0:
-            return -1
-        pos = hit - 4
-        if pos >= start and _valid_commit(buf, pos, end):
-            return pos
-        at = hit + 1
-
-
-def find_record(buf: Buffer, start: int, end: int) -> int:
-    """Offset of the first record at or after ``start`` that verifies and decodes, or -1.
-
-    Used by salvage to resynchronise after damaged bytes: every candidate type byte is
-    tried, so this is slow on large damaged regions, which salvage accepts.
-    """
-    pattern = _TYPE_BYTE
-    at = start + 8
-    while at < end:
-        m = pattern.search(buf, at, end)  # type: ignore[call-overload]
-        if m is None:
-            return -1
-        hit: int = m.start()
-        pos = hit - 8
-        at = hit + 1
-        rec = read_record(buf, pos, end)
-        if isinstance(rec, Problem):
-            continue
-        rtype, size, payload = rec
-        if rtype == _COMMIT_T or not isinstance(_decode_op(rtype, payload, size), str):
-            return pos
-    return -1
-
-
-class BatchReader:
-    """Reads the committed batches of one segment, in order.
-
-    ``read_batch()`` returns ``(start, ops)`` for each batch whose COMMIT verifies, where the
-    ops are contiguous records starting at ``start``. It returns ``None`` when no further
-    committed batch can be read; ``problem`` then says why (``None``: clean end at a batch
-    boundary), ``committed`` is the end of the last good COMMIT, and ``pending`` holds the
-    records read since then (``pending_start`` is where they begin).
-
-    After a problem, ``resync()`` (salvage) skips to the next record that verifies; the
-    following COMMIT is then accepted without checking its batch bounds.
-    """
-
-    __slots__ = (
-        "_buf",
-        "_end",
-        "_lenient",
-        "committed",
-        "pending",
-        "pending_start",
-        "pos",
-        "problem",
-        "records",
-    )
-
-    def __init__(self, buf: Buffer, start: int, end: int) -> None:
-        self._buf = buf
-        self._end = end
-        self._lenient = False
-        self.pos = start
-        self.committed = start
-        self.pending_start = start
-        self.pending: list[Op] = []
-        self.problem: Problem | None = None
-        self.records = 0
-
-    def read_batch(self) -> tuple[int, list[Op]] | None:
-        """The next committed batch, or ``None`` (see the class docstring)."""
-        buf = self._buf
-        end = self._end
-        pos = self.pos
-        ops = self.pending
-        unpack = HEADER.unpack
-        crc32 = zlib.crc32
-        hsize = HEADER.size
-        while True:
-            if pos >= end:
-                self.pos = pos
-                if ops:
-                    self.problem = Problem(pos, "records without a COMMIT at the end")
-                else:
-                    self.problem = None
-                return None
-            if end - pos < hsize:
-                self._fail(pos, "incomplete record header")
-                return None
-            crc, n, rtype = unpack(buf[pos : pos + hsize])
-            stop = pos + hsize + n
-            if n > MAX_PAYLOAD or stop > end:
-                self._fail(pos, f"record length {n} runs past the end of the data")
-                return None
-            body = buf[pos + 4 : stop]
-            if crc32(body) != crc:
-                self._fail(pos, "checksum mismatch")
-                return None
-            size = hsize + n
-            if rtype == _COMMIT_T:
-                if n != _COMMIT.size:
-                    self._fail(pos, "malformed COMMIT record")
-                    return None
-                start, count = _COMMIT.unpack(body[5:])
-                if not self._lenient and (start != self.pending_start or count != len(ops)):
-                    self._fail(pos, "COMMIT does not match the batch before it")
-                    return None
-                batch = (self.pending_start, ops)
-                self.records += len(ops)
-                pos = stop
-                self.pos = self.committed = self.pending_start = pos
-                self.pending = []
-                self._lenient = False
-                return batch
-            op = _decode_op(rtype, memoryview(body)[5:], size)
-            if type(op) is str:
-                self._fail(pos, op)
-                return None
-            ops.append(op)  # type: ignore[arg-type]
-            pos = stop
-
-    def _fail(self, pos: int, reason: str) -> None:
-        self.pos = pos
-        self.problem = Problem(pos, reason)
-
-    def take_pending(self) -> tuple[int, list[Op]]:
-        """The records read since the last COMMIT (salvage keeps them); clears them."""
-        run = (self.pending_start, self.pending)
-        self.records += len(self.pending)
-        self.pending = []
-        return run
-
-    def resync(self) -> tuple[int, int]:
-        """Skip to the next verifying record after the problem; ``(offset, bytes skipped)``.
-
-        Call ``take_pending()`` first. If nothing verifies before the end, skips to the end.
-        """
-        assert self.problem is not None
-        bad = self.problem.offset
-        nxt = find_record(self._buf, bad + 1, self._end)
-        if nxt < 0:
-            nxt = self._end
-        self.pos = self.pending_start = self.committed = nxt
-        self.problem = None
-        self._lenient = True
-        return bad, nxt - bad

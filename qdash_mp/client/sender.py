@@ -1,0 +1,528 @@
+"""The client's sender thread: cumulative counts -> numbered batches -> the session or the spool.
+
+Every ``flush_interval`` (or sooner when a flush, a close or a full failed-job backlog asks)
+the thread reads the hooks' cumulative dicts, sends ``cumulative - last_sent`` plus the
+packed failed jobs as BATCH frames through its ``Session`` (at most ``max_unacked`` in
+flight), and marks a flush *cut* once everything reported before that flush is batched; the
+flush is done when the cut batch is acknowledged. With a ``spool_dir``, what cannot go out
+goes to a spool file, which the ``Replayer`` sends later under its own id (see
+``docs/client.md``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import selectors
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from qdash_mp.client.batcher import Batcher
+from qdash_mp.client.replay import Replayer
+from qdash_mp.client.requeue import RequeueFn, Requeuer
+from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents
+from qdash_mp.client.spool import SpoolFile
+from qdash_mp.throttle import LogThrottle
+from qdash_mp.wire import ErrorCode, ErrorMsg, Requeue
+
+__all__ = ["Sender", "SenderConfig"]
+
+log = logging.getLogger("qdash_mp.client.sender")
+
+_SPOOL_RETRY = 5.0
+"""Seconds before trying again to create a spool file after that failed."""
+
+_SPOOL_JOIN = 10.0
+"""Extra seconds ``close`` waits for the sender thread when it may be writing the spool."""
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    """A client's checked settings (what a forked child's new sender starts from too)."""
+
+    socket_path: str
+    host: str
+    requeue: RequeueFn | None
+    requeue_queues: tuple[str, ...] | None
+    flush_interval: float
+    reconnect_max: float
+    max_batch_failed: int
+    max_pending_failed: int
+    hard_pending: int
+    max_unacked: int
+    spool_dir: Path | None
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Sender(SessionEvents):
+    """Ships the counts in ``counts`` (pushed, processed, failed, retried: queue -> cumulative
+    int, written only by hooks) and the packed records in ``failed_jobs`` as client
+    ``client_id``.
+    """
+
+    def __init__(
+        self,
+        config: SenderConfig,
+        client_id: str,
+        counts: tuple[dict[str, int], ...],
+        failed_jobs: collections.deque[bytes],
+        owner: object = None,
+    ) -> None:
+        # The running thread holds the sender and so the owner (the Client): a client
+        # dropped without close() stays alive, and is still closed and flushed at exit.
+        self._owner = owner
+        self._config = config
+        self._failed_jobs = failed_jobs
+        self._batcher = Batcher(counts, failed_jobs, config.max_batch_failed)
+        self._cond = threading.Condition(threading.Lock())  # sender <-> flush/close
+        self._throttle = LogThrottle(log)
+        self.session = Session(
+            config.socket_path,
+            config.host,
+            self,
+            window=config.max_unacked,
+            reconnect_max=config.reconnect_max,
+            requeue=config.requeue_queues,
+        )
+        self.session.new_stream(client_id)
+        # flush(): waiters bump _flush_gen; the thread sets _cut_gen/_cut_seq/_cut_stream
+        # once every count and failed job reported before that generation is inside batch
+        # _cut_seq of stream _cut_stream.
+        self._flush_gen = 0
+        self._cut_gen = 0
+        self._cut_seq = 0
+        self._cut_stream = 0
+        # Spool: _gen numbers this process's streams (client ids). While the collector is
+        # away, batches of stream _gen go to the spool file; at the next connection that
+        # file is handed to the replayer and the live stream starts over with a new id
+        # (_gen + 1). _spools_pending: streams whose spool is not yet fully acknowledged.
+        self._gen = 0
+        self.spool: SpoolFile | None = None
+        self._spools_pending: set[int] = set()
+        self._spool_retry_at = 0.0
+        self.replayer: Replayer | None = None
+        if config.spool_dir is not None:
+            self.replayer = Replayer(
+                config.spool_dir,
+                config.socket_path,
+                config.host,
+                window=config.max_unacked,
+                reconnect_max=config.reconnect_max,
+                on_done=self._spool_replayed,
+                on_unreachable=self._replay_unreachable,
+            )
+        self._stop = False
+        self._closing = False
+        self._gave_up = False
+        self._sel: selectors.BaseSelector | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._requeuer = Requeuer(
+            config.requeue, config.requeue_queues, self.wake, f"qdash-requeue-{client_id[:8]}"
+        )
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        tag = self.session.client_id[:8]
+        self._thread = threading.Thread(target=self._run, name=f"qdash-client-{tag}", daemon=True)
+        self._thread.start()
+        if self.replayer is not None:
+            self.replayer.start(name=f"qdash-spool-{tag}")
+
+    def forget_in_child(self) -> None:
+        """(Forked child) Close this process's copies of sockets and files; touch no lock."""
+        self.session.forget_in_child()
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+        if self._sel is not None:
+            self._sel.close()
+        if self.spool is not None:
+            self.spool.release()  # the parent keeps its lock and file
+        if self.replayer is not None:
+            self.replayer.forget_in_child()
+
+    def spool_pending(self) -> int:
+        spool = self.spool
+        n = spool.pending() if spool is not None else 0
+        if self.replayer is not None:
+            n += self.replayer.pending()
+        return n
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
+            self._wake_w.send(b"\0")
+
+    # ------------------------------------------------------------------ flush / close
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until everything reported so far is acknowledged; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            if self._thread is None or self._stop:
+                return self._settled()
+            self._flush_gen += 1
+            gen = self._flush_gen
+        self.wake()
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._cut_gen >= gen or self._gave_up or self._stop,
+                _remaining(deadline),
+            ):
+                return False
+            if self._cut_gen < gen:
+                return False
+            stream, target = self._cut_stream, self._cut_seq
+            return self._cond.wait_for(
+                lambda: self._reached(stream, target) or self._gave_up or self._stop,
+                _remaining(deadline),
+            ) and self._reached(stream, target)
+
+    def _reached(self, stream: int, seq: int) -> bool:
+        """(Under ``_cond``) Batch ``seq`` of stream ``stream`` and all before are acknowledged.
+
+        Streams retired to a spool file are acknowledged once their file is replayed; so
+        are all earlier streams, which a flush also waits for.
+        """
+        if any(g <= stream for g in self._spools_pending):
+            return False
+        return stream < self._gen or self.session.acked >= seq
+
+    def _settled(self) -> bool:
+        """(Stopped) True if nothing reported is left unacknowledged."""
+        return (
+            not self.session.unacked and not self._batcher.has_news() and not self._spools_pending
+        )
+
+    def close(self, timeout: float | None) -> bool:
+        """Flush (waiting at most ``timeout`` s), then stop every thread; True if all acked."""
+        with self._cond:
+            self._closing = True
+        ok = self.flush(timeout)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self.wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            extra = 0.0 if self._config.spool_dir is None else _SPOOL_JOIN
+            thread.join(timeout=CONNECT_TIMEOUT + 1.0 + extra)
+        if self.replayer is not None:
+            self.replayer.stop(timeout=CONNECT_TIMEOUT + 1.0)
+        self._requeuer.stop()
+        if thread is None or not thread.is_alive():
+            for s in (self._wake_r, self._wake_w):
+                s.close()
+        return ok
+
+    def _give_up_if_closing(self) -> None:
+        if self._closing:
+            with self._cond:
+                self._gave_up = True
+                self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        self._sel = sel
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        next_tick = time.monotonic() + self._config.flush_interval
+        try:
+            while not self._stop:
+                try:
+                    next_tick = self._step(sel, next_tick)
+                except Exception:
+                    log.exception("qdash_mp client: unexpected error in the sender thread")
+                    self.session.disconnect("internal error")
+                    time.sleep(self._config.reconnect_max)
+        finally:
+            self.session.disconnect(None)
+            sel.close()
+            if self._config.spool_dir is not None:
+                self._final_spool()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _step(self, sel: selectors.BaseSelector, next_tick: float) -> float:
+        session = self.session
+        interval = self._config.flush_interval
+        now = time.monotonic()
+        if session.sock is None and now >= session.next_connect and self._wants_connection():
+            session.connect(sel)
+        now = time.monotonic()
+        if session.sock is None:
+            timeout = max(0.0, session.next_connect - now)
+            if not self._wants_connection():
+                timeout = max(timeout, interval)
+        elif not session.welcomed:
+            timeout = max(0.0, session.hello_deadline - now)
+        else:
+            timeout = max(0.0, next_tick - now)
+        for key, mask in sel.select(timeout):
+            if key.data is None:
+                self._drain_wake()
+            else:
+                session.on_event(mask)
+        self._requeuer.deliver(self.session)
+        now = time.monotonic()
+        session.check_handshake(now)
+        if (
+            self._config.spool_dir is not None
+            and len(self._failed_jobs) >= self._spool_threshold()
+            and not session.room
+            and self._can_spool(now)
+        ):
+            self._spool_now()
+        flush_wanted = self._flush_gen > self._cut_gen
+        if session.sock is not None and session.welcomed:
+            full = len(self._failed_jobs) >= self._config.max_batch_failed
+            if now >= next_tick or flush_wanted or full:
+                self._cycle()
+                next_tick = now + interval
+        elif flush_wanted:
+            with self._cond:
+                gen = self._flush_gen  # read before looking for news, as in _cycle
+            if not session.unacked and not self._batcher.has_news():
+                self._cut(gen)  # nothing to send: a flush needs no connection
+        session.update_interest()
+        return next_tick
+
+    def _wants_connection(self) -> bool:
+        if self._stop:
+            return False
+        if self._config.requeue is not None or self.session.unacked or self.spool is not None:
+            return True
+        return self._batcher.has_news()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        # A flush or close asked for something: do not make it wait out a backoff.
+        if self.session.sock is None and (self._flush_gen > self._cut_gen or self._closing):
+            self.session.next_connect = 0.0
+
+    # ------------------------------------------------------------------ session events
+
+    def on_unreachable(self, reason: str) -> None:
+        self._throttle.log(
+            "connect",
+            logging.WARNING,
+            "qdash_mp client: cannot reach the collector at %s: %s; counts are kept "
+            "and sent once it is up",
+            self._config.socket_path,
+            reason,
+        )
+        self._give_up_if_closing()
+
+    def on_connected(self) -> None:
+        if self.spool is not None:
+            self._retire_spool()  # the collector is back: the file goes, a new id comes
+
+    def on_welcome(self, failures: int) -> None:
+        if failures:
+            log.info(
+                "qdash_mp client: connected to the collector at %s after %d failed attempts",
+                self._config.socket_path,
+                failures,
+            )
+        self._throttle.reset("connect")
+
+    def on_lost(self, reason: str) -> None:
+        self._throttle.log(
+            "disconnect",
+            logging.WARNING,
+            "qdash_mp client: connection to the collector at %s lost (%s); reconnecting",
+            self._config.socket_path,
+            reason,
+        )
+
+    def on_refused(self, msg: ErrorMsg) -> None:
+        level = logging.ERROR if msg.code == ErrorCode.VERSION else logging.WARNING
+        self._throttle.log(
+            f"error-{msg.code}",
+            level,
+            "qdash_mp client: the collector at %s refused the connection (%s): %s",
+            self._config.socket_path,
+            msg.code,
+            msg.reason,
+        )
+        self._give_up_if_closing()
+
+    def on_acked(self, seq: int) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def on_requeue(self, msg: Requeue) -> bool:
+        self._requeuer.handle(msg, self.session)
+        return True
+
+    # ------------------------------------------------------------------ batches
+
+    def _cycle(self) -> None:
+        """Turn everything new into batches (as far as ``max_unacked`` allows) and send."""
+        with self._cond:
+            gen = self._flush_gen
+        owed = len(self._failed_jobs)  # reported before this cycle; all must go out to cut
+        pending = self._batcher.deltas()
+        session = self.session
+        while session.room:
+            seq = session.seq + 1
+            batch = self._batcher.next_batch(seq, pending, 0)
+            if batch is None:
+                break
+            frame, taken = batch
+            session.seq = seq
+            owed -= taken
+            session.push(seq, frame)
+        if not pending and owed <= 0:
+            self._cut(gen)
+
+    def _cut(self, gen: int) -> None:
+        """Every count and failed job reported before flush generation ``gen`` is batched."""
+        with self._cond:
+            self._cut_gen = max(self._cut_gen, gen)
+            self._cut_seq = self.session.seq
+            self._cut_stream = self._gen
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ spool
+
+    def _spool_threshold(self) -> int:
+        """Failed jobs in memory past which they go to disk (if they cannot go out now).
+
+        The bound itself while disconnected; halfway to the hard limit while a connection
+        is being set up or is busy, so a collector that is merely slow or just came back
+        gets a chance before its client retires its id to a spool file.
+        """
+        bound = self._config.max_pending_failed
+        if self.session.sock is None:
+            return bound
+        return (bound + self._config.hard_pending) // 2
+
+    def _can_spool(self, now: float) -> bool:
+        spool = self.spool
+        if spool is None:
+            return now >= self._spool_retry_at
+        return not spool.broken
+
+    def _spool_now(self) -> bool:
+        """Batch everything not yet batched and move every unacknowledged batch to disk.
+
+        The batches are numbered first and stay in ``unacked`` until the spool file has
+        them durably (fsync); so a failed write loses nothing and leaves the state as if
+        the collector were merely slow. After a write the live connection (if any) is
+        dropped: this client id's batches now live in the file, and the next connection
+        hands the file to the replayer and goes on under a new id (``_retire_spool``).
+        """
+        spool_dir = self._config.spool_dir
+        assert spool_dir is not None
+        session = self.session
+        with self._cond:
+            gen = self._flush_gen
+        owed = len(self._failed_jobs)
+        pending = self._batcher.deltas()
+        while owed > 0 or pending:
+            seq = session.seq + 1
+            batch = self._batcher.next_batch(seq, pending, owed)
+            if batch is None:
+                break
+            frame, taken = batch
+            session.seq = seq
+            owed -= taken
+            session.unacked.append((seq, frame))
+        self._cut(gen)
+        if not session.unacked:
+            return True
+        spool = self.spool
+        try:
+            if spool is None:
+                spool = SpoolFile.create(spool_dir, session.client_id, tag=self._gen)
+                spool.acked = session.acked
+                self.spool = spool
+                with self._cond:
+                    self._spools_pending.add(self._gen)
+            spool.append([(s, f) for s, f in session.unacked if s > spool.last_seq])
+        except (OSError, ValueError) as exc:
+            self._spool_retry_at = time.monotonic() + _SPOOL_RETRY
+            self._throttle.log(
+                "spool-error",
+                logging.ERROR,
+                "qdash_mp client: cannot write the spool in %s (%s); failed jobs stay in "
+                "memory, and past %d their details are dropped",
+                spool_dir,
+                exc,
+                self._config.hard_pending,
+            )
+            return False
+        session.unacked.clear()
+        if session.sock is not None:
+            session.disconnect(None)
+        return True
+
+    def _final_spool(self) -> None:
+        """(Sender thread, stopping) Spool whatever the collector has not acknowledged."""
+        try:
+            if self.session.unacked or self._batcher.has_news():
+                if self.spool is not None and self.spool.broken:
+                    log.error(
+                        "qdash_mp client %s: %d batches and the counts since are lost: the "
+                        "spool file %s could not be written",
+                        self.session.client_id,
+                        len(self.session.unacked),
+                        self.spool.path,
+                    )
+                else:
+                    self._spool_now()
+        except Exception:
+            log.exception("qdash_mp client: could not spool at close")
+        finally:
+            if self.spool is not None:
+                self.spool.release()  # the file stays, for the next client with this dir
+
+    def _retire_spool(self) -> None:
+        """Hand the spool of the current client id to the replayer; continue as a new id."""
+        spool = self.spool
+        replayer = self.replayer
+        session = self.session
+        assert spool is not None
+        assert replayer is not None
+        self.spool = None
+        spool.extra = list(session.unacked)  # only after a failed write: the rest of the id
+        spool.acked = max(spool.acked, session.acked)
+        old = session.client_id
+        with self._cond:
+            session.new_stream(uuid.uuid4().hex)
+            self._gen += 1
+        log.info(
+            "qdash_mp client: the collector at %s is back; %d spooled batches of client %s "
+            "are replayed from %s, new batches go out as client %s",
+            self._config.socket_path,
+            spool.pending(),
+            old,
+            spool.path,
+            session.client_id,
+        )
+        replayer.add(spool)
+
+    def _spool_replayed(self, spool: SpoolFile) -> None:
+        """(Replayer thread) A spool file was fully acknowledged."""
+        if isinstance(spool.tag, int):
+            with self._cond:
+                self._spools_pending.discard(spool.tag)
+                self._cond.notify_all()
+
+    def _replay_unreachable(self) -> None:
+        """(Replayer thread) The collector could not be reached for a replay."""
+        self._give_up_if_closing()

@@ -1,0 +1,230 @@
+"""The failed-job index: one slot per committed FAILED record, in append order.
+
+Pure data structure, no I/O: the store (``qdash_mp.journal.store``) applies what it wrote
+or recovered; the records themselves stay on disk. Parallel compact arrays::
+
+    ids     _Ids               job id (kept when dead, until the arrays are squeezed)
+    alive   bytearray          1 = live
+    loc     array('q')         segment number << 40 | file offset of the record
+    size    array('I')         bytes of the record
+    blocks  array('i')         live slots per block of 1024 slots
+    pos     dict[str, int]     job id -> slot
+
+Appends and removals are O(1) (a removal clears ``alive`` and decrements its block's
+count); ``newest_slots(offset, limit)`` walks the block counts from the newest end, then
+``bytearray.rfind``, so deep pages cost the same as the first. When dead slots outnumber
+live ones the arrays are squeezed. Why this shape, and why ``ids`` is sealed in tuples
+(the cyclic GC), is in ``docs/journal.md``.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, chain, compress, islice, repeat
+from operator import itemgetter
+from typing import Final
+
+from qdash_mp.journal.format import Op
+
+__all__ = ["BLOCK_SHIFT", "LOC_MASK", "LOC_SHIFT", "Index", "loc_of"]
+
+LOC_SHIFT: Final = 40
+LOC_MASK: Final = (1 << LOC_SHIFT) - 1
+BLOCK_SHIFT: Final = 10
+_BLOCK_MASK: Final = (1 << BLOCK_SHIFT) - 1
+_REBUILD_MIN: Final = 4096
+
+
+def loc_of(num: int, offset: int) -> int:
+    """The ``loc`` of the record at ``offset`` of segment ``num``."""
+    return (num << LOC_SHIFT) | offset
+
+
+class _Ids:
+    """The job id of every slot, in blocks of ``1 << BLOCK_SHIFT`` sealed as tuples.
+
+    Full blocks are tuples of str, which the cyclic GC stops tracking after its first look
+    at them; only the last block is a list: a flat list of a million ids would make every
+    full collection visit a million str objects.
+    """
+
+    __slots__ = ("_sealed", "_tail")
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._sealed: list[tuple[str, ...]] = []
+        self._tail: list[str] = []
+        self.extend(ids)
+
+    def __len__(self) -> int:
+        return (len(self._sealed) << BLOCK_SHIFT) + len(self._tail)
+
+    def __getitem__(self, p: int) -> str:
+        block = p >> BLOCK_SHIFT
+        if block < len(self._sealed):
+            return self._sealed[block][p & _BLOCK_MASK]
+        return self._tail[p - (block << BLOCK_SHIFT)]
+
+    def __iter__(self) -> Iterator[str]:
+        return chain(chain.from_iterable(self._sealed), self._tail)
+
+    def extend(self, ids: Iterable[str]) -> None:
+        tail = self._tail
+        tail += ids
+        size = 1 << BLOCK_SHIFT
+        if len(tail) >= size:
+            full = len(tail) - len(tail) % size
+            self._sealed += [tuple(tail[i : i + size]) for i in range(0, full, size)]
+            del tail[:full]
+
+
+class Index:
+    """Slots of committed FAILED records (see the module docstring)."""
+
+    __slots__ = (
+        "alive",
+        "blocks",
+        "dead",
+        "front",
+        "frozen",
+        "ids",
+        "live_bytes",
+        "loc",
+        "pos",
+        "size",
+    )
+
+    def __init__(self) -> None:
+        self.ids = _Ids()
+        self.alive = bytearray()
+        self.loc: array[int] = array("q")
+        self.size: array[int] = array("I")
+        self.blocks: array[int] = array("i")
+        self.pos: dict[str, int] = {}
+        self.dead = 0
+        self.live_bytes = 0
+        self.front = 0
+        """No live slot below this one that the store still counts (a forward cursor)."""
+        self.frozen = False
+        """Slots keep their numbers while True (a compaction holds a snapshot of them)."""
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def append_failed(self, base: int, off: int, run: list[Op]) -> int:
+        """Give each FAILED record of ``run`` (written back to back from ``off`` of the
+        segment whose ``loc`` is ``base``) a new slot, superseding the live record of its
+        id; returns the offset after the run.
+        """
+        keys: list[str] = list(map(itemgetter(1), run))
+        sizes: list[int] = list(map(itemgetter(2), run))
+        k = len(run)
+        p0 = len(self.ids)
+        self.ids.extend(keys)
+        self.alive += b"\x01" * k
+        self.loc.extend(islice(accumulate(sizes, initial=base + off), k))
+        self.size.extend(sizes)
+        blocks = self.blocks
+        p, stop = p0, p0 + k
+        while p < stop:  # live slots per block of 1 << BLOCK_SHIFT
+            upto = min(stop, ((p >> BLOCK_SHIFT) + 1) << BLOCK_SHIFT)
+            if p & _BLOCK_MASK:
+                blocks[p >> BLOCK_SHIFT] += upto - p
+            else:
+                blocks.append(upto - p)
+            p = upto
+        total = sum(sizes)
+        self.live_bytes += total
+        # One probe per id: setdefault returns the slot of a live record of the same id,
+        # which the new one supersedes (an earlier record of this very run included).
+        slots = range(p0, stop)
+        found = list(map(self.pos.setdefault, keys, slots))
+        if found != list(slots):
+            pos = self.pos
+            for key, new, old in zip(keys, slots, found, strict=True):
+                if old != new:
+                    self.kill(pos[key])
+                    pos[key] = new
+        return off + total
+
+    def remove(self, key: str) -> None:
+        """Drop the live record of ``key``, if any."""
+        p = self.pos.pop(key, None)
+        if p is not None:
+            self.kill(p)
+
+    def kill(self, p: int) -> None:
+        """Mark slot ``p`` dead (its id must already be out of ``pos`` or about to be)."""
+        self.alive[p] = 0
+        self.blocks[p >> BLOCK_SHIFT] -= 1
+        self.live_bytes -= self.size[p]
+        self.dead += 1
+
+    def kill_all(self) -> None:
+        """Drop every record."""
+        self.pos.clear()
+        self.live_bytes = 0
+        n = len(self.ids)
+        if self.frozen:  # slots must keep their numbers until the compaction installs
+            self.alive[:] = bytes(n)
+            self.blocks[:] = array("i", bytes(4 * len(self.blocks)))
+            self.dead = n
+            return
+        self.ids = _Ids()
+        del self.alive[:], self.loc[:], self.size[:]
+        del self.blocks[:]
+        self.dead = 0
+        self.front = 0
+
+    def maybe_rebuild(self) -> None:
+        """Squeeze dead slots out of the arrays once they outnumber live ones."""
+        if self.frozen or self.dead <= max(_REBUILD_MIN, len(self.pos)):
+            return
+        keep = bytes(self.alive)
+        self.ids = _Ids(compress(self.ids, keep))
+        self.loc = array("q", compress(self.loc, keep))
+        self.size = array("I", compress(self.size, keep))
+        n = len(self.ids)
+        self.alive = bytearray(b"\x01") * n
+        full, rest = divmod(n, 1 << BLOCK_SHIFT)
+        self.blocks = array("i", repeat(1 << BLOCK_SHIFT, full))
+        if rest:
+            self.blocks.append(rest)
+        self.pos = dict(zip(self.ids, range(n), strict=True))
+        self.dead = 0
+        self.front = 0
+
+    def newest_slots(self, offset: int, limit: int) -> list[int]:
+        """Slots of the live records ``offset .. offset+limit`` counted from the newest."""
+        blocks = self.blocks
+        alive = self.alive
+        b = len(blocks) - 1
+        skip = offset
+        while b >= 0 and blocks[b] <= skip:
+            skip -= blocks[b]
+            b -= 1
+        if b < 0:
+            return []
+        lo = b << BLOCK_SHIFT
+        p = min(lo + (1 << BLOCK_SHIFT), len(alive))
+        for _ in range(skip + 1):
+            p = alive.rfind(1, lo, p)
+        slots = [p]
+        while len(slots) < limit:
+            p = alive.rfind(1, 0, p)
+            if p < 0:
+                break
+            slots.append(p)
+        return slots
+
+    def live_slots(self) -> array[int]:
+        """Every live slot, oldest first."""
+        return array("q", compress(range(len(self.alive)), self.alive))
+
+    def relocate(self, slots: Iterable[int], locs: Iterable[int]) -> None:
+        """Point the still-live ``slots`` at ``locs`` (after a compaction copied them)."""
+        alive = self.alive
+        loc = self.loc
+        for p, new in zip(slots, locs, strict=True):
+            if alive[p]:
+                loc[p] = new

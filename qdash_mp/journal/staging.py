@@ -1,0 +1,413 @@
+"""Staging: encode records into the pending buffer, and retention (max_jobs, max_age).
+
+Two entry points stage failures: ``stage_failed_packed`` for FAILED arrays as they come off
+the wire (the collector's bulk path: the bytes are stored as they are, only the framing
+is added) and ``stage_failed`` for one ``FailedJob``. ``stage_removed``, ``stage_flush`` and
+``stage_client_seq`` stage the other records. Nothing staged is visible until
+``Journal.commit`` made it durable.
+
+Staging keeps a *pending state* (committed, then everything staged) so that removals are
+checked against it and retention counts it: ``_p_ids`` (id -> its live staged FAILED op,
+or ``GONE``), ``_p_queue`` (staged FAILED ops, oldest first), ``_p_flushed``, ``_p_len``
+(live jobs, ``None`` while not counted). How retention stays exact where it matters and
+free where it does not is in ``docs/journal.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from itertools import compress, repeat
+from operator import itemgetter
+from typing import Final, Literal
+
+import msgpack
+
+from qdash_mp.errors import JournalError, NotFound, ProtocolError
+from qdash_mp.journal.format import (
+    HEADER,
+    MAX_PAYLOAD,
+    Op,
+    RecordType,
+    append_record,
+    encode_client_seq,
+    encode_removed,
+    flushed_payload,
+    frame_records,
+    record_header,
+)
+from qdash_mp.journal.segments import JournalBase
+from qdash_mp.models import FailedJob
+from qdash_mp.records import FailedRecord, PackedFailed, pack_failed_record
+
+__all__ = ["GONE", "Staging"]
+
+_AGE_CHECK_EVERY: Final = 1.0
+"""Seconds between age-retention checks made by ``stage_failed_packed``."""
+_BULK: Final = 16
+"""``stage_failed_packed`` frames this many records or more in column passes."""
+_FAILED: Final = int(RecordType.FAILED)
+_REMOVED: Final = int(RecordType.REMOVED)
+_FLUSHED: Final = int(RecordType.FLUSHED)
+_CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
+_REMOVED_OR_FLUSHED: Final = re.compile(rb"[\x%02x\x%02x]" % (_REMOVED, _FLUSHED))
+_IS_FAILED: Final = bytes(int(b == _FAILED) for b in range(256))
+"""``bytes.translate`` table: a string of record types -> 1 where FAILED, else 0."""
+GONE: Final[Op] = (0, "", 0, None)
+"""``_p_ids`` value of an id whose staged removal makes it dead in the pending state."""
+
+
+def _timestamp(value: datetime | float) -> float:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.timestamp()
+    return float(value)
+
+
+class Staging(JournalBase):
+    """The staging and retention part of ``Journal`` (see the module docstring)."""
+
+    def stage_failed(self, failed: FailedJob, payload_raw: bytes | None = None) -> None:
+        """Stage the record of ``failed`` (it supersedes a live record of the same id).
+
+        ``payload_raw`` is the msgpack encoding of the job payload exactly as received;
+        without it the payload is packed here. The record is checked as the wire checks a
+        FAILED array (``records.check_failed``): ``JournalError`` saying what breaks the
+        rules, and nothing staged. Naive datetimes are taken as UTC.
+        """
+        job = failed.job
+        if payload_raw is None:
+            try:
+                payload_raw = msgpack.packb(job.payload, use_bin_type=True)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise JournalError(
+                    f"the payload of failed job {failed.id!r} is not msgpack-able: {exc}"
+                ) from None
+        try:
+            if type(payload_raw) is not bytes:
+                payload_raw = bytes(memoryview(payload_raw))
+            enqueued_at = job.enqueued_at
+            if enqueued_at is not None and type(enqueued_at) is not float:
+                enqueued_at = float(enqueued_at)
+            record = pack_failed_record(
+                FailedRecord(
+                    job_id=failed.id,
+                    name=job.name,
+                    payload_raw=payload_raw,
+                    attempts=job.attempts,
+                    enqueued_at=enqueued_at,
+                    queue=failed.queue,
+                    error=failed.error,
+                    traceback=failed.traceback,
+                    failed_at=_timestamp(failed.failed_at),
+                )
+            )
+        except (TypeError, ValueError, OverflowError, ProtocolError) as exc:
+            raise JournalError(f"cannot record failed job {failed.id!r}: {exc}") from None
+        self.stage_failed_packed((record,))
+
+    def stage_failed_packed(self, records: Iterable[PackedFailed]) -> None:
+        """Stage FAILED records that are already packed and checked: the collector's path.
+
+        Each record is ``(data, id, failed_at)``: ``data`` the msgpack bytes of a FAILED
+        array that passed ``records.check_failed`` -- what a decoded ``Batch`` carries
+        (each a ``records.PackedFailed``) -- and ``id``, ``failed_at`` its fields 0 and 8. The
+        bytes are stored as they are; only the record framing (length, type, one CRC) is
+        added. A failure in ``data`` would only show at recovery, as a damaged record: pass
+        nothing unchecked. All or nothing: a record over ``MAX_PAYLOAD`` bytes raises
+        ``JournalError`` and none is staged.
+        """
+        records = list(records)
+        if len(records) < _BULK:  # a few: the column passes below cost more than they save
+            chunk = bytearray()
+            ops: list[Op] = []
+            ids = []
+            for data, id, failed_at in records:
+                try:
+                    head = record_header(_FAILED, data)
+                except ValueError as exc:
+                    raise JournalError(f"cannot record failed job {id!r}: {exc}") from None
+                chunk += head
+                chunk += data
+                ops.append((_FAILED, id, len(head) + len(data), failed_at))
+                ids.append(id)
+        else:
+            datas = list(map(itemgetter(0), records))
+            ids = list(map(itemgetter(1), records))
+            failed_ats = list(map(itemgetter(2), records))
+            try:
+                chunk = frame_records(_FAILED, datas)
+            except ValueError as exc:
+                big = next(r for r in records if len(r[0]) > MAX_PAYLOAD)
+                raise JournalError(f"cannot record failed job {big[1]!r}: {exc}") from None
+            sizes = [HEADER.size + n for n in map(len, datas)]
+            ops = list(zip(repeat(_FAILED), ids, sizes, failed_ats, strict=False))
+        if not ops:
+            return
+        with self._lock:
+            self._check_open()
+            touched = self._p_ids
+            queue = self._p_queue
+            committed = 0 if self._p_flushed else len(self._index.pos)
+            if committed + len(queue) + len(ops) <= self._max_jobs:
+                # Even if every id were new, max_jobs could not be reached (the usual case):
+                # no need to count, nor to look the ids up in the (big) committed index.
+                self._p_len = None
+                self._buf += chunk
+                self._ops += ops
+                touched.update(zip(ids, ops, strict=False))  # (same length) a later one supersedes
+                queue += ops
+            else:
+                before = len(touched)
+                p_len = self._pending_len()
+                if p_len + len(ops) > self._max_jobs:
+                    self._stage_pruning(chunk, ops)
+                elif touched.keys().isdisjoint(ids) and (
+                    self._p_flushed or self._index.pos.keys().isdisjoint(ids)
+                ):
+                    # Every id is new to the pending state: all in C passes.
+                    self._buf += chunk
+                    self._ops += ops
+                    touched.update(zip(ids, ops, strict=False))  # same length
+                    queue += ops
+                    self._p_len = p_len + len(touched) - before  # a repeat supersedes
+                else:
+                    self._stage_pruning(chunk, ops)  # record by record; it prunes nothing
+            now = self._clock()
+            if now >= self._next_age_check:
+                self._next_age_check = now + _AGE_CHECK_EVERY
+                self._prune_age(now)
+
+    def _stage_pruning(self, chunk: bytearray, ops: list[Op]) -> None:
+        """Stage framed FAILED records one by one, each count prune right behind the
+        failure that caused it (lock held): a later record of the same id in the same
+        batch must come after the prune of its earlier one.
+        """
+        buf = self._buf
+        touched = self._p_ids
+        queue = self._p_queue
+        pos = self._index.pos
+        p_len = self._pending_len()
+        off = 0
+        with memoryview(chunk) as view:
+            for op in ops:
+                size = op[2]
+                buf += view[off : off + size]
+                off += size
+                self._ops.append(op)
+                id = op[1]
+                prev = touched.get(id)
+                if prev is None:
+                    if self._p_flushed or id not in pos:
+                        p_len += 1
+                elif prev is GONE:
+                    p_len += 1
+                touched[id] = op
+                queue.append(op)
+                if p_len > self._max_jobs:
+                    self._p_len = p_len
+                    self._prune_count()
+                    p_len = self._pending_len()
+        self._p_len = p_len
+
+    def stage_removed(
+        self,
+        id: str,
+        reason: Literal["retried", "forgotten"],
+        *,
+        if_failed_at: float | None = None,
+    ) -> bool:
+        """Stage dropping the record of ``id``; returns whether it did.
+
+        ``NotFound`` if it is not there in the pending state (committed plus staged), so a
+        job whose failure is staged can be removed, and a job cannot be removed twice. With
+        ``if_failed_at`` the record is dropped only if it is still the failure of that time:
+        a retry must not drop a newer failure of the same job that arrived meanwhile
+        (returns False then, staging nothing).
+        """
+        if reason not in ("retried", "forgotten"):
+            raise ValueError(f"reason must be 'retried' or 'forgotten', not {reason!r}")
+        with self._lock:
+            self._check_open()
+            if not self._p_live(id):
+                raise NotFound(id)
+            if if_failed_at is not None and self._p_failed_at(id) != if_failed_at:
+                return False
+            self._stage_removed(id, reason, reason)
+            return True
+
+    def _p_failed_at(self, id: str) -> float:
+        """``failed_at`` of the live record of ``id`` in the pending state (lock held)."""
+        op = self._p_ids.get(id)
+        if op is not None:
+            failed_at: float = op[3]
+            return failed_at
+        return self._read(self._index.pos[id]).failed_at
+
+    def stage_flush(self) -> None:
+        """Stage dropping every failed job."""
+        with self._lock:
+            self._check_open()
+            size = self._append(_FLUSHED, flushed_payload())
+            self._ops.append((_FLUSHED, "", size, None))
+            self._p_ids.clear()
+            self._p_queue.clear()
+            self._p_flushed = True
+            self._p_len = 0
+            self._index.front = len(self._index.alive)
+
+    def stage_client_seq(self, client_id: str, seq: int) -> None:
+        """Stage ``seq`` as the highest batch of ``client_id`` applied (dedup state)."""
+        if type(client_id) is not str or not client_id:
+            raise ValueError("client_id must be a non-empty str")
+        if type(seq) is not int or seq < 0:
+            raise ValueError(f"seq must be a non-negative int, not {seq!r}")
+        at = float(self._clock())
+        try:
+            payload = encode_client_seq(client_id, seq, at)
+        except (ValueError, OverflowError) as exc:
+            raise JournalError(f"cannot record the seq of client {client_id!r}: {exc}") from None
+        with self._lock:
+            self._check_open()
+            size = self._append(_CLIENT_SEQ, payload)
+            self._ops.append((_CLIENT_SEQ, client_id, size, (seq, at)))
+
+    def enforce_retention(self) -> int:
+        """Stage prunes for the count and age limits now; returns how many were staged.
+
+        ``stage_failed`` does this by itself (the age limit at most once a second); call
+        it (then ``commit``) now and then so that jobs also expire while no new failures
+        arrive.
+        """
+        with self._lock:
+            self._check_open()
+            before = len(self._ops)
+            self._prune_count()
+            now = self._clock()
+            self._next_age_check = now + _AGE_CHECK_EVERY
+            self._prune_age(now)
+            return len(self._ops) - before
+
+    @property
+    def staged(self) -> int:
+        """Records staged and not yet committed."""
+        return len(self._ops)
+
+    def _append(self, rtype: int, payload: bytes) -> int:
+        try:
+            return append_record(self._buf, rtype, payload)
+        except ValueError as exc:
+            raise JournalError(str(exc)) from None
+
+    def _stage_removed(self, id: str, reason: str, detail: str) -> None:
+        size = self._append(_REMOVED, encode_removed(id, reason))
+        self._ops.append((_REMOVED, id, size, detail))
+        self._p_ids[id] = GONE
+        if self._p_len is not None:
+            self._p_len -= 1
+
+    def _p_live(self, id: str) -> bool:
+        """Is ``id`` live in the pending state (committed, then everything staged)?"""
+        op = self._p_ids.get(id)
+        if op is not None:
+            return op is not GONE
+        return not self._p_flushed and id in self._index.pos
+
+    def _pending_len(self) -> int:
+        """Live jobs in the pending state (lock held), counted now if they were not."""
+        if self._p_len is None:
+            pos = self._index.pos
+            touched = self._p_ids
+            if self._p_flushed:
+                n = sum(1 for op in touched.values() if op is not GONE)
+            else:  # a staged id replaces its committed state
+                n = len(pos)
+                for id, op in touched.items():
+                    n += (op is not GONE) - (id in pos)
+            self._p_len = n
+        return self._p_len
+
+    def _prune_count(self) -> None:
+        while self._pending_len() > self._max_jobs:
+            oldest = self._p_oldest()
+            if oldest is None:  # pragma: no cover - p_len > 0 implies a live job
+                return
+            self._stage_removed(oldest[0], "pruned", "pruned:count")
+
+    def _prune_age(self, now: float) -> None:
+        cutoff = now - self._max_age
+        while True:
+            oldest = self._p_oldest()
+            if oldest is None:
+                return
+            key, slot, op = oldest
+            failed_at = op[3] if slot < 0 else self._read(slot).failed_at
+            if failed_at >= cutoff:
+                return
+            self._stage_removed(key, "pruned", "pruned:age")
+
+    def _p_oldest(self) -> tuple[str, int, Op] | None:
+        """The oldest job live in the pending state: ``(id, slot, GONE)`` if committed,
+        ``(id, -1, op)`` if staged.
+
+        Amortised O(1): being dead in the pending state is permanent for a slot (and for a
+        staged record), so both cursors only move forward.
+        """
+        if not self._p_flushed:
+            alive = self._index.alive
+            ids = self._index.ids
+            touched = self._p_ids
+            p = self._index.front
+            while True:
+                p = alive.find(1, p)
+                if p < 0:
+                    break
+                key = ids[p]
+                if key not in touched:
+                    self._index.front = p
+                    return key, p, GONE
+                p += 1
+            self._index.front = len(alive)
+        # Every committed job is dead in the pending state: the oldest is a staged one.
+        queue = self._p_queue
+        touched = self._p_ids
+        while queue:
+            op = queue[0]
+            if touched.get(op[1]) is op:
+                return op[1], -1, op
+            queue.popleft()
+        return None
+
+    def _refresh_pending(self) -> None:
+        """Re-derive the pending overlay from what is still staged (after a commit)."""
+        ops = self._ops
+        kinds = bytes(map(itemgetter(0), ops))
+        if _REMOVED_OR_FLUSHED.search(kinds) is None:
+            # Only failures (and client seqs) staged, the usual case: in C-level passes.
+            failed = list(compress(ops, kinds.translate(_IS_FAILED)))
+            self._p_ids = dict(zip(map(itemgetter(1), failed), failed, strict=True))
+            self._p_queue = deque(failed)
+            self._p_flushed = False
+            return
+        touched: dict[str, Op] = {}
+        queue: deque[Op] = deque()
+        flushed = False
+        for op in self._ops:
+            rtype = op[0]
+            if rtype == _FAILED:
+                touched[op[1]] = op
+                queue.append(op)
+            elif rtype == _REMOVED:
+                touched[op[1]] = GONE
+            elif rtype == _FLUSHED:
+                touched.clear()
+                queue.clear()
+                flushed = True
+        self._p_ids = touched
+        self._p_queue = queue
+        self._p_flushed = flushed
+        if flushed:
+            self._index.front = len(self._index.alive)
