@@ -1,8 +1,7 @@
-"""What every adapter shares: the payload shape, a per-process client, the started hook."""
+"""What every adapter shares: the payload shape and a per-process client."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -14,11 +13,10 @@ from qdash_mp.models import Job
 
 __all__ = [
     "ProcessClient",
+    "in_dashboard_retry",
     "job_args",
     "make_job",
     "payload_of",
-    "report_failed",
-    "report_started",
 ]
 
 log = logging.getLogger("qdash_mp.integrations")
@@ -79,24 +77,28 @@ def make_job(
     )
 
 
-def report_started(client: Client, queue: str, job: Job | None = None) -> None:
-    """``client.on_started`` when this qdash_mp has it (the hooks contract), else nothing."""
-    hook = getattr(client, "on_started", None)
-    if hook is not None:
-        hook(queue, job)
+_retrying = threading.local()
 
 
-_FAILED_RUNTIME = "runtime" in inspect.signature(Client.on_failed).parameters
+def in_dashboard_retry() -> bool:
+    """True while this thread runs a dashboard retry's requeue callback.
+
+    The collector counts that job as pushed (and retried) itself once the requeue succeeded,
+    so an adapter's pushed hook, which the library's enqueue calls on this same thread, must
+    not count it again.
+    """
+    return getattr(_retrying, "active", False)
 
 
-def report_failed(
-    client: Client, queue: str, job: Job | None, error: BaseException | str, runtime: float | None
-) -> None:
-    """``client.on_failed`` with the runtime when the hooks contract takes it."""
-    if _FAILED_RUNTIME:
-        client.on_failed(queue, job, error, runtime)  # type: ignore[call-arg,unused-ignore]
-    else:
-        client.on_failed(queue, job, error)
+def _as_dashboard_retry(requeue: Requeue) -> Requeue:
+    def run(job: Job) -> object:
+        _retrying.active = True
+        try:
+            return requeue(job)
+        finally:
+            _retrying.active = False
+
+    return run
 
 
 class ProcessClient:
@@ -138,7 +140,7 @@ class ProcessClient:
             if self._client is None:
                 kw = dict(self.client_kw)
                 if self._requeue is not None:
-                    kw["requeue"] = self._requeue
+                    kw["requeue"] = _as_dashboard_retry(self._requeue)
                     kw["requeue_queues"] = self._queues
                 self._client = Client(self.socket_path, **kw)
             return self._client

@@ -43,8 +43,6 @@ from qdash_mp.integrations._common import (
     ProcessClient,
     job_args,
     make_job,
-    report_failed,
-    report_started,
 )
 from qdash_mp.models import Job
 
@@ -128,13 +126,13 @@ def _wrap(
             at = enqueued.timestamp() if enqueued is not None else None
             return make_job(ctx.get("job_id", ""), name, args, kwargs, queue, job_try, at)
 
-        report_started(client, queue, job())
+        client.on_started(queue, job())
         t0 = time.perf_counter()
         try:
             result = await coroutine(ctx, *args, **kwargs)
         except Retry as exc:
             if job_try >= max_tries:
-                report_failed(client, queue, job(), exc, time.perf_counter() - t0)
+                client.on_failed(queue, job(), exc, time.perf_counter() - t0)
             else:
                 client.on_retried(queue)
             raise
@@ -143,12 +141,12 @@ def _wrap(
             if runtime >= timeout:
                 error = TimeoutError(f"{name} ran longer than its timeout of {timeout:g}s")
                 error.__cause__ = exc
-                report_failed(client, queue, job(), error, runtime)
+                client.on_failed(queue, job(), error, runtime)
             else:
                 client.on_retried(queue)  # shutdown or abort: arq runs it again
             raise
         except Exception as exc:
-            report_failed(client, queue, job(), exc, time.perf_counter() - t0)
+            client.on_failed(queue, job(), exc, time.perf_counter() - t0)
             raise
         client.on_processed(queue, None, time.perf_counter() - t0)
         return result
@@ -174,7 +172,6 @@ def _chain_startup(user: Hook | None, queue: str) -> Hook:
             enqueued = asyncio.run_coroutine_threadsafe(coro, loop).result(_REQUEUE_TIMEOUT)
             if enqueued is None:
                 raise RuntimeError(f"arq refused the job: a job with its id is in {target!r}")
-            clients.get().on_pushed(target)
 
         clients.configure(requeue, [queue])
 

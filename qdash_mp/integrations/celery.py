@@ -32,10 +32,9 @@ from typing import Any
 
 from qdash_mp.integrations._common import (
     ProcessClient,
+    in_dashboard_retry,
     job_args,
     make_job,
-    report_failed,
-    report_started,
 )
 from qdash_mp.models import Job
 
@@ -90,8 +89,8 @@ class CeleryAdapter:
         **_: Any,
     ) -> None:
         headers = headers or {}
-        if headers.get("retries"):  # a library retry: counted by task_retry
-            return
+        if headers.get("retries") or in_dashboard_retry():
+            return  # a library retry (counted by task_retry) or a dashboard one (collector)
         queue = routing_key or self.app.conf.task_default_queue
         self.clients.get().on_pushed(str(queue))
 
@@ -115,7 +114,7 @@ class CeleryAdapter:
         job = make_job(
             task_id, sender.name, request.args, request.kwargs, queue, (request.retries or 0) + 1
         )
-        report_started(self.clients.get(), queue, job)
+        self.clients.get().on_started(queue, job)
 
     def _finish(self, task_id: Any, sender: Any) -> tuple[str, float | None]:
         with self._lock:
@@ -143,7 +142,7 @@ class CeleryAdapter:
         name = getattr(sender, "name", "") or ""
         job = make_job(task_id, name, args, kwargs, queue, int(retries) + 1)
         error = exception if isinstance(exception, BaseException) else str(exception)
-        report_failed(self.clients.get(), queue, job, error, runtime)
+        self.clients.get().on_failed(queue, job, error, runtime)
 
     def task_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         task_id = getattr(request, "id", None)

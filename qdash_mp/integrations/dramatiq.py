@@ -36,10 +36,9 @@ from dramatiq.common import q_name
 
 from qdash_mp.integrations._common import (
     ProcessClient,
+    in_dashboard_retry,
     job_args,
     make_job,
-    report_failed,
-    report_started,
 )
 from qdash_mp.models import Job
 
@@ -91,8 +90,10 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
 
     def after_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
         options = message.options
-        if "retries" in options or (not delay and "eta" in options):
-            return  # a library retry (counted as retried), or a delayed message moved on
+        if "retries" in options or (not delay and "eta" in options) or in_dashboard_retry():
+            # a library retry (counted as retried), a delayed message moved on, or a
+            # dashboard retry (the collector counts it)
+            return
         self.clients.get().on_pushed(q_name(message.queue_name))
 
     def before_process_message(self, broker: Any, message: Any) -> None:
@@ -100,7 +101,7 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
             self._starts[message.message_id] = time.perf_counter()
         queue = q_name(message.queue_name)
         runs = int(message.options.get("retries", 0) or 0) + 1
-        report_started(self.clients.get(), queue, _job_of(message, queue, runs))
+        self.clients.get().on_started(queue, _job_of(message, queue, runs))
 
     def _runtime(self, message: Any) -> float | None:
         with self._lock:
@@ -116,7 +117,7 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
         if exception is None:
             client.on_processed(queue, None, runtime)
         elif getattr(message, "failed", False):
-            report_failed(client, queue, _job_of(message, queue), exception, runtime)
+            client.on_failed(queue, _job_of(message, queue), exception, runtime)
         else:
             client.on_retried(queue)
 
@@ -125,7 +126,7 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
         if getattr(message, "failed", False):
             queue = q_name(message.queue_name)
             error = "skipped by a middleware (e.g. AgeLimit) and failed"
-            report_failed(self.clients.get(), queue, _job_of(message, queue), error, runtime)
+            self.clients.get().on_failed(queue, _job_of(message, queue), error, runtime)
 
 
 def _job_of(message: Any, queue: str, runs: int | None = None) -> Job:

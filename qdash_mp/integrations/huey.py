@@ -29,10 +29,9 @@ from typing import Any
 
 from qdash_mp.integrations._common import (
     ProcessClient,
+    in_dashboard_retry,
     job_args,
     make_job,
-    report_failed,
-    report_started,
 )
 from qdash_mp.models import Job
 
@@ -95,8 +94,8 @@ class HueyAdapter:
         return make_job(task.id, self._name(task), task.args, task.kwargs, self.queue, runs)
 
     def enqueued(self, signal: str, task: Any) -> None:
-        if task.__dict__.pop(_RETRY_FLAG, False):
-            return  # a retry re-enqueued: counted as retried
+        if task.__dict__.pop(_RETRY_FLAG, False) or in_dashboard_retry():
+            return  # a retry re-enqueued (counted as retried), or a dashboard retry (collector)
         eta = task.eta
         if eta is not None and eta <= self.huey._get_timestamp():
             return  # a scheduled task moved to the queue when due: pushed when scheduled
@@ -105,7 +104,7 @@ class HueyAdapter:
     def executing(self, signal: str, task: Any) -> None:
         with self._lock:
             self._starts[task.id] = time.perf_counter()
-        report_started(self.clients.get(), self.queue, self._job(task))
+        self.clients.get().on_started(self.queue, self._job(task))
 
     def _runtime(self, task: Any) -> float | None:
         with self._lock:
@@ -124,7 +123,7 @@ class HueyAdapter:
         if task.retries:
             return  # SIGNAL_RETRYING follows
         error: BaseException | str = exc if exc is not None else f"task {signal}"
-        report_failed(self.clients.get(), self.queue, self._job(task), error, runtime)
+        self.clients.get().on_failed(self.queue, self._job(task), error, runtime)
 
 
 def install(huey: Any, socket_path: str | os.PathLike[str] | None = None) -> HueyAdapter:

@@ -39,10 +39,9 @@ from rq.registry import FailedJobRegistry
 
 from qdash_mp.integrations._common import (
     ProcessClient,
+    in_dashboard_retry,
     job_args,
     make_job,
-    report_failed,
-    report_started,
 )
 from qdash_mp.models import Job
 
@@ -63,7 +62,8 @@ class Queue(_Queue):
         self, job: RqJob, pipeline: Any = None, at_front: bool = False, unique: bool = False
     ) -> RqJob:
         job = super().enqueue_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
-        clients.get().on_pushed(self.name)
+        if not in_dashboard_retry():  # a dashboard retry is counted by the collector
+            clients.get().on_pushed(self.name)
         return job
 
 
@@ -110,14 +110,12 @@ class _Reporting:
         except (NoSuchJobError, InvalidJobOperation):
             # RQ no longer holds it (failure_ttl passed, or requeued elsewhere): a new job.
             Queue(name, connection=self.connection).enqueue_call(job.name, args, kwargs)
-            return
-        clients.get().on_pushed(name)
 
     def _qdash_run(self, run: Any, job: RqJob, queue: _Queue) -> None:
         client = clients.get()
         qname = queue.name
         retries_before = _retry_state(job)
-        report_started(client, qname, _job_of(job, qname))
+        client.on_started(qname, _job_of(job, qname))
         t0 = time.perf_counter()
         try:
             run(job, queue)
@@ -160,7 +158,7 @@ def _report(job: RqJob, queue: str, retries_before: tuple[int, int], measured: f
         result = job.latest_result()
         exc_string = getattr(result, "exc_string", None) if result is not None else None
         record = _job_of(job, queue)
-        report_failed(client, queue, record, remote_error(exc_string), runtime)
+        client.on_failed(queue, record, remote_error(exc_string), runtime)
     else:
         log.warning("qdash_mp: RQ job %s ended in status %s; not counted", job.id, status)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import uuid
 from typing import Any
 
 from taskiq import TaskiqMiddleware
@@ -35,8 +36,6 @@ from qdash_mp.integrations._common import (
     ProcessClient,
     job_args,
     make_job,
-    report_failed,
-    report_started,
 )
 from qdash_mp.models import Job
 
@@ -56,6 +55,7 @@ class QdashMiddleware(TaskiqMiddleware):
         self._errors: dict[str, BaseException] = {}
         self._resent: set[str] = set()
         self._runs: dict[str, int] = {}
+        self._requeued: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _queue(self, message: Any) -> str:
@@ -84,15 +84,25 @@ class QdashMiddleware(TaskiqMiddleware):
         loop = self._loop
         if loop is None or loop.is_closed():
             raise RuntimeError("the worker's event loop is not running")
-        kicker = task.kicker()
+        task_id = uuid.uuid4().hex
+        with self._lock:
+            self._requeued.add(task_id)  # post_send runs on the loop: not counted as pushed
+        kicker = task.kicker().with_task_id(task_id)
         if queue is not None:
             kicker = kicker.with_labels(queue_name=queue)
         coro = kicker.kiq(*args, **kwargs)
-        asyncio.run_coroutine_threadsafe(coro, loop).result(_REQUEUE_TIMEOUT)
+        try:
+            asyncio.run_coroutine_threadsafe(coro, loop).result(_REQUEUE_TIMEOUT)
+        finally:
+            with self._lock:
+                self._requeued.discard(task_id)
 
     # ---------------------------------------------------------------- messages
 
     def post_send(self, message: Any) -> None:
+        with self._lock:
+            if message.task_id in self._requeued:
+                return  # a dashboard retry: the collector counts it
         if _RETRY_LABEL in message.labels:
             with self._lock:
                 self._resent.add(message.task_id)  # seen by post_execute: a retry
@@ -105,7 +115,7 @@ class QdashMiddleware(TaskiqMiddleware):
         with self._lock:
             # A retry middleware bumps the labels of this very message before post_execute.
             self._runs[message.task_id] = job.attempts
-        report_started(self.clients.get(), queue, job)
+        self.clients.get().on_started(queue, job)
         return message
 
     def on_error(self, message: Any, result: Any, exception: BaseException) -> None:
@@ -130,7 +140,7 @@ class QdashMiddleware(TaskiqMiddleware):
             job = _job_of(message, queue)
             if runs is not None:
                 job.attempts = runs
-            report_failed(client, queue, job, exc, runtime)
+            client.on_failed(queue, job, exc, runtime)
 
 
 def _job_of(message: Any, queue: str) -> Job:
