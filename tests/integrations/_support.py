@@ -128,13 +128,13 @@ class Env:
 
     # -- what the dashboard shows -------------------------------------------------------------
 
-    def stat(self, queue: str | None = None) -> QueueStat:
+    def stat(self, queue: str | None = None) -> QueueStat | None:
         return self.collector.stats().queue(queue or self.queue)
 
     def counts(self, queue: str | None = None) -> tuple[int, int, int, int]:
-        """``(pushed, processed, failed, retried)`` of the queue."""
+        """``(pushed, processed, failed, retried)`` of the queue (zeros before its first event)."""
         s = self.stat(queue)
-        return (s.pushed, s.processed, s.failed, s.retried)
+        return (0, 0, 0, 0) if s is None else (s.pushed, s.processed, s.failed, s.retried)
 
     def wait_counts(
         self, expected: tuple[int, int, int, int], queue: str | None = None, timeout: float = WAIT
