@@ -6,9 +6,10 @@ without qdash_mp (``<lib>_plain``) and once with its adapter (``<lib>_qdash``) r
 real collector; for Celery also with Celery's own task events on (``-E``, what Flower needs;
 ``celery_events``). Every task stamps Redis (SETNX first, SET last, INCR n: one pipelined
 round trip, the same in every mode), and the per-task cost is ``(last - first) / (N - 1)``:
-worker start-up is outside the window. The modes of a library take turns within a repeat,
-and ratios are paired per repeat, after one unmeasured warm-up drain. Workers run one task at a time where the library allows
-it (prefork -c 1, one process and thread, -w 1; arq and taskiq keep their async defaults).
+worker start-up is outside the window. The modes of a library take turns within a repeat
+(after one unmeasured warm-up drain), and ratios are paired per repeat. Workers run one
+task at a time where the library allows it (prefork -c 1, one process and thread, -w 1;
+arq and taskiq keep their async defaults).
 
 Rows: ``us/task`` per subject; ``<lib>_qdash`` has ratio to ``<lib>_plain`` (overhead =
 ratio - 1); ``celery_qdash`` also has a paired ratio to ``celery_events``. The app modules
