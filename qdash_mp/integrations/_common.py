@@ -148,6 +148,12 @@ class ProcessClient:
     def peek(self) -> Client | None:
         return self._client
 
+    def drop(self) -> None:
+        """Forget the client without closing it (a child's inert copy); the next use makes one."""
+        self._client = None
+        self._requeue = None
+        self._queues = None
+
     def close(self, timeout: float = 5.0) -> bool:
         with self._lock:
             client, self._client = self._client, None
