@@ -11,8 +11,9 @@ the job's own record in Redis says -- finished (processed, runtime from ``starte
 ``ended_at``), failed (the ``exc_string`` of its latest result: error and traceback), or put
 back by an RQ ``Retry`` (``retries_left`` went down: retried). The parent thereby also sees a
 horse killed by the OOM killer or SIGKILL, which RQ marks failed ("Work-horse terminated
-unexpectedly"). ``SpawnWorker`` (a new interpreter per job) is supported the same way, as the
-report never runs in the horse; ``SimpleWorker`` use ``SimpleWorker`` below.
+unexpectedly"). The horse inherits the client inert (no sender thread restarted per job);
+a job that enqueues from inside the horse gets a client of its own, flushed before
+``os._exit``. For jobs run in the worker process itself, use ``SimpleWorker`` below.
 
 Pushed: ``Queue.enqueue_job`` (what ``enqueue`` / ``enqueue_call`` end in); RQ's own retry
 re-enqueues through ``_enqueue_job`` and is counted as retried instead. A dashboard retry

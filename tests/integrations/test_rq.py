@@ -25,9 +25,11 @@ def _worker(env: Env) -> None:
 def test_counts_failures_and_dashboard_retry(env: Env) -> None:
     _worker(env)
     try:
-        env.run([env.bin("python"), "it_rq.py", "5", "2", "1", "0"])
-        # 5 ok + 2 failed + 1 flaky (RQ Retry once, then ok): pushed 8, processed 6.
-        env.wait_counts((8, 6, 2, 1))
+        env.run([env.bin("python"), "it_rq.py", "5", "2", "1", "0", "1"])
+        # 5 ok + 2 failed + 1 flaky (RQ Retry once, then ok) + 1 job that enqueues one more
+        # from inside its work horse: pushed 10, processed 8.
+        env.wait_counts((10, 8, 2, 1))
+        env.wait_mark("add-100")
         failed = sorted(env.failed(), key=lambda f: f.job.payload["args"][0])
         assert [f.job.name for f in failed] == ["it_rq.fail", "it_rq.fail"]
         assert [f.job.payload for f in failed] == [
@@ -41,7 +43,7 @@ def test_counts_failures_and_dashboard_retry(env: Env) -> None:
         (env.marks / "fixed").touch()
         env.retry(failed[1].id)
         env.wait_mark("ok-1")
-        env.wait_counts((9, 7, 2, 2))
+        env.wait_counts((11, 9, 2, 2))
         assert [f.id for f in env.failed()] == [failed[0].id]
     finally:
         env.stop_all()

@@ -29,6 +29,12 @@ def flaky(x: int) -> None:
         raise RuntimeError("first run fails")
 
 
+def spawn(x: int) -> None:
+    """Enqueues a job from inside the work horse (which then leaves through os._exit)."""
+    queue = Queue(os.environ["IT_QUEUE"], connection=Redis.from_url(os.environ["IT_REDIS_URL"]))
+    queue.enqueue("it_rq.add", 100 + x, 1)
+
+
 def hang(x: int) -> None:
     """Writes its pid and waits to be killed (the test SIGKILLs the work horse)."""
     mark(f"hang-{x}")
@@ -36,8 +42,8 @@ def hang(x: int) -> None:
     time.sleep(60)
 
 
-if __name__ == "__main__":  # producer: python it_rq.py OK FAIL FLAKY HANG
-    n_ok, n_fail, n_flaky, n_hang = (int(a) for a in sys.argv[1:])
+if __name__ == "__main__":  # producer: python it_rq.py OK FAIL FLAKY HANG [SPAWN]
+    n_ok, n_fail, n_flaky, n_hang, *more = (int(a) for a in sys.argv[1:])
     q = Queue(os.environ["IT_QUEUE"], connection=Redis.from_url(os.environ["IT_REDIS_URL"]))
     for i in range(n_ok):
         q.enqueue("it_rq.add", i, 1)
@@ -47,3 +53,5 @@ if __name__ == "__main__":  # producer: python it_rq.py OK FAIL FLAKY HANG
         q.enqueue("it_rq.flaky", i, retry=Retry(max=2))
     for i in range(n_hang):
         q.enqueue("it_rq.hang", i, job_timeout=120)
+    for i in range(more[0] if more else 0):
+        q.enqueue("it_rq.spawn", i)
