@@ -4,6 +4,10 @@ Subjects, each measured as a loop of calls with the per-call target bound to a l
 
     dict            for _ in range(n): d[k] += 1                   (the floor)
     qdash_mp        inc = client.on_processed; for ...: inc(q)      (collector running)
+    qdash_mp_runtime  inc = client.on_processed; for ...: inc(q, runtime=0.01)  (the deferred
+                    runtime path: the float goes to a per-queue list the sender buckets)
+    qdash_mp_job    for ...: start(q, job); done(q, job)   (on_started + on_processed with a
+                    job: active, timed by the client; ns for the PAIR of calls)
     qdash_mp_no_collector   the same with no collector at the socket path: the counts pile
                     up in the client while its sender thread retries the connection
     qdash_mp_spool  the same, no collector, ``spool_dir`` set (counts stay in memory while
@@ -20,7 +24,8 @@ All subjects live in one worker process and take turns: each round runs one chun
 subject, in an order rotated every round, so machine noise lands on all of them alike. A
 round gives each subject's ns/call and its ratio to ``dict`` *in that round*; the row is the
 median over rounds. At the end the worker checks that the collector counted every
-``on_processed`` call exactly (and redis every HINCRBY), that the collector-less clients
+``on_processed`` call exactly, and every runtime in the runtime histogram once the shared
+stats carry it (and redis every HINCRBY), that the collector-less clients
 could not deliver (``flush()`` is False) and that the spooling one spooled at close.
 The two collector-less rows replace a timed unit test (a hook stays about a dict increment
 with or without a collector, with or without a spool): timing belongs here, not in tests.
@@ -58,6 +63,8 @@ BENCH = "hook"
 SUBJECTS = (
     "dict",
     "qdash_mp",
+    "qdash_mp_runtime",
+    "qdash_mp_job",
     "qdash_mp_no_collector",
     "qdash_mp_spool",
     "prometheus_mp",
@@ -65,6 +72,8 @@ SUBJECTS = (
     "redis_pipeline",
 )
 QUEUE = "default"
+QUEUE_RUNTIME = "runtime"
+QUEUE_JOB = "jobs"
 PIPELINE = 1000
 
 
@@ -213,6 +222,53 @@ def _subjects(p: dict[str, Any]) -> tuple[dict[str, Callable[[int], None]], dict
         client.close()
 
     checks["qdash_mp"] = qdash_check
+
+    timed = Client(p["socket"])
+    started = Client(p["socket"])
+
+    def runtime_chunk(n: int, inc: Any = timed.on_processed, q: str = QUEUE_RUNTIME) -> None:
+        for _ in range(n):
+            inc(q, runtime=0.01)
+
+    from qdash_mp.models import Job
+
+    job = Job(id="bench-job", name="bench", payload=None)
+
+    def job_chunk(
+        n: int,
+        start: Any = started.on_started,
+        done: Any = started.on_processed,
+        q: str = QUEUE_JOB,
+        job: Any = job,
+    ) -> None:
+        for _ in range(n):
+            start(q, job)
+            done(q, job)
+
+    chunks["qdash_mp_runtime"] = runtime_chunk
+    chunks["qdash_mp_job"] = job_chunk
+
+    def lifecycle_check(name: str, c: Any, queue: str) -> Callable[[int], None]:
+        def check(total: int) -> None:
+            from qdash_mp.shm import SharedStatsReader
+
+            if not c.flush(timeout=60):
+                raise BenchError(f"{name}: client.flush() did not succeed")
+            with SharedStatsReader(p["shm"]) as reader:
+                rows = [s for s in reader.snapshot().queues if s.queue == queue]
+            got = sum(s.processed for s in rows)
+            if got != total:
+                raise BenchError(f"{name}: collector counted {got} on_processed, not {total}")
+            # Once the shared stats carry runtime histograms (issue 9), they must be exact.
+            timed_count = sum(getattr(getattr(s, "runtime", None), "count", total) for s in rows)
+            if timed_count != total:
+                raise BenchError(f"{name}: {timed_count} runtimes in the histogram, not {total}")
+            c.close()
+
+        return check
+
+    checks["qdash_mp_runtime"] = lifecycle_check("qdash_mp_runtime", timed, QUEUE_RUNTIME)
+    checks["qdash_mp_job"] = lifecycle_check("qdash_mp_job", started, QUEUE_JOB)
 
     absent = Client(p["absent_socket"])
     spooling = Client(p["absent_socket"], spool_dir=p["spool_dir"])

@@ -8,6 +8,11 @@ collector's shared memory (polled every 2 ms) shows the run's queue with exactly
 pushed and N*M/2 processed. A run that overshoots, or that does not settle at exactly that
 count once every producer has flushed, fails the benchmark.
 
+qdash_mp_runtime (N=4 only): the same, but ``on_processed(q, runtime=rt)`` with ``rt`` cycling
+through 64 fixed log-normal runtimes (the deferred runtime path): exact means pushed and
+processed at N*M/2 and, once the shared stats carry runtime histograms, the runtime
+histogram's count too (and its summary equal to the sent runtimes', checked after the run).
+
 redis_pipeline: the same N, the same call mix -- ``HINCRBY key pushed 1`` /
 ``HINCRBY key processed 1`` -- pipelined (no MULTI) and executed every 1000 calls, into one
 private redis-server; the clock runs until ``HMGET`` (polled every 2 ms) shows the exact
@@ -32,6 +37,8 @@ beside it (``stat_cpu_s_per_M``) as a cross-check; without schedstat it is the r
 from __future__ import annotations
 
 import contextlib
+import itertools
+import random
 import time
 from typing import Any
 
@@ -60,6 +67,13 @@ PRODUCERS = (1, 2, 4)
 PIPELINE = 1000
 POLL = 0.002
 TIMEOUT = 300.0
+RUNTIME_PRODUCERS = 4
+
+
+def runtimes() -> list[float]:
+    """The fixed runtimes the runtime producers cycle through (log-normal, ~20 ms median)."""
+    rng = random.Random(9)
+    return [rng.lognormvariate(-4.0, 1.0) for _ in range(64)]
 
 
 def sizes(cfg: Config) -> tuple[int, int, int]:
@@ -76,6 +90,7 @@ def run(cfg: Config) -> list[Row]:
     r_rates: dict[int, list[float]] = {n: [] for n in PRODUCERS}
     cpu_per_m: dict[int, list[float]] = {n: [] for n in PRODUCERS}
     ticks_per_m: dict[int, list[float]] = {n: [] for n in PRODUCERS}
+    rt_rates: list[float] = []
     redis_skip: str | None = None
     with contextlib.ExitStack() as stack:
         collector, _ = start_collector(stack, short_dir(stack, cfg, "qdi"), "--no-http")
@@ -113,7 +128,21 @@ def run(cfg: Config) -> list[Row]:
                     else:
                         continue
                     progress(f"ingest: repeat {rep + 1}/{repeats} N={n} {subject}: {rate:,.0f}/s")
-    rows = []
+            n = RUNTIME_PRODUCERS
+            rate, _, _ = _run_qdash(collector.socket, pid, reader, n, m, f"r{rep}rt", True)
+            rt_rates.append(rate)
+            progress(f"ingest: repeat {rep + 1}/{repeats} N={n} qdash_mp_runtime: {rate:,.0f}/s")
+    rows = [
+        Row(
+            BENCH,
+            "qdash_mp_runtime",
+            "hooks/s",
+            "hooks/s",
+            samples=rt_rates,
+            producers=RUNTIME_PRODUCERS,
+            extra={"calls_per_producer": m, "exact": True},
+        )
+    ]
     for n in PRODUCERS:
         rows.append(
             Row(
@@ -175,9 +204,13 @@ def run(cfg: Config) -> list[Row]:
 
 
 def _run_qdash(
-    socket: str, pid: int, reader: Any, n: int, m: int, tag: str
+    socket: str, pid: int, reader: Any, n: int, m: int, tag: str, timed: bool = False
 ) -> tuple[float, float, float]:
-    """(hooks/s, collector CPU seconds from the release to the last flush: fine, in ticks)."""
+    """(hooks/s, collector CPU seconds from the release to the last flush: fine, in ticks).
+
+    ``timed``: the producers pass runtimes; once the shared stats have a runtime histogram
+    its count must reach the processed count too (exact), and its buckets the expected ones.
+    """
     queue = f"ingest-{tag}"
     half = m // 2
     want = n * half
@@ -185,10 +218,13 @@ def _run_qdash(
     def totals() -> tuple[int, int]:
         for s in reader.snapshot().queues:
             if s.queue == queue:
+                timed_count = getattr(getattr(s, "runtime", None), "count", None)
+                if timed and timed_count is not None:
+                    return s.pushed, min(s.processed, timed_count)
                 return s.pushed, s.processed
         return 0, 0
 
-    params = [{"socket": socket, "queue": queue, "calls": m}] * n
+    params = [{"socket": socket, "queue": queue, "calls": m, "timed": timed}] * n
     with workers(__file__, "qdash", params) as ws:
         fine0, ticks0 = cpu_seconds_fine(pid), cpu_seconds(pid)
         t0 = go_all(ws)
@@ -209,9 +245,28 @@ def _run_qdash(
         raise BenchError("qdash_mp: a producer's client.flush() did not succeed")
     if totals() != (want, want):
         raise BenchError(f"qdash_mp: counts moved past exact after flush: {totals()} != {want}")
+    if timed:
+        _check_buckets(reader, queue, n, half)
     ticks = ticks1 - ticks0
     cpu = ticks if fine0 is None or fine1 is None else fine1 - fine0
     return 2 * want / ((t1 - t0) / 1e9), cpu, ticks
+
+
+def _check_buckets(reader: Any, queue: str, n: int, half: int) -> None:
+    """The collector's runtime summary equals that of the runtimes sent (count and every
+    percentile's bucket), once the shared stats carry runtime histograms."""
+    rows = [s for s in reader.snapshot().queues if s.queue == queue]
+    got = getattr(rows[0], "runtime", None) if rows else None
+    if got is None:
+        return  # shared stats without runtime histograms yet: counts were checked
+    from qdash_mp.histogram import NBUCKETS, count_values, summary
+
+    want = [0] * NBUCKETS
+    count_values(want, itertools.islice(itertools.cycle(runtimes()), half))
+    expected = summary([c * n for c in want])
+    fields = ("count", "p50", "p90", "p95", "p99")
+    if [getattr(got, f) for f in fields] != [getattr(expected, f) for f in fields]:
+        raise BenchError(f"qdash_mp_runtime: runtime summary {got} is not {expected}")
 
 
 def _run_redis(port: int, n: int, m: int, tag: str) -> float:
@@ -263,12 +318,18 @@ def _qdash_producer(p: dict[str, Any]) -> None:
         raise BenchError("warm-up flush failed")
     push, proc, q = client.on_pushed, client.on_processed, p["queue"]
     rounds = p["calls"] // 2
+    times = list(itertools.islice(itertools.cycle(runtimes()), rounds)) if p["timed"] else []
     say(ready=True)
     wait_go()
     t_go = time.monotonic_ns()
-    for _ in range(rounds):
-        push(q)
-        proc(q)
+    if times:
+        for rt in times:
+            push(q)
+            proc(q, runtime=rt)
+    else:
+        for _ in range(rounds):
+            push(q)
+            proc(q)
     t_calls = time.monotonic_ns()
     flushed = client.flush(timeout=TIMEOUT)
     t_flushed = time.monotonic_ns()

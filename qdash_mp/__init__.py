@@ -15,12 +15,16 @@ from qdash_mp.hooks import Hooks
 from qdash_mp.inspector import Inspector, new_inspector
 from qdash_mp.models import (
     PAGE_SIZE,
+    ActiveJob,
     FailedJob,
     Job,
     JobView,
+    LatencySummary,
     QueueStat,
     StatsView,
     ThroughputSample,
+    TrackedJob,
+    WorkerView,
 )
 from qdash_mp.sampler import Sampler
 from qdash_mp.stats import Stats
@@ -31,12 +35,16 @@ if TYPE_CHECKING:
 __all__ = [
     # data
     "PAGE_SIZE",
+    "ActiveJob",
     "FailedJob",
     "Job",
     "JobView",
+    "LatencySummary",
     "QueueStat",
     "StatsView",
     "ThroughputSample",
+    "TrackedJob",
+    "WorkerView",
     # embedded parts
     "FailedJobs",
     "Inspector",

@@ -20,6 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qdash_mp import __version__
+from qdash_mp.access_cli import (
+    ACCESS_COMMANDS,
+    access_settings,
+    add_access_arguments,
+    add_access_commands,
+    add_logging_arguments,
+    configure_logging,
+    run_access_command,
+)
 from qdash_mp.errors import CollectorNotRunning, QdashError
 from qdash_mp.settings import DEFAULT_DATA_DIR, DEFAULT_HTTP, CollectorSettings, parse_http
 
@@ -75,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
     )
+    add_logging_arguments(parser)
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
+    add_access_commands(sub)
 
     col = sub.add_parser("collector", help="run the collector daemon in the foreground")
     col.add_argument(
@@ -149,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GID",
         help="also accept clients whose primary gid is this (repeatable)",
     )
+    add_access_arguments(col)
 
     st = sub.add_parser("stats", help="print the counters straight from shared memory")
     st.add_argument(
@@ -197,6 +209,7 @@ def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
         salvage=args.salvage,
         max_failed_jobs=args.max_failed_jobs,
         max_failed_age=args.max_failed_age * 86400.0,
+        access=access_settings(args, host, not args.no_http),
     )
 
 
@@ -294,12 +307,28 @@ def _run_stats(args: argparse.Namespace) -> int:
         return 0
     rows = [*view.queues, view.totals]
     width = max([5, *(len(q.queue) for q in rows)])
-    cols = ("pushed", "processed", "failed", "retried", "pending")
-    print(f"{'queue':<{width}}  " + "  ".join(f"{c:>12}" for c in cols) + f"  {'jobs/s':>10}")
+    cols = ("pushed", "processed", "failed", "retried", "pending", "active")
+    print(
+        f"{'queue':<{width}}  "
+        + "  ".join(f"{c:>12}" for c in cols)
+        + f"  {'jobs/s':>10}  {'p50':>8}  {'p99':>8}"
+    )
     for q in rows:
         nums = "  ".join(f"{getattr(q, c):>12}" for c in cols)
-        print(f"{q.queue:<{width}}  {nums}  {q.throughput:>10.1f}")
+        p50, p99 = _duration(q.runtime.p50), _duration(q.runtime.p99)
+        print(f"{q.queue:<{width}}  {nums}  {q.throughput:>10.1f}  {p50:>8}  {p99:>8}")
     return 0
+
+
+def _duration(seconds: float | None) -> str:
+    """A runtime percentile for the ``stats`` table: ``-`` when there is none."""
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -330,11 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qdash-mp`` and ``python -m qdash_mp``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
+        configure_logging(args)
+        if args.command in ACCESS_COMMANDS:
+            return run_access_command(args)
         if args.command == "collector":
             return _run_collector(args)
         if args.command == "stats":

@@ -27,6 +27,8 @@ __all__ = [
     "ShmMissing",
     "SnapshotError",
     "SnapshotNotSaved",
+    "AuditCorrupt",
+    "AuditError",
 ]
 
 
@@ -112,3 +114,11 @@ class SnapshotNotSaved(CollectorError):
 
 class CollectorNotRunning(CollectorError):
     """No collector is running for that data dir (``qdash-mp stats`` exits 1)."""
+
+
+class AuditError(QdashError):
+    """The audit log could not be read or written."""
+
+
+class AuditCorrupt(AuditError):
+    """The audit log holds corruption that is not a torn tail."""

@@ -53,9 +53,10 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Iterable, Mapping, MutableSequence, Sequence
-from dataclasses import dataclass
 from math import frexp
 from typing import Final
+
+from qdash_mp.models import EMPTY_SUMMARY, LatencySummary
 
 __all__ = [
     "EMPTY",
@@ -182,30 +183,8 @@ def merge(*histograms: Counts) -> list[int]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    """``count`` values and their percentiles / maximum in seconds (``None`` if count is 0)."""
-
-    count: int
-    p50: float | None = None
-    p90: float | None = None
-    p95: float | None = None
-    p99: float | None = None
-    max: float | None = None
-
-    def as_dict(self) -> dict[str, int | float | None]:
-        """The JSON shape of DESIGN.md (``{"count", "p50", ..., "max"}``)."""
-        return {
-            "count": self.count,
-            "p50": self.p50,
-            "p90": self.p90,
-            "p95": self.p95,
-            "p99": self.p99,
-            "max": self.max,
-        }
-
-
-EMPTY: Final = LatencySummary(0)
+EMPTY: Final = EMPTY_SUMMARY
+"""No values (``qdash_mp.models.EMPTY_SUMMARY``)."""
 
 
 def count_values(target: MutableSequence[int], values: Iterable[float]) -> None:

@@ -27,7 +27,7 @@ class Hooks:
         """A job was enqueued on ``queue``."""
 
     def on_started(self, queue: str, job: Job | None = None) -> None:
-        """A worker began a job of ``queue`` (not counted yet)."""
+        """A worker began a job of ``queue``: started, active until it finishes, timed."""
 
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None

@@ -7,11 +7,12 @@ All methods are ``async`` so an implementation may do I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from qdash_mp.errors import NotFound
 from qdash_mp.failed import MemoryFailedJobs
-from qdash_mp.models import PAGE_SIZE, FailedJob, JobView, StatsView
+from qdash_mp.models import PAGE_SIZE, FailedJob, JobView, StatsView, TrackedJob
 from qdash_mp.stats import Stats
 
 __all__ = ["Inspector", "LocalInspector", "new_inspector", "page_bounds"]
@@ -30,8 +31,9 @@ class Inspector(Protocol):
         """Per-queue counters and totals."""
         ...
 
-    async def pending(self, queue: str, page: int) -> list[JobView]:
-        """Jobs waiting on ``queue`` (1-based page of ``PAGE_SIZE``), if the source knows them."""
+    async def pending(self, queue: str, page: int) -> Sequence[JobView | TrackedJob]:
+        """Jobs waiting on ``queue`` (1-based page of ``PAGE_SIZE``), if the source knows them
+        (tracked jobs: ``TrackedJob`` rows)."""
         ...
 
     async def failed(self, page: int) -> list[JobView]:
@@ -64,9 +66,20 @@ class LocalInspector:
     async def stats(self) -> StatsView:
         return self._stats.snapshot() if self._stats is not None else StatsView()
 
-    async def pending(self, queue: str, page: int) -> list[JobView]:
-        # Stats only counts pushes; the jobs themselves live in the user's queue backend.
-        return []
+    async def pending(self, queue: str, page: int) -> list[TrackedJob]:
+        """Tracked jobs pushed on ``queue`` and not started, oldest first (``Stats(track_jobs=
+        ...)``); untracked, the jobs live in the user's queue backend only: ``[]``."""
+        if self._stats is None:
+            return []
+        offset, limit = page_bounds(page)
+        return self._stats.pending(queue, offset, limit)
+
+    async def recent(self, queue: str, page: int) -> list[TrackedJob]:
+        """Tracked jobs of ``queue`` that finished, newest first."""
+        if self._stats is None:
+            return []
+        offset, limit = page_bounds(page)
+        return self._stats.recent(queue, offset, limit)
 
     async def failed(self, page: int) -> list[JobView]:
         if self._failed is None:

@@ -12,13 +12,18 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "EMPTY_SUMMARY",
     "PAGE_SIZE",
+    "ActiveJob",
     "FailedJob",
     "Job",
     "JobView",
+    "LatencySummary",
     "QueueStat",
     "StatsView",
     "ThroughputSample",
+    "TrackedJob",
+    "WorkerView",
 ]
 
 PAGE_SIZE = 50
@@ -83,11 +88,44 @@ class JobView:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """``count`` values and their percentiles / maximum in seconds (``None`` if count is 0).
+
+    Built from a histogram by ``qdash_mp.histogram.summary`` (its error bound is there).
+    """
+
+    count: int
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+    def to_dict(self) -> dict[str, int | float | None]:
+        """The JSON shape of DESIGN.md (``{"count", "p50", ..., "max"}``)."""
+        return {
+            "count": self.count,
+            "p50": self.p50,
+            "p90": self.p90,
+            "p95": self.p95,
+            "p99": self.p99,
+            "max": self.max,
+        }
+
+    as_dict = to_dict
+
+
+EMPTY_SUMMARY = LatencySummary(0)
+"""No values: count 0, every percentile ``None``."""
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStat:
     """Counters of one queue (or of all, for totals).
 
     ``pending`` is ``pushed - processed - failed`` floored at 0; ``throughput`` is processed
-    jobs per second over the rolling window.
+    jobs per second over the rolling window. ``active`` is jobs started and not finished
+    now; ``runtime`` and ``wait`` summarize the lifetime runtime and wait-time histograms.
     """
 
     queue: str
@@ -97,6 +135,9 @@ class QueueStat:
     retried: int = 0
     pending: int = 0
     throughput: float = 0.0
+    active: int = 0
+    runtime: LatencySummary = EMPTY_SUMMARY
+    wait: LatencySummary = EMPTY_SUMMARY
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict keyed by field name (built by hand: ``asdict`` is 10x slower)."""
@@ -108,6 +149,9 @@ class QueueStat:
             "retried": self.retried,
             "pending": self.pending,
             "throughput": self.throughput,
+            "active": self.active,
+            "runtime": self.runtime.to_dict(),
+            "wait": self.wait.to_dict(),
         }
 
 
@@ -144,3 +188,84 @@ class ThroughputSample:
     at: float
     processed: int
     rate: float
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveJob:
+    """A job a worker is running now (``started_at`` Unix seconds)."""
+
+    queue: str
+    id: str
+    name: str
+    started_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "id": self.id,
+            "name": self.name,
+            "started_at": self.started_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One client of the collector: who it is, what it reported on, what it runs now.
+
+    ``state`` is ``"connected"`` or ``"gone"`` (disconnected, kept listed for a while; its
+    active jobs no longer count). Times are Unix seconds.
+    """
+
+    id: str
+    pid: int
+    host: str
+    name: str
+    queues: tuple[str, ...]
+    connected_at: float
+    last_seen: float
+    active: tuple[ActiveJob, ...]
+    state: str
+    can_requeue: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """An entry of ``/queues/api/workers``."""
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "host": self.host,
+            "name": self.name,
+            "queues": list(self.queues),
+            "connected_at": self.connected_at,
+            "last_seen": self.last_seen,
+            "active": [job.to_dict() for job in self.active],
+            "state": self.state,
+            "can_requeue": self.can_requeue,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedJob:
+    """A tracked job's row (pending or recent lists): ``state`` is ``"pending"``,
+    ``"active"``, ``"processed"`` or ``"failed"``; times are Unix seconds, ``runtime``
+    seconds."""
+
+    id: str
+    queue: str
+    name: str
+    state: str
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    runtime: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "queue": self.queue,
+            "name": self.name,
+            "state": self.state,
+            "enqueued_at": self.enqueued_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "runtime": self.runtime,
+        }

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qdash_mp.access_settings import AccessSettings
 from qdash_mp.errors import ConfigError
 
 __all__ = [
@@ -83,6 +84,7 @@ class CollectorSettings:
     maintenance_interval: float = 30.0
     frame_deadline: float = 10.0
     partial_frame_budget: int = 64 * 1024 * 1024
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     @property
     def socket(self) -> Path:

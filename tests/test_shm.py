@@ -46,6 +46,7 @@ from qdash_testing.shm import (
 )
 
 from qdash_mp.errors import CollectorError, ConfigError, QdashError
+from qdash_mp.histogram import NBUCKETS, merge, summary
 from qdash_mp.shm import (
     MAGIC,
     NAME_MAX,
@@ -76,6 +77,23 @@ def name() -> Iterator[str]:
     n = fresh_name()
     yield n
     remove_segments(n)
+
+
+def raw_started(name: str) -> dict[str, int]:
+    """queue -> its ``started`` slot (record slot 4, per ``qdash_mp.stats``), read raw from
+    the newest generation."""
+    newest = raw_header(attach_untracked_buf(name))["next"]
+    shm = attach_untracked(segment_name(name, newest))
+    try:
+        h = raw_header(shm.buf)
+        rec, d, _, _, _ = raw_offsets(h)
+        names = [queue for queue, _, _ in raw_rows(shm.buf)]
+        return {
+            queue: struct.unpack_from("=q", shm.buf, d + 8 * rec * i + 32)[0]
+            for i, queue in enumerate(names)
+        }
+    finally:
+        shm.close()
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
@@ -190,7 +208,7 @@ def test_read_record_fast_paths_match_the_definition(
         apply_deltas(buf, 0, ring, (0, delta, 0, 0), base + offset)
     now = base
     window = ring - 1
-    recent = sum(buf[4 + ring + b] for b in range(ring) if now - window <= buf[4 + b] < now)
+    recent = sum(buf[6 + ring + b] for b in range(ring) if now - window <= buf[6 + b] < now)
     span = min(window, now - (now - started_ago))
     expected = recent / span if span > 0 else 0.0
     for buffer in (buf, memoryview(buf.tobytes()).cast("q"), list(buf)):
@@ -249,9 +267,17 @@ def test_kill_9_mid_update_never_leaves_a_half_applied_batch(name: str) -> None:
         with SharedStats.create_or_attach(name) as stats:  # repairs, if needed
             view = rows(stats.snapshot())
             last = stats.client_seq("w")
+            hists = {q: stats.buckets(q) for q in view}
+            started = raw_started(name)
         assert len(view) == 32
         values = {n for pushed, processed, _, _ in view.values() for n in (pushed, processed)}
+        values |= set(started.values())
+        values |= {sum(h) for pair in hists.values() for h in pair}
         assert values == {last * (last + 1) // 2}, f"round {round_}: torn: {sorted(values)}"
+        runtime = [0] * NBUCKETS
+        for n in range(1, last + 1):
+            runtime[n % NBUCKETS] += n
+        assert all(r == runtime for r, _ in hists.values())  # every bucket, exactly
         assert last > previous
         previous = last
         with SharedStatsReader(name, timeout=0.5) as reader:
@@ -273,19 +299,23 @@ def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
         rec, d, e, g, entry = raw_offsets(h)
         t = int(clock.t)
         # Died after the commit point of batch 2 of "w", which also brought client "new":
-        # log entry 0 = record 0 with pushed 10, entry 1 = client entry 0 with seq 2,
+        # log entry 0 = record 0 (whole) with pushed 10, entry 1 = client entry 0 with seq 2,
         # entry 2 = client entry 1 (so far unused: M is 1) for "new" at seq 5; count 3.
-        buf[g + 8 : g + 8 + 8 * rec] = buf[d : d + 8 * rec]
+        # Each entry: target, slots that count, then the payload.
+        buf[g + 16 : g + 16 + 8 * rec] = buf[d : d + 8 * rec]
         write_slot(buf, g // 8, 0)
-        write_slot(buf, g // 8 + 1, 10)
-        buf[g + entry + 8 : g + entry + 8 + CLIENT_ENTRY] = buf[e : e + CLIENT_ENTRY]
+        write_slot(buf, g // 8 + 1, rec)
+        write_slot(buf, g // 8 + 2, 10)
+        buf[g + entry + 16 : g + entry + 16 + CLIENT_ENTRY] = buf[e : e + CLIENT_ENTRY]
         write_slot(buf, (g + entry) // 8, -1)
-        write_slot(buf, (g + entry) // 8 + 2, 2)
-        write_slot(buf, (g + entry) // 8 + 3, t + 1)
+        write_slot(buf, (g + entry) // 8 + 1, CLIENT_ENTRY // 8)
+        write_slot(buf, (g + entry) // 8 + 3, 2)
+        write_slot(buf, (g + entry) // 8 + 4, t + 1)
         at = g + 2 * entry
         write_slot(buf, at // 8, -2)
+        write_slot(buf, at // 8 + 1, CLIENT_ENTRY // 8)
         new_entry = struct.pack("=3q", 3, 5, t + 1) + b"new".ljust(CLIENT_ENTRY - 24, b"\0")
-        buf[at + 8 : at + 8 + CLIENT_ENTRY] = new_entry
+        buf[at + 16 : at + 16 + CLIENT_ENTRY] = new_entry
         write_slot(buf, 12, 3)
         write_slot(buf, 5, h["seq"] + 1)
         with pytest.raises(ShmBusy, match="died in the middle"):
@@ -308,8 +338,8 @@ def test_reattach_redoes_a_committed_batch_and_drops_an_uncommitted_one(
 
         # Died before the commit point: the log holds garbage, nothing must change.
         h = raw_header(buf)
-        buf[g + 8 : g + 16] = struct.pack("=q", 999)
-        write_slot(buf, (g + entry) // 8 + 2, 3)
+        buf[g + 16 : g + 24] = struct.pack("=q", 999)
+        write_slot(buf, (g + entry) // 8 + 3, 3)
         write_slot(buf, 5, h["seq"] + 1)
         with SharedStats.create_or_attach(name, window=5, clock=clock) as stats:
             assert rows(stats.snapshot()) == {"a": (10, 1, 0, 0), "b": (2, 0, 0, 0)}
@@ -418,6 +448,98 @@ def test_a_full_client_table_forgets_idle_clients_and_grows_for_recent_ones(
         assert stats.client_seq("new-0") == 2
 
 
+# --- lifetime histograms and started -------------------------------------------------------
+
+
+def test_lifetime_buckets_are_exact_across_clients_and_resends(name: str) -> None:
+    """4 clients x 150 batches of sparse bucket deltas, each batch sent 1-3 times. A resend
+    (seq not after the client's last) is refused whole, so every bucket ends at the exact sum
+    of the batches, and the summaries are those of that sum."""
+    rng = random.Random(9)
+    expected = {q: ([0] * NBUCKETS, [0] * NBUCKETS) for q in ("a", "b")}
+    started = {"a": 0, "b": 0}
+    refused = 0
+    with SharedStats.create_or_attach(name, capacity=1) as stats:
+        for seq in range(1, 151):
+            for c in range(4):
+                hist = {}
+                for q in rng.sample(["a", "b"], rng.randint(1, 2)):
+                    runtime = {rng.randrange(NBUCKETS): rng.randint(1, 9) for _ in range(3)}
+                    wait = {rng.randrange(NBUCKETS): rng.randint(1, 9)}
+                    hist[q] = (runtime, wait)
+                n = rng.randint(0, 3)
+                for attempt in range(rng.randint(1, 3)):
+                    client = (f"worker-{c}", seq)
+                    if attempt == 0:
+                        stats.apply_batch({"a": (0, 1, 0, 0)}, client, started={"b": n}, hist=hist)
+                        continue
+                    with pytest.raises(ValueError, match="not after"):
+                        stats.apply_batch({"a": (0, 1, 0, 0)}, client, started={"b": n}, hist=hist)
+                    refused += 1
+                started["b"] += n
+                for q, (runtime, wait) in hist.items():
+                    for b, k in runtime.items():
+                        expected[q][0][b] += k
+                    for b, k in wait.items():
+                        expected[q][1][b] += k
+        assert refused > 100
+        for q in ("a", "b"):
+            assert stats.buckets(q) == expected[q]
+        assert raw_started(name) == started
+        assert stats.buckets("never") == ([0] * NBUCKETS, [0] * NBUCKETS)
+        view = stats.snapshot()
+        with SharedStatsReader(name) as reader:
+            assert reader.snapshot() == view
+        for q in ("a", "b"):
+            row = view.queue(q)
+            assert row is not None
+            assert (row.runtime, row.wait) == (summary(expected[q][0]), summary(expected[q][1]))
+        merged = [summary(merge(*(expected[q][w] for q in ("a", "b")))) for w in (0, 1)]
+        assert (view.totals.runtime, view.totals.wait) == tuple(merged)
+        totals = stats.totals()
+        assert totals["a"].processed == 600
+        assert list(totals["b"].runtime) == expected["b"][0]
+
+
+def test_bad_histograms_are_refused_before_anything_is_applied(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        for bad in [({NBUCKETS: 1}, None), ({-1: 1}, None), ({"3": 1}, None), ({1: 1.5}, None)]:
+            with pytest.raises(ValueError, match="not an int in"):
+                stats.apply_batch({"q": (1, 0, 0, 0)}, ("w", 1), hist={"q": bad})
+        with pytest.raises(ValueError, match="must be \\(runtime, wait\\)"):
+            stats.apply_batch({}, ("w", 1), hist={"q": ({1: 1},)})  # type: ignore[dict-item]
+        with pytest.raises(TypeError):
+            stats.apply_batch({}, ("w", 1), started={"q": 1.5})  # type: ignore[dict-item]
+        assert stats.snapshot().queues == []
+        assert stats.client_seq("w") == 0
+
+
+def test_saturating_histograms_never_wedge_a_queue(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        stats.apply_batch({}, hist={"q": ({7: INT64_MAX}, {7: INT64_MAX})}, started={"q": 2**70})
+        stats.apply_batch({}, hist={"q": ({7: 5, 8: 1}, {7: 5})}, started={"q": 1})
+        runtime, wait = stats.buckets("q")
+        assert (runtime[7], runtime[8], wait[7]) == (INT64_MAX, 1, INT64_MAX)
+        assert raw_started(name) == {"q": INT64_MAX}
+
+
+def test_active_gauges_are_set_read_everywhere_and_zeroed_by_a_new_writer(name: str) -> None:
+    with SharedStats.create_or_attach(name) as stats:
+        stats.apply_batch({"a": (1, 0, 0, 0), "b": (1, 0, 0, 0)}, started={"a": 5})
+        stats.set_active({"a": 3, "b": 2, "unknown": 7})
+        with SharedStatsReader(name) as reader:
+            view = reader.snapshot()
+        assert [(q.queue, q.active) for q in view.queues] == [("a", 3), ("b", 2)]
+        assert view.totals.active == 5
+        assert view == stats.snapshot()
+        stats.set_active({"b": 1})  # "a" not named: 0
+        assert [q.active for q in stats.snapshot().queues] == [0, 1]
+    # A restarted collector (here: reattaching after close) knows no running job.
+    with SharedStats.create_or_attach(name) as stats:
+        assert [q.active for q in stats.snapshot().queues] == [0, 0]
+        assert raw_started(name) == {"a": 5, "b": 0}  # the counter next to it is kept
+
+
 # --- crash atomicity of a batch and its seq ------------------------------------------------
 
 KILL_POINTS = ("log", "commit", "copy")
@@ -428,8 +550,10 @@ def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int
     """Run a "crash-loop" child until it is SIGKILLed, reattach; (start, seq, a, b).
 
     The child applies batch n = start+1, start+2, ...: pushed of "a" +1, processed of "b" +1,
-    client "crash" at seq n. ``point`` in ``KILL_POINTS``: it kills itself there in batch
-    ``start + kill_at``; "random": it sleeps 0.2 ms at each point and we kill it after a random
+    client "crash" at seq n; "atomic" also adds started of "a" +1 and, to "b", runtime bucket
+    ``n % NBUCKETS`` +1 and wait bucket 0 +2 (checked here against the seq, every bucket).
+    ``point`` in ``KILL_POINTS``: it kills itself there in batch ``start + kill_at``;
+    "random": it sleeps 0.2 ms at each point and we kill it after a random
     delay, almost surely inside a write section.
     """
     proc = spawn("crash-loop", name, how, point, str(kill_at))
@@ -442,6 +566,14 @@ def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int
     with SharedStats.create_or_attach(name) as stats:  # reattach: repairs, replays
         seq = stats.client_seq("crash")
         view = rows(stats.snapshot())
+        runtime, wait = stats.buckets("b")
+    if how == "atomic":
+        expected = [0] * NBUCKETS
+        for n in range(1, seq + 1):
+            expected[n % NBUCKETS] += 1
+        assert runtime == expected, f"{point}: runtime buckets torn from seq {seq}"
+        assert wait == [2 * seq] + [0] * (NBUCKETS - 1)
+        assert raw_started(name).get("a", 0) == seq
     return start, seq, view.get("a", (0,) * 4)[0], view.get("b", (0,) * 4)[1]
 
 
@@ -691,18 +823,19 @@ def test_a_foreign_segment_is_refused_and_left_alone(name: str) -> None:
         shm.close()
 
 
-@pytest.mark.parametrize("version", [1, 99])
+@pytest.mark.parametrize("version", [1, 2, 99])
 def test_another_layout_version_is_refused_by_readers_and_replaced_by_the_writer(
     name: str, caplog: pytest.LogCaptureFixture, version: int
 ) -> None:
-    """Version 1 is the layout before the client table; 99 one from the future."""
+    """Version 1 is the layout before the client table, 2 before the histograms; 99 one from
+    the future."""
     with SharedStats.create_or_attach(name, capacity=1) as stats:
         stats.apply_batch({"old": (1, 0, 0, 0), "older": (1, 0, 0, 0)})  # grows: generation 1
     for seg in segments(name):
         shm = attach_untracked(seg)
         write_slot(shm.buf, 1, version)
         shm.close()
-    with pytest.raises(ShmIncompatible, match=f"layout version {version}, this qdash_mp reads 2"):
+    with pytest.raises(ShmIncompatible, match=f"layout version {version}, this qdash_mp reads 3"):
         SharedStatsReader(name)
     with SharedStats.create_or_attach(name) as stats:
         assert stats.snapshot().queues == []
@@ -784,8 +917,8 @@ def test_apply_deltas_saturates_every_slot() -> None:
     apply_deltas(buf, 0, ring, (INT64_MAX, INT64_MAX, 1, 0), 100)
     apply_deltas(buf, 0, ring, (1, 2**80, 1, -(2**80)), 100)
     assert buf[:4].tolist() == [INT64_MAX, INT64_MAX, 2, -(2**63)]
-    assert buf[4 + 100 % ring] == 100
-    assert buf[4 + ring + 100 % ring] == INT64_MAX
+    assert buf[6 + 100 % ring] == 100
+    assert buf[6 + ring + 100 % ring] == INT64_MAX
 
 
 INT64 = st.integers(-(2**63), INT64_MAX)
@@ -808,7 +941,7 @@ def test_apply_deltas_is_the_clamped_sum_on_either_path(
     apply_deltas(buf, 0, ring, deltas, 100)
     clamp = [max(-(2**63), min(INT64_MAX, a + d)) for a, d in zip(start, deltas, strict=True)]
     assert raw[:4].tolist() == clamp
-    assert raw[4 + ring + 100 % ring] == (
+    assert raw[6 + ring + 100 % ring] == (
         max(-(2**63), min(INT64_MAX, deltas[1])) if deltas[1] else 0
     )
 
@@ -854,7 +987,12 @@ def main(argv: list[str]) -> None:
         print("go", seq, flush=True)
         while True:
             seq += 1
-            stats.apply_batch({q: (seq, seq, 0, 0) for q in queues}, client=("w", seq))
+            stats.apply_batch(
+                {q: (seq, seq, 0, 0) for q in queues},
+                client=("w", seq),
+                started={q: seq for q in queues},
+                hist={q: ({seq % NBUCKETS: seq}, {seq * 7 % NBUCKETS: seq}) for q in queues},
+            )
     elif mode == "crash-loop":
         crash_loop(name, *argv[2:])
     elif mode == "read":
@@ -894,7 +1032,12 @@ def crash_loop(name: str, how: str, point: str, kill_at: str) -> None:
     while True:
         seq += 1
         if how == "atomic":
-            stats.apply_batch(batch, client=("crash", seq))
+            stats.apply_batch(
+                batch,
+                client=("crash", seq),
+                started={"a": 1},
+                hist={"b": ({seq % NBUCKETS: 1}, {0: 2})},
+            )
         else:  # the control: counters and seq in two commits
             phase = "counters"
             stats.apply_batch(batch)

@@ -47,7 +47,7 @@ def test_raw_layout_matches_the_docstring(name: str) -> None:
         h = raw_header(attach_untracked_buf(name))
         assert (h["client_capacity"], h["clients"]) == (5, 1)
         assert h["magic"] == MAGIC
-        assert (h["version"], h["ring"], h["capacity"], h["count"]) == (2, ring_slots(9), 3, 2)
+        assert (h["version"], h["ring"], h["capacity"], h["count"]) == (3, ring_slots(9), 3, 2)
         assert (h["started"], h["pid"], h["generation"], h["status"]) == (
             int(clock.t),
             os.getpid(),
@@ -59,9 +59,26 @@ def test_raw_layout_matches_the_docstring(name: str) -> None:
         try:
             assert raw_rows(shm.buf) == [("a", 3, 2), ("é", 1, 0)]
             assert raw_clients(shm.buf) == {"c1": (4, int(clock.t))}
-            _, _, _, g, entry = raw_offsets(h)
-            assert entry == 8 * (67 + 1)  # a 9 s window: records are shorter than clients
+            rec, d, _, g, entry = raw_offsets(h)
+            assert rec == 6 + 2 * 10 + 2 * 418
+            assert entry == 8 * (rec + 2)  # records (with their histograms) outgrow clients
             assert shm.size == g + entry * (3 + 1)
+        finally:
+            shm.close()
+        # started (slot 4) and the histograms (H = 6 + 2R on, B = 418 each), per the table.
+        stats.apply_batch({}, ("c1", 5), started={"é": 7}, hist={"é": ({0: 2, 417: 3}, {5: 4})})
+        shm = attach_untracked(name)
+        try:
+            at = d + 8 * rec  # record 1, "é"
+            slots = memoryview(bytes(shm.buf[at : at + 8 * rec])).cast("q")
+            big_h = 6 + 2 * 10
+            assert slots[4] == 7
+            assert (slots[big_h], slots[big_h + 417], slots[big_h + 418 + 5]) == (2, 3, 4)
+            assert sum(slots[big_h:]) == 9
+            assert stats.buckets("é") == (
+                [2] + [0] * 416 + [3],
+                [0] * 5 + [4] + [0] * 412,
+            )
         finally:
             shm.close()
 
@@ -122,13 +139,20 @@ def test_the_entry_sizes_and_offsets_match_the_table() -> None:
     assert layout.CLIENT_HEAD.size == 24
     for ring, cap, clients in [(2, 1, 1), (10, 3, 5), (61, 1024, 4096), (301, 7, 2)]:
         lay = layout.Layout(ring, cap, clients)
-        big_l = 4 + 2 * ring
+        big_h = 6 + 2 * ring
+        big_l = big_h + 2 * 418
         w = max(big_l, 67)
         d = 128 + 256 * cap
         e = d + 8 * big_l * cap
         g = e + 536 * clients
         assert (lay.rec_slots, lay.rec_at, lay.cli_at, 8 * lay.log_slot) == (big_l, d, e, g)
-        assert lay.log_slots == w + 1
-        assert lay.size == g + 8 * (w + 1) * (cap + 1)
+        assert lay.head_slots == big_h
+        assert lay.log_slots == w + 2
+        assert lay.size == g + 8 * (w + 2) * (cap + 1)
         assert 8 * lay.client_slot(2) == e + 536 * 2
         assert layout.Layout.entry_at(3) == 128 + 256 * 3
+    assert "redo log (C + 1 entries of 8(W+2) bytes)" in doc
+    assert "L = record_len(R) = 6 + 2R + 2B" in doc
+    # The default block's size, as documented on DEFAULT_CAPACITY (18.3 MB).
+    default = layout.Layout(61, layout.DEFAULT_CAPACITY, layout.DEFAULT_CLIENT_CAPACITY)
+    assert round(default.size / 1e6, 1) == 18.3

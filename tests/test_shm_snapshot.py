@@ -56,21 +56,27 @@ def snapshot_body(path: Path) -> dict[str, Any]:
     raw = path.read_bytes()
     magic, version, crc, length = SNAP_HEAD.unpack_from(raw)
     body = raw[SNAP_HEAD.size :]
-    assert (magic, version, length, crc) == (SNAPSHOT_MAGIC, 1, len(body), zlib.crc32(body))
+    assert (magic, version, length, crc) == (SNAPSHOT_MAGIC, 2, len(body), zlib.crc32(body))
     obj: dict[str, Any] = msgpack.unpackb(body)
     return obj
 
 
-def with_body(obj: Any) -> bytes:
+def with_body(obj: Any, version: int = 2) -> bytes:
     """A snapshot file with a valid header around ``obj``."""
     body = msgpack.packb(obj, use_bin_type=True)
-    return SNAP_HEAD.pack(SNAPSHOT_MAGIC, 1, zlib.crc32(body), len(body)) + body
+    return SNAP_HEAD.pack(SNAPSHOT_MAGIC, version, zlib.crc32(body), len(body)) + body
 
 
 def fill(stats: SharedStats, clock: Clock) -> None:
-    """Counters over a few seconds (so the rings hold something) and three clients."""
+    """Counters, started and histograms over a few seconds (so the rings hold something) and
+    three clients."""
     for second in range(5):
-        stats.apply_batch({"q1": (3, 2, 1, 0), "é": (1, 1, 0, 0)}, client=("w1", second + 1))
+        stats.apply_batch(
+            {"q1": (3, 2, 1, 0), "é": (1, 1, 0, 0)},
+            client=("w1", second + 1),
+            started={"q1": 3},
+            hist={"q1": ({100 + second: 2, 417: 1}, {0: 3}), "é": ({5: 1}, None)},
+        )
         stats.apply_batch({"q1": (0, 1, 0, 1), "\ud800": (2, 0, 0, 0)}, client=("w2", second + 1))
         clock.t += 1
     stats.apply_batch({"a" * 300: (1, 0, 0, 0)}, client=("🙂" * 128, 9))
@@ -91,6 +97,10 @@ def test_save_and_restore_round_trip(name: str, tmp_path: Path) -> None:
         assert expected.totals.throughput > 0
         assert expected != stats.snapshot()
         seqs = stats.client_seqs()
+        hists = {q: stats.buckets(q) for q in ("q1", "é", "\ud800")}
+        assert sum(hists["q1"][0]) == 15
+        assert hists["q1"][1][0] == 15
+        assert expected.totals.runtime.count == 20
         stats.save(path)
         stats.unlink()  # the clean shutdown
     assert segments(name) == []
@@ -108,6 +118,7 @@ def test_save_and_restore_round_trip(name: str, tmp_path: Path) -> None:
         assert path.exists()  # deleting it is the caller's call
         assert stats.snapshot() == expected
         assert stats.client_seqs() == seqs
+        assert {q: stats.buckets(q) for q in hists} == hists
         assert (stats.capacity, stats.client_capacity) == (4, 4)
         with SharedStatsReader(name, clock=clock) as reader:
             assert reader.snapshot() == expected
@@ -126,7 +137,7 @@ BAD_SNAPSHOTS: dict[str, Any] = {
     "truncated": lambda good: good[:-1],
     "one flipped bit": lambda good: good[:-5] + bytes([good[-5] ^ 0x10]) + good[-4:],
     "bad magic": lambda good: b"QDASHXXX" + good[8:],
-    "future version": lambda good: good[:8] + struct.pack(">I", 2) + good[12:],
+    "future version": lambda good: good[:8] + struct.pack(">I", 3) + good[12:],
     "other window": lambda good: with_body({**msgpack.unpackb(good[24:]), "window": 30}),
     "not a map": lambda good: with_body([1, 2, 3]),
     "bad msgpack": lambda good: SNAP_HEAD.pack(SNAPSHOT_MAGIC, 1, zlib.crc32(b"\xc1"), 1) + b"\xc1",
@@ -280,3 +291,31 @@ def test_save_errors_are_snapshot_errors_under_qdash_error(name: str, tmp_path: 
         assert isinstance(info.value, QdashError)
         assert rows(stats.snapshot()) == {"q": (1, 0, 0, 0)}
         stats.unlink()
+
+
+def test_a_format_1_snapshot_is_converted(name: str, tmp_path: Path) -> None:
+    """Format 1 (records of 4 counters + 2R ring slots) restores its counters and rings;
+    started and the histograms start at 0."""
+    clock = Clock()
+    path = tmp_path / "stats.snapshot"
+    with SharedStats.create_or_attach(name, window=10, clock=clock) as stats:
+        fill(stats, clock)
+        expected = {q: (r.pushed, r.processed, r.throughput) for q, r in view_rows(stats)}
+        stats.save(path)
+        stats.unlink()
+    body = snapshot_body(path)
+    ring = 11
+    # The same file as format 1 wrote it: no started slot, no histograms.
+    body["queues"] = [[n, [*rec[:4], *rec[6 : 6 + 2 * ring]]] for n, rec in body["queues"]]
+    path.write_bytes(with_body(body, version=1))
+    with SharedStats.create_or_attach(name, window=10, clock=clock, restore_from=path) as stats:
+        assert stats.restored
+        assert {q: (r.pushed, r.processed, r.throughput) for q, r in view_rows(stats)} == expected
+        assert stats.buckets("q1") == ([0] * 418, [0] * 418)
+        assert stats.snapshot().totals.runtime.count == 0
+        stats.apply_batch({}, started={"q1": 1}, hist={"q1": ({3: 1}, None)})
+        assert stats.buckets("q1")[0][3] == 1
+
+
+def view_rows(stats: SharedStats) -> list[tuple[str, Any]]:
+    return [(r.queue, r) for r in stats.snapshot().queues]

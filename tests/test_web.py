@@ -122,7 +122,11 @@ async def test_api_stats_uses_queue_stat_field_names(dashboard_client: MakeDashb
         "retried",
         "pending",
         "throughput",
+        "active",
+        "runtime",
+        "wait",
     }
+    assert set(data["totals"]["runtime"]) == {"count", "p50", "p90", "p95", "p99", "max"}
     assert [q["queue"] for q in data["queues"]] == ["a", "b"]
 
 

@@ -103,7 +103,7 @@ def test_frame_header_is_big_endian_body_length() -> None:
 
 
 def test_hello_bytes_match_the_documented_dump() -> None:
-    hello = Hello(client_id="abc", pid=42, host="h", requeue=("*",))
+    hello = Hello(client_id="abc", pid=42, host="h", requeue=("*",), version=1)
     assert encode(hello).hex(" ") == "00 00 00 0d 96 01 01 a3 61 62 63 2a a1 68 91 a1 2a"
 
 
@@ -131,7 +131,7 @@ def test_the_documented_dumps_are_what_encode_makes() -> None:
     record = FailedRecord.from_job(job, "mail", "ValueError: boom", "", 1_700_000_001.5)
     batch = Batch(seq=1, counters={"mail": (3, 2, 1, 0)}, failed=(pack_failed_record(record),))
     assert _doc_dump("### Example: a BATCH, byte by byte") == encode(batch)
-    hello = Hello(client_id="abc", pid=42, host="h", requeue=("*",))
+    hello = Hello(client_id="abc", pid=42, host="h", requeue=("*",), version=1)
     assert _doc_dump("### Example: a HELLO, byte by byte") == encode(hello)
     small = {
         "WELCOME `last_seq=0`": Welcome(last_seq=0),
@@ -441,11 +441,13 @@ def test_empty_frame_is_refused() -> None:
 
 
 def test_other_versions_raise_unsupported_version() -> None:
-    with pytest.raises(UnsupportedVersion, match="version 2 is not supported") as info:
-        FrameDecoder().feed(frame([1, 2, "any", "future", "layout"]))
-    assert info.value.version == 2
+    with pytest.raises(UnsupportedVersion, match="version 3 is not supported") as info:
+        FrameDecoder().feed(frame([1, 3, "any", "future", "layout"]))
+    assert info.value.version == 3
     with pytest.raises(UnsupportedVersion):
         FrameDecoder().feed(frame([2, 0, 5]))
+    with pytest.raises(UnsupportedVersion):
+        FrameDecoder().feed(frame([2, 3, 5]))
     assert issubclass(UnsupportedVersion, ProtocolError)
 
 
@@ -529,7 +531,7 @@ def test_the_delta_bound_itself_is_accepted() -> None:
         (Batch(seq=0), "BATCH seq must be in 1"),
         (Hello(client_id="c" * 129, pid=1, host="h"), "client_id is longer than 128"),
         (Hello(client_id="c", pid=1, host="h", requeue=()), "requeue must be nil"),
-        (Hello(client_id="c", pid=1, host="h", version=2), "version 2 is not supported"),
+        (Hello(client_id="c", pid=1, host="h", version=3), "version 3 is not supported"),
         (Batch(seq=1, counters={"q": (1, 2, 3)}), "must have 4 elements"),  # type: ignore[dict-item]
         (RequeueResult(request_id=1, ok=1), "ok must be a bool, not int"),  # type: ignore[arg-type]
     ],
@@ -588,8 +590,8 @@ def test_decoder_limits_are_validated() -> None:
         FrameDecoder(max_frame=2**32)
 
 
-def test_protocol_version_is_one() -> None:
-    assert PROTOCOL_VERSION == 1
+def test_protocol_version_is_two() -> None:
+    assert PROTOCOL_VERSION == 2
 
 
 # --------------------------------------------------------------------------- property
@@ -717,3 +719,112 @@ def test_counter_rows_fast_check_and_item_by_item_check_agree(queue: Any, row: A
     except ProtocolError as exc:
         got = str(exc)
     assert got == expected
+
+
+# --------------------------------------------------------------------------- version 2
+
+
+def _v2_batch() -> Batch:
+    return Batch(
+        seq=1,
+        counters={"mail": (1, 1, 0, 0)},
+        hist={"mail": ({155: 1}, {229: 1})},
+        started={"mail": 1},
+        active={"mail": 1},
+        jobs=(("mail", "j2", "send", 1700000000.5),),
+        events=(("d", "mail", "j1", "send", 1700000001.0, 0.05),),
+    )
+
+
+def test_v2_dumps_in_the_docs_are_what_encode_makes_and_decode_back() -> None:
+    hello = Hello(client_id="abc", pid=42, host="h", requeue=("*",), name="w1", track=("mail",))
+    data = _doc_dump("### Example: a HELLO v2, byte by byte")
+    assert data == encode(hello)
+    assert decode_body(data[4:]) == hello
+    batch = _v2_batch()
+    data = _doc_dump("### Example: a BATCH v2, byte by byte")
+    assert data == encode(batch)
+    assert data[4:6] == b"\x95\x03"
+    assert decode_body(data[4:]) == batch
+    # the general path (any other array header) decodes the same
+    assert parse_body(msgpack.unpackb(data[4:], strict_map_key=False)) == batch
+
+
+def parse_body(obj: object) -> object:
+    from qdash_mp.wire.messages import parse
+
+    return parse(obj, MAX_ITEMS, 32)
+
+
+def test_hello_v1_still_decodes_and_v2_needs_info() -> None:
+    v1 = decode_one(frame([1, 1, "c", 1, "h", None]))
+    assert v1 == Hello(client_id="c", pid=1, host="h", version=1)
+    assert v1.name == ""
+    assert v1.track is None
+    with pytest.raises(ProtocolError, match="HELLO must have 7 elements"):
+        decode_one(frame([1, 2, "c", 1, "h", None]))
+    out = decode_one(frame([1, 2, "c", 1, "h", None, {"x": 1, "track": ["*"]}]))
+    assert out == Hello(client_id="c", pid=1, host="h", version=2, track=("*",))
+    with pytest.raises(ProtocolError, match="HELLO info track must be nil"):
+        decode_one(frame([1, 2, "c", 1, "h", None, {"track": []}]))
+    with pytest.raises(ProtocolError, match="HELLO info name"):
+        decode_one(frame([1, 2, "c", 1, "h", None, {"name": "n" * 256}]))
+
+
+def test_welcome_of_version_1_and_2_decode() -> None:
+    assert decode_one(frame([2, 1, 5])) == Welcome(last_seq=5, version=1)
+    assert decode_one(frame([2, 2, 5])) == Welcome(last_seq=5, version=2)
+
+
+def test_batch_without_ext_stays_v1_bytes() -> None:
+    data = encode(Batch(seq=1, counters={"q": (1, 0, 0, 0)}))
+    assert data[4:6] == b"\x94\x03"
+    with_gauge = encode(Batch(seq=1, counters={"q": (1, 0, 0, 0)}, active={}))
+    assert with_gauge[4:6] == b"\x95\x03"
+    assert with_gauge.endswith(b"\x81\xa1a\x80")  # ext {"a": {}}: no active job now
+
+
+def test_empty_ext_and_unknown_keys_are_accepted() -> None:
+    out = decode_one(frame([3, 1, {}, [], {}]))
+    assert out == Batch(seq=1)
+    out = decode_one(frame([3, 1, {}, [], {"zz": [1, 2], "s": {"q": 3}}]))
+    assert isinstance(out, Batch)
+    assert out.started == {"q": 3}
+
+
+@pytest.mark.parametrize(
+    ("ext", "reason"),
+    [
+        ([], "BATCH ext must be a map"),
+        ({"h": {"q": [{}, {}, {}]}}, r"h\['q'\] must have 2 elements"),
+        ({"h": {"q": [{418: 1}, {}]}}, "bucket must be in 0..417"),
+        ({"h": {"q": [{-1: 1}, {}]}}, "bucket must be in 0..417"),
+        ({"h": {"q": [{1: 0}, {}]}}, r"runtime\[1\] must be in 1..1099511627776"),
+        ({"h": {"q": [{}, {1: 2**40 + 1}]}}, r"wait\[1\] must be in 1"),
+        ({"h": {"q": [{1: 1.0}, {}]}}, "must be an int, not float"),
+        ({"h": {"": [{}, {}]}}, "h key"),
+        ({"s": {"q": -1}}, r"s\['q'\] must be in 0"),
+        ({"s": {"q": 2**40 + 1}}, r"s\['q'\] must be in 0"),
+        ({"a": {"q": 2**31 + 1}}, r"a\['q'\] must be in 0..2147483648"),
+        ({"a": {"q": True}}, "must be an int, not bool"),
+        ({"j": [["q", "id", "n", 1.0]] * 101}, "more than 100 jobs"),
+        ({"j": [["q", "id", "n"]]}, r"j\[0\] must have 4 elements"),
+        ({"j": [["q", "", "n", 1.0]]}, "job_id"),
+        ({"j": [["q", "id", "n", float("nan")]]}, "started_at must be a finite number"),
+        ({"j": [["q", "id", "n", -1.0]]}, "started_at must be a finite number"),
+        ({"t": [["x", "q", "id", "n", 1.0, None]]}, "kind must be one of"),
+        ({"t": [["d", "q", "id", "n", 1.0, "fast"]]}, "runtime must be a float"),
+        ({"t": [["d", "q", "id", "n", 1.0]]}, r"t\[0\] must have 6 elements"),
+        ({"t": [["p", "q", "id", "n", 1.0, None]] * 10_001}, "more than 10000 events"),
+    ],
+)
+def test_bad_ext_is_refused_with_a_reason(ext: object, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        decode_one(frame([3, 1, {}, [], ext]))
+
+
+def test_encode_refuses_a_bad_ext() -> None:
+    with pytest.raises(ProtocolError, match=r"bucket must be in 0\.\.417"):
+        encode(Batch(seq=1, hist={"q": ({500: 1}, {})}))
+    with pytest.raises(ProtocolError, match="kind must be one of"):
+        encode(Batch(seq=1, events=(("z", "q", "i", "n", 1.0, None),)))

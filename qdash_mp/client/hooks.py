@@ -10,6 +10,13 @@ Measured on CPython 3.11: ``d[k] += 1`` in a loop ~37 ns, ``client.on_processed(
 with a lock ~170 ns, which is what ``_LockedClient`` (picked by ``Client()`` on a free-threaded
 build) pays. Hooks never raise and never block: a bad argument is logged once and dropped.
 ``on_failed`` (not a hot path) also packs the job to a FAILED record right away.
+
+Lifecycle (``docs/client.md``): ``on_processed(q, runtime=rt)`` appends ``rt`` to a per-queue
+list *instead of* the increment (the sender counts and buckets the list: deferred, ~the cost
+of the increment). A finish hook given a job ends its active entry and times it from its
+``on_started`` (monotonic); without a job it is the plain path (one ``is None`` test more).
+Jobs started without an id are active until as many finishes without one: the sender
+derives that gauge from the cumulative counts, so plain hooks keep no such count.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from qdash_mp.client import process
+from qdash_mp.client.lifecycle import MAX_PENDING_EVENTS, LifeState
 from qdash_mp.client.record import pack_failed_job, utf8_ok
 from qdash_mp.client.requeue import RequeueFn, requeue_list
 from qdash_mp.client.sender import Sender, SenderConfig
@@ -41,6 +50,9 @@ __all__ = ["Client"]
 
 log = logging.getLogger("qdash_mp.client.hooks")
 
+_wall = time.time
+_mono = time.monotonic
+
 _SPOOL_SLACK = 10_000
 """With a spool, hooks keep failed jobs up to ``max(2 * bound, bound + this)`` while the
 sender thread moves them to disk; only past that (disk failing or far too slow) are details
@@ -54,6 +66,27 @@ def _gil_disabled() -> bool:
     return is_enabled is not None and not is_enabled()
 
 
+def _default_name() -> str:
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    return f"{os.path.basename(argv0)}:{os.getpid()}"[:MAX_NAME]
+
+
+def _track_spec(track_jobs: bool | Iterable[str]) -> tuple[str, ...] | None:
+    if track_jobs is True:
+        return ("*",)
+    if track_jobs is False or track_jobs is None:
+        return None
+    if isinstance(track_jobs, str):
+        raise ConfigError("track_jobs must be a bool or a list of queue names, not a str")
+    queues = tuple(track_jobs)
+    for q in queues:
+        if not (isinstance(q, str) and 1 <= len(q) <= MAX_NAME and utf8_ok(q)):
+            raise ConfigError(f"track_jobs: {q!r} is not a queue name")
+    if not queues:
+        return None
+    return ("*",) if "*" in queues else queues
+
+
 class Client(Hooks):
     """Worker-side hooks that stream counts and failed jobs to the collector daemon.
 
@@ -62,6 +95,11 @@ class Client(Hooks):
     offered for ``requeue_queues`` (``None``: every queue). ``spool_dir`` (optional) is
     where what cannot be delivered is kept on disk, and where spools left by earlier
     clients are picked up and sent. See ``docs/client.md`` for the guarantees.
+
+    ``name`` is the worker's name on the dashboard (default: program name and pid).
+    ``track_jobs`` (``True``, or a list of queues) reports each job of those queues (pushed,
+    started, finished) so the dashboard can list pending and recent jobs; best effort and
+    bounded (``docs/client.md``).
     """
 
     # Slots keep attribute access on the hook path at its fastest: a plain instance dict
@@ -72,18 +110,27 @@ class Client(Hooks):
         "_closed",
         "_config",
         "_counts",
+        "_done_ids",
         "_dropped_failed",
+        "_events",
         "_failed",
         "_failed_jobs",
+        "_fruntimes",
         "_hard_pending",
         "_hook_errors",
+        "_jobs",
+        "_life",
         "_lock",
         "_processed",
         "_pushed",
         "_retried",
+        "_runtimes",
         "_sender",
         "_spool_dir",
+        "_started",
         "_throttle",
+        "_track",
+        "_wait_lists",
         "_wake_every",
     )
 
@@ -104,6 +151,8 @@ class Client(Hooks):
         max_pending_failed: int = 100_000,
         max_unacked: int = 16,
         spool_dir: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        track_jobs: bool | Iterable[str] = False,
     ) -> None:
         path = os.fspath(socket_path) if socket_path is not None else str(default_socket_path())
         if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
@@ -116,13 +165,13 @@ class Client(Hooks):
             raise ConfigError(f"flush_interval must be > 0, not {flush_interval}")
         if not reconnect_max > 0:
             raise ConfigError(f"reconnect_max must be > 0, not {reconnect_max}")
-        for name, value in (
+        for what, value in (
             ("max_batch_failed", max_batch_failed),
             ("max_pending_failed", max_pending_failed),
             ("max_unacked", max_unacked),
         ):
             if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(f"{name} must be an int >= 1, not {value!r}")
+                raise ConfigError(f"{what} must be an int >= 1, not {value!r}")
         spool = None
         if spool_dir is not None:
             spool = Path(os.fspath(spool_dir)).absolute()
@@ -130,6 +179,12 @@ class Client(Hooks):
                 spool.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"cannot use spool_dir {str(spool)!r}: {exc}") from None
+        if name is not None and not (isinstance(name, str) and len(name) <= MAX_NAME):
+            raise ConfigError(f"name must be a str of at most {MAX_NAME} characters")
+        track = _track_spec(track_jobs)
+        self._track: bool | frozenset[str] = (
+            False if track is None else True if track == ("*",) else frozenset(track)
+        )
         queues = requeue_list(requeue, requeue_queues)
         if spool is None:
             self._hard_pending = max_pending_failed
@@ -150,6 +205,8 @@ class Client(Hooks):
             hard_pending=self._hard_pending,
             max_unacked=max_unacked,
             spool_dir=spool,
+            name=_default_name() if name is None else name,
+            track=track,
         )
         self._closed = False
         self._close_result = False
@@ -170,7 +227,15 @@ class Client(Hooks):
         self._failed_jobs: collections.deque[bytes] = collections.deque()
         self._dropped_failed = 0
         self._lock = threading.Lock()  # hooks' slow paths and locked (free-threaded) hooks
-        self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs, self)
+        life = self._life = LifeState()
+        self._runtimes = life.runtimes  # processed with a runtime: counted by the sender
+        self._fruntimes = life.fruntimes  # failed with a runtime: buckets only
+        self._wait_lists = life.waits
+        self._started = life.started
+        self._jobs = life.jobs
+        self._done_ids = life.done_ids
+        self._events = life.events
+        self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs, self, life)
 
     def _after_fork_in_child(self) -> None:
         """Forget the parent's connection, counts and threads; start over as a new client."""
@@ -221,18 +286,101 @@ class Client(Hooks):
         try:
             self._pushed[queue] += 1
         except KeyError:
-            self._count_new(self._pushed, queue)
+            if not self._count_new(self._pushed, queue):
+                return
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
+            return
+        if job is not None and self._track is not False:
+            self._event("p", queue, job, None, None)
 
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None
     ) -> None:
-        """A job of ``queue`` finished successfully."""
+        """A job of ``queue`` finished successfully (in ``runtime`` seconds, if given)."""
+        if job is runtime:  # type: ignore[comparison-overlap]  # both None: the hot path
+            try:
+                self._processed[queue] += 1
+            except KeyError:
+                self._count_new(self._processed, queue)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+            return
+        if job is None:  # a runtime given: the deferred runtime path
+            try:
+                self._runtimes[queue].append(runtime)  # counted and bucketed by the sender
+            except KeyError:
+                self._list_new(self._runtimes, queue, runtime)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+            return
+        runtime = self._finish(queue, job, runtime)
+        if runtime is None:
+            try:
+                self._processed[queue] += 1
+            except KeyError:
+                self._count_new(self._processed, queue)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
+        else:
+            self._add(self._runtimes, queue, runtime)
+        if self._track is not False:
+            self._event("d", queue, job, runtime, None)
+
+    def on_started(self, queue: str, job: Job | None = None) -> None:
+        """A worker began a job of ``queue``: counted, active, timed until it finishes."""
         try:
-            self._processed[queue] += 1
+            self._started[queue] += 1
         except KeyError:
-            self._count_new(self._processed, queue)
+            if not self._count_new(self._started, queue):
+                return
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return
+        try:
+            if job is None:
+                return  # active "without an id": started minus finished (the sender)
+            wall = _wall()
+            jid = job.id
+            self._jobs[jid] = (queue, jid, job.name, wall, _mono())
+            started_ids = self._life.started_ids
+            started_ids[queue] = started_ids.get(queue, 0) + 1
+            enqueued = getattr(job, "enqueued_at", None)  # duck-typed jobs may lack it
+            if enqueued is not None and (type(enqueued) is float or type(enqueued) is int):
+                self._add(self._wait_lists, queue, wall - enqueued)
+            if self._track is not False:
+                self._event("s", queue, job, None, wall)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _finish(self, queue: str, job: Job, runtime: float | None) -> float | None:
+        """End the job's active entry, if it was started by id here; its measured runtime
+        unless one was given. (A job not found ends one started without an id, if any.)"""
+        try:
+            entry = self._jobs.pop(job.id, None)
+            if entry is None:
+                return runtime
+            done = self._done_ids
+            done[entry[0]] = done.get(entry[0], 0) + 1
+            if runtime is None:
+                return _mono() - entry[4]
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+        return runtime
+
+    def _event(
+        self, kind: str, queue: str, job: Job, runtime: float | None, at: float | None
+    ) -> None:
+        try:
+            track = self._track
+            if track is not True and queue not in track:  # type: ignore[operator]
+                return
+            events = self._events
+            if len(events) >= MAX_PENDING_EVENTS:
+                self._life.dropped_events += 1
+                return
+            when = _wall() if at is None else at
+            events.append((kind, queue, job.id, job.name, when, runtime))
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
 
@@ -253,6 +401,8 @@ class Client(Hooks):
         runtime: float | None = None,
     ) -> None:
         """A job of ``queue`` failed with ``error``; ``job`` (if given) is kept for retry."""
+        if job is not None:
+            runtime = self._finish(queue, job, runtime)
         try:
             self._failed[queue] += 1
         except KeyError:
@@ -261,24 +411,50 @@ class Client(Hooks):
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
             return
+        if runtime is not None:
+            self._add(self._fruntimes, queue, runtime)
         if job is not None:
             try:
                 self._record_failed(queue, job, error)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
                 self._hook_error(exc)
+            if self._track is not False:
+                self._event("f", queue, job, runtime, None)
+
+    def _add(self, lists: dict[str, list[Any]], queue: str, value: object) -> None:
+        try:
+            lists[queue].append(value)
+        except KeyError:
+            self._list_new(lists, queue, value)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _list_new(self, lists: dict[str, list[Any]], queue: object, value: object) -> None:
+        """First value of ``queue`` in ``lists`` (or a bad name): check, create, append."""
+        try:
+            if not self._good_queue(queue):
+                return
+            lists.setdefault(str.__str__(queue), []).append(value)
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+
+    def _good_queue(self, queue: object) -> TypeGuard[str]:
+        if isinstance(queue, str) and 1 <= len(queue) <= MAX_NAME and utf8_ok(queue):
+            return True
+        self._throttle.log(
+            "bad-queue",
+            logging.ERROR,
+            "qdash_mp client: event for an invalid queue name %r dropped "
+            "(a queue name is a str of 1..%d characters that UTF-8 can encode)",
+            queue,
+            MAX_NAME,
+        )
+        return False
 
     def _count_new(self, counts: dict[str, int], queue: object) -> bool:
         """First count of ``queue`` (or a bad name): check it, create the entry, count."""
         try:
-            if not (isinstance(queue, str) and 1 <= len(queue) <= MAX_NAME and utf8_ok(queue)):
-                self._throttle.log(
-                    "bad-queue",
-                    logging.ERROR,
-                    "qdash_mp client: event for an invalid queue name %r dropped "
-                    "(a queue name is a str of 1..%d characters that UTF-8 can encode)",
-                    queue,
-                    MAX_NAME,
-                )
+            if not self._good_queue(queue):
                 return False
             counts.setdefault(str.__str__(queue), 0)  # one C call: racing creators both count
             counts[queue] += 1
@@ -369,30 +545,29 @@ class Client(Hooks):
 class _LockedClient(Client):
     """``Client`` for free-threaded CPython: unlocked read-modify-write could lose counts.
 
-    ``Client()`` returns one of these by itself when the GIL is disabled.
+    ``Client()`` returns one of these by itself when the GIL is disabled. Every hook is
+    ``Client``'s under the client's lock.
     """
 
     __slots__ = ()
 
     def on_pushed(self, queue: str, job: Job | None = None) -> None:
-        try:
-            self._bump(self._pushed, queue)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
+        with self._lock:
+            Client.on_pushed(self, queue, job)
+
+    def on_started(self, queue: str, job: Job | None = None) -> None:
+        with self._lock:
+            Client.on_started(self, queue, job)
 
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None
     ) -> None:
-        try:
-            self._bump(self._processed, queue)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
+        with self._lock:
+            Client.on_processed(self, queue, job, runtime)
 
     def on_retried(self, queue: str) -> None:
-        try:
-            self._bump(self._retried, queue)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
+        with self._lock:
+            Client.on_retried(self, queue)
 
     def on_failed(
         self,
@@ -401,17 +576,5 @@ class _LockedClient(Client):
         error: BaseException | str,
         runtime: float | None = None,
     ) -> None:
-        try:
-            if self._bump(self._failed, queue) and job is not None:
-                self._record_failed(queue, job, error)
-        except Exception as exc:  # noqa: BLE001 -- hooks never raise
-            self._hook_error(exc)
-
-    def _bump(self, counts: dict[str, int], queue: str) -> bool:
-        if isinstance(queue, str) and queue in counts:
-            with self._lock:
-                key = str.__str__(queue)
-                counts[key] = counts.get(key, 0) + 1
-            return True
         with self._lock:
-            return self._count_new(counts, queue)  # checks the name, logs and drops a bad one
+            Client.on_failed(self, queue, job, error, runtime)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qdash_mp.client.batcher import Batcher
+from qdash_mp.client.lifecycle import LifeBatcher, LifeState
 from qdash_mp.client.replay import Replayer
 from qdash_mp.client.requeue import RequeueFn, Requeuer
 from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents
@@ -56,6 +57,8 @@ class SenderConfig:
     hard_pending: int
     max_unacked: int
     spool_dir: Path | None
+    name: str = ""
+    track: tuple[str, ...] | None = None
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -75,13 +78,15 @@ class Sender(SessionEvents):
         counts: tuple[dict[str, int], ...],
         failed_jobs: collections.deque[bytes],
         owner: object = None,
+        life: LifeState | None = None,
     ) -> None:
         # The running thread holds the sender and so the owner (the Client): a client
         # dropped without close() stays alive, and is still closed and flushed at exit.
         self._owner = owner
         self._config = config
         self._failed_jobs = failed_jobs
-        self._batcher = Batcher(counts, failed_jobs, config.max_batch_failed)
+        self._life = None if life is None else LifeBatcher(life)
+        self._batcher = Batcher(counts, failed_jobs, config.max_batch_failed, self._life)
         self._cond = threading.Condition(threading.Lock())  # sender <-> flush/close
         self._throttle = LogThrottle(log)
         self.session = Session(
@@ -91,6 +96,8 @@ class Sender(SessionEvents):
             window=config.max_unacked,
             reconnect_max=config.reconnect_max,
             requeue=config.requeue_queues,
+            name=config.name,
+            track=config.track,
         )
         self.session.new_stream(client_id)
         # flush(): waiters bump _flush_gen; the thread sets _cut_gen/_cut_seq/_cut_stream
@@ -283,6 +290,11 @@ class Sender(SessionEvents):
         ):
             self._spool_now()
         flush_wanted = self._flush_gen > self._cut_gen
+        if self._life is not None and now >= next_tick and not session.welcomed:
+            # Runtime lists are drained into the cumulative buckets whether or not the
+            # collector is there, so they hold at most ~an interval's (or a backoff's) worth.
+            self._life.drain()
+            next_tick = now + interval
         if session.sock is not None and session.welcomed:
             full = len(self._failed_jobs) >= self._config.max_batch_failed
             if now >= next_tick or flush_wanted or full:
@@ -331,6 +343,9 @@ class Sender(SessionEvents):
             self._retire_spool()  # the collector is back: the file goes, a new id comes
 
     def on_welcome(self, failures: int) -> None:
+        self._batcher.ext_ok = self.session.version >= 2
+        if self._life is not None:
+            self._life.welcomed()
         if failures:
             log.info(
                 "qdash_mp client: connected to the collector at %s after %d failed attempts",
@@ -432,7 +447,7 @@ class Sender(SessionEvents):
         with self._cond:
             gen = self._flush_gen
         owed = len(self._failed_jobs)
-        pending = self._batcher.deltas()
+        pending = self._batcher.deltas(live=False)  # a spool carries no gauges or events
         while owed > 0 or pending:
             seq = session.seq + 1
             batch = self._batcher.next_batch(seq, pending, owed)

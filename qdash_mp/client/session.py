@@ -11,10 +11,12 @@ spool replayer (``qdash_mp.client.replay``) drive; neither has a copy of its own
 
 On WELCOME every batch up to ``last_seq`` counts as acknowledged and the rest of ``unacked``
 is sent again, in order; ACKs are cumulative. Backoff doubles from 50 ms up to
-``reconnect_max`` and starts over at each WELCOME; ERROR ``version`` goes straight to the
-maximum. The session never sleeps and owns no thread: its driver selects on ``sock`` (registered
-in the driver's selector at ``connect``) and calls ``on_event``; what happened is reported to
-a ``SessionEvents``.
+``reconnect_max`` and starts over at each WELCOME. HELLO offers ``PROTOCOL_VERSION`` (2, with
+the ``name``/``track`` info); ``version`` is what WELCOME settled on (batches carry BATCH v2's
+``ext`` only when it is 2). ERROR ``version`` makes the next HELLO offer version 1 at once;
+refused again, backoff goes straight to the maximum. The session never sleeps and owns no
+thread: its driver selects on ``sock`` (registered in the driver's selector at ``connect``)
+and calls ``on_event``; what happened is reported to a ``SessionEvents``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import time
 from qdash_mp.errors import ProtocolError
 from qdash_mp.wire import (
     MAX_FRAME,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     Ack,
     ErrorCode,
     ErrorMsg,
@@ -96,14 +100,18 @@ class Session:
         "connect_failures",
         "host",
         "lost",
+        "name",
         "next_connect",
+        "offer",
         "reconnect_max",
         "refused",
         "requeue",
         "seq",
         "sock",
         "socket_path",
+        "track",
         "unacked",
+        "version",
         "welcomed",
         "window",
     )
@@ -117,8 +125,16 @@ class Session:
         window: int,
         reconnect_max: float,
         requeue: tuple[str, ...] | None = None,
+        name: str = "",
+        track: tuple[str, ...] | None = None,
     ) -> None:
         self.socket_path = socket_path
+        self.name = name
+        self.track = track
+        self.offer = PROTOCOL_VERSION
+        """The version the next HELLO says (1 after the collector refused 2)."""
+        self.version = PROTOCOL_VERSION
+        """The version the last WELCOME settled on."""
         self.host = host
         self._events = events
         self.window = window
@@ -192,7 +208,13 @@ class Session:
         self._hello_deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         sel.register(sock, selectors.EVENT_READ, _SOCK)
         hello = Hello(
-            client_id=self.client_id, pid=os.getpid(), host=self.host, requeue=self.requeue
+            client_id=self.client_id,
+            pid=os.getpid(),
+            host=self.host,
+            requeue=self.requeue,
+            version=self.offer,
+            name=self.name,
+            track=self.track,
         )
         self.send(encode(hello))
         return True
@@ -309,6 +331,10 @@ class Session:
             if self.welcomed:
                 self.disconnect("second WELCOME")
                 return
+            if msg.version > self.offer:
+                self.disconnect(f"WELCOME of version {msg.version}, HELLO said {self.offer}")
+                return
+            self.version = msg.version
             self._on_welcome(msg.last_seq)
         elif isinstance(msg, ErrorMsg):
             self._on_error(msg)
@@ -354,7 +380,10 @@ class Session:
         self.disconnect(None)
         self.refused = msg
         self.lost = f"ERROR {msg.code}: {msg.reason}"
-        if msg.code == ErrorCode.VERSION:
+        if msg.code == ErrorCode.VERSION and self.offer > MIN_PROTOCOL_VERSION:
+            # An older collector: say HELLO again at once in the version it speaks.
+            self.offer = MIN_PROTOCOL_VERSION
+        elif msg.code == ErrorCode.VERSION:
             self.backoff = self.reconnect_max
         self.schedule_reconnect()
         self._events.on_refused(msg)

@@ -41,7 +41,7 @@ from qdash_mp.fsio import try_flock, write_atomically
 from qdash_mp.journal import FileIO, GroupCommit, Journal
 from qdash_mp.settings import MAX_SOCKET_PATH, CollectorSettings
 from qdash_mp.shm import SharedStats
-from qdash_mp.web import create_app
+from qdash_mp.web.collector_app import collector_app
 from qdash_mp.wire import PROTOCOL_VERSION
 
 __all__ = ["Collector", "run", "serve"]
@@ -240,7 +240,7 @@ class Collector:
         )
 
     async def _serve_http(self) -> None:
-        app = create_app(self.inspector)
+        app = collector_app(self)
 
         async def root(request: web.Request) -> web.StreamResponse:
             raise web.HTTPFound(str(request.app.router["qdash.overview"].url_for()))

@@ -68,6 +68,20 @@ class _Ids:
     def __iter__(self) -> Iterator[str]:
         return chain(chain.from_iterable(self._sealed), self._tail)
 
+    def slice(self, start: int, stop: int) -> list[str]:
+        """The ids of slots ``start .. stop`` (C-level slices of the blocks)."""
+        out: list[str] = []
+        stop = min(stop, len(self))
+        sealed = self._sealed
+        while start < stop:
+            block = start >> BLOCK_SHIFT
+            lo = block << BLOCK_SHIFT
+            hi = min(stop, lo + (1 << BLOCK_SHIFT))
+            src = sealed[block] if block < len(sealed) else self._tail
+            out += src[start - lo : hi - lo]
+            start = hi
+        return out
+
     def extend(self, ids: Iterable[str]) -> None:
         tail = self._tail
         tail += ids
@@ -146,6 +160,34 @@ class Index:
                     self.kill(pos[key])
                     pos[key] = new
         return off + total
+
+    def append_one(self, loc: int, key: str, size: int) -> None:
+        """``append_failed`` of a run of one record, at ``loc`` (``_apply``'s short path)."""
+        p = len(self.ids)
+        self.ids.extend((key,))
+        self.alive.append(1)
+        self.loc.append(loc)
+        self.size.append(size)
+        if p & _BLOCK_MASK:
+            self.blocks[p >> BLOCK_SHIFT] += 1
+        else:
+            self.blocks.append(1)
+        self.live_bytes += size
+        old = self.pos.setdefault(key, p)
+        if old != p:
+            self.kill(old)
+            self.pos[key] = p
+
+    def remove_many(self, keys: list[str]) -> None:
+        """``remove`` of each of ``keys`` (a batch's retention prunes), in tighter loops."""
+        slots = [p for p in map(self.pos.pop, keys, repeat(None)) if p is not None]
+        alive = self.alive
+        blocks = self.blocks
+        for p in slots:
+            alive[p] = 0
+            blocks[p >> BLOCK_SHIFT] -= 1
+        self.live_bytes -= sum(map(self.size.__getitem__, slots))
+        self.dead += len(slots)
 
     def remove(self, key: str) -> None:
         """Drop the live record of ``key``, if any."""

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -61,6 +62,8 @@ _REMOVED: Final = int(RecordType.REMOVED)
 _FLUSHED: Final = int(RecordType.FLUSHED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
 _NOT_FAILED: Final = re.compile(rb"[^\x%02x]" % _FAILED)
+_REMOVED_BYTE: Final = bytes((_REMOVED,))
+_NOT_REMOVED: Final = re.compile(rb"[^\x%02x]" % _REMOVED)
 """Finds the next record that is not a FAILED in a string of record type bytes."""
 
 
@@ -229,6 +232,7 @@ class JournalBase:
         # other records, one by one.
         kinds = bytes(map(itemgetter(0), ops))
         not_failed = _NOT_FAILED.search
+        not_removed = _NOT_REMOVED.search
         index = self._index
         base = num << LOC_SHIFT
         off = start
@@ -240,7 +244,22 @@ class JournalBase:
             if rtype == _FAILED:
                 m = not_failed(kinds, i)
                 j = n if m is None else m.start()
-                off = index.append_failed(base, off, ops[i:j])
+                if j == i + 1:  # one alone: the run set-up would cost more than the record
+                    index.append_one(base + off, key, size)
+                    off += size
+                else:
+                    off = index.append_failed(base, off, ops[i:j])
+                i = j
+                continue
+            if rtype == _REMOVED and kinds[i + 1 : i + 2] == _REMOVED_BYTE:
+                # A run of removals (a batch's retention prunes): one loop, no dispatch.
+                m = not_removed(kinds, i)
+                j = n if m is None else m.start()
+                run = ops[i:j]
+                index.remove_many(list(map(itemgetter(1), run)))
+                off += sum(map(itemgetter(2), run))
+                if not replay:
+                    pruned += sum(map(str.startswith, map(itemgetter(3), run), repeat("pruned")))
                 i = j
                 continue
             if rtype == _REMOVED:

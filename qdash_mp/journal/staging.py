@@ -19,7 +19,7 @@ import re
 from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from itertools import compress, repeat
+from itertools import compress, filterfalse, repeat, takewhile
 from operator import itemgetter
 from typing import Final, Literal
 
@@ -34,6 +34,7 @@ from qdash_mp.journal.format import (
     append_record,
     encode_client_seq,
     encode_removed,
+    encode_removed_many,
     flushed_payload,
     frame_records,
     record_header,
@@ -69,6 +70,11 @@ def _timestamp(value: datetime | float) -> float:
 
 class Staging(JournalBase):
     """The staging and retention part of ``Journal`` (see the module docstring)."""
+
+    batch_prunes: bool = True
+    """Stage a batch's count prunes ahead of it as one run when that gives the same state
+    (``_stage_counted``); False stages record by record: the twin the tests compare it with.
+    """
 
     def stage_failed(self, failed: FailedJob, payload_raw: bytes | None = None) -> None:
         """Stage the record of ``failed`` (it supersedes a live record of the same id).
@@ -161,25 +167,95 @@ class Staging(JournalBase):
                 touched.update(zip(ids, ops, strict=False))  # (same length) a later one supersedes
                 queue += ops
             else:
-                before = len(touched)
-                p_len = self._pending_len()
-                if p_len + len(ops) > self._max_jobs:
-                    self._stage_pruning(chunk, ops)
-                elif touched.keys().isdisjoint(ids) and (
-                    self._p_flushed or self._index.pos.keys().isdisjoint(ids)
-                ):
-                    # Every id is new to the pending state: all in C passes.
-                    self._buf += chunk
-                    self._ops += ops
-                    touched.update(zip(ids, ops, strict=False))  # same length
-                    queue += ops
-                    self._p_len = p_len + len(touched) - before  # a repeat supersedes
-                else:
-                    self._stage_pruning(chunk, ops)  # record by record; it prunes nothing
+                self._stage_counted(chunk, ops, ids)
             now = self._clock()
             if now >= self._next_age_check:
                 self._next_age_check = now + _AGE_CHECK_EVERY
                 self._prune_age(now)
+
+    def _stage_counted(self, chunk: bytearray, ops: list[Op], ids: list[str]) -> None:
+        """Stage framed FAILED records near ``max_jobs`` (lock held), pruning as needed.
+
+        The usual case at the cap -- none of the ids the batch makes prune is one of the
+        batch's own -- stages those prunes first and then the batch as one run (so that
+        ``_apply`` takes it in C passes); anything else goes record by record
+        (``_stage_pruning``). Both leave the same pending and committed state: the k-th
+        prune is the k-th oldest job live before the batch either way, since a batch's
+        records are newer than every one of them.
+        """
+        touched = self._p_ids
+        p_len = self._pending_len()
+        batch = set(ids)
+        live = touched.keys() & batch  # ids the batch supersedes: they add no live job
+        n_live = sum(1 for id in live if touched[id] is not GONE)
+        if not self._p_flushed:
+            n_live += len(self._index.pos.keys() & (batch - live))
+        grown = p_len + len(batch) - n_live
+        need = grown - self._max_jobs
+        if need > 0 and self.batch_prunes:
+            doomed = self._p_oldest_ids(need)
+            if len(doomed) < need or not batch.isdisjoint(doomed):
+                self._stage_pruning(chunk, ops)  # a batch id would be pruned, or re-failed
+                return
+            self._stage_pruned(doomed)
+            grown = self._max_jobs
+        elif need > 0:
+            self._stage_pruning(chunk, ops)
+            return
+        self._buf += chunk
+        self._ops += ops
+        touched.update(zip(ids, ops, strict=True))  # a later one of an id supersedes
+        self._p_queue += ops
+        self._p_len = grown
+
+    def _stage_pruned(self, ids: list[str]) -> None:
+        """``_stage_removed(id, "pruned", "pruned:count")`` for each of ``ids`` (all live in
+        the pending state, distinct), in C passes (lock held).
+        """
+        payloads = encode_removed_many(ids, "pruned")
+        try:
+            self._buf += frame_records(_REMOVED, payloads)
+        except ValueError as exc:  # pragma: no cover - an id is at most MAX_ID characters
+            raise JournalError(str(exc)) from None
+        sizes = [HEADER.size + n for n in map(len, payloads)]
+        self._ops += zip(repeat(_REMOVED), ids, sizes, repeat("pruned:count"), strict=False)
+        self._p_ids.update(zip(ids, repeat(GONE), strict=False))
+        if self._p_len is not None:
+            self._p_len -= len(ids)
+
+    def _p_oldest_ids(self, n: int) -> list[str]:
+        """The ids of (up to) the ``n`` oldest jobs live in the pending state, oldest first,
+        in the order ``_p_oldest`` would give them as each one is removed (lock held).
+        """
+        out: list[str] = []
+        touched = self._p_ids
+        if not self._p_flushed:
+            alive = self._index.alive
+            slot_ids = self._index.ids
+            p = self._index.front
+            while len(out) < n:
+                p = alive.find(1, p)
+                if p < 0:
+                    break
+                # A stretch of live slots (at the cap, all of it: pruned from the front) in
+                # C-level slices; a staged record of an id makes its slot dead in the pending
+                # state, so those are left out.
+                q = alive.find(0, p, p + n - len(out))
+                q = p + n - len(out) if q < 0 else q
+                keys = slot_ids.slice(p, q)
+                if not out:  # nothing below p still counts (as ``_p_oldest`` moves it)
+                    self._index.front = p + sum(1 for _ in takewhile(touched.__contains__, keys))
+                if touched:
+                    keys = list(filterfalse(touched.__contains__, keys))
+                out += keys
+                p = q
+        if len(out) < n:
+            for op in self._p_queue:
+                if touched.get(op[1]) is op:
+                    out.append(op[1])
+                    if len(out) == n:
+                        break
+        return out
 
     def _stage_pruning(self, chunk: bytearray, ops: list[Op]) -> None:
         """Stage framed FAILED records one by one, each count prune right behind the

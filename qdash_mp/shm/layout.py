@@ -7,14 +7,16 @@ snapshots) is in ``docs/shm.md``.
 
 Every integer is a signed 64-bit slot in native byte order (little-endian on x86-64 and
 arm64), 8-byte aligned. ``R`` is the ring size (``window + 1``), ``C`` the capacity in queues,
-``K`` the capacity in clients, ``L = record_len(R) = 4 + 2R`` the record size in slots and
-``W = max(L, 67)`` the redo-log payload size in slots (a client entry is 67 slots)::
+``K`` the capacity in clients, ``B`` = ``histogram.NBUCKETS`` = 418 buckets per histogram,
+``L = record_len(R) = 6 + 2R + 2B`` the record size in slots (``H = 6 + 2R`` of them its
+head: counters, started, active, ring) and ``W = max(L, 67)`` the redo-log payload size in slots (a
+client entry is 67 slots)::
 
     offset (bytes)          size      field
     ----------------------  --------  ---------------------------------------------------------
     header (16 slots, 128 bytes)
     0                       8         magic, the bytes b"QDASHSHM"
-    8                       8         layout version, 2
+    8                       8         layout version, 3
     16                      8         R, throughput ring slots (window + 1 seconds)
     24                      8         C, capacity in queues
     32                      8         queue count N (N <= C); entries 0..N-1 are in use
@@ -36,23 +38,28 @@ arm64), 8-byte aligned. ``R`` is the ring size (``window + 1``), ``C`` the capac
     128 + 256 i + 8         248       the name, UTF-8, n bytes used, the rest zero
     records (C records of 8L bytes)
     D = 128 + 256 C
-    D + 8L i                8L        queue i's record, exactly the ``qdash_mp.stats`` layout
+    D + 8L i                8L        queue i's record, exactly the ``qdash_mp.stats_record`` layout
     clients (K entries of 536 bytes)
     E = D + 8L C
     E + 536 j               8         byte length n of client j's id (1 <= n <= 512)
     E + 536 j + 8           8         seq of the last batch of client j applied
     E + 536 j + 16          8         Unix second that batch was applied (its last update)
     E + 536 j + 24          512       the client id, UTF-8, n bytes used, the rest zero
-    redo log (C + 1 entries of 8(W+1) bytes)
+    redo log (C + 1 entries of 8(W+2) bytes)
     G = E + 536 K
-    G + 8(W+1) k            8         t >= 0: this entry is the new content of record t;
+    G + 8(W+2) k            8         t >= 0: this entry is the new content of record t;
                                       t < 0: the new content of client entry j = -1 - t
-    G + 8(W+1) k + 8        8W        record: its L slots; client: its 67 slots (536 bytes,
-                                      laid out as above); the rest of the W slots unused
-    total size: G + 8(W+1)(C + 1)
+    G + 8(W+2) k + 8        8         n, the slots of the payload that count: a record's
+                                      L (all of it) or H (its head: its histograms did not
+                                      change); a client's 67
+    G + 8(W+2) k + 16       8W        the first n slots of the record or client entry
+                                      (536 bytes laid out as above); the rest unused
+    total size: G + 8(W+2)(C + 1)
 
-Layout version 1 (before the client table) is not read: a reader refuses it, a writer
-replaces it. Generation ``g`` lives in the segment ``NAME`` (g = 0) or ``NAME-g<g>``.
+Layouts 1 (before the client table) and 2 (before ``started`` and the histograms) are not
+read: a reader refuses them, a writer replaces them (a clean stop's snapshot file carries the
+counters over an upgrade: ``snapshot`` converts format 1). Generation ``g`` lives in the
+segment ``NAME`` (g = 0) or ``NAME-g<g>``.
 
 A queue name is its UTF-8 bytes (``surrogatepass``); one over 248 bytes is stored shortened:
 its longest prefix of whole characters that fits in 229 bytes, then ``"…"`` (3 bytes) and the
@@ -69,7 +76,7 @@ import sys
 from typing import Final
 
 from qdash_mp.errors import ConfigError, ShmIncompatible
-from qdash_mp.stats import record_len
+from qdash_mp.stats import head_len, record_len
 from qdash_mp.wire import MAX_CLIENT_ID
 
 __all__ = [
@@ -93,14 +100,14 @@ __all__ = [
 ]
 
 MAGIC: Final = b"QDASHSHM"
-LAYOUT_VERSION: Final = 2
+LAYOUT_VERSION: Final = 3
 HEADER_SIZE: Final = 128
 DIR_ENTRY_SIZE: Final = 256
 NAME_MAX: Final = DIR_ENTRY_SIZE - 8
 """Bytes of UTF-8 a queue name may take before it is stored shortened."""
 DEFAULT_CAPACITY: Final = 1024
 """Queues the first block holds; it grows beyond. The default block (1024 queues, 4096 clients,
-a 60 s window) takes 4.5 MB."""
+a 60 s window) takes 18.3 MB (15.7 KB per queue: record, directory entry, redo-log entry)."""
 CLIENT_ID_MAX: Final = MAX_CLIENT_ID
 """Characters in a client id (its UTF-8 takes at most four times as many bytes)."""
 CLIENT_ENTRY_SIZE: Final = 24 + 4 * CLIENT_ID_MAX
@@ -135,6 +142,7 @@ class Layout:
         "cli_at",
         "cli_slot",
         "clients",
+        "head_slots",
         "log_slot",
         "log_slots",
         "rec_at",
@@ -149,13 +157,14 @@ class Layout:
         self.capacity = capacity
         self.clients = clients
         self.rec_slots = record_len(ring)
+        self.head_slots = head_len(ring)
         self.rec_at = HEADER_SIZE + capacity * DIR_ENTRY_SIZE  # D
         self.rec_slot = self.rec_at // 8
         self.cli_at = self.rec_at + capacity * self.rec_slots * 8  # E
         self.cli_slot = self.cli_at // 8
         log_at = self.cli_at + clients * CLIENT_ENTRY_SIZE  # G
         self.log_slot = log_at // 8
-        self.log_slots = max(self.rec_slots, CLIENT_SLOTS) + 1  # W + 1
+        self.log_slots = max(self.rec_slots, CLIENT_SLOTS) + 2  # W + 2
         self.size = log_at + (capacity + 1) * self.log_slots * 8
 
     def client_slot(self, j: int) -> int:

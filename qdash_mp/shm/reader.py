@@ -13,7 +13,7 @@ from qdash_mp.shm import layout as hdr
 from qdash_mp.shm.layout import Layout, check_name, decode_names
 from qdash_mp.shm.rows import Rows
 from qdash_mp.shm.segment import Segment, attach, follow, pid_alive, writer_link
-from qdash_mp.stats import build_view
+from qdash_mp.stats import build_view, merged_hists
 
 __all__ = ["SharedStatsReader"]
 
@@ -70,7 +70,15 @@ class SharedStatsReader:
                 del self._names[known:]
             self._names.extend(decode_names(new_names, count - known, self._name))
             now = int(self._clock())
-            return build_view(self._rows.rows(records, seg.layout, self._names, now, started))
+            lay = seg.layout
+            rows = self._rows.rows(records, lay, self._names, now, started)
+            rs = lay.rec_slots
+            merged = merged_hists(
+                memoryview(records).cast("q"),
+                (i * rs for i, row in enumerate(rows) if row.runtime.count or row.wait.count),
+                lay.ring,
+            )
+            return build_view(rows, merged)
         raise ShmBusy(f"shared stats {self._name!r} keep moving; try again")  # pragma: no cover
 
     def _copy(self, seg: Segment) -> tuple[int, int, int, int, bytes, bytes]:

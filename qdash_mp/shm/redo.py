@@ -43,16 +43,16 @@ def replay(seg: Segment, entries: int) -> None:
     Idempotent: replaying a log that was already (partly) copied back changes nothing more.
     """
     q, lay = seg.q, seg.layout
-    rs, count, cs = lay.rec_slots, q[hdr.COUNT], hdr.CLIENT_SLOTS
+    rs, hs, count, cs = lay.rec_slots, lay.head_slots, q[hdr.COUNT], hdr.CLIENT_SLOTS
     for k in range(entries):
         e = lay.log_slot + k * lay.log_slots
-        tag = q[e]
-        if 0 <= tag < count:
+        tag, n = q[e], q[e + 1]
+        if 0 <= tag < count and n in (hs, rs):
             r = lay.rec_slot + tag * rs
-            q[r : r + rs] = q[e + 1 : e + 1 + rs]
-        elif tag < 0 and -1 - tag <= q[hdr.CLIENTS] and -1 - tag < lay.clients:
+            q[r : r + n] = q[e + 2 : e + 2 + n]
+        elif tag < 0 and -1 - tag <= q[hdr.CLIENTS] and -1 - tag < lay.clients and n == cs:
             j = -1 - tag
             c = lay.client_slot(j)
-            q[c : c + cs] = q[e + 1 : e + 1 + cs]
+            q[c : c + cs] = q[e + 2 : e + 2 + cs]
             if j == q[hdr.CLIENTS]:  # a new client's entry
                 q[hdr.CLIENTS] = j + 1

@@ -321,7 +321,7 @@ def _ours(seg: Segment) -> bool:
     return (
         len(seg.buf) >= HEADER_SIZE
         and bytes(seg.buf[:8]) == MAGIC
-        and seg.q[hdr.VERSION] in (1, hdr.LAYOUT_VERSION)
+        and seg.q[hdr.VERSION] in (1, 2, hdr.LAYOUT_VERSION)
     )
 
 

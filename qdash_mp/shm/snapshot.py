@@ -7,7 +7,7 @@ directory fsynced, so ``path`` is always a whole snapshot, old or new::
 
     offset  size  field
     0       8     magic, the bytes b"QDASHSNP"
-    8       4     format version, 1 (big-endian unsigned)
+    8       4     format version, 2 (big-endian unsigned)
     12      4     CRC-32 (``zlib.crc32``) of the body (big-endian unsigned)
     16      8     body length B (big-endian unsigned); the file is exactly 24 + B bytes
     24      B     body: one msgpack map
@@ -15,14 +15,19 @@ directory fsynced, so ``path`` is always a whole snapshot, old or new::
                     "started":  int, Unix second the table began counting
                     "saved_at": int, Unix second of the save
                     "queues":   array of [name: bin (UTF-8, surrogatepass, the stored form),
-                                          record: array of L ints, the record of ``stats``]
+                                          record: array of L ints, the record of ``stats``:
+                                          counters, started, ring, runtime and wait
+                                          histograms (``stats.record_len``)]
                     "clients":  array of [id: bin (UTF-8, surrogatepass), seq: int,
                                           second: int], least recently updated first
 
-A file that does not verify (magic, version, length, CRC, structure, value ranges) or that was
-saved with another window is renamed to ``path + ".bad"`` with a warning, and the table starts
-empty. A file that cannot be written raises ``SnapshotError`` and leaves any previous file as
-it was. Which wins when both a segment and a file exist: see ``docs/shm.md``.
+Format 1 (before ``started`` and the histograms: records of ``4 + 2R`` ints) is still read
+and converted (``started`` and ``active`` 0, empty histograms), so a clean stop carries the
+counters over an upgrade. A file that does not verify (magic, version, length, CRC,
+structure, value ranges) or that was saved with another window is renamed to
+``path + ".bad"`` with a warning, and the table starts empty. A file that cannot be written
+raises ``SnapshotError`` and leaves any previous file as it was. Which wins when both a
+segment and a file exist: see ``docs/shm.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import msgpack
 
 from qdash_mp.errors import ShmError, SnapshotError
 from qdash_mp.fsio import write_atomically
+from qdash_mp.histogram import NBUCKETS
 from qdash_mp.shm.layout import CLIENT_ID_MAX, NAME_MAX
 from qdash_mp.stats import record_len
 
@@ -56,7 +62,8 @@ __all__ = [
 log = logging.getLogger("qdash_mp.shm")
 
 SNAPSHOT_MAGIC: Final = b"QDASHSNP"
-SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_VERSION: Final = 2
+_CONVERTED_VERSIONS: Final = (1,)
 _HEAD = struct.Struct(">8sIIQ")
 _INT64 = range(-(2**63), 2**63)
 
@@ -102,7 +109,7 @@ def decode(raw: bytes, window: int) -> Content:
     body = raw[_HEAD.size :]
     if magic != SNAPSHOT_MAGIC:
         raise BadSnapshot("bad magic (not a qdash_mp stats snapshot)")
-    if version != SNAPSHOT_VERSION:
+    if version != SNAPSHOT_VERSION and version not in _CONVERTED_VERSIONS:
         raise BadSnapshot(f"format version {version}, this qdash_mp reads {SNAPSHOT_VERSION}")
     if length != len(body):
         raise BadSnapshot(f"the header announces {length} body bytes, the file has {len(body)}")
@@ -118,6 +125,8 @@ def decode(raw: bytes, window: int) -> Content:
     if saved_window != window:
         raise BadSnapshot(f"saved with a {saved_window} s throughput window, not {window} s")
     rs = record_len(window + 1)
+    if version == 1:  # 4 counters + 2R ring slots: insert started and active, append buckets
+        rs = 4 + 2 * (window + 1)
     queues: list[tuple[bytes, list[int]]] = []
     names: set[bytes] = set()
     for row in _list(obj, "queues"):
@@ -130,6 +139,8 @@ def decode(raw: bytes, window: int) -> Content:
         if not (isinstance(record, list) and len(record) == rs and all(map(_is_int64, record))):
             raise BadSnapshot(f"the record of queue {name[:40]!r} is not {rs} int64s")
         names.add(name)
+        if version == 1:
+            record = [*record[:4], 0, 0, *record[4:], *[0] * (2 * NBUCKETS)]
         queues.append((name, record))
     clients: list[tuple[bytes, int, int]] = []
     ids: set[bytes] = set()

@@ -12,12 +12,14 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from qdash_mp.errors import ConfigError, ShmError
-from qdash_mp.models import StatsView
+from qdash_mp.histogram import NBUCKETS
+from qdash_mp.history import QueueTotals
+from qdash_mp.models import QueueStat, StatsView
 from qdash_mp.shm import layout as hdr
 from qdash_mp.shm import snapshot
 from qdash_mp.shm.clients import ClientTable
@@ -34,17 +36,25 @@ from qdash_mp.shm.layout import (
     decode_names,
     segment_name,
     stored_name,
+    stored_queue_name,
 )
 from qdash_mp.shm.redo import replay
 from qdash_mp.shm.rows import Rows
 from qdash_mp.shm.segment import Segment, close_block, copy_table, create, decode_clients, unlink
 from qdash_mp.shm.table import Opened, at_least, open_table
 from qdash_mp.stats import (
+    ACTIVE_SLOT,
     COUNTERS,
     DEFAULT_WINDOW,
+    INT64_MAX,
     StatsBase,
     apply_deltas,
+    apply_hist,
+    apply_started,
     build_view,
+    check_hist,
+    hist_at,
+    merged_hists,
     ring_slots,
 )
 
@@ -53,6 +63,7 @@ __all__ = ["SharedStats"]
 log = logging.getLogger("qdash_mp.shm")
 
 _N = len(COUNTERS)
+_NONE: frozenset[int] = frozenset()
 
 _fault_hook: Callable[[str], None] | None = None
 """Test seam, None in production (where it costs one global lookup per point).
@@ -143,6 +154,8 @@ class SharedStats(StatsBase):
         except BaseException:
             opened.abandon()
             raise
+        if opened.reattached or opened.restored:
+            stats._zero_active()
         if opened.reattached:
             log.info(
                 "reattached to shared stats %r: generation %d, %d queues, %d clients",
@@ -191,12 +204,33 @@ class SharedStats(StatsBase):
         self, queue: str, pushed: int = 0, processed: int = 0, failed: int = 0, retried: int = 0
     ) -> None:
         """Add several counts to ``queue`` at once (saturating at ``INT64_MAX``)."""
-        self._apply(((queue, (pushed, processed, failed, retried)),), None)
+        self._apply(((queue, (pushed, processed, failed, retried)),), None, None, None)
+
+    def _record(
+        self,
+        queue: str,
+        deltas: Sequence[int],
+        started: int,
+        runtime_bucket: int | None,
+        wait_bucket: int | None,
+    ) -> None:
+        hist = None
+        if runtime_bucket is not None or wait_bucket is not None:
+            hist = {
+                queue: (
+                    None if runtime_bucket is None else {runtime_bucket: 1},
+                    None if wait_bucket is None else {wait_bucket: 1},
+                )
+            }
+        self._apply(((queue, deltas),), None, {queue: started} if started else None, hist)
 
     def apply_batch(
         self,
         counters: Mapping[str, Sequence[int]],
         client: tuple[str, int] | None = None,
+        *,
+        started: Mapping[str, int] | None = None,
+        hist: Mapping[str, tuple[Mapping[int, int] | None, Mapping[int, int] | None]] | None = None,
     ) -> None:
         """Add a client batch, ``{queue: [pushed, processed, failed, retried]}``, atomically.
 
@@ -209,8 +243,41 @@ class SharedStats(StatsBase):
         client's current one and at most ``INT64_MAX`` (``ValueError`` otherwise, and nothing
         is applied): deciding whether a batch is new is the caller's job, this only makes the
         outcome crash-proof.
+
+        ``started``: ``{queue: n}`` jobs started; ``hist``: ``{queue: (runtime, wait)}`` sparse
+        bucket deltas (``{bucket: n}``, bucket ``0 .. NBUCKETS - 1``; either may be None or
+        empty). Both go into the same commit; only the buckets named are touched, and a batch
+        without them costs what a counters-only batch always did.
         """
-        self._apply(counters.items(), client)
+        self._apply(counters.items(), client, started, hist)
+
+    def set_active(self, gauges: Mapping[str, int]) -> None:
+        """Set every queue's ``active`` gauge: ``gauges[queue]``, 0 for a queue not named.
+
+        The collector calls it with the sum of its connected clients' gauges whenever they
+        change, so readers (``qdash-mp stats``, the dashboard) see jobs running now. One write
+        section, not redo-logged: a gauge is set, not added, and a restarted writer zeroes
+        them all anyway (``create_or_attach``). Queues not in the table are ignored.
+        """
+        with self._lock:
+            seg = self._live()
+            q, lay = seg.q, seg.layout
+            values = [0] * len(self._names)
+            for queue, n in gauges.items():
+                idx = self._index.get(queue)
+                if idx is not None:
+                    values[idx] = min(max(operator.index(n), 0), INT64_MAX)
+            at, rs = lay.rec_slot + ACTIVE_SLOT, lay.rec_slots
+            seq = seg.begin()
+            try:
+                for i, n in enumerate(values):
+                    q[at + i * rs] = n
+            finally:
+                seg.end(seq)
+
+    def _zero_active(self) -> None:
+        """A (re)attached table knows no running job: zero every ``active`` gauge."""
+        self.set_active({})
 
     def client_seq(self, client_id: str) -> int:
         """The seq of ``client_id``'s last batch applied with ``apply_batch``; 0 if none."""
@@ -225,7 +292,11 @@ class SharedStats(StatsBase):
             return dict(zip(self._clients.ids, self._clients.seqs, strict=True))
 
     def _apply(
-        self, items: Iterable[tuple[str, Sequence[int]]], client: tuple[str, int] | None
+        self,
+        items: Iterable[tuple[str, Sequence[int]]],
+        client: tuple[str, int] | None,
+        started: Mapping[str, int] | None,
+        hist: Mapping[str, tuple[Mapping[int, int] | None, Mapping[int, int] | None]] | None,
     ) -> None:
         with self._lock:
             seg = self._live()
@@ -253,6 +324,33 @@ class SharedStats(StatsBase):
                             new.append((key, stored))
                         fresh[queue] = idx
                 plan.append((idx, deltas))
+            # Lifecycle parts (absent from the counters hot path): validated here, before the
+            # write section, so nothing below can raise on them.
+            extra: list[tuple[int, int, Mapping[int, int] | None, Mapping[int, int] | None]] = []
+            full: Container[int] = _NONE
+            if started or hist:
+                full = touched = set()
+                for queue in dict.fromkeys((*(started or ()), *(hist or ()))):
+                    n = operator.index((started or {}).get(queue, 0))
+                    pair = (hist or {}).get(queue)
+                    runtime = wait = None
+                    if pair is not None:
+                        check_hist(queue, pair)
+                        runtime, wait = pair
+                    if not (n or runtime or wait):
+                        continue
+                    idx = index.get(queue, fresh.get(queue))
+                    if idx is None:
+                        stored = stored_name(queue)
+                        key = stored.decode("utf-8", "surrogatepass")
+                        idx = index.get(key, fresh.get(key))
+                        if idx is None:
+                            idx = fresh[key] = count + len(new)
+                            new.append((key, stored))
+                        fresh[queue] = idx
+                    extra.append((idx, n, runtime, wait))
+                    if runtime or wait:
+                        touched.add(idx)
             slot, claim, client_id, client_seq = -1, b"", "", 0
             if client is not None:
                 client_id, client_seq = client[0], operator.index(client[1])
@@ -264,6 +362,7 @@ class SharedStats(StatsBase):
             # client entry, committed by one store.
             q, buf, lay, ring = seg.q, seg.buf, seg.layout, self._ring
             rs, rec0, log0, ls = lay.rec_slots, lay.rec_slot, lay.log_slot, lay.log_slots
+            hs = lay.head_slots
             hook = _fault_hook
             seq = seg.begin()
             try:
@@ -276,22 +375,39 @@ class SharedStats(StatsBase):
                     self._names.extend(key for key, _ in new)
                 if fresh:
                     index.update(fresh)
+                # A log entry: [target, slots to copy back, payload]. A record whose histograms
+                # do not change logs (and copies back) only its head.
                 logged: dict[int, int] = {}
                 for idx, deltas in plan:
                     if not any(deltas):
                         continue
                     e = logged.get(idx)
                     if e is None:
-                        e = logged[idx] = log0 + len(logged) * ls + 1
+                        n = rs if idx in full else hs
+                        e = logged[idx] = log0 + len(logged) * ls + 2
                         r = rec0 + idx * rs
-                        q[e - 1] = idx
-                        q[e : e + rs] = q[r : r + rs]
+                        q[e - 2] = idx
+                        q[e - 1] = n
+                        q[e : e + n] = q[r : r + n]
                     apply_deltas(q, e, ring, deltas, now)  # saturates: cannot raise on a value
+                for idx, n, runtime, wait in extra:
+                    e = logged.get(idx)
+                    if e is None:
+                        size = rs if idx in full else hs
+                        e = logged[idx] = log0 + len(logged) * ls + 2
+                        r = rec0 + idx * rs
+                        q[e - 2] = idx
+                        q[e - 1] = size
+                        q[e : e + size] = q[r : r + size]
+                    if n:
+                        apply_started(q, e, n)
+                    apply_hist(q, e, ring, runtime, wait)  # validated above; saturates
                 entries = len(logged)
                 d = 0
                 if slot >= 0:
-                    d = log0 + entries * ls + 1
-                    q[d - 1] = -1 - slot
+                    d = log0 + entries * ls + 2
+                    q[d - 2] = -1 - slot
+                    q[d - 1] = CLIENT_SLOTS
                     if claim:  # a new client, in a free entry or a forgotten client's
                         at = 8 * d
                         CLIENT_HEAD.pack_into(buf, at, len(claim), client_seq, now)
@@ -310,9 +426,15 @@ class SharedStats(StatsBase):
                     q[hdr.LOG_COUNT] = entries  # the commit point
                     if hook is not None:
                         hook("commit")
-                    for idx, e in logged.items():
-                        r = rec0 + idx * rs
-                        q[r : r + rs] = q[e : e + rs]
+                    if full:
+                        for idx, e in logged.items():
+                            r = rec0 + idx * rs
+                            n = q[e - 1]
+                            q[r : r + n] = q[e : e + n]
+                    else:  # counters only: every entry is a head
+                        for idx, e in logged.items():
+                            r = rec0 + idx * rs
+                            q[r : r + hs] = q[e : e + hs]
                     if hook is not None:
                         hook("copy")
                     if slot >= 0:
@@ -375,7 +497,50 @@ class SharedStats(StatsBase):
             records = bytes(seg.buf[lay.rec_at : lay.rec_at + len(self._names) * lay.rec_slots * 8])
             now = int(self._clock())
             rows = self._rows.rows(records, lay, self._names, now, seg.q[hdr.STARTED])
-        return build_view(rows)
+            merged = self._merged(seg, rows)
+        return build_view(rows, merged)
+
+    def _merged(self, seg: Segment, rows: Sequence[QueueStat]) -> tuple[list[int], list[int]]:
+        lay = seg.layout
+        return merged_hists(
+            seg.q,
+            (
+                lay.rec_slot + i * lay.rec_slots
+                for i, row in enumerate(rows)
+                if row.runtime.count or row.wait.count
+            ),
+            lay.ring,
+        )
+
+    def buckets(self, queue: str) -> tuple[list[int], list[int]]:
+        """The lifetime runtime and wait histograms of ``queue`` (dense, ``NBUCKETS`` each;
+        zeros for a queue never seen). Names over ``NAME_MAX`` bytes: either form."""
+        with self._lock:
+            seg = self._live()
+            idx = self._index.get(queue)
+            if idx is None:
+                idx = self._index.get(stored_queue_name(queue))
+            if idx is None:
+                return [0] * NBUCKETS, [0] * NBUCKETS
+            lay = seg.layout
+            r = hist_at(lay.rec_slot + idx * lay.rec_slots, lay.ring, 0)
+            return seg.q[r : r + NBUCKETS].tolist(), seg.q[r + NBUCKETS : r + 2 * NBUCKETS].tolist()
+
+    def totals(self) -> dict[str, QueueTotals]:
+        """Every queue's cumulative pushed, processed, failed and runtime histogram (dense),
+        for the collector's history tick: read straight from the records, no view built."""
+        with self._lock:
+            seg = self._live()
+            q, lay = seg.q, seg.layout
+            rs, ring = lay.rec_slots, lay.ring
+            out = {}
+            for i, queue in enumerate(self._names):
+                off = lay.rec_slot + i * rs
+                r = hist_at(off, ring, 0)
+                out[queue] = QueueTotals(
+                    q[off], q[off + 1], q[off + 2], q[r : r + NBUCKETS].tolist()
+                )
+            return out
 
     # -- lifecycle --
 

@@ -12,6 +12,11 @@ Routes, relative to wherever the app is mounted (``root.add_subapp("/ops", creat
     GET  /queues/api/failed?page=N   {"page", "page_size", "total", "pages", "jobs": [JobView...]}
     GET  /queues/api/failed/{id}     JobView fields + payload, traceback, enqueued_at *
     GET  /queues/static/...          the stylesheet
+    GET  /queues/login, POST /queues/login, POST /queues/logout   sign in / out (when auth is on)
+    GET  /queues/audit, /queues/api/audit?page=N                  operator actions, newest first
+    GET  /queues/api/health          public liveness probe {"ok": true, ...}
+    GET  /queues/api/openapi.json    OpenAPI 3.1 of the JSON routes
+    GET  /metrics                    Prometheus (added at the collector root, ``collector_app``)
 
     * only when the inspector implements ``FailedDetails``; otherwise 404 with a reason.
 
@@ -21,12 +26,20 @@ past the end is an empty ``jobs`` list there, and the last page (with a notice) 
 Bad HTTP input is always a 4xx: bad ``page`` 400, CSRF 403, wrong method 405, body over
 64 KiB 413, unparsable form 400.
 
+Every request first goes through the access middleware (``access``: proxy view, Host
+allowlist 421, fetch metadata and Origin 403, authentication 401/429, authorization 403,
+audit); see ``docs/exposing.md``.
+
 Modules: ``app`` (the factory, app keys, sampler lifetime), ``views`` (handlers), ``guard``
 (headers, body limits, CSRF on POST), ``csrf`` (the token scheme), ``flash`` (one-shot
-messages), ``urls``/``paging``/``display`` (pure helpers). The narrative is in ``docs/web.md``.
+messages), ``urls``/``paging``/``display`` (pure helpers); access control: ``access`` (the
+middleware and its routes), ``access_build``, ``hosts``, ``proxy``, ``auth``, ``passwords``,
+``authz``, ``openapi``, ``collector_app`` (the collector's app: audit file, /metrics).
+The narrative is in ``docs/web.md`` and ``docs/exposing.md``.
 """
 
-from qdash_mp.web.app import DASHBOARD, SAMPLER, create_app
+from qdash_mp.web.app import ACCESS, DASHBOARD, SAMPLER, create_app
+from qdash_mp.web.authz import Identity
 from qdash_mp.web.csrf import (
     CSRF_COOKIE,
     CSRF_FIELD,
@@ -49,6 +62,7 @@ from qdash_mp.web.urls import Urls, addressable, quote_id
 from qdash_mp.web.views import REFRESH_SECONDS, Dashboard, FailedDetails
 
 __all__ = [
+    "ACCESS",
     "CSP",
     "CSRF_COOKIE",
     "CSRF_FIELD",
@@ -62,6 +76,7 @@ __all__ = [
     "SAMPLER",
     "Dashboard",
     "FailedDetails",
+    "Identity",
     "Flash",
     "Urls",
     "addressable",

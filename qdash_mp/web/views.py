@@ -31,10 +31,12 @@ from qdash_mp.inspector import Inspector
 from qdash_mp.models import PAGE_SIZE, FailedJob, JobView, QueueStat, StatsView
 from qdash_mp.sampler import Sampler
 from qdash_mp.web import csrf
+from qdash_mp.web.authz import current, template_context
 from qdash_mp.web.display import jsonable, pretty, template_env
 from qdash_mp.web.flash import FLASH_COOKIE, Flash, decode_flash, set_flash
 from qdash_mp.web.guard import SECURITY_HEADERS, guarded_form, wants_json
 from qdash_mp.web.paging import last_page, page_numbers, parse_back_page, parse_page
+from qdash_mp.web.proxy import LINK_PREFIX
 from qdash_mp.web.urls import Urls
 
 __all__ = ["REFRESH_SECONDS", "Dashboard", "FailedDetails"]
@@ -87,8 +89,9 @@ class Dashboard:
     def urls(self) -> Urls:
         # The app's own router: after add_subapp its resources carry the mount prefix.
         router = self.app.router
-        base = str(router["qdash.overview"].url_for())
-        static = str(router["qdash.static"].url_for(filename="x"))
+        prefix = LINK_PREFIX.get()  # X-Forwarded-Prefix from a trusted proxy (web.proxy)
+        base = prefix + str(router["qdash.overview"].url_for())
+        static = prefix + str(router["qdash.static"].url_for(filename="x"))
         return Urls(base=base, static_base=static.rsplit("/", 1)[0])
 
     # -- every request -----------------------------------------------------------------------
@@ -109,14 +112,21 @@ class Dashboard:
                 raise
             reason = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else ""
             response = self._error(request, exc.status, reason or exc.reason)
-            if "Allow" in exc.headers:
-                response.headers["Allow"] = exc.headers["Allow"]
+            for name in ("Allow", "WWW-Authenticate", "Retry-After"):
+                if name in exc.headers:
+                    response.headers[name] = exc.headers[name]
             return response
         except Exception:
             log.exception("dashboard handler failed: %s %s", request.method, request.path)
             return self._error(request, 500, "Internal error; see the server log.")
 
     # -- rendering ---------------------------------------------------------------------------
+
+    def render(
+        self, request: web.Request, template: str, *, status: int = 200, **context: Any
+    ) -> web.Response:
+        """A page of the dashboard's look (``qdash_mp.web.access`` renders login/audit)."""
+        return self._render(request, template, status=status, **context)
 
     def _render(
         self, request: web.Request, template: str, *, status: int = 200, **context: Any
@@ -129,6 +139,7 @@ class Dashboard:
             flash = decode_flash(self.secret, raw_flash, time.time())
         context.setdefault("failed_total", None)
         context.setdefault("active", None)
+        context.update(template_context(request))  # buttons the user may press (web.authz)
         html = self.env.get_template(template).render(
             urls=urls, csrf_token=token, csrf_field=csrf.CSRF_FIELD, flash=flash, **context
         )
@@ -160,6 +171,7 @@ class Dashboard:
     ) -> web.Response:
         """The answer to a POST: JSON, or a 303 back to the failed page with a flash."""
         ok = status < 400
+        current().audit.update(status=status, message=message, **(data or {}))  # web.access
         if wants_json(request):
             body = {"ok": True, **(data or {})} if ok else {"error": message}
             return web.json_response(body, status=status)

@@ -28,12 +28,22 @@ from qdash_mp.records import (
     unpack_failed,
 )
 from qdash_mp.wire.codec import HEADER, decode_body, encode, encode_batch
+from qdash_mp.wire.extension import (
+    EVENT_KINDS,
+    MAX_ACTIVE,
+    MAX_EVENTS,
+    MAX_JOBS,
+    ActiveRow,
+    EventRow,
+    Sparse,
+)
 from qdash_mp.wire.frames import FrameDecoder
 from qdash_mp.wire.messages import (
     ALL_QUEUES,
     MAX_CLIENT_ID,
     MAX_DELTA,
     MAX_REASON,
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Ack,
     Batch,
@@ -51,6 +61,14 @@ from qdash_mp.wire.messages import (
 
 __all__ = [
     "ALL_QUEUES",
+    "EVENT_KINDS",
+    "MAX_ACTIVE",
+    "MAX_EVENTS",
+    "MAX_JOBS",
+    "MIN_PROTOCOL_VERSION",
+    "ActiveRow",
+    "EventRow",
+    "Sparse",
     "HEADER",
     "MAX_CLIENT_ID",
     "MAX_DELTA",

@@ -8,7 +8,8 @@ A frame is a 4-byte big-endian body length, then the body (``qdash_mp.wire.frame
                   bytes stay bytes), always an ARRAY whose first element is the message type
 
 An encoder checks every field by the decoder's rules, so nothing a peer must refuse is sent.
-A BATCH body starting ``94 03`` (as every packer writes it) is decoded in one pass, each
+A BATCH body starting ``94 03`` or ``95 03`` (v2, with ``ext``: as every packer writes
+them) is decoded in one pass, each
 FAILED array kept as the slice of the body it came in (``_decode_batch``); any other body,
 or a BATCH that pass refuses, goes the general way (``parse``), which names the problem.
 """
@@ -38,7 +39,9 @@ from qdash_mp.strict_msgpack import (
     refuse_ext,
     unpackb,
 )
+from qdash_mp.wire.extension import ActiveRow, EventRow, Sparse, check_ext, parse_ext
 from qdash_mp.wire.messages import (
+    MAX_DELTA,
     Batch,
     Counts,
     Message,
@@ -46,6 +49,7 @@ from qdash_mp.wire.messages import (
     counters_map,
     parse,
     to_array,
+    with_ext,
 )
 
 HEADER = struct.Struct(">I")
@@ -82,7 +86,17 @@ def encode(msg: Message, *, max_frame: int = MAX_FRAME) -> bytes:
         for i, f in enumerate(msg.failed):
             _check_packed(f, f"BATCH failed[{i}]")
         packed = [f[0] for f in msg.failed]
-        return encode_batch(msg.seq, msg.counters, packed, max_frame=max_frame)
+        return encode_batch(
+            msg.seq,
+            msg.counters,
+            packed,
+            max_frame=max_frame,
+            hist=msg.hist,
+            started=msg.started,
+            active=msg.active,
+            jobs=msg.jobs,
+            events=msg.events,
+        )
     arr = to_array(msg)
     arr[0] = int(arr[0])
     parse(arr, MAX_ITEMS, MAX_DEPTH)
@@ -95,27 +109,38 @@ def encode_batch(
     packed_failed: Sequence[bytes] = (),
     *,
     max_frame: int = MAX_FRAME,
+    hist: Mapping[str, tuple[Sparse, Sparse]] | None = None,
+    started: Mapping[str, int] | None = None,
+    active: Mapping[str, int] | None = None,
+    jobs: Sequence[ActiveRow] | None = None,
+    events: Sequence[EventRow] | None = None,
 ) -> bytes:
     """The BATCH frame of ``seq``, ``counters`` and FAILED arrays already packed.
 
     The FAILED arrays (from ``pack_failed``, ``pack_failed_fields`` or a ``PackedFailed``)
     are spliced in as they are, not checked again; ``encode(Batch(...))`` checks them and
-    gives the same bytes.
+    gives the same bytes. Any of the v2 fields (``hist`` .. ``events``) makes it a BATCH v2
+    with a 5th element ``ext``; without them it is the v1 body.
     """
     expect_int(seq, "BATCH seq", 1, MAX_INT)
     checked = counters_map(counters, MAX_ITEMS)
+    ext = check_ext(hist or {}, started or {}, active, jobs, events, MAX_DELTA)
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-    packer.pack_array_header(4)
+    packer.pack_array_header(4 if ext is None else 5)
     packer.pack(int(MsgType.BATCH))
     packer.pack(seq)
     packer.pack({q: list(row) for q, row in checked.items()})
     packer.pack_array_header(len(packed_failed))
     head: bytes = packer.bytes()
-    return frame(head + b"".join(packed_failed), max_frame)
+    tail = b"" if ext is None else packb(ext, "BATCH ext")
+    return frame(head + b"".join(packed_failed) + tail, max_frame)
 
 
 _BATCH_HEAD = bytes((0x94, MsgType.BATCH))
 """How a BATCH body starts when packed the usual way: fixarray of 4, then the type 3."""
+
+_BATCH_V2_HEAD = bytes((0x95, MsgType.BATCH))
+"""The same for a BATCH v2 with its 5th element ``ext``."""
 
 
 def _decode_batch(body: bytes, max_items: int, max_depth: int) -> Batch:
@@ -143,7 +168,7 @@ def _decode_batch(body: bytes, max_items: int, max_depth: int) -> Batch:
         ext_hook=refuse_ext,
     )
     unpacker.feed(body)
-    unpacker.read_array_header()  # 4
+    arity = unpacker.read_array_header()  # 4, or 5 with ext
     unpacker.skip()  # the type, 3
     seq = expect_int(unpacker.unpack(), "BATCH seq", 1, MAX_INT)
     counters = counters_map(unpacker.unpack(), max_items)
@@ -160,18 +185,26 @@ def _decode_batch(body: bytes, max_items: int, max_depth: int) -> Batch:
         end = tell()
         add_data(body[start:end])
         start = end
+    ext = None
+    if arity == 5:
+        ext = parse_ext(unpack(), max_items, MAX_DELTA)
+        start = tell()
     if start != n:
         raise ProtocolError("trailing bytes")
     if first_bad_failed(arrays, max_items, max_depth) >= 0:
         raise ProtocolError("invalid FAILED")
     ids = map(itemgetter(0), arrays)
     failed_ats = map(itemgetter(8), arrays)
-    return Batch(seq, counters, tuple(zip(datas, ids, failed_ats, strict=True)))
+    failed = tuple(zip(datas, ids, failed_ats, strict=True))
+    if ext is None:
+        return Batch(seq, counters, failed)
+    return with_ext(seq, counters, failed, ext)
 
 
 def decode(body: bytes, max_items: int, max_depth: int) -> Message:
     """``decode_body`` with its limits positional (the ``FrameDecoder`` loop calls this)."""
-    if body[:2] == _BATCH_HEAD:
+    head = body[:2]
+    if head in (_BATCH_HEAD, _BATCH_V2_HEAD):
         try:
             return _decode_batch(body, max_items, max_depth)
         except DECODE_ERRORS:

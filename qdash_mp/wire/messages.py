@@ -2,9 +2,9 @@
 
 Bodies (``[type, field, ...]``, msgpack arrays of exactly this many elements)::
 
-    1 HELLO           [1, version, client_id, pid, host, requeue]        client -> collector
+    1 HELLO           [1, version, client_id, pid, host, requeue(, info)] client -> collector
     2 WELCOME         [2, version, last_seq]                             collector -> client
-    3 BATCH           [3, seq, counters, failed]                         client -> collector
+    3 BATCH           [3, seq, counters, failed(, ext)]                  client -> collector
     4 ACK             [4, seq]                                           collector -> client
     5 ERROR           [5, code, reason]                                  collector -> client
     6 REQUEUE         [6, request_id, queue, FAILED]                     collector -> client
@@ -13,6 +13,10 @@ Bodies (``[type, field, ...]``, msgpack arrays of exactly this many elements)::
     counters = map {queue: [pushed, processed, failed, retried]}   deltas, each 0 <= n <= 2**40
     failed   = array of FAILED (``qdash_mp.records``)
     requeue  = nil (cannot requeue) | ["*"] (every queue) | [queue, ...] (non-empty)
+
+Version 2 adds HELLO's ``info`` and BATCH's ``ext`` (``qdash_mp.wire.extension``): a HELLO
+of version 2 has 7 elements, one of version 1 has 6; the collector answers WELCOME with the
+lower of both versions, and a client sends ``ext`` only after a WELCOME of version 2.
 
 Field types are exact (``qdash_mp.strict_msgpack``); sequence numbers, ids and pids are
 ``0 .. 2**63-1``, a counter delta ``0 .. MAX_DELTA``. ``docs/protocol.md`` has every rule.
@@ -46,9 +50,21 @@ from qdash_mp.strict_msgpack import (
     packb,
     type_name,
 )
+from qdash_mp.wire.extension import (
+    ActiveRow,
+    EventRow,
+    Ext,
+    Sparse,
+    info_map,
+    parse_ext,
+    parse_info,
+)
 
-PROTOCOL_VERSION = 1
-"""The version carried by HELLO and WELCOME; a peer speaking another one is refused."""
+PROTOCOL_VERSION = 2
+"""The highest version this side speaks (HELLO v2 has ``info``, BATCH v2 may have ``ext``)."""
+
+MIN_PROTOCOL_VERSION = 1
+"""The lowest version still accepted; a peer speaking one outside 1..2 is refused."""
 
 MAX_CLIENT_ID = 128
 """Longest client id, in characters."""
@@ -103,11 +119,12 @@ class ErrorCode(StrEnum):
 
 
 class UnsupportedVersion(ProtocolError):
-    """A HELLO or WELCOME carried a protocol version other than ``PROTOCOL_VERSION``."""
+    """A HELLO or WELCOME carried a protocol version outside 1..``PROTOCOL_VERSION``."""
 
     def __init__(self, version: int) -> None:
         super().__init__(
-            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+            f"protocol version {version} is not supported "
+            f"(this side speaks {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION})"
         )
         self.version = version
 
@@ -117,13 +134,19 @@ class UnsupportedVersion(ProtocolError):
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """First frame of a client: who it is and which queues it can requeue (``None``: none)."""
+    """First frame of a client: who it is and which queues it can requeue (``None``: none).
+
+    Version 2 adds ``name`` (a worker name) and ``track`` (queues whose jobs the client
+    reports one by one; ``("*",)``: all); a version-1 HELLO decodes with their defaults.
+    """
 
     client_id: str
     pid: int
     host: str
     requeue: tuple[str, ...] | None = None
     version: int = PROTOCOL_VERSION
+    name: str = ""
+    track: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +159,32 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Counter deltas per queue plus failed jobs, numbered ``seq`` = 1, 2, 3... per client."""
+    """Counter deltas per queue plus failed jobs, numbered ``seq`` = 1, 2, 3... per client.
+
+    The rest is BATCH v2's ``ext`` (``qdash_mp.wire.extension``): ``hist`` runtime and wait
+    bucket deltas and ``started`` deltas (counters, deduplicated by ``seq``); ``active`` and
+    ``jobs`` this client's gauges now (``None``: unchanged); ``events`` tracking events.
+    """
 
     seq: int
     counters: Mapping[str, Counts] = field(default_factory=dict)
     failed: tuple[PackedFailed, ...] = ()
+    hist: Mapping[str, tuple[Sparse, Sparse]] = field(default_factory=dict)
+    started: Mapping[str, int] = field(default_factory=dict)
+    active: Mapping[str, int] | None = None
+    jobs: tuple[ActiveRow, ...] | None = None
+    events: tuple[EventRow, ...] = ()
+
+    @property
+    def has_ext(self) -> bool:
+        """Does this batch need BATCH v2 (a 5th element)?"""
+        return bool(
+            self.hist
+            or self.started
+            or self.active is not None
+            or self.jobs is not None
+            or self.events
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +291,7 @@ def _requeue_list(value: object) -> tuple[str, ...] | None:
 
 def _version(value: object, what: str) -> int:
     version = expect_int(value, f"{what} version", 0, MAX_INT)
-    if version != PROTOCOL_VERSION:
+    if not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
         raise UnsupportedVersion(version)
     return version
 
@@ -268,13 +312,16 @@ def parse(obj: object, max_items: int, max_depth: int) -> Message:
         if len(obj) < 2:
             raise ProtocolError("HELLO must have 6 elements, not 1")
         version = _version(obj[1], what)
-        expect_arity(obj, 6, what)
+        expect_arity(obj, 6 if version == 1 else 7, what)
+        name, track = ("", None) if version == 1 else parse_info(obj[6])
         return Hello(
             client_id=expect_str(obj[2], "HELLO client_id", 1, MAX_CLIENT_ID),
             pid=expect_int(obj[3], "HELLO pid", 0, MAX_INT),
             host=expect_str(obj[4], "HELLO host", 0, MAX_NAME),
             requeue=_requeue_list(obj[5]),
             version=version,
+            name=name,
+            track=track,
         )
     if t is MsgType.WELCOME:
         if len(obj) < 2:
@@ -283,7 +330,8 @@ def parse(obj: object, max_items: int, max_depth: int) -> Message:
         expect_arity(obj, 3, what)
         return Welcome(last_seq=expect_int(obj[2], "WELCOME last_seq", 0, MAX_INT), version=version)
     if t is MsgType.BATCH:
-        expect_arity(obj, 4, what)
+        if len(obj) != 5:
+            expect_arity(obj, 4, what)
         seq = expect_int(obj[1], "BATCH seq", 1, MAX_INT)
         counters = counters_map(obj[2], max_items)
         packed = []
@@ -292,7 +340,9 @@ def parse(obj: object, max_items: int, max_depth: int) -> Message:
             if why:
                 raise ProtocolError(why)
             packed.append((packb(f, "FAILED"), f[0], f[8]))
-        return Batch(seq=seq, counters=counters, failed=tuple(packed))
+        if len(obj) == 4:
+            return Batch(seq=seq, counters=counters, failed=tuple(packed))
+        return with_ext(seq, counters, tuple(packed), parse_ext(obj[4], max_items, MAX_DELTA))
     if t is MsgType.ACK:
         expect_arity(obj, 2, what)
         return Ack(seq=expect_int(obj[1], "ACK seq", 0, MAX_INT))
@@ -317,10 +367,20 @@ def parse(obj: object, max_items: int, max_depth: int) -> Message:
     )
 
 
+def with_ext(
+    seq: int, counters: Mapping[str, Counts], failed: tuple[PackedFailed, ...], ext: Ext
+) -> Batch:
+    """A ``Batch`` with the fields of a decoded ``ext``."""
+    return Batch(seq, counters, failed, ext.hist, ext.started, ext.active, ext.jobs, ext.events)
+
+
 def to_array(msg: Message) -> list[Any]:
     if isinstance(msg, Hello):
         requeue = None if msg.requeue is None else list(msg.requeue)
-        return [MsgType.HELLO, msg.version, msg.client_id, msg.pid, msg.host, requeue]
+        arr = [MsgType.HELLO, msg.version, msg.client_id, msg.pid, msg.host, requeue]
+        if msg.version != 1:
+            arr.append(info_map(msg.name, msg.track))
+        return arr
     if isinstance(msg, Welcome):
         return [MsgType.WELCOME, msg.version, msg.last_seq]
     if isinstance(msg, Ack):

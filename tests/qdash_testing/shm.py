@@ -70,12 +70,12 @@ def raw_header(buf: Any) -> dict[str, Any]:
 
 
 def raw_offsets(h: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    """(record slots L, then in bytes: records D, clients E, redo log G, log entry 8(W+1))."""
+    """(record slots L, then in bytes: records D, clients E, redo log G, log entry 8(W+2))."""
     rec = record_len(h["ring"])
     d = HEADER_SIZE + ENTRY * h["capacity"]
     e = d + 8 * rec * h["capacity"]
     g = e + CLIENT_ENTRY * h["client_capacity"]
-    return rec, d, e, g, 8 * (max(rec, 67) + 1)
+    return rec, d, e, g, 8 * (max(rec, 67) + 2)
 
 
 def raw_clients(buf: Any) -> dict[str, tuple[int, int]]:
