@@ -148,7 +148,7 @@ def _wrap(
         except Exception as exc:
             client.on_failed(queue, job(), exc, time.perf_counter() - t0)
             raise
-        client.on_processed(queue, None, time.perf_counter() - t0)
+        client.on_processed(queue, Job(str(ctx.get("job_id", "")), name), time.perf_counter() - t0)
         return result
 
     run.__qdash_wrapped__ = True  # type: ignore[attr-defined]

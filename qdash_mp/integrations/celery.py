@@ -125,7 +125,8 @@ class CeleryAdapter:
 
     def task_success(self, sender: Any = None, runtime: Any = None, **_: Any) -> None:
         queue, measured = self._finish(sender.request.id, sender)
-        self.clients.get().on_processed(queue, None, runtime if runtime is not None else measured)
+        done = Job(str(sender.request.id), sender.name)  # ends the active entry on_started made
+        self.clients.get().on_processed(queue, done, runtime if runtime is not None else measured)
 
     def task_failure(
         self,

@@ -115,7 +115,7 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
         queue = q_name(message.queue_name)
         client = self.clients.get()
         if exception is None:
-            client.on_processed(queue, None, runtime)
+            client.on_processed(queue, Job(message.message_id, message.actor_name), runtime)
         elif getattr(message, "failed", False):
             client.on_failed(queue, _job_of(message, queue), exception, runtime)
         else:

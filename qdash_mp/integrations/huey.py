@@ -112,7 +112,8 @@ class HueyAdapter:
         return None if t0 is None else time.perf_counter() - t0
 
     def complete(self, signal: str, task: Any) -> None:
-        self.clients.get().on_processed(self.queue, None, self._runtime(task))
+        done = Job(task.id, self._name(task))  # ends the active entry on_started made
+        self.clients.get().on_processed(self.queue, done, self._runtime(task))
 
     def retrying(self, signal: str, task: Any) -> None:
         task.__dict__[_RETRY_FLAG] = True  # seen by ``enqueued`` if it is re-enqueued now

@@ -144,7 +144,7 @@ def _report(job: RqJob, queue: str, retries_before: tuple[int, int], measured: f
         status = job.get_status(refresh=False)
     except (NoSuchJobError, InvalidJobOperation):
         # Gone already: only a finished job with result_ttl=0 is deleted that fast.
-        client.on_processed(queue, None, measured)
+        client.on_processed(queue, Job(job.id, job.func_name or ""), measured)
         return
     runtime = measured
     if job.started_at is not None and job.ended_at is not None:
@@ -154,7 +154,7 @@ def _report(job: RqJob, queue: str, retries_before: tuple[int, int], measured: f
     if retried and status not in _FAILED_STATES:
         client.on_retried(queue)  # RQ put it back: fewer retries left, or one more recorded
     elif status == JobStatus.FINISHED:
-        client.on_processed(queue, None, runtime)
+        client.on_processed(queue, Job(job.id, job.func_name or ""), runtime)
     elif status in _FAILED_STATES:
         result = job.latest_result()
         exc_string = getattr(result, "exc_string", None) if result is not None else None

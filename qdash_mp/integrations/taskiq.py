@@ -132,7 +132,7 @@ class QdashMiddleware(TaskiqMiddleware):
             self._resent.discard(message.task_id)
             runs = self._runs.pop(message.task_id, None)
         if not result.is_err:
-            client.on_processed(queue, None, runtime)
+            client.on_processed(queue, Job(message.task_id, message.task_name), runtime)
         elif resent:
             client.on_retried(queue)
         else:

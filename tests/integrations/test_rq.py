@@ -45,6 +45,9 @@ def test_counts_failures_and_dashboard_retry(env: Env) -> None:
         env.wait_mark("ok-1")
         env.wait_counts((11, 9, 2, 2))
         assert [f.id for f in env.failed()] == [failed[0].id]
+        # Every job started by id (the parent reports them all, retries re-use the id) was
+        # ended by its processed/failed report: nothing stays active.
+        wait_until(lambda: env.stat().active == 0, f"active 0, not {env.stat().active}")
     finally:
         env.stop_all()
 
@@ -63,5 +66,7 @@ def test_horse_killed_mid_job_is_failed(env: Env) -> None:
         assert record.job.payload == {"args": [0], "kwargs": {}, "queue": env.queue}
         assert record.error.startswith("WorkHorseTerminated: Work-horse terminated unexpectedly")
         assert "signal 9" in record.error
+        # started by id in the parent, ended by the failure report: no longer active
+        wait_until(lambda: env.stat() is not None and env.stat().active == 0, "active 0")
     finally:
         env.stop_all()
