@@ -32,6 +32,7 @@ BENCHES = {
     "ingest": bench_ingest.run,
     "durable_failed": bench_durable_failed.run,
     "scale": bench_scale.run,
+    "integrations": __import__("bench_integrations").run,
 }
 
 TARGETS = [

@@ -1,0 +1,163 @@
+"""Celery: ``install(app)`` connects qdash_mp to Celery's signals, in producers and workers.
+
+``install(app, socket_path=None)`` once where the app is defined (the module every producer
+and worker imports). Events and where they come from:
+
+==========================  ===============================  ==================================
+qdash_mp event              Celery signal                    process
+==========================  ===============================  ==================================
+pushed                      ``before_task_publish``          producer (first publish only)
+started                     ``task_prerun``                  pool child
+processed (runtime)         ``task_success`` (``runtime``)   pool child
+failed (error, traceback)   ``task_failure``                 pool child; parent for a lost
+                                                             worker or a hard time limit
+retried                     ``task_retry``                   pool child
+==========================  ===============================  ==================================
+
+Prefork children leave through ``os._exit`` (billiard), past ``atexit``: the client is closed
+(flushed) on ``worker_process_shutdown``, else every ``max_tasks_per_child`` recycle would lose
+the counts of its last flush interval. A dashboard retry calls ``app.send_task`` with the
+recorded name, args and kwargs on the recorded queue; it is routed to the worker's client for
+the queues that worker consumes (registered on ``celeryd_after_setup``, before the pool forks).
+A library retry republishes with ``retries > 0``; it counts as retried, not as pushed again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+from typing import Any
+
+from qdash_mp.integrations._common import (
+    ProcessClient,
+    in_dashboard_retry,
+    job_args,
+    make_job,
+)
+from qdash_mp.models import Job
+
+__all__ = ["CeleryAdapter", "install"]
+
+
+class CeleryAdapter:
+    """The signal receivers for one Celery ``app``; ``install`` makes and connects one."""
+
+    def __init__(self, app: Any, socket_path: str | os.PathLike[str] | None = None) -> None:
+        self.app = app
+        self.clients = ProcessClient(socket_path)
+        # task id -> (start time, queue) of the jobs running in this process.
+        self._running: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _queue_of(self, task: Any) -> str:
+        request = getattr(task, "request", None)
+        info = getattr(request, "delivery_info", None) or {}
+        queue = info.get("routing_key") or getattr(task, "queue", None)
+        return str(queue or self.app.conf.task_default_queue)
+
+    def requeue(self, job: Job) -> None:
+        """Send ``job`` again through Celery (a dashboard retry); raises if Celery refuses."""
+        args, kwargs, queue = job_args(job)
+        self.app.send_task(job.name, args=args, kwargs=kwargs, queue=queue)
+
+    def connect(self) -> CeleryAdapter:
+        """Connect the receivers to Celery's signals (strong references); returns ``self``."""
+        signals: Any = importlib.import_module("celery.signals")
+
+        signals.before_task_publish.connect(self.before_task_publish, weak=False)
+        signals.celeryd_after_setup.connect(self.after_setup, weak=False)
+        signals.task_prerun.connect(self.task_prerun, weak=False)
+        signals.task_success.connect(self.task_success, weak=False)
+        signals.task_failure.connect(self.task_failure, weak=False)
+        signals.task_retry.connect(self.task_retry, weak=False)
+        signals.worker_process_shutdown.connect(self.process_shutdown, weak=False)
+        signals.worker_shutdown.connect(self.worker_shutdown, weak=False)
+        return self
+
+    # ---------------------------------------------------------------- receivers
+
+    def before_task_publish(
+        self,
+        sender: Any = None,
+        headers: Any = None,
+        routing_key: Any = None,
+        body: Any = None,
+        **_: Any,
+    ) -> None:
+        headers = headers or {}
+        if headers.get("retries") or in_dashboard_retry():
+            return  # a library retry (counted by task_retry) or a dashboard one (collector)
+        queue = routing_key or self.app.conf.task_default_queue
+        self.clients.get().on_pushed(str(queue))
+
+    def after_setup(self, sender: Any = None, instance: Any = None, **_: Any) -> None:
+        """In the worker's parent, before the pool forks: the requeue route of its queues."""
+        self.clients.configure(self.requeue, self._consumed_queues(instance))
+
+    def _consumed_queues(self, instance: Any) -> list[str]:
+        app = getattr(instance, "app", None) or self.app
+        try:
+            names = list(app.amqp.queues.consume_from or app.amqp.queues)
+        except Exception:  # noqa: BLE001 -- fall back to the default queue
+            names = []
+        return [str(n) for n in names] or [str(app.conf.task_default_queue)]
+
+    def task_prerun(self, sender: Any = None, task_id: Any = None, **kw: Any) -> None:
+        queue = self._queue_of(sender)
+        with self._lock:
+            self._running[str(task_id)] = (time.perf_counter(), queue)
+        request = sender.request
+        job = make_job(
+            task_id, sender.name, request.args, request.kwargs, queue, (request.retries or 0) + 1
+        )
+        self.clients.get().on_started(queue, job)
+
+    def _finish(self, task_id: Any, sender: Any) -> tuple[str, float | None]:
+        with self._lock:
+            started = self._running.pop(str(task_id), None)
+        if started is None:  # the parent (lost worker, hard time limit): no start seen here
+            return self._queue_of(sender), None
+        return started[1], time.perf_counter() - started[0]
+
+    def task_success(self, sender: Any = None, runtime: Any = None, **_: Any) -> None:
+        queue, measured = self._finish(sender.request.id, sender)
+        done = Job(str(sender.request.id), sender.name)  # ends the active entry on_started made
+        self.clients.get().on_processed(queue, done, runtime if runtime is not None else measured)
+
+    def task_failure(
+        self,
+        sender: Any = None,
+        task_id: Any = None,
+        exception: Any = None,
+        args: Any = None,
+        kwargs: Any = None,
+        **_: Any,
+    ) -> None:
+        queue, runtime = self._finish(task_id, sender)
+        request = getattr(sender, "request", None)
+        retries = (getattr(request, "retries", 0) or 0) if request is not None else 0
+        name = getattr(sender, "name", "") or ""
+        job = make_job(task_id, name, args, kwargs, queue, int(retries) + 1)
+        error = exception if isinstance(exception, BaseException) else str(exception)
+        self.clients.get().on_failed(queue, job, error, runtime)
+
+    def task_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        task_id = getattr(request, "id", None)
+        queue, _runtime = self._finish(task_id, sender)
+        self.clients.get().on_retried(queue)
+
+    def process_shutdown(self, **_: Any) -> None:
+        """A pool child is about to ``os._exit``: deliver what it counted."""
+        self.clients.close(5.0)
+
+    def worker_shutdown(self, **_: Any) -> None:
+        self.clients.close(5.0)
+
+
+def install(app: Any, socket_path: str | os.PathLike[str] | None = None) -> CeleryAdapter:
+    """Report ``app``'s tasks to the collector at ``socket_path`` (default: the standard one)."""
+    return CeleryAdapter(app, socket_path).connect()

@@ -1,0 +1,144 @@
+"""Dramatiq: ``QdashMiddleware``, added before ``Retries`` so it sees the retry decision.
+
+``broker.add_middleware(QdashMiddleware(), before=Retries)``. Events:
+
+==========================  ===============================================================
+qdash_mp event              Dramatiq hook
+==========================  ===============================================================
+pushed                      ``after_enqueue`` of a new message (not a retry: ``"retries"`` in
+                            its options; not a delayed message moved to its queue: ``eta``)
+started                     ``before_process_message`` (the time is taken here)
+processed (runtime)         ``after_process_message`` without an exception
+retried                     ``after_process_message`` with an exception, ``Retries`` having
+                            re-enqueued it (``message.failed`` not set)
+failed                      ``after_process_message`` with ``message.failed`` (retries
+                            exhausted, or ``throws``); ``after_skip_message`` when failed
+==========================  ===============================================================
+
+``emit_after`` walks the middleware list backwards, so a middleware placed *before*
+``Retries`` runs its ``after_*`` hooks after ``Retries`` decided: ``message.failed`` is then
+final. Worker processes are forked (``forkserver`` on Python 3.14+): the client is made in
+``after_process_boot``, in the process that uses it, and registers the requeue route of the
+broker's declared queues there; hooks run on the worker's threads (``Client`` is thread-safe).
+A dashboard retry is ``broker.enqueue(Message(queue, actor, args, kwargs, options={}))``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import dramatiq
+from dramatiq.common import q_name
+
+from qdash_mp.integrations._common import (
+    ProcessClient,
+    in_dashboard_retry,
+    job_args,
+    make_job,
+)
+from qdash_mp.models import Job
+
+__all__ = ["QdashMiddleware"]
+
+log = logging.getLogger("qdash_mp.integrations.dramatiq")
+
+
+class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
+    """Reports a Dramatiq broker's messages to qdash_mp; add it ``before=Retries``."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
+        self.clients = ProcessClient(socket_path)
+        self._starts: dict[str, float] = {}
+        self._broker: Any = None
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- process life
+
+    def after_process_boot(self, broker: Any) -> None:
+        self._broker = broker
+        names = [type(m).__name__ for m in broker.middleware]
+        if "Retries" in names and names.index("Retries") < names.index(type(self).__name__):
+            log.error(
+                "qdash_mp: QdashMiddleware was added after Retries; failed jobs will be counted "
+                "as retried. Use broker.add_middleware(QdashMiddleware(), before=Retries)."
+            )
+        queues = [q for q in broker.get_declared_queues() if q == q_name(q)]
+        self.clients.configure(self.requeue, queues)
+
+    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self.clients.close(5.0)
+
+    def requeue(self, job: Job) -> None:
+        """A dashboard retry: a new message through the broker; raises if it refuses."""
+        args, kwargs, queue = job_args(job)
+        broker = self._broker or dramatiq.get_broker()
+        actor = broker.get_actor(job.name)  # ActorNotFound if this worker lacks it
+        message: Any = dramatiq.Message(
+            queue_name=queue or actor.queue_name,
+            actor_name=job.name,
+            args=tuple(args),
+            kwargs=kwargs,
+            options={},
+        )
+        broker.enqueue(message)
+
+    # ---------------------------------------------------------------- messages
+
+    def after_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
+        options = message.options
+        if "retries" in options or (not delay and "eta" in options) or in_dashboard_retry():
+            # a library retry (counted as retried), a delayed message moved on, or a
+            # dashboard retry (the collector counts it)
+            return
+        self.clients.get().on_pushed(q_name(message.queue_name))
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        with self._lock:
+            self._starts[message.message_id] = time.perf_counter()
+        queue = q_name(message.queue_name)
+        runs = int(message.options.get("retries", 0) or 0) + 1
+        self.clients.get().on_started(queue, _job_of(message, queue, runs))
+
+    def _runtime(self, message: Any) -> float | None:
+        with self._lock:
+            t0 = self._starts.pop(message.message_id, None)
+        return None if t0 is None else time.perf_counter() - t0
+
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        runtime = self._runtime(message)
+        queue = q_name(message.queue_name)
+        client = self.clients.get()
+        if exception is None:
+            client.on_processed(queue, Job(message.message_id, message.actor_name), runtime)
+        elif getattr(message, "failed", False):
+            client.on_failed(queue, _job_of(message, queue), exception, runtime)
+        else:
+            client.on_retried(queue)
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        runtime = self._runtime(message)
+        if getattr(message, "failed", False):
+            queue = q_name(message.queue_name)
+            error = "skipped by a middleware (e.g. AgeLimit) and failed"
+            self.clients.get().on_failed(queue, _job_of(message, queue), error, runtime)
+
+
+def _job_of(message: Any, queue: str, runs: int | None = None) -> Job:
+    if runs is None:
+        # After a failure Retries has bumped "retries" already: it equals the runs made.
+        runs = int(message.options.get("retries", 0) or 0)
+    return make_job(
+        message.message_id,
+        message.actor_name,
+        message.args,
+        message.kwargs,
+        queue,
+        max(runs, 1),
+        message.message_timestamp / 1000.0,
+    )

@@ -1,0 +1,148 @@
+"""taskiq: ``QdashMiddleware`` for ``broker.add_middlewares(...)``, in workers and producers.
+
+==========================  ===============================================================
+qdash_mp event              taskiq hook
+==========================  ===============================================================
+pushed                      ``post_send`` of a new message (a retry carries ``_retries``)
+started                     ``pre_execute``
+processed (runtime)         ``post_execute`` with ``result.is_err`` false
+                            (``result.execution_time``)
+retried                     ``post_execute`` of an error after which a retry middleware
+                            (``SimpleRetryMiddleware``, ``SmartRetryMiddleware``) sent the
+                            same task id again from this process
+failed                      ``post_execute`` of an error not retried (the exception with
+                            its traceback is kept by ``on_error``)
+==========================  ===============================================================
+
+taskiq calls every ``on_error`` before any ``post_execute``, so the retry decision is known
+whatever the middleware order. The client is made in ``startup`` (each worker process runs
+the broker's startup; so does a producer); in a worker (``broker.is_worker_process``) it also
+registers the requeue route of the broker's queue, and a dashboard retry runs
+``broker.find_task(name).kiq(*args, **kwargs)`` on the worker's loop through
+``run_coroutine_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from typing import Any
+
+from taskiq import TaskiqMiddleware
+
+from qdash_mp.integrations._common import (
+    ProcessClient,
+    job_args,
+    make_job,
+)
+from qdash_mp.models import Job
+
+__all__ = ["QdashMiddleware"]
+
+_REQUEUE_TIMEOUT = 30.0
+_RETRY_LABEL = "_retries"
+
+
+class QdashMiddleware(TaskiqMiddleware):
+    """Reports a taskiq broker's tasks to qdash_mp."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        self.clients = ProcessClient(socket_path)
+        self._lock = threading.Lock()
+        self._errors: dict[str, BaseException] = {}
+        self._resent: set[str] = set()
+        self._runs: dict[str, int] = {}
+        self._requeued: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _queue(self, message: Any) -> str:
+        labels = getattr(message, "labels", None) or {}
+        name = labels.get("queue_name") or getattr(self.broker, "queue_name", None)
+        return str(name or "taskiq")
+
+    # ---------------------------------------------------------------- life
+
+    async def startup(self) -> None:
+        if not getattr(self.broker, "is_worker_process", False):
+            return  # a producer: its client is made on the first send
+        self._loop = asyncio.get_running_loop()
+        queue = str(getattr(self.broker, "queue_name", None) or "taskiq")
+        self.clients.configure(self.requeue, [queue])
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.clients.close, 5.0)
+
+    def requeue(self, job: Job) -> None:
+        """A dashboard retry (on the client's thread): ``kiq`` on the worker's loop."""
+        args, kwargs, queue = job_args(job)
+        task = self.broker.find_task(job.name)
+        if task is None:
+            raise LookupError(f"this worker has no task {job.name!r}")
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the worker's event loop is not running")
+        task_id = uuid.uuid4().hex
+        with self._lock:
+            self._requeued.add(task_id)  # post_send runs on the loop: not counted as pushed
+        kicker = task.kicker().with_task_id(task_id)
+        if queue is not None:
+            kicker = kicker.with_labels(queue_name=queue)
+        coro = kicker.kiq(*args, **kwargs)
+        try:
+            asyncio.run_coroutine_threadsafe(coro, loop).result(_REQUEUE_TIMEOUT)
+        finally:
+            with self._lock:
+                self._requeued.discard(task_id)
+
+    # ---------------------------------------------------------------- messages
+
+    def post_send(self, message: Any) -> None:
+        with self._lock:
+            if message.task_id in self._requeued:
+                return  # a dashboard retry: the collector counts it
+        if _RETRY_LABEL in message.labels:
+            with self._lock:
+                self._resent.add(message.task_id)  # seen by post_execute: a retry
+            return
+        self.clients.get().on_pushed(self._queue(message))
+
+    def pre_execute(self, message: Any) -> Any:
+        queue = self._queue(message)
+        job = _job_of(message, queue)
+        with self._lock:
+            # A retry middleware bumps the labels of this very message before post_execute.
+            self._runs[message.task_id] = job.attempts
+        self.clients.get().on_started(queue, job)
+        return message
+
+    def on_error(self, message: Any, result: Any, exception: BaseException) -> None:
+        with self._lock:
+            self._errors[message.task_id] = exception
+
+    def post_execute(self, message: Any, result: Any) -> None:
+        queue = self._queue(message)
+        client = self.clients.get()
+        runtime = getattr(result, "execution_time", None)
+        with self._lock:
+            error = self._errors.pop(message.task_id, None)
+            resent = message.task_id in self._resent
+            self._resent.discard(message.task_id)
+            runs = self._runs.pop(message.task_id, None)
+        if not result.is_err:
+            client.on_processed(queue, Job(message.task_id, message.task_name), runtime)
+        elif resent:
+            client.on_retried(queue)
+        else:
+            exc: BaseException | str = error if error is not None else str(result.error)
+            job = _job_of(message, queue)
+            if runs is not None:
+                job.attempts = runs
+            client.on_failed(queue, job, exc, runtime)
+
+
+def _job_of(message: Any, queue: str) -> Job:
+    runs = int(message.labels.get(_RETRY_LABEL, 0) or 0) + 1
+    return make_job(message.task_id, message.task_name, message.args, message.kwargs, queue, runs)

@@ -1,0 +1,52 @@
+"""Celery through a real ``celery worker -P prefork`` and a real Redis broker."""
+
+from __future__ import annotations
+
+import pytest
+
+from ._support import Env
+
+pytest.importorskip("celery")
+
+
+def _worker(env: Env, *extra: str) -> None:
+    env.spawn(
+        [env.bin("celery"), "-A", "it_celery", "worker", "-P", "prefork", "-c", "2",
+         "-Q", env.queue, "--without-heartbeat", "--without-gossip", "--without-mingle",
+         "-l", "warning", *extra],
+        "worker",
+    )  # fmt: skip
+
+
+def test_counts_failures_and_dashboard_retry(env: Env) -> None:
+    # max_tasks_per_child=1: every task ends its pool child through os._exit, so a count
+    # only arrives if the adapter closes the client on worker_process_shutdown.
+    _worker(env, "--max-tasks-per-child", "1")
+    try:
+        env.run([env.bin("python"), "it_celery.py", "6", "2", "1", "1"])
+        # 6 ok + 2 failed + 1 flaky (retried once, then ok) + 1 killed pool child (reported
+        # by the parent as WorkerLostError): pushed 10, processed 7, failed 3, retried 1.
+        env.wait_counts((10, 7, 3, 1))
+        lost = [f for f in env.failed() if f.job.name == "it.die"]
+        assert len(lost) == 1
+        assert lost[0].error.startswith("WorkerLostError"), lost[0].error
+        assert lost[0].job.payload == {"args": [0], "kwargs": {}, "queue": env.queue}
+        failed = [f for f in env.failed() if f.job.name != "it.die"]
+        failed.sort(key=lambda f: f.job.payload["args"][0])
+        assert [f.job.name for f in failed] == ["it.fail", "it.fail"]
+        assert [f.job.payload for f in failed] == [
+            {"args": [0], "kwargs": {"note": "n0"}, "queue": env.queue},
+            {"args": [1], "kwargs": {"note": "n1"}, "queue": env.queue},
+        ]
+        assert failed[0].error == "ValueError: boom 0"
+        assert 'raise ValueError(f"boom {x}")' in failed[0].traceback
+        assert "in fail" in failed[0].traceback
+
+        (env.marks / "fixed").touch()
+        env.retry(failed[1].id)
+        env.wait_mark("ok-1")
+        # the retry is pushed through Celery again and processed; the collector counts it.
+        env.wait_counts((11, 8, 3, 2))
+        assert sorted(f.id for f in env.failed()) == sorted([failed[0].id, lost[0].id])
+    finally:
+        env.stop_all()
