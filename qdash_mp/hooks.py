@@ -43,5 +43,5 @@ class Hooks:
     ) -> None:
         """A job of ``queue`` failed for good with ``error``."""
 
-    def on_retried(self, queue: str) -> None:
-        """A failed job of ``queue`` was re-enqueued."""
+    def on_retried(self, queue: str, job: Job | None = None) -> None:
+        """A job of ``queue`` will run again; ``job`` (if given) ends this attempt as active."""

@@ -74,6 +74,7 @@ __all__ = [
 _NO_COUNTS = (0, 0, 0, 0)
 _PROCESSED_ONE = (0, 1, 0, 0)
 _FAILED_ONE = (0, 0, 1, 0)
+_RETRIED_ONE = (0, 0, 0, 1)
 
 
 def _seconds(value: object) -> float | None:
@@ -157,8 +158,8 @@ class StatsBase(Hooks, abc.ABC):
         else:
             self._record(queue, _FAILED_ONE, 0, bucket_of(seconds), None)
 
-    def on_retried(self, queue: str) -> None:
-        """A failed job of ``queue`` was re-enqueued."""
+    def on_retried(self, queue: str, job: Job | None = None) -> None:
+        """A job of ``queue`` will run again (counted ``retried``)."""
         self.add(queue, retried=1)
 
 
@@ -308,6 +309,15 @@ class Stats(StatsBase):
     ) -> None:
         """A job of ``queue`` failed for good; ``runtime`` seconds, else measured."""
         self._finish(queue, job, runtime, _FAILED_ONE, "failed")
+
+    def on_retried(self, queue: str, job: Job | None = None) -> None:
+        """A job of ``queue`` will run again; ``job`` (if given) is no longer active here."""
+        job_id = None if job is None else getattr(job, "id", None)
+        with self._lock:
+            self._record_locked(queue, _RETRIED_ONE, 0, None, None, int(self._clock()))
+            entry = None if job_id is None else self._running.pop(str(job_id), None)
+            if entry is not None:
+                self._active[entry[0]] -= 1
 
     def _finish(
         self, queue: str, job: Job | None, runtime: object, deltas: Sequence[int], state: str

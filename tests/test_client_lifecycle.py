@@ -562,3 +562,28 @@ def test_a_finish_hook_bound_before_the_first_start_still_ends_the_job(where: Pa
         assert client._life.done_ids == {"q": 1}
     finally:
         client.close(timeout=0)
+
+
+def test_a_retried_attempt_is_no_longer_active(peer: Peer) -> None:
+    """A library retry ends the attempt here (the next may run in another process): counted
+    retried, not active, no runtime recorded. Without ``job`` only the count changes."""
+    client = make(peer)
+    try:
+        job = Job(id="r1", name="flaky")
+        client.on_started("q", job)
+        client.on_started("q", Job(id="r2", name="flaky"))
+        assert client.flush(WAIT)
+        assert totals(peer.batches())["active"] == {"q": 2}
+        client.on_retried("q", job)
+        client.on_retried("q")  # no job: r2 stays active
+        assert client.flush(WAIT)
+        t = totals(peer.batches())
+        assert t["active"] == {"q": 1}
+        jobs = t["jobs"]
+        assert isinstance(jobs, tuple)
+        assert [i for _, i, _, _ in jobs] == ["r2"]
+    finally:
+        client.close(WAIT)
+    t = totals(peer.batches())
+    assert t["counters"] == {"q": [0, 0, 0, 2]}
+    assert t["runtime"] == {}

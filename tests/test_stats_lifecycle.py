@@ -115,6 +115,20 @@ def test_jobs_without_ids_end_per_queue_and_never_go_negative() -> None:
     assert view.to_dict()["totals"]["runtime"] == LatencySummary(0).to_dict()
 
 
+def test_a_retried_attempt_is_no_longer_active() -> None:
+    stats = Stats()
+    stats.on_started("a", Job(id="r1", name="flaky"))
+    stats.on_started("a", Job(id="r2", name="flaky"))
+    assert stats.active("a") == 2
+    stats.on_retried("a", Job(id="r1", name="flaky"))
+    stats.on_retried("a")  # no job: only counted
+    stats.on_retried("a", Job(id="never-started", name="x"))
+    assert stats.active("a") == 1
+    q = stats.snapshot().queue("a")
+    assert q is not None
+    assert (q.retried, q.processed, q.failed, q.runtime.count) == (3, 0, 0, 0)
+
+
 def test_active_counts_are_exact_with_threads() -> None:
     stats = Stats()
     threads, per_thread = 8, 400

@@ -384,14 +384,26 @@ class Client(Hooks):
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
 
-    def on_retried(self, queue: str) -> None:
-        """A job of ``queue`` was retried."""
+    def on_retried(self, queue: str, job: Job | None = None) -> None:
+        """A job of ``queue`` will run again (a library retry, or a dashboard retry).
+
+        With ``job``, the attempt that ended in the retry stops being active here (it is
+        neither processed nor failed; its runtime is not recorded): the next attempt may start
+        in another process.
+        """
         try:
             self._retried[queue] += 1
         except KeyError:
             self._count_new(self._retried, queue)
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
+        if job is not None:
+            try:
+                # Only the entry goes: the attempt is neither processed nor failed, so the
+                # "done by id" count that balances finished jobs is not touched.
+                self._jobs.pop(job.id, None)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
 
     def on_failed(
         self,
@@ -565,9 +577,9 @@ class _LockedClient(Client):
         with self._lock:
             Client.on_processed(self, queue, job, runtime)
 
-    def on_retried(self, queue: str) -> None:
+    def on_retried(self, queue: str, job: Job | None = None) -> None:
         with self._lock:
-            Client.on_retried(self, queue)
+            Client.on_retried(self, queue, job)
 
     def on_failed(
         self,

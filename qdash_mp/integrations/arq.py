@@ -134,7 +134,7 @@ def _wrap(
             if job_try >= max_tries:
                 client.on_failed(queue, job(), exc, time.perf_counter() - t0)
             else:
-                client.on_retried(queue)
+                client.on_retried(queue, job())
             raise
         except asyncio.CancelledError as exc:
             runtime = time.perf_counter() - t0
@@ -143,7 +143,7 @@ def _wrap(
                 error.__cause__ = exc
                 client.on_failed(queue, job(), error, runtime)
             else:
-                client.on_retried(queue)  # shutdown or abort: arq runs it again
+                client.on_retried(queue, job())  # shutdown or abort: arq runs it again
             raise
         except Exception as exc:
             client.on_failed(queue, job(), exc, time.perf_counter() - t0)

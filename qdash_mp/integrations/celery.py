@@ -148,7 +148,9 @@ class CeleryAdapter:
     def task_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         task_id = getattr(request, "id", None)
         queue, _runtime = self._finish(task_id, sender)
-        self.clients.get().on_retried(queue)
+        name = getattr(sender, "name", "") or ""
+        # This attempt ends here (the retry may run in another pool child): not active any more.
+        self.clients.get().on_retried(queue, Job(str(task_id), name) if task_id else None)
 
     def process_shutdown(self, **_: Any) -> None:
         """A pool child is about to ``os._exit``: deliver what it counted."""

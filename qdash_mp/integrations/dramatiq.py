@@ -118,8 +118,8 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
             client.on_processed(queue, Job(message.message_id, message.actor_name), runtime)
         elif getattr(message, "failed", False):
             client.on_failed(queue, _job_of(message, queue), exception, runtime)
-        else:
-            client.on_retried(queue)
+        else:  # the attempt ends here; the next may run in another process
+            client.on_retried(queue, Job(message.message_id, message.actor_name))
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
         runtime = self._runtime(message)

@@ -117,7 +117,7 @@ class HueyAdapter:
 
     def retrying(self, signal: str, task: Any) -> None:
         task.__dict__[_RETRY_FLAG] = True  # seen by ``enqueued`` if it is re-enqueued now
-        self.clients.get().on_retried(self.queue)
+        self.clients.get().on_retried(self.queue, Job(task.id, self._name(task)))
 
     def failed(self, signal: str, task: Any, exc: BaseException | None = None) -> None:
         runtime = self._runtime(task)

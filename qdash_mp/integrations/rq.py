@@ -152,7 +152,8 @@ def _report(job: RqJob, queue: str, retries_before: tuple[int, int], measured: f
     after = _retry_state(job)
     retried = after[0] > retries_before[0] or after[1] > retries_before[1]
     if retried and status not in _FAILED_STATES:
-        client.on_retried(queue)  # RQ put it back: fewer retries left, or one more recorded
+        # RQ put it back (fewer retries left, or one more recorded); this attempt has ended
+        client.on_retried(queue, Job(job.id, job.func_name or ""))
     elif status == JobStatus.FINISHED:
         client.on_processed(queue, Job(job.id, job.func_name or ""), runtime)
     elif status in _FAILED_STATES:

@@ -134,7 +134,7 @@ class QdashMiddleware(TaskiqMiddleware):
         if not result.is_err:
             client.on_processed(queue, Job(message.task_id, message.task_name), runtime)
         elif resent:
-            client.on_retried(queue)
+            client.on_retried(queue, Job(message.task_id, message.task_name))
         else:
             exc: BaseException | str = error if error is not None else str(result.error)
             job = _job_of(message, queue)

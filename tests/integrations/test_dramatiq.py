@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ._support import Env
+from ._support import Env, wait_until
 
 pytest.importorskip("dramatiq")
 
@@ -21,6 +21,9 @@ def test_counts_retries_failures_and_dashboard_retry(env: Env) -> None:
         # Dramatiq, then failed once (retries exhausted). pushed 9, processed 6, failed 3,
         # retried 3.
         env.wait_counts((9, 6, 3, 3))
+        # Every attempt ended (processed, failed or retried): none stays active, though a
+        # retry may run in the other worker process.
+        wait_until(lambda: env.stat().active == 0, "active 0")
         assert len((env.marks / "doomed-0").read_text().splitlines()) == 3
         failed = {f.job.name: f for f in env.failed() if f.job.name == "it.doomed"}
         doomed = failed["it.doomed"]
