@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_durable_failed
 import bench_hook
 import bench_ingest
+import bench_memory
 import bench_scale
 from _common import BENCH_DIR, Config, Row, Target, machine_info, progress
 
@@ -32,6 +33,7 @@ BENCHES = {
     "ingest": bench_ingest.run,
     "durable_failed": bench_durable_failed.run,
     "scale": bench_scale.run,
+    "memory": bench_memory.run,
     "integrations": __import__("bench_integrations").run,
 }
 
