@@ -70,6 +70,8 @@ ROUTES: list[tuple[str, str, str, int]] = [
     ("GET", "/queues/api/health", "public", 200),
     ("GET", "/queues/login", "public", 200),
     ("GET", "/queues/static/qdash.css", "public", 200),
+    ("GET", "/favicon.ico", "public", 200),
+    ("GET", "/queues/api/events?once=1", "api", 200),
     ("POST", "/queues/failed/j1/retry", "mutate", 200),
     ("POST", "/queues/failed/j1/forget", "mutate", 200),
     ("POST", "/queues/failed/flush", "mutate", 200),
@@ -130,7 +132,7 @@ def make_app() -> tuple[web.Application, MemoryFailedJobs, list[Job], Stats]:
 
 
 def test_matrix_size() -> None:
-    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 152
+    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 168
 
 
 @pytest.mark.parametrize(("route", "condition"), CASES)

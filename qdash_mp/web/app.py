@@ -87,6 +87,7 @@ def create_app(
     app.on_response_prepare.append(dashboard.on_response_prepare)
 
     r = app.router
+    r.add_get("/favicon.ico", dashboard.favicon, name="qdash.favicon")
     r.add_get("/queues", dashboard.redirect_root, name="qdash.root")
     r.add_get("/queues/", dashboard.overview, name="qdash.overview")
     r.add_get("/queues/failed", dashboard.failed_list, name="qdash.failed")
