@@ -20,6 +20,7 @@ from qdash_mp.web import lifecycle_api
 from qdash_mp.web.access import SECRET, Access
 from qdash_mp.web.access_build import build_access
 from qdash_mp.web.authz import Authorize
+from qdash_mp.web.events import add_events_route
 from qdash_mp.web.guard import MAX_BODY
 from qdash_mp.web.openapi import add_openapi_route
 from qdash_mp.web.views import Dashboard
@@ -99,6 +100,7 @@ def create_app(
     r.add_get("/queues/api/failed", dashboard.api_failed, name="qdash.api.failed")
     r.add_get("/queues/api/failed/{id}", dashboard.api_job, name="qdash.api.job")
     lifecycle_api.add_routes(r, inspector)
+    add_events_route(app, inspector)
     r.add_static("/queues/static", STATIC_DIR, name="qdash.static")
     checks.add_routes(app, dashboard.render)
     add_openapi_route(app)
