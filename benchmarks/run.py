@@ -25,6 +25,7 @@ import bench_durable_failed
 import bench_hook
 import bench_ingest
 import bench_scale
+import bench_sse
 from _common import BENCH_DIR, Config, Row, Target, machine_info, progress
 
 BENCHES = {
@@ -32,6 +33,7 @@ BENCHES = {
     "ingest": bench_ingest.run,
     "durable_failed": bench_durable_failed.run,
     "scale": bench_scale.run,
+    "sse": bench_sse.run,
 }
 
 TARGETS = [
