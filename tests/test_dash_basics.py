@@ -56,3 +56,40 @@ async def test_error_page_issues_a_token_only_when_there_is_none(aiohttp_client:
     assert "qdash_csrf" in resp.cookies  # no cookie yet: its forms (log out) need one
     again = await client.get("/queues/failed/missing")
     assert "qdash_csrf" not in again.cookies
+
+
+async def test_control_characters_are_shown_escaped(aiohttp_client: Any) -> None:
+    stats = Stats()
+    failed = MemoryFailedJobs(requeue=lambda job: None).with_stats(stats)
+    evil = "gpj.\u202eexe\x00\u2066x\x1b[31m"
+    stats.on_pushed("queue" + evil)
+    job = Job(id="id" + evil, name="name" + evil, payload={"k": "payload" + evil})
+    record = failed.record(job, "queue" + evil, "error" + evil)
+    record.traceback = "trace" + evil
+    client = await aiohttp_client(create_app(new_inspector(stats, failed)))
+    from qdash_mp.web.urls import quote_id
+
+    pages = [
+        await (await client.get("/queues/failed")).text(),
+        await (await client.get("/queues/failed/" + quote_id(job.id))).text(),
+        await (await client.get("/queues/")).text(),
+    ]
+    for html in pages:
+        for raw in ("\u202e", "\x00", "\u2066", "\x1b"):
+            assert raw not in html
+        assert "gpj.\\u202eexe" in html
+    detail = pages[1]
+    for what in ("id", "name", "payload", "error", "trace"):
+        assert what + "gpj.\\u202eexe\\x00\\u2066x\\x1b[31m" in detail or (
+            # the payload is JSON: its own escapes for C0, ours for the bidi ones
+            what == "payload" and "payload" + "gpj.\\u202eexe\\u0000\\u2066x\\u001b[31m" in detail
+        ), what
+
+
+async def test_payload_that_is_a_json_document_is_pretty_printed(aiohttp_client: Any) -> None:
+    stats = Stats()
+    failed = MemoryFailedJobs(requeue=lambda job: None).with_stats(stats)
+    failed.record(Job(id="j", name="n", payload='{"to": ["a@b"]}'), "q", "boom")
+    client = await aiohttp_client(create_app(new_inspector(stats, failed)))
+    html = await (await client.get("/queues/failed/j")).text()
+    assert "{\n  &#34;to&#34;: [\n    &#34;a@b&#34;\n  ]\n}" in html
