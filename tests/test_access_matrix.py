@@ -61,6 +61,8 @@ ROUTES: list[tuple[str, str, str, int]] = [
     ("GET", "/queues/failed", "view", 200),
     ("GET", "/queues/failed/j1", "view", 200),
     ("GET", "/queues/audit", "view", 200),
+    ("GET", "/queues/workers", "view", 200),
+    ("GET", "/queues/q/default", "view", 200),
     ("GET", "/queues/api/stats", "api", 200),
     ("GET", "/queues/api/failed", "api", 200),
     ("GET", "/queues/api/failed/j1", "api", 200),
@@ -123,6 +125,7 @@ def make_app() -> tuple[web.Application, MemoryFailedJobs, list[Job], Stats]:
     requeued: list[Job] = []
     stats = Stats()
     failed = MemoryFailedJobs(requeue=requeued.append).with_stats(stats)
+    stats.on_pushed("default")  # the queue page needs a queue that reported
     for id in IDS:
         failed.record(Job(id=id, name="task", payload={"secret": id}), "default", "boom")
     inspector = new_inspector(stats, failed)
@@ -132,7 +135,7 @@ def make_app() -> tuple[web.Application, MemoryFailedJobs, list[Job], Stats]:
 
 
 def test_matrix_size() -> None:
-    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 168
+    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 184
 
 
 @pytest.mark.parametrize(("route", "condition"), CASES)

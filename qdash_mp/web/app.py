@@ -23,6 +23,7 @@ from qdash_mp.web.authz import Authorize
 from qdash_mp.web.events import add_events_route
 from qdash_mp.web.guard import MAX_BODY
 from qdash_mp.web.openapi import add_openapi_route
+from qdash_mp.web.pages import add_page_routes
 from qdash_mp.web.views import Dashboard
 
 __all__ = ["ACCESS", "DASHBOARD", "SAMPLER", "STATIC_DIR", "create_app"]
@@ -91,6 +92,7 @@ def create_app(
     r.add_get("/favicon.ico", dashboard.favicon, name="qdash.favicon")
     r.add_get("/queues", dashboard.redirect_root, name="qdash.root")
     r.add_get("/queues/", dashboard.overview, name="qdash.overview")
+    add_page_routes(r, dashboard)
     r.add_get("/queues/failed", dashboard.failed_list, name="qdash.failed")
     r.add_post("/queues/failed/flush", dashboard.flush, name="qdash.flush")
     r.add_get("/queues/failed/{id}", dashboard.job_page, name="qdash.job")

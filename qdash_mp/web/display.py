@@ -16,7 +16,17 @@ import markupsafe
 
 from qdash_mp.web.urls import addressable
 
-__all__ = ["clip", "epoch", "jsonable", "pretty", "rate", "template_env", "visible", "when"]
+__all__ = [
+    "clip",
+    "duration",
+    "epoch",
+    "jsonable",
+    "pretty",
+    "rate",
+    "template_env",
+    "visible",
+    "when",
+]
 
 _LIST_ERROR_CHARS = 200
 _PAYLOAD_MAX_CHARS = 64 * 1024
@@ -70,6 +80,22 @@ def rate(per_second: float) -> str:
     return f"{per_second:,.2f}"
 
 
+def duration(seconds: float | None) -> str:
+    """A runtime for people: ``850 µs``, ``12.5 ms``, ``3.20 s``, ``4m 05s`` (``—``: none)."""
+    if seconds is None:
+        return "—"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:,.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:,.1f} ms"
+    if seconds < 60:
+        return f"{seconds:,.2f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
 def pretty(payload: Any) -> str:
     """Payload as indented JSON (falling back to ``pprint``), cut at a readable size.
 
@@ -115,5 +141,6 @@ def template_env() -> jinja2.Environment:
     env.filters["when"] = when
     env.filters["epoch"] = epoch
     env.filters["clip"] = clip
+    env.filters["duration"] = duration
     env.tests["addressable"] = addressable
     return env
