@@ -33,9 +33,10 @@ async def embedded(aiohttp_client: Any) -> Any:
 async def test_overview_rows_link_to_the_queue_page(aiohttp_client: Any) -> None:
     client = await embedded(aiohttp_client)
     html = await (await client.get("/queues/")).text()
-    assert '<a href="/queues/q/mail%2Feu">mail/eu</a>' in html
-    for head in ("Active", "p50", "p99"):
-        assert f">{head}</th>" in html
+    assert '<td class="queue">mail/eu</td>' in html
+    assert '<a href="/queues/q/mail%2Feu" aria-label="Open queue mail/eu"' in html
+    for head in ("Active</span></th>", "p50</abbr></th>", "p99</abbr></th>"):
+        assert head in html
     assert "12.3 ms" in html  # the one runtime is every percentile
     assert 'href="/queues/workers"' in html
 
