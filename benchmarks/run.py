@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_durable_failed
 import bench_hook
 import bench_ingest
+import bench_integrations
 import bench_memory
 import bench_scale
+import bench_sse
 from _common import BENCH_DIR, Config, Row, Target, machine_info, progress
 
 BENCHES = {
@@ -34,7 +36,8 @@ BENCHES = {
     "durable_failed": bench_durable_failed.run,
     "scale": bench_scale.run,
     "memory": bench_memory.run,
-    "integrations": __import__("bench_integrations").run,
+    "integrations": bench_integrations.run,
+    "sse": bench_sse.run,
 }
 
 TARGETS = [

@@ -61,6 +61,8 @@ ROUTES: list[tuple[str, str, str, int]] = [
     ("GET", "/queues/failed", "view", 200),
     ("GET", "/queues/failed/j1", "view", 200),
     ("GET", "/queues/audit", "view", 200),
+    ("GET", "/queues/workers", "view", 200),
+    ("GET", "/queues/q/default", "view", 200),
     ("GET", "/queues/api/stats", "api", 200),
     ("GET", "/queues/api/failed", "api", 200),
     ("GET", "/queues/api/failed/j1", "api", 200),
@@ -70,6 +72,8 @@ ROUTES: list[tuple[str, str, str, int]] = [
     ("GET", "/queues/api/health", "public", 200),
     ("GET", "/queues/login", "public", 200),
     ("GET", "/queues/static/qdash.css", "public", 200),
+    ("GET", "/favicon.ico", "public", 200),
+    ("GET", "/queues/api/events?once=1", "api", 200),
     ("POST", "/queues/failed/j1/retry", "mutate", 200),
     ("POST", "/queues/failed/j1/forget", "mutate", 200),
     ("POST", "/queues/failed/flush", "mutate", 200),
@@ -121,6 +125,7 @@ def make_app() -> tuple[web.Application, MemoryFailedJobs, list[Job], Stats]:
     requeued: list[Job] = []
     stats = Stats()
     failed = MemoryFailedJobs(requeue=requeued.append).with_stats(stats)
+    stats.on_pushed("default")  # the queue page needs a queue that reported
     for id in IDS:
         failed.record(Job(id=id, name="task", payload={"secret": id}), "default", "boom")
     inspector = new_inspector(stats, failed)
@@ -130,7 +135,7 @@ def make_app() -> tuple[web.Application, MemoryFailedJobs, list[Job], Stats]:
 
 
 def test_matrix_size() -> None:
-    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 152
+    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 184
 
 
 @pytest.mark.parametrize(("route", "condition"), CASES)

@@ -20,8 +20,10 @@ from qdash_mp.web import lifecycle_api
 from qdash_mp.web.access import SECRET, Access
 from qdash_mp.web.access_build import build_access
 from qdash_mp.web.authz import Authorize
+from qdash_mp.web.events import add_events_route
 from qdash_mp.web.guard import MAX_BODY
 from qdash_mp.web.openapi import add_openapi_route
+from qdash_mp.web.pages import add_page_routes
 from qdash_mp.web.views import Dashboard
 
 __all__ = ["ACCESS", "DASHBOARD", "SAMPLER", "STATIC_DIR", "create_app"]
@@ -87,8 +89,10 @@ def create_app(
     app.on_response_prepare.append(dashboard.on_response_prepare)
 
     r = app.router
+    r.add_get("/favicon.ico", dashboard.favicon, name="qdash.favicon")
     r.add_get("/queues", dashboard.redirect_root, name="qdash.root")
     r.add_get("/queues/", dashboard.overview, name="qdash.overview")
+    add_page_routes(r, dashboard)
     r.add_get("/queues/failed", dashboard.failed_list, name="qdash.failed")
     r.add_post("/queues/failed/flush", dashboard.flush, name="qdash.flush")
     r.add_get("/queues/failed/{id}", dashboard.job_page, name="qdash.job")
@@ -98,6 +102,7 @@ def create_app(
     r.add_get("/queues/api/failed", dashboard.api_failed, name="qdash.api.failed")
     r.add_get("/queues/api/failed/{id}", dashboard.api_job, name="qdash.api.job")
     lifecycle_api.add_routes(r, inspector)
+    add_events_route(app, inspector)
     r.add_static("/queues/static", STATIC_DIR, name="qdash.static")
     checks.add_routes(app, dashboard.render)
     add_openapi_route(app)

@@ -51,6 +51,7 @@ PUBLIC_ROUTES = frozenset(
         "qdash.login.post",
         "qdash.logout",
         "qdash.static",
+        "qdash.favicon",
         "qdash.root",
         "qdash.api.health",
     )

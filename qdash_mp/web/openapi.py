@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from qdash_mp.web import lifecycle_api
+from qdash_mp.web import events, lifecycle_api
 
 __all__ = ["OPENAPI", "add_openapi_route"]
 
@@ -245,6 +245,7 @@ OPENAPI: dict[str, Any] = {
 
 OPENAPI["paths"].update(lifecycle_api.OPENAPI_PATHS)  # history, workers, pending, recent
 OPENAPI["components"]["schemas"].update(lifecycle_api.OPENAPI_SCHEMAS)
+OPENAPI["paths"].update(events.OPENAPI_PATHS)
 _BODY = json.dumps(OPENAPI, indent=1).encode()
 
 

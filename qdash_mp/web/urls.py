@@ -57,6 +57,13 @@ class Urls:
     def forget(self, id: str) -> str:
         return f"{self.base}failed/{quote_id(id)}/forget"
 
+    def queue(self, name: str) -> str:
+        return f"{self.base}q/{quote_id(name)}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.base}workers"
+
     @property
     def flush(self) -> str:
         return f"{self.base}failed/flush"

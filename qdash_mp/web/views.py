@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jinja2
@@ -43,6 +44,8 @@ __all__ = ["REFRESH_SECONDS", "Dashboard", "FailedDetails"]
 
 log = logging.getLogger("qdash_mp.web.views")
 
+FAVICON = Path(__file__).resolve().parent.parent / "static" / "favicon.svg"
+
 REFRESH_SECONDS = 5
 """The overview reloads itself this often."""
 
@@ -60,6 +63,19 @@ class FailedDetails(Protocol):
     async def failed_job(self, id: str) -> FailedJob:
         """The full record of ``id``; ``NotFound`` if unknown."""
         ...
+
+
+def _in_scope(request: web.Request, base: str, *, rotate: bool) -> bool:
+    """Whether a reply may set the CSRF cookie (scoped to ``base``).
+
+    Not outside ``base``: the browser never sends the cookie there (``/favicon.ico``), so the
+    request looks tokenless, and a fresh cookie would replace the valid one the open pages'
+    forms carry. Error pages (``rotate=False``) never replace a cookie the request carried.
+    """
+    path = LINK_PREFIX.get() + request.path
+    if not (path + "/").startswith(base):
+        return False
+    return rotate or csrf.CSRF_COOKIE not in request.cookies
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +160,8 @@ class Dashboard:
             urls=urls, csrf_token=token, csrf_field=csrf.CSRF_FIELD, flash=flash, **context
         )
         response = web.Response(text=html, content_type="text/html", status=status)
-        csrf.set_token_cookie(response, token, urls.base, secure=request.secure)
+        if _in_scope(request, urls.base, rotate=status < 400):
+            csrf.set_token_cookie(response, token, urls.base, secure=request.secure)
         if raw_flash is not None:
             response.del_cookie(FLASH_COOKIE, path=urls.base)
         return response
@@ -193,6 +210,10 @@ class Dashboard:
             raise web.HTTPBadRequest(text=str(exc)) from None
 
     # -- pages -------------------------------------------------------------------------------
+
+    async def favicon(self, request: web.Request) -> web.FileResponse:
+        """``/favicon.ico``: browsers ask the root for it; answer with the SVG, not a 404."""
+        return web.FileResponse(FAVICON, headers={"Content-Type": "image/svg+xml"})
 
     async def redirect_root(self, request: web.Request) -> web.Response:
         return web.Response(status=301, headers={"Location": self.urls().overview})

@@ -1,0 +1,80 @@
+"""The lifecycle pages: ``/queues/workers`` (who works on what, since when) and
+``/queues/q/{queue}`` (one queue's counters, runtimes, pending/recent jobs when tracked).
+
+They read what the inspector offers (``workers``, ``pending``, ``recent`` are optional: the
+embedded ``LocalInspector`` has no workers) and render through ``Dashboard.render``, so they
+get the same look, CSRF cookie and access checks as every page (route names ``qdash.workers``
+and ``qdash.queue``: ``view``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from qdash_mp.models import QueueStat
+from qdash_mp.web.views import Dashboard
+
+__all__ = ["add_page_routes"]
+
+
+class _Pages:
+    def __init__(self, dashboard: Dashboard) -> None:
+        self.d = dashboard
+
+    async def workers(self, request: web.Request) -> web.Response:
+        ins: Any = self.d.inspector
+        known = hasattr(ins, "workers")
+        workers = list(await ins.workers()) if known else []
+        # connected first, then by name; gone ones stay listed (greyed) until the collector
+        # forgets them
+        workers.sort(key=lambda w: (w.state != "connected", w.name, w.pid))
+        return self.d.render(
+            request,
+            "workers.html",
+            active="workers",
+            workers=workers,
+            known=known,
+            now=time.time(),
+            failed_total=await self._failed_total(),
+        )
+
+    async def queue(self, request: web.Request) -> web.Response:
+        name = request.match_info["queue"]
+        view = await self.d.inspector.stats()
+        stat = next((q for q in view.queues if q.queue == name), None)
+        if stat is None:
+            raise web.HTTPNotFound(text=f"No queue {name!r} has reported.")
+        ins: Any = self.d.inspector
+        pending = list(await ins.pending(name, 1)) if hasattr(ins, "pending") else []
+        recent = list(await ins.recent(name, 1)) if hasattr(ins, "recent") else []
+        return self.d.render(
+            request,
+            "queue.html",
+            active="overview",
+            stat=stat,
+            per_second=self._per_second(stat),
+            pending=pending,
+            recent=recent,
+            now=time.time(),
+            failed_total=await self._failed_total(),
+        )
+
+    def _per_second(self, stat: QueueStat) -> float:
+        sampler = self.d.sampler
+        if len(sampler.window(stat.queue)) >= 2:
+            return sampler.rate(stat.queue) / 60.0
+        return stat.throughput
+
+    async def _failed_total(self) -> int | None:
+        details = self.d.details
+        return await details.failed_count() if details is not None else None
+
+
+def add_page_routes(router: web.UrlDispatcher, dashboard: Dashboard) -> None:
+    """``GET /queues/workers`` and ``GET /queues/q/{queue}``."""
+    pages = _Pages(dashboard)
+    router.add_get("/queues/workers", pages.workers, name="qdash.workers")
+    router.add_get("/queues/q/{queue}", pages.queue, name="qdash.queue")

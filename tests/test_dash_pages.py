@@ -1,0 +1,122 @@
+"""The workers page, the queue page and the overview's lifecycle columns (issue 10)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from qdash_testing.collector import run_module, short_dir
+
+from qdash_mp import Job, MemoryFailedJobs, Stats, create_app, new_inspector
+from qdash_mp.collector import Collector
+from qdash_mp.settings import CollectorSettings
+
+TIMEOUT = 10.0
+
+
+async def embedded(aiohttp_client: Any) -> Any:
+    stats = Stats(track_jobs=True)
+    failed = MemoryFailedJobs(requeue=lambda job: None).with_stats(stats)
+    stats.on_pushed("mail/eu", Job(id="p1", name="send", payload={}))
+    stats.on_pushed("mail/eu", Job(id="r1", name="send", payload={}))
+    stats.on_started("mail/eu", Job(id="r1", name="send", payload={}))
+    stats.on_processed("mail/eu", Job(id="r1", name="send", payload={}), runtime=0.0123)
+    failed.record(Job(id="f1", name="send", payload={}), "mail/eu", "boom")
+    return await aiohttp_client(create_app(new_inspector(stats, failed)))
+
+
+async def test_overview_rows_link_to_the_queue_page(aiohttp_client: Any) -> None:
+    client = await embedded(aiohttp_client)
+    html = await (await client.get("/queues/")).text()
+    assert '<td class="queue">mail/eu</td>' in html
+    assert '<a href="/queues/q/mail%2Feu" aria-label="Open queue mail/eu"' in html
+    for head in ("Active</span></th>", "p50</abbr></th>", "p99</abbr></th>"):
+        assert head in html
+    assert "12.3 ms" in html  # the one runtime is every percentile
+    assert 'href="/queues/workers"' in html
+
+
+async def test_queue_page(aiohttp_client: Any) -> None:
+    client = await embedded(aiohttp_client)
+    resp = await client.get("/queues/q/mail%2Feu")
+    assert resp.status == 200
+    html = await resp.text()
+    assert '<h1>Queue <span class="queue">mail/eu</span></h1>' in html
+    assert "<dt>Pushed</dt><dd>2</dd>" in html
+    assert "p50 12.3 ms" in html
+    assert ">p1</td>" in html  # pending (tracked)
+    assert ">r1</td>" in html  # recently finished
+    assert (await client.get("/queues/q/nope")).status == 404
+
+
+async def test_workers_page_embedded_says_it_does_not_know(aiohttp_client: Any) -> None:
+    client = await embedded(aiohttp_client)
+    html = await (await client.get("/queues/workers")).text()
+    assert "does not know its workers" in html
+
+
+@pytest.fixture
+def settings() -> Iterator[CollectorSettings]:
+    d = short_dir()
+    yield CollectorSettings(data_dir=d, http_port=0, tick_interval=0.02)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def collector(settings: CollectorSettings) -> AsyncIterator[Collector]:
+    c = Collector(settings)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+async def page(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_workers_page_shows_who_works_on_what_and_greys_the_gone(
+    collector: Collector,
+) -> None:
+    sock = str(collector.settings.socket)
+    proc = run_module(
+        "qdash_testing.lifecycle", mode="worker", socket=sock, name="w-one", queue="mail"
+    )
+    url = f"{collector.http_url}/queues/workers"
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "started"
+        html = await page(url)
+        assert "<td>w-one</td>" in html
+        assert f"<td>{socket.gethostname()}</td>" in html
+        assert f'<td class="num">{proc.pid}</td>' in html
+        assert '· work <span class="id">w-one-1</span>' in html
+        assert 'class="gone"' not in html
+        proc.stdin.write("finish\n")
+        proc.stdin.flush()
+        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "done"
+        proc.stdin.close()
+        assert await asyncio.to_thread(proc.wait, TIMEOUT) == 0
+        for _ in range(int(TIMEOUT / 0.02)):
+            html = await page(url)
+            if 'class="gone"' in html:
+                break
+            await asyncio.sleep(0.02)
+        assert '<tr class="gone">' in html
+        assert "idle" in html
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
