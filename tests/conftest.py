@@ -1,6 +1,7 @@
 """Shared fixtures: the ones in ``qdash_testing.fixtures`` (collector processes, short dirs,
-clients, an in-process collector), ``qdash_collector`` from ``qdash_mp.testing``, and for the
-web tests a real dashboard app served by pytest-aiohttp plus a CSRF token getter."""
+clients, an in-process collector), the journal tests' ``root`` / ``jdir``, ``qdash_collector``
+from ``qdash_mp.testing``, and for the web tests a real dashboard app served by pytest-aiohttp
+plus a CSRF token getter."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from qdash_testing.fixtures import (  # noqa: F401  (registers them for every te
     running_collector,
 )
 from qdash_testing.http import csrf_token_in
+from qdash_testing.journal import jdir, root  # noqa: F401  (the journal tests' temp dirs)
 
 from qdash_mp import Inspector, create_app
 from qdash_mp.testing import qdash_collector  # noqa: F401  (registers the shipped fixture)

@@ -16,12 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from typing import Any
 import msgpack
 import pytest
 from qdash_testing.journal import (
-    SHM,
     T0,
     Clock,
     fj,
@@ -49,19 +47,6 @@ from qdash_mp.journal import (
 )
 from qdash_mp.models import FailedJob, Job
 from qdash_mp.records import pack_failed_fields
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="qj-", dir=SHM))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def jdir(root: Path) -> Path:
-    return root / "journal"
-
 
 # -- basics ------------------------------------------------------------------------------------
 

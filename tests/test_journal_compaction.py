@@ -4,14 +4,10 @@ live set is kept, commits and flushes during a compaction are kept.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from qdash_testing.journal import (
-    SHM,
     T0,
     Clock,
     fj,
@@ -26,19 +22,6 @@ from qdash_mp.journal import (
     Journal,
     SimulatedCrash,
 )
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="qj-", dir=SHM))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def jdir(root: Path) -> Path:
-    return root / "journal"
-
 
 # -- compaction --------------------------------------------------------------------------------
 

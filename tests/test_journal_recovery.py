@@ -9,17 +9,15 @@ import logging
 import random
 import shutil
 import struct
-import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import msgpack
 import pytest
 from qdash_testing.journal import (
-    SHM,
     T0,
     commit_ends,
     fj,
@@ -36,19 +34,6 @@ from qdash_mp.journal import (
     record_header,
 )
 from qdash_mp.models import FailedJob, Job
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="qj-", dir=SHM))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def jdir(root: Path) -> Path:
-    return root / "journal"
-
 
 # -- torn tails, bit flips, bad records --------------------------------------------------------
 

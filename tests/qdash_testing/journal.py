@@ -7,15 +7,22 @@ fsync is cheap, so the every-offset and bit-flip loops stay fast.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from qdash_mp.journal import HEADER, Journal, RecordType
 from qdash_mp.models import FailedJob, Job
 
 __all__ = [
     "SHM",
+    "jdir",
+    "root",
     "T0",
     "Clock",
     "commit_ends",
@@ -100,3 +107,17 @@ def records(data: bytes) -> list[tuple[int, int, int]]:
         out.append((pos, HEADER.size + n, rtype))
         pos += HEADER.size + n
     return out
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A fresh short temp dir (on tmpfs when there is one), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="qj-", dir=SHM))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def jdir(root: Path) -> Path:
+    """Where a test's journal lives (created by ``Journal.open``)."""
+    return root / "journal"
