@@ -9,18 +9,16 @@ snapshot (gauges). Also: version negotiation with a v1 collector, and deltas abo
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib.util
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from qdash_testing.collector import CollectorProc, short_dir, wait_for
+from qdash_testing.peer import WAIT, Peer
 
 from qdash_mp.client import Client, _LockedClient
 from qdash_mp.client.batcher import Batcher
@@ -29,7 +27,6 @@ from qdash_mp.histogram import bucket_of
 from qdash_mp.models import Job
 from qdash_mp.wire import (
     MAX_DELTA,
-    Ack,
     Batch,
     ErrorCode,
     ErrorMsg,
@@ -37,89 +34,7 @@ from qdash_mp.wire import (
     Hello,
     Message,
     Welcome,
-    encode,
 )
-
-WAIT = 10.0
-
-
-@dataclass
-class Conn:
-    hello: Hello | None = None
-    batches: list[Batch] = field(default_factory=list)
-
-
-class Peer:
-    """Answers HELLO with ``answer(n, hello)``; ACKs every batch (connection ``n`` hangs up
-    after ``hang_up_after`` batches of it, unACKed, if set); records everything."""
-
-    def __init__(
-        self,
-        path: str,
-        answer: Callable[[int, Hello], Message],
-        hang_up_after: int | None = None,
-    ) -> None:
-        self.answer = answer
-        self.hang_up_after = hang_up_after
-        self.conns: list[Conn] = []
-        self.lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(8)
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with sock:
-                self._serve(sock)
-
-    def _serve(self, sock: socket.socket) -> None:
-        conn = Conn()
-        with self.lock:
-            self.conns.append(conn)
-            n = len(self.conns)
-        decoder = FrameDecoder()
-        sock.settimeout(WAIT)
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            for msg in decoder.feed(data):
-                if isinstance(msg, Hello):
-                    conn.hello = msg
-                    reply = self.answer(n, msg)
-                    sock.sendall(encode(reply))
-                    if isinstance(reply, ErrorMsg):
-                        return
-                elif isinstance(msg, Batch):
-                    with self.lock:
-                        conn.batches.append(msg)
-                    if n == 1 and self.hang_up_after == len(conn.batches):
-                        return
-                    sock.sendall(encode(Ack(seq=msg.seq)))
-
-    def batches(self) -> list[Batch]:
-        """Every batch received once (a resent seq of the same client id counted once)."""
-        seen: dict[tuple[str, int], Batch] = {}
-        with self.lock:
-            for c in self.conns:
-                assert c.hello is not None
-                for b in c.batches:
-                    seen.setdefault((c.hello.client_id, b.seq), b)
-        return list(seen.values())
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
 
 
 def welcome_v2(n: int, hello: Hello) -> Message:

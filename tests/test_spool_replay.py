@@ -7,105 +7,25 @@ against the real collector are in ``test_spool.py``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from qdash_testing.collector import short_dir, wait_for
+from qdash_testing.peer import WAIT, Peer
 
 from qdash_mp.client import Replayer, SpoolFile
 from qdash_mp.wire import (
-    Ack,
     Batch,
     ErrorCode,
     ErrorMsg,
-    FrameDecoder,
     Hello,
     Message,
     Welcome,
     encode,
 )
-
-WAIT = 10.0
-
-
-@dataclass
-class Conn:
-    hello: Hello | None = None
-    seqs: list[int] = field(default_factory=list)
-
-
-Script = Callable[[int, Hello], Message]
-"""Connection number (1-based) and its HELLO -> the answer (WELCOME or ERROR)."""
-
-
-class Peer:
-    """Accepts connections; answers HELLO with ``answer``; ACKs every batch at once, except
-    that a connection closes after ``hang_up_after`` batches (if set) without ACKing them.
-    """
-
-    def __init__(self, path: str, answer: Script, hang_up_after: int | None = None) -> None:
-        self.answer = answer
-        self.hang_up_after = hang_up_after
-        self.conns: list[Conn] = []
-        self.lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(8)
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with sock:
-                self._serve(sock)
-
-    def _serve(self, sock: socket.socket) -> None:
-        conn = Conn()
-        with self.lock:
-            self.conns.append(conn)
-            n = len(self.conns)
-        decoder = FrameDecoder()
-        sock.settimeout(WAIT)
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            for msg in decoder.feed(data):
-                if isinstance(msg, Hello):
-                    conn.hello = msg
-                    reply = self.answer(n, msg)
-                    sock.sendall(encode(reply))
-                    if isinstance(reply, ErrorMsg):
-                        return
-                elif isinstance(msg, Batch):
-                    with self.lock:
-                        conn.seqs.append(msg.seq)
-                    if n == 1 and self.hang_up_after == len(conn.seqs):
-                        return
-                    sock.sendall(encode(Ack(seq=msg.seq)))
-
-    def received(self) -> list[list[int]]:
-        with self.lock:
-            return [list(c.seqs) for c in self.conns]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
 
 
 @pytest.fixture
