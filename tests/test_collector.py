@@ -8,11 +8,9 @@ hostile cases) raw bytes on the socket.
 from __future__ import annotations
 
 import contextlib
-import http.cookiejar
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import stat
@@ -21,9 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +26,8 @@ from typing import Any
 import msgpack
 import pytest
 from qdash_testing.collector import CollectorProc, run_module, run_worker, short_dir, wait_for
+from qdash_testing.http import JSON_TYPE, DashboardSession
+from qdash_testing.http import get_json as http_get_json
 
 from qdash_mp.journal import Journal, RecordType, record_header
 from qdash_mp.wire import (
@@ -62,9 +59,7 @@ def collector(data_dir: Path) -> Iterator[CollectorProc]:
 
 
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
-        return json.loads(resp.read())
+    return http_get_json(url, content_type=JSON_TYPE)
 
 
 def qdash_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -82,33 +77,6 @@ def cli_stats(data_dir: Path) -> Any:
     out = qdash_cli("stats", "--data-dir", str(data_dir), "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-class DashboardSession:
-    """A browser-like HTTP session: cookie jar plus the CSRF token from the failed page."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        with self.opener.open(base + "/queues/failed", timeout=10) as resp:
-            match = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode())
-        assert match is not None
-        self.token = match.group(1)
-
-    def post(self, path: str, token: str | None = None) -> tuple[int, Any]:
-        """POST a form asking for JSON; ``(status, body)``, also for 4xx/5xx answers."""
-        req = urllib.request.Request(
-            self.base + path,
-            data=urllib.parse.urlencode({"csrf_token": token or self.token}).encode(),
-            method="POST",
-            headers={"Accept": "application/json"},
-        )
-        try:
-            with self.opener.open(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
 
 
 def finish(worker: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
