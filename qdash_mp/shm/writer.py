@@ -358,11 +358,60 @@ class SharedStats(StatsBase):
             # 2. Grow first if the block is too small (the plan's indexes stay valid).
             if count + len(new) > seg.layout.capacity or slot >= seg.layout.clients:
                 seg = self._grow(count + len(new), max(len(self._clients), slot + 1))
-            # 3. One write section: new directory entries, then the redo-logged records and
-            # client entry, committed by one store.
+            # 3. The redo-logged records and client entry, then one write section: new
+            # directory entries, the commit store, the copy back.
             q, buf, lay, ring = seg.q, seg.buf, seg.layout, self._ring
             rs, rec0, log0, ls = lay.rec_slots, lay.rec_slot, lay.log_slot, lay.log_slots
             hs = lay.head_slots
+            # 3a. The redo log first, outside the write section: readers never read it, and
+            # it counts only once LOG_COUNT says so (set inside). A short section keeps
+            # readers' copies of the (large) records from being starved by a busy writer.
+            # A log entry: [target, slots to copy back, payload]. A record whose histograms
+            # do not change logs (and copies back) only its head.
+            logged: dict[int, int] = {}
+            for idx, deltas in plan:
+                if not any(deltas):
+                    continue
+                e = logged.get(idx)
+                if e is None:
+                    n = rs if idx in full else hs
+                    e = logged[idx] = log0 + len(logged) * ls + 2
+                    r = rec0 + idx * rs
+                    q[e - 2] = idx
+                    q[e - 1] = n
+                    q[e : e + n] = q[r : r + n]
+                apply_deltas(q, e, ring, deltas, now)  # saturates: cannot raise on a value
+            for idx, n, runtime, wait in extra:
+                e = logged.get(idx)
+                if e is None:
+                    size = rs if idx in full else hs
+                    e = logged[idx] = log0 + len(logged) * ls + 2
+                    r = rec0 + idx * rs
+                    q[e - 2] = idx
+                    q[e - 1] = size
+                    q[e : e + size] = q[r : r + size]
+                if n:
+                    apply_started(q, e, n)
+                apply_hist(q, e, ring, runtime, wait)  # validated above; saturates
+            entries = len(logged)
+            d = 0
+            if slot >= 0:
+                d = log0 + entries * ls + 2
+                q[d - 2] = -1 - slot
+                q[d - 1] = CLIENT_SLOTS
+                if claim:  # a new client, in a free entry or a forgotten client's
+                    at = 8 * d
+                    CLIENT_HEAD.pack_into(buf, at, len(claim), client_seq, now)
+                    buf[at + 24 : at + CLIENT_ENTRY_SIZE] = claim.ljust(
+                        CLIENT_ENTRY_SIZE - 24, b"\0"
+                    )
+                else:
+                    c = lay.client_slot(slot)
+                    q[d : d + CLIENT_SLOTS] = q[c : c + CLIENT_SLOTS]
+                    q[d + 1] = client_seq
+                    q[d + 2] = now
+                entries += 1
+            # 3b. The write section (readers retry while it is open).
             hook = _fault_hook
             seq = seg.begin()
             try:
@@ -375,51 +424,6 @@ class SharedStats(StatsBase):
                     self._names.extend(key for key, _ in new)
                 if fresh:
                     index.update(fresh)
-                # A log entry: [target, slots to copy back, payload]. A record whose histograms
-                # do not change logs (and copies back) only its head.
-                logged: dict[int, int] = {}
-                for idx, deltas in plan:
-                    if not any(deltas):
-                        continue
-                    e = logged.get(idx)
-                    if e is None:
-                        n = rs if idx in full else hs
-                        e = logged[idx] = log0 + len(logged) * ls + 2
-                        r = rec0 + idx * rs
-                        q[e - 2] = idx
-                        q[e - 1] = n
-                        q[e : e + n] = q[r : r + n]
-                    apply_deltas(q, e, ring, deltas, now)  # saturates: cannot raise on a value
-                for idx, n, runtime, wait in extra:
-                    e = logged.get(idx)
-                    if e is None:
-                        size = rs if idx in full else hs
-                        e = logged[idx] = log0 + len(logged) * ls + 2
-                        r = rec0 + idx * rs
-                        q[e - 2] = idx
-                        q[e - 1] = size
-                        q[e : e + size] = q[r : r + size]
-                    if n:
-                        apply_started(q, e, n)
-                    apply_hist(q, e, ring, runtime, wait)  # validated above; saturates
-                entries = len(logged)
-                d = 0
-                if slot >= 0:
-                    d = log0 + entries * ls + 2
-                    q[d - 2] = -1 - slot
-                    q[d - 1] = CLIENT_SLOTS
-                    if claim:  # a new client, in a free entry or a forgotten client's
-                        at = 8 * d
-                        CLIENT_HEAD.pack_into(buf, at, len(claim), client_seq, now)
-                        buf[at + 24 : at + CLIENT_ENTRY_SIZE] = claim.ljust(
-                            CLIENT_ENTRY_SIZE - 24, b"\0"
-                        )
-                    else:
-                        c = lay.client_slot(slot)
-                        q[d : d + CLIENT_SLOTS] = q[c : c + CLIENT_SLOTS]
-                        q[d + 1] = client_seq
-                        q[d + 2] = now
-                    entries += 1
                 if hook is not None:
                     hook("log")
                 if entries:
