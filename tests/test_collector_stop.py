@@ -136,3 +136,20 @@ def test_full_disk_at_stop_keeps_the_counts(small_fs: Path) -> None:
         assert (small_fs / "counters.snapshot").exists()
     finally:
         proc.cleanup()
+
+
+def test_sigterm_as_soon_as_it_is_ready_stops_it_cleanly() -> None:
+    """``collector.json`` (what supervisors and tests wait for) is written during start: a
+    SIGTERM sent the moment it appears must find the handlers installed — a clean stop, exit
+    0, counters saved, no segment left — not the default action (exit -15, state left)."""
+    data_dir = short_dir()
+    proc = CollectorProc(data_dir, args=("--no-http",))
+    try:
+        for _ in range(5):
+            proc.start()
+            shm = proc.shm
+            assert proc.stop() == 0, proc.logs()
+            assert not Path("/dev/shm", shm).exists()
+            assert (data_dir / "counters.snapshot").exists()
+    finally:
+        proc.cleanup()

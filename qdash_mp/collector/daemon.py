@@ -400,10 +400,10 @@ async def serve(
 ) -> None:
     """Run a collector until SIGTERM/SIGINT, then stop it cleanly.
 
-    The signal handlers stay installed while stopping: a second signal is logged, not fatal.
+    The signal handlers are installed before the collector starts (``collector.json``, the
+    sign that it is ready, is written during ``start``: a signal sent on seeing it must find
+    them) and stay installed while stopping: a second signal is logged, not fatal.
     """
-    collector = Collector(settings)
-    await collector.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -415,17 +415,19 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        if ready is not None:
-            result = ready(collector)
-            if inspect.isawaitable(result):
-                await result
-        await stop.wait()
-    finally:
+        collector = Collector(settings)
+        await collector.start()
         try:
-            await collector.stop()
+            if ready is not None:
+                result = ready(collector)
+                if inspect.isawaitable(result):
+                    await result
+            await stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            await collector.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def run(settings: CollectorSettings) -> None:
