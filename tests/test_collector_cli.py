@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from qdash_testing.collector import CollectorProc, short_dir
+from qdash_testing.mounts import mounted_tmpfs
 
 from qdash_mp import __version__
 from qdash_mp.settings import CollectorSettings
@@ -127,23 +128,8 @@ def test_data_dir_under_a_file(data_dir: Path) -> None:
 
 @pytest.fixture
 def read_only_dir() -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    d = short_dir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        d.rmdir()
-        pytest.skip(f"mount not permitted here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs("ro,size=64k", "a read-only tmpfs") as d:
         yield d
-    finally:
-        subprocess.run(["umount", str(d)], check=False)
-        d.rmdir()
 
 
 def test_read_only_data_dir(read_only_dir: Path) -> None:

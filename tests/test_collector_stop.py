@@ -6,12 +6,12 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from qdash_testing.collector import CollectorProc, short_dir, wait_for
+from qdash_testing.mounts import mounted_tmpfs
 from qdash_testing.rawclient import RawClient
 
 from qdash_mp import Client
@@ -75,23 +75,8 @@ async def test_second_sigterm_does_not_cut_the_drain_short() -> None:
 
 @pytest.fixture
 def small_fs() -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 1 MiB tmpfs needs root")
-    d = short_dir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        d.rmdir()
-        pytest.skip(f"mount not permitted here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs("size=1m", "a 1 MiB tmpfs", lazy=True) as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-        d.rmdir()
 
 
 def fill(directory: Path) -> Path:
