@@ -155,6 +155,19 @@ def test_dark_mode_follows_the_system_and_the_toggle(page: Browser, live: Live) 
     page.assert_clean()
 
 
+def _let_live_parts_run(b: Browser) -> None:
+    """Wait until the page's live parts did their work once: an SSE update applied, the
+    workers table re-read by htmx, the charts drawn."""
+    if b.css_all("#live-at"):
+        b.wait(lambda: b.js("return document.getElementById('live-at').dataset.state") == "live")
+    if b.css_all("#workers[hx-get]"):
+        b.js("document.addEventListener('htmx:afterSwap', () => { window.__swapped = true; });")
+        b.wait(lambda: b.js("return window.__swapped === true"), 10, "the workers refresh")
+    if b.css_all("section.charts"):
+        b.wait(lambda: b.js("return document.querySelector('section.charts').dataset.state"))
+    time.sleep(0.3)  # anything logged after the last of these
+
+
 def test_no_console_errors_or_csp_violations_on_any_page(page: Browser, live: Live) -> None:
     job = live.failed_ids()[-1]
     paths = [*PAGES, f"/queues/failed/{quote(job, safe='')}", "/queues/nope", "/queues/q/nope"]
@@ -163,8 +176,7 @@ def test_no_console_errors_or_csp_violations_on_any_page(page: Browser, live: Li
         for path in paths:
             page.get(live.url + path)
             assert page.css("h1").text, path
-            # let the live parts run: SSE frames, the workers page's htmx refresh (every 2 s)
-            time.sleep(2.5)
+            _let_live_parts_run(page)
             found = page.problems()
             # the deliberate 404s log their own status line, nothing else may appear
             if path.endswith("nope"):
