@@ -83,6 +83,18 @@ def test_overview_counters_change_without_a_page_load(page: Browser, live: Live)
     page.assert_clean()
 
 
+def test_workers_and_queue_jobs_update_without_a_page_load(page: Browser, live: Live) -> None:
+    for path, selector in (("/queues/workers", "#workers tbody"), ("/queues/q/emails", "#jobs")):
+        page.get(live.url + path)
+        page.js("window.__same_page = 'yes';")
+        text = "return document.querySelector(arguments[0]).innerText"
+        first = page.js(text, selector)
+        assert "demo-worker-" in first or path != "/queues/workers", first
+        page.wait(lambda: page.js(text, selector) != first, 20, f"{path} to change")  # noqa: B023
+        assert page.js("return window.__same_page") == "yes"
+    page.assert_clean()
+
+
 _INK = """
 return [...document.querySelectorAll('section.charts canvas')].map(c => {
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
@@ -160,9 +172,9 @@ def _let_live_parts_run(b: Browser) -> None:
     workers table re-read by htmx, the charts drawn."""
     if b.css_all("#live-at"):
         b.wait(lambda: b.js("return document.getElementById('live-at').dataset.state") == "live")
-    if b.css_all("#workers[hx-get]"):
+    if b.css_all("[hx-get][hx-trigger^=every]"):
         b.js("document.addEventListener('htmx:afterSwap', () => { window.__swapped = true; });")
-        b.wait(lambda: b.js("return window.__swapped === true"), 10, "the workers refresh")
+        b.wait(lambda: b.js("return window.__swapped === true"), 10, "the htmx refresh")
     if b.css_all("section.charts"):
         b.wait(lambda: b.js("return document.querySelector('section.charts').dataset.state"))
     time.sleep(0.3)  # anything logged after the last of these
