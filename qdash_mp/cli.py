@@ -30,6 +30,7 @@ from qdash_mp.access_cli import (
     run_access_command,
 )
 from qdash_mp.errors import CollectorNotRunning, QdashError
+from qdash_mp.hub.cli import add_hub_command, run_hub
 from qdash_mp.settings import DEFAULT_DATA_DIR, DEFAULT_HTTP, CollectorSettings, parse_http
 
 __all__ = ["build_parser", "main"]
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the demo collector's data here (default: a temporary directory)",
     )
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    add_hub_command(sub)  # qdash-mp hub (qdash_mp.hub.cli)
     return parser
 
 
@@ -369,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_stats(args)
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "hub":
+            return run_hub(args)
     except KeyboardInterrupt:
         return 0
     except QdashError as exc:
