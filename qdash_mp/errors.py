@@ -29,6 +29,8 @@ __all__ = [
     "SnapshotNotSaved",
     "AuditCorrupt",
     "AuditError",
+    "HubError",
+    "HubCorrupt",
     "RetryQueued",
 ]
 
@@ -123,6 +125,14 @@ class AuditError(QdashError):
 
 class AuditCorrupt(AuditError):
     """The audit log holds corruption that is not a torn tail."""
+
+
+class HubError(QdashError):
+    """The Redis hub (issue "Scale-out") could not be read or written."""
+
+
+class HubCorrupt(HubError):
+    """A blob read from the hub's Redis keys is not what ``qdash_mp.hub.format`` writes."""
 
 
 class RetryQueued(RetryError):
