@@ -27,13 +27,24 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from qdash_mp.errors import NotFound, QdashError, RetryError, RetryQueued
+from qdash_mp.errors import HubCorrupt, NotFound, RetryError, RetryQueued
 from qdash_mp.history import RETENTION
+from qdash_mp.hub.format import (
+    Command,
+    Result,
+    decode_failed,
+    decode_point,
+    decode_result,
+    decode_workers,
+    encode_command,
+    split_fall_member,
+)
+from qdash_mp.hub.keys import Keys
 from qdash_mp.hub.merge import STALE_AFTER, merge_points
-from qdash_mp.hub.view import HubReader, HubStatsView, Keys, unpack
+from qdash_mp.hub.view import HubReader, HubStatsView
 from qdash_mp.inspector import page_bounds
 from qdash_mp.models import ActiveJob, FailedJob, JobView, TrackedJob, WorkerView
-from qdash_mp.records import FIELDS, FailedRecord, failed_record
+from qdash_mp.records import FailedRecord
 
 __all__ = ["COMMAND_WAIT", "HOST", "HubInspector", "split_id"]
 
@@ -67,18 +78,6 @@ def _job_view(host: str, rec: FailedRecord) -> JobView:
         attempts=rec.attempts,
         failed_at=datetime.fromtimestamp(rec.failed_at, UTC),
     )
-
-
-def _decode_failed(raw: bytes) -> FailedRecord:
-    """A ``qdash:fj`` value: the FAILED array of ``qdash_mp.records`` (or a dict of its
-    fields), checked like the collector checks what it receives."""
-    value = unpack(raw)
-    if isinstance(value, dict):
-        fields = FIELDS
-        if "job_id" not in value and "id" in value:
-            value = {**value, "job_id": value["id"]}
-        value = [value.get(f) for f in fields]
-    return failed_record(value, "hub failed record", 1 << 20, 64)
 
 
 class HubInspector:
@@ -126,7 +125,7 @@ class HubInspector:
         await self.reader.refresh()
         hosts = self._hosts()
         k = self.keys
-        key = k.minutes if resolution == "minute" else k.hours
+        key = k.hm if resolution == "minute" else k.hh
         async with self.redis.pipeline(transaction=False) as pipe:
             for h in hosts:
                 pipe.hgetall(key(h, queue))
@@ -135,10 +134,10 @@ class HubInspector:
         for raw in replies:
             points = []
             for t, value in raw.items():
-                p = unpack(value)
-                if isinstance(p, dict):
-                    p.setdefault("t", int(t))
-                    points.append(p)
+                try:
+                    points.append(decode_point(value))
+                except HubCorrupt as exc:
+                    log.warning("hub: history point %s of %r unreadable: %s", t, queue, exc)
             per_host.append(points)
         oldest = self.clock() - RETENTION[resolution]
         period = _PERIOD[resolution]
@@ -150,18 +149,18 @@ class HubInspector:
         hosts = self._hosts()
         async with self.redis.pipeline(transaction=False) as pipe:
             for h in hosts:
-                pipe.get(self.keys.workers(h))
+                pipe.get(self.keys.w(h))
             replies = await pipe.execute()
         out: list[WorkerView] = []
         for h, raw in zip(hosts, replies, strict=True):
             if not raw:
                 continue
-            rows = unpack(raw)
-            for w in rows if isinstance(rows, list) else []:
-                try:
-                    out.append(_worker(h, w))
-                except (KeyError, TypeError, ValueError) as exc:
-                    log.warning("hub: %s published an unreadable worker, skipped: %s", h, exc)
+            try:
+                rows = decode_workers(raw)
+            except HubCorrupt as exc:
+                log.warning("hub: %s published unreadable workers, skipped: %s", h, exc)
+                continue
+            out.extend(_worker(h, w) for w in rows)
         return out
 
     # -- failed jobs -------------------------------------------------------------------------
@@ -170,7 +169,7 @@ class HubInspector:
         host = HOST.get()
         if host is None:
             return int(await self.redis.zcard(self.keys.fall))
-        return int(await self.redis.zcard(self.keys.failed_index(host)))
+        return int(await self.redis.zcard(self.keys.fi(host)))
 
     async def failed(self, page: int) -> list[JobView]:
         offset, limit = page_bounds(page)
@@ -180,12 +179,12 @@ class HubInspector:
             members = await self.redis.zrevrange(self.keys.fall, offset, offset + limit - 1)
             pairs = []
             for m in members:
-                h, _, job_id = m.decode().partition("\x00")
-                pairs.append((h, job_id))
+                try:
+                    pairs.append(split_fall_member(m))
+                except HubCorrupt as exc:
+                    log.warning("hub: %s", exc)
         else:
-            ids = await self.redis.zrevrange(
-                self.keys.failed_index(host), offset, offset + limit - 1
-            )
+            ids = await self.redis.zrevrange(self.keys.fi(host), offset, offset + limit - 1)
             pairs = [(host, i.decode()) for i in ids]
         records = await self._records(pairs)
         return [_job_view(h, r) for (h, _), r in zip(pairs, records, strict=True) if r]
@@ -195,7 +194,7 @@ class HubInspector:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for h, job_id in pairs:
-                pipe.hget(self.keys.failed_jobs(h), job_id)
+                pipe.hget(self.keys.fj(h), job_id)
             replies = await pipe.execute()
         out: list[FailedRecord | None] = []
         for (h, job_id), raw in zip(pairs, replies, strict=True):
@@ -203,8 +202,8 @@ class HubInspector:
                 out.append(None)  # removed between the index read and this one
                 continue
             try:
-                out.append(_decode_failed(raw))
-            except (QdashError, ValueError, TypeError) as exc:
+                out.append(decode_failed(raw))
+            except HubCorrupt as exc:
                 log.warning("hub: failed job %r of %s unreadable: %s", job_id, h, exc)
                 out.append(None)
         return out
@@ -216,13 +215,13 @@ class HubInspector:
         if (
             host is not None
             and only in (None, host)
-            and await self.redis.zscore(self.keys.failed_index(host), job_id) is not None
+            and await self.redis.zscore(self.keys.fi(host), job_id) is not None
         ):
             return host, job_id
         hosts = [only] if only is not None else sorted(await self.reader.refresh())
         async with self.redis.pipeline(transaction=False) as pipe:
             for h in hosts:
-                pipe.zscore(self.keys.failed_index(h), hub_id)
+                pipe.zscore(self.keys.fi(h), hub_id)
             scores = await pipe.execute()
         holders = [h for h, s in zip(hosts, scores, strict=True) if s is not None]
         if len(holders) == 1:
@@ -256,7 +255,7 @@ class HubInspector:
         await self.reader.refresh()
         sent = 0
         for h in self._hosts():
-            index = self.keys.failed_index(h)
+            index = self.keys.fi(h)
             start = 0
             while True:
                 ids = await self.redis.zrange(index, start, start + 999)
@@ -264,7 +263,7 @@ class HubInspector:
                     break
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for i in ids:
-                        pipe.xadd(self.keys.commands(h), self._fields("forget", i.decode()))
+                        pipe.xadd(self.keys.cmd(h), self._fields("forget", i.decode()))
                     await pipe.execute()
                 sent += len(ids)
                 start += len(ids)
@@ -274,17 +273,13 @@ class HubInspector:
         from qdash_mp.web.authz import current  # the signed-in user, when in a request
 
         identity = current().identity
-        return {
-            "op": op,
-            "id": job_id,
-            "req": req or uuid.uuid4().hex,
-            "by": identity.user if identity is not None else "hub",
-            "at": repr(self.clock()),
-        }
+        who = identity.user if identity is not None and identity.method != "none" else "hub"
+        command = Command(op, job_id, req or uuid.uuid4().hex, who[:255], self.clock())
+        return encode_command(command)
 
     async def _command(self, host: str, op: str, job_id: str) -> None:
         req = uuid.uuid4().hex
-        await self.redis.xadd(self.keys.commands(host), self._fields(op, job_id, req))
+        await self.redis.xadd(self.keys.cmd(host), self._fields(op, job_id, req))
         if self.reader.is_stale(host):
             raise RetryQueued(
                 f"host {host} is offline; the {op} is queued and runs when it is back", host
@@ -294,21 +289,16 @@ class HubInspector:
             raise RetryQueued(
                 f"host {host} has not answered yet; the {op} is queued and runs once", host
             )
-        if result.get("ok"):
-            return
-        error = str(result.get("error") or "refused")
-        if result.get("not_found") or "not found" in error.lower() or "notfound" in error.lower():
-            raise NotFound(job_id)
-        raise RetryError(f"host {host}: {error}")
+        if not result.ok:
+            raise RetryError(f"host {host}: {result.error or 'refused'}")
 
-    async def _wait_result(self, req: str) -> dict[str, Any] | None:
-        key = self.keys.result(req)
+    async def _wait_result(self, req: str) -> Result | None:
+        key = self.keys.res(req)
         deadline = time.monotonic() + self.command_wait
         while True:
             raw = await self.redis.get(key)
             if raw is not None:
-                value = unpack(raw)
-                return value if isinstance(value, dict) else {"ok": bool(value)}
+                return decode_result(raw)
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(_POLL)

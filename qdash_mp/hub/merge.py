@@ -6,19 +6,16 @@ sparse bucket maps of ``qdash_mp.histogram``'s scheme (418 buckets) summed bucke
 so the percentiles of the merge are exactly the percentiles of the union of every host's
 values (within the scheme's 2.19 % bucket error, as on one host).
 
-Queue record (one per host and queue, see ``HUB_SPEC``/``qdash_mp.hub.format``)::
+Inputs are what ``qdash_mp.hub.format`` decodes: ``QueueRecord`` (a host's cumulative
+counters, gauges and sparse lifetime ``runtime``/``wait`` bucket maps) and history points
+(``{"t", "pushed", "processed", "failed", "runtime"}``).
 
-    {"pushed", "processed", "failed", "retried", "started", "active": int,
-     "runtime": {bucket: count}, "wait": {bucket: count}}     # cumulative, sparse
-
-History point (one per host, queue and minute/hour)::
-
-    {"pushed", "processed", "failed": int, "runtime": {bucket: count}}
-
-A point whose ``runtime`` is already a summary (``{"count", "p50", ...}``, what a host's own
-history file keeps) cannot be merged exactly with another host's: when only one host has
-runtimes in that period its summary passes through unchanged; otherwise the merged point
-keeps the exact ``count`` and ``max`` and leaves the percentiles ``None`` (never a guess).
+History points: counts merge exactly per period. A host's history keeps per-period runtime
+*summaries* (``{"count", "p50", ..., "max"}``), not buckets, and summaries of different hosts
+do not merge into percentiles: when only one host has runtimes in a period its summary passes
+through unchanged; otherwise the merged point keeps the exact ``count`` and ``max`` and
+leaves the percentiles ``None`` (never a guess). Points carrying bucket maps instead
+(``{bucket: count}``) merge exactly.
 
 Staleness: a host whose ``last_seen`` is more than ``STALE_AFTER`` seconds old is *stale*; its
 last counts are kept and still summed (the jobs it counted did happen).
@@ -30,10 +27,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from qdash_mp.histogram import summary
+from qdash_mp.hub.format import QueueRecord
 from qdash_mp.models import EMPTY_SUMMARY, LatencySummary, QueueStat, StatsView
 
 __all__ = [
-    "COUNTERS",
     "STALE_AFTER",
     "HostStats",
     "add_buckets",
@@ -41,14 +38,10 @@ __all__ = [
     "merge_points",
     "queue_stat",
     "sum_records",
-    "totals_of",
 ]
 
 STALE_AFTER: Final = 10.0
 """Seconds without a publish after which a host is shown as stale."""
-
-COUNTERS: Final = ("pushed", "processed", "failed", "retried", "started", "active")
-"""The integer fields of a queue record, summed across hosts."""
 
 _POINT_COUNTERS: Final = ("pushed", "processed", "failed")
 
@@ -58,82 +51,69 @@ def is_stale(last_seen: float, now: float, after: float = STALE_AFTER) -> bool:
     return now - last_seen > after
 
 
-def add_buckets(target: dict[int, int], buckets: Mapping[Any, int] | None) -> None:
-    """Add the sparse ``buckets`` (keys may be ints or decimal strings) into ``target``."""
-    if not buckets:
-        return
-    for k, n in buckets.items():
-        if n:
-            i = k if type(k) is int else int(k)
-            target[i] = target.get(i, 0) + int(n)
+def add_buckets(target: dict[int, int], buckets: Mapping[int, int]) -> None:
+    """Add the sparse ``buckets`` into ``target`` (exact: int sums)."""
+    get = target.get
+    for i, n in buckets.items():
+        target[i] = get(i, 0) + n
 
 
-def sum_records(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The exact sum of queue records: counters added, bucket maps merged."""
-    out: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
+def sum_records(records: Iterable[QueueRecord], *, live: Iterable[bool] = ()) -> QueueRecord:
+    """The exact sum of queue records: counters added, bucket maps merged. ``throughput``
+    is summed over the records whose entry in ``live`` is true (all when ``live`` is empty):
+    a stale host's last rate is not a rate any more."""
+    pushed = processed = failed = retried = active = 0
+    throughput = 0.0
     runtime: dict[int, int] = {}
     wait: dict[int, int] = {}
+    flags = iter(live)
     for rec in records:
-        for name in COUNTERS:
-            out[name] += int(rec.get(name) or 0)
-        add_buckets(runtime, rec.get("runtime"))
-        add_buckets(wait, rec.get("wait"))
-    out["runtime"] = runtime
-    out["wait"] = wait
-    return out
+        pushed += rec.pushed
+        processed += rec.processed
+        failed += rec.failed
+        retried += rec.retried
+        active += rec.active
+        if next(flags, True):
+            throughput += rec.throughput
+        add_buckets(runtime, rec.runtime)
+        add_buckets(wait, rec.wait)
+    return QueueRecord(pushed, processed, failed, retried, active, throughput, runtime, wait)
 
 
 def _summary(buckets: Mapping[int, int]) -> LatencySummary:
     return summary(buckets) if buckets else EMPTY_SUMMARY
 
 
-def queue_stat(queue: str, rec: Mapping[str, Any], throughput: float = 0.0) -> QueueStat:
+def queue_stat(queue: str, rec: QueueRecord, *, stale: bool = False) -> QueueStat:
     """The ``QueueStat`` of one (possibly merged) queue record.
 
-    ``pending`` follows the model's rule (``pushed - processed - failed``, floored at 0), on
-    the *summed* counters, so the totals' pending is consistent with the totals' counters.
+    ``pending`` follows the model's rule (``pushed - processed - failed``, floored at 0) on
+    the *summed* counters, so the totals' pending agrees with the totals' counters. A stale
+    record shows throughput 0.
     """
-    pushed = int(rec.get("pushed") or 0)
-    processed = int(rec.get("processed") or 0)
-    failed = int(rec.get("failed") or 0)
-    runtime: dict[int, int] = {}
-    wait: dict[int, int] = {}
-    add_buckets(runtime, rec.get("runtime"))
-    add_buckets(wait, rec.get("wait"))
     return QueueStat(
         queue=queue,
-        pushed=pushed,
-        processed=processed,
-        failed=failed,
-        retried=int(rec.get("retried") or 0),
-        pending=max(pushed - processed - failed, 0),
-        throughput=throughput,
-        active=int(rec.get("active") or 0),
-        runtime=_summary(runtime),
-        wait=_summary(wait),
+        pushed=rec.pushed,
+        processed=rec.processed,
+        failed=rec.failed,
+        retried=rec.retried,
+        pending=max(rec.pushed - rec.processed - rec.failed, 0),
+        throughput=0.0 if stale else rec.throughput,
+        active=rec.active,
+        runtime=_summary(rec.runtime),
+        wait=_summary(rec.wait),
     )
 
 
-def totals_of(records: Mapping[str, Mapping[str, Any]], throughput: float = 0.0) -> QueueStat:
-    """The ``totals`` row of some queue records (``{queue: record}``)."""
-    return queue_stat("total", sum_records(records.values()), throughput)
-
-
 class HostStats:
-    """One host's decoded queue records and their ``StatsView`` (built once per seq)."""
+    """One host's decoded queue records and its own ``StatsView`` (built once per seq)."""
 
-    __slots__ = ("records", "throughput", "view")
+    __slots__ = ("records", "view")
 
-    def __init__(
-        self, records: Mapping[str, Mapping[str, Any]], throughput: Mapping[str, float]
-    ) -> None:
+    def __init__(self, records: Mapping[str, QueueRecord]) -> None:
         self.records = dict(records)
-        self.throughput = dict(throughput)
-        queues = [
-            queue_stat(q, self.records[q], self.throughput.get(q, 0.0))
-            for q in sorted(self.records)
-        ]
-        self.view = StatsView(queues, totals_of(self.records, sum(self.throughput.values())))
+        queues = [queue_stat(q, self.records[q]) for q in sorted(self.records)]
+        self.view = StatsView(queues, queue_stat("total", sum_records(self.records.values())))
 
 
 def merge_points(per_host: Iterable[Iterable[Mapping[str, Any]]]) -> list[dict[str, Any]]:
@@ -152,8 +132,8 @@ def merge_points(per_host: Iterable[Iterable[Mapping[str, Any]]]) -> list[dict[s
             if "count" in rt:  # already a summary (a host's history file)
                 if rt.get("count"):
                     acc["_s"].append(rt)
-            else:
-                add_buckets(acc["_b"], rt)
+            else:  # bucket counts, {bucket: count}
+                add_buckets(acc["_b"], {int(i): int(n) for i, n in rt.items()})
     out = []
     for t in sorted(sums):
         acc = sums[t]

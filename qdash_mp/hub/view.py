@@ -11,9 +11,8 @@ rebuilt only when some host's ``(seq, stale)`` changed; otherwise the same objec
 (and the dashboard reuses its encoded JSON). The cache is a pure function of what Redis holds
 (keyed by each host's seq), so a hub restart loses nothing.
 
-Throughput: a host's queue throughput is its processed count's change between its last two
-publishes seen by this hub, over their ``last_seen`` difference (0 for a stale host and after
-a hub restart until the second publish).
+Throughput is each host's own (its rolling window, published as a gauge), summed over the
+hosts that are not stale.
 """
 
 from __future__ import annotations
@@ -24,58 +23,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
+from qdash_mp.errors import HubCorrupt
+from qdash_mp.hub.format import HostInfo, QueueRecord, decode_host, decode_queue
+from qdash_mp.hub.keys import Keys
 from qdash_mp.hub.merge import STALE_AFTER, HostStats, is_stale, queue_stat, sum_records
 from qdash_mp.models import QueueStat, StatsView
 
-__all__ = ["HostState", "HubReader", "HubStatsView", "Keys", "unpack"]
+__all__ = ["HostState", "HubReader", "HubStatsView"]
 
 log = logging.getLogger("qdash_mp.hub.view")
-
-
-def unpack(raw: bytes) -> Any:
-    """A msgpack value as published (integer map keys allowed: bucket maps)."""
-    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Keys:
-    """Redis key names of the hub contract (``HUB_SPEC``, ``qdash_mp.hub.keys``)."""
-
-    prefix: str = "qdash:"
-
-    @property
-    def hosts(self) -> str:
-        return self.prefix + "hosts"
-
-    @property
-    def fall(self) -> str:
-        return self.prefix + "fall"
-
-    def queues(self, host: str) -> str:
-        return f"{self.prefix}q:{host}"
-
-    def workers(self, host: str) -> str:
-        return f"{self.prefix}w:{host}"
-
-    def minutes(self, host: str, queue: str) -> str:
-        return f"{self.prefix}hm:{host}:{queue}"
-
-    def hours(self, host: str, queue: str) -> str:
-        return f"{self.prefix}hh:{host}:{queue}"
-
-    def failed_index(self, host: str) -> str:
-        return f"{self.prefix}fi:{host}"
-
-    def failed_jobs(self, host: str) -> str:
-        return f"{self.prefix}fj:{host}"
-
-    def commands(self, host: str) -> str:
-        return f"{self.prefix}cmd:{host}"
-
-    def result(self, req: str) -> str:
-        return f"{self.prefix}res:{req}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,33 +56,35 @@ class HostState:
     """One host as last read: its ``qdash:hosts`` entry and decoded queue records."""
 
     name: str
-    raw_meta: bytes = b""
-    meta: dict[str, Any] = field(default_factory=dict)
-    seq: int = -1
+    raw_info: bytes = b""
+    info: HostInfo | None = None
     loaded_seq: int = -1
     raw_records: dict[bytes, bytes] = field(default_factory=dict)
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rates: dict[str, float] = field(default_factory=dict)
-    prev: tuple[float, dict[str, int]] | None = None
+    records: dict[str, QueueRecord] = field(default_factory=dict)
     stats: HostStats | None = None
     queued: int = 0
 
     @property
+    def seq(self) -> int:
+        return self.info.seq if self.info is not None else 0
+
+    @property
     def last_seen(self) -> float:
-        return float(self.meta.get("last_seen") or 0.0)
+        return self.info.last_seen if self.info is not None else 0.0
 
     def row(self, now: float, stale_after: float) -> dict[str, Any]:
         """The host's entry in ``"hosts"`` of ``/queues/api/stats``."""
         stale = is_stale(self.last_seen, now, stale_after)
         view = self.stats.view if self.stats is not None else StatsView()
+        info = self.info
         return {
             "last_seen": self.last_seen,
             "stale": stale,
             "seq": self.seq,
             "queued": self.queued,
-            "version": self.meta.get("version"),
-            "pid": self.meta.get("pid"),
-            "started_at": self.meta.get("started_at"),
+            "version": info.version if info is not None else None,
+            "pid": info.pid if info is not None else None,
+            "started_at": info.started_at if info is not None else None,
             "queues": {q.queue: _row(q, stale) for q in view.queues},
             "totals": _row(view.totals, stale),
         }
@@ -166,7 +124,7 @@ class HubReader:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(k.hosts)
             for h in known:
-                pipe.xlen(k.commands(h))
+                pipe.xlen(k.cmd(h))
             replies = await pipe.execute()
         metas: dict[bytes, bytes] = replies[0]
         queued = dict(zip(known, replies[1:], strict=True))
@@ -175,14 +133,13 @@ class HubReader:
         for raw_name, raw in metas.items():
             name = raw_name.decode()
             st = self._hosts.get(name) or HostState(name)
-            if raw != st.raw_meta:
+            if raw != st.raw_info:
                 try:
-                    meta = unpack(raw)
-                except (ValueError, TypeError, msgpack.ExtraData) as exc:
+                    st.info = decode_host(raw)
+                except HubCorrupt as exc:
                     log.warning("hub: host %r has an unreadable entry, skipped: %s", name, exc)
                     continue
-                st.raw_meta, st.meta = raw, meta if isinstance(meta, dict) else {}
-                st.seq = int(st.meta.get("seq") or 0)
+                st.raw_info = raw
             st.queued = int(queued.get(name, 0))
             if st.seq != st.loaded_seq:
                 changed.append(st)
@@ -196,41 +153,26 @@ class HubReader:
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             for st in hosts:
-                pipe.hgetall(k.queues(st.name))
-                pipe.xlen(k.commands(st.name))
+                pipe.hgetall(k.q(st.name))
+                pipe.xlen(k.cmd(st.name))
             replies = await pipe.execute()
         for i, st in enumerate(hosts):
             raw: dict[bytes, bytes] = replies[2 * i]
             st.queued = int(replies[2 * i + 1])
-            records: dict[str, dict[str, Any]] = {}
+            records: dict[str, QueueRecord] = {}
             for qname, rec in raw.items():
                 queue = qname.decode()
-                old = st.raw_records.get(qname)
-                if old == rec and queue in st.records:
-                    records[queue] = st.records[queue]
+                if st.raw_records.get(qname) == rec and queue in st.records:
+                    records[queue] = st.records[queue]  # unchanged: no decode
                     continue
                 try:
-                    value = unpack(rec)
-                except (ValueError, TypeError, msgpack.ExtraData) as exc:
+                    records[queue] = decode_queue(rec)
+                except HubCorrupt as exc:
                     log.warning("hub: %s queue %r unreadable, skipped: %s", st.name, queue, exc)
-                    continue
-                if isinstance(value, dict):
-                    records[queue] = value
             st.raw_records = raw
             st.records = records
-            self._rates(st)
-            st.stats = HostStats(records, st.rates)
+            st.stats = HostStats(records)
             st.loaded_seq = st.seq
-
-    @staticmethod
-    def _rates(st: HostState) -> None:
-        now = st.last_seen
-        processed = {q: int(r.get("processed") or 0) for q, r in st.records.items()}
-        if st.prev is not None and now > st.prev[0]:
-            dt = now - st.prev[0]
-            before = st.prev[1]
-            st.rates = {q: max(n - before.get(q, n), 0) / dt for q, n in processed.items()}
-        st.prev = (now, processed)
 
     # -- views -------------------------------------------------------------------------------
 
@@ -253,18 +195,16 @@ class HubReader:
         return view
 
     def _build(self, chosen: list[HostState], stale: dict[str, bool], now: float) -> HubStatsView:
-        per_queue: dict[str, list[dict[str, Any]]] = {}
-        rates: dict[str, float] = {}
+        per_queue: dict[str, list[QueueRecord]] = {}
+        live: dict[str, list[bool]] = {}
         for st in chosen:
+            fresh = not stale[st.name]
             for q, rec in st.records.items():
                 per_queue.setdefault(q, []).append(rec)
-                if not stale[st.name]:
-                    rates[q] = rates.get(q, 0.0) + st.rates.get(q, 0.0)
-        queues = [
-            queue_stat(q, sum_records(per_queue[q]), rates.get(q, 0.0)) for q in sorted(per_queue)
-        ]
-        all_records = [rec for recs in per_queue.values() for rec in recs]
-        totals = queue_stat("total", sum_records(all_records), sum(rates.values()))
+                live.setdefault(q, []).append(fresh)
+        merged = {q: sum_records(per_queue[q], live=live[q]) for q in sorted(per_queue)}
+        queues = [queue_stat(q, rec) for q, rec in merged.items()]
+        totals = queue_stat("total", sum_records(merged.values()))
         rows = {st.name: st.row(now, self.stale_after) for st in chosen}
         return HubStatsView(queues, totals, rows)
 
