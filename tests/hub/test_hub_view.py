@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
-from qdash_testing.http import csrf_token_in
+from qdash_testing.http import csrf_token_in, get_json
 from qdash_testing.netns import RedisServer
 
 from qdash_mp.histogram import count_values, sparse, summary
@@ -403,3 +406,51 @@ async def test_flush_sends_a_forget_per_job_to_each_host(r: Any, aiohttp_client:
     got = {decode_command(f).id for _, f in await r.xrange(K.cmd("a"))}
     assert got == {"a0", "a1", "a2"}
     assert [decode_command(f).op for _, f in await r.xrange(K.cmd("b"))] == ["forget"]
+
+
+# -- qdash-mp hub --------------------------------------------------------------------------
+
+
+def _hub_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qdash_mp", "hub", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_cli_refuses_a_public_address_without_auth(redis_server: RedisServer) -> None:
+    proc = _hub_cli("--redis", redis_server.url(), "--http", "0.0.0.0:0")
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "--auth-token-file" in err
+    proc = _hub_cli("--redis", "http://nope", "--http", "127.0.0.1:0")
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "redis://" in err
+
+
+def test_cli_serves_the_hub_and_stops_on_sigterm(redis_server: RedisServer) -> None:
+    async def seed() -> None:
+        client = aioredis.from_url(redis_server.url(db=3))
+        await client.flushdb()
+        await publish(client, "h1", 2, {"q": _record(1, 9)})
+        await client.aclose()
+
+    asyncio.run(seed())
+    with _hub_cli("--redis", redis_server.url(db=3), "--http", "127.0.0.1:0") as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # "qdash-mp hub: dashboard at URL"
+            assert "dashboard at http://127.0.0.1:" in line
+            url = line.rsplit(" ", 1)[1].strip()
+            doc = get_json(url + "api/stats")
+            assert doc["totals"]["processed"] == 9
+            assert doc["hosts"]["h1"]["seq"] == 2
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
