@@ -41,7 +41,7 @@ from qdash_mp.hub.format import (
 )
 from qdash_mp.hub.keys import Keys
 from qdash_mp.hub.merge import STALE_AFTER, merge_points
-from qdash_mp.hub.view import HubReader, HubStatsView
+from qdash_mp.hub.view import MAX_LAG, HubReader, HubStatsView
 from qdash_mp.inspector import page_bounds
 from qdash_mp.models import ActiveJob, FailedJob, JobView, TrackedJob, WorkerView
 from qdash_mp.records import FailedRecord
@@ -90,11 +90,14 @@ class HubInspector:
         prefix: str = "qdash:",
         stale_after: float = STALE_AFTER,
         command_wait: float = COMMAND_WAIT,
+        max_lag: float = MAX_LAG,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
-        self.reader = HubReader(redis, self.keys, stale_after=stale_after, clock=clock)
+        self.reader = HubReader(
+            redis, self.keys, stale_after=stale_after, max_lag=max_lag, clock=clock
+        )
         self.command_wait = command_wait
         self.clock = clock
 
@@ -105,7 +108,8 @@ class HubInspector:
 
     async def hosts(self) -> list[str]:
         """Names of the hosts that published (after a fresh read)."""
-        return sorted(await self.reader.refresh())
+        await self.reader.sync()
+        return self.reader.known()
 
     def _hosts(self) -> list[str]:
         host = HOST.get()
@@ -122,7 +126,7 @@ class HubInspector:
         self, queue: str, resolution: Literal["minute", "hour"]
     ) -> list[dict[str, Any]]:
         """The history points of ``queue`` merged across hosts per minute/hour, oldest first."""
-        await self.reader.refresh()
+        await self.reader.sync()
         hosts = self._hosts()
         k = self.keys
         key = k.hm if resolution == "minute" else k.hh
@@ -145,7 +149,7 @@ class HubInspector:
 
     async def workers(self) -> list[WorkerView]:
         """Every host's published workers; ``host`` is the publishing host's name."""
-        await self.reader.refresh()
+        await self.reader.sync()
         hosts = self._hosts()
         async with self.redis.pipeline(transaction=False) as pipe:
             for h in hosts:
@@ -218,7 +222,9 @@ class HubInspector:
             and await self.redis.zscore(self.keys.fi(host), job_id) is not None
         ):
             return host, job_id
-        hosts = [only] if only is not None else sorted(await self.reader.refresh())
+        if only is None:
+            await self.reader.sync()
+        hosts = [only] if only is not None else self.reader.known()
         async with self.redis.pipeline(transaction=False) as pipe:
             for h in hosts:
                 pipe.zscore(self.keys.fi(h), hub_id)
@@ -252,7 +258,7 @@ class HubInspector:
     async def flush_failed(self) -> int:
         """A forget command per failed job of each host (of the ``?host=`` one); returns how
         many were sent. Each host drops them itself, as it reads its stream."""
-        await self.reader.refresh()
+        await self.reader.sync()
         sent = 0
         for h in self._hosts():
             index = self.keys.fi(h)

@@ -23,17 +23,25 @@ last counts are kept and still summed (the jobs it counted did happen).
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from itertools import accumulate
+from operator import add
 from typing import Any, Final
 
-from qdash_mp.histogram import summary
+from qdash_mp.histogram import NBUCKETS, PERCENTILES, representative
 from qdash_mp.hub.format import QueueRecord
 from qdash_mp.models import EMPTY_SUMMARY, LatencySummary, QueueStat, StatsView
 
 __all__ = [
     "STALE_AFTER",
+    "Buckets",
     "HostStats",
+    "Sum",
     "add_buckets",
+    "fast_summary",
     "is_stale",
     "merge_points",
     "queue_stat",
@@ -58,33 +66,113 @@ def add_buckets(target: dict[int, int], buckets: Mapping[int, int]) -> None:
         target[i] = get(i, 0) + n
 
 
-def sum_records(records: Iterable[QueueRecord], *, live: Iterable[bool] = ()) -> QueueRecord:
-    """The exact sum of queue records: counters added, bucket maps merged. ``throughput``
+Buckets = Mapping[int, int] | list[int]
+"""A histogram as the hub holds it: sparse (as published) or dense (``NBUCKETS`` ints, a sum)."""
+
+
+def _add_dense(dense: list[int], h: Buckets) -> None:
+    """``dense += h`` with the loops in C (``map``): a hub view sums ~100k bucket counts."""
+    if isinstance(h, list):
+        dense[:] = map(add, dense, h)
+    elif h:
+        keys = h.keys()
+        get, put = dense.__getitem__, dense.__setitem__
+        deque(map(put, keys, map(add, map(get, keys), h.values())), maxlen=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Sum:
+    """Queue records added up: counters, throughput, and dense ``runtime``/``wait``."""
+
+    pushed: int
+    processed: int
+    failed: int
+    retried: int
+    active: int
+    throughput: float
+    runtime: Buckets
+    wait: Buckets
+
+
+def sum_records(
+    records: Iterable[QueueRecord | Sum], *, live: Iterable[bool] = ()
+) -> QueueRecord | Sum:
+    """The exact sum of queue records: counters added, bucket counts added. ``throughput``
     is summed over the records whose entry in ``live`` is true (all when ``live`` is empty):
-    a stale host's last rate is not a rate any more."""
+    a stale host's last rate is not a rate any more. One record is returned as it is."""
+    recs = list(records)
+    flags = list(live) or [True] * len(recs)
+    if len(recs) == 1 and flags[0]:
+        return recs[0]
     pushed = processed = failed = retried = active = 0
     throughput = 0.0
-    runtime: dict[int, int] = {}
-    wait: dict[int, int] = {}
-    flags = iter(live)
-    for rec in records:
+    runtime = [0] * NBUCKETS
+    wait = [0] * NBUCKETS
+    for rec, fresh in zip(recs, flags, strict=True):
         pushed += rec.pushed
         processed += rec.processed
         failed += rec.failed
         retried += rec.retried
         active += rec.active
-        if next(flags, True):
+        if fresh:
             throughput += rec.throughput
-        add_buckets(runtime, rec.runtime)
-        add_buckets(wait, rec.wait)
-    return QueueRecord(pushed, processed, failed, retried, active, throughput, runtime, wait)
+        _add_dense(runtime, rec.runtime)
+        _add_dense(wait, rec.wait)
+    return Sum(pushed, processed, failed, retried, active, throughput, runtime, wait)
 
 
-def _summary(buckets: Mapping[int, int]) -> LatencySummary:
-    return summary(buckets) if buckets else EMPTY_SUMMARY
+_REPS: Final = tuple(representative(i) for i in range(NBUCKETS))
+assert tuple(p for p, _ in PERCENTILES) == (50, 90, 95, 99)  # the fields below
 
 
-def queue_stat(queue: str, rec: QueueRecord, *, stale: bool = False) -> QueueStat:
+def fast_summary(buckets: Buckets) -> LatencySummary:
+    """``histogram.summary`` of a histogram, the same values, in C-level steps (a running
+    sum, a bisect per percentile): the hub summarizes thousands per view."""
+    if isinstance(buckets, list):
+        return _dense_summary(buckets)
+    if not buckets:
+        return EMPTY_SUMMARY
+    keys = list(buckets)
+    vals = list(buckets.values())
+    if min(vals) <= 0 or keys != sorted(keys):
+        items = sorted((i, n) for i, n in buckets.items() if n > 0)  # the general case
+        if not items:
+            return EMPTY_SUMMARY
+        keys = [i for i, _ in items]
+        vals = [n for _, n in items]
+    cum = list(accumulate(vals))
+    total = cum[-1]
+    reps = _REPS
+    return LatencySummary(
+        total,
+        reps[keys[bisect_left(cum, max(1, -(-50 * total // 100)))]],
+        reps[keys[bisect_left(cum, max(1, -(-90 * total // 100)))]],
+        reps[keys[bisect_left(cum, max(1, -(-95 * total // 100)))]],
+        reps[keys[bisect_left(cum, max(1, -(-99 * total // 100)))]],
+        reps[keys[-1]],
+    )
+
+
+def _dense_summary(dense: list[int]) -> LatencySummary:
+    cum = list(accumulate(dense))
+    total = cum[-1]
+    if total <= 0:
+        return EMPTY_SUMMARY
+    reps = _REPS
+    return LatencySummary(
+        total,
+        reps[bisect_left(cum, max(1, -(-50 * total // 100)))],
+        reps[bisect_left(cum, max(1, -(-90 * total // 100)))],
+        reps[bisect_left(cum, max(1, -(-95 * total // 100)))],
+        reps[bisect_left(cum, max(1, -(-99 * total // 100)))],
+        reps[bisect_left(cum, total)],
+    )
+
+
+_summary = fast_summary
+
+
+def queue_stat(queue: str, rec: QueueRecord | Sum, *, stale: bool = False) -> QueueStat:
     """The ``QueueStat`` of one (possibly merged) queue record.
 
     ``pending`` follows the model's rule (``pushed - processed - failed``, floored at 0) on
@@ -106,14 +194,38 @@ def queue_stat(queue: str, rec: QueueRecord, *, stale: bool = False) -> QueueSta
 
 
 class HostStats:
-    """One host's decoded queue records and its own ``StatsView`` (built once per seq)."""
+    """One host's decoded queue records, its own ``StatsView`` and its ``"hosts"`` rows
+    (``QueueStat.to_dict()`` per queue), built once per seq; the stats of queues whose record
+    did not change are taken over from ``previous``."""
 
-    __slots__ = ("records", "view")
+    __slots__ = ("records", "rows", "totals_row", "view")
+    records: dict[str, QueueRecord]
+    rows: dict[str, dict[str, Any]]
+    totals_row: dict[str, Any]
+    view: StatsView
 
-    def __init__(self, records: Mapping[str, QueueRecord]) -> None:
+    def __init__(
+        self,
+        records: Mapping[str, QueueRecord],
+        previous: HostStats | None = None,
+        unchanged: frozenset[str] = frozenset(),
+    ) -> None:
         self.records = dict(records)
-        queues = [queue_stat(q, self.records[q]) for q in sorted(self.records)]
-        self.view = StatsView(queues, queue_stat("total", sum_records(self.records.values())))
+        old = {q.queue: q for q in previous.view.queues} if previous is not None else {}
+        old_rows = previous.rows if previous is not None else {}
+        queues: list[QueueStat] = []
+        self.rows = {}
+        for q in sorted(self.records):
+            stat = old.get(q) if q in unchanged else None
+            if stat is None:
+                stat = queue_stat(q, self.records[q])
+                self.rows[q] = stat.to_dict()
+            else:
+                self.rows[q] = old_rows[q]
+            queues.append(stat)
+        totals = queue_stat("total", sum_records(self.records.values()))
+        self.totals_row = totals.to_dict()
+        self.view = StatsView(queues, totals)
 
 
 def merge_points(per_host: Iterable[Iterable[Mapping[str, Any]]]) -> list[dict[str, Any]]:

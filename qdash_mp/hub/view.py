@@ -1,15 +1,23 @@
 """The hub's read side: every host's published state, read from Redis per request, cached by seq.
 
-The hub keeps no state of its own: what it shows is read from Redis on each request. To keep
-``/queues/api/stats`` cheap (10 hosts x 100 queues in <= 5 ms), a read is::
+The hub keeps no state of its own: what it shows is read from Redis on each request, and the
+cache below is a pure function of what Redis holds (keyed by each host's seq), so a hub
+restart loses nothing. A request costs::
 
     1 round trip   HGETALL qdash:hosts  +  XLEN qdash:cmd:{host} of each known host
-    +1 round trip  HGETALL qdash:q:{host}  of the hosts whose seq changed (pipelined), if any
 
-and only queue records whose bytes changed are decoded again. The merged ``StatsView`` is
-rebuilt only when some host's ``(seq, stale)`` changed; otherwise the same object is returned
-(and the dashboard reuses its encoded JSON). The cache is a pure function of what Redis holds
-(keyed by each host's seq), so a hub restart loses nothing.
+and, when some host's seq moved, one load of the hosts that are behind (``HGETALL
+qdash:q:{host}`` pipelined, then only the queue records whose bytes changed are decoded and
+summarized, one host at a time so other requests get in between). The merged view is rebuilt
+only when some host's ``(seq, queued, stale)`` changed; otherwise the same object is returned
+(and the dashboard reuses its encoded JSON).
+
+Stale-while-revalidate: a load is shared by every request (one in flight). While it runs, a
+request is answered from the records already loaded if they were complete less than
+``MAX_LAG`` (1 s) ago; otherwise it waits for the load. Hosts publish about once a second, so
+the view is never more than ~2 s behind the hosts, and ``/queues/api/stats`` stays a Redis
+round trip plus a cached JSON body however many hosts and queues there are (the load's cost,
+~1000 records a second at 10 hosts x 100 busy queues, is paid once, not per request).
 
 Throughput is each host's own (its rolling window, published as a gauge), summed over the
 hosts that are not stale.
@@ -17,7 +25,9 @@ hosts that are not stale.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +39,10 @@ from qdash_mp.hub.keys import Keys
 from qdash_mp.hub.merge import STALE_AFTER, HostStats, is_stale, queue_stat, sum_records
 from qdash_mp.models import QueueStat, StatsView
 
-__all__ = ["HostState", "HubReader", "HubStatsView"]
+__all__ = ["MAX_LAG", "HostState", "HubReader", "HubStatsView"]
+
+MAX_LAG = 1.0
+"""Seconds a view may be behind Redis while newer records are being read (see above)."""
 
 log = logging.getLogger("qdash_mp.hub.view")
 
@@ -73,28 +86,28 @@ class HostState:
         return self.info.last_seen if self.info is not None else 0.0
 
     def row(self, now: float, stale_after: float) -> dict[str, Any]:
-        """The host's entry in ``"hosts"`` of ``/queues/api/stats``."""
+        """The host's entry in ``"hosts"`` of ``/queues/api/stats`` (a stale host's rates
+        are shown as 0: they are not rates any more)."""
         stale = is_stale(self.last_seen, now, stale_after)
-        view = self.stats.view if self.stats is not None else StatsView()
         info = self.info
+        rows: Mapping[str, dict[str, Any]] = {}
+        totals: dict[str, Any] = QueueStat("total").to_dict()
+        if self.stats is not None:
+            rows, totals = self.stats.rows, self.stats.totals_row
+        if stale:
+            rows = {q: {**r, "throughput": 0.0} for q, r in rows.items()}
+            totals = {**totals, "throughput": 0.0}
         return {
             "last_seen": self.last_seen,
             "stale": stale,
-            "seq": self.seq,
+            "seq": self.loaded_seq,
             "queued": self.queued,
             "version": info.version if info is not None else None,
             "pid": info.pid if info is not None else None,
             "started_at": info.started_at if info is not None else None,
-            "queues": {q.queue: _row(q, stale) for q in view.queues},
-            "totals": _row(view.totals, stale),
+            "queues": rows,
+            "totals": totals,
         }
-
-
-def _row(q: QueueStat, stale: bool) -> dict[str, Any]:
-    d = q.to_dict()
-    if stale:
-        d["throughput"] = 0.0
-    return d
 
 
 class HubReader:
@@ -106,19 +119,23 @@ class HubReader:
         keys: Keys | None = None,
         *,
         stale_after: float = STALE_AFTER,
+        max_lag: float = MAX_LAG,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.keys = keys or Keys()
         self.stale_after = stale_after
+        self.max_lag = max_lag
         self.clock = clock
         self._hosts: dict[str, HostState] = {}
         self._views: dict[tuple[Any, ...], HubStatsView] = {}
+        self._loading: asyncio.Task[None] | None = None
+        self._loaded_at = -math.inf  # monotonic time of the last read that left nothing behind
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def refresh(self) -> dict[str, HostState]:
-        """Every host's current state (reads Redis: one or two round trips)."""
+    async def sync(self) -> list[HostState]:
+        """Read every host's info (one round trip); the hosts whose records are behind."""
         k = self.keys
         known = sorted(self._hosts)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -126,11 +143,11 @@ class HubReader:
             for h in known:
                 pipe.xlen(k.cmd(h))
             replies = await pipe.execute()
-        metas: dict[bytes, bytes] = replies[0]
+        infos: dict[bytes, bytes] = replies[0]
         queued = dict(zip(known, replies[1:], strict=True))
         seen: dict[str, HostState] = {}
-        changed: list[HostState] = []
-        for raw_name, raw in metas.items():
+        behind: list[HostState] = []
+        for raw_name, raw in infos.items():
             name = raw_name.decode()
             st = self._hosts.get(name) or HostState(name)
             if raw != st.raw_info:
@@ -142,28 +159,51 @@ class HubReader:
                 st.raw_info = raw
             st.queued = int(queued.get(name, 0))
             if st.seq != st.loaded_seq:
-                changed.append(st)
+                behind.append(st)
             seen[name] = st
-        if changed:
-            await self._load(changed)
         self._hosts = seen
-        return seen
+        if not behind:
+            self._loaded_at = time.monotonic()
+        return behind
+
+    async def refresh(self) -> dict[str, HostState]:
+        """Every host's current state, records included (waits for them)."""
+        for _ in range(3):  # a host may publish again meanwhile; settle for a bounded while
+            if not await self.sync():
+                break
+            await self._start_loading()
+        return self._hosts
+
+    def _start_loading(self) -> asyncio.Task[None]:
+        """The one load in flight (started if none): every host whose records are behind."""
+        task = self._loading
+        if task is None or task.done():
+            task = self._loading = asyncio.ensure_future(self._load_behind())
+        return task
+
+    async def _load_behind(self) -> None:
+        behind = [st for st in self._hosts.values() if st.seq != st.loaded_seq]
+        if behind:
+            await self._load(behind)
+        if all(st.seq == st.loaded_seq for st in self._hosts.values()):
+            self._loaded_at = time.monotonic()
 
     async def _load(self, hosts: list[HostState]) -> None:
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             for st in hosts:
                 pipe.hgetall(k.q(st.name))
-                pipe.xlen(k.cmd(st.name))
             replies = await pipe.execute()
-        for i, st in enumerate(hosts):
-            raw: dict[bytes, bytes] = replies[2 * i]
-            st.queued = int(replies[2 * i + 1])
+        seqs = [st.seq for st in hosts]  # what the records read are at least as new as
+        for st, seq, raw in zip(hosts, seqs, replies, strict=True):
+            await asyncio.sleep(0)  # one host at a time: requests get in between
             records: dict[str, QueueRecord] = {}
+            unchanged: set[str] = set()
             for qname, rec in raw.items():
                 queue = qname.decode()
                 if st.raw_records.get(qname) == rec and queue in st.records:
                     records[queue] = st.records[queue]  # unchanged: no decode
+                    unchanged.add(queue)
                     continue
                 try:
                     records[queue] = decode_queue(rec)
@@ -171,20 +211,26 @@ class HubReader:
                     log.warning("hub: %s queue %r unreadable, skipped: %s", st.name, queue, exc)
             st.raw_records = raw
             st.records = records
-            st.stats = HostStats(records)
-            st.loaded_seq = st.seq
+            st.stats = HostStats(records, st.stats, frozenset(unchanged))
+            st.loaded_seq = seq
 
     # -- views -------------------------------------------------------------------------------
 
     async def view(self, host: str | None = None) -> HubStatsView:
-        """The merged stats (of one ``host`` only, when given)."""
-        hosts = await self.refresh()
+        """The merged stats (of one ``host`` only, when given); see the module docstring
+        for how far behind Redis it may be (``max_lag``)."""
+        if await self.sync():
+            task = self._start_loading()
+            if time.monotonic() - self._loaded_at > self.max_lag or not self._views:
+                await asyncio.shield(task)
+        hosts = self._hosts
         now = self.clock()
-        chosen = [hosts[host]] if host is not None and host in hosts else []
         if host is None:
             chosen = [hosts[h] for h in sorted(hosts)]
+        else:
+            chosen = [hosts[host]] if host in hosts else []
         stale = {st.name: is_stale(st.last_seen, now, self.stale_after) for st in chosen}
-        key = (host, tuple((st.name, st.seq, st.queued, stale[st.name]) for st in chosen))
+        key = (host, tuple((st.name, st.loaded_seq, st.queued, stale[st.name]) for st in chosen))
         cached = self._views.get(key)
         if cached is not None:
             return cached
@@ -195,6 +241,10 @@ class HubReader:
         return view
 
     def _build(self, chosen: list[HostState], stale: dict[str, bool], now: float) -> HubStatsView:
+        rows = {st.name: st.row(now, self.stale_after) for st in chosen}
+        if len(chosen) == 1 and chosen[0].stats is not None and not stale[chosen[0].name]:
+            own = chosen[0].stats.view  # one host: its own view, nothing to merge
+            return HubStatsView(own.queues, own.totals, rows)
         per_queue: dict[str, list[QueueRecord]] = {}
         live: dict[str, list[bool]] = {}
         for st in chosen:
@@ -205,7 +255,6 @@ class HubReader:
         merged = {q: sum_records(per_queue[q], live=live[q]) for q in sorted(per_queue)}
         queues = [queue_stat(q, rec) for q, rec in merged.items()]
         totals = queue_stat("total", sum_records(merged.values()))
-        rows = {st.name: st.row(now, self.stale_after) for st in chosen}
         return HubStatsView(queues, totals, rows)
 
     def known(self) -> list[str]:

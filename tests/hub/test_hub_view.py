@@ -130,7 +130,7 @@ async def test_totals_are_exact_sums_and_percentiles_come_from_summed_buckets(r:
     b = {"mail": _record(3, 2000, active=3)}
     await publish(r, "a", 4, a)
     await publish(r, "b", 9, b)
-    view = await HubInspector(r).stats()
+    view = await HubInspector(r, max_lag=0).stats()
     mail = view.queue("mail")
     assert mail is not None
     assert mail.pushed == 505 + 2005
@@ -158,7 +158,7 @@ async def test_per_host_rows_equal_each_hosts_own_view(r: Any, aiohttp_client: A
     b = {"mail": _record(3, 11)}
     await publish(r, "a", 1, a)
     await publish(r, "b", 1, b)
-    client = await client_for(aiohttp_client, HubInspector(r))
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
     doc = await (await client.get("/queues/api/stats")).json()
     assert set(doc["hosts"]) == {"a", "b"}
     for name, queues in (("a", a), ("b", b)):
@@ -179,7 +179,7 @@ async def test_per_host_rows_equal_each_hosts_own_view(r: Any, aiohttp_client: A
 async def test_stale_host_keeps_its_counts(r: Any) -> None:
     await publish(r, "a", 3, {"q": _record(1, 10)}, last_seen=time.time() - 60)
     await publish(r, "b", 3, {"q": _record(2, 20)})
-    view = await HubInspector(r).stats()
+    view = await HubInspector(r, max_lag=0).stats()
     assert view.hosts["a"]["stale"] is True
     assert view.hosts["b"]["stale"] is False
     assert view.totals.processed == 30  # the stale host's jobs did happen
@@ -191,7 +191,7 @@ async def test_stale_host_keeps_its_counts(r: Any) -> None:
 
 async def test_view_is_reused_until_a_seq_changes(r: Any) -> None:
     await publish(r, "a", 1, {"q": _record(1, 10)})
-    ins = HubInspector(r)
+    ins = HubInspector(r, max_lag=0)
     first = await ins.stats()
     assert await ins.stats() is first
     await publish(r, "a", 2, {"q": _record(1, 11)})
@@ -203,10 +203,29 @@ async def test_view_is_reused_until_a_seq_changes(r: Any) -> None:
     assert (await ins.stats()).totals.processed == 16
 
 
+async def test_a_load_in_flight_serves_the_last_view_for_max_lag(r: Any) -> None:
+    await publish(r, "a", 1, {"q": _record(1, 10)})
+    ins = HubInspector(r, max_lag=60)
+    first = await ins.stats()
+    await publish(r, "a", 2, {"q": _record(1, 11)})
+    assert await ins.stats() is first  # not waited for: the load runs in the background
+    for _ in range(500):  # bounded: the load is one pipelined read
+        view = await ins.stats()
+        if view.totals.processed == 11:
+            break
+        await asyncio.sleep(0.01)
+    assert view.totals.processed == 11
+    assert view.hosts["a"]["seq"] == 2
+    slow = HubInspector(r, max_lag=0)
+    await slow.stats()
+    await publish(r, "a", 3, {"q": _record(1, 12)})
+    assert (await slow.stats()).totals.processed == 12  # past max_lag: waits for the load
+
+
 async def test_unknown_host_is_404_and_pages_take_the_filter(r: Any, aiohttp_client: Any) -> None:
     await publish(r, "a", 1, {"alpha": _record(1, 3)})
     await publish(r, "b", 1, {"beta": _record(2, 3)})
-    client = await client_for(aiohttp_client, HubInspector(r))
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
     resp = await client.get("/queues/api/stats", params={"host": "nope"})
     assert resp.status == 404
     assert "nope" in (await resp.json())["error"]
@@ -245,7 +264,7 @@ async def test_history_merges_points_per_minute(r: Any, aiohttp_client: Any) -> 
             now - 60: encode_point(_point(now - 60, 2, 0.125)),
         },
     )
-    client = await client_for(aiohttp_client, HubInspector(r))
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
     doc = await (await client.get("/queues/api/history", params={"queue": "q"})).json()
     pts = doc["points"]
     assert [p["t"] for p in pts] == [now - 120, now - 60]
@@ -273,7 +292,7 @@ async def test_workers_carry_the_publishing_host(r: Any, aiohttp_client: Any) ->
         "can_requeue": True,
     }
     await r.set(K.w("a"), encode_workers([row]))
-    client = await client_for(aiohttp_client, HubInspector(r))
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
     doc = await (await client.get("/queues/api/workers")).json()
     assert doc["workers"] == [{**row, "host": "a"}]
     assert (await client.get("/queues/workers")).status == 200
@@ -289,7 +308,7 @@ async def test_failed_pages_newest_first_across_hosts(r: Any, aiohttp_client: An
     for i in range(60):
         await add_failed(r, "a" if i % 3 else "b", f"j{i}", t0 + i)
     await add_failed(r, "b", "j5", t0 + 100)  # the same id on another host
-    client = await client_for(aiohttp_client, HubInspector(r))
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
     p1 = await (await client.get("/queues/api/failed")).json()
     assert p1["total"] == 61
     assert p1["pages"] == 2
@@ -336,7 +355,7 @@ async def test_retry_goes_to_the_owning_host_and_waits_for_its_answer(
     await publish(r, "b", 1, {})
     await add_failed(r, "a", "j1", 1.0)
     await add_failed(r, "b", "j1", 2.0)
-    client = await client_for(aiohttp_client, HubInspector(r))
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
     token = csrf_token_in(await (await client.get("/queues/failed")).text())
     host_side = asyncio.create_task(_answer(r, "b"))
     resp = await client.post(
@@ -365,7 +384,7 @@ async def test_retry_goes_to_the_owning_host_and_waits_for_its_answer(
 async def test_offline_hosts_retry_is_queued_and_visible(r: Any, aiohttp_client: Any) -> None:
     await publish(r, "gone", 5, {"q": _record(1, 3)}, last_seen=time.time() - 3600)
     await add_failed(r, "gone", "j1", 1.0)
-    client = await client_for(aiohttp_client, HubInspector(r))
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
     token = csrf_token_in(await (await client.get("/queues/failed")).text())
     t = time.monotonic()
     resp = await client.post(
@@ -401,7 +420,7 @@ async def test_flush_sends_a_forget_per_job_to_each_host(r: Any, aiohttp_client:
     for i in range(3):
         await add_failed(r, "a", f"a{i}", float(i))
     await add_failed(r, "b", "b0", 9.0)
-    ins = HubInspector(r)
+    ins = HubInspector(r, max_lag=0)
     assert await ins.flush_failed() == 4
     got = {decode_command(f).id for _, f in await r.xrange(K.cmd("a"))}
     assert got == {"a0", "a1", "a2"}
