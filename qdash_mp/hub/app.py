@@ -27,6 +27,7 @@ from aiohttp import web
 
 from qdash_mp.access_settings import AccessSettings
 from qdash_mp.hub.inspector import HOST, HubInspector
+from qdash_mp.hub.merge import STALE_AFTER
 from qdash_mp.web.app import DASHBOARD, create_app
 
 __all__ = ["HubSettings", "hub_app", "serve_hub"]
@@ -85,6 +86,7 @@ class HubSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8710
     prefix: str = "qdash:"
+    stale_after: float = STALE_AFTER
     access: AccessSettings = field(default_factory=AccessSettings)
     ready: Callable[[str], None] | None = None
 
@@ -94,7 +96,7 @@ async def serve_hub(settings: HubSettings, stop: asyncio.Event | None = None) ->
     import redis.asyncio as aioredis
 
     client: Any = aioredis.from_url(settings.redis_url)  # type: ignore[no-untyped-call]
-    inspector = HubInspector(client, prefix=settings.prefix)
+    inspector = HubInspector(client, prefix=settings.prefix, stale_after=settings.stale_after)
     app = hub_app(
         inspector, access=settings.access, allowed_hosts=[settings.http_host], read_only=False
     )

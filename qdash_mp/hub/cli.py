@@ -14,6 +14,7 @@ from typing import Any
 
 from qdash_mp.access_cli import access_settings, add_access_arguments
 from qdash_mp.errors import ConfigError
+from qdash_mp.hub.merge import STALE_AFTER
 from qdash_mp.settings import parse_http
 
 __all__ = ["DEFAULT_HUB_HTTP", "add_hub_command", "run_hub"]
@@ -36,6 +37,13 @@ def add_hub_command(sub: Any) -> None:
     hub.add_argument(
         "--hub-prefix", default="qdash:", metavar="PREFIX", help="key prefix (default qdash:)"
     )
+    hub.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_AFTER,
+        metavar="SECONDS",
+        help="show a host as stale after this long without a publish (default %(default)g)",
+    )
     add_access_arguments(hub)
 
 
@@ -52,6 +60,8 @@ def run_hub(args: argparse.Namespace) -> int:
             f"--redis must be a redis://, rediss:// or unix:// URL, not {args.redis!r}"
         )
     host, port = parse_http(args.http)
+    if not args.stale_after > 0:
+        raise ConfigError(f"--stale-after must be above 0, not {args.stale_after}")
 
     def ready(url: str) -> None:
         print(f"qdash-mp hub: dashboard at {url}", flush=True)
@@ -61,6 +71,7 @@ def run_hub(args: argparse.Namespace) -> int:
         http_host=host,
         http_port=port,
         prefix=args.hub_prefix,
+        stale_after=args.stale_after,
         access=access_settings(args, host, True),
         ready=ready,
     )

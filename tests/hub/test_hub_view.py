@@ -50,15 +50,15 @@ K = Keys()
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def view_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-async def r(redis_server: RedisServer) -> AsyncIterator[Any]:
-    client = aioredis.from_url(redis_server.url())
+async def r(view_redis: RedisServer) -> AsyncIterator[Any]:
+    client = aioredis.from_url(view_redis.url())
     await client.flushdb()
     yield client
     await client.flushdb()
@@ -439,8 +439,8 @@ def _hub_cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def test_cli_refuses_a_public_address_without_auth(redis_server: RedisServer) -> None:
-    proc = _hub_cli("--redis", redis_server.url(), "--http", "0.0.0.0:0")
+def test_cli_refuses_a_public_address_without_auth(view_redis: RedisServer) -> None:
+    proc = _hub_cli("--redis", view_redis.url(), "--http", "0.0.0.0:0")
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "--auth-token-file" in err
@@ -450,15 +450,15 @@ def test_cli_refuses_a_public_address_without_auth(redis_server: RedisServer) ->
     assert "redis://" in err
 
 
-def test_cli_serves_the_hub_and_stops_on_sigterm(redis_server: RedisServer) -> None:
+def test_cli_serves_the_hub_and_stops_on_sigterm(view_redis: RedisServer) -> None:
     async def seed() -> None:
-        client = aioredis.from_url(redis_server.url(db=3))
+        client = aioredis.from_url(view_redis.url(db=3))
         await client.flushdb()
         await publish(client, "h1", 2, {"q": _record(1, 9)})
         await client.aclose()
 
     asyncio.run(seed())
-    with _hub_cli("--redis", redis_server.url(db=3), "--http", "127.0.0.1:0") as proc:
+    with _hub_cli("--redis", view_redis.url(db=3), "--http", "127.0.0.1:0") as proc:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()  # "qdash-mp hub: dashboard at URL"
