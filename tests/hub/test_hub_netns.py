@@ -21,7 +21,6 @@ The figures (counts, seconds to catch up) are printed (``-s``) and written to
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import os
 import shutil
@@ -189,6 +188,9 @@ class Host:
         assert json.loads(w.stdout.readline())["flushed"] is True
         self.servers.append(w)
         self._count(queue, 0, 0, failed, prefix)
+
+    def _worker(self, queue: str, prefix: str) -> list[str]:
+        return [sys.executable, "-c", WORKER, self.socket, queue, prefix]
 
     def _count(self, queue: str, pushed: int, processed: int, failed: int, prefix: str) -> None:
         c = self.calls.setdefault(queue, {"pushed": 0, "processed": 0, "failed": 0})
