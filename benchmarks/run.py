@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_durable_failed
 import bench_hook
+import bench_hub_view
 import bench_ingest
 import bench_integrations
 import bench_memory
@@ -38,6 +39,7 @@ BENCHES = {
     "memory": bench_memory.run,
     "integrations": bench_integrations.run,
     "sse": bench_sse.run,
+    "hub_view": bench_hub_view.run,
 }
 
 TARGETS = [
@@ -254,6 +256,43 @@ TARGETS = [
         "integrations: celery adapter costs no more than celery -E events",
         field="ratio",
         reference="celery_events",
+    ),
+    # issue 13: the Redis hub (dashboard side)
+    Target(
+        "hub_view",
+        "hub_stats_live",
+        "api_stats_ms",
+        "<=",
+        5.0,
+        "hub: /queues/api/stats at 10 hosts x 100 queues <= 5 ms while all publish",
+        producers=1000,
+    ),
+    Target(
+        "hub_view",
+        "hub_stats_static",
+        "api_stats_ms",
+        "<=",
+        5.0,
+        "hub: /queues/api/stats at 10 hosts x 100 queues <= 5 ms",
+        producers=1000,
+    ),
+    Target(
+        "hub_view",
+        "qdash_mp",
+        "redis_ops_per_s",
+        "<=",
+        0.05,
+        "hub: Redis ops/s <= 1/20 of Sidekiq-style per-job HINCRBY",
+        field="ratio",
+    ),
+    Target(
+        "hub_view",
+        "qdash_mp",
+        "worker_cpu_pct",
+        "<=",
+        1.0,
+        "hub: worker CPU no more than Sidekiq-style per-job HINCRBY",
+        field="ratio",
     ),
 ]
 

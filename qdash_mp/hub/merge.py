@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from operator import add
@@ -209,13 +209,17 @@ class HostStats:
         records: Mapping[str, QueueRecord],
         previous: HostStats | None = None,
         unchanged: frozenset[str] = frozenset(),
+        pause: Callable[[int], None] | None = None,
     ) -> None:
+        """``pause(i)`` is called before the ``i``-th queue (the hub yields the GIL)."""
         self.records = dict(records)
         old = {q.queue: q for q in previous.view.queues} if previous is not None else {}
         old_rows = previous.rows if previous is not None else {}
         queues: list[QueueStat] = []
         self.rows = {}
-        for q in sorted(self.records):
+        for i, q in enumerate(sorted(self.records)):
+            if pause is not None:
+                pause(i)
             stat = old.get(q) if q in unchanged else None
             if stat is None:
                 stat = queue_stat(q, self.records[q])

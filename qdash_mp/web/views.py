@@ -306,7 +306,9 @@ class Dashboard:
         if cached is None or cached[0] is not view:
             # An inspector that hands out the same view while nothing changed (the
             # collector's does) gets its JSON encoded once, however many viewers poll.
-            cached = self._stats_body = (view, json.dumps(view.to_dict()).encode())
+            encode = getattr(view, "to_json", None)  # a view may encode itself (the hub's)
+            body = encode() if encode is not None else json.dumps(view.to_dict()).encode()
+            cached = self._stats_body = (view, body)
         return web.Response(body=cached[1], content_type="application/json", charset="utf-8")
 
     async def api_failed(self, request: web.Request) -> web.Response:
