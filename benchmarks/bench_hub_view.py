@@ -26,9 +26,10 @@ Part 2, the same workload counted two ways, ``workers`` processes each doing ``r
 
 Metrics per subject: ``redis_ops_per_s`` (Redis ``total_commands_processed`` over the
 window: for qdash_mp the ~1 EVALSHA a second *and* the writes inside the script, most of
-them the failed-job index and payload copies, 3 per failed job) and ``worker_cpu_pct`` (the workers' own CPU, all threads, % of one core, summed);
-the qdash_mp rows carry the paired ratio qdash_mp / sidekiq_style. The collector's CPU is in
-the qdash_mp row's extra (it is not the worker's, but it is not free either).
+them the failed-job index and payload copies, 3 per failed job) and ``worker_cpu_pct`` (the
+workers' own CPU, all threads, % of one core, summed); the qdash_mp rows carry the paired
+ratio qdash_mp / sidekiq_style. The collector's CPU is in the qdash_mp row's extra (it is
+not the workers', but it is not free either).
 """
 
 from __future__ import annotations

@@ -413,9 +413,9 @@ def _merge_hosts(
         _yield_gil(i)
         merged[q] = sum_records(per_queue[q], live=live[q])
     queues = []
-    for i, (q, rec) in enumerate(merged.items()):
+    for i, (q, total) in enumerate(merged.items()):
         _yield_gil(i)
-        queues.append(queue_stat(q, rec))
+        queues.append(queue_stat(q, total))
     totals = queue_stat("total", sum_records(merged.values()))
     part = json.dumps({"queues": [q.to_dict() for q in queues], "totals": totals.to_dict()})
     return queues, totals, part.encode()[1:-1]
