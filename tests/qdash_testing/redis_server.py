@@ -234,3 +234,19 @@ def mismatch(r: Any, host: str, http: str) -> str:
     ):
         diffs.append("fi / fj / fall disagree")
     return "; ".join(diffs)
+
+
+def requeue_then_pause(job: Any) -> None:
+    """A ``--requeue`` target: appends the job id to ``$QDASH_TEST_REQUEUE_FILE``; for an id
+    containing ``"pause"`` it then pauses the writes of the Redis on
+    ``$QDASH_TEST_REDIS_PORT`` for 30 s, so the publish that would acknowledge the retry
+    hangs there (a test kills the collector in that window)."""
+    import os
+
+    with open(os.environ["QDASH_TEST_REQUEUE_FILE"], "a") as f:
+        f.write(job.id + "\n")
+    if "pause" in job.id:
+        port = int(os.environ["QDASH_TEST_REDIS_PORT"])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"CLIENT PAUSE 30000 WRITE\r\n")
+            assert conn.recv(16).startswith(b"+OK")
