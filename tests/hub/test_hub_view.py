@@ -493,3 +493,40 @@ async def test_the_preencoded_body_is_the_document(r: Any, aiohttp_client: Any) 
         assert body == json.loads(json.dumps(view.to_dict()))
     assert body["hosts"]["b"]["stale"] is True
     assert body["totals"]["throughput"] == 0.0  # b's rate is not a rate any more
+
+
+async def test_hub_responses_validate_against_the_openapi_document(
+    r: Any, aiohttp_client: Any
+) -> None:
+    from jsonschema import Draft202012Validator
+
+    from qdash_mp.web.openapi import OPENAPI
+
+    def validate(path: str, method: str, status: int, body: Any) -> None:
+        op = OPENAPI["paths"][path][method]
+        assert str(status) in op["responses"], f"{method} {path} {status} undocumented"
+        assert any(p["name"] == "host" for p in op.get("parameters", [])) or method == "post"
+        schema = op["responses"][str(status)]["content"]["application/json"]["schema"]
+        Draft202012Validator({**OPENAPI, "$ref": "#/x", "x": schema}).validate(body)
+
+    await publish(r, "a", 1, {"q": _record(1, 5)})
+    await publish(r, "gone", 1, {"q": _record(2, 5)}, last_seen=time.time() - 3600)
+    await add_failed(r, "gone", "j1", 1.0)
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
+    for url, path in (
+        ("/queues/api/stats", "/queues/api/stats"),
+        ("/queues/api/stats?host=a", "/queues/api/stats"),
+        ("/queues/api/failed?host=gone", "/queues/api/failed"),
+        ("/queues/api/failed/j1@gone", "/queues/api/failed/{id}"),
+        ("/queues/api/workers?host=a", "/queues/api/workers"),
+    ):
+        resp = await client.get(url)
+        validate(path, "get", resp.status, await resp.json())
+    token = csrf_token_in(await (await client.get("/queues/failed")).text())
+    resp = await client.post(
+        "/queues/failed/j1@gone/retry",
+        data={"csrf_token": token},
+        headers={"Accept": "application/json"},
+    )
+    validate("/queues/failed/{id}/retry", "post", resp.status, await resp.json())
+    assert resp.status == 202
