@@ -271,7 +271,7 @@ class World:
         took = round(time.monotonic() - t0, 2)
         self.figures[what] = {
             "catch_up_s": took,
-            "jobs": sum(sum(c.values()) for h in self.hosts for c in h.calls.values()),
+            "hook_calls": sum(sum(c.values()) for h in self.hosts for c in h.calls.values()),
             "failed_jobs": len(self.expected_failed()),
         }
         return took
