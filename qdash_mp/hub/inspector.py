@@ -261,19 +261,27 @@ class HubInspector:
         await self.reader.sync()
         sent = 0
         for h in self._hosts():
-            index = self.keys.fi(h)
-            start = 0
-            while True:
-                ids = await self.redis.zrange(index, start, start + 999)
-                if not ids:
-                    break
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for i in ids:
-                        pipe.xadd(self.keys.cmd(h), self._fields("forget", i.decode()))
-                    await pipe.execute()
-                sent += len(ids)
-                start += len(ids)
+            # ZSCAN, not offsets: the host may be removing ids meanwhile (a live host runs
+            # the forgets as they come), and a scan still returns every id that stays.
+            seen: set[bytes] = set()
+            batch: list[bytes] = []
+            async for member, _score in self.redis.zscan_iter(self.keys.fi(h), count=1000):
+                if member not in seen:
+                    seen.add(member)
+                    batch.append(member)
+                if len(batch) >= 1000:
+                    sent += await self._forget_all(h, batch)
+                    batch = []
+            sent += await self._forget_all(h, batch)
         return sent
+
+    async def _forget_all(self, host: str, ids: list[bytes]) -> int:
+        if ids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.xadd(self.keys.cmd(host), self._fields("forget", i.decode()))
+                await pipe.execute()
+        return len(ids)
 
     def _fields(self, op: str, job_id: str, req: str | None = None) -> dict[str, str]:
         from qdash_mp.web.authz import current  # the signed-in user, when in a request

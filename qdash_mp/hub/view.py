@@ -187,8 +187,6 @@ class HubReader:
                 behind.append(st)
             seen[name] = st
         self._hosts = seen
-        if not behind:
-            self._loaded_at = time.monotonic()
         return behind
 
     async def refresh(self) -> dict[str, HostState]:
@@ -289,14 +287,16 @@ class HubReader:
         for name, seq, stats, rows_json in snap.hosts:
             st = self._hosts.get(name) or HostState(name)
             stale = name in snap.stale
-            shown = HostState(
-                name,
-                info=st.info,
-                loaded_seq=seq,
-                stats=stats,
-                queued=st.queued,
-                rows_json=rows_json,
-            )
+            shown = st  # the host as loaded now, if that is what the snapshot holds
+            if st.loaded_seq != seq or st.stats is not stats:
+                shown = HostState(
+                    name,
+                    info=st.info,
+                    loaded_seq=seq,
+                    stats=stats,
+                    queued=st.queued,
+                    rows_json=rows_json,
+                )
             rows[name] = shown.row(stale)
             parts.append(json.dumps(name).encode() + b":" + shown.row_json(stale))
         body = b"{" + snap.part + b',"hosts":{' + b",".join(parts) + b"}}"
