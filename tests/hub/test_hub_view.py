@@ -238,6 +238,9 @@ async def test_unknown_host_is_404_and_pages_take_the_filter(r: Any, aiohttp_cli
     page = await (await client.get("/queues/")).text()
     assert "alpha" in page
     assert "beta" in page
+    assert (await client.get("/queues/q/alpha", params={"host": "a"})).status == 200
+    assert (await client.get("/queues/q/alpha", params={"host": "b"})).status == 404
+    assert (await client.get("/queues/api/openapi.json", params={"host": "a"})).status == 200
     hosts = await client.get("/queues/hosts")
     assert hosts.status == 200
     text = await hosts.text()
