@@ -224,7 +224,7 @@ class Publisher:
         self._acked_minute: dict[str, int] = {}
         self._acked_hour: dict[str, tuple[int, bytes]] = {}
         self._hist_pending: dict[tuple[str, str, int], bytes] = {}
-        self._hist_scanned: int | None = None
+        self._hist_scanned: tuple[int, int] | None = None
         self._buckets: dict[str, tuple[tuple[int, int], dict[int, int], dict[int, int]]] = {}
         # The change list: written by the journal's committing thread, hence the lock.
         self._lock = threading.Lock()
@@ -285,7 +285,10 @@ class Publisher:
                 delay = min(delay * 2, 30.0)
                 continue
             except QdashError as exc:
-                log.error("hub publish failed (will try again): %s", exc)
+                if self.up is not False:
+                    log.error("hub publish failed (will try again): %s", exc)
+                    down_since = time.monotonic()
+                self.up = False
                 await asyncio.sleep(self.interval)
                 continue
             if self.up is False:
@@ -476,8 +479,10 @@ class Publisher:
         lc = self._c.lifecycle
         history = lc.history
         now = self._hclock()
-        # 5 s after each minute: the lifecycle tick (every second) has closed the minute.
-        due = int((now - 5) // 60)
+        # 5 s after each minute the lifecycle tick (every second) has closed it; a second
+        # look 30 s after catches a tick that was late (a loaded machine). Two reads of the
+        # history files a minute, not one a second.
+        due = (int((now - 5) // 60), int((now - 30) // 60))
         if history is not None and due != self._hist_scanned:
             self._hist_scanned = due
             for queue in history.queues():
