@@ -268,6 +268,7 @@ class Publisher:
         delay = 0.5
         down_since = 0.0
         while True:
+            began = time.monotonic()
             try:
                 more = await self.publish_once()
             except (RedisError, OSError, TimeoutError) as exc:
@@ -299,7 +300,9 @@ class Publisher:
                 )
             self.up = True
             delay = 0.5
-            await asyncio.sleep(0.02 if more else self.interval)
+            # a steady cadence: one publish per interval however long building it took
+            spent = time.monotonic() - began
+            await asyncio.sleep(0.02 if more else max(0.0, self.interval - spent))
 
     async def publish_once(self) -> bool:
         """One publish (after a reconciliation if one is due); True if a backlog remains."""
@@ -344,12 +347,11 @@ class Publisher:
         else:
             self._acknowledge(p)
         self.commands.offer([(_text(e[0]), _fields(e[1])) for e in entries])
-        return self._backlog_left()
-
-    def _backlog_left(self) -> bool:
-        with self._lock:
-            dirty = len(self._dirty)
-        return bool(dirty > 0 or self._backlog or self._hist_pending or self._reconcile)
+        # Quickly again only if this publish was full (a backlog: a reconciliation, a
+        # catch-up); changes that arrived meanwhile wait for the next second, or the
+        # command rate would follow the failure rate.
+        full = len(p.taken) >= self._batch or len(p.history) >= self._history_batch
+        return full or self._reconcile
 
     def _connection(self) -> Redis:
         if self._redis is None:
