@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_durable_failed
 import bench_hook
+import bench_hub
 import bench_hub_view
 import bench_ingest
 import bench_integrations
@@ -39,10 +40,27 @@ BENCHES = {
     "memory": bench_memory.run,
     "integrations": bench_integrations.run,
     "sse": bench_sse.run,
+    "hub": bench_hub.run,
     "hub_view": bench_hub_view.run,
 }
 
 TARGETS = [
+    Target(
+        "hub",
+        "qdash_mp_10k",
+        "redis_commands_per_s",
+        "<=",
+        2.0,
+        "hub: <= 2 Redis commands/s per collector at 10k jobs/s",
+    ),
+    Target(
+        "hub",
+        "qdash_mp_1M",
+        "redis_commands_per_s",
+        "<=",
+        2.0,
+        "hub: <= 2 Redis commands/s per collector at 1M jobs/s (the same as at 10k)",
+    ),
     Target("hook", "qdash_mp", "ns/call", "<=", 2.0, "hook: qdash_mp <= 2x dict", field="ratio"),
     Target(
         "hook",

@@ -384,9 +384,22 @@ def decode_host(data: bytes) -> HostInfo:
 # --------------------------------------------------------------------------- workers
 
 
+def _worker_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: row[k] for k in _WORKER_KEYS}
+    # times as floats whatever clock made them (an injected clock may give ints)
+    out["connected_at"] = float(out["connected_at"])
+    out["last_seen"] = float(out["last_seen"])
+    out["active"] = [
+        {k: job[k] for k in _ACTIVE_KEYS} | {"started_at": float(job["started_at"])}
+        for job in out["active"]
+    ]
+    return out
+
+
 def encode_workers(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """The ``/queues/api/workers`` rows (``WorkerView.to_dict()``), checked on the way."""
-    data = packb([{k: row[k] for k in _WORKER_KEYS} for row in rows], "workers")
+    """The ``/queues/api/workers`` rows (``WorkerView.to_dict()``), checked on the way;
+    times are written as floats."""
+    data = packb([_worker_row(row) for row in rows], "workers")
     decode_workers(data)
     return data
 

@@ -224,7 +224,7 @@ class Publisher:
         self._acked_minute: dict[str, int] = {}
         self._acked_hour: dict[str, tuple[int, bytes]] = {}
         self._hist_pending: dict[tuple[str, str, int], bytes] = {}
-        self._hist_scanned: int | None = None
+        self._hist_scanned: tuple[int, int] | None = None
         self._buckets: dict[str, tuple[tuple[int, int], dict[int, int], dict[int, int]]] = {}
         # The change list: written by the journal's committing thread, hence the lock.
         self._lock = threading.Lock()
@@ -268,6 +268,7 @@ class Publisher:
         delay = 0.5
         down_since = 0.0
         while True:
+            began = time.monotonic()
             try:
                 more = await self.publish_once()
             except (RedisError, OSError, TimeoutError) as exc:
@@ -285,7 +286,10 @@ class Publisher:
                 delay = min(delay * 2, 30.0)
                 continue
             except QdashError as exc:
-                log.error("hub publish failed (will try again): %s", exc)
+                if self.up is not False:
+                    log.error("hub publish failed (will try again): %s", exc)
+                    down_since = time.monotonic()
+                self.up = False
                 await asyncio.sleep(self.interval)
                 continue
             if self.up is False:
@@ -296,7 +300,9 @@ class Publisher:
                 )
             self.up = True
             delay = 0.5
-            await asyncio.sleep(0.02 if more else self.interval)
+            # a steady cadence: one publish per interval however long building it took
+            spent = time.monotonic() - began
+            await asyncio.sleep(0.02 if more else max(0.0, self.interval - spent))
 
     async def publish_once(self) -> bool:
         """One publish (after a reconciliation if one is due); True if a backlog remains."""
@@ -341,12 +347,11 @@ class Publisher:
         else:
             self._acknowledge(p)
         self.commands.offer([(_text(e[0]), _fields(e[1])) for e in entries])
-        return self._backlog_left()
-
-    def _backlog_left(self) -> bool:
-        with self._lock:
-            dirty = len(self._dirty)
-        return bool(dirty > 0 or self._backlog or self._hist_pending or self._reconcile)
+        # Quickly again only if this publish was full (a backlog: a reconciliation, a
+        # catch-up); changes that arrived meanwhile wait for the next second, or the
+        # command rate would follow the failure rate.
+        full = len(p.taken) >= self._batch or len(p.history) >= self._history_batch
+        return full or self._reconcile
 
     def _connection(self) -> Redis:
         if self._redis is None:
@@ -476,8 +481,10 @@ class Publisher:
         lc = self._c.lifecycle
         history = lc.history
         now = self._hclock()
-        # 5 s after each minute: the lifecycle tick (every second) has closed the minute.
-        due = int((now - 5) // 60)
+        # 5 s after each minute the lifecycle tick (every second) has closed it; a second
+        # look 30 s after catches a tick that was late (a loaded machine). Two reads of the
+        # history files a minute, not one a second.
+        due = (int((now - 5) // 60), int((now - 30) // 60))
         if history is not None and due != self._hist_scanned:
             self._hist_scanned = due
             for queue in history.queues():

@@ -125,6 +125,15 @@ def test_round_trips() -> None:
     assert decode_host(encode_host(HOST)) == HOST
     assert decode_result(encode_result(RESULT)) == RESULT
     assert decode_workers(encode_workers([WORKER])) == [WORKER]
+    # an injected clock's int times are written as floats
+    ints = WORKER | {"connected_at": 1, "last_seen": 2}
+    ints["active"] = [WORKER["active"][0] | {"started_at": 3}]
+    (row,) = decode_workers(encode_workers([ints]))
+    assert (row["connected_at"], row["last_seen"], row["active"][0]["started_at"]) == (
+        1.0,
+        2.0,
+        3.0,
+    )
     c = Command("retry", "j1", "r-1", "alice", 1700000001.5)
     fields = encode_command(c)
     assert decode_command({k.encode(): v.encode() for k, v in fields.items()}) == c
