@@ -42,7 +42,7 @@ from qdash_mp.models import QueueStat, StatsView
 __all__ = ["MAX_LAG", "HostState", "HubReader", "HubStatsView"]
 
 MAX_LAG = 1.0
-_GIL_SLICE = 5
+_GIL_SLICE = 2
 """Seconds a view may be behind Redis while newer records are being read (see above)."""
 
 
