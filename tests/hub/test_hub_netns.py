@@ -51,6 +51,12 @@ CATCH_UP = 90.0
 STALE = 5.0
 """The hub's --stale-after here (a cut host shows as stale quickly)."""
 
+FETCH = (
+    "import sys, urllib.request\n"
+    "print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+)
+"""GET a URL from inside a namespace (the collectors' dashboards listen on its loopback)."""
+
 WORKER = r"""
 import json, sys, time
 from qdash_mp import Client, Job
@@ -202,7 +208,7 @@ class Host:
     def own_stats(self) -> dict[str, Any]:
         """This host's own dashboard document (read from inside its namespace)."""
         doc: dict[str, Any] = json.loads(
-            self.ns.run(["curl", "-sf", self.http + "/queues/api/stats"])
+            self.ns.run([sys.executable, "-c", FETCH, self.http + "/queues/api/stats"])
         )
         return doc
 
@@ -447,7 +453,7 @@ def test_retry_from_the_hub_runs_once_on_the_owning_host(world: World) -> None:
     assert not h0.requeue_file.exists()
     assert "job-1@host1" not in world.hub_failed_ids()
     assert "job-1@host0" in world.hub_failed_ids()
-    own = h1.ns.run(["curl", "-sf", h1.http + "/queues/api/failed"])
+    own = h1.ns.run([sys.executable, "-c", FETCH, h1.http + "/queues/api/failed"])
     assert "job-1" not in {j["id"] for j in json.loads(own)["jobs"]}
     # retrying it again: gone from the hub, a 404; nothing runs twice
     status, body = session.post("/queues/failed/job-1@host1/retry")
