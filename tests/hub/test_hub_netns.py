@@ -222,6 +222,13 @@ class World:
     hub_url: str
     figures: dict[str, Any] = field(default_factory=dict)
 
+    def restart_hub(self) -> None:
+        self.hub.terminate()
+        self.hub.wait(timeout=30)
+        if self.hub.stdout is not None:
+            self.hub.stdout.close()
+        self.hub, self.hub_url = _hub_process(self.redis.url())
+
     def hub_stats(self) -> dict[str, Any]:
         doc: dict[str, Any] = get_json(self.hub_url + "/queues/api/stats")
         return doc
@@ -347,7 +354,10 @@ def world() -> Iterator[World]:
             hosts.append(host)
         hub, url = _hub_process(redis.url())
         w = World(lab, redis, hosts, hub, url)
-        yield w
+        try:
+            yield w
+        finally:
+            hub = w.hub  # restart_hub() replaces it
         _report(w.figures)
     finally:
         for h in hosts:
@@ -435,6 +445,10 @@ def test_totals_exact_and_rows_equal_through_faults(world: World) -> None:
         interval=0.2,
     )
 
+    # the hub keeps nothing of its own: a new hub process shows the same, at once
+    world.restart_hub()
+    world.wait_exact("hub restarted")
+
 
 def test_retry_from_the_hub_runs_once_on_the_owning_host(world: World) -> None:
     h0, h1 = world.hosts
@@ -488,3 +502,57 @@ def test_retry_from_the_hub_runs_once_on_the_owning_host(world: World) -> None:
     world.figures["queued retry after restore"] = {"seconds": round(time.monotonic() - t_back, 2)}
     assert h0.requeue_file.read_text().split() == ["job-2"]
     assert h1.requeue_file.read_text().split() == ["job-1"]
+
+
+LAB_FAILS = """
+import sys
+from qdash_testing.netns import Lab
+with Lab(1) as lab:
+    print(lab.spaces[0].name, flush=True)
+    lab.spaces[0].popen(["sleep", "600"])
+    raise SystemExit(3)
+"""
+
+LAB_KILLED = """
+import sys, time
+from qdash_testing.netns import Lab
+lab = Lab(1)
+lab.spaces[0].popen(["sleep", "600"])
+print(lab.spaces[0].name, flush=True)
+time.sleep(600)
+"""
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.split()}
+
+
+def test_namespaces_are_removed_on_failure_and_after_a_kill() -> None:
+    """``Lab`` removes its namespaces (and what runs in them) when the code using it fails,
+    and a ``Lab`` removes the leftovers of a run that was ``kill -9``'d."""
+    done = subprocess.run(
+        [sys.executable, "-c", LAB_FAILS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env_with_tests(),
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.strip() not in _namespaces()
+    killed = subprocess.Popen(
+        [sys.executable, "-c", LAB_KILLED],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env_with_tests(),
+    )
+    assert killed.stdout is not None
+    name = killed.stdout.readline().strip()
+    killed.kill()
+    killed.wait(timeout=10)
+    killed.stdout.close()
+    assert name in _namespaces()  # a kill -9 leaves it (and its sleep) behind...
+    with Lab(1):
+        assert name not in _namespaces()  # ...and the next Lab removes them
+    assert not any(n.startswith(f"qhub-{killed.pid}-") for n in _namespaces())
