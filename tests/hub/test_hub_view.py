@@ -533,3 +533,32 @@ async def test_hub_responses_validate_against_the_openapi_document(
     )
     validate("/queues/failed/{id}/retry", "post", resp.status, await resp.json())
     assert resp.status == 202
+
+
+async def test_the_event_stream_carries_the_hosts(r: Any, aiohttp_client: Any) -> None:
+    await publish(r, "a", 1, {"q": _record(1, 5)})
+    client = await client_for(aiohttp_client, HubInspector(r, max_lag=0))
+    resp = await client.get("/queues/api/events", params={"once": "1"})
+    assert resp.status == 200
+    text = await resp.text()
+    assert "event: stats" in text
+    data = next(line for line in text.splitlines() if line.startswith('data: {"queues"'))
+    assert json.loads(data[len("data: ") :])["hosts"]["a"]["totals"]["processed"] == 5
+
+
+async def test_read_only_hub_refuses_commands(r: Any, aiohttp_client: Any) -> None:
+    from qdash_mp.access_settings import AccessSettings
+
+    await publish(r, "a", 1, {})
+    await add_failed(r, "a", "j1", 1.0)
+    app = hub_app(HubInspector(r, max_lag=0), access=AccessSettings(read_only=True))
+    client = await aiohttp_client(app)
+    page = await (await client.get("/queues/failed")).text()
+    assert "j1@a" in page
+    resp = await client.post(
+        "/queues/failed/j1@a/retry",
+        data={"csrf_token": "refused before CSRF is looked at"},
+        headers={"Accept": "application/json"},
+    )
+    assert resp.status == 403
+    assert await r.xlen(K.cmd("a")) == 0  # nothing was sent to the host
