@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_durable_failed
 import bench_hook
+import bench_hub
+import bench_hub_view
 import bench_ingest
 import bench_integrations
 import bench_memory
@@ -38,9 +40,27 @@ BENCHES = {
     "memory": bench_memory.run,
     "integrations": bench_integrations.run,
     "sse": bench_sse.run,
+    "hub": bench_hub.run,
+    "hub_view": bench_hub_view.run,
 }
 
 TARGETS = [
+    Target(
+        "hub",
+        "qdash_mp_10k",
+        "redis_commands_per_s",
+        "<=",
+        2.0,
+        "hub: <= 2 Redis commands/s per collector at 10k jobs/s",
+    ),
+    Target(
+        "hub",
+        "qdash_mp_1M",
+        "redis_commands_per_s",
+        "<=",
+        2.0,
+        "hub: <= 2 Redis commands/s per collector at 1M jobs/s (the same as at 10k)",
+    ),
     Target("hook", "qdash_mp", "ns/call", "<=", 2.0, "hook: qdash_mp <= 2x dict", field="ratio"),
     Target(
         "hook",
@@ -254,6 +274,43 @@ TARGETS = [
         "integrations: celery adapter costs no more than celery -E events",
         field="ratio",
         reference="celery_events",
+    ),
+    # issue 13: the Redis hub (dashboard side)
+    Target(
+        "hub_view",
+        "hub_stats_live",
+        "api_stats_ms",
+        "<=",
+        5.0,
+        "hub: /queues/api/stats at 10 hosts x 100 queues <= 5 ms while all publish",
+        producers=1000,
+    ),
+    Target(
+        "hub_view",
+        "hub_stats_static",
+        "api_stats_ms",
+        "<=",
+        5.0,
+        "hub: /queues/api/stats at 10 hosts x 100 queues <= 5 ms",
+        producers=1000,
+    ),
+    Target(
+        "hub_view",
+        "qdash_mp",
+        "redis_ops_per_s",
+        "<=",
+        0.05,
+        "hub: Redis ops/s <= 1/20 of Sidekiq-style per-job HINCRBY",
+        field="ratio",
+    ),
+    Target(
+        "hub_view",
+        "qdash_mp",
+        "worker_cpu_pct",
+        "<=",
+        1.0,
+        "hub: worker CPU no more than Sidekiq-style per-job HINCRBY",
+        field="ratio",
     ),
 ]
 

@@ -29,7 +29,8 @@ from qdash_mp.access_cli import (
     configure_logging,
     run_access_command,
 )
-from qdash_mp.errors import CollectorNotRunning, QdashError
+from qdash_mp.errors import CollectorNotRunning, ConfigError, QdashError
+from qdash_mp.hub.cli import add_hub_command, run_hub
 from qdash_mp.settings import DEFAULT_DATA_DIR, DEFAULT_HTTP, CollectorSettings, parse_http
 
 __all__ = ["build_parser", "main"]
@@ -62,6 +63,23 @@ def _count(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
     return n
+
+
+def _hub_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(
+            f"not a Redis URL: {value!r} (e.g. redis://127.0.0.1:6379/0)"
+        )
+    return value
+
+
+def _host_name(value: str) -> str:
+    from qdash_mp.hub.keys import check_host
+
+    try:
+        return check_host(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(value: str) -> float:
@@ -161,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also accept clients whose primary gid is this (repeatable)",
     )
     add_access_arguments(col)
+    # The Redis hub (qdash_mp.hub, docs/hub.md)
+    col.add_argument(
+        "--hub",
+        type=_hub_url,
+        default=None,
+        metavar="redis://HOST:PORT/DB",
+        help="also publish this host's counters, history, workers and failed jobs to Redis "
+        "(needs the qdash_mp[hub] extra)",
+    )
+    col.add_argument(
+        "--host-name",
+        type=_host_name,
+        default=None,
+        metavar="NAME",
+        help="the name this host publishes under (default: its hostname)",
+    )
 
     st = sub.add_parser("stats", help="print the counters straight from shared memory")
     st.add_argument(
@@ -191,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the demo collector's data here (default: a temporary directory)",
     )
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    add_hub_command(sub)  # qdash-mp hub (qdash_mp.hub.cli)
     return parser
 
 
@@ -210,6 +245,8 @@ def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
         max_failed_jobs=args.max_failed_jobs,
         max_failed_age=args.max_failed_age * 86400.0,
         access=access_settings(args, host, not args.no_http),
+        hub_url=args.hub,
+        hub_host=args.host_name,
     )
 
 
@@ -369,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_stats(args)
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "hub":
+            return run_hub(args)
     except KeyboardInterrupt:
         return 0
     except QdashError as exc:

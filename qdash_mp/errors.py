@@ -29,6 +29,9 @@ __all__ = [
     "SnapshotNotSaved",
     "AuditCorrupt",
     "AuditError",
+    "HubError",
+    "HubCorrupt",
+    "RetryQueued",
 ]
 
 
@@ -122,3 +125,21 @@ class AuditError(QdashError):
 
 class AuditCorrupt(AuditError):
     """The audit log holds corruption that is not a torn tail."""
+
+
+class HubError(QdashError):
+    """The Redis hub (issue "Scale-out") could not be read or written."""
+
+
+class HubCorrupt(HubError):
+    """A blob read from the hub's Redis keys is not what ``qdash_mp.hub.format`` writes."""
+
+
+class RetryQueued(RetryError):
+    """A hub command (retry/forget) was queued for a host that has not executed it yet
+    (offline, or slower than the wait): it runs once when the host reads its stream.
+    ``host`` names that host. The dashboard answers 202, not an error."""
+
+    def __init__(self, message: str, host: str = "") -> None:
+        super().__init__(message)
+        self.host = host

@@ -93,6 +93,11 @@ class CollectorSettings:
     tick_interval: float = 1.0
     worker_retention: float = 600.0
     clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)
+    # The Redis hub (qdash_mp.hub, ``--hub`` / ``--host-name``): off unless ``hub_url``.
+    hub_url: str | None = None
+    hub_host: str | None = None
+    """Host name published under; ``None``: this machine's hostname."""
+    hub_interval: float = 1.0
 
     @property
     def socket(self) -> Path:

@@ -20,6 +20,7 @@ from qdash_testing.fixtures import (  # noqa: F401  (registers them for every te
 )
 from qdash_testing.http import csrf_token_in
 from qdash_testing.journal import jdir, root  # noqa: F401  (the journal tests' temp dirs)
+from qdash_testing.redis_server import redis_server  # noqa: F401  (the hub tests' Redis)
 
 from qdash_mp import Inspector, create_app
 from qdash_mp.testing import qdash_collector  # noqa: F401  (registers the shipped fixture)

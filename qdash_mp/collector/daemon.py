@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -44,6 +44,9 @@ from qdash_mp.settings import MAX_SOCKET_PATH, CollectorSettings
 from qdash_mp.shm import SharedStats
 from qdash_mp.web.collector_app import collector_app
 from qdash_mp.wire import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from qdash_mp.hub.publisher import Publisher
 
 __all__ = ["Collector", "run", "serve"]
 
@@ -92,6 +95,8 @@ class Collector:
         self.connections = Connections(self)
         self.retries = Retries(self, requeue)
         self.inspector = CollectorInspector(self)
+        self.hub: Publisher | None = None
+        """The Redis hub publisher (``--hub``), made at start."""
 
     @property
     def stopping(self) -> bool:
@@ -128,6 +133,7 @@ class Collector:
                 journal.close()
                 raise
             self._live = Live(stats, journal, GroupCommit(journal))
+            self._attach_hub(journal)
             if not self.lifecycle.history_dir.exists():
                 created.append(self.lifecycle.history_dir)
             await self.lifecycle.open(stats)
@@ -142,6 +148,8 @@ class Collector:
             s.counters_file.unlink(missing_ok=True)
             self._spawn(self._maintenance(), "qdash_mp.maintenance")
             self._spawn(self.lifecycle.run(stats, lambda: self.stats_version), "qdash_mp.tick")
+            if self.hub is not None:
+                self._spawn(self.hub.run(), "qdash_mp.hub")
         except BaseException as exc:
             await self._close_resources(clean=False, unlink_shm=shm_created)
             _remove_created(created, s)
@@ -155,6 +163,23 @@ class Collector:
             s.shm,
             len(self.live.journal),
         )
+
+    def _attach_hub(self, journal: Journal) -> None:
+        """With ``--hub``: the publisher, listening to the journal before anything commits."""
+        s = self.settings
+        if not s.hub_url:
+            return
+        try:
+            from qdash_mp.hub.publisher import Publisher
+        except ImportError as exc:
+            raise CollectorError(
+                f"--hub needs redis-py: pip install 'qdash_mp[hub]' ({exc})"
+            ) from exc
+        from qdash_mp.hub.keys import check_host
+
+        host = check_host(s.hub_host or socket.gethostname())
+        self.hub = Publisher(self, s.hub_url, host, interval=s.hub_interval)
+        journal.on_applied = self.hub.on_applied
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -308,6 +333,8 @@ class Collector:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.hub is not None:  # a last publish while the counters are still open
+            await self.hub.close(final=clean)
         await self.connections.close()
         await self.retries.close()
         await asyncio.to_thread(self.lifecycle.close)

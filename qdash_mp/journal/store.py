@@ -39,7 +39,7 @@ import msgpack
 from qdash_mp.errors import ConfigError, JournalError, NotFound
 from qdash_mp.fsio import DEFAULT_IO, FileIO, try_flock
 from qdash_mp.journal.compaction import Compaction
-from qdash_mp.journal.format import commit_record
+from qdash_mp.journal.format import Op, commit_record
 from qdash_mp.journal.recovery import Recovery, RecoveryReport
 from qdash_mp.journal.segments import Segment
 from qdash_mp.journal.staging import Staging
@@ -77,6 +77,11 @@ class Journal(Recovery, Compaction, Staging):
     id (the wire carries only the job id). Not a ``FailedJobs`` by itself: the collector
     wraps it (retry goes through a worker, and removal is staged then committed).
     """
+
+    on_applied: Callable[[list[Op]], None] | None = None
+    """Called with the records of each commit as they become visible, in the committing
+    thread under the journal's lock (so a reader sees a change only once it was reported);
+    must be quick and must not call the journal. The hub publisher's change list."""
 
     def __init__(
         self,
@@ -203,6 +208,8 @@ class Journal(Recovery, Compaction, Staging):
         self._total_bytes += len(buf)
         with self._lock:
             pruned = self._apply(seg.num, start, ops, replay=False)
+            if self.on_applied is not None:  # the hub's change list (qdash_mp.hub.publisher)
+                self.on_applied(ops)
             self._refresh_pending()
             self._index.maybe_rebuild()
         if pruned:
@@ -309,6 +316,12 @@ class Journal(Recovery, Compaction, Staging):
             traceback=f.traceback,
         )
         return failed, f.payload_raw
+
+    def ids(self) -> list[str]:
+        """Every committed failed job id, a copy (for the hub's full reconciliation)."""
+        with self._lock:
+            self._check_open()
+            return list(self._index.pos)
 
     @property
     def live_bytes(self) -> int:

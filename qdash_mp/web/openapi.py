@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from qdash_mp.web import events, lifecycle_api
+from qdash_mp.web.hub_openapi import add_hub_docs
 
 __all__ = ["OPENAPI", "add_openapi_route"]
 
@@ -246,6 +247,7 @@ OPENAPI: dict[str, Any] = {
 OPENAPI["paths"].update(lifecycle_api.OPENAPI_PATHS)  # history, workers, pending, recent
 OPENAPI["components"]["schemas"].update(lifecycle_api.OPENAPI_SCHEMAS)
 OPENAPI["paths"].update(events.OPENAPI_PATHS)
+add_hub_docs(OPENAPI)  # hub only: "hosts", ?host=, 202 queued (qdash_mp.hub)
 _BODY = json.dumps(OPENAPI, indent=1).encode()
 
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import jinja2
 from aiohttp import web
 
-from qdash_mp.errors import NotFound, RetryError
+from qdash_mp.errors import NotFound, RetryError, RetryQueued
 from qdash_mp.failed import describe_error
 from qdash_mp.inspector import Inspector
 from qdash_mp.models import PAGE_SIZE, FailedJob, JobView, QueueStat, StatsView
@@ -316,7 +316,9 @@ class Dashboard:
         if cached is None or cached[0] is not view:
             # An inspector that hands out the same view while nothing changed (the
             # collector's does) gets its JSON encoded once, however many viewers poll.
-            cached = self._stats_body = (view, json.dumps(view.to_dict()).encode())
+            encode = getattr(view, "to_json", None)  # a view may encode itself (the hub's)
+            body = encode() if encode is not None else json.dumps(view.to_dict()).encode()
+            cached = self._stats_body = (view, body)
         return web.Response(body=cached[1], content_type="application/json", charset="utf-8")
 
     async def api_failed(self, request: web.Request) -> web.Response:
@@ -353,6 +355,8 @@ class Dashboard:
             await self.inspector.retry(id)
         except NotFound:
             raise web.HTTPNotFound(text=f"No failed job with id {id!r}.") from None
+        except RetryQueued as exc:  # a hub command waiting for its host (qdash_mp.hub)
+            return self._queued(request, page, "retry", id, exc)
         except RetryError as exc:
             return self._done(request, page, f"Could not retry job {id}: {exc}", status=409)
         except Exception as exc:
@@ -368,12 +372,21 @@ class Dashboard:
             await self.inspector.forget(id)
         except NotFound:
             raise web.HTTPNotFound(text=f"No failed job with id {id!r}.") from None
+        except RetryQueued as exc:  # a hub command waiting for its host (qdash_mp.hub)
+            return self._queued(request, parse_back_page(form.get("page")), "forget", id, exc)
         return self._done(
             request,
             parse_back_page(form.get("page")),
             f"Forgot job {id}.",
             data={"action": "forget", "id": id},
         )
+
+    def _queued(
+        self, request: web.Request, page: int, action: str, id: str, exc: RetryQueued
+    ) -> web.Response:
+        """202: the action waits in its host's command stream (``qdash_mp.hub``)."""
+        data = {"action": action, "id": id, "queued": True, "host": exc.host}
+        return self._done(request, page, f"Job {id}: {exc}", status=202, data=data)
 
     async def flush(self, request: web.Request) -> web.Response:
         await guarded_form(request, self.secret)

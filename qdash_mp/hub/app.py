@@ -1,0 +1,137 @@
+"""The hub's web app and server: the same ``create_app`` over a ``HubInspector``.
+
+``hub_app(inspector, ...)`` is ``create_app`` plus two things of the hub's own:
+
+* the ``?host=NAME`` filter: a middleware (innermost: after the access checks) that sets
+  ``qdash_mp.hub.inspector.HOST`` for the request, so every page and JSON route reads one
+  host; an unknown name is a 404;
+* ``GET /queues/hosts``: a page of the hosts (last seen, stale, seq, queued commands, totals).
+
+``serve_hub(settings)`` runs it until SIGTERM/SIGINT (``qdash-mp hub``), with a
+``redis.asyncio`` client closed on the way out. The hub holds no state of its own: a restart
+reads everything back from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from qdash_mp.access_settings import AccessSettings
+from qdash_mp.hub.inspector import HOST, HubInspector
+from qdash_mp.hub.merge import STALE_AFTER
+from qdash_mp.web.app import DASHBOARD, create_app
+
+__all__ = ["HubSettings", "hub_app", "serve_hub"]
+
+log = logging.getLogger("qdash_mp.hub.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def hub_app(
+    inspector: HubInspector,
+    *,
+    access: AccessSettings | None = None,
+    allowed_hosts: list[str] | None = None,
+    read_only: bool = False,
+) -> web.Application:
+    """The dashboard over a Redis hub (see the module docstring)."""
+    app = create_app(inspector, access=access, allowed_hosts=allowed_hosts, read_only=read_only)
+
+    @web.middleware
+    async def host_filter(request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = request.query.get("host")
+        if not name:
+            return await handler(request)
+        if name not in await inspector.hosts():
+            raise web.HTTPNotFound(text=f"No host {name!r} has published to this hub.")
+        token = HOST.set(name)
+        try:
+            return await handler(request)
+        finally:
+            HOST.reset(token)
+
+    app.middlewares.append(host_filter)
+
+    async def hosts_page(request: web.Request) -> web.Response:
+        view = await inspector.stats()
+        dashboard = app[DASHBOARD]
+        return dashboard.render(
+            request,
+            "hub_hosts.html",
+            active="hosts",
+            hosts=sorted(view.hosts.items()),
+            now=time.time(),
+            failed_total=await inspector.failed_count(),
+        )
+
+    app.router.add_get("/queues/hosts", hosts_page, name="qdash.hosts")
+    return app
+
+
+@dataclass(frozen=True, slots=True)
+class HubSettings:
+    """What ``qdash-mp hub`` runs with."""
+
+    redis_url: str
+    http_host: str = "127.0.0.1"
+    http_port: int = 8710
+    prefix: str = "qdash:"
+    stale_after: float = STALE_AFTER
+    access: AccessSettings = field(default_factory=AccessSettings)
+    ready: Callable[[str], None] | None = None
+
+
+async def serve_hub(settings: HubSettings, stop: asyncio.Event | None = None) -> None:
+    """Serve the hub dashboard until SIGTERM/SIGINT (or ``stop`` is set)."""
+    import redis.asyncio as aioredis
+
+    client: Any = aioredis.from_url(settings.redis_url)  # type: ignore[no-untyped-call]
+    inspector = HubInspector(client, prefix=settings.prefix, stale_after=settings.stale_after)
+    app = hub_app(
+        inspector, access=settings.access, allowed_hosts=[settings.http_host], read_only=False
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        port = sockets[0].getsockname()[1] if sockets else settings.http_port
+        host = settings.http_host
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/queues/"
+        log.info("hub dashboard at %s over %s", url, _redacted(settings.redis_url))
+        if settings.ready is not None:
+            settings.ready(url)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        await client.aclose()
+
+
+def _redacted(url: str) -> str:
+    """``url`` without a password (logs are read by more people than the config)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, where = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':***' if user else '***'}@{where}"

@@ -1,0 +1,556 @@
+"""The blobs the hub keeps in Redis: encoders and strict decoders. Pure, no I/O.
+
+Every blob is one msgpack object (bin type on). A decoder takes exactly what its encoder
+writes -- the same keys, exact types (a bool is not an int), bounded lengths -- and raises
+``HubCorrupt`` naming the blob and what is wrong otherwise. Maps are written with their keys
+in the order of the tables below, so the bytes are stable (the examples are checked by
+``tests/hub/test_hub_format.py``).
+
+Queue record (value of ``q:{host}``, field = queue name), the host's shared-memory values::
+
+    key          msgpack type
+    pushed       int >= 0    cumulative
+    processed    int >= 0    cumulative
+    failed       int >= 0    cumulative
+    retried      int >= 0    cumulative
+    active       int >= 0    gauge: jobs running now (connected workers' gauges)
+    throughput   float >= 0  processed jobs/s over the host's rolling window (a gauge)
+    runtime      map int -> int   sparse lifetime runtime histogram: bucket index
+    wait         map int -> int   (0..histogram.NBUCKETS-1, ascending) -> count > 0
+
+Example queue record: pushed 3, processed 2, failed 1, retried 0, active 1, throughput 0.5,
+runtime buckets {10: 2}, wait {}::
+
+    88 a6 70 75 73 68 65 64 03 a9 70 72 6f 63 65 73
+    73 65 64 02 a6 66 61 69 6c 65 64 01 a7 72 65 74
+    72 69 65 64 00 a6 61 63 74 69 76 65 01 aa 74 68
+    72 6f 75 67 68 70 75 74 cb 3f e0 00 00 00 00 00
+    00 a7 72 75 6e 74 69 6d 65 81 0a 02 a4 77 61 69
+    74 80
+
+History point (value of ``hm:``/``hh:{host}:{queue}``, field = the period's start), the
+host's point (``History.points``; the host keeps per-period runtime summaries, not buckets,
+so counts merge exactly across hosts and per-period percentiles do not)::
+
+    key          msgpack type
+    t            int         start of the minute / hour, unix s
+    pushed       int >= 0    \\
+    processed    int >= 0     | jobs in that period
+    failed       int >= 0    /
+    runtime      map: count int >= 0, p50 p90 p95 p99 max (float, or nil when count is 0)
+
+Example point: t 1764633600, pushed 2, processed 1, failed 0, runtime count 0::
+
+    85 a1 74 ce 69 2e 2c 00 a6 70 75 73 68 65 64 02
+    a9 70 72 6f 63 65 73 73 65 64 01 a6 66 61 69 6c
+    65 64 00 a7 72 75 6e 74 69 6d 65 86 a5 63 6f 75
+    6e 74 00 a3 70 35 30 c0 a3 70 39 30 c0 a3 70 39
+    35 c0 a3 70 39 39 c0 a3 6d 61 78 c0
+
+Host info (value of ``hosts``, field = host name), written by every publish::
+
+    key          msgpack type
+    seq          int >= 1    the publish that wrote it
+    last_seen    float       the host's clock (unix s) when it built that publish
+    started_at   float       when this collector process started
+    version      str         qdash_mp version of the host
+    pid          int         collector pid
+    requeue      array of str    queues a retry can be routed to now ("*" = every queue,
+                                 the collector has --requeue)
+
+Example host info: seq 7, last_seen 1700000001.5, started_at 1700000000.0, version "0.1.0",
+pid 42, requeue ["mail"]::
+
+    86 a3 73 65 71 07 a9 6c 61 73 74 5f 73 65 65 6e
+    cb 41 d9 54 fc 40 60 00 00 aa 73 74 61 72 74 65
+    64 5f 61 74 cb 41 d9 54 fc 40 00 00 00 a7 76 65
+    72 73 69 6f 6e a5 30 2e 31 2e 30 a3 70 69 64 2a
+    a7 72 65 71 75 65 75 65 91 a4 6d 61 69 6c
+
+Workers (value of ``w:{host}``): an array of maps, each exactly a ``/queues/api/workers``
+row (``WorkerView.to_dict``: id, pid, host, name, queues, connected_at, last_seen, active
+[maps of queue, id, name, started_at], state, can_requeue). Example: ``[]`` is ``90``.
+
+Failed entry (value of ``fj:{host}``, field = job id): the FAILED record bytes exactly as
+the host's journal keeps them (``qdash_mp.records``, 9-field array, payload as a bin), so
+the hub shows and re-sends the very bytes the failing worker sent. Checked by
+``records.unpack_failed``. Its score in ``fi:{host}`` and ``fall`` is its ``failed_at``.
+``fall`` members are ``{host}\\x00{id}`` (UTF-8).
+
+Command (an entry of the stream ``cmd:{host}``; stream fields, UTF-8 strings)::
+
+    field  content
+    op     "retry" or "forget"
+    id     failed job id (1..1024 characters)
+    req    request id chosen by the hub (1..64 characters; the result key is res:{req})
+    by     who asked (free text, at most 255 characters; may be empty)
+    at     when (unix s, decimal float text)
+
+Result (value of ``res:{req}``, TTL 1 h)::
+
+    key          msgpack type
+    ok           bool        the command did what was asked (or it had been done before)
+    already      bool        the id was no longer on the host: done before (a retry that
+                             ran before a crash) or forgotten; nothing was done now
+    error        str or nil  why not, when ok is false (the job stays)
+    op           str         the command's op
+    id           str         the command's job id
+    at           float       when the host finished it (unix s)
+
+Example result: ok, not already, no error, op "retry", id "j1", at 1700000001.5::
+
+    86 a2 6f 6b c3 a7 61 6c 72 65 61 64 79 c2 a5 65
+    72 72 6f 72 c0 a2 6f 70 a5 72 65 74 72 79 a2 69
+    64 a2 6a 31 a2 61 74 cb 41 d9 54 fc 40 60 00 00
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from qdash_mp.errors import HubCorrupt, ProtocolError
+from qdash_mp.histogram import NBUCKETS
+from qdash_mp.records import MAX_ID, MAX_NAME, FailedRecord, unpack_failed
+from qdash_mp.strict_msgpack import packb, unpackb
+
+__all__ = [
+    "COMMAND_OPS",
+    "MAX_BLOB",
+    "MAX_REQ",
+    "Command",
+    "HostInfo",
+    "QueueRecord",
+    "Result",
+    "decode_command",
+    "decode_failed",
+    "decode_host",
+    "decode_point",
+    "decode_queue",
+    "decode_result",
+    "decode_workers",
+    "encode_command",
+    "encode_host",
+    "encode_point",
+    "encode_queue",
+    "encode_result",
+    "encode_workers",
+    "fall_member",
+    "sparse",
+    "split_fall_member",
+]
+
+MAX_BLOB: Final = 64 * 1024 * 1024
+"""Largest blob a decoder accepts (bytes of any str/bin inside it, too)."""
+_MAX_ITEMS: Final = 1_000_000
+MAX_REQ: Final = 64
+COMMAND_OPS: Final = ("retry", "forget")
+_SUMMARY_KEYS: Final = ("count", "p50", "p90", "p95", "p99", "max")
+_WORKER_KEYS: Final = (
+    "id",
+    "pid",
+    "host",
+    "name",
+    "queues",
+    "connected_at",
+    "last_seen",
+    "active",
+    "state",
+    "can_requeue",
+)
+_ACTIVE_KEYS: Final = ("queue", "id", "name", "started_at")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _corrupt(what: str, why: str) -> HubCorrupt:
+    return HubCorrupt(f"hub {what}: {why}")
+
+
+def _load(data: bytes, what: str) -> object:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise _corrupt(what, f"expected bytes, not {type(data).__name__}")
+    try:
+        return unpackb(bytes(data), MAX_BLOB, _MAX_ITEMS)
+    except ProtocolError as exc:
+        raise _corrupt(what, str(exc)) from None
+
+
+def _map(value: object, keys: Sequence[str], what: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _corrupt(what, f"must be a map, not {type(value).__name__}")
+    if list(value) != list(keys):
+        raise _corrupt(what, f"keys must be {list(keys)}, not {list(value)}")
+    return value
+
+
+def _int(value: object, what: str, lo: int = 0) -> int:
+    if type(value) is not int or value < lo:
+        raise _corrupt(what, f"must be an int >= {lo}, not {value!r}")
+    return value
+
+
+def _float(value: object, what: str, lo: float = -math.inf) -> float:
+    if type(value) is not float or not math.isfinite(value) or value < lo:
+        raise _corrupt(what, f"must be a finite float >= {lo}, not {value!r}")
+    return value
+
+
+def _str(value: object, what: str, lo: int = 0, hi: int = MAX_BLOB) -> str:
+    if type(value) is not str or not lo <= len(value) <= hi:
+        raise _corrupt(what, f"must be a str of {lo}..{hi} characters, not {value!r:.80}")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        raise _corrupt(what, f"must be a bool, not {value!r}")
+    return value
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if type(value) is not list:
+        raise _corrupt(what, f"must be an array, not {type(value).__name__}")
+    return value
+
+
+def _buckets(value: object, what: str) -> dict[int, int]:
+    if type(value) is not dict:
+        raise _corrupt(what, f"must be a map, not {type(value).__name__}")
+    last = -1
+    for k, v in value.items():
+        if type(k) is not int or not last < k < NBUCKETS:
+            raise _corrupt(what, f"bucket {k!r} is not an ascending index below {NBUCKETS}")
+        if type(v) is not int or v <= 0:
+            raise _corrupt(what, f"bucket {k} count must be an int > 0, not {v!r}")
+        last = k
+    return value
+
+
+def sparse(dense: Sequence[int]) -> dict[int, int]:
+    """``{bucket: count}`` of the non-zero buckets of a dense histogram, ascending."""
+    return {i: n for i, n in enumerate(dense) if n}
+
+
+# --------------------------------------------------------------------------- queue record
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRecord:
+    """One queue of one host, as the hub keeps it (see the module docstring)."""
+
+    pushed: int = 0
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    active: int = 0
+    throughput: float = 0.0
+    runtime: dict[int, int] = field(default_factory=dict)
+    wait: dict[int, int] = field(default_factory=dict)
+
+
+_QUEUE_KEYS: Final = (
+    "pushed",
+    "processed",
+    "failed",
+    "retried",
+    "active",
+    "throughput",
+    "runtime",
+    "wait",
+)
+
+
+def encode_queue(r: QueueRecord) -> bytes:
+    return packb(
+        {
+            "pushed": r.pushed,
+            "processed": r.processed,
+            "failed": r.failed,
+            "retried": r.retried,
+            "active": r.active,
+            "throughput": float(r.throughput),
+            "runtime": dict(sorted(r.runtime.items())),
+            "wait": dict(sorted(r.wait.items())),
+        },
+        "queue record",
+    )
+
+
+def decode_queue(data: bytes) -> QueueRecord:
+    what = "queue record"
+    m = _map(_load(data, what), _QUEUE_KEYS, what)
+    return QueueRecord(
+        pushed=_int(m["pushed"], f"{what} pushed"),
+        processed=_int(m["processed"], f"{what} processed"),
+        failed=_int(m["failed"], f"{what} failed"),
+        retried=_int(m["retried"], f"{what} retried"),
+        active=_int(m["active"], f"{what} active"),
+        throughput=_float(m["throughput"], f"{what} throughput", 0.0),
+        runtime=_buckets(m["runtime"], f"{what} runtime"),
+        wait=_buckets(m["wait"], f"{what} wait"),
+    )
+
+
+# --------------------------------------------------------------------------- history point
+
+_POINT_KEYS: Final = ("t", "pushed", "processed", "failed", "runtime")
+
+
+def encode_point(point: Mapping[str, Any]) -> bytes:
+    """A history point as ``History.points`` returns it (checked by decoding it again)."""
+    rt = point["runtime"]
+    data = packb(
+        {
+            "t": point["t"],
+            "pushed": point["pushed"],
+            "processed": point["processed"],
+            "failed": point["failed"],
+            "runtime": {k: rt[k] for k in _SUMMARY_KEYS},
+        },
+        "history point",
+    )
+    decode_point(data)
+    return data
+
+
+def decode_point(data: bytes) -> dict[str, Any]:
+    what = "history point"
+    m = _map(_load(data, what), _POINT_KEYS, what)
+    _int(m["t"], f"{what} t", -(2**63))
+    for k in ("pushed", "processed", "failed"):
+        _int(m[k], f"{what} {k}")
+    rt = _map(m["runtime"], _SUMMARY_KEYS, f"{what} runtime")
+    count = _int(rt["count"], f"{what} runtime count")
+    for k in _SUMMARY_KEYS[1:]:
+        v = rt[k]
+        if count == 0:
+            if v is not None:
+                raise _corrupt(f"{what} runtime {k}", f"must be nil when count is 0, not {v!r}")
+        else:
+            _float(v, f"{what} runtime {k}", 0.0)
+    return m
+
+
+# --------------------------------------------------------------------------- host info
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """What the hub knows of a host besides its queues (see the module docstring)."""
+
+    seq: int
+    last_seen: float
+    started_at: float
+    version: str
+    pid: int
+    requeue: tuple[str, ...] = ()
+
+
+_HOST_KEYS: Final = ("seq", "last_seen", "started_at", "version", "pid", "requeue")
+
+
+def encode_host(h: HostInfo) -> bytes:
+    return packb(
+        {
+            "seq": h.seq,
+            "last_seen": float(h.last_seen),
+            "started_at": float(h.started_at),
+            "version": h.version,
+            "pid": h.pid,
+            "requeue": list(h.requeue),
+        },
+        "host info",
+    )
+
+
+def decode_host(data: bytes) -> HostInfo:
+    what = "host info"
+    m = _map(_load(data, what), _HOST_KEYS, what)
+    requeue = _list(m["requeue"], f"{what} requeue")
+    return HostInfo(
+        seq=_int(m["seq"], f"{what} seq", 1),
+        last_seen=_float(m["last_seen"], f"{what} last_seen"),
+        started_at=_float(m["started_at"], f"{what} started_at"),
+        version=_str(m["version"], f"{what} version", 0, MAX_NAME),
+        pid=_int(m["pid"], f"{what} pid"),
+        requeue=tuple(_str(q, f"{what} requeue entry", 1, MAX_NAME) for q in requeue),
+    )
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _worker_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: row[k] for k in _WORKER_KEYS}
+    # times as floats whatever clock made them (an injected clock may give ints)
+    out["connected_at"] = float(out["connected_at"])
+    out["last_seen"] = float(out["last_seen"])
+    out["active"] = [
+        {k: job[k] for k in _ACTIVE_KEYS} | {"started_at": float(job["started_at"])}
+        for job in out["active"]
+    ]
+    return out
+
+
+def encode_workers(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """The ``/queues/api/workers`` rows (``WorkerView.to_dict()``), checked on the way;
+    times are written as floats."""
+    data = packb([_worker_row(row) for row in rows], "workers")
+    decode_workers(data)
+    return data
+
+
+def decode_workers(data: bytes) -> list[dict[str, Any]]:
+    what = "workers"
+    rows = _list(_load(data, what), what)
+    for i, row in enumerate(rows):
+        w = f"{what}[{i}]"
+        _map(row, _WORKER_KEYS, w)
+        _str(row["id"], f"{w} id", 0, MAX_ID)
+        _int(row["pid"], f"{w} pid")
+        _str(row["host"], f"{w} host", 0, MAX_NAME)
+        _str(row["name"], f"{w} name", 0, MAX_ID)
+        for q in _list(row["queues"], f"{w} queues"):
+            _str(q, f"{w} queue", 0, MAX_NAME)
+        _float(row["connected_at"], f"{w} connected_at")
+        _float(row["last_seen"], f"{w} last_seen")
+        for j, job in enumerate(_list(row["active"], f"{w} active")):
+            a = f"{w} active[{j}]"
+            _map(job, _ACTIVE_KEYS, a)
+            _str(job["queue"], f"{a} queue", 0, MAX_NAME)
+            _str(job["id"], f"{a} id", 0, MAX_ID)
+            _str(job["name"], f"{a} name", 0, MAX_ID)
+            _float(job["started_at"], f"{a} started_at")
+        if row["state"] not in ("connected", "gone"):
+            raise _corrupt(f"{w} state", f"must be 'connected' or 'gone', not {row['state']!r}")
+        _bool(row["can_requeue"], f"{w} can_requeue")
+    return rows
+
+
+# --------------------------------------------------------------------------- failed entry
+
+
+def decode_failed(data: bytes) -> FailedRecord:
+    """The FAILED record of an ``fj:{host}`` value (``records.unpack_failed``'s checks)."""
+    if not isinstance(data, bytes | bytearray):
+        raise _corrupt("failed entry", f"expected bytes, not {type(data).__name__}")
+    try:
+        return unpack_failed(bytes(data), max_size=MAX_BLOB)
+    except ProtocolError as exc:
+        raise _corrupt("failed entry", str(exc)) from None
+
+
+def fall_member(host: str, id: str) -> bytes:
+    """The ``fall`` member of job ``id`` of ``host``."""
+    return f"{host}\x00{id}".encode()
+
+
+def split_fall_member(member: bytes) -> tuple[str, str]:
+    """``(host, id)`` of a ``fall`` member."""
+    try:
+        host, sep, id = member.decode().partition("\x00")
+    except (UnicodeDecodeError, AttributeError):
+        raise _corrupt("fall member", f"{member!r:.80} is not UTF-8 bytes") from None
+    if not sep or not host or not id:
+        raise _corrupt("fall member", f"{member!r:.80} is not host NUL id")
+    return host, id
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A hub -> host command (an entry of ``cmd:{host}``)."""
+
+    op: str
+    id: str
+    req: str
+    by: str = ""
+    at: float = 0.0
+
+
+def encode_command(c: Command) -> dict[str, str]:
+    """The stream fields for ``XADD cmd:{host} * ...`` (checked by decoding them again)."""
+    fields = {"op": c.op, "id": c.id, "req": c.req, "by": c.by, "at": repr(float(c.at))}
+    decode_command({k.encode(): v.encode() for k, v in fields.items()})
+    return fields
+
+
+def decode_command(fields: Mapping[bytes, bytes]) -> Command:
+    """The command in a stream entry's fields (as redis-py returns them: bytes)."""
+    what = "command"
+    if type(fields) is not dict:
+        raise _corrupt(what, f"must be a map of fields, not {type(fields).__name__}")
+    try:
+        m = {k.decode(): v.decode() for k, v in fields.items()}
+    except (UnicodeDecodeError, AttributeError):
+        raise _corrupt(what, "fields must be UTF-8 bytes") from None
+    if sorted(m) != ["at", "by", "id", "op", "req"]:
+        raise _corrupt(what, f"fields must be op, id, req, by, at, not {sorted(m)}")
+    if m["op"] not in COMMAND_OPS:
+        raise _corrupt(f"{what} op", f"must be one of {COMMAND_OPS}, not {m['op']!r:.80}")
+    try:
+        at = float(m["at"])
+    except ValueError:
+        raise _corrupt(f"{what} at", f"{m['at']!r:.80} is not a number") from None
+    if not math.isfinite(at):
+        raise _corrupt(f"{what} at", f"{m['at']!r:.80} is not finite")
+    return Command(
+        op=m["op"],
+        id=_str(m["id"], f"{what} id", 1, MAX_ID),
+        req=_str(m["req"], f"{what} req", 1, MAX_REQ),
+        by=_str(m["by"], f"{what} by", 0, MAX_NAME),
+        at=at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A host's answer to a command (``res:{req}``)."""
+
+    ok: bool
+    already: bool
+    error: str | None
+    op: str
+    id: str
+    at: float
+
+
+_RESULT_KEYS: Final = ("ok", "already", "error", "op", "id", "at")
+
+
+def encode_result(r: Result) -> bytes:
+    return packb(
+        {
+            "ok": r.ok,
+            "already": r.already,
+            "error": r.error,
+            "op": r.op,
+            "id": r.id,
+            "at": float(r.at),
+        },
+        "result",
+    )
+
+
+def decode_result(data: bytes) -> Result:
+    what = "result"
+    m = _map(_load(data, what), _RESULT_KEYS, what)
+    error = m["error"]
+    if error is not None:
+        _str(error, f"{what} error")
+    if m["op"] not in COMMAND_OPS:
+        raise _corrupt(f"{what} op", f"must be one of {COMMAND_OPS}, not {m['op']!r:.80}")
+    return Result(
+        ok=_bool(m["ok"], f"{what} ok"),
+        already=_bool(m["already"], f"{what} already"),
+        error=error,
+        op=m["op"],
+        id=_str(m["id"], f"{what} id", 1, MAX_ID),
+        at=_float(m["at"], f"{what} at"),
+    )
