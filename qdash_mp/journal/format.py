@@ -97,6 +97,8 @@ __all__ = [
     "decode_failed",
     "decode_op",
     "encode_client_seq",
+    "failed_meta",
+    "failed_metas",
     "encode_removed",
     "encode_removed_many",
     "flushed_payload",
@@ -326,6 +328,24 @@ def decode_failed(payload: bytes | memoryview) -> FailedFields:
     if why:
         raise ValueError(why)
     return FailedFields(*obj)
+
+
+def failed_meta(buf: Buffer, off: int, size: int) -> tuple[str, str, str]:
+    """``(queue, name, error)`` of the verified FAILED record of ``size`` bytes at ``off``."""
+    obj = _unpackb(buf[off + HEADER.size : off + size])
+    return obj[5], obj[1], obj[6]
+
+
+def failed_metas(buf: Buffer, off: int, sizes: list[int]) -> list[tuple[str, str, str]]:
+    """``failed_meta`` of records of ``sizes`` back to back from ``off``."""
+    out = []
+    unpack = _unpackb
+    h = HEADER.size
+    for size in sizes:
+        obj = unpack(buf[off + h : off + size])
+        out.append((obj[5], obj[1], obj[6]))
+        off += size
+    return out
 
 
 def decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:

@@ -43,6 +43,8 @@ from qdash_mp.journal.format import (
     RecordType,
     SegmentHeader,
     decode_failed,
+    failed_meta,
+    failed_metas,
     read_record,
     segment_record,
 )
@@ -225,8 +227,14 @@ class JournalBase:
 
     # ------------------------------------------------------------------ the index
 
-    def _apply(self, num: int, start: int, ops: Iterable[Op], *, replay: bool) -> int:
-        """Apply written records to the index; returns how many were retention prunes."""
+    def _apply(
+        self, num: int, start: int, ops: Iterable[Op], *, replay: bool, src: Any, src_base: int
+    ) -> int:
+        """Apply written records to the index; returns how many were retention prunes.
+
+        ``src`` holds the records' bytes (``src[0]`` is offset ``src_base`` of the segment):
+        the filter columns take each FAILED record's queue, name and error from it.
+        """
         ops = ops if isinstance(ops, list) else list(ops)
         # Runs of FAILED records (a batch's failed jobs) go in a few C-level passes; the
         # other records, one by one.
@@ -245,10 +253,13 @@ class JournalBase:
                 m = not_failed(kinds, i)
                 j = n if m is None else m.start()
                 if j == i + 1:  # one alone: the run set-up would cost more than the record
-                    index.append_one(base + off, key, size)
+                    meta = failed_meta(src, off - src_base, size)
+                    index.append_one(base + off, key, size, extra, meta)
                     off += size
                 else:
-                    off = index.append_failed(base, off, ops[i:j])
+                    run = ops[i:j]
+                    metas = failed_metas(src, off - src_base, list(map(itemgetter(2), run)))
+                    off = index.append_failed(base, off, run, metas)
                 i = j
                 continue
             if rtype == _REMOVED and kinds[i + 1 : i + 2] == _REMOVED_BYTE:

@@ -1,0 +1,396 @@
+"""The failed-job index's filter columns: per-slot fields, per-queue / per-name slot lists. Pure.
+
+``Index`` (``qdash_mp.journal.index``) owns one ``Columns`` and keeps it in step with its
+slots on every append, removal, flush and squeeze (recovery and compaction go through those
+same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Per slot::
+
+    seq     array('q')   append sequence: monotonic over the journal's life in this process
+                         (the bulk actions' snapshot is "seq < high-water")
+    fat     array('d')   failed_at, Unix seconds
+    qc, nc  array('i')   interned queue / job name code
+    eoff    array('q')   start of the slot's error text in ``blob``; it ends where the next
+                         slot's starts (the last one: at the end of ``blob``)
+    blob    bytearray    every slot's error text, case-folded, its first ``ERROR_KEY``
+                         characters, UTF-8, back to back
+
+and per code: ``q_slots[code]`` / ``n_slots[code]`` (``array('i')``, ascending slots, dead
+ones left in until the next squeeze) and live counts ``q_live``, ``n_live``, ``pair_live``.
+
+A query (``select``) walks candidates newest first and checks the rest per candidate:
+
+    filter                       candidates                       page        total
+    none                         live slots (alive.rfind)         O(page)     O(1)
+    queue and/or name            the smaller code list, reversed  O(page+d)   O(1) (counters)
+    q alone / with time          blob.rfind of the needle         O(page+m)   memo, see below
+    time range only              live slots                       O(page+s)   memo
+
+``d``: dead entries passed over; ``m``: slots holding the needle that fail another condition;
+``s``: slots skipped by the time range. A total that the counters cannot give is counted
+once per (filter, snapshot) with the same walk, then kept up to date incrementally: newer
+slots are counted as they are appended, and removals since are taken off via the kill log
+(a removed slot's columns stay intact until a squeeze, so whether it matched is known).
+``q`` matches the first ``ERROR_KEY`` characters of the error (the page shows 120).
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import compress
+from typing import Final
+
+from qdash_mp.failed_filter import FailedFilter
+
+__all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
+
+ERROR_KEY: Final = 256
+"""Characters of each error text the ``q`` filter searches."""
+_MEMO_MAX: Final = 64
+_LOG_MAX: Final = 1 << 20
+
+Meta = tuple[str, str, str]
+"""``(queue, name, error)`` of a FAILED record: what the columns need beyond failed_at."""
+
+
+@dataclass(slots=True)
+class Selection:
+    """A page of matching slots (newest first) and how many match in all."""
+
+    slots: list[int]
+    total: int
+
+
+@dataclass(slots=True)
+class _Memo:
+    total: int
+    seq_hw: int  # slots with seq < seq_hw are counted
+    log_pos: int  # kills up to here are accounted for
+
+
+class Columns:
+    """Filter columns parallel to an ``Index``'s slots (see the module docstring)."""
+
+    __slots__ = (
+        "blob",
+        "eoff",
+        "fat",
+        "kill_log",
+        "memo",
+        "n_live",
+        "n_slots",
+        "names",
+        "nc",
+        "next_seq",
+        "pair_live",
+        "q_live",
+        "q_slots",
+        "qc",
+        "queues",
+        "seq",
+    )
+
+    def __init__(self) -> None:
+        self.seq: array[int] = array("q")
+        self.fat: array[float] = array("d")
+        self.qc: array[int] = array("i")
+        self.nc: array[int] = array("i")
+        self.eoff: array[int] = array("q")
+        self.blob = bytearray()
+        self.queues: dict[str, int] = {}
+        self.names: dict[str, int] = {}
+        self.q_slots: list[array[int]] = []
+        self.n_slots: list[array[int]] = []
+        self.q_live: list[int] = []
+        self.n_live: list[int] = []
+        self.pair_live: dict[tuple[int, int], int] = {}
+        self.next_seq = 0
+        self.kill_log: array[int] = array("i")
+        self.memo: dict[tuple[FailedFilter, int], _Memo] = {}
+
+    # ------------------------------------------------------------------ keeping in step
+
+    def _code(self, table: dict[str, int], lists: list[array[int]], live: list[int], key: str) -> int:
+        code = table.get(key)
+        if code is None:
+            code = table[key] = len(lists)
+            lists.append(array("i"))
+            live.append(0)
+        return code
+
+    def append(self, p0: int, failed_ats: list[float], metas: list[Meta]) -> None:
+        """Slots ``p0 ..`` were appended for records with these fields."""
+        seq0 = self.next_seq
+        k = len(metas)
+        self.seq.extend(range(seq0, seq0 + k))
+        self.next_seq = seq0 + k
+        self.fat.extend(failed_ats)
+        blob = self.blob
+        eoff = self.eoff
+        qcode = self._code
+        pair = self.pair_live
+        for i, (queue, name, error) in enumerate(metas):
+            p = p0 + i
+            q = qcode(self.queues, self.q_slots, self.q_live, queue)
+            n = qcode(self.names, self.n_slots, self.n_live, name)
+            self.qc.append(q)
+            self.nc.append(n)
+            self.q_slots[q].append(p)
+            self.n_slots[n].append(p)
+            self.q_live[q] += 1
+            self.n_live[n] += 1
+            pair[q, n] = pair.get((q, n), 0) + 1
+            eoff.append(len(blob))
+            blob += error[:ERROR_KEY].casefold().encode("utf-8", "surrogatepass")
+
+    def kill(self, p: int) -> None:
+        """Slot ``p`` went dead (its columns stay until the next squeeze)."""
+        q = self.qc[p]
+        n = self.nc[p]
+        self.q_live[q] -= 1
+        self.n_live[n] -= 1
+        self.pair_live[q, n] -= 1
+        if self.memo:
+            if len(self.kill_log) >= _LOG_MAX:
+                self.memo.clear()
+                del self.kill_log[:]
+            else:
+                self.kill_log.append(p)
+
+    def kill_all(self) -> None:
+        """Every slot went dead, slot numbers kept (a compaction is running)."""
+        self.q_live = [0] * len(self.q_live)
+        self.n_live = [0] * len(self.n_live)
+        self.pair_live.clear()
+        self.memo.clear()
+        del self.kill_log[:]
+
+    def reset(self) -> None:
+        """Every slot dropped (the arrays start again; ``next_seq`` keeps counting)."""
+        nxt = self.next_seq
+        self.__init__()  # type: ignore[misc]
+        self.next_seq = nxt
+
+    def squeeze(self, keep: bytes) -> None:
+        """Keep only the slots flagged in ``keep`` (renumbered from 0, order kept)."""
+        n = len(keep)
+        old_eoff = self.eoff
+        ends = [*old_eoff[1:n], len(self.blob)]
+        blob = self.blob
+        new_blob = bytearray()
+        new_eoff: array[int] = array("q")
+        for start, end in compress(zip(old_eoff, ends, strict=True), keep):
+            new_eoff.append(len(new_blob))
+            new_blob += blob[start:end]
+        self.blob = new_blob
+        self.eoff = new_eoff
+        self.seq = array("q", compress(self.seq, keep))
+        self.fat = array("d", compress(self.fat, keep))
+        self.qc = array("i", compress(self.qc, keep))
+        self.nc = array("i", compress(self.nc, keep))
+        self.q_slots = [array("i") for _ in self.q_slots]
+        self.n_slots = [array("i") for _ in self.n_slots]
+        for p, (q, nm) in enumerate(zip(self.qc, self.nc, strict=True)):
+            self.q_slots[q].append(p)
+            self.n_slots[nm].append(p)
+        self.memo.clear()
+        del self.kill_log[:]
+
+    # ------------------------------------------------------------------ queries
+
+    def seq_slot(self, seq: int) -> int:
+        """The first slot whose seq is ``>= seq`` (slots are in seq order)."""
+        return bisect_left(self.seq, seq)
+
+    def text_of(self, p: int) -> bytes:
+        end = self.eoff[p + 1] if p + 1 < len(self.eoff) else len(self.blob)
+        return bytes(self.blob[self.eoff[p] : end])
+
+    def _codes(self, f: FailedFilter) -> tuple[int | None, int | None] | None:
+        """The queue / name codes of ``f`` (None: no condition); None if one is unknown."""
+        q = n = None
+        if f.queue is not None:
+            q = self.queues.get(f.queue)
+            if q is None:
+                return None
+        if f.name is not None:
+            n = self.names.get(f.name)
+            if n is None:
+                return None
+        return q, n
+
+    def _candidates(
+        self, f: FailedFilter, codes: tuple[int | None, int | None], alive: bytearray, lo: int, hi: int
+    ) -> Iterator[int]:
+        """Slots in ``lo .. hi`` that may match, newest first (live ones only)."""
+        q, n = codes
+        if q is not None or n is not None:
+            if q is not None and (n is None or self.q_live[q] <= self.n_live[n]):
+                lst = self.q_slots[q]
+            else:
+                assert n is not None
+                lst = self.n_slots[n]
+            i = bisect_left(lst, hi)
+            stop = bisect_left(lst, lo)
+            while i > stop:
+                i -= 1
+                p = lst[i]
+                if alive[p]:
+                    yield p
+            return
+        needle = f.needle
+        if needle:
+            nb = needle.encode("utf-8", "surrogatepass")
+            blob = self.blob
+            eoff = self.eoff
+            nslots = len(eoff)
+            end = len(blob) if hi >= nslots else eoff[hi]
+            floor = eoff[lo] if lo < nslots else len(blob)
+            while True:
+                pos = blob.rfind(nb, floor, end)
+                if pos < 0:
+                    return
+                p = bisect_right(eoff, pos) - 1
+                slot_end = eoff[p + 1] if p + 1 < nslots else len(blob)
+                if pos + len(nb) <= slot_end and alive[p]:
+                    yield p
+                    end = eoff[p]
+                else:
+                    end = pos + len(nb) - 1  # straddles a boundary: look further back
+            return
+        p = hi
+        while True:
+            p = alive.rfind(1, lo, p)
+            if p < 0:
+                return
+            yield p
+
+    def _check(self, f: FailedFilter, codes: tuple[int | None, int | None], p: int) -> bool:
+        """The conditions the candidate walk did not already guarantee."""
+        q, n = codes
+        if q is not None and self.qc[p] != q:
+            return False
+        if n is not None and self.nc[p] != n:
+            return False
+        fa = self.fat[p]
+        if f.after is not None and not fa >= f.after:
+            return False
+        if f.before is not None and not fa < f.before:
+            return False
+        needle = f.needle
+        if needle and (q is not None or n is not None):
+            return needle.encode("utf-8", "surrogatepass") in self.text_of(p)
+        return True
+
+    def _walk(
+        self, f: FailedFilter, codes: tuple[int | None, int | None], alive: bytearray, lo: int, hi: int
+    ) -> Iterator[int]:
+        check = self._check
+        for p in self._candidates(f, codes, alive, lo, hi):
+            if check(f, codes, p):
+                yield p
+
+    def select(
+        self,
+        f: FailedFilter,
+        alive: bytearray,
+        live: int,
+        offset: int,
+        limit: int,
+        *,
+        seq_hw: int | None = None,
+        seq_lo: int | None = None,
+    ) -> Selection:
+        """Matching live slots ``offset .. offset+limit`` newest first, and their total.
+
+        ``seq_hw``: only slots appended before it (a snapshot); ``seq_lo``: only from it on
+        (what is new since a snapshot). ``live``: the index's live count (the total of an
+        unfiltered, unbounded query).
+        """
+        codes = self._codes(f)
+        if codes is None:
+            return Selection([], 0)
+        nslots = len(alive)
+        hi = nslots if seq_hw is None else self.seq_slot(seq_hw)
+        lo = 0 if seq_lo is None else self.seq_slot(seq_lo)
+        slots: list[int] = []
+        if limit > 0:
+            it = self._walk(f, codes, alive, lo, hi)
+            for _ in range(offset):
+                if next(it, None) is None:
+                    break
+            else:
+                for p in it:
+                    slots.append(p)
+                    if len(slots) >= limit:
+                        break
+        total = self._total(f, codes, alive, live, lo, hi, seq_hw, seq_lo)
+        return Selection(slots, total)
+
+    def _total(
+        self,
+        f: FailedFilter,
+        codes: tuple[int | None, int | None],
+        alive: bytearray,
+        live: int,
+        lo: int,
+        hi: int,
+        seq_hw: int | None,
+        seq_lo: int | None,
+    ) -> int:
+        whole = lo == 0 and hi == len(alive)
+        plain = f.q is None and f.after is None and f.before is None
+        if whole and plain:
+            q, n = codes
+            if q is not None and n is not None:
+                return self.pair_live.get((q, n), 0)
+            if q is not None:
+                return self.q_live[q]
+            if n is not None:
+                return self.n_live[n]
+            return live
+        if seq_lo is not None:  # "new since": a short tail, counted directly
+            return sum(1 for _ in self._walk(f, codes, alive, lo, hi))
+        key = (f, -1 if seq_hw is None else seq_hw)
+        memo = self.memo.get(key)
+        if memo is not None:
+            return self._advance(f, codes, alive, memo, seq_hw)
+        if len(self.memo) >= _MEMO_MAX:
+            self.memo.clear()
+            del self.kill_log[:]
+        total = sum(1 for _ in self._walk(f, codes, alive, lo, hi))
+        self.memo[key] = _Memo(total, hi and self.seq[hi - 1] + 1, len(self.kill_log))
+        return total
+
+    def _advance(
+        self,
+        f: FailedFilter,
+        codes: tuple[int | None, int | None],
+        alive: bytearray,
+        memo: _Memo,
+        seq_hw: int | None,
+    ) -> int:
+        """Bring a memoised total up to date: newer slots in, killed counted slots out."""
+        log = self.kill_log
+        check = self._check
+        seq = self.seq
+        for i in range(memo.log_pos, len(log)):
+            p = log[i]
+            if seq[p] < memo.seq_hw and check(f, codes, p) and self._text_ok(f, codes, p):
+                memo.total -= 1
+        memo.log_pos = len(log)
+        if seq_hw is None:
+            start = self.seq_slot(memo.seq_hw)
+            hi = len(alive)
+            if start < hi:
+                memo.total += sum(1 for _ in self._walk(f, codes, alive, start, hi))
+                memo.seq_hw = seq[hi - 1] + 1
+        return memo.total
+
+    def _text_ok(self, f: FailedFilter, codes: tuple[int | None, int | None], p: int) -> bool:
+        """The ``q`` condition for a slot reached without the blob walk (a killed one)."""
+        needle = f.needle
+        if not needle or codes[0] is not None or codes[1] is not None:
+            return True  # _check did it (or there is none)
+        return needle.encode("utf-8", "surrogatepass") in self.text_of(p)
