@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_durable_failed
+import bench_filter
 import bench_hook
 import bench_ingest
 import bench_integrations
@@ -38,9 +39,14 @@ BENCHES = {
     "memory": bench_memory.run,
     "integrations": bench_integrations.run,
     "sse": bench_sse.run,
+    "filter": bench_filter.run,
 }
 
 TARGETS = [
+    *[
+        Target("filter", "qdash_mp", m, "<=", 50.0, f"filter: {m} page <= 50 ms at 1M")
+        for m in ("unfiltered", "queue", "name", "text_common", "text_rare", "combined")
+    ],
     Target("hook", "qdash_mp", "ns/call", "<=", 2.0, "hook: qdash_mp <= 2x dict", field="ratio"),
     Target(
         "hook",

@@ -35,14 +35,18 @@ async def test_filters_narrow_the_json_and_the_page(dashboard_client: MakeDashbo
     assert resp.headers["X-Total-Count"] == str(len(want)) == str(doc["total"])
     assert resp.headers["X-Qdash-Snapshot"]
     page = await (await client.get("/queues/failed?queue=mail&name=send")).text()
-    assert "Clear filter" in page and 'value="mail"' in page
+    assert "Clear filter" in page
+    assert 'value="mail"' in page
     assert f"({sum(1 for i in range(30) if i % 3 == 0 and i % 2)} matching)" in page
     for bad, why in (("after=soon", "after must be"), ("snapshot=abc", "malformed snapshot")):
         resp = await client.get(f"/queues/api/failed?{bad}")
-        assert resp.status == 400 and why in (await resp.json())["error"]
+        assert resp.status == 400
+        assert why in (await resp.json())["error"]
 
 
-async def test_bulk_forget_on_a_filter_spares_later_failures(dashboard_client: MakeDashboard) -> None:
+async def test_bulk_forget_on_a_filter_spares_later_failures(
+    dashboard_client: MakeDashboard,
+) -> None:
     failed = MemoryFailedJobs(requeue=lambda job: None)
     seed(failed)
     client = await dashboard_client(new_inspector(None, failed))
@@ -80,13 +84,18 @@ async def test_bulk_retry_selected_and_csrf(dashboard_client: MakeDashboard) -> 
     seed(failed)
     client = await dashboard_client(new_inspector(None, failed))
     refused = await client.post("/queues/failed/retry", data={"ids": "j1"}, headers=JSON)
-    assert refused.status == 403 and requeued == []
+    assert refused.status == 403
+    assert requeued == []
     token = csrf_token_in(await (await client.get("/queues/failed")).text())
     resp = await client.post(
-        "/queues/failed/retry", data=[("csrf_token", token), ("ids", "j1"), ("ids", "j2"), ("ids", "nope")]
-    , headers=JSON)
+        "/queues/failed/retry",
+        data=[("csrf_token", token), ("ids", "j1"), ("ids", "j2"), ("ids", "nope")],
+        headers=JSON,
+    )
     body: dict[str, Any] = await resp.json()
-    assert resp.status == 200 and body["count"] == 2 and body["skipped"] == 1
+    assert resp.status == 200
+    assert body["count"] == 2
+    assert body["skipped"] == 1
     assert sorted(requeued) == ["j1", "j2"]
 
 
@@ -96,11 +105,14 @@ async def test_flush_drops_what_the_confirm_counted(dashboard_client: MakeDashbo
     client = await dashboard_client(new_inspector(None, failed))
     text = await (await client.get("/queues/failed")).text()
     assert "Yes, flush 30 failed jobs" in text
-    assert "no requeue route" in text and 'failed/j1/retry"' not in text  # no requeue: no Retry
+    assert "no requeue route" in text
+    assert 'failed/j1/retry"' not in text
     token = csrf_token_in(text)
     snap = text.split('name="snapshot" value="', 1)[1].split('"', 1)[0]
     for i in range(3):
         failed.record(Job(id=f"new{i}", name="x"), "mail", "later")
-    resp = await client.post("/queues/failed/flush", data={"csrf_token": token, "snapshot": snap}, headers=JSON)
+    resp = await client.post(
+        "/queues/failed/flush", data={"csrf_token": token, "snapshot": snap}, headers=JSON
+    )
     assert (await resp.json())["flushed"] == 30
     assert sorted(f.id for f in failed.list()) == ["new0", "new1", "new2"]

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import compress
+from itertools import accumulate, compress, count, groupby, repeat
+from operator import itemgetter
 from typing import Final
 
 from qdash_mp.failed_filter import FailedFilter
@@ -47,6 +49,7 @@ __all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
 
 ERROR_KEY: Final = 256
 """Characters of each error text the ``q`` filter searches."""
+_PREFIX: Final = itemgetter(slice(0, ERROR_KEY))
 _MEMO_MAX: Final = 64
 _LOG_MAX: Final = 1 << 20
 
@@ -111,13 +114,29 @@ class Columns:
 
     # ------------------------------------------------------------------ keeping in step
 
-    def _code(self, table: dict[str, int], lists: list[array[int]], live: list[int], key: str) -> int:
-        code = table.get(key)
-        if code is None:
-            code = table[key] = len(lists)
+    @staticmethod
+    def _codes_of(
+        keys: list[str], table: dict[str, int], lists: list[array[int]], live: list[int]
+    ) -> list[int]:
+        """The codes of ``keys``, interning new ones (C-level passes over the batch)."""
+        for key in set(keys).difference(table):
+            table[key] = len(lists)
             lists.append(array("i"))
             live.append(0)
-        return code
+        return list(map(table.__getitem__, keys))
+
+    @staticmethod
+    def _file(codes: list[int], p0: int, lists: list[array[int]], live: list[int]) -> None:
+        """Append slots ``p0 ..`` to their code's list and count them live."""
+        if len(set(codes)) == 1:  # the usual batch: one queue (or name)
+            c = codes[0]
+            lists[c].extend(range(p0, p0 + len(codes)))
+            live[c] += len(codes)
+            return
+        for c, group in groupby(sorted(zip(codes, count(p0))), key=itemgetter(0)):
+            slots = list(map(itemgetter(1), group))
+            lists[c].extend(slots)
+            live[c] += len(slots)
 
     def append(self, p0: int, failed_ats: list[float], metas: list[Meta]) -> None:
         """Slots ``p0 ..`` were appended for records with these fields."""
@@ -126,23 +145,28 @@ class Columns:
         self.seq.extend(range(seq0, seq0 + k))
         self.next_seq = seq0 + k
         self.fat.extend(failed_ats)
-        blob = self.blob
-        eoff = self.eoff
-        qcode = self._code
+        queues = list(map(itemgetter(0), metas))
+        names = list(map(itemgetter(1), metas))
+        qcodes = self._codes_of(queues, self.queues, self.q_slots, self.q_live)
+        ncodes = self._codes_of(names, self.names, self.n_slots, self.n_live)
+        self.qc.extend(qcodes)
+        self.nc.extend(ncodes)
+        self._file(qcodes, p0, self.q_slots, self.q_live)
+        self._file(ncodes, p0, self.n_slots, self.n_live)
         pair = self.pair_live
-        for i, (queue, name, error) in enumerate(metas):
-            p = p0 + i
-            q = qcode(self.queues, self.q_slots, self.q_live, queue)
-            n = qcode(self.names, self.n_slots, self.n_live, name)
-            self.qc.append(q)
-            self.nc.append(n)
-            self.q_slots[q].append(p)
-            self.n_slots[n].append(p)
-            self.q_live[q] += 1
-            self.n_live[n] += 1
-            pair[q, n] = pair.get((q, n), 0) + 1
-            eoff.append(len(blob))
-            blob += error[:ERROR_KEY].casefold().encode("utf-8", "surrogatepass")
+        for key, n in Counter(zip(qcodes, ncodes, strict=True)).items():
+            pair[key] = pair.get(key, 0) + n
+        texts = list(
+            map(
+                str.encode,
+                map(str.casefold, map(_PREFIX, map(itemgetter(2), metas))),
+                repeat("utf-8"),
+                repeat("surrogatepass"),
+            )
+        )
+        blob = self.blob
+        self.eoff.extend(accumulate(map(len, texts[:-1]), initial=len(blob)))
+        blob += b"".join(texts)
 
     def kill(self, p: int) -> None:
         """Slot ``p`` went dead (its columns stay until the next squeeze)."""
@@ -221,7 +245,12 @@ class Columns:
         return q, n
 
     def _candidates(
-        self, f: FailedFilter, codes: tuple[int | None, int | None], alive: bytearray, lo: int, hi: int
+        self,
+        f: FailedFilter,
+        codes: tuple[int | None, int | None],
+        alive: bytearray,
+        lo: int,
+        hi: int,
     ) -> Iterator[int]:
         """Slots in ``lo .. hi`` that may match, newest first (live ones only)."""
         q, n = codes
@@ -284,7 +313,12 @@ class Columns:
         return True
 
     def _walk(
-        self, f: FailedFilter, codes: tuple[int | None, int | None], alive: bytearray, lo: int, hi: int
+        self,
+        f: FailedFilter,
+        codes: tuple[int | None, int | None],
+        alive: bytearray,
+        lo: int,
+        hi: int,
     ) -> Iterator[int]:
         check = self._check
         for p in self._candidates(f, codes, alive, lo, hi):

@@ -177,7 +177,7 @@ def _packb(obj: Any) -> bytes:
     return data
 
 
-def _unpackb(data: bytes | memoryview) -> Any:
+def _unpackb(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, use_list=True, max_ext_len=0, strict_map_key=True)
 
 
@@ -348,8 +348,16 @@ def failed_metas(buf: Buffer, off: int, sizes: list[int]) -> list[tuple[str, str
     return out
 
 
-def decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:
-    """The index op of a data record, or a reason string if it does not decode."""
+def decode_op(
+    rtype: int,
+    payload: bytes | memoryview,
+    size: int,
+    metas: list[tuple[str, str, str]] | None = None,
+) -> Op | str:
+    """The index op of a data record, or a reason string if it does not decode.
+
+    ``metas``: a FAILED record's (queue, name, error) is appended to it (the filter columns'
+    fields, taken from this one decode)."""
     try:
         obj = _unpackb(payload)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -358,6 +366,8 @@ def decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:
         why = check_failed(obj)
         if why:
             return why
+        if metas is not None:
+            metas.append((obj[5], obj[1], obj[6]))
         return (_FAILED, obj[0], size, obj[8])
     if type(obj) is not list:
         return "payload is not an array"

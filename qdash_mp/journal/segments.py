@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from qdash_mp.errors import JournalCorrupt, JournalError
 from qdash_mp.fsio import FileIO
+from qdash_mp.journal.columns import Meta
 from qdash_mp.journal.format import (
     FailedFields,
     Op,
@@ -228,13 +229,23 @@ class JournalBase:
     # ------------------------------------------------------------------ the index
 
     def _apply(
-        self, num: int, start: int, ops: Iterable[Op], *, replay: bool, src: Any, src_base: int
+        self,
+        num: int,
+        start: int,
+        ops: Iterable[Op],
+        *,
+        replay: bool,
+        src: Any = None,
+        src_base: int = 0,
+        metas: list[Meta] | None = None,
     ) -> int:
         """Apply written records to the index; returns how many were retention prunes.
 
-        ``src`` holds the records' bytes (``src[0]`` is offset ``src_base`` of the segment):
-        the filter columns take each FAILED record's queue, name and error from it.
+        The filter columns need each FAILED record's (queue, name, error): ``metas`` has them
+        in order (recovery's one decode made them), or they are decoded from ``src``, which
+        holds the records' bytes (``src[0]`` is offset ``src_base`` of the segment).
         """
+        mi = 0  # the next FAILED record's entry in metas
         ops = ops if isinstance(ops, list) else list(ops)
         # Runs of FAILED records (a batch's failed jobs) go in a few C-level passes; the
         # other records, one by one.
@@ -253,13 +264,22 @@ class JournalBase:
                 m = not_failed(kinds, i)
                 j = n if m is None else m.start()
                 if j == i + 1:  # one alone: the run set-up would cost more than the record
-                    meta = failed_meta(src, off - src_base, size)
+                    if metas is not None:
+                        meta = metas[mi]
+                    else:
+                        meta = failed_meta(src, off - src_base, size)
+                    mi += 1
                     index.append_one(base + off, key, size, extra, meta)
                     off += size
                 else:
                     run = ops[i:j]
-                    metas = failed_metas(src, off - src_base, list(map(itemgetter(2), run)))
-                    off = index.append_failed(base, off, run, metas)
+                    if metas is not None:
+                        run_metas = metas[mi : mi + len(run)]
+                    else:
+                        sizes = list(map(itemgetter(2), run))
+                        run_metas = failed_metas(src, off - src_base, sizes)
+                    mi += len(run)
+                    off = index.append_failed(base, off, run, run_metas)
                 i = j
                 continue
             if rtype == _REMOVED and kinds[i + 1 : i + 2] == _REMOVED_BYTE:

@@ -17,6 +17,7 @@ once (its removal durable) or untouched; see ``docs/web.md``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -66,15 +67,18 @@ async def read_bulk_body(request: web.Request) -> dict[str, Any]:
         if not isinstance(raw_ids, list) or not all(isinstance(i, str) for i in raw_ids):
             raise web.HTTPBadRequest(text="ids must be a list of strings")
         ids = raw_ids
-        for key, value in doc.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                value = str(value)
+        for key, raw in doc.items():
+            value = raw
+            if isinstance(raw, int | float) and not isinstance(raw, bool):
+                value = str(raw)  # JSON clients may send times as numbers
             if not isinstance(value, str):
                 raise web.HTTPBadRequest(text=f"{key} must be a string")
             out[key] = value
     elif request.content_type == "application/x-www-form-urlencoded":
         try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_IDS + 20)
+            pairs = parse_qsl(
+                body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_IDS + 20
+            )
         except ValueError:
             raise web.HTTPBadRequest(text="unreadable form body") from None
         for key, value in pairs:
@@ -192,7 +196,7 @@ class BulkRunner:
                         task.failed += 1
                         if len(task.errors) < 10:
                             task.errors.append(str(exc))
-                    except Exception as exc:  # a requeue callback raised: the record stays
+                    except Exception as exc:  # noqa: BLE001 - a requeue raised: the record stays
                         log.warning("bulk retry of %r: re-enqueue raised %r", id, exc)
                         task.failed += 1
                         if len(task.errors) < 10:
@@ -216,7 +220,5 @@ class BulkRunner:
                 t.task.cancel()
         for t in list(self.tasks.values()):
             if t.task is not None:
-                try:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t.task
-                except (asyncio.CancelledError, Exception):
-                    pass

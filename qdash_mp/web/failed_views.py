@@ -20,6 +20,7 @@ without ``FailedQueries`` get the plain unfiltered list.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlencode
@@ -334,22 +335,26 @@ class FailedViews:
             q, self.d.inspector.retry, action, ids, who, audit_filter, self._audit_done(request)
         )
         assert task.task is not None
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task.task), _WAIT_INLINE)
-        except TimeoutError:
-            pass
         back = self._list_url(flt)
         if task.state != "running":
             access.audit.update(count=task.done, message=task.message)
             if wants_json(request):
-                return web.json_response({"ok": True, "action": action, **task.to_dict(), "count": task.done})
+                return web.json_response(
+                    {"ok": True, "action": action, **task.to_dict(), "count": task.done}
+                )
             return self.d._done(
                 request, 1, task.message, status=200 if not task.failed else 409, location=back
             )
         access.audit.update(message=f"started bulk {action} of {task.total} job(s): task {task.id}")
         status_url = f"{self.d.urls().base}failed/bulk/{task.id}"
         if wants_json(request):
-            body_json = {"ok": True, **task.to_dict(), "status": f"{self.d.urls().base}api/bulk/{task.id}"}
+            body_json = {
+                "ok": True,
+                **task.to_dict(),
+                "status": f"{self.d.urls().base}api/bulk/{task.id}",
+            }
             return web.json_response(body_json, status=202)
         raise web.HTTPSeeOther(f"{status_url}?{urlencode({'back': back})}")
 
@@ -405,4 +410,3 @@ def add_failed_routes(router: web.UrlDispatcher, dashboard: Dashboard) -> Failed
     router.add_get("/queues/api/failed", v.api_failed, name="qdash.api.failed")
     router.add_get("/queues/api/bulk/{task}", v.api_bulk, name="qdash.api.bulk")
     return v
-
