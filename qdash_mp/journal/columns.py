@@ -14,13 +14,14 @@ same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Pe
                          characters, UTF-8, back to back
 
 and per code: ``q_slots[code]`` / ``n_slots[code]`` (``array('i')``, ascending slots, dead
-ones left in until the next squeeze) and live counts ``q_live``, ``n_live``, ``pair_live``.
+ones left in until the next squeeze) and live counts ``q_live``, ``n_live``.
 
 A query (``select``) walks candidates newest first and checks the rest per candidate:
 
     filter                       candidates                       page        total
     none                         live slots (alive.rfind)         O(page)     O(1)
-    queue and/or name            the smaller code list, reversed  O(page+d)   O(1) (counters)
+    queue or name                the code list, reversed          O(page+d)   O(1) (counters)
+    queue and name               the smaller code list            O(page+d)   memo
     q alone / with time          blob.rfind of the needle         O(page+m)   memo, see below
     time range only              live slots                       O(page+s)   memo
 
@@ -39,7 +40,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import accumulate, compress, count, groupby, repeat
+from itertools import accumulate, compress, count, repeat
 from operator import itemgetter
 from typing import Final
 
@@ -86,7 +87,6 @@ class Columns:
         "names",
         "nc",
         "next_seq",
-        "pair_live",
         "q_live",
         "q_slots",
         "qc",
@@ -107,7 +107,6 @@ class Columns:
         self.n_slots: list[array[int]] = []
         self.q_live: list[int] = []
         self.n_live: list[int] = []
-        self.pair_live: dict[tuple[int, int], int] = {}
         self.next_seq = 0
         self.kill_log: array[int] = array("i")
         self.memo: dict[tuple[FailedFilter, int], _Memo] = {}
@@ -128,15 +127,15 @@ class Columns:
     @staticmethod
     def _file(codes: list[int], p0: int, lists: list[array[int]], live: list[int]) -> None:
         """Append slots ``p0 ..`` to their code's list and count them live."""
-        if len(set(codes)) == 1:  # the usual batch: one queue (or name)
-            c = codes[0]
-            lists[c].extend(range(p0, p0 + len(codes)))
-            live[c] += len(codes)
+        first = codes[0]
+        if codes.count(first) == len(codes):  # the usual batch: one queue (or name)
+            lists[first].extend(range(p0, p0 + len(codes)))
+            live[first] += len(codes)
             return
-        for c, group in groupby(sorted(zip(codes, count(p0))), key=itemgetter(0)):
-            slots = list(map(itemgetter(1), group))
-            lists[c].extend(slots)
-            live[c] += len(slots)
+        for c, p in zip(codes, count(p0)):
+            lists[c].append(p)
+        for c, n in Counter(codes).items():
+            live[c] += n
 
     def append(self, p0: int, failed_ats: list[float], metas: list[Meta]) -> None:
         """Slots ``p0 ..`` were appended for records with these fields."""
@@ -153,9 +152,6 @@ class Columns:
         self.nc.extend(ncodes)
         self._file(qcodes, p0, self.q_slots, self.q_live)
         self._file(ncodes, p0, self.n_slots, self.n_live)
-        pair = self.pair_live
-        for key, n in Counter(zip(qcodes, ncodes, strict=True)).items():
-            pair[key] = pair.get(key, 0) + n
         texts = list(
             map(
                 str.encode,
@@ -174,7 +170,6 @@ class Columns:
         n = self.nc[p]
         self.q_live[q] -= 1
         self.n_live[n] -= 1
-        self.pair_live[q, n] -= 1
         if self.memo:
             if len(self.kill_log) >= _LOG_MAX:
                 self.memo.clear()
@@ -186,7 +181,6 @@ class Columns:
         """Every slot went dead, slot numbers kept (a compaction is running)."""
         self.q_live = [0] * len(self.q_live)
         self.n_live = [0] * len(self.n_live)
-        self.pair_live.clear()
         self.memo.clear()
         del self.kill_log[:]
 
@@ -378,12 +372,13 @@ class Columns:
         if whole and plain:
             q, n = codes
             if q is not None and n is not None:
-                return self.pair_live.get((q, n), 0)
-            if q is not None:
+                pass  # counted below (memoised), walking the smaller list
+            elif q is not None:
                 return self.q_live[q]
-            if n is not None:
+            elif n is not None:
                 return self.n_live[n]
-            return live
+            else:
+                return live
         if seq_lo is not None:  # "new since": a short tail, counted directly
             return sum(1 for _ in self._walk(f, codes, alive, lo, hi))
         key = (f, -1 if seq_hw is None else seq_hw)

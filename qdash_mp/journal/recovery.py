@@ -262,7 +262,7 @@ class Recovery(JournalBase):
                         batch = reader.read_batch()
                         if batch is not None:
                             self._apply(
-                                seg.num, batch[0], batch[1], replay=True, src=buf, src_base=0
+                                seg.num, batch[0], batch[1], replay=True, metas=reader.metas
                             )
                             continue
                         if reader.problem is None:
