@@ -63,6 +63,8 @@ FILTERS = [
     FailedFilter(before=T0 + 200, q="e"),
     FailedFilter(queue="mail", name="send", q="key", after=T0 + 50, before=T0 + 400),
     FailedFilter(queue="nope"),
+    FailedFilter(q="1valueerror"),  # would straddle two slots' texts: no match
+    FailedFilter(q="0tim"),
 ]
 
 
@@ -77,12 +79,14 @@ def check(j: Journal, live: dict[str, FailedJob], order: list[str]) -> None:
         assert j.query(f, 0, 1)[1] == len(want)
 
 
-@pytest.mark.parametrize("squeeze", [False, True])
+@pytest.mark.parametrize(("squeeze", "lazy"), [(False, True), (True, True), (False, False)])
 def test_filters_match_brute_force_through_every_change(
-    jdir: Path, squeeze: bool, monkeypatch: pytest.MonkeyPatch
+    jdir: Path, squeeze: bool, lazy: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if squeeze:  # the index squeezes its dead slots out at every commit: columns renumber
         monkeypatch.setattr("qdash_mp.journal.index._REBUILD_MIN", 0)
+    if not lazy:  # every page cut from the full match list (the deep-page path)
+        monkeypatch.setattr("qdash_mp.journal.columns._LAZY_MAX", 0)
     rng = random.Random(7)
     j = Journal.open(jdir, clock=Clock(T0 + 1000))
     live: dict[str, FailedJob] = {}
@@ -176,3 +180,16 @@ def test_filter_round_trips_through_the_url() -> None:
     assert f.after == datetime(2026, 12, 2, 6, tzinfo=UTC).timestamp()
     assert parse_filter(f.to_query()) == f
     assert parse_filter({"queue": "", "q": "  "}) == FailedFilter()
+
+
+def test_a_match_hidden_behind_a_straddling_one_is_found() -> None:
+    from qdash_mp.journal.columns import Columns
+
+    cols = Columns()
+    cols.append(0, [1.0, 2.0, 3.0], [("q", "n", "xa"), ("q", "n", "aab"), ("q", "n", "b")])
+    alive = bytearray(b"\x01\x01\x01")
+    sel = cols.select(FailedFilter(q="aa"), alive, 3, 0, 10)
+    assert (sel.slots, sel.total) == ([1], 1)
+    assert cols._all_matches(FailedFilter(q="aa"), (None, None), alive, 0, 3) == [1]
+    assert cols._all_matches(FailedFilter(q="ab"), (None, None), alive, 0, 3) == [1]
+    assert cols._all_matches(FailedFilter(q="bb"), (None, None), alive, 0, 3) == []

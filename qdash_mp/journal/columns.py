@@ -35,14 +35,15 @@ slots are counted as they are appended, and removals since are taken off via the
 
 from __future__ import annotations
 
+import re
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, count, repeat
-from operator import itemgetter
-from typing import Final
+from operator import add, contains, itemgetter, le, methodcaller, not_
+from typing import Any, Final
 
 from qdash_mp.failed_filter import FailedFilter
 
@@ -51,7 +52,12 @@ __all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
 ERROR_KEY: Final = 256
 """Characters of each error text the ``q`` filter searches."""
 _PREFIX: Final = itemgetter(slice(0, ERROR_KEY))
+_PLUS_ONE: Final = (1).__add__
+_MINUS_ONE: Final = (-1).__add__
 _MEMO_MAX: Final = 64
+_LAZY_MAX: Final = 1000
+"""Pages ending deeper than this many matches are cut from the full match list."""
+_START: Final = methodcaller("start")
 _LOG_MAX: Final = 1 << 20
 
 Meta = tuple[str, str, str]
@@ -289,6 +295,88 @@ class Columns:
                 return
             yield p
 
+    def _text_slots(self, nb: bytes, lo: int, hi: int) -> list[int]:
+        """Slots in ``lo .. hi`` whose text holds ``nb``, ascending (``eoff`` carries its
+        end sentinel). C-level passes: the blob search, then positions to slots by bisect; a
+        match running over a slot's end is no match, but may hide one that starts in the
+        next slot before it ends (non-overlapping search): those few are checked one by one.
+        """
+        blob = self.blob
+        eoff = self.eoff
+        floor = eoff[lo]
+        end = eoff[hi]
+        size = len(nb)
+        pattern = re.compile(re.escape(nb))
+        starts = list(map(_START, pattern.finditer(blob, floor, end)))
+        after = list(map(bisect_right, repeat(eoff), starts))  # slot + 1 of each match
+        fits = list(map(le, map(add, starts, repeat(size)), map(eoff.__getitem__, after)))
+        slots = dict.fromkeys(map(_MINUS_ONE, compress(after, fits)))
+        if not all(fits):
+            for i in compress(after, map(not_, fits)):  # i: the slot after a straddle
+                if i < hi and blob.find(nb, eoff[i], eoff[i + 1]) >= 0:
+                    slots[i] = None
+            return sorted(slots)
+        return list(slots)
+
+    def _all_matches(
+        self,
+        f: FailedFilter,
+        codes: tuple[int | None, int | None],
+        alive: bytearray,
+        lo: int,
+        hi: int,
+    ) -> list[int]:
+        """Every matching live slot in ``lo .. hi``, ascending, in C-level passes (totals,
+        deep pages): the candidates (a code list, the text's slots, or the range), then one
+        ``map`` per condition over them, combined by ``compress``."""
+        q, n = codes
+        needle = f.needle
+        nb = needle.encode("utf-8", "surrogatepass") if needle else b""
+        eoff = self.eoff
+        eoff.append(len(self.blob))  # sentinel: slot p's text is eoff[p] .. eoff[p + 1]
+        try:
+            cands: Sequence[int]
+            check_q = check_n = False
+            text_done = False
+            if q is not None or n is not None:
+                if q is not None and (n is None or self.q_live[q] <= self.n_live[n]):
+                    lst = self.q_slots[q]
+                    check_n = n is not None
+                else:
+                    assert n is not None
+                    lst = self.n_slots[n]
+                    check_q = q is not None
+                cands = lst[bisect_left(lst, lo) : bisect_left(lst, hi)]
+            elif nb:
+                cands = self._text_slots(nb, lo, hi)
+                text_done = True
+            else:
+                cands = range(lo, hi)
+            preds: list[Iterator[Any]] = [map(alive.__getitem__, cands)]
+            if check_q:
+                preds.append(map(q.__eq__, map(self.qc.__getitem__, cands)))  # type: ignore[union-attr]
+            if check_n:
+                preds.append(map(n.__eq__, map(self.nc.__getitem__, cands)))  # type: ignore[union-attr]
+            if f.after is not None:
+                preds.append(map(f.after.__le__, map(self.fat.__getitem__, cands)))
+            if f.before is not None:
+                preds.append(map(f.before.__gt__, map(self.fat.__getitem__, cands)))
+            if nb and not text_done:
+                texts = map(
+                    self.blob.__getitem__,
+                    map(
+                        slice,
+                        map(eoff.__getitem__, cands),
+                        map(eoff.__getitem__, map(_PLUS_ONE, cands)),
+                    ),
+                )
+                preds.append(map(contains, texts, repeat(nb)))
+            if len(preds) == 1:
+                return list(compress(cands, preds[0]))
+            return list(compress(cands, map(all, zip(*preds, strict=True))))
+        finally:
+            eoff.pop()
+
     def _check(self, f: FailedFilter, codes: tuple[int | None, int | None], p: int) -> bool:
         """The conditions the candidate walk did not already guarantee."""
         q, n = codes
@@ -343,7 +431,11 @@ class Columns:
         hi = nslots if seq_hw is None else self.seq_slot(seq_hw)
         lo = 0 if seq_lo is None else self.seq_slot(seq_lo)
         slots: list[int] = []
-        if limit > 0:
+        if limit > 0 and offset + limit > _LAZY_MAX:  # a deep page: all matches, in C passes
+            every = self._all_matches(f, codes, alive, lo, hi)
+            stop = max(len(every) - offset, 0)
+            slots = every[max(stop - limit, 0) : stop][::-1]
+        elif limit > 0:
             it = self._walk(f, codes, alive, lo, hi)
             for _ in range(offset):
                 if next(it, None) is None:
@@ -380,7 +472,7 @@ class Columns:
             else:
                 return live
         if seq_lo is not None:  # "new since": a short tail, counted directly
-            return sum(1 for _ in self._walk(f, codes, alive, lo, hi))
+            return len(self._all_matches(f, codes, alive, lo, hi))
         key = (f, -1 if seq_hw is None else seq_hw)
         memo = self.memo.get(key)
         if memo is not None:
@@ -388,7 +480,7 @@ class Columns:
         if len(self.memo) >= _MEMO_MAX:
             self.memo.clear()
             del self.kill_log[:]
-        total = sum(1 for _ in self._walk(f, codes, alive, lo, hi))
+        total = len(self._all_matches(f, codes, alive, lo, hi))
         self.memo[key] = _Memo(total, hi and self.seq[hi - 1] + 1, len(self.kill_log))
         return total
 
@@ -413,7 +505,7 @@ class Columns:
             start = self.seq_slot(memo.seq_hw)
             hi = len(alive)
             if start < hi:
-                memo.total += sum(1 for _ in self._walk(f, codes, alive, start, hi))
+                memo.total += len(self._all_matches(f, codes, alive, start, hi))
                 memo.seq_hw = seq[hi - 1] + 1
         return memo.total
 
