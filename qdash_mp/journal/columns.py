@@ -354,9 +354,9 @@ class Columns:
                 cands = range(lo, hi)
             preds: list[Iterator[Any]] = [map(alive.__getitem__, cands)]
             if check_q:
-                preds.append(map(q.__eq__, map(self.qc.__getitem__, cands)))  # type: ignore[union-attr]
+                preds.append(map(q.__eq__, map(self.qc.__getitem__, cands)))
             if check_n:
-                preds.append(map(n.__eq__, map(self.nc.__getitem__, cands)))  # type: ignore[union-attr]
+                preds.append(map(n.__eq__, map(self.nc.__getitem__, cands)))
             if f.after is not None:
                 preds.append(map(f.after.__le__, map(self.fat.__getitem__, cands)))
             if f.before is not None:
