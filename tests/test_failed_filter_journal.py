@@ -193,3 +193,29 @@ def test_a_match_hidden_behind_a_straddling_one_is_found() -> None:
     assert cols._all_matches(FailedFilter(q="aa"), (None, None), alive, 0, 3) == [1]
     assert cols._all_matches(FailedFilter(q="ab"), (None, None), alive, 0, 3) == [1]
     assert cols._all_matches(FailedFilter(q="bb"), (None, None), alive, 0, 3) == []
+
+
+def test_time_range_blocks_skip_take_and_check() -> None:
+    """failed_at growing with the slots (blocks wholly outside, inside, straddling), a few
+    out of order, some dead: the block-pruned walk equals a slot-by-slot check."""
+    from qdash_mp.journal.columns import Columns
+
+    rng = random.Random(3)
+    n = 5000
+    fats = [float(i) if rng.random() > 0.01 else rng.uniform(0, n) for i in range(n)]
+    cols = Columns()
+    for start in range(0, n, 700):  # batches across block boundaries
+        part = fats[start : start + 700]
+        cols.append(start, part, [("q", "n", "e")] * len(part))
+    alive = bytearray(int(rng.random() > 0.2) for _ in range(n))
+    for f in (
+        FailedFilter(after=2500.5),
+        FailedFilter(before=1200),
+        FailedFilter(after=1000, before=4100.5),
+        FailedFilter(after=n + 1),
+    ):
+        want = [p for p in range(n) if alive[p] and f.matches("q", "n", "e", fats[p])]
+        assert cols._all_matches(f, (None, None), alive, 0, n) == want
+        assert cols._all_matches(f, (None, None), alive, 1500, 3333) == [
+            p for p in want if 1500 <= p < 3333
+        ]

@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, count, repeat
-from operator import add, contains, itemgetter, le, methodcaller, not_
+from operator import add, contains, gt, itemgetter, le, methodcaller, not_
 from typing import Any, Final
 
 from qdash_mp.failed_filter import FailedFilter
@@ -54,6 +54,8 @@ ERROR_KEY: Final = 256
 _PREFIX: Final = itemgetter(slice(0, ERROR_KEY))
 _PLUS_ONE: Final = (1).__add__
 _MINUS_ONE: Final = (-1).__add__
+_TB: Final = 10
+"""failed_at bounds are kept per block of 1 << _TB slots."""
 _MEMO_MAX: Final = 64
 _LAZY_MAX: Final = 1000
 """Pages ending deeper than this many matches are cut from the full match list."""
@@ -86,6 +88,8 @@ class Columns:
         "blob",
         "eoff",
         "fat",
+        "fat_max",
+        "fat_min",
         "kill_log",
         "memo",
         "n_live",
@@ -103,6 +107,8 @@ class Columns:
     def __init__(self) -> None:
         self.seq: array[int] = array("q")
         self.fat: array[float] = array("d")
+        self.fat_min: array[float] = array("d")  # per block of 1 << _TB slots (dead ones too)
+        self.fat_max: array[float] = array("d")
         self.qc: array[int] = array("i")
         self.nc: array[int] = array("i")
         self.eoff: array[int] = array("q")
@@ -150,6 +156,7 @@ class Columns:
         self.seq.extend(range(seq0, seq0 + k))
         self.next_seq = seq0 + k
         self.fat.extend(failed_ats)
+        self._time_blocks(p0)
         queues = list(map(itemgetter(0), metas))
         names = list(map(itemgetter(1), metas))
         qcodes = self._codes_of(queues, self.queues, self.q_slots, self.q_live)
@@ -169,6 +176,43 @@ class Columns:
         blob = self.blob
         self.eoff.extend(accumulate(map(len, texts[:-1]), initial=len(blob)))
         blob += b"".join(texts)
+
+    def _time_blocks(self, p0: int) -> None:
+        """Take slots ``p0 ..`` (new) into the per-block failed_at bounds."""
+        fat = self.fat
+        for b in range(p0 >> _TB, ((len(fat) - 1) >> _TB) + 1 if fat else 0):
+            chunk = fat[max(p0, b << _TB) : (b + 1) << _TB]
+            if b < len(self.fat_min):
+                self.fat_min[b] = min(self.fat_min[b], min(chunk))
+                self.fat_max[b] = max(self.fat_max[b], max(chunk))
+            else:
+                self.fat_min.append(min(chunk))
+                self.fat_max.append(max(chunk))
+
+    def _time_range(self, f: FailedFilter, alive: bytearray, lo: int, hi: int) -> list[int]:
+        """Live slots in ``lo .. hi`` within the time range of ``f``, ascending. Blocks whose
+        failed_at bounds lie outside are skipped, wholly inside are taken by ``alive``
+        alone; only blocks straddling a bound are checked slot by slot (failed_at mostly
+        grows with the slots, so those are few)."""
+        after, before = f.after, f.before
+        out: list[int] = []
+        for b in range(lo >> _TB, ((hi - 1) >> _TB) + 1 if hi > lo else 0):
+            s = max(lo, b << _TB)
+            e = min(hi, (b + 1) << _TB)
+            mn, mx = self.fat_min[b], self.fat_max[b]
+            if (after is not None and mx < after) or (before is not None and mn >= before):
+                continue
+            slots = range(s, e)
+            if (after is None or mn >= after) and (before is None or mx < before):
+                out += compress(slots, alive[s:e])
+                continue
+            preds: list[Iterator[Any]] = [map(alive.__getitem__, slots)]
+            if after is not None:
+                preds.append(map(le, repeat(after), map(self.fat.__getitem__, slots)))
+            if before is not None:
+                preds.append(map(gt, repeat(before), map(self.fat.__getitem__, slots)))
+            out += compress(slots, map(all, zip(*preds, strict=True)))
+        return out
 
     def kill(self, p: int) -> None:
         """Slot ``p`` went dead (its columns stay until the next squeeze)."""
@@ -211,6 +255,8 @@ class Columns:
         self.eoff = new_eoff
         self.seq = array("q", compress(self.seq, keep))
         self.fat = array("d", compress(self.fat, keep))
+        del self.fat_min[:], self.fat_max[:]
+        self._time_blocks(0)
         self.qc = array("i", compress(self.qc, keep))
         self.nc = array("i", compress(self.nc, keep))
         self.q_slots = [array("i") for _ in self.q_slots]
@@ -350,6 +396,8 @@ class Columns:
             elif nb:
                 cands = self._text_slots(nb, lo, hi)
                 text_done = True
+            elif f.after is not None or f.before is not None:
+                return self._time_range(f, alive, lo, hi)
             else:
                 cands = range(lo, hi)
             preds: list[Iterator[Any]] = [map(alive.__getitem__, cands)]
@@ -358,9 +406,9 @@ class Columns:
             if check_n:
                 preds.append(map(n.__eq__, map(self.nc.__getitem__, cands)))
             if f.after is not None:
-                preds.append(map(f.after.__le__, map(self.fat.__getitem__, cands)))
+                preds.append(map(le, repeat(f.after), map(self.fat.__getitem__, cands)))
             if f.before is not None:
-                preds.append(map(f.before.__gt__, map(self.fat.__getitem__, cands)))
+                preds.append(map(gt, repeat(f.before), map(self.fat.__getitem__, cands)))
             if nb and not text_done:
                 texts = map(
                     self.blob.__getitem__,
