@@ -153,3 +153,31 @@ async def test_slow_viewer_is_dropped_not_buffered(aiohttp_client: Any) -> None:
     finally:
         slow.close()
         fast.close()
+
+
+async def test_server_shutdown_does_not_wait_for_open_event_streams() -> None:
+    """A collector stopping with a browser's event stream open stops at once: the hub ends
+    every stream on shutdown (it used to wait for aiohttp's 60 s shutdown timeout, since the
+    hub's own cleanup runs only after the server has finished its requests)."""
+    import shutil
+
+    from qdash_testing.collector import short_dir
+
+    from qdash_mp.collector import Collector
+    from qdash_mp.settings import CollectorSettings
+
+    d = short_dir()
+    collector = Collector(CollectorSettings(data_dir=d, http_port=0))
+    await collector.start()
+    try:
+        reader, writer = await asyncio.open_connection(*collector.http_url[7:].split(":"))
+        writer.write(b"GET /queues/api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert b"200 OK" in head
+        await asyncio.wait_for(reader.readuntil(b"event: stats"), TIMEOUT)
+        await asyncio.wait_for(collector.stop(), TIMEOUT)
+        writer.close()
+    finally:
+        await collector.stop()
+        shutil.rmtree(d, ignore_errors=True)

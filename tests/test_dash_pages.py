@@ -47,7 +47,7 @@ async def test_queue_page(aiohttp_client: Any) -> None:
     assert resp.status == 200
     html = await resp.text()
     assert '<h1>Queue <span class="queue">mail/eu</span></h1>' in html
-    assert "<dt>Pushed</dt><dd>2</dd>" in html
+    assert '<dt>Pushed</dt><dd data-k="pushed">2</dd>' in html
     assert "p50 12.3 ms" in html
     assert ">p1</td>" in html  # pending (tracked)
     assert ">r1</td>" in html  # recently finished

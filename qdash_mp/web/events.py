@@ -19,7 +19,8 @@ Resume: a client reconnecting with ``Last-Event-ID`` gets the current state at o
 event kind, with the ids it was sent under) unless that id is the newest one of this hub — then
 it missed nothing. A viewer whose queue is full (``queue_size`` frames not yet written: a slow
 or stalled reader) is dropped and its connection closed; nothing is buffered without bound.
-``?once=1`` answers the current state and closes (scripts, probes).
+``?once=1`` answers the current state and closes (scripts, probes). On server shutdown every
+stream ends at once (``on_shutdown``), so a stopping collector never waits for its viewers.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ class EventHub:
         loop = asyncio.get_running_loop()
         self._sent_at = loop.time()
         self._task = loop.create_task(self._run(), name="qdash-events")
+
+    def end_streams(self) -> None:
+        """End every open stream now (its handler returns): the server is shutting down."""
+        for sub in list(self._subs):
+            self._drop(sub, closing=False)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -198,6 +204,12 @@ EVENTS = web.AppKey("qdash_mp.events", EventHub)
 """The app's ``EventHub``."""
 
 
+async def _end_streams(app: web.Application) -> None:
+    """``on_shutdown``: aiohttp waits for running handlers (60 s) before the app's cleanup, so
+    the open streams must end here, not in ``stop``."""
+    app[EVENTS].end_streams()
+
+
 async def events_context(app: web.Application) -> AsyncIterator[None]:
     """Run the app's hub for its lifetime (``cleanup_ctx``)."""
     hub = app[EVENTS]
@@ -235,6 +247,7 @@ def add_events_route(app: web.Application, inspector: Inspector) -> EventHub:
     hub = EventHub(inspector)
     app[EVENTS] = hub
     app.cleanup_ctx.append(events_context)
+    app.on_shutdown.append(_end_streams)
     app.router.add_get("/queues/api/events", _events, name="qdash.api.events")
     return hub
 

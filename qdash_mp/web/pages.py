@@ -1,5 +1,8 @@
 """The lifecycle pages: ``/queues/workers`` (who works on what, since when) and
-``/queues/q/{queue}`` (one queue's counters, runtimes, pending/recent jobs when tracked).
+``/queues/q/{queue}`` (one queue's counters and charts, its running jobs, pending/recent jobs
+when tracked, a link to its failed jobs). Live: the queue page's counters follow the event
+stream (``qdash.js``), the workers page re-reads its table every ``WORKERS_POLL_SECONDS``
+(htmx ``hx-get``/``hx-select``) and counts the "running for" times up each second.
 
 They read what the inspector offers (``workers``, ``pending``, ``recent`` are optional: the
 embedded ``LocalInspector`` has no workers) and render through ``Dashboard.render``, so they
@@ -15,9 +18,12 @@ from typing import Any
 from aiohttp import web
 
 from qdash_mp.models import QueueStat
-from qdash_mp.web.views import Dashboard
+from qdash_mp.web.views import REFRESH_SECONDS, Dashboard
 
-__all__ = ["add_page_routes"]
+__all__ = ["WORKERS_POLL_SECONDS", "add_page_routes"]
+
+WORKERS_POLL_SECONDS = 2
+"""The workers page re-reads its table this often (htmx; without JavaScript: a reload)."""
 
 
 class _Pages:
@@ -38,6 +44,7 @@ class _Pages:
             workers=workers,
             known=known,
             now=time.time(),
+            poll=WORKERS_POLL_SECONDS,
             failed_total=await self._failed_total(),
         )
 
@@ -50,6 +57,18 @@ class _Pages:
         ins: Any = self.d.inspector
         pending = list(await ins.pending(name, 1)) if hasattr(ins, "pending") else []
         recent = list(await ins.recent(name, 1)) if hasattr(ins, "recent") else []
+        known = hasattr(ins, "workers")
+        workers = list(await ins.workers()) if known else []
+        running = sorted(
+            (
+                (w, j)
+                for w in workers
+                if w.state == "connected"
+                for j in w.active
+                if j.queue == name
+            ),
+            key=lambda wj: wj[1].started_at,
+        )
         return self.d.render(
             request,
             "queue.html",
@@ -58,7 +77,13 @@ class _Pages:
             per_second=self._per_second(stat),
             pending=pending,
             recent=recent,
+            active_jobs=running,
+            workers_known=known,
             now=time.time(),
+            refresh=REFRESH_SECONDS,
+            chart_queues=[name],
+            chart_title="History",
+            runtime_note="(per period)",
             failed_total=await self._failed_total(),
         )
 

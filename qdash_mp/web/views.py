@@ -47,7 +47,10 @@ log = logging.getLogger("qdash_mp.web.views")
 FAVICON = Path(__file__).resolve().parent.parent / "static" / "favicon.svg"
 
 REFRESH_SECONDS = 5
-"""The overview reloads itself this often."""
+"""Without JavaScript the overview reloads itself this often (with it, it updates live)."""
+
+CHART_QUEUES = 20
+"""The overview's throughput chart sums the history of at most this many (busiest) queues."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -224,6 +227,8 @@ class Dashboard:
     async def overview(self, request: web.Request) -> web.Response:
         view = await self.inspector.stats()
         rows = [_Row(q, self._per_second(q)) for q in view.queues]
+        busiest = sorted(view.queues, key=lambda q: -q.processed)[:CHART_QUEUES]
+        shown = len(busiest)
         return self._render(
             request,
             "overview.html",
@@ -233,6 +238,9 @@ class Dashboard:
             refresh=REFRESH_SECONDS,
             window=round(self.sampler.window_seconds),
             failed_total=await self._failed_total(),
+            chart_queues=[q.queue for q in busiest],
+            chart_title="All queues" if shown == len(rows) else f"The {shown} busiest queues",
+            runtime_note="(p99 of the busiest queues, per period)",
         )
 
     def _per_second(self, stat: QueueStat) -> float:
