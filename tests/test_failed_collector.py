@@ -88,7 +88,9 @@ def test_bulk_retry_on_a_filter_requeues_exactly_the_matching_jobs(
     send(client, [("late1", "mail", "send", "TimeoutError: gateway timeout late")])
     send(client, [(match[0], "mail", "send", "TimeoutError: gateway timeout again")])
     s = DashboardSession(c.http)
-    status, body = post_json(s, "/queues/failed/retry", {"queue": "mail", "q": "gateway", "snapshot": snap})
+    status, body = post_json(
+        s, "/queues/failed/retry", {"queue": "mail", "q": "gateway", "snapshot": snap}
+    )
     assert status == 200, body
     assert body["count"] == len(match) - 1  # match[0] failed again after the snapshot
     done = requeued.read_text().split()
