@@ -183,8 +183,8 @@ class Columns:
         for b in range(p0 >> _TB, ((len(fat) - 1) >> _TB) + 1 if fat else 0):
             chunk = fat[max(p0, b << _TB) : (b + 1) << _TB]
             if b < len(self.fat_min):
-                self.fat_min[b] = min(self.fat_min[b], min(chunk))
-                self.fat_max[b] = max(self.fat_max[b], max(chunk))
+                self.fat_min[b] = min(self.fat_min[b], *chunk)
+                self.fat_max[b] = max(self.fat_max[b], *chunk)
             else:
                 self.fat_min.append(min(chunk))
                 self.fat_max.append(max(chunk))

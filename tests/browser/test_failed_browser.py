@@ -61,7 +61,8 @@ def page(browser: Browser) -> Browser:
 
 def _queues_listed(b: Browser) -> list[str]:
     cells = b.js(
-        "return [...document.querySelectorAll('table.grid tbody td.queue')].map(td => td.textContent)"
+        "return [...document.querySelectorAll('table.grid tbody td.queue')]"
+        ".map(td => td.textContent)"
     )
     return [str(c) for c in cells]
 
@@ -73,7 +74,8 @@ def test_filter_form_narrows_the_list(page: Browser, live: Live) -> None:
     page.css("form.filters button[type=submit]").click()
     page.wait(lambda: "queue=billing" in page.driver.current_url, 10, "the filtered URL")
     listed = _queues_listed(page)
-    assert listed and set(listed) == {"billing"}
+    assert listed
+    assert set(listed) == {"billing"}
     assert "Clear filter" in page.driver.page_source
     page.assert_clean()
 
@@ -85,7 +87,7 @@ def test_new_failures_notice_without_shifting_the_list(page: Browser, live: Live
         "return [...document.querySelectorAll('table.grid tbody tr')].map(r => r.textContent)"
     )
     note = page.css("#new-failures")
-    page.wait(lambda: note.is_displayed(), 30, "the N new failures notice")
+    page.wait(note.is_displayed, 30, "the N new failures notice")
     count = int(page.css("#new-failures .count").text)
     assert count >= 1
     assert page.js("return window.__same_page") == "yes"  # no reload
@@ -146,6 +148,6 @@ def test_job_page_copy_button(page: Browser, live: Live) -> None:
     job = doc["jobs"][0]  # type: ignore[index]
     page.get(f"{live.url}/queues/failed/{urllib.parse.quote(str(job['id']), safe='')}")
     button = page.css(".copy-button")
-    page.wait(lambda: button.is_displayed(), 5, "the copy button (failed.js)")
+    page.wait(button.is_displayed, 5, "the copy button (failed.js)")
     assert page.css("#payload").text
     page.assert_clean()
