@@ -119,4 +119,4 @@ class CollectorInspector:
         return self._c.retries.can_retry(queue)
 
     async def failed_history(self, id: str) -> list[FailedJob]:
-        return list(reversed(self._c.retries.history.get(id, ())))
+        return await asyncio.to_thread(self._c.journal.history, id)

@@ -27,7 +27,6 @@ import importlib
 import inspect
 import itertools
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,9 +54,6 @@ REQUEUE_TIMEOUT = 30.0
 """Seconds a worker has to answer a REQUEUE."""
 FORGET_CHUNK = 1000
 """``forget_many`` makes this many removals durable per commit."""
-HISTORY_IDS = 10_000
-"""Job ids whose retried failures are kept for the job page (the oldest go first)."""
-HISTORY_PER_ID = 10
 
 RequeueFn = Callable[[Job], object]
 
@@ -113,8 +109,6 @@ class Retries:
         self._rr = itertools.count()
         self._claimed: set[str] = set()
         self._settling: set[asyncio.Task[None]] = set()
-        self.history: OrderedDict[str, list[FailedJob]] = OrderedDict()
-        """Failures a retry re-enqueued, per job id, oldest first (this process only)."""
 
     def can_retry(self, queue: str) -> bool:
         """Whether a retry of a job of ``queue`` has a requeue route now: ``--requeue``, or
@@ -122,13 +116,6 @@ class Retries:
         if self._requeue_fn is not None:
             return True
         return any(c.can_requeue(queue) for c in self._c.connections.conns)
-
-    def _remember(self, failed: FailedJob) -> None:
-        kept = self.history.pop(failed.id, [])
-        kept.append(failed)
-        self.history[failed.id] = kept[-HISTORY_PER_ID:]
-        while len(self.history) > HISTORY_IDS:
-            self.history.popitem(last=False)
 
     async def requeue(self, failed: FailedJob, payload_raw: bytes | None = None) -> None:
         """Hand ``failed.job`` back to a worker (or ``--requeue``); raise if that failed.
@@ -191,10 +178,12 @@ class Retries:
             self._c.stats_version += 1
             try:
                 # A newer failure of the same job that arrived meanwhile stays.
-                removed = live.journal.stage_removed(id, "retried", if_failed_at=failed_at)
+                # The failure re-enqueued becomes the job's retry history (HISTORY record).
+                removed = live.journal.stage_removed(
+                    id, "retried", if_failed_at=failed_at, keep_history=True
+                )
             except NotFound:
                 removed = False  # forgotten or flushed meanwhile: nothing left to drop
-            self._remember(failed)
             if removed:
                 try:
                     await live.group.commit()

@@ -41,7 +41,7 @@ from qdash_mp.errors import ConfigError, JournalError, NotFound
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.fsio import DEFAULT_IO, FileIO, try_flock
 from qdash_mp.journal.compaction import Compaction
-from qdash_mp.journal.format import commit_record
+from qdash_mp.journal.format import RecordType, commit_record
 from qdash_mp.journal.recovery import Recovery, RecoveryReport
 from qdash_mp.journal.segments import Segment
 from qdash_mp.journal.staging import Staging
@@ -64,6 +64,7 @@ DEFAULT_SEGMENT_BYTES: Final = 128 * 1024 * 1024
 """A segment is closed and a new one started once it holds this many bytes."""
 DEFAULT_COMPACT_MIN_BYTES: Final = 16 * 1024 * 1024
 """``maybe_compact`` leaves less dead data than this alone."""
+_HISTORY: Final = int(RecordType.HISTORY)
 ERROR_PREVIEW: Final = 120
 """Characters of the error text a ``page`` row carries."""
 
@@ -331,6 +332,33 @@ class Journal(Recovery, Compaction, Staging):
                 return False
         self.stage_flush()
         return True
+
+    def history(self, id: str) -> list[FailedJob]:
+        """Earlier failures of job ``id`` that a retry re-enqueued (HISTORY records), newest
+        first: the job page's retry history."""
+        with self._lock:
+            self._check_open()
+            entries = [tuple(e) for e in self._history.get(id, ())]
+            fields = [self._read_at(loc, size, _HISTORY, id) for loc, size in entries]
+        return [self._failed_job(f) for f in reversed(fields)]
+
+    @staticmethod
+    def _failed_job(f: Any) -> FailedJob:
+        try:
+            payload = _unpack_payload(f.payload_raw)
+        except (ValueError, TypeError):
+            payload = f.payload_raw  # shown as bytes rather than not at all
+        job = Job(
+            id=f.id, name=f.name, payload=payload, attempts=f.attempts, enqueued_at=f.enqueued_at
+        )
+        return FailedJob(
+            id=f.id,
+            queue=f.queue,
+            job=job,
+            error=f.error,
+            failed_at=datetime.fromtimestamp(f.failed_at, UTC),
+            traceback=f.traceback,
+        )
 
     def get(self, id: str) -> FailedJob:
         """The whole committed record of ``id``, read from disk; ``NotFound`` if absent."""
