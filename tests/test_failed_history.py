@@ -32,7 +32,8 @@ def test_the_history_example_in_the_format_docstring() -> None:
     shown = bytes.fromhex(row.group(1))
     assert (head + payload).startswith(shown)
     assert (head + payload).endswith(bytes.fromhex("cb41d954fc40600000"))
-    assert len(head + payload) == 76 and FORMAT_VERSION == 2
+    assert len(head + payload) == 76
+    assert FORMAT_VERSION == 2
 
 
 def test_a_retry_keeps_the_failure_as_history(jdir: Path) -> None:
