@@ -86,7 +86,7 @@ def test_filters_match_brute_force_through_every_change(
     if squeeze:  # the index squeezes its dead slots out at every commit: columns renumber
         monkeypatch.setattr("qdash_mp.journal.index._REBUILD_MIN", 0)
     if not lazy:  # every page cut from the full match list (the deep-page path)
-        monkeypatch.setattr("qdash_mp.journal.columns._LAZY_MAX", 0)
+        monkeypatch.setattr("qdash_mp.journal.matching._LAZY_MAX", 0)
     rng = random.Random(7)
     j = Journal.open(jdir, clock=Clock(T0 + 1000))
     live: dict[str, FailedJob] = {}
