@@ -116,3 +116,26 @@ async def test_flush_drops_what_the_confirm_counted(dashboard_client: MakeDashbo
     )
     assert (await resp.json())["flushed"] == 30
     assert sorted(f.id for f in failed.list()) == ["new0", "new1", "new2"]
+
+
+async def test_selected_with_nothing_ticked_acts_on_nothing(
+    dashboard_client: MakeDashboard,
+) -> None:
+    """The bulk bar's form carries the filter and snapshot too: "Retry selected" without a
+    ticked row must not fall back to every matching job."""
+    requeued: list[str] = []
+    failed = MemoryFailedJobs(requeue=lambda job: requeued.append(job.id))
+    seed(failed)
+    client = await dashboard_client(new_inspector(None, failed))
+    text = await (await client.get("/queues/failed?queue=mail")).text()
+    token = csrf_token_in(text)
+    snap = text.split('name="snapshot" value="', 1)[1].split('"', 1)[0]
+    resp = await client.post(
+        "/queues/failed/retry",
+        data={"csrf_token": token, "snapshot": snap, "queue": "mail", "scope": "selected"},
+        headers=JSON,
+    )
+    assert resp.status == 400
+    assert "no job selected" in (await resp.json())["error"]
+    assert requeued == []
+    assert len(failed) == 30

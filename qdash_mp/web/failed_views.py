@@ -302,6 +302,8 @@ class FailedViews:
         if q is None:
             raise web.HTTPNotFound(text="this inspector has no bulk actions")
         ids: list[str] = body["ids"]
+        if body.get("scope") == "selected" and not ids:  # "Retry selected" with none checked
+            raise web.HTTPBadRequest(text="no job selected: tick the jobs to act on first")
         flt = self._filter(body)
         token = body.get("snapshot") or ""
         hw = self._snapshot(token)
