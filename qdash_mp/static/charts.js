@@ -138,7 +138,12 @@
       render();
     });
   });
-  document.addEventListener("qdash:theme", function () { render(); });
+  var dark = null;
+  document.addEventListener("qdash:theme", function (e) {
+    var now = !!(e.detail && e.detail.dark);
+    if (dark !== null && now !== dark) render(); // colours come from the theme
+    dark = now;
+  });
   var resizeTimer = null;
   window.addEventListener("resize", function () {
     window.clearTimeout(resizeTimer);

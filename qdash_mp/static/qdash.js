@@ -7,7 +7,8 @@
      extension keeps the one EventSource open and reconnects); its `stats` and `failed`
      events update the cells marked data-k (overview rows by queue, a queue page's facts) and
      the Failed badge. Values are written with textContent, never as HTML;
-   - sparklines: per overview row, processed jobs/s between consecutive `stats` events;
+   - sparklines: per overview row, its last 30 minutes of processed jobs/s (/api/history),
+     loaded when the row scrolls into view, refreshed every minute;
    - "since" cells (data-since, UNIX seconds) count up every second.
    CSP: no inline script or style; element styles are never set (classes and attributes only). */
 (function () {
@@ -88,39 +89,73 @@
     }
   }
 
-  var SPARK_POINTS = 60;
-  var sparks = {}; // queue -> {last: processed, t: seconds, rates: []}
+  /* sparklines: a queue's processed jobs/s per minute over the last 30 minutes, from
+     /api/history, fetched for a row when it scrolls into view and again every minute */
+  var SPARK_MINUTES = 30;
   var SVG = "http://www.w3.org/2000/svg";
 
   function drawSpark(cell, rates) {
     var svg = cell.querySelector("svg");
     if (!svg) {
       svg = document.createElementNS(SVG, "svg");
-      svg.setAttribute("viewBox", "0 0 " + SPARK_POINTS + " 20");
+      svg.setAttribute("viewBox", "0 0 " + (SPARK_MINUTES - 1) + " 20");
       svg.setAttribute("preserveAspectRatio", "none");
       svg.setAttribute("class", "spark");
-      svg.setAttribute("aria-hidden", "true");
-      var line = document.createElementNS(SVG, "polyline");
-      svg.appendChild(line);
+      svg.setAttribute("role", "img");
+      svg.appendChild(document.createElementNS(SVG, "title"));
+      svg.appendChild(document.createElementNS(SVG, "polyline"));
       cell.appendChild(svg);
     }
     var max = Math.max.apply(null, rates.concat([1e-9]));
-    var off = SPARK_POINTS - rates.length;
-    var pts = rates.map(function (r, i) {
-      return (off + i) + "," + (19 - (r / max) * 18).toFixed(1);
-    });
-    svg.firstChild.setAttribute("points", pts.join(" "));
+    var pts = rates.map(function (r, i) { return i + "," + (19 - (r / max) * 18).toFixed(1); });
+    svg.lastChild.setAttribute("points", pts.join(" "));
+    svg.firstChild.textContent = "processed jobs/s per minute, last " + SPARK_MINUTES +
+      " minutes: peak " + rate(max > 1e-6 ? max : 0) + ", latest " + rate(rates[rates.length - 1]);
   }
 
-  function sparkStep(queue, processed, now) {
-    var s = sparks[queue];
-    if (!s) { sparks[queue] = { last: processed, t: now, rates: [] }; return null; }
-    var dt = now - s.t;
-    if (dt <= 0) return s.rates;
-    s.rates.push(Math.max(0, (processed - s.last) / dt));
-    if (s.rates.length > SPARK_POINTS) s.rates.shift();
-    s.last = processed; s.t = now;
-    return s.rates;
+  function loadSpark(url, queue, cell) {
+    var u = url + "?queue=" + encodeURIComponent(queue) + "&resolution=minute";
+    return fetch(u, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (doc) {
+        if (!doc) return;
+        var end = Math.floor(Date.now() / 60000) * 60 - 60; // the last finished minute
+        var rates = [];
+        var byT = {};
+        doc.points.forEach(function (p) { byT[p.t] = p.processed / 60; });
+        for (var t = end - (SPARK_MINUTES - 1) * 60; t <= end; t += 60) rates.push(byT[t] || 0);
+        drawSpark(cell, rates);
+      })
+      .catch(function () { /* the table still has its numbers */ });
+  }
+
+  function setupSparks() {
+    var table = document.getElementById("queues");
+    var url = table && table.getAttribute("data-history");
+    if (!url || !window.IntersectionObserver) return;
+    var ov = overviewTable(table);
+    if (ov.spark < 0) return;
+    var shown = new Map(); // cell -> queue, while visible
+    var io = new IntersectionObserver(function (entries) {
+      entries.forEach(function (e) {
+        var queue = e.target.getAttribute("data-spark-queue");
+        if (e.isIntersecting) {
+          if (!shown.has(e.target)) loadSpark(url, queue, e.target);
+          shown.set(e.target, queue);
+        } else {
+          shown.delete(e.target);
+        }
+      });
+    });
+    Object.keys(ov.rows).forEach(function (q) {
+      var cell = ov.rows[q].children[ov.spark];
+      if (!cell) return;
+      cell.setAttribute("data-spark-queue", q);
+      io.observe(cell);
+    });
+    window.setInterval(function () {
+      shown.forEach(function (queue, cell) { loadSpark(url, queue, cell); });
+    }, 60000);
   }
 
   function updateCells(container, stat) {
@@ -155,7 +190,6 @@
   }
 
   function onStats(doc) {
-    var now = Date.now() / 1000;
     var table = document.getElementById("queues");
     if (table) {
       var ov = overviewTable(table);
@@ -164,16 +198,12 @@
         var tr = ov.rows[q.queue];
         if (!tr) { unknown++; return; }
         updateRow(tr, ov.keys, q);
-        var rates = sparkStep(q.queue, q.processed, now);
-        if (ov.spark >= 0 && rates && rates.length) drawSpark(tr.children[ov.spark], rates);
       });
       var foot = table.querySelector("tfoot tr");
       if (foot) {
         var t = Object.assign({}, doc.totals);
         t.throughput = doc.queues.reduce(function (a, q) { return a + (q.throughput || 0); }, 0);
         updateRow(foot, ov.keys, t);
-        var trates = sparkStep("\u0000totals", doc.totals.processed, now);
-        if (ov.spark >= 0 && trates && trates.length) drawSpark(foot.children[ov.spark], trates);
       }
       var note = document.getElementById("new-queues");
       if (note) {
@@ -234,6 +264,7 @@
 
   function start() {
     setupTheme();
+    setupSparks();
     if (document.querySelector("[data-since]")) { tickSince(); }
     window.setInterval(tickSince, 1000);
     document.addEventListener("htmx:afterSwap", function () { overview = null; tickSince(); });

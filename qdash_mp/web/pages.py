@@ -1,7 +1,8 @@
 """The lifecycle pages: ``/queues/workers`` (who works on what, since when) and
 ``/queues/q/{queue}`` (one queue's counters and charts, its running jobs, pending/recent jobs
 when tracked, a link to its failed jobs). Live: the queue page's counters follow the event
-stream (``qdash.js``), the workers page re-reads its table every ``WORKERS_POLL_SECONDS``
+stream (``qdash.js``), the workers page re-reads its table (the queue page its job lists) every
+``WORKERS_POLL_SECONDS``
 (htmx ``hx-get``/``hx-select``) and counts the "running for" times up each second.
 
 They read what the inspector offers (``workers``, ``pending``, ``recent`` are optional: the
@@ -23,7 +24,8 @@ from qdash_mp.web.views import REFRESH_SECONDS, Dashboard
 __all__ = ["WORKERS_POLL_SECONDS", "add_page_routes"]
 
 WORKERS_POLL_SECONDS = 2
-"""The workers page re-reads its table this often (htmx; without JavaScript: a reload)."""
+"""The workers page re-reads its table (a queue page its job lists) this often, with htmx;
+without JavaScript the page reloads itself, less often."""
 
 
 class _Pages:
@@ -81,6 +83,7 @@ class _Pages:
             workers_known=known,
             now=time.time(),
             refresh=REFRESH_SECONDS,
+            poll=WORKERS_POLL_SECONDS,
             chart_queues=[name],
             chart_title="History",
             runtime_note="(per period)",

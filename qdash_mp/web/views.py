@@ -36,6 +36,7 @@ from qdash_mp.web.authz import current, template_context
 from qdash_mp.web.display import jsonable, template_env
 from qdash_mp.web.flash import FLASH_COOKIE, Flash, decode_flash, set_flash
 from qdash_mp.web.guard import SECURITY_HEADERS, guarded_form, wants_json
+from qdash_mp.web.overview_rows import queue_rows
 from qdash_mp.web.paging import last_page, parse_back_page, parse_page
 from qdash_mp.web.proxy import LINK_PREFIX
 from qdash_mp.web.urls import Urls
@@ -238,6 +239,7 @@ class Dashboard:
             refresh=REFRESH_SECONDS,
             window=round(self.sampler.window_seconds),
             failed_total=await self._failed_total(),
+            queue_rows=queue_rows(rows, self.urls()),
             chart_queues=[q.queue for q in busiest],
             chart_title="All queues" if shown == len(rows) else f"The {shown} busiest queues",
             runtime_note="(p99 of the busiest queues, per period)",

@@ -83,16 +83,30 @@ def test_overview_counters_change_without_a_page_load(page: Browser, live: Live)
     page.assert_clean()
 
 
+def test_workers_and_queue_jobs_update_without_a_page_load(page: Browser, live: Live) -> None:
+    for path, selector in (("/queues/workers", "#workers tbody"), ("/queues/q/emails", "#jobs")):
+        page.get(live.url + path)
+        page.js("window.__same_page = 'yes';")
+        text = "return document.querySelector(arguments[0]).innerText"
+        first = page.js(text, selector)
+        assert "demo-worker-" in first or path != "/queues/workers", first
+        page.wait(lambda: page.js(text, selector) != first, 20, f"{path} to change")  # noqa: B023
+        assert page.js("return window.__same_page") == "yes"
+    page.assert_clean()
+
+
 _INK = """
-const c = arguments[0]; const ctx = c.getContext('2d');
-const d = ctx.getImageData(0, 0, c.width, c.height).data; let n = 0;
-for (let i = 3; i < d.length; i += 4) if (d[i]) n++;
-return n;
+return [...document.querySelectorAll('section.charts canvas')].map(c => {
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+  for (let i = 3; i < d.length; i += 4) if (d[i]) n++;
+  return n;
+});
 """
 
 
 def _drawn(b: Browser) -> list[int]:
-    return [int(b.js(_INK, c)) for c in b.css_all("section.charts canvas")]
+    """Painted pixels of each chart canvas (one round trip: a redraw cannot interleave)."""
+    return [int(n) for n in b.js(_INK)]
 
 
 @pytest.mark.parametrize("path", ["/queues/", "/queues/q/emails"])
@@ -153,6 +167,19 @@ def test_dark_mode_follows_the_system_and_the_toggle(page: Browser, live: Live) 
     page.assert_clean()
 
 
+def _let_live_parts_run(b: Browser) -> None:
+    """Wait until the page's live parts did their work once: an SSE update applied, the
+    workers table re-read by htmx, the charts drawn."""
+    if b.css_all("#live-at"):
+        b.wait(lambda: b.js("return document.getElementById('live-at').dataset.state") == "live")
+    if b.css_all("[hx-get][hx-trigger^=every]"):
+        b.js("document.addEventListener('htmx:afterSwap', () => { window.__swapped = true; });")
+        b.wait(lambda: b.js("return window.__swapped === true"), 10, "the htmx refresh")
+    if b.css_all("section.charts"):
+        b.wait(lambda: b.js("return document.querySelector('section.charts').dataset.state"))
+    time.sleep(0.3)  # anything logged after the last of these
+
+
 def test_no_console_errors_or_csp_violations_on_any_page(page: Browser, live: Live) -> None:
     job = live.failed_ids()[-1]
     paths = [*PAGES, f"/queues/failed/{quote(job, safe='')}", "/queues/nope", "/queues/q/nope"]
@@ -161,8 +188,7 @@ def test_no_console_errors_or_csp_violations_on_any_page(page: Browser, live: Li
         for path in paths:
             page.get(live.url + path)
             assert page.css("h1").text, path
-            # let the live parts run: SSE frames, the workers page's htmx refresh (every 2 s)
-            time.sleep(2.5)
+            _let_live_parts_run(page)
             found = page.problems()
             # the deliberate 404s log their own status line, nothing else may appear
             if path.endswith("nope"):
