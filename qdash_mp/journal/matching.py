@@ -4,8 +4,9 @@ The ``Matching`` half of ``qdash_mp.journal.columns.Columns`` (the table of what
 of filter walks and costs is in that module's docstring). Two ways through the matches:
 
 - ``_walk``: lazily, newest first, for a page near the top (stops after ``offset + limit``);
-- ``_all_matches``: every match at once in C-level passes (``map`` per condition over the
-  candidates, ``compress``), for totals and for pages deeper than ``_LAZY_MAX``.
+- ``_all_matches``: every match at once, for totals and for pages deeper than ``_LAZY_MAX``:
+  the candidates (a code list, the text walk's slots, or the range with time blocks skipped
+  or taken whole), then C-level passes (one ``map`` per condition, ``compress``).
 
 Totals the live counters cannot give are memoised per (filter, snapshot) and advanced
 incrementally (``_advance``): newer slots are counted, killed ones are taken off.
@@ -13,13 +14,12 @@ incrementally (``_advance``): newer slots are counted, killed ones are taken off
 
 from __future__ import annotations
 
-import re
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import add, contains, gt, le, methodcaller, not_
+from operator import contains, gt, le, methodcaller
 from typing import Any, Final
 
 from qdash_mp.failed_filter import FailedFilter
@@ -158,9 +158,10 @@ class Matching:
                     return
                 p = bisect_right(eoff, pos) - 1
                 slot_end = eoff[p + 1] if p + 1 < nslots else len(blob)
-                if pos + len(nb) <= slot_end and alive[p]:
-                    yield p
-                    end = eoff[p]
+                if pos + len(nb) <= slot_end:
+                    if alive[p]:
+                        yield p
+                    end = eoff[p]  # this slot is done: on to the ones before it
                 else:
                     end = pos + len(nb) - 1  # straddles a boundary: look further back
             return
@@ -170,29 +171,6 @@ class Matching:
             if p < 0:
                 return
             yield p
-
-    def _text_slots(self, nb: bytes, lo: int, hi: int) -> list[int]:
-        """Slots in ``lo .. hi`` whose text holds ``nb``, ascending (``eoff`` carries its
-        end sentinel). C-level passes: the blob search, then positions to slots by bisect; a
-        match running over a slot's end is no match, but may hide one that starts in the
-        next slot before it ends (non-overlapping search): those few are checked one by one.
-        """
-        blob = self.blob
-        eoff = self.eoff
-        floor = eoff[lo]
-        end = eoff[hi]
-        size = len(nb)
-        pattern = re.compile(re.escape(nb))
-        starts = list(map(_START, pattern.finditer(blob, floor, end)))
-        after = list(map(bisect_right, repeat(eoff), starts))  # slot + 1 of each match
-        fits = list(map(le, map(add, starts, repeat(size)), map(eoff.__getitem__, after)))
-        slots = dict.fromkeys(map(_MINUS_ONE, compress(after, fits)))
-        if not all(fits):
-            for i in compress(after, map(not_, fits)):  # i: the slot after a straddle
-                if i < hi and blob.find(nb, eoff[i], eoff[i + 1]) >= 0:
-                    slots[i] = None
-            return sorted(slots)
-        return list(slots)
 
     def _all_matches(
         self,
@@ -224,7 +202,10 @@ class Matching:
                     check_q = q is not None
                 cands = lst[bisect_left(lst, lo) : bisect_left(lst, hi)]
             elif nb:
-                cands = self._text_slots(nb, lo, hi)
+                # the blob walk (one rfind per matching slot, newest first), reversed
+                found = list(self._candidates(f, codes, alive, lo, hi))
+                found.reverse()
+                cands = found
                 text_done = True
             elif f.after is not None or f.before is not None:
                 return self._time_range(f, alive, lo, hi)
