@@ -354,17 +354,19 @@ def decode_failed(payload: bytes | memoryview) -> FailedFields:
 
 def failed_meta(buf: Buffer, off: int, size: int) -> tuple[str, str, str]:
     """``(queue, name, error)`` of the verified FAILED record of ``size`` bytes at ``off``."""
-    obj = _unpackb(buf[off + HEADER.size : off + size])
+    obj = msgpack.unpackb(buf[off + HEADER.size : off + size], use_list=False)
     return obj[5], obj[1], obj[6]
 
 
 def failed_metas(buf: Buffer, off: int, sizes: list[int]) -> list[tuple[str, str, str]]:
     """``failed_meta`` of records of ``sizes`` back to back from ``off``."""
     out = []
-    unpack = _unpackb
+    # Bytes this process just wrote, checked when they came in: the plainest (cheapest)
+    # decode, tuples rather than lists (no GC tracking).
+    unpack = msgpack.unpackb
     h = HEADER.size
     for size in sizes:
-        obj = unpack(buf[off + h : off + size])
+        obj = unpack(buf[off + h : off + size], use_list=False)
         out.append((obj[5], obj[1], obj[6]))
         off += size
     return out
