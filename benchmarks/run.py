@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_durable_failed
+import bench_filter
 import bench_hook
 import bench_hub
 import bench_hub_view
@@ -42,9 +43,14 @@ BENCHES = {
     "sse": bench_sse.run,
     "hub": bench_hub.run,
     "hub_view": bench_hub_view.run,
+    "filter": bench_filter.run,
 }
 
 TARGETS = [
+    *[
+        Target("filter", "qdash_mp", m, "<=", 50.0, f"filter: {m} page <= 50 ms at 1M")
+        for m in ("unfiltered", "queue", "name", "text_common", "text_rare", "combined")
+    ],
     Target(
         "hub",
         "qdash_mp_10k",

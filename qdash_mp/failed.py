@@ -23,12 +23,16 @@ from itertools import islice
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from qdash_mp.errors import NotFound, RetryConflict
+from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.models import FailedJob, Job
 
 if TYPE_CHECKING:
     from qdash_mp.stats import Stats
 
-__all__ = ["FailedJobs", "MemoryFailedJobs", "Requeue", "describe_error"]
+__all__ = ["HISTORY_MAX", "FailedJobs", "MemoryFailedJobs", "Requeue", "describe_error"]
+
+HISTORY_MAX = 10
+"""Earlier (retried) failures kept per job id for the job page's retry history."""
 
 Requeue = Callable[[Job], object]
 """Puts a job back on its queue; raising means it was not re-enqueued."""
@@ -73,6 +77,9 @@ class MemoryFailedJobs:
         self._jobs: dict[str, FailedJob] = {}  # insertion order = oldest first
         self._retrying: set[str] = set()
         self._stats: Stats | None = None
+        self._seq: dict[str, int] = {}  # id -> append sequence of its record (snapshots)
+        self._next_seq = 0
+        self._history: dict[str, builtins.list[FailedJob]] = {}  # id -> retried, oldest first
 
     def with_stats(self, stats: Stats) -> MemoryFailedJobs:
         """Count every successful retry in ``stats``; returns ``self``.
@@ -97,7 +104,57 @@ class MemoryFailedJobs:
         with self._lock:
             self._jobs.pop(job.id, None)
             self._jobs[job.id] = failed
+            self._seq[job.id] = self._next_seq
+            self._next_seq += 1
         return failed
+
+    @property
+    def can_requeue(self) -> bool:
+        """Whether ``retry`` re-enqueues (``False``: it only forgets)."""
+        return self._requeue is not None
+
+    @property
+    def high_water(self) -> int:
+        """The sequence the next recorded failure gets: a snapshot of "now"."""
+        return self._next_seq
+
+    def query(
+        self,
+        flt: FailedFilter,
+        offset: int,
+        limit: int,
+        *,
+        snapshot: int | None = None,
+        since: int | None = None,
+    ) -> tuple[builtins.list[FailedJob], int, int]:
+        """``(page, total, high_water)`` of the records matching ``flt``, newest first;
+        ``snapshot``: only those recorded before that high-water mark, ``since``: only
+        those from it on. A linear scan: the embedded store is meant to stay small."""
+        with self._lock:
+            seqs = self._seq
+            hits = [
+                f
+                for f in reversed(self._jobs.values())
+                if (snapshot is None or seqs[f.id] < snapshot)
+                and (since is None or seqs[f.id] >= since)
+                and flt.matches(f.queue, f.job.name, f.error, f.failed_at.timestamp())
+            ]
+            return hits[offset : offset + limit], len(hits), self._next_seq
+
+    def snapshot_ids(self, flt: FailedFilter, snapshot: int) -> builtins.list[str]:
+        """Ids matching ``flt`` recorded before ``snapshot``, newest first."""
+        rows, _total, _hw = self.query(flt, 0, len(self._jobs), snapshot=snapshot)
+        return [f.id for f in rows]
+
+    def seq_of(self, id: str) -> int | None:
+        """The sequence of the record of ``id`` (``None``: none)."""
+        with self._lock:
+            return self._seq.get(id) if id in self._jobs else None
+
+    def history(self, id: str) -> builtins.list[FailedJob]:
+        """Earlier failures of job ``id`` that a retry re-enqueued, newest first."""
+        with self._lock:
+            return list(reversed(self._history.get(id, ())))
 
     def list(self) -> list[FailedJob]:
         """Every stored failed job, newest first."""
@@ -142,6 +199,9 @@ class MemoryFailedJobs:
             with self._lock:
                 if self._jobs.get(id) is failed:
                     del self._jobs[id]
+                kept = self._history.setdefault(id, [])
+                kept.append(failed)
+                del kept[:-HISTORY_MAX]
         finally:
             with self._lock:
                 self._retrying.discard(id)
@@ -164,6 +224,16 @@ class MemoryFailedJobs:
             n = len(self._jobs)
             self._jobs.clear()
             return n
+
+    def flush_before(self, snapshot: int) -> int:
+        """Drop every record made before ``snapshot`` (a high-water mark); returns how many.
+
+        Later failures stay: a flush confirmed on a page removes what that page counted."""
+        with self._lock:
+            doomed = [id for id in self._jobs if self._seq[id] < snapshot]
+            for id in doomed:
+                del self._jobs[id]
+            return len(doomed)
 
     def len(self) -> int:
         """How many failed jobs are stored."""

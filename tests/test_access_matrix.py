@@ -77,6 +77,9 @@ ROUTES: list[tuple[str, str, str, int]] = [
     ("POST", "/queues/failed/j1/retry", "mutate", 200),
     ("POST", "/queues/failed/j1/forget", "mutate", 200),
     ("POST", "/queues/failed/flush", "mutate", 200),
+    ("POST", "/queues/failed/retry", "mutate", 200),  # bulk (ids=j1)
+    ("POST", "/queues/failed/forget", "mutate", 200),  # bulk (ids=j1)
+    ("GET", "/queues/api/bulk/none", "api", 404),
     ("POST", "/queues/login", "public", 401),  # the form carries a wrong token
     ("POST", "/queues/logout", "public", 303),
 ]
@@ -135,7 +138,7 @@ def make_app() -> tuple[web.Application, MemoryFailedJobs, list[Job], Stats]:
 
 
 def test_matrix_size() -> None:
-    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 184
+    assert len(CASES) == len(ROUTES) * len(CONDITIONS) == 208
 
 
 @pytest.mark.parametrize(("route", "condition"), CASES)
@@ -155,6 +158,8 @@ async def test_access_matrix(
         data = {"csrf_token": csrf_token_in(await page.text())}
         if path.endswith("/login"):
             data["token"] = "wrong-token-wrong-token"
+        if path in ("/queues/failed/retry", "/queues/failed/forget"):
+            data["ids"] = "j1"
     req_headers = {"Accept": "application/json"} if method == "POST" else {}
     req_headers.update(headers)
     resp = await client.request(method, path, headers=req_headers, data=data, allow_redirects=False)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from qdash_mp.inspector import page_bounds
+from qdash_mp.failed_filter import FailedFilter
+from qdash_mp.inspector import FailedPage, page_bounds
 from qdash_mp.models import FailedJob, JobView, StatsView, TrackedJob, WorkerView
 
 if TYPE_CHECKING:
@@ -80,3 +82,41 @@ class CollectorInspector:
 
     async def flush_failed(self) -> int:
         return await self._c.retries.flush_failed()
+
+    # -- filters, snapshots, bulk (inspector.FailedQueries) -----------------------------------
+
+    @property
+    def failed_epoch(self) -> str:
+        return self._c.journal.epoch
+
+    async def failed_query(
+        self, flt: FailedFilter, page: int, *, snapshot: int | None = None, since: int | None = None
+    ) -> FailedPage:
+        offset, limit = page_bounds(page)
+        journal = self._c.journal
+        if flt.empty and snapshot is None and since is None:  # O(page): on the loop
+            rows, total, hw = journal.query(flt, offset, limit)
+            return FailedPage(rows, total, hw, journal.epoch)
+        # A text or time filter may walk many slots: off the event loop.
+        rows, total, hw = await asyncio.to_thread(
+            journal.query, flt, offset, limit, snapshot=snapshot, since=since
+        )
+        return FailedPage(rows, total, hw, journal.epoch)
+
+    async def failed_ids(self, flt: FailedFilter, snapshot: int) -> list[str]:
+        return await asyncio.to_thread(self._c.journal.snapshot_ids, flt, snapshot)
+
+    async def failed_seq(self, id: str) -> int | None:
+        return self._c.journal.seq_of(id)
+
+    async def forget_many(self, ids: Sequence[str]) -> int:
+        return await self._c.retries.forget_many(ids)
+
+    async def flush_before(self, snapshot: int) -> int:
+        return await self._c.retries.flush_before(snapshot)
+
+    def can_retry(self, queue: str) -> bool:
+        return self._c.retries.can_retry(queue)
+
+    async def failed_history(self, id: str) -> list[FailedJob]:
+        return await asyncio.to_thread(self._c.journal.history, id)

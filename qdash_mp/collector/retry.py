@@ -27,7 +27,7 @@ import importlib
 import inspect
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qdash_mp.errors import (
@@ -38,6 +38,7 @@ from qdash_mp.errors import (
     RetryError,
     RetryUnavailable,
 )
+from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal import Journal
 from qdash_mp.models import FailedJob, Job
 from qdash_mp.wire import FailedRecord, Requeue, RequeueResult
@@ -51,6 +52,8 @@ log = logging.getLogger("qdash_mp.collector")
 
 REQUEUE_TIMEOUT = 30.0
 """Seconds a worker has to answer a REQUEUE."""
+FORGET_CHUNK = 1000
+"""``forget_many`` makes this many removals durable per commit."""
 
 RequeueFn = Callable[[Job], object]
 
@@ -106,6 +109,13 @@ class Retries:
         self._rr = itertools.count()
         self._claimed: set[str] = set()
         self._settling: set[asyncio.Task[None]] = set()
+
+    def can_retry(self, queue: str) -> bool:
+        """Whether a retry of a job of ``queue`` has a requeue route now: ``--requeue``, or
+        a connected worker that registered ``requeue`` for that queue (or all)."""
+        if self._requeue_fn is not None:
+            return True
+        return any(c.can_requeue(queue) for c in self._c.connections.conns)
 
     async def requeue(self, failed: FailedJob, payload_raw: bytes | None = None) -> None:
         """Hand ``failed.job`` back to a worker (or ``--requeue``); raise if that failed.
@@ -168,7 +178,10 @@ class Retries:
             self._c.stats_version += 1
             try:
                 # A newer failure of the same job that arrived meanwhile stays.
-                removed = live.journal.stage_removed(id, "retried", if_failed_at=failed_at)
+                # The failure re-enqueued becomes the job's retry history (HISTORY record).
+                removed = live.journal.stage_removed(
+                    id, "retried", if_failed_at=failed_at, keep_history=True
+                )
             except NotFound:
                 removed = False  # forgotten or flushed meanwhile: nothing left to drop
             if removed:
@@ -207,6 +220,39 @@ class Retries:
         live = self._c.live
         live.journal.stage_removed(id, "forgotten")
         await live.group.commit()
+
+    async def forget_many(self, ids: Sequence[str]) -> int:
+        """Drop the records of ``ids`` (unknown or being retried: skipped), durably, in
+        commits of ``FORGET_CHUNK``; returns how many went. A crash leaves each id either
+        dropped (its chunk's commit was durable) or untouched."""
+        live = self._c.live
+        n = 0
+        for start in range(0, len(ids), FORGET_CHUNK):
+            staged = 0
+            for id in ids[start : start + FORGET_CHUNK]:
+                if id in self._claimed:
+                    continue
+                try:
+                    live.journal.stage_removed(id, "forgotten")
+                except NotFound:
+                    continue
+                staged += 1
+            if staged:
+                await live.group.commit()
+            n += staged
+        return n
+
+    async def flush_before(self, snapshot: int) -> int:
+        """Drop every failed job appended before ``snapshot`` (durably); later ones stay.
+
+        Nothing new since: one FLUSHED record. Otherwise the snapshot's ids are forgotten."""
+        live = self._c.live
+        n = len(live.journal)
+        if live.journal.flush_if_unchanged(snapshot):
+            await live.group.commit()
+            return n
+        ids = await asyncio.to_thread(live.journal.snapshot_ids, FailedFilter(), snapshot)
+        return await self.forget_many(ids)
 
     async def flush_failed(self) -> int:
         """Drop every failed job (durably); returns how many there were."""

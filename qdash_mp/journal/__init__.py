@@ -3,7 +3,8 @@
 ``Journal`` (``store``) ties the parts together; ``GroupCommit`` lets asyncio tasks share
 its fsyncs. The record format is in ``format`` (byte tables there), reading it back in
 ``scan``, the in-memory index in ``index``, opening and repair in ``recovery``, staging
-and retention in ``staging``, compaction in ``compaction``. The story is in
+and retention in ``staging``, compaction in ``compaction``. The filter columns are
+in ``columns`` (kept in step) and ``matching`` (queries). The story is in
 ``docs/journal.md``. Every name code or tests import is re-exported here.
 """
 

@@ -52,6 +52,7 @@ _COMPACT_BATCH: Final = 4096
 _COMPACT_CHUNK: Final = 4 * 1024 * 1024
 _FAILED: Final = int(RecordType.FAILED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
+_HISTORY: Final = int(RecordType.HISTORY)
 
 
 @dataclass(slots=True)
@@ -65,11 +66,14 @@ class _Plan:
     locs: array[int]
     sizes: array[int]
     clients: list[tuple[str, int, float]]
+    history: list[list[int]]
+    """The [loc, size] entries of the kept HISTORY records (updated in place on install)."""
     tmp: Path
     path: Path
     fd: int = -1
     end: int = 0
     new_locs: array[int] = field(default_factory=lambda: array("q"))
+    history_locs: array[int] = field(default_factory=lambda: array("q"))
 
 
 class SimulatedCrash(BaseException):
@@ -148,6 +152,7 @@ class Compaction(JournalBase):
                     if self._client_seen.get(c, 0.0) >= horizon
                 ]
                 replaced = [s for s in self._segments.values() if s.num <= old.num]
+                history = [e for entries in self._history.values() for e in entries]
                 self._index.frozen = True
         gen = old.gen + 1
         path = self.directory / seg_name(old.num, gen)
@@ -159,6 +164,7 @@ class Compaction(JournalBase):
             locs=locs,
             sizes=sizes,
             clients=clients,
+            history=history,
             tmp=path.with_name(path.name + ".tmp"),
             path=path,
         )
@@ -189,7 +195,8 @@ class Compaction(JournalBase):
             batch_start = written
             count = 0
 
-        for loc, size in zip(plan.locs, plan.sizes, strict=True):
+        def copy(loc: int, size: int, rtype: int, into: array[int]) -> None:
+            nonlocal chunk, chunk_num, chunk_off, count
             num = loc >> LOC_SHIFT
             off = loc & LOC_MASK
             rel = off - chunk_off
@@ -198,16 +205,21 @@ class Compaction(JournalBase):
                 chunk = os.pread(seg.fd, max(size, min(_COMPACT_CHUNK, seg.end - off)), off)
                 chunk_num, chunk_off, rel = num, off, 0
             rec = read_record(chunk, rel, rel + size)
-            if isinstance(rec, Problem) or rec[0] != _FAILED or rec[1] != size:
+            if isinstance(rec, Problem) or rec[0] != rtype or rec[1] != size:
                 raise JournalCorrupt(
                     f"{segs[num].path} at offset {off}: a stored record no longer verifies; "
                     "restart with `qdash-mp collector --salvage`"
                 )
-            new_locs.append(base + written + len(out))
-            out += chunk[rel : rel + size]
+            into.append(base + written + len(out))
+            out.extend(chunk[rel : rel + size])
             count += 1
             if count >= _COMPACT_BATCH or len(out) >= _COMPACT_CHUNK:
                 close_batch()
+
+        for loc, size in zip(plan.locs, plan.sizes, strict=True):
+            copy(loc, size, _FAILED, new_locs)
+        for loc, size in plan.history:
+            copy(loc, size, _HISTORY, plan.history_locs)
         for client_id, seq, at in plan.clients:
             append_record(out, _CLIENT_SEQ, encode_client_seq(client_id, seq, at))
             count += 1
@@ -228,6 +240,8 @@ class Compaction(JournalBase):
         """Point the index at the compacted segment and stop reading the replaced ones."""
         with self._lock:
             self._index.relocate(plan.slots, plan.new_locs)
+            for entry, new in zip(plan.history, plan.history_locs, strict=True):
+                entry[0] = new  # an entry dropped from the history meanwhile: no matter
             for seg in plan.replaced:
                 if self._segments.get(seg.num) is seg:
                     del self._segments[seg.num]

@@ -60,6 +60,23 @@ Payloads (msgpack, ``use_bin_type=True``, strings UTF-8 ``str``, except COMMIT):
     6 CLIENT_SEQ  [client_id:str, seq:int, at:float]
                   The highest batch sequence number of ``client_id`` applied so far (the
                   collector's dedup state); ``at`` is the journal clock when it was written.
+    7 HISTORY     the FAILED array of a failure that a dashboard retry re-enqueued, byte for
+                  byte as it was stored (format version 2 on). It is not a live failed job:
+                  it is the job page's *retry history* of that job id (the link is the id:
+                  a later failure of the re-enqueued job carries the same id). Written in the
+                  same batch as the REMOVED "retried" of that failure; compaction copies the
+                  history it keeps (``HISTORY_PER_ID`` per id, ``HISTORY_IDS`` ids).
+
+Format versions (the SEGMENT record's ``format_version``): 1 has record types 1..6; 2 adds
+HISTORY. Version 2 reads version-1 segments as they are and writes version 2; a reader of
+version 1 refuses a version-2 segment ("unsupported journal format version 2") instead of
+misreading it.
+
+A HISTORY record, byte for byte (the FAILED example of ``qdash_mp.records``, 67 bytes of
+payload; 76 bytes in all)::
+
+    bd d1 19 2c   43 00 00 00   07     99 a2 6a 31 aa 73 65 ...  cb 41 d9 54 fc 40 60 00 00
+    crc           length = 67   HISTORY  the FAILED array, as stored
 
 A later FAILED record with the id of a live one supersedes it (the job failed again).
 """
@@ -85,6 +102,7 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_PAYLOAD",
+    "READ_VERSIONS",
     "REASONS",
     "Buffer",
     "FailedFields",
@@ -97,6 +115,8 @@ __all__ = [
     "decode_failed",
     "decode_op",
     "encode_client_seq",
+    "failed_meta",
+    "failed_metas",
     "encode_removed",
     "encode_removed_many",
     "flushed_payload",
@@ -109,7 +129,9 @@ __all__ = [
 ]
 
 MAGIC: Final = "qdash-mp-journal"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+READ_VERSIONS: Final = frozenset({1, 2})
+"""Segment format versions this code reads (see the module docstring)."""
 MAX_PAYLOAD: Final = 64 * 1024 * 1024
 """Largest payload a record may have (the wire caps a whole frame at 16 MiB)."""
 
@@ -134,6 +156,7 @@ class RecordType(IntEnum):
     REMOVED = 4
     FLUSHED = 5
     CLIENT_SEQ = 6
+    HISTORY = 7
 
 
 _SEGMENT = int(RecordType.SEGMENT)
@@ -142,13 +165,14 @@ _FAILED = int(RecordType.FAILED)
 _REMOVED = int(RecordType.REMOVED)
 _FLUSHED = int(RecordType.FLUSHED)
 _CLIENT_SEQ = int(RecordType.CLIENT_SEQ)
+_HISTORY = int(RecordType.HISTORY)
 
 Op = tuple[int, str, int, Any]
 """One data record as the index sees it: ``(type, key, size, extra)``.
 
-``key`` is the job id (FAILED, REMOVED), the client id (CLIENT_SEQ) or ``""`` (FLUSHED);
+``key`` is the job id (FAILED, REMOVED, HISTORY), the client id (CLIENT_SEQ) or ``""`` (FLUSHED);
 ``size`` the whole record's bytes; ``extra`` is ``failed_at`` (FAILED), the reason
-(REMOVED), ``(seq, at)`` (CLIENT_SEQ) or ``None``.
+(REMOVED), ``(seq, at)`` (CLIENT_SEQ), ``failed_at`` (HISTORY) or ``None``.
 """
 
 
@@ -175,7 +199,7 @@ def _packb(obj: Any) -> bytes:
     return data
 
 
-def _unpackb(data: bytes | memoryview) -> Any:
+def _unpackb(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, use_list=True, max_ext_len=0, strict_map_key=True)
 
 
@@ -328,8 +352,36 @@ def decode_failed(payload: bytes | memoryview) -> FailedFields:
     return FailedFields(*obj)
 
 
-def decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:
-    """The index op of a data record, or a reason string if it does not decode."""
+def failed_meta(buf: Buffer, off: int, size: int) -> tuple[str, str, str]:
+    """``(queue, name, error)`` of the verified FAILED record of ``size`` bytes at ``off``."""
+    obj = msgpack.unpackb(buf[off + HEADER.size : off + size], use_list=False)
+    return obj[5], obj[1], obj[6]
+
+
+def failed_metas(buf: Buffer, off: int, sizes: list[int]) -> list[tuple[str, str, str]]:
+    """``failed_meta`` of records of ``sizes`` back to back from ``off``."""
+    out = []
+    # Bytes this process just wrote, checked when they came in: the plainest (cheapest)
+    # decode, tuples rather than lists (no GC tracking).
+    unpack = msgpack.unpackb
+    h = HEADER.size
+    for size in sizes:
+        obj = unpack(buf[off + h : off + size], use_list=False)
+        out.append((obj[5], obj[1], obj[6]))
+        off += size
+    return out
+
+
+def decode_op(
+    rtype: int,
+    payload: bytes | memoryview,
+    size: int,
+    metas: list[tuple[str, str, str]] | None = None,
+) -> Op | str:
+    """The index op of a data record, or a reason string if it does not decode.
+
+    ``metas``: a FAILED record's (queue, name, error) is appended to it (the filter columns'
+    fields, taken from this one decode)."""
     try:
         obj = _unpackb(payload)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -338,7 +390,12 @@ def decode_op(rtype: int, payload: bytes | memoryview, size: int) -> Op | str:
         why = check_failed(obj)
         if why:
             return why
+        if metas is not None:
+            metas.append((obj[5], obj[1], obj[6]))
         return (_FAILED, obj[0], size, obj[8])
+    if rtype == _HISTORY:
+        why = check_failed(obj, "HISTORY")
+        return why or (_HISTORY, obj[0], size, obj[8])
     if type(obj) is not list:
         return "payload is not an array"
     if rtype == _REMOVED:
@@ -377,7 +434,7 @@ def read_record(buf: Buffer, pos: int, end: int) -> tuple[int, int, bytes] | Pro
     body = buf[pos + 4 : pos + HEADER.size + n]
     if zlib.crc32(body) != crc:
         return Problem(pos, "checksum mismatch")
-    if not _SEGMENT <= rtype <= _CLIENT_SEQ:
+    if not _SEGMENT <= rtype <= _HISTORY:
         return Problem(pos, f"unknown record type {rtype}")
     return rtype, HEADER.size + n, bytes(body[5:])
 
@@ -402,7 +459,7 @@ def read_header(buf: Buffer, end: int) -> SegmentHeader | Problem:
         and _is_float(obj[7])
     ):
         return Problem(0, "malformed SEGMENT record")
-    if obj[1] != FORMAT_VERSION:
+    if obj[1] not in READ_VERSIONS:
         return Problem(0, f"unsupported journal format version {obj[1]}")
     return SegmentHeader(*obj[2:])
 

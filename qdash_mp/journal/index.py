@@ -25,6 +25,7 @@ from itertools import accumulate, chain, compress, islice, repeat
 from operator import itemgetter
 from typing import Final
 
+from qdash_mp.journal.columns import Columns, Meta
 from qdash_mp.journal.format import Op
 
 __all__ = ["BLOCK_SHIFT", "LOC_MASK", "LOC_SHIFT", "Index", "loc_of"]
@@ -34,6 +35,7 @@ LOC_MASK: Final = (1 << LOC_SHIFT) - 1
 BLOCK_SHIFT: Final = 10
 _BLOCK_MASK: Final = (1 << BLOCK_SHIFT) - 1
 _REBUILD_MIN: Final = 4096
+_NO_META: Final[Meta] = ("", "", "")
 
 
 def loc_of(num: int, offset: int) -> int:
@@ -98,6 +100,7 @@ class Index:
     __slots__ = (
         "alive",
         "blocks",
+        "cols",
         "dead",
         "front",
         "frozen",
@@ -121,14 +124,18 @@ class Index:
         """No live slot below this one that the store still counts (a forward cursor)."""
         self.frozen = False
         """Slots keep their numbers while True (a compaction holds a snapshot of them)."""
+        self.cols = Columns()
+        """The filter columns (``qdash_mp.journal.columns``), kept in step with the slots."""
 
     def __len__(self) -> int:
         return len(self.pos)
 
-    def append_failed(self, base: int, off: int, run: list[Op]) -> int:
+    def append_failed(
+        self, base: int, off: int, run: list[Op], metas: list[Meta] | None = None
+    ) -> int:
         """Give each FAILED record of ``run`` (written back to back from ``off`` of the
         segment whose ``loc`` is ``base``) a new slot, superseding the live record of its
-        id; returns the offset after the run.
+        id; returns the offset after the run. ``metas``: each record's (queue, name, error).
         """
         keys: list[str] = list(map(itemgetter(1), run))
         sizes: list[int] = list(map(itemgetter(2), run))
@@ -147,6 +154,7 @@ class Index:
             else:
                 blocks.append(upto - p)
             p = upto
+        self.cols.append(p0, list(map(itemgetter(3), run)), metas or [_NO_META] * k)
         total = sum(sizes)
         self.live_bytes += total
         # One probe per id: setdefault returns the slot of a live record of the same id,
@@ -161,9 +169,12 @@ class Index:
                     pos[key] = new
         return off + total
 
-    def append_one(self, loc: int, key: str, size: int) -> None:
+    def append_one(
+        self, loc: int, key: str, size: int, failed_at: float = 0.0, meta: Meta | None = None
+    ) -> None:
         """``append_failed`` of a run of one record, at ``loc`` (``_apply``'s short path)."""
         p = len(self.ids)
+        self.cols.append(p, [failed_at], [meta or _NO_META])
         self.ids.extend((key,))
         self.alive.append(1)
         self.loc.append(loc)
@@ -183,9 +194,11 @@ class Index:
         slots = [p for p in map(self.pos.pop, keys, repeat(None)) if p is not None]
         alive = self.alive
         blocks = self.blocks
+        kill = self.cols.kill
         for p in slots:
             alive[p] = 0
             blocks[p >> BLOCK_SHIFT] -= 1
+            kill(p)
         self.live_bytes -= sum(map(self.size.__getitem__, slots))
         self.dead += len(slots)
 
@@ -201,6 +214,7 @@ class Index:
         self.blocks[p >> BLOCK_SHIFT] -= 1
         self.live_bytes -= self.size[p]
         self.dead += 1
+        self.cols.kill(p)
 
     def kill_all(self) -> None:
         """Drop every record."""
@@ -211,7 +225,9 @@ class Index:
             self.alive[:] = bytes(n)
             self.blocks[:] = array("i", bytes(4 * len(self.blocks)))
             self.dead = n
+            self.cols.kill_all()
             return
+        self.cols.reset()
         self.ids = _Ids()
         del self.alive[:], self.loc[:], self.size[:]
         del self.blocks[:]
@@ -223,6 +239,7 @@ class Index:
         if self.frozen or self.dead <= max(_REBUILD_MIN, len(self.pos)):
             return
         keep = bytes(self.alive)
+        self.cols.squeeze(keep)
         self.ids = _Ids(compress(self.ids, keep))
         self.loc = array("q", compress(self.loc, keep))
         self.size = array("I", compress(self.size, keep))

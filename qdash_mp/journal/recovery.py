@@ -261,7 +261,9 @@ class Recovery(JournalBase):
                     if reader.problem is None:
                         batch = reader.read_batch()
                         if batch is not None:
-                            self._apply(seg.num, batch[0], batch[1], replay=True)
+                            self._apply(
+                                seg.num, batch[0], batch[1], replay=True, metas=reader.metas
+                            )
                             continue
                         if reader.problem is None:
                             break
@@ -281,7 +283,7 @@ class Recovery(JournalBase):
                             break
                     if salvage and not last and problem.reason.startswith("records without"):
                         start, ops = reader.take_pending()
-                        self._apply(seg.num, start, ops, replay=True)
+                        self._apply(seg.num, start, ops, replay=True, metas=reader.metas)
                         break
                     where = f"{seg.path} at offset {problem.offset}: {problem.reason}"
                     if not salvage:
@@ -292,7 +294,7 @@ class Recovery(JournalBase):
                             else f"damaged record in {where}, followed by committed records",
                         )
                     start, ops = reader.take_pending()
-                    self._apply(seg.num, start, ops, replay=True)
+                    self._apply(seg.num, start, ops, replay=True, metas=reader.metas)
                     offset, length = reader.resync()
                     skipped = True
                     self.recovery.skipped.append(Skipped(seg.path, offset, length, problem.reason))
@@ -355,7 +357,7 @@ class Recovery(JournalBase):
         self._write_side(side, buf[pos : seg.end])
         self._io.pwrite_all(seg.fd, commit_record(start, len(ops)), pos)
         self._io.fdatasync(seg.fd)
-        self._apply(seg.num, start, ops, replay=True)
+        self._apply(seg.num, start, ops, replay=True, metas=reader.metas)
         reason = f"damaged COMMIT closing {len(ops)} record(s) written whole"
         report = self.recovery
         report.repaired.append(Repaired(seg.path, pos, side, reason))

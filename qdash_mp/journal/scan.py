@@ -133,7 +133,9 @@ class BatchReader:
         "_end",
         "_lenient",
         "committed",
+        "metas",
         "pending",
+        "pending_metas",
         "pending_start",
         "pos",
         "problem",
@@ -148,6 +150,9 @@ class BatchReader:
         self.committed = start
         self.pending_start = start
         self.pending: list[Op] = []
+        self.pending_metas: list[tuple[str, str, str]] = []
+        self.metas: list[tuple[str, str, str]] = []
+        """(queue, name, error) of each FAILED record of the batch just returned / taken."""
         self.problem: Problem | None = None
         self.records = 0
 
@@ -194,9 +199,11 @@ class BatchReader:
                 pos = stop
                 self.pos = self.committed = self.pending_start = pos
                 self.pending = []
+                self.metas = self.pending_metas
+                self.pending_metas = []
                 self._lenient = False
                 return batch
-            op = decode_op(rtype, memoryview(body)[5:], size)
+            op = decode_op(rtype, memoryview(body)[5:], size, self.pending_metas)
             if type(op) is str:
                 self._fail(pos, op)
                 return None
@@ -212,6 +219,8 @@ class BatchReader:
         run = (self.pending_start, self.pending)
         self.records += len(self.pending)
         self.pending = []
+        self.metas = self.pending_metas
+        self.pending_metas = []
         return run
 
     def resync(self) -> tuple[int, int]:

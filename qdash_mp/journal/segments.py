@@ -26,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from qdash_mp.errors import JournalCorrupt, JournalError
 from qdash_mp.fsio import FileIO
+from qdash_mp.journal.columns import Meta
 from qdash_mp.journal.format import (
     FailedFields,
     Op,
@@ -43,6 +44,8 @@ from qdash_mp.journal.format import (
     RecordType,
     SegmentHeader,
     decode_failed,
+    failed_meta,
+    failed_metas,
     read_record,
     segment_record,
 )
@@ -51,7 +54,15 @@ from qdash_mp.journal.index import LOC_MASK, LOC_SHIFT, Index
 if TYPE_CHECKING:
     from qdash_mp.journal.recovery import RecoveryReport
 
-__all__ = ["SEG_NAME", "JournalBase", "Segment", "seg_name", "stamp"]
+__all__ = [
+    "HISTORY_IDS",
+    "HISTORY_PER_ID",
+    "SEG_NAME",
+    "JournalBase",
+    "Segment",
+    "seg_name",
+    "stamp",
+]
 
 logger = logging.getLogger("qdash_mp.journal")
 
@@ -61,6 +72,11 @@ _FAILED: Final = int(RecordType.FAILED)
 _REMOVED: Final = int(RecordType.REMOVED)
 _FLUSHED: Final = int(RecordType.FLUSHED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
+_HISTORY: Final = int(RecordType.HISTORY)
+HISTORY_PER_ID: Final = 10
+"""Retried failures kept per job id (HISTORY records; the oldest go first)."""
+HISTORY_IDS: Final = 10_000
+"""Job ids with a retry history kept (the id whose history was added to longest ago goes)."""
 _NOT_FAILED: Final = re.compile(rb"[^\x%02x]" % _FAILED)
 _REMOVED_BYTE: Final = bytes((_REMOVED,))
 _NOT_REMOVED: Final = re.compile(rb"[^\x%02x]" % _REMOVED)
@@ -130,6 +146,8 @@ class JournalBase:
         self._total_bytes = 0
         self._client_seen: dict[str, float] = {}
         self._index = Index()  # committed state
+        # job id -> [loc, size] of its HISTORY records (retried failures), oldest first
+        self._history: OrderedDict[str, list[list[int]]] = OrderedDict()
         # staged records, and the pending state: committed, then everything staged
         self._buf = bytearray()
         self._ops: list[Op] = []
@@ -225,8 +243,24 @@ class JournalBase:
 
     # ------------------------------------------------------------------ the index
 
-    def _apply(self, num: int, start: int, ops: Iterable[Op], *, replay: bool) -> int:
-        """Apply written records to the index; returns how many were retention prunes."""
+    def _apply(
+        self,
+        num: int,
+        start: int,
+        ops: Iterable[Op],
+        *,
+        replay: bool,
+        src: Any = None,
+        src_base: int = 0,
+        metas: list[Meta] | None = None,
+    ) -> int:
+        """Apply written records to the index; returns how many were retention prunes.
+
+        The filter columns need each FAILED record's (queue, name, error): ``metas`` has them
+        in order (recovery's one decode made them), or they are decoded from ``src``, which
+        holds the records' bytes (``src[0]`` is offset ``src_base`` of the segment).
+        """
+        mi = 0  # the next FAILED record's entry in metas
         ops = ops if isinstance(ops, list) else list(ops)
         # Runs of FAILED records (a batch's failed jobs) go in a few C-level passes; the
         # other records, one by one.
@@ -245,10 +279,22 @@ class JournalBase:
                 m = not_failed(kinds, i)
                 j = n if m is None else m.start()
                 if j == i + 1:  # one alone: the run set-up would cost more than the record
-                    index.append_one(base + off, key, size)
+                    if metas is not None:
+                        meta = metas[mi]
+                    else:
+                        meta = failed_meta(src, off - src_base, size)
+                    mi += 1
+                    index.append_one(base + off, key, size, extra, meta)
                     off += size
                 else:
-                    off = index.append_failed(base, off, ops[i:j])
+                    run = ops[i:j]
+                    if metas is not None:
+                        run_metas = metas[mi : mi + len(run)]
+                    else:
+                        sizes = list(map(itemgetter(2), run))
+                        run_metas = failed_metas(src, off - src_base, sizes)
+                    mi += len(run)
+                    off = index.append_failed(base, off, run, run_metas)
                 i = j
                 continue
             if rtype == _REMOVED and kinds[i + 1 : i + 2] == _REMOVED_BYTE:
@@ -268,6 +314,8 @@ class JournalBase:
                     pruned += 1
             elif rtype == _FLUSHED:
                 index.kill_all()
+            elif rtype == _HISTORY:
+                self._history_add(key, base + off, size)
             elif rtype == _CLIENT_SEQ:
                 seq, at = extra
                 if seq > self.client_seqs.get(key, -1):
@@ -279,12 +327,23 @@ class JournalBase:
         self.pruned_total += pruned
         return pruned
 
+    def _history_add(self, id: str, loc: int, size: int) -> None:
+        """Keep the HISTORY record at ``loc`` as the newest retried failure of ``id``."""
+        kept = self._history.pop(id, [])
+        kept.append([loc, size])
+        del kept[:-HISTORY_PER_ID]
+        self._history[id] = kept
+        while len(self._history) > HISTORY_IDS:
+            self._history.popitem(last=False)
+
     def _read(self, p: int) -> FailedFields:
         """The FAILED record in slot ``p``, read from disk and verified again."""
-        loc = self._index.loc[p]
+        return self._read_at(self._index.loc[p], self._index.size[p], _FAILED, self._index.ids[p])
+
+    def _read_at(self, loc: int, size: int, rtype: int, id: str) -> FailedFields:
+        """The FAILED (or HISTORY) record of job ``id`` at ``loc``, read and verified."""
         seg = self._segments[loc >> LOC_SHIFT]
         off = loc & LOC_MASK
-        size = self._index.size[p]
         try:
             data = os.pread(seg.fd, size, off)
         except OSError as exc:
@@ -293,15 +352,15 @@ class JournalBase:
         why = ""
         if isinstance(rec, Problem):
             why = rec.reason
-        elif rec[0] != _FAILED or rec[1] != size:
-            why = "not the FAILED record the index expects"
+        elif rec[0] != rtype or rec[1] != size:
+            why = "not the record the index expects"
         else:
             try:
                 fields = decode_failed(rec[2])
             except ValueError as exc:
                 why = str(exc)
             else:
-                if fields.id == self._index.ids[p]:
+                if fields.id == id:
                     return fields
                 why = "record of another job"
         raise JournalCorrupt(

@@ -15,6 +15,7 @@ free where it does not is in ``docs/journal.md``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from qdash_mp.journal.format import (
     HEADER,
     MAX_PAYLOAD,
     Op,
+    Problem,
     RecordType,
     append_record,
     encode_client_seq,
@@ -37,8 +39,10 @@ from qdash_mp.journal.format import (
     encode_removed_many,
     flushed_payload,
     frame_records,
+    read_record,
     record_header,
 )
+from qdash_mp.journal.index import LOC_MASK, LOC_SHIFT
 from qdash_mp.journal.segments import JournalBase
 from qdash_mp.models import FailedJob
 from qdash_mp.records import FailedRecord, PackedFailed, pack_failed_record
@@ -53,6 +57,7 @@ _FAILED: Final = int(RecordType.FAILED)
 _REMOVED: Final = int(RecordType.REMOVED)
 _FLUSHED: Final = int(RecordType.FLUSHED)
 _CLIENT_SEQ: Final = int(RecordType.CLIENT_SEQ)
+_HISTORY: Final = int(RecordType.HISTORY)
 _REMOVED_OR_FLUSHED: Final = re.compile(rb"[\x%02x\x%02x]" % (_REMOVED, _FLUSHED))
 _IS_FAILED: Final = bytes(int(b == _FAILED) for b in range(256))
 """``bytes.translate`` table: a string of record types -> 1 where FAILED, else 0."""
@@ -295,6 +300,7 @@ class Staging(JournalBase):
         reason: Literal["retried", "forgotten"],
         *,
         if_failed_at: float | None = None,
+        keep_history: bool = False,
     ) -> bool:
         """Stage dropping the record of ``id``; returns whether it did.
 
@@ -302,7 +308,9 @@ class Staging(JournalBase):
         job whose failure is staged can be removed, and a job cannot be removed twice. With
         ``if_failed_at`` the record is dropped only if it is still the failure of that time:
         a retry must not drop a newer failure of the same job that arrived meanwhile
-        (returns False then, staging nothing).
+        (returns False then, staging nothing). ``keep_history`` (a retry): the removed
+        failure is also staged as a HISTORY record, the job page's retry history, when it is
+        the committed record (a failure still staged has none).
         """
         if reason not in ("retried", "forgotten"):
             raise ValueError(f"reason must be 'retried' or 'forgotten', not {reason!r}")
@@ -312,8 +320,26 @@ class Staging(JournalBase):
                 raise NotFound(id)
             if if_failed_at is not None and self._p_failed_at(id) != if_failed_at:
                 return False
+            if keep_history and id not in self._p_ids:
+                self._stage_history(id)
             self._stage_removed(id, reason, reason)
             return True
+
+    def _stage_history(self, id: str) -> None:
+        """Stage the committed FAILED record of ``id`` again as a HISTORY record (lock held):
+        the same payload bytes, only the type (and so the CRC) differ."""
+        p = self._index.pos[id]
+        loc, size = self._index.loc[p], self._index.size[p]
+        seg = self._segments[loc >> LOC_SHIFT]
+        try:
+            data = os.pread(seg.fd, size, loc & LOC_MASK)
+        except OSError as exc:
+            raise JournalError(f"cannot read {seg.path}: {exc}") from exc
+        rec = read_record(data, 0, len(data))
+        if isinstance(rec, Problem) or rec[0] != _FAILED:
+            return  # _read would say what is wrong when the record is next read
+        hsize = self._append(_HISTORY, rec[2])
+        self._ops.append((_HISTORY, id, hsize, None))
 
     def _p_failed_at(self, id: str) -> float:
         """``failed_at`` of the live record of ``id`` in the pending state (lock held)."""

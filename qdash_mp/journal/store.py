@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,9 +38,10 @@ from typing import Any, Final
 import msgpack
 
 from qdash_mp.errors import ConfigError, JournalError, NotFound
+from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.fsio import DEFAULT_IO, FileIO, try_flock
 from qdash_mp.journal.compaction import Compaction
-from qdash_mp.journal.format import Op, commit_record
+from qdash_mp.journal.format import Op, RecordType, commit_record
 from qdash_mp.journal.recovery import Recovery, RecoveryReport
 from qdash_mp.journal.segments import Segment
 from qdash_mp.journal.staging import Staging
@@ -62,6 +64,7 @@ DEFAULT_SEGMENT_BYTES: Final = 128 * 1024 * 1024
 """A segment is closed and a new one started once it holds this many bytes."""
 DEFAULT_COMPACT_MIN_BYTES: Final = 16 * 1024 * 1024
 """``maybe_compact`` leaves less dead data than this alone."""
+_HISTORY: Final = int(RecordType.HISTORY)
 ERROR_PREVIEW: Final = 120
 """Characters of the error text a ``page`` row carries."""
 
@@ -105,6 +108,8 @@ class Journal(Recovery, Compaction, Staging):
             io=io,
         )
         self.recovery = RecoveryReport()
+        self.epoch = secrets.token_hex(8)
+        """Random per open: append sequences (snapshots) are only comparable within it."""
 
     # ------------------------------------------------------------------ opening
 
@@ -207,7 +212,7 @@ class Journal(Recovery, Compaction, Staging):
         seg.end = start + len(buf)
         self._total_bytes += len(buf)
         with self._lock:
-            pruned = self._apply(seg.num, start, ops, replay=False)
+            pruned = self._apply(seg.num, start, ops, replay=False, src=buf, src_base=start)
             if self.on_applied is not None:  # the hub's change list (qdash_mp.hub.publisher)
                 self.on_applied(ops)
             self._refresh_pending()
@@ -257,20 +262,110 @@ class Journal(Recovery, Compaction, Staging):
             return []
         with self._lock:
             self._check_open()
-            rows = []
-            for p in self._index.newest_slots(offset, limit):
-                f = self._read(p)
-                rows.append(
-                    JobView(
-                        id=f.id,
-                        queue=f.queue,
-                        name=f.name,
-                        error=f.error[:ERROR_PREVIEW],
-                        attempts=f.attempts,
-                        failed_at=datetime.fromtimestamp(f.failed_at, UTC),
-                    )
-                )
-            return rows
+            return [self._view(p) for p in self._index.newest_slots(offset, limit)]
+
+    def _view(self, p: int) -> JobView:
+        f = self._read(p)
+        return JobView(
+            id=f.id,
+            queue=f.queue,
+            name=f.name,
+            error=f.error[:ERROR_PREVIEW],
+            attempts=f.attempts,
+            failed_at=datetime.fromtimestamp(f.failed_at, UTC),
+        )
+
+    @property
+    def high_water(self) -> int:
+        """The append sequence the next committed failure gets (a snapshot of "now")."""
+        return self._index.cols.next_seq
+
+    def query(
+        self,
+        flt: FailedFilter,
+        offset: int,
+        limit: int,
+        *,
+        snapshot: int | None = None,
+        since: int | None = None,
+    ) -> tuple[list[JobView], int, int]:
+        """``(rows, total, high_water)``: committed failed jobs matching ``flt``, newest
+        first, skipping ``offset``; ``snapshot`` keeps only those appended before that
+        high-water mark, ``since`` only those from it on (``qdash_mp.journal.columns``)."""
+        if offset < 0 or limit < 0:
+            raise ValueError("offset and limit must not be negative")
+        with self._lock:
+            self._check_open()
+            idx = self._index
+            if flt.empty and snapshot is None and since is None:
+                slots = idx.newest_slots(offset, limit) if limit else []
+                return [self._view(p) for p in slots], len(idx.pos), idx.cols.next_seq
+            sel = idx.cols.select(
+                flt, idx.alive, len(idx.pos), offset, limit, seq_hw=snapshot, seq_lo=since
+            )
+            return [self._view(p) for p in sel.slots], sel.total, idx.cols.next_seq
+
+    def snapshot_ids(self, flt: FailedFilter, snapshot: int, limit: int | None = None) -> list[str]:
+        """Ids of the committed failed jobs matching ``flt`` appended before ``snapshot``
+        (newest first; at most ``limit``): what a bulk action on a filter acts on."""
+        with self._lock:
+            self._check_open()
+            idx = self._index
+            cols = idx.cols
+            codes = cols._codes(flt)
+            if codes is None:
+                return []
+            hi = cols.seq_slot(snapshot)
+            ids = idx.ids
+            out = []
+            for p in cols._walk(flt, codes, idx.alive, 0, hi):
+                out.append(ids[p])
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+    def seq_of(self, id: str) -> int | None:
+        """The append sequence of the committed record of ``id`` (``None``: not there)."""
+        with self._lock:
+            p = self._index.pos.get(id)
+            return None if p is None else self._index.cols.seq[p]
+
+    def flush_if_unchanged(self, snapshot: int) -> bool:
+        """Stage a flush if no failure was committed or staged since ``snapshot``: True if
+        staged. Otherwise nothing is staged (forget the snapshot's ids instead)."""
+        with self._lock:
+            self._check_open()
+            if self._index.cols.next_seq != snapshot or self._p_queue:
+                return False
+        self.stage_flush()
+        return True
+
+    def history(self, id: str) -> list[FailedJob]:
+        """Earlier failures of job ``id`` that a retry re-enqueued (HISTORY records), newest
+        first: the job page's retry history."""
+        with self._lock:
+            self._check_open()
+            entries = [tuple(e) for e in self._history.get(id, ())]
+            fields = [self._read_at(loc, size, _HISTORY, id) for loc, size in entries]
+        return [self._failed_job(f) for f in reversed(fields)]
+
+    @staticmethod
+    def _failed_job(f: Any) -> FailedJob:
+        try:
+            payload = _unpack_payload(f.payload_raw)
+        except (ValueError, TypeError):
+            payload = f.payload_raw  # shown as bytes rather than not at all
+        job = Job(
+            id=f.id, name=f.name, payload=payload, attempts=f.attempts, enqueued_at=f.enqueued_at
+        )
+        return FailedJob(
+            id=f.id,
+            queue=f.queue,
+            job=job,
+            error=f.error,
+            failed_at=datetime.fromtimestamp(f.failed_at, UTC),
+            traceback=f.traceback,
+        )
 
     def get(self, id: str) -> FailedJob:
         """The whole committed record of ``id``, read from disk; ``NotFound`` if absent."""

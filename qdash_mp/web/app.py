@@ -21,6 +21,7 @@ from qdash_mp.web.access import SECRET, Access
 from qdash_mp.web.access_build import build_access
 from qdash_mp.web.authz import Authorize
 from qdash_mp.web.events import add_events_route
+from qdash_mp.web.failed_views import add_failed_routes
 from qdash_mp.web.guard import MAX_BODY
 from qdash_mp.web.openapi import add_openapi_route
 from qdash_mp.web.pages import add_page_routes
@@ -93,13 +94,11 @@ def create_app(
     r.add_get("/queues", dashboard.redirect_root, name="qdash.root")
     r.add_get("/queues/", dashboard.overview, name="qdash.overview")
     add_page_routes(r, dashboard)
-    r.add_get("/queues/failed", dashboard.failed_list, name="qdash.failed")
-    r.add_post("/queues/failed/flush", dashboard.flush, name="qdash.flush")
-    r.add_get("/queues/failed/{id}", dashboard.job_page, name="qdash.job")
+    failed_views = add_failed_routes(r, dashboard)  # list, flush, bulk, job page, api/failed
+    app.on_cleanup.append(lambda _app: failed_views.bulk.close())
     r.add_post("/queues/failed/{id}/retry", dashboard.retry, name="qdash.retry")
     r.add_post("/queues/failed/{id}/forget", dashboard.forget, name="qdash.forget")
     r.add_get("/queues/api/stats", dashboard.api_stats, name="qdash.api.stats")
-    r.add_get("/queues/api/failed", dashboard.api_failed, name="qdash.api.failed")
     r.add_get("/queues/api/failed/{id}", dashboard.api_job, name="qdash.api.job")
     lifecycle_api.add_routes(r, inspector)
     add_events_route(app, inspector)

@@ -64,6 +64,34 @@ def _action(summary: str, ok: dict[str, Any], *, with_id: bool) -> dict[str, Any
     }
 
 
+_FILTERS = [
+    {"name": k, "in": "query", "required": False, "schema": _STR, "description": d}
+    for k, d in (
+        ("queue", "exact queue name"),
+        ("name", "exact job name"),
+        ("q", "case-insensitive substring of the error text"),
+        ("after", "failed at or after: Unix seconds or ISO 8601"),
+        ("before", "failed before: Unix seconds or ISO 8601"),
+        ("snapshot", "X-Qdash-Snapshot token: only jobs failed before it"),
+        ("since", "X-Qdash-Snapshot token: only jobs failed from it on"),
+    )
+]
+
+
+def _bulk(summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary + " (form or JSON; 202 with a status URL when it takes long)",
+            "parameters": [_CSRF],
+            "responses": {
+                "200": _json(_ref("BulkTask"), "done"),
+                "202": _json(_ref("BulkTask"), "running"),
+                **_POST_ERRORS,
+            },
+        }
+    }
+
+
 _LATENCY = {
     "type": "object",
     "properties": {k: {"type": ["number", "null"]} for k in ("p50", "p90", "p95", "p99", "max")}
@@ -115,7 +143,28 @@ _SCHEMAS: dict[str, Any] = {
             "page_size": {"type": "integer", "minimum": 1},
             "total": {"type": ["integer", "null"], "minimum": 0},
             "pages": {"type": ["integer", "null"], "minimum": 1},
+            "filter": {"type": "object"},
             "jobs": {"type": "array", "items": _ref("JobView")},
+        },
+    },
+    "BulkTask": {
+        "type": "object",
+        "required": ["task", "action", "state", "total", "done", "skipped", "failed"],
+        "properties": {
+            "ok": {"const": True},
+            "task": _STR,
+            "action": {"enum": ["retry", "forget"]},
+            "state": {"enum": ["running", "done", "cancelled"]},
+            "total": _INT,
+            "done": _INT,
+            "skipped": _INT,
+            "failed": _INT,
+            "count": _INT,
+            "errors": {"type": "array", "items": _STR},
+            "filter": {"type": ["object", "null"]},
+            "started": {"type": "number"},
+            "finished": {"type": ["number", "null"]},
+            "status": _STR,
         },
     },
     "FailedJob": {
@@ -197,8 +246,10 @@ OPENAPI: dict[str, Any] = {
         },
         "/queues/api/failed": {
             "get": {
-                "summary": "One page of failed jobs, newest first",
-                "parameters": [_PAGE],
+                "summary": "One page of failed jobs matching the filters (AND), newest first; "
+                "headers X-Total-Count (jobs matching) and X-Qdash-Snapshot (token for bulk "
+                "actions, snapshot=, since=)",
+                "parameters": [_PAGE, *_FILTERS],
                 "responses": {"200": _json(_ref("FailedPage"), "a page"), **_ERRORS},
             }
         },
@@ -241,6 +292,19 @@ OPENAPI: dict[str, Any] = {
         ),
         "/queues/failed/{id}/forget": _action("Drop", _ref("ActionDone"), with_id=True),
         "/queues/failed/flush": _action("Drop all", _ref("ActionDone"), with_id=False),
+        "/queues/failed/retry": _bulk("Retry ids=[...] or the filter's jobs at snapshot"),
+        "/queues/failed/forget": _bulk("Forget ids=[...] or the filter's jobs at snapshot"),
+        "/queues/api/bulk/{task}": {
+            "get": {
+                "summary": "Progress of a bulk action",
+                "parameters": [{"name": "task", "in": "path", "required": True, "schema": _STR}],
+                "responses": {
+                    "200": _json(_ref("BulkTask"), "the task"),
+                    "404": _json(_ref("Error"), "unknown task"),
+                    **_ERRORS,
+                },
+            }
+        },
     },
 }
 

@@ -29,15 +29,15 @@ from aiohttp import web
 from qdash_mp.errors import NotFound, RetryError, RetryQueued
 from qdash_mp.failed import describe_error
 from qdash_mp.inspector import Inspector
-from qdash_mp.models import PAGE_SIZE, FailedJob, JobView, QueueStat, StatsView
+from qdash_mp.models import FailedJob, JobView, QueueStat, StatsView
 from qdash_mp.sampler import Sampler
 from qdash_mp.web import csrf
 from qdash_mp.web.authz import current, template_context
-from qdash_mp.web.display import jsonable, pretty, template_env
+from qdash_mp.web.display import jsonable, template_env
 from qdash_mp.web.flash import FLASH_COOKIE, Flash, decode_flash, set_flash
 from qdash_mp.web.guard import SECURITY_HEADERS, guarded_form, wants_json
 from qdash_mp.web.overview_rows import queue_rows
-from qdash_mp.web.paging import last_page, page_numbers, parse_back_page, parse_page
+from qdash_mp.web.paging import last_page, parse_back_page, parse_page
 from qdash_mp.web.proxy import LINK_PREFIX
 from qdash_mp.web.urls import Urls
 
@@ -189,15 +189,18 @@ class Dashboard:
         *,
         status: int = 200,
         data: Mapping[str, Any] | None = None,
+        location: str | None = None,
     ) -> web.Response:
-        """The answer to a POST: JSON, or a 303 back to the failed page with a flash."""
+        """The answer to a POST: JSON, or a 303 back to the failed page (or ``location``)
+        with a flash."""
         ok = status < 400
         current().audit.update(status=status, message=message, **(data or {}))  # web.access
         if wants_json(request):
             body = {"ok": True, **(data or {})} if ok else {"error": message}
             return web.json_response(body, status=status)
         urls = self.urls()
-        response = web.Response(status=303, headers={"Location": urls.failed(page)})
+        where = location if location is not None else urls.failed(page)
+        response = web.Response(status=303, headers={"Location": where})
         flash = Flash("ok" if ok else "error", message)
         set_flash(response, self.secret, flash, urls.base, time.time(), secure=request.secure)
         return response
@@ -257,34 +260,6 @@ class Dashboard:
         shown = min(page, last)
         return shown, await self.inspector.failed(shown), total, last
 
-    async def failed_list(self, request: web.Request) -> web.Response:
-        requested = self._page(request)
-        page, jobs, total, last = await self._failed_page(requested)
-        notice = None
-        if page != requested:
-            notice = f"There is no page {requested}; showing the last page, {page}."
-        elif not jobs and page > 1:
-            notice = f"Page {page} is empty; the list is shorter than that."
-        if last is not None:
-            numbers = page_numbers(page, last)
-            has_next = page < last
-        else:
-            numbers = page_numbers(page, page) if jobs else []
-            has_next = len(jobs) >= PAGE_SIZE
-        return self._render(
-            request,
-            "failed.html",
-            active="failed",
-            jobs=jobs,
-            page=page,
-            numbers=numbers,
-            has_prev=page > 1,
-            has_next=has_next,
-            notice=notice,
-            failed_total=total,
-            details=self.details is not None,
-        )
-
     async def _job(self, request: web.Request) -> FailedJob:
         details = self.details
         id = request.match_info["id"]
@@ -294,19 +269,6 @@ class Dashboard:
             return await details.failed_job(id)
         except NotFound:
             raise web.HTTPNotFound(text=f"No failed job with id {id!r}.") from None
-
-    async def job_page(self, request: web.Request) -> web.Response:
-        back = parse_back_page(request.query.get("page"))
-        job = await self._job(request)
-        return self._render(
-            request,
-            "job.html",
-            active="failed",
-            job=job,
-            payload=pretty(job.job.payload),
-            page=back,
-            failed_total=await self._failed_total(),
-        )
 
     # -- JSON API ----------------------------------------------------------------------------
 
@@ -320,22 +282,6 @@ class Dashboard:
             body = encode() if encode is not None else json.dumps(view.to_dict()).encode()
             cached = self._stats_body = (view, body)
         return web.Response(body=cached[1], content_type="application/json", charset="utf-8")
-
-    async def api_failed(self, request: web.Request) -> web.Response:
-        page = self._page(request)
-        total = await self._failed_total()
-        last = last_page(total) if total is not None else None
-        beyond = last is not None and page > last
-        jobs = [] if beyond else await self.inspector.failed(page)
-        return web.json_response(
-            {
-                "page": page,
-                "page_size": PAGE_SIZE,
-                "total": total,
-                "pages": last,
-                "jobs": [j.to_dict() for j in jobs],
-            }
-        )
 
     async def api_job(self, request: web.Request) -> web.Response:
         job = await self._job(request)
@@ -387,11 +333,3 @@ class Dashboard:
         """202: the action waits in its host's command stream (``qdash_mp.hub``)."""
         data = {"action": action, "id": id, "queued": True, "host": exc.host}
         return self._done(request, page, f"Job {id}: {exc}", status=202, data=data)
-
-    async def flush(self, request: web.Request) -> web.Response:
-        await guarded_form(request, self.secret)
-        n = await self.inspector.flush_failed()
-        plural = "" if n == 1 else "s"
-        return self._done(
-            request, 1, f"Flushed {n} failed job{plural}.", data={"action": "flush", "flushed": n}
-        )

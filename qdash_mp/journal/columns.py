@@ -1,0 +1,217 @@
+"""The failed-job index's filter columns: per-slot fields, per-queue / per-name slot lists. Pure.
+
+``Index`` (``qdash_mp.journal.index``) owns one ``Columns`` and keeps it in step with its
+slots on every append, removal, flush and squeeze (recovery and compaction go through those
+same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Per slot::
+
+    seq     array('q')   append sequence: monotonic over the journal's life in this process
+                         (the bulk actions' snapshot is "seq < high-water")
+    fat     array('d')   failed_at, Unix seconds
+    qc, nc  array('i')   interned queue / job name code
+    eoff    array('q')   start of the slot's error text in ``blob``; it ends where the next
+                         slot's starts (the last one: at the end of ``blob``)
+    blob    bytearray    every slot's error text, case-folded, its first ``ERROR_KEY``
+                         characters, UTF-8, back to back
+
+and per code: ``q_slots[code]`` / ``n_slots[code]`` (``array('i')``, ascending slots, dead
+ones left in until the next squeeze) and live counts ``q_live``, ``n_live``.
+
+A query (``select``) walks candidates newest first and checks the rest per candidate:
+
+    filter                       candidates                       page        total
+    none                         live slots (alive.rfind)         O(page)     O(1)
+    queue or name                the code list, reversed          O(page+d)   O(1) (counters)
+    queue and name               the smaller code list            O(page+d)   memo
+    q alone / with time          blob.rfind of the needle         O(page+m)   memo, see below
+    time range only              live slots                       O(page+s)   memo
+
+``d``: dead entries passed over; ``m``: slots holding the needle that fail another condition;
+``s``: slots skipped by the time range. A total that the counters cannot give is counted
+once per (filter, snapshot) with the same walk, then kept up to date incrementally: newer
+slots are counted as they are appended, and removals since are taken off via the kill log
+(a removed slot's columns stay intact until a squeeze, so whether it matched is known).
+``q`` matches the first ``ERROR_KEY`` characters of the error (the page shows 120).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import Counter
+from itertools import accumulate, compress, count, repeat
+from operator import itemgetter
+from typing import Final
+
+from qdash_mp.failed_filter import FailedFilter
+from qdash_mp.journal.matching import _TB, Matching, Selection, _Memo
+
+__all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
+
+ERROR_KEY: Final = 256
+"""Characters of each error text the ``q`` filter searches."""
+_PREFIX: Final = itemgetter(slice(0, ERROR_KEY))
+_LOG_MAX: Final = 1 << 20
+
+Meta = tuple[str, str, str]
+"""``(queue, name, error)`` of a FAILED record: what the columns need beyond failed_at."""
+
+
+class Columns(Matching):
+    """Filter columns parallel to an ``Index``'s slots (see the module docstring)."""
+
+    __slots__ = (
+        "blob",
+        "eoff",
+        "fat",
+        "fat_max",
+        "fat_min",
+        "kill_log",
+        "memo",
+        "n_live",
+        "n_slots",
+        "names",
+        "nc",
+        "next_seq",
+        "q_live",
+        "q_slots",
+        "qc",
+        "queues",
+        "seq",
+    )
+
+    def __init__(self) -> None:
+        self.seq: array[int] = array("q")
+        self.fat: array[float] = array("d")
+        self.fat_min: array[float] = array("d")  # per block of 1 << _TB slots (dead ones too)
+        self.fat_max: array[float] = array("d")
+        self.qc: array[int] = array("i")
+        self.nc: array[int] = array("i")
+        self.eoff: array[int] = array("q")
+        self.blob = bytearray()
+        self.queues: dict[str, int] = {}
+        self.names: dict[str, int] = {}
+        self.q_slots: list[array[int]] = []
+        self.n_slots: list[array[int]] = []
+        self.q_live: list[int] = []
+        self.n_live: list[int] = []
+        self.next_seq = 0
+        self.kill_log: array[int] = array("i")
+        self.memo: dict[tuple[FailedFilter, int], _Memo] = {}
+
+    # ------------------------------------------------------------------ keeping in step
+
+    @staticmethod
+    def _codes_of(
+        keys: list[str], table: dict[str, int], lists: list[array[int]], live: list[int]
+    ) -> list[int]:
+        """The codes of ``keys``, interning new ones (C-level passes over the batch)."""
+        for key in set(keys).difference(table):
+            table[key] = len(lists)
+            lists.append(array("i"))
+            live.append(0)
+        return list(map(table.__getitem__, keys))
+
+    @staticmethod
+    def _file(codes: list[int], p0: int, lists: list[array[int]], live: list[int]) -> None:
+        """Append slots ``p0 ..`` to their code's list and count them live."""
+        first = codes[0]
+        if codes.count(first) == len(codes):  # the usual batch: one queue (or name)
+            lists[first].extend(range(p0, p0 + len(codes)))
+            live[first] += len(codes)
+            return
+        for c, p in zip(codes, count(p0)):
+            lists[c].append(p)
+        for c, n in Counter(codes).items():
+            live[c] += n
+
+    def append(self, p0: int, failed_ats: list[float], metas: list[Meta]) -> None:
+        """Slots ``p0 ..`` were appended for records with these fields."""
+        seq0 = self.next_seq
+        k = len(metas)
+        self.seq.extend(range(seq0, seq0 + k))
+        self.next_seq = seq0 + k
+        self.fat.extend(failed_ats)
+        self._time_blocks(p0)
+        queues = list(map(itemgetter(0), metas))
+        names = list(map(itemgetter(1), metas))
+        qcodes = self._codes_of(queues, self.queues, self.q_slots, self.q_live)
+        ncodes = self._codes_of(names, self.names, self.n_slots, self.n_live)
+        self.qc.extend(qcodes)
+        self.nc.extend(ncodes)
+        self._file(qcodes, p0, self.q_slots, self.q_live)
+        self._file(ncodes, p0, self.n_slots, self.n_live)
+        texts = list(
+            map(
+                str.encode,
+                map(str.casefold, map(_PREFIX, map(itemgetter(2), metas))),
+                repeat("utf-8"),
+                repeat("surrogatepass"),
+            )
+        )
+        blob = self.blob
+        self.eoff.extend(accumulate(map(len, texts[:-1]), initial=len(blob)))
+        blob += b"".join(texts)
+
+    def _time_blocks(self, p0: int) -> None:
+        """Take slots ``p0 ..`` (new) into the per-block failed_at bounds."""
+        fat = self.fat
+        for b in range(p0 >> _TB, ((len(fat) - 1) >> _TB) + 1 if fat else 0):
+            chunk = fat[max(p0, b << _TB) : (b + 1) << _TB]
+            if b < len(self.fat_min):
+                self.fat_min[b] = min(self.fat_min[b], *chunk)
+                self.fat_max[b] = max(self.fat_max[b], *chunk)
+            else:
+                self.fat_min.append(min(chunk))
+                self.fat_max.append(max(chunk))
+
+    def kill(self, p: int) -> None:
+        """Slot ``p`` went dead (its columns stay until the next squeeze)."""
+        q = self.qc[p]
+        n = self.nc[p]
+        self.q_live[q] -= 1
+        self.n_live[n] -= 1
+        if self.memo:
+            if len(self.kill_log) >= _LOG_MAX:
+                self.memo.clear()
+                del self.kill_log[:]
+            else:
+                self.kill_log.append(p)
+
+    def kill_all(self) -> None:
+        """Every slot went dead, slot numbers kept (a compaction is running)."""
+        self.q_live = [0] * len(self.q_live)
+        self.n_live = [0] * len(self.n_live)
+        self.memo.clear()
+        del self.kill_log[:]
+
+    def reset(self) -> None:
+        """Every slot dropped (the arrays start again; ``next_seq`` keeps counting)."""
+        nxt = self.next_seq
+        self.__init__()  # type: ignore[misc]
+        self.next_seq = nxt
+
+    def squeeze(self, keep: bytes) -> None:
+        """Keep only the slots flagged in ``keep`` (renumbered from 0, order kept)."""
+        n = len(keep)
+        old_eoff = self.eoff
+        ends = [*old_eoff[1:n], len(self.blob)]
+        blob = self.blob
+        new_blob = bytearray()
+        new_eoff: array[int] = array("q")
+        for start, end in compress(zip(old_eoff, ends, strict=True), keep):
+            new_eoff.append(len(new_blob))
+            new_blob += blob[start:end]
+        self.blob = new_blob
+        self.eoff = new_eoff
+        self.seq = array("q", compress(self.seq, keep))
+        self.fat = array("d", compress(self.fat, keep))
+        del self.fat_min[:], self.fat_max[:]
+        self._time_blocks(0)
+        self.qc = array("i", compress(self.qc, keep))
+        self.nc = array("i", compress(self.nc, keep))
+        self.q_slots = [array("i") for _ in self.q_slots]
+        self.n_slots = [array("i") for _ in self.n_slots]
+        for p, (q, nm) in enumerate(zip(self.qc, self.nc, strict=True)):
+            self.q_slots[q].append(p)
+            self.n_slots[nm].append(p)
+        self.memo.clear()
+        del self.kill_log[:]
