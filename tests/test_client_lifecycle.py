@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import itertools
 import shutil
 import threading
 import time
@@ -23,6 +24,7 @@ from qdash_testing.peer import WAIT, Peer
 from qdash_mp.client import Client, _LockedClient
 from qdash_mp.client.batcher import Batcher
 from qdash_mp.client.lifecycle import LifeBatcher, LifeState
+from qdash_mp.client.tally import new_counts, snapshot
 from qdash_mp.histogram import bucket_of
 from qdash_mp.models import Job
 from qdash_mp.wire import (
@@ -100,7 +102,7 @@ def make(peer: Peer, **kw: object) -> Client:
 
 def test_a_delta_above_max_delta_is_split_over_batches() -> None:
     """The wire refuses a delta above MAX_DELTA: the batcher caps it, the rest follows."""
-    counts: tuple[dict[str, int], ...] = ({"q": MAX_DELTA + 5}, {}, {}, {"q": 3})
+    counts = tuple(new_counts(c) for c in ({"q": MAX_DELTA + 5}, {}, {}, {"q": 3}))
     batcher = Batcher(counts, collections.deque(), 10)
     got = []
     for seq in (1, 2, 3):
@@ -269,7 +271,7 @@ def test_locked_twin_agrees_on_the_lifecycle_hooks(where: Path) -> None:
             c.on_started("q")
             c.on_processed("q", runtime=0.03)
         assert type(plain) is Client
-        assert plain._counts == locked._counts
+        assert [snapshot(c) for c in plain._counts] == [snapshot(c) for c in locked._counts]
         assert plain._runtimes == locked._runtimes
         assert plain._fruntimes == locked._fruntimes
         assert plain._started == locked._started
@@ -449,17 +451,17 @@ def test_runtime_lists_are_drained_without_a_collector(where: Path) -> None:
 
 def test_jobs_started_without_an_id_are_active_until_as_many_finish() -> None:
     life = LifeState()
-    counts: tuple[dict[str, int], ...] = ({}, {"other": 5}, {}, {})
+    counts = tuple(new_counts(c) for c in ({}, {"other": 5}, {}, {}))
     batcher = Batcher(counts, collections.deque(), 10, LifeBatcher(life))
     assert batcher.life is not None
     life.started["q"] = 3
     assert batcher.life.gauges()[0] == {"q": 3}
-    counts[1]["q"] = 1
+    counts[1]["q"] = itertools.count(1)
     life.runtimes["q"] = [0.1]
     assert batcher.life.gauges()[0] == {"q": 1}
-    counts[2]["q"] = 1
+    counts[2]["q"] = itertools.count(1)
     assert batcher.life.gauges()[0] == {}
-    counts[2]["q"] = 5  # more finishes than starts: never below 0
+    counts[2]["q"] = itertools.count(5)  # more finishes than starts: never below 0
     assert batcher.life.gauges()[0] == {}
 
 

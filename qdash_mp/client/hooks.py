@@ -22,6 +22,7 @@ derives that gauge from the cumulative counts, so plain hooks keep no such count
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ from qdash_mp.client.record import pack_failed_job, utf8_ok
 from qdash_mp.client.requeue import RequeueFn, requeue_list
 from qdash_mp.client.sender import Sender, SenderConfig
 from qdash_mp.client.spool import SpoolFile
+from qdash_mp.client.tally import Counts
 from qdash_mp.errors import ConfigError
 from qdash_mp.hooks import Hooks
 from qdash_mp.models import Job
@@ -219,10 +221,10 @@ class Client(Hooks):
     def _reset(self, client_id: str) -> None:
         """Fresh per-process state (also what a forked child starts from)."""
         # Cumulative counts, written only by hooks: pushed, processed, failed, retried.
-        self._pushed: dict[str, int] = {}
-        self._processed: dict[str, int] = {}
-        self._failed: dict[str, int] = {}
-        self._retried: dict[str, int] = {}
+        self._pushed: Counts = {}
+        self._processed: Counts = {}
+        self._failed: Counts = {}
+        self._retried: Counts = {}
         self._counts = (self._pushed, self._processed, self._failed, self._retried)
         self._failed_jobs: collections.deque[bytes] = collections.deque()
         self._dropped_failed = 0
@@ -284,7 +286,7 @@ class Client(Hooks):
     def on_pushed(self, queue: str, job: Job | None = None) -> None:
         """A job was enqueued on ``queue``."""
         try:
-            self._pushed[queue] += 1
+            next(self._pushed[queue])
         except KeyError:
             if not self._count_new(self._pushed, queue):
                 return
@@ -300,7 +302,7 @@ class Client(Hooks):
         """A job of ``queue`` finished successfully (in ``runtime`` seconds, if given)."""
         if job is runtime:  # type: ignore[comparison-overlap]  # both None: the hot path
             try:
-                self._processed[queue] += 1
+                next(self._processed[queue])
             except KeyError:
                 self._count_new(self._processed, queue)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
@@ -317,7 +319,7 @@ class Client(Hooks):
         runtime = self._finish(queue, job, runtime)
         if runtime is None:
             try:
-                self._processed[queue] += 1
+                next(self._processed[queue])
             except KeyError:
                 self._count_new(self._processed, queue)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
@@ -332,7 +334,7 @@ class Client(Hooks):
         try:
             self._started[queue] += 1
         except KeyError:
-            if not self._count_new(self._started, queue):
+            if not self._start_new(queue):
                 return
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
@@ -392,7 +394,7 @@ class Client(Hooks):
         in another process.
         """
         try:
-            self._retried[queue] += 1
+            next(self._retried[queue])
         except KeyError:
             self._count_new(self._retried, queue)
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
@@ -416,7 +418,7 @@ class Client(Hooks):
         if job is not None:
             runtime = self._finish(queue, job, runtime)
         try:
-            self._failed[queue] += 1
+            next(self._failed[queue])
         except KeyError:
             if not self._count_new(self._failed, queue):
                 return
@@ -463,13 +465,26 @@ class Client(Hooks):
         )
         return False
 
-    def _count_new(self, counts: dict[str, int], queue: object) -> bool:
-        """First count of ``queue`` (or a bad name): check it, create the entry, count."""
+    def _count_new(self, counts: Counts, queue: object) -> bool:
+        """First count of ``queue`` (or a bad name): check it, create the counter, count."""
         try:
             if not self._good_queue(queue):
                 return False
-            counts.setdefault(str.__str__(queue), 0)  # one C call: racing creators both count
-            counts[queue] += 1
+            # one C call: racing creators both count on the counter that won
+            next(counts.setdefault(str.__str__(queue), itertools.count()))
+            return True
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return False
+
+    def _start_new(self, queue: object) -> bool:
+        """``_count_new`` for ``started`` (a plain int dict: ``on_started`` is no hot path)."""
+        try:
+            if not self._good_queue(queue):
+                return False
+            started = self._started
+            started.setdefault(str.__str__(queue), 0)  # one C call: racing creators both count
+            started[queue] += 1
             return True
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from qdash_mp.client.record import utf8_ok
+from qdash_mp.client.tally import Counts, snapshot
 from qdash_mp.histogram import NBUCKETS, count_values
 from qdash_mp.records import MAX_ID, MAX_NAME, MAX_TIMESTAMP
 from qdash_mp.throttle import LogThrottle
@@ -121,7 +122,7 @@ class LifeBatcher:
 
     def __init__(self, state: LifeState) -> None:
         self.state = state
-        self.counts: tuple[dict[str, int], ...] = ({}, {}, {}, {})
+        self.counts: tuple[Counts, ...] = ({}, {}, {}, {})
         """The hooks' cumulative counters (set by the ``Batcher``): for finishes without id."""
         self.extra_processed: dict[str, int] = {}
         """Jobs counted by their runtime (``on_processed(q, runtime=...)``), cumulative."""
@@ -248,8 +249,8 @@ class LifeBatcher:
         st = self.state
         active: dict[str, int] = {}
         # Finishes first: a job that starts and ends between the reads shows as ended.
-        done = self.counts[1].copy()
-        for q, n in self.counts[2].copy().items():
+        done = snapshot(self.counts[1])
+        for q, n in snapshot(self.counts[2]).items():
             done[q] = done.get(q, 0) + n
         for q, n in self.extra_processed.items():
             done[q] = done.get(q, 0) + n
