@@ -18,7 +18,9 @@ the row's ``extra``: a 5 % goal is resolved when the quartiles sit well inside +
 median. Workers run one task at a time where the library allows it (prefork -c 1, one
 process and thread, -w 1; arq and taskiq keep their async defaults).
 
-Sizes: N tasks a round x R rounds (``--quick`` 300 x 6, full 1000 x 12); the environment
+Also per round: CPU seconds of the worker's process group and the collector per task
+(``cpu_per_task`` rows, same pairing). Sizes: N tasks a round x R rounds (``--quick``
+100 x 12, full 300 x 40; short rounds pair better under bursty load); the environment
 variables ``QDASH_BENCH_TASKS`` and ``QDASH_BENCH_ROUNDS`` override them, and
 ``QDASH_BENCH_LIBS=arq,rq`` runs only those libraries. The app modules are written to a
 temporary directory at run time.
@@ -35,12 +37,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from _common import (
     BenchError,
     Config,
     Row,
     Skip,
+    cpu_seconds_fine,
     paired_ratios,
     percentile,
     progress,
@@ -265,8 +269,9 @@ class _Mode:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.worker.pid, sig)
 
-    def round(self, n: int) -> float:
-        """Run ``n`` tasks (enqueued while the worker is stopped); seconds per task."""
+    def round(self, n: int, collector_pid: int) -> tuple[float, float]:
+        """Run ``n`` tasks (enqueued while the worker is stopped): (wall seconds per task,
+        CPU seconds per task of the worker's processes and the collector)."""
         r, key = self.redis, self.key
         self._signal(signal.SIGSTOP)
         r.delete(key + ":first", key + ":last", key + ":n")
@@ -276,6 +281,7 @@ class _Mode:
         self.producer.stdin.flush()
         if self.producer.stdout.readline().strip() != "ok":
             raise BenchError(f"{self.lib}/{self.mode}: the producer failed")
+        cpu0 = _group_cpu(self.worker.pid) + (cpu_seconds_fine(collector_pid) or 0.0)
         self._signal(signal.SIGCONT)
         try:
             wait_for(
@@ -285,12 +291,13 @@ class _Mode:
             )
         finally:
             self._signal(signal.SIGSTOP)
+        cpu1 = _group_cpu(self.worker.pid) + (cpu_seconds_fine(collector_pid) or 0.0)
         done = int(r.get(key + ":n") or 0)
         if done != n:
             tail = self.log_path.read_text(errors="replace")[-2000:]
             raise BenchError(f"{self.lib}/{self.mode}: {done} of {n} tasks ran; log:\n{tail}")
         first, last = float(r.get(key + ":first") or 0), float(r.get(key + ":last") or 0)
-        return (last - first) / (n - 1)
+        return (last - first) / (n - 1), (cpu1 - cpu0) / n
 
     def close(self) -> None:
         if self.worker.poll() is None:
@@ -313,8 +320,30 @@ class _Mode:
         self.redis.close()
 
 
+def _group_cpu(pgid: int) -> float:
+    """CPU seconds of process group ``pgid`` so far: its live processes' threads (schedstat,
+    ns; ticks where there is none) plus the children they reaped (cutime + cstime, ticks:
+    RQ's work horses, one per job)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) != pgid:  # field 5, pgrp
+            continue
+        fine = cpu_seconds_fine(int(entry))
+        own = (int(fields[11]) + int(fields[12])) / tick
+        total += (own if fine is None else fine) + (int(fields[13]) + int(fields[14])) / tick
+    return total
+
+
 def _sizes(cfg: Config) -> tuple[int, int]:
-    n, rounds = (300, 6) if cfg.quick else (1000, 12)
+    n, rounds = (100, 12) if cfg.quick else (300, 40)
     n = int(os.environ.get("QDASH_BENCH_TASKS") or n)
     rounds = int(os.environ.get("QDASH_BENCH_ROUNDS") or rounds)
     return max(n, 20), max(rounds, 1)
@@ -334,10 +363,12 @@ def _spread(ratios: list[float]) -> dict[str, float]:
 
 
 def _measure(
-    app_dir: Path, lib: str, n: int, rounds: int, redis_url: str, socket: str, timeout: float
-) -> dict[str, list[float]]:
-    """Per-round seconds per task of every mode of ``lib``, rounds interleaved."""
+    app_dir: Path, lib: str, n: int, rounds: int, redis_url: str, collector: Any, timeout: float
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-round wall and CPU us per task of every mode of ``lib``, rounds interleaved."""
     samples: dict[str, list[float]] = {m: [] for m in _modes(lib)}
+    cpu: dict[str, list[float]] = {m: [] for m in _modes(lib)}
+    socket, pid = collector.socket, collector.proc.pid
     with contextlib.ExitStack() as stack:
         modes: dict[str, _Mode] = {}
         for m in _modes(lib):
@@ -345,14 +376,18 @@ def _measure(
             stack.callback(modes[m].close)
         # One unmeasured round each first: start-up, imports, page cache and Redis warm up.
         for m in modes.values():
-            m.round(max(20, n // 4))
+            m.round(max(20, n // 4), pid)
         names = list(modes)
         for rnd in range(rounds):
             for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
-                per_task = modes[name].round(n)
+                per_task, cpu_task = modes[name].round(n, pid)
                 samples[name].append(per_task * 1e6)
-                progress(f"{BENCH}: {lib}/{name} round {rnd + 1}: {per_task * 1e6:.0f} us/task")
-    return samples
+                cpu[name].append(cpu_task * 1e6)
+                progress(
+                    f"{BENCH}: {lib}/{name} round {rnd + 1}: {per_task * 1e6:.0f} us/task, "
+                    f"CPU {cpu_task * 1e6:.0f} us/task"
+                )
+    return samples, cpu
 
 
 def run(cfg: Config) -> list[Row]:
@@ -383,7 +418,7 @@ def run(cfg: Config) -> list[Row]:
                     skipped_row(BENCH, f"{lib}_{m}", "per_task", UNIT, why) for m in _modes(lib)
                 ]
                 continue
-            samples = _measure(app_dir, lib, n, rounds, redis_url, collector.socket, timeout)
+            samples, cpu = _measure(app_dir, lib, n, rounds, redis_url, collector, timeout)
             note = f"{rounds} rounds of {n} no-op tasks, one worker; ratio: median of rounds"
             plain = Row(BENCH, f"{lib}_plain", "per_task", UNIT, samples=samples["plain"])
             ratios = paired_ratios(samples["qdash"], samples["plain"])
@@ -399,6 +434,21 @@ def run(cfg: Config) -> list[Row]:
                 extra={"tasks_per_round": n, "rounds": rounds, **_spread(ratios)},
             )
             rows += [plain, qdash]
+            cpu_ratios = paired_ratios(cpu["qdash"], cpu["plain"])
+            rows.append(Row(BENCH, f"{lib}_plain", "cpu_per_task", UNIT, samples=cpu["plain"]))
+            rows.append(
+                Row(
+                    BENCH,
+                    f"{lib}_qdash",
+                    "cpu_per_task",
+                    UNIT,
+                    samples=cpu["qdash"],
+                    reference=f"{lib}_plain",
+                    ratios=cpu_ratios,
+                    note="CPU of the worker's processes + the collector, per task",
+                    extra=_spread(cpu_ratios),
+                )
+            )
             if "events" in samples:
                 vs_events = paired_ratios(samples["qdash"], samples["events"])
                 qdash.more_ratios["celery_events"] = vs_events
@@ -431,7 +481,7 @@ if __name__ == "__main__":
         q = row.extra.get("ratio_q1"), row.extra.get("ratio_q3")
         spread = f"  (quartiles {q[0]:.3f}-{q[1]:.3f})" if None not in q else ""
         print(
-            f"{row.subject:16} {row.value or 0:9.1f} {row.unit}{ratio}{spread}{more}"
-            f"  {row.skipped or ''}"
+            f"{row.subject:16} {row.metric:12} {row.value or 0:9.1f} {row.unit}{ratio}"
+            f"{spread}{more}  {row.skipped or ''}"
         )
     print(f"({time.monotonic() - t0:.0f}s)")
