@@ -197,9 +197,15 @@ def test_many_random_values_bulk_equals_one_by_one() -> None:
 
 
 def test_values_that_are_no_numbers_still_raise_type_error() -> None:
-    for values in ([0.1] * 40 + ["slow"], [0.1] * 40 + [None], [0.1] * 40 + [1j]):
+    for values in ([0.1] * 40 + ["slow"], [0.1] * 40 + [None], [0.1] * 40 + [1j], [0.1, None]):
+        target = [0] * NBUCKETS
         with pytest.raises(TypeError):
-            h.count_values([0] * NBUCKETS, values)
+            h.count_values(target, values)
+        assert target == [0] * NBUCKETS  # all or nothing
+        with pytest.raises(TypeError):
+            h.bucket_counts(values)
+    assert h.bucket_counts([]) == {}
+    assert h.bucket_counts([0.1, 0.1, -1.0]) == {bucket_of(0.1): 2, UNDERFLOW: 1}
 
 
 @pytest.mark.parametrize(
