@@ -1,19 +1,29 @@
 """integrations: what qdash_mp's adapters add to a real worker's per-task cost.
 
-For each library (Celery, RQ, Dramatiq, arq, Huey, taskiq) N no-op tasks are enqueued on a
-private redis-server, then the library's real worker is started and drains them, once
-without qdash_mp (``<lib>_plain``) and once with its adapter (``<lib>_qdash``) reporting to a
-real collector; for Celery also with Celery's own task events on (``-E``, what Flower needs;
-``celery_events``). Every task stamps Redis (SETNX first, SET last, INCR n: one pipelined
-round trip, the same in every mode), and the per-task cost is ``(last - first) / (N - 1)``:
-worker start-up is outside the window. The modes of a library take turns within a repeat
-(after one unmeasured warm-up drain), and ratios are paired per repeat. Workers run one
-task at a time where the library allows it (prefork -c 1, one process and thread, -w 1;
-arq and taskiq keep their async defaults).
+For each library (Celery, RQ, Dramatiq, arq, Huey, taskiq) the library's real worker runs
+no-op tasks from a private redis-server, without qdash_mp (``<lib>_plain``) and with its
+adapter (``<lib>_qdash``) reporting to a real collector; for Celery also with Celery's own
+task events on (``-E``, what Flower needs; ``celery_events``). Every task stamps Redis
+(SETNX first, SET last, INCR n: one pipelined round trip, the same in every mode), and a
+round's per-task cost is ``(last - first) / (N - 1)``: worker start-up is never inside it.
 
-Rows: ``us/task`` per subject; ``<lib>_qdash`` has ratio to ``<lib>_plain`` (overhead =
-ratio - 1); ``celery_qdash`` also has a paired ratio to ``celery_events``. The app modules
-are written to a temporary directory at run time.
+Interleaved rounds. Each mode keeps one worker (and one producer process) for the whole
+benchmark, *stopped* (SIGSTOP to its process group) while idle. A round of a mode: enqueue N
+tasks while its worker is stopped, SIGCONT it, wait until it ran all N, SIGSTOP it again.
+The modes of a library take turns round by round (order rotated every round, after one
+unmeasured warm-up round each), so load on the shared machine lands on every mode alike,
+and only one worker of the benchmark runs at a time. A row's ratio is the median of the
+per-round ratios ``qdash / plain``; its spread (quartiles, min-max of those ratios) is in
+the row's ``extra``: a 5 % goal is resolved when the quartiles sit well inside +-5 % of the
+median. Workers run one task at a time where the library allows it (prefork -c 1, one
+process and thread, -w 1; arq and taskiq keep their async defaults).
+
+Also per round: CPU seconds of the worker's process group and the collector per task
+(``cpu_per_task`` rows, same pairing). Sizes: N tasks a round x R rounds (``--quick``
+100 x 12, full 300 x 40; short rounds pair better under bursty load); the environment
+variables ``QDASH_BENCH_TASKS`` and ``QDASH_BENCH_ROUNDS`` override them, and
+``QDASH_BENCH_LIBS=arq,rq`` runs only those libraries. The app modules are written to a
+temporary directory at run time.
 """
 
 from __future__ import annotations
@@ -21,18 +31,22 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from _common import (
     BenchError,
     Config,
     Row,
     Skip,
+    cpu_seconds_fine,
     paired_ratios,
+    percentile,
     progress,
     short_dir,
     skipped_row,
@@ -185,7 +199,7 @@ def _worker_argv(lib: str, mode: str, queue: str, redis_url: str) -> list[str]:
         argv += ["--without-gossip", "--without-mingle"]
         return [*argv, "-E"] if mode == "events" else argv
     if lib == "rq":
-        argv = [str(bin_dir / "rq"), "worker", "--url", redis_url, "--burst"]
+        argv = [str(bin_dir / "rq"), "worker", "--url", redis_url]  # kept: no --burst
         if mode == "qdash":
             argv += ["--worker-class", "qdash_mp.integrations.rq.Worker"]
         return [*argv, "--logging_level", "WARNING", queue]
@@ -202,68 +216,182 @@ def _modes(lib: str) -> list[str]:
     return ["plain", "qdash", "events"] if lib == "celery" else ["plain", "qdash"]
 
 
-def _one(
-    app_dir: Path, lib: str, mode: str, n: int, redis_url: str, socket: str, timeout: float
-) -> float:
-    """Drain ``n`` pre-enqueued no-op tasks with one worker; seconds per task."""
-    import redis
+PRODUCER = """
+import sys
+import bapp_{lib} as m
+for line in sys.stdin:
+    m.produce(int(line))
+    print("ok", flush=True)
+"""
 
-    queue = f"b-{lib}-{uuid.uuid4().hex[:8]}"
-    key = f"bench:{queue}"
-    env = dict(os.environ)
-    env.update(
-        BENCH_REDIS=redis_url,
-        BENCH_QUEUE=queue,
-        BENCH_KEY=key,
-        BENCH_QDASH="1" if mode == "qdash" else "0",
-        QDASH_SOCKET=socket,
-        PYTHONPATH=str(app_dir),
-    )
-    subprocess.run(
-        [sys.executable, "-c", f"import bapp_{lib} as m; m.produce({n})"],
-        cwd=app_dir,
-        env={**env, "BENCH_QDASH": "0"},  # the producer side is not what is timed
-        check=True,
-        capture_output=True,
-        timeout=timeout,
-    )
-    log = (app_dir / f"{lib}-{mode}.log").open("ab")
-    proc = subprocess.Popen(
-        _worker_argv(lib, mode, queue, redis_url),
-        cwd=app_dir,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    r = redis.Redis.from_url(redis_url)
-    try:
-        wait_for(
-            lambda: int(r.get(key + ":n") or 0) >= n or proc.poll() not in (None, 0),
-            timeout,
-            f"{lib}/{mode} to run {n} tasks",
+
+class _Mode:
+    """One mode of one library: its worker (stopped while idle) and its producer."""
+
+    def __init__(
+        self, app_dir: Path, lib: str, mode: str, redis_url: str, socket: str, timeout: float
+    ) -> None:
+        import redis
+
+        self.lib, self.mode, self.timeout, self.app_dir = lib, mode, timeout, app_dir
+        queue = f"b-{lib}-{uuid.uuid4().hex[:8]}"
+        self.key = f"bench:{queue}"
+        env = dict(os.environ)
+        env.update(
+            BENCH_REDIS=redis_url,
+            BENCH_QUEUE=queue,
+            BENCH_KEY=self.key,
+            BENCH_QDASH="1" if mode == "qdash" else "0",
+            QDASH_SOCKET=socket,
+            PYTHONPATH=str(app_dir),
         )
+        self.redis = redis.Redis.from_url(redis_url)
+        self.producer = subprocess.Popen(
+            [sys.executable, "-c", PRODUCER.format(lib=lib)],
+            cwd=app_dir,
+            env={**env, "BENCH_QDASH": "0"},  # the producer side is not what is timed
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.log_path = app_dir / f"{lib}-{mode}.log"
+        with self.log_path.open("ab") as log:
+            self.worker = subprocess.Popen(
+                _worker_argv(lib, mode, queue, redis_url),
+                cwd=app_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.worker.pid, sig)
+
+    def round(self, n: int, collector_pid: int) -> tuple[float, float]:
+        """Run ``n`` tasks (enqueued while the worker is stopped): (wall seconds per task,
+        CPU seconds per task of the worker's processes and the collector)."""
+        r, key = self.redis, self.key
+        self._signal(signal.SIGSTOP)
+        r.delete(key + ":first", key + ":last", key + ":n")
+        assert self.producer.stdin is not None
+        assert self.producer.stdout is not None
+        self.producer.stdin.write(f"{n}\n")
+        self.producer.stdin.flush()
+        if self.producer.stdout.readline().strip() != "ok":
+            raise BenchError(f"{self.lib}/{self.mode}: the producer failed")
+        cpu0 = _group_cpu(self.worker.pid) + (cpu_seconds_fine(collector_pid) or 0.0)
+        self._signal(signal.SIGCONT)
+        try:
+            wait_for(
+                lambda: int(r.get(key + ":n") or 0) >= n or self.worker.poll() is not None,
+                self.timeout,
+                f"{self.lib}/{self.mode} to run {n} tasks",
+            )
+        finally:
+            self._signal(signal.SIGSTOP)
+        cpu1 = _group_cpu(self.worker.pid) + (cpu_seconds_fine(collector_pid) or 0.0)
         done = int(r.get(key + ":n") or 0)
         if done != n:
-            tail = (app_dir / f"{lib}-{mode}.log").read_text(errors="replace")[-2000:]
-            raise BenchError(f"{lib}/{mode}: {done} of {n} tasks ran; worker log:\n{tail}")
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise BenchError(f"{self.lib}/{self.mode}: {done} of {n} tasks ran; log:\n{tail}")
         first, last = float(r.get(key + ":first") or 0), float(r.get(key + ":last") or 0)
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 15)
+        return (last - first) / (n - 1), (cpu1 - cpu0) / n
+
+    def close(self) -> None:
+        if self.worker.poll() is None:
+            self._signal(signal.SIGCONT)  # a stopped process would not act on SIGTERM
+            self._signal(signal.SIGTERM)
             try:
-                proc.wait(5)
+                self.worker.wait(10)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait(10)
-        r.close()
-    return (last - first) / (n - 1)
+                self._signal(signal.SIGKILL)
+                self.worker.wait(10)
+        if self.producer.stdin is not None:
+            self.producer.stdin.close()
+        try:
+            self.producer.wait(10)
+        except subprocess.TimeoutExpired:
+            self.producer.kill()
+            self.producer.wait(10)
+        if self.producer.stdout is not None:
+            self.producer.stdout.close()
+        self.redis.close()
+
+
+def _group_cpu(pgid: int) -> float:
+    """CPU seconds of process group ``pgid`` so far: its live processes' threads (schedstat,
+    ns; ticks where there is none) plus the children they reaped (cutime + cstime, ticks:
+    RQ's work horses, one per job)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) != pgid:  # field 5, pgrp
+            continue
+        fine = cpu_seconds_fine(int(entry))
+        own = (int(fields[11]) + int(fields[12])) / tick
+        total += (own if fine is None else fine) + (int(fields[13]) + int(fields[14])) / tick
+    return total
+
+
+def _sizes(cfg: Config) -> tuple[int, int]:
+    n, rounds = (100, 12) if cfg.quick else (300, 40)
+    n = int(os.environ.get("QDASH_BENCH_TASKS") or n)
+    rounds = int(os.environ.get("QDASH_BENCH_ROUNDS") or rounds)
+    return max(n, 20), max(rounds, 1)
+
+
+def _spread(ratios: list[float]) -> dict[str, float]:
+    """Quartiles and min-max of per-round ratios (nearest rank)."""
+    if not ratios:
+        return {}
+    ordered = sorted(ratios)
+    return {
+        "ratio_q1": round(percentile(ordered, 25), 4),
+        "ratio_q3": round(percentile(ordered, 75), 4),
+        "ratio_min": round(ordered[0], 4),
+        "ratio_max": round(ordered[-1], 4),
+    }
+
+
+def _measure(
+    app_dir: Path, lib: str, n: int, rounds: int, redis_url: str, collector: Any, timeout: float
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-round wall and CPU us per task of every mode of ``lib``, rounds interleaved."""
+    samples: dict[str, list[float]] = {m: [] for m in _modes(lib)}
+    cpu: dict[str, list[float]] = {m: [] for m in _modes(lib)}
+    socket, pid = collector.socket, collector.proc.pid
+    with contextlib.ExitStack() as stack:
+        modes: dict[str, _Mode] = {}
+        for m in _modes(lib):
+            modes[m] = _Mode(app_dir, lib, m, redis_url, socket, timeout)
+            stack.callback(modes[m].close)
+        # One unmeasured round each first: start-up, imports, page cache and Redis warm up.
+        for m in modes.values():
+            m.round(max(20, n // 4), pid)
+        names = list(modes)
+        for rnd in range(rounds):
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+                per_task, cpu_task = modes[name].round(n, pid)
+                samples[name].append(per_task * 1e6)
+                cpu[name].append(cpu_task * 1e6)
+                progress(
+                    f"{BENCH}: {lib}/{name} round {rnd + 1}: {per_task * 1e6:.0f} us/task, "
+                    f"CPU {cpu_task * 1e6:.0f} us/task"
+                )
+    return samples, cpu
 
 
 def run(cfg: Config) -> list[Row]:
-    n, repeats = (200, 2) if cfg.quick else (2000, 3)
+    n, rounds = _sizes(cfg)
     timeout = 120.0 if cfg.quick else 600.0
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
@@ -278,6 +406,7 @@ def run(cfg: Config) -> list[Row]:
         for lib, source in APPS.items():
             (app_dir / f"bapp_{lib}.py").write_text(source)
         only = [x for x in os.environ.get("QDASH_BENCH_LIBS", "").split(",") if x]
+        progress(f"{BENCH}: {n} tasks a round, {rounds} interleaved rounds per mode")
         for lib in APPS:
             if only and lib not in only:
                 continue
@@ -289,18 +418,10 @@ def run(cfg: Config) -> list[Row]:
                     skipped_row(BENCH, f"{lib}_{m}", "per_task", UNIT, why) for m in _modes(lib)
                 ]
                 continue
-            samples: dict[str, list[float]] = {m: [] for m in _modes(lib)}
-            # One unmeasured drain first: imports, page cache and Redis warm up, so the
-            # first measured mode is not the one that pays for it.
-            _one(app_dir, lib, "plain", max(20, n // 4), redis_url, collector.socket, timeout)
-            for rep in range(repeats):
-                modes = _modes(lib)
-                modes = modes[rep % len(modes) :] + modes[: rep % len(modes)]  # rotate order
-                for mode in modes:
-                    per_task = _one(app_dir, lib, mode, n, redis_url, collector.socket, timeout)
-                    samples[mode].append(per_task * 1e6)
-                    progress(f"{BENCH}: {lib}/{mode} rep {rep + 1}: {per_task * 1e6:.0f} us/task")
+            samples, cpu = _measure(app_dir, lib, n, rounds, redis_url, collector, timeout)
+            note = f"{rounds} rounds of {n} no-op tasks, one worker; ratio: median of rounds"
             plain = Row(BENCH, f"{lib}_plain", "per_task", UNIT, samples=samples["plain"])
+            ratios = paired_ratios(samples["qdash"], samples["plain"])
             qdash = Row(
                 BENCH,
                 f"{lib}_qdash",
@@ -308,14 +429,31 @@ def run(cfg: Config) -> list[Row]:
                 UNIT,
                 samples=samples["qdash"],
                 reference=f"{lib}_plain",
-                ratios=paired_ratios(samples["qdash"], samples["plain"]),
-                note=f"{n} no-op tasks, one worker",
+                ratios=ratios,
+                note=note,
+                extra={"tasks_per_round": n, "rounds": rounds, **_spread(ratios)},
             )
             rows += [plain, qdash]
-            if "events" in samples:
-                qdash.more_ratios["celery_events"] = paired_ratios(
-                    samples["qdash"], samples["events"]
+            cpu_ratios = paired_ratios(cpu["qdash"], cpu["plain"])
+            rows.append(Row(BENCH, f"{lib}_plain", "cpu_per_task", UNIT, samples=cpu["plain"]))
+            rows.append(
+                Row(
+                    BENCH,
+                    f"{lib}_qdash",
+                    "cpu_per_task",
+                    UNIT,
+                    samples=cpu["qdash"],
+                    reference=f"{lib}_plain",
+                    ratios=cpu_ratios,
+                    note="CPU of the worker's processes + the collector, per task",
+                    extra=_spread(cpu_ratios),
                 )
+            )
+            if "events" in samples:
+                vs_events = paired_ratios(samples["qdash"], samples["events"])
+                qdash.more_ratios["celery_events"] = vs_events
+                qdash.extra.update({f"vs_events_{k}": v for k, v in _spread(vs_events).items()})
+                events_ratios = paired_ratios(samples["events"], samples["plain"])
                 rows.append(
                     Row(
                         BENCH,
@@ -324,8 +462,9 @@ def run(cfg: Config) -> list[Row]:
                         UNIT,
                         samples=samples["events"],
                         reference="celery_plain",
-                        ratios=paired_ratios(samples["events"], samples["plain"]),
+                        ratios=events_ratios,
                         note="celery worker -E (task events, what Flower needs)",
+                        extra=_spread(events_ratios),
                     )
                 )
     if not cfg.keep:
@@ -339,7 +478,10 @@ if __name__ == "__main__":
     for row in run(Config(quick=quick)):
         ratio = f"  x{row.ratio:.3f}" if row.ratio is not None else ""
         more = "".join(f"  vs {k}: x{v:.3f}" for k in row.more_ratios if (v := row.ratio_to(k)))
+        q = row.extra.get("ratio_q1"), row.extra.get("ratio_q3")
+        spread = f"  (quartiles {q[0]:.3f}-{q[1]:.3f})" if None not in q else ""
         print(
-            f"{row.subject:16} {row.value or 0:9.1f} {row.unit}{ratio}{more}  {row.skipped or ''}"
+            f"{row.subject:16} {row.metric:12} {row.value or 0:9.1f} {row.unit}{ratio}"
+            f"{spread}{more}  {row.skipped or ''}"
         )
     print(f"({time.monotonic() - t0:.0f}s)")

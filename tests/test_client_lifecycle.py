@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import itertools
+import random
 import shutil
 import threading
 import time
@@ -23,6 +25,7 @@ from qdash_testing.peer import WAIT, Peer
 from qdash_mp.client import Client, _LockedClient
 from qdash_mp.client.batcher import Batcher
 from qdash_mp.client.lifecycle import LifeBatcher, LifeState
+from qdash_mp.client.tally import new_counts, snapshot
 from qdash_mp.histogram import bucket_of
 from qdash_mp.models import Job
 from qdash_mp.wire import (
@@ -100,7 +103,7 @@ def make(peer: Peer, **kw: object) -> Client:
 
 def test_a_delta_above_max_delta_is_split_over_batches() -> None:
     """The wire refuses a delta above MAX_DELTA: the batcher caps it, the rest follows."""
-    counts: tuple[dict[str, int], ...] = ({"q": MAX_DELTA + 5}, {}, {}, {"q": 3})
+    counts = tuple(new_counts(c) for c in ({"q": MAX_DELTA + 5}, {}, {}, {"q": 3}))
     batcher = Batcher(counts, collections.deque(), 10)
     got = []
     for seq in (1, 2, 3):
@@ -269,7 +272,7 @@ def test_locked_twin_agrees_on_the_lifecycle_hooks(where: Path) -> None:
             c.on_started("q")
             c.on_processed("q", runtime=0.03)
         assert type(plain) is Client
-        assert plain._counts == locked._counts
+        assert [snapshot(c) for c in plain._counts] == [snapshot(c) for c in locked._counts]
         assert plain._runtimes == locked._runtimes
         assert plain._fruntimes == locked._fruntimes
         assert plain._started == locked._started
@@ -449,17 +452,17 @@ def test_runtime_lists_are_drained_without_a_collector(where: Path) -> None:
 
 def test_jobs_started_without_an_id_are_active_until_as_many_finish() -> None:
     life = LifeState()
-    counts: tuple[dict[str, int], ...] = ({}, {"other": 5}, {}, {})
+    counts = tuple(new_counts(c) for c in ({}, {"other": 5}, {}, {}))
     batcher = Batcher(counts, collections.deque(), 10, LifeBatcher(life))
     assert batcher.life is not None
     life.started["q"] = 3
     assert batcher.life.gauges()[0] == {"q": 3}
-    counts[1]["q"] = 1
+    counts[1]["q"] = itertools.count(1)
     life.runtimes["q"] = [0.1]
     assert batcher.life.gauges()[0] == {"q": 1}
-    counts[2]["q"] = 1
+    counts[2]["q"] = itertools.count(1)
     assert batcher.life.gauges()[0] == {}
-    counts[2]["q"] = 5  # more finishes than starts: never below 0
+    counts[2]["q"] = itertools.count(5)  # more finishes than starts: never below 0
     assert batcher.life.gauges()[0] == {}
 
 
@@ -502,3 +505,42 @@ def test_a_retried_attempt_is_no_longer_active(peer: Peer) -> None:
     t = totals(peer.batches())
     assert t["counters"] == {"q": [0, 0, 0, 2]}
     assert t["runtime"] == {}
+
+
+def test_dirty_buckets_give_the_deltas_of_a_full_scan() -> None:
+    """The sender tick looks only at buckets marked dirty; that must give exactly what a
+    scan of all 2 x 418 cumulative-vs-sent buckets gives, through partial sends (a batch
+    lost before its ACK leaves its deltas to the next tick) and bad values."""
+    rng = random.Random(5)
+    life = LifeState()
+    lb = LifeBatcher(life)
+
+    def full_scan() -> list[tuple[str, dict[int, int], dict[int, int]]]:
+        out = []
+        for q, (rt, wt) in lb._cum.items():
+            srt, swt = lb._sent[q]
+            dr = {i: c - s for i, (c, s) in enumerate(zip(rt, srt, strict=True)) if c != s}
+            dw = {i: c - s for i, (c, s) in enumerate(zip(wt, swt, strict=True)) if c != s}
+            if dr or dw:
+                out.append((q, dr, dw))
+        return out
+
+    for _ in range(200):
+        for q in ("a", "b", "c"):
+            k = rng.choice([0, 0, 1, 5, 40, 300])
+            life.runtimes.setdefault(q, []).extend(rng.lognormvariate(-4, 3) for _ in range(k))
+            life.fruntimes.setdefault(q, []).extend([0.5] * rng.randrange(2))
+            life.waits.setdefault(q, []).extend(rng.expovariate(3) for _ in range(k // 2))
+        if rng.random() < 0.05:
+            life.runtimes["a"].append("not a number")
+        lb.drain()
+        got = lb.hist_deltas()
+        assert got == full_scan()
+        assert lb.has_news(True) == bool(got)
+        for q, dr, dw in got:
+            if rng.random() < 0.6:  # the others are resent next tick
+                lb.hist_sent(q, dr, dw)
+    for q, dr, dw in lb.hist_deltas():
+        lb.hist_sent(q, dr, dw)
+    assert lb._cum == lb._sent
+    assert not lb.has_news(True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import timeit
@@ -131,6 +132,80 @@ def test_count_values_is_bucket_of_in_bulk(values: list[float]) -> None:
     counts = [0] * NBUCKETS
     h.count_values(counts, values)
     assert counts == histogram_of(values)
+
+
+def test_thresholds_are_the_exact_edges_of_bucket_of() -> None:
+    """Every float within 2,000 ulps of every edge: bisecting the thresholds gives
+    ``bucket_of`` (so bucket_of does not decrease there, and the sorted bulk path agrees
+    with it even for values on the irrational edges)."""
+    edges = h.thresholds()
+    assert len(edges) == NBUCKETS - 1
+    assert edges[0] == LOWEST
+    assert edges[-1] == HIGHEST
+    assert edges == sorted(set(edges))
+    for i, t in enumerate(edges, start=1):
+        assert bucket_of(t) == i
+        assert bucket_of(math.nextafter(t, -math.inf)) == i - 1
+        x = t
+        for _ in range(1000):
+            x = math.nextafter(x, -math.inf)
+        for _ in range(2000):
+            assert bisect.bisect_right(edges, x) == bucket_of(x), x
+            x = math.nextafter(x, math.inf)
+
+
+EDGE_CASES = [0.0, -0.0, -1.0, -math.inf, math.inf, LOWEST, HIGHEST, 1e-300, 1e300, 5e-324]
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(any_float, in_range, st.sampled_from(EDGE_CASES), st.integers(-5, 5000)),
+        min_size=h._BULK,
+        max_size=400,
+    )
+)
+def test_the_sorted_bulk_path_is_bucket_of(values: list[float]) -> None:
+    """Lists long enough for the sorted path (NaN among them takes the loop): the same
+    buckets as ``bucket_of`` one by one, for floats anywhere, edges, 0, negatives, inf."""
+    counts = [0] * NBUCKETS
+    h.count_values(counts, values)
+    assert counts == histogram_of(values)
+
+
+def test_the_sorted_bulk_path_on_every_edge_and_its_neighbours() -> None:
+    values = []
+    for t in h.thresholds():
+        values += [math.nextafter(t, -math.inf), t, math.nextafter(t, math.inf)]
+    values += EDGE_CASES * 3
+    random.Random(3).shuffle(values)
+    for chunk in (values, values[: h._BULK], [values[0]] * 100):
+        counts = [0] * NBUCKETS
+        h.count_values(counts, iter(chunk))  # any iterable, not just lists
+        assert counts == histogram_of(chunk)
+
+
+def test_many_random_values_bulk_equals_one_by_one() -> None:
+    rng = random.Random(12)
+    draws = [rng.lognormvariate(-4.0, 2.0) for _ in range(50_000)]
+    draws += [math.exp(rng.uniform(-15, 10)) for _ in range(50_000)]
+    draws += [math.nan]  # one NaN: the whole list takes the loop
+    for values in (draws[:-1], draws):
+        counts = [0] * NBUCKETS
+        h.count_values(counts, values)
+        assert counts == histogram_of(values)
+
+
+def test_values_that_are_no_numbers_still_raise_type_error() -> None:
+    for values in ([0.1] * 40 + ["slow"], [0.1] * 40 + [None], [0.1] * 40 + [1j], [0.1, None]):
+        target = [0] * NBUCKETS
+        with pytest.raises(TypeError):
+            h.count_values(target, values)
+        assert target == [0] * NBUCKETS  # all or nothing
+        with pytest.raises(TypeError):
+            h.bucket_counts(values)
+    assert h.bucket_counts([]) == {}
+    assert h.bucket_counts([0.1, 0.1, -1.0]) == {bucket_of(0.1): 2, UNDERFLOW: 1}
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """The worker side: hooks, the sender and its session, and the spool for a collector away.
 
-    hooks.py         ``Client``: the hot path (cumulative dicts) and the public API
+    hooks.py         ``Client``: the hot path (cumulative counters) and the public API
+    tally.py         the hooks' counters (``itertools.count``) and how the sender reads them
+    options.py       ``Client``'s arguments checked -> the sender's config
     record.py        a failed job -> its packed FAILED record
     batcher.py       cumulative counts + records -> BATCH frames (pure)
     session.py       one stream's connection state machine (HELLO/WELCOME, ACKs, resend,

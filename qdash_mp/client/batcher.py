@@ -1,9 +1,9 @@
 """Cumulative hook counts and packed failed jobs -> BATCH frames (pure, no I/O, no thread).
 
-The hooks only ever add to their cumulative dicts; the batcher remembers what it already put
-into batches (``sent``) and turns ``cumulative - sent`` into counter rows. A queue's dict is
-copied in one C call, so the view is consistent while hooks keep counting; a hook that runs
-meanwhile lands in the next batch. Used by the sender thread only.
+The hooks only ever add to their cumulative counters (``qdash_mp.client.tally``); the
+batcher remembers what it already put into batches (``sent``) and turns ``cumulative - sent``
+into counter rows. Each counter is read in one C call, so a value is never torn while hooks
+keep counting; a hook that runs meanwhile lands in the next batch. Used by the sender thread only.
 
 With a ``LifeBatcher`` (``qdash_mp.client.lifecycle``) and a collector that welcomed version
 2 (``ext_ok``), batches also carry BATCH v2's ``ext``: runtime/wait bucket and started
@@ -18,6 +18,7 @@ import collections
 from typing import Any
 
 from qdash_mp.client.lifecycle import LifeBatcher
+from qdash_mp.client.tally import Counts, snapshot
 from qdash_mp.wire import MAX_DELTA, encode_batch
 
 __all__ = ["BATCH_BYTES", "HIST_QUEUES_PER_BATCH", "QUEUES_PER_BATCH", "Batcher", "Pending"]
@@ -56,7 +57,7 @@ class Batcher:
 
     def __init__(
         self,
-        counts: tuple[dict[str, int], ...],
+        counts: tuple[Counts, ...],
         failed_jobs: collections.deque[bytes],
         max_failed: int,
         life: LifeBatcher | None = None,
@@ -72,7 +73,7 @@ class Batcher:
         """Send ``ext`` (the collector welcomed version 2, or none was met yet)."""
 
     def _cumulative(self, kind: int) -> dict[str, int]:
-        snap = self._counts[kind].copy()  # one C call: a consistent view while hooks count
+        snap = snapshot(self._counts[kind])
         life = self.life
         if kind == 1 and life is not None and life.extra_processed:
             for q, n in life.extra_processed.items():

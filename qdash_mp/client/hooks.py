@@ -1,15 +1,16 @@
 """The worker-side ``Client``: hooks as cheap as a dict increment, counted for a sender thread.
 
-Hot path: each counter kind has its own dict of *cumulative* ints (queue -> count) that only
-hooks write; ``on_processed(q)`` is ``self._processed[q] += 1`` in a ``try``. No lock, no
-syscall, no per-event message: the sender thread (``qdash_mp.client.sender``) reads the
-dicts and ships the differences. Why the unlocked increment is exact under the GIL, and what
-is guaranteed about delivery, spooling and forks, is in ``docs/client.md``.
+Hot path: each counter kind has its own dict of *cumulative* counters (queue ->
+``itertools.count``, ``qdash_mp.client.tally``) that only hooks advance; ``on_processed(q)``
+is ``next(self._processed[q])`` in a ``try``. No lock, no syscall, no per-event message: the
+sender thread (``qdash_mp.client.sender``) reads the counters and ships the differences. Why
+that is exact under the GIL, and what is guaranteed about delivery, spooling and forks, is in
+``docs/client.md``; options are checked in ``qdash_mp.client.options``.
 
-Measured on CPython 3.11: ``d[k] += 1`` in a loop ~37 ns, ``client.on_processed(q)`` ~58 ns;
-with a lock ~170 ns, which is what ``_LockedClient`` (picked by ``Client()`` on a free-threaded
-build) pays. Hooks never raise and never block: a bad argument is logged once and dropped.
-``on_failed`` (not a hot path) also packs the job to a FAILED record right away.
+Cost: ~1.5x a ``d[k] += 1`` loop on CPython 3.11, ~1.4x on 3.13 (``benchmarks/README.md``,
+hook); with a lock far more, which is what ``_LockedClient`` (picked by ``Client()`` on a
+free-threaded build) pays. Hooks never raise and never block: a bad argument is logged once
+and dropped. ``on_failed`` (not a hot path) also packs the job to a FAILED record right away.
 
 Lifecycle (``docs/client.md``): ``on_processed(q, runtime=rt)`` appends ``rt`` to a per-queue
 list *instead of* the increment (the sender counts and buckets the list: deferred, ~the cost
@@ -22,10 +23,9 @@ derives that gauge from the cumulative counts, so plain hooks keep no such count
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -35,16 +35,16 @@ from typing import Any, TypeGuard
 
 from qdash_mp.client import process
 from qdash_mp.client.lifecycle import MAX_PENDING_EVENTS, LifeState
+from qdash_mp.client.options import gil_disabled, sender_config, wake_every
 from qdash_mp.client.record import pack_failed_job, utf8_ok
-from qdash_mp.client.requeue import RequeueFn, requeue_list
-from qdash_mp.client.sender import Sender, SenderConfig
+from qdash_mp.client.requeue import RequeueFn
+from qdash_mp.client.sender import Sender
 from qdash_mp.client.spool import SpoolFile
-from qdash_mp.errors import ConfigError
+from qdash_mp.client.tally import Counts
 from qdash_mp.hooks import Hooks
 from qdash_mp.models import Job
-from qdash_mp.settings import default_socket_path
 from qdash_mp.throttle import LogThrottle
-from qdash_mp.wire import MAX_CLIENT_ID, MAX_NAME
+from qdash_mp.wire import MAX_NAME
 
 __all__ = ["Client"]
 
@@ -52,39 +52,6 @@ log = logging.getLogger("qdash_mp.client.hooks")
 
 _wall = time.time
 _mono = time.monotonic
-
-_SPOOL_SLACK = 10_000
-"""With a spool, hooks keep failed jobs up to ``max(2 * bound, bound + this)`` while the
-sender thread moves them to disk; only past that (disk failing or far too slow) are details
-dropped."""
-
-_SOCKET_PATH_MAX = 107
-
-
-def _gil_disabled() -> bool:
-    is_enabled = getattr(sys, "_is_gil_enabled", None)
-    return is_enabled is not None and not is_enabled()
-
-
-def _default_name() -> str:
-    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "python"
-    return f"{os.path.basename(argv0)}:{os.getpid()}"[:MAX_NAME]
-
-
-def _track_spec(track_jobs: bool | Iterable[str]) -> tuple[str, ...] | None:
-    if track_jobs is True:
-        return ("*",)
-    if track_jobs is False or track_jobs is None:
-        return None
-    if isinstance(track_jobs, str):
-        raise ConfigError("track_jobs must be a bool or a list of queue names, not a str")
-    queues = tuple(track_jobs)
-    for q in queues:
-        if not (isinstance(q, str) and 1 <= len(q) <= MAX_NAME and utf8_ok(q)):
-            raise ConfigError(f"track_jobs: {q!r} is not a queue name")
-    if not queues:
-        return None
-    return ("*",) if "*" in queues else queues
 
 
 class Client(Hooks):
@@ -135,7 +102,7 @@ class Client(Hooks):
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Client:
-        kind = _LockedClient if cls is Client and _gil_disabled() else cls
+        kind = _LockedClient if cls is Client and gil_disabled() else cls
         return super().__new__(kind)
 
     def __init__(
@@ -154,60 +121,28 @@ class Client(Hooks):
         name: str | None = None,
         track_jobs: bool | Iterable[str] = False,
     ) -> None:
-        path = os.fspath(socket_path) if socket_path is not None else str(default_socket_path())
-        if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
-            raise ConfigError(f"socket path is longer than {_SOCKET_PATH_MAX} bytes: {path!r}")
-        if client_id is not None and not (
-            isinstance(client_id, str) and 1 <= len(client_id) <= MAX_CLIENT_ID
-        ):
-            raise ConfigError(f"client_id must be a str of 1..{MAX_CLIENT_ID} characters")
-        if not flush_interval > 0:
-            raise ConfigError(f"flush_interval must be > 0, not {flush_interval}")
-        if not reconnect_max > 0:
-            raise ConfigError(f"reconnect_max must be > 0, not {reconnect_max}")
-        for what, value in (
-            ("max_batch_failed", max_batch_failed),
-            ("max_pending_failed", max_pending_failed),
-            ("max_unacked", max_unacked),
-        ):
-            if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(f"{what} must be an int >= 1, not {value!r}")
-        spool = None
-        if spool_dir is not None:
-            spool = Path(os.fspath(spool_dir)).absolute()
-            try:
-                spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"cannot use spool_dir {str(spool)!r}: {exc}") from None
-        if name is not None and not (isinstance(name, str) and len(name) <= MAX_NAME):
-            raise ConfigError(f"name must be a str of at most {MAX_NAME} characters")
-        track = _track_spec(track_jobs)
+        config = sender_config(
+            socket_path,
+            client_id=client_id,
+            requeue=requeue,
+            requeue_queues=requeue_queues,
+            flush_interval=flush_interval,
+            max_batch_failed=max_batch_failed,
+            reconnect_max=reconnect_max,
+            max_pending_failed=max_pending_failed,
+            max_unacked=max_unacked,
+            spool_dir=spool_dir,
+            name=name,
+            track_jobs=track_jobs,
+        )
+        track = config.track
         self._track: bool | frozenset[str] = (
             False if track is None else True if track == ("*",) else frozenset(track)
         )
-        queues = requeue_list(requeue, requeue_queues)
-        if spool is None:
-            self._hard_pending = max_pending_failed
-            self._wake_every = max_batch_failed
-        else:
-            self._hard_pending = max(2 * max_pending_failed, max_pending_failed + _SPOOL_SLACK)
-            self._wake_every = min(max_batch_failed, max_pending_failed)
-        self._spool_dir = spool
-        self._config = SenderConfig(
-            socket_path=path,
-            host=socket.gethostname()[:MAX_NAME],
-            requeue=requeue,
-            requeue_queues=queues,
-            flush_interval=float(flush_interval),
-            reconnect_max=float(reconnect_max),
-            max_batch_failed=max_batch_failed,
-            max_pending_failed=max_pending_failed,
-            hard_pending=self._hard_pending,
-            max_unacked=max_unacked,
-            spool_dir=spool,
-            name=_default_name() if name is None else name,
-            track=track,
-        )
+        self._hard_pending = config.hard_pending
+        self._wake_every = wake_every(config)
+        self._spool_dir = config.spool_dir
+        self._config = config
         self._closed = False
         self._close_result = False
         self._throttle = LogThrottle(log)
@@ -219,10 +154,10 @@ class Client(Hooks):
     def _reset(self, client_id: str) -> None:
         """Fresh per-process state (also what a forked child starts from)."""
         # Cumulative counts, written only by hooks: pushed, processed, failed, retried.
-        self._pushed: dict[str, int] = {}
-        self._processed: dict[str, int] = {}
-        self._failed: dict[str, int] = {}
-        self._retried: dict[str, int] = {}
+        self._pushed: Counts = {}
+        self._processed: Counts = {}
+        self._failed: Counts = {}
+        self._retried: Counts = {}
         self._counts = (self._pushed, self._processed, self._failed, self._retried)
         self._failed_jobs: collections.deque[bytes] = collections.deque()
         self._dropped_failed = 0
@@ -284,7 +219,7 @@ class Client(Hooks):
     def on_pushed(self, queue: str, job: Job | None = None) -> None:
         """A job was enqueued on ``queue``."""
         try:
-            self._pushed[queue] += 1
+            next(self._pushed[queue])
         except KeyError:
             if not self._count_new(self._pushed, queue):
                 return
@@ -300,7 +235,7 @@ class Client(Hooks):
         """A job of ``queue`` finished successfully (in ``runtime`` seconds, if given)."""
         if job is runtime:  # type: ignore[comparison-overlap]  # both None: the hot path
             try:
-                self._processed[queue] += 1
+                next(self._processed[queue])
             except KeyError:
                 self._count_new(self._processed, queue)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
@@ -317,7 +252,7 @@ class Client(Hooks):
         runtime = self._finish(queue, job, runtime)
         if runtime is None:
             try:
-                self._processed[queue] += 1
+                next(self._processed[queue])
             except KeyError:
                 self._count_new(self._processed, queue)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
@@ -332,7 +267,7 @@ class Client(Hooks):
         try:
             self._started[queue] += 1
         except KeyError:
-            if not self._count_new(self._started, queue):
+            if not self._start_new(queue):
                 return
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)
@@ -392,7 +327,7 @@ class Client(Hooks):
         in another process.
         """
         try:
-            self._retried[queue] += 1
+            next(self._retried[queue])
         except KeyError:
             self._count_new(self._retried, queue)
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
@@ -416,7 +351,7 @@ class Client(Hooks):
         if job is not None:
             runtime = self._finish(queue, job, runtime)
         try:
-            self._failed[queue] += 1
+            next(self._failed[queue])
         except KeyError:
             if not self._count_new(self._failed, queue):
                 return
@@ -463,13 +398,26 @@ class Client(Hooks):
         )
         return False
 
-    def _count_new(self, counts: dict[str, int], queue: object) -> bool:
-        """First count of ``queue`` (or a bad name): check it, create the entry, count."""
+    def _count_new(self, counts: Counts, queue: object) -> bool:
+        """First count of ``queue`` (or a bad name): check it, create the counter, count."""
         try:
             if not self._good_queue(queue):
                 return False
-            counts.setdefault(str.__str__(queue), 0)  # one C call: racing creators both count
-            counts[queue] += 1
+            # one C call: racing creators both count on the counter that won
+            next(counts.setdefault(str.__str__(queue), itertools.count()))
+            return True
+        except Exception as exc:  # noqa: BLE001 -- hooks never raise
+            self._hook_error(exc)
+            return False
+
+    def _start_new(self, queue: object) -> bool:
+        """``_count_new`` for ``started`` (a plain int dict: ``on_started`` is no hot path)."""
+        try:
+            if not self._good_queue(queue):
+                return False
+            started = self._started
+            started.setdefault(str.__str__(queue), 0)  # one C call: racing creators both count
+            started[queue] += 1
             return True
         except Exception as exc:  # noqa: BLE001 -- hooks never raise
             self._hook_error(exc)

@@ -32,7 +32,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from qdash_mp.client.record import utf8_ok
-from qdash_mp.histogram import NBUCKETS, count_values
+from qdash_mp.client.tally import Counts, snapshot
+from qdash_mp.histogram import NBUCKETS, bucket_counts
 from qdash_mp.records import MAX_ID, MAX_NAME, MAX_TIMESTAMP
 from qdash_mp.throttle import LogThrottle
 from qdash_mp.wire import EVENT_KINDS, MAX_ACTIVE, MAX_DELTA, MAX_EVENTS, MAX_JOBS
@@ -108,6 +109,7 @@ class LifeBatcher:
 
     __slots__ = (
         "_cum",
+        "_dirty",
         "_force",
         "_last_active",
         "_last_jobs",
@@ -121,39 +123,43 @@ class LifeBatcher:
 
     def __init__(self, state: LifeState) -> None:
         self.state = state
-        self.counts: tuple[dict[str, int], ...] = ({}, {}, {}, {})
+        self.counts: tuple[Counts, ...] = ({}, {}, {}, {})
         """The hooks' cumulative counters (set by the ``Batcher``): for finishes without id."""
         self.extra_processed: dict[str, int] = {}
         """Jobs counted by their runtime (``on_processed(q, runtime=...)``), cumulative."""
         self._cum: dict[str, tuple[list[int], list[int]]] = {}
         self._sent: dict[str, tuple[list[int], list[int]]] = {}
+        self._dirty: dict[str, tuple[set[int], set[int]]] = {}
+        """Per queue, the runtime and wait buckets where cumulative may differ from sent: a
+        tick looks at those only, not at all 2 x 418 (it ran every 100 ms, jobs or not)."""
         self._sent_started: dict[str, int] = {}
         self._last_active: dict[str, int] = {}
         self._last_jobs: list[tuple[str, str, str, float]] = []
         self._force = True
         self._throttle = LogThrottle(log)
 
-    def _hists(self, q: str) -> tuple[list[int], list[int]]:
+    def _bucket(self, q: str, kind: int, values: list[Any]) -> None:
+        """Count ``values`` into queue ``q``'s runtime (``kind`` 0) or wait (1) buckets."""
         h = self._cum.get(q)
         if h is None:
             h = self._cum[q] = ([0] * NBUCKETS, [0] * NBUCKETS)
             self._sent[q] = ([0] * NBUCKETS, [0] * NBUCKETS)
-        return h
-
-    def _bucket(self, target: list[int], values: list[Any]) -> None:
-        fresh = [0] * NBUCKETS
+            self._dirty[q] = (set(), set())
+        target, dirty = h[kind], self._dirty[q][kind]
         try:
-            count_values(fresh, values)
+            fresh = bucket_counts(values)
         except _NOT_A_NUMBER:
             # A runtime that is no number (the hook appends what it was given): count the
             # good ones one by one (a value that raises adds nothing), drop the rest.
-            fresh = [0] * NBUCKETS
+            fresh = {}
             bad = 0
             for x in values:
                 try:
-                    count_values(fresh, (x,))
+                    (i,) = bucket_counts((x,))
                 except _NOT_A_NUMBER:
                     bad += 1
+                else:
+                    fresh[i] = fresh.get(i, 0) + 1
             self._throttle.log(
                 "bad-runtime",
                 logging.ERROR,
@@ -161,20 +167,20 @@ class LifeBatcher:
                 "(the jobs are still counted)",
                 bad,
             )
-        for i, n in enumerate(fresh):
-            if n:
-                target[i] += n
+        for i, n in fresh.items():
+            target[i] += n
+            dirty.add(i)
 
     def drain(self) -> None:
         """Take the runtimes and waits the hooks left and add them to the cumulative counts."""
         st = self.state
         for q, chunk in _drain(st.runtimes):
             self.extra_processed[q] = self.extra_processed.get(q, 0) + len(chunk)
-            self._bucket(self._hists(q)[0], chunk)
+            self._bucket(q, 0, chunk)
         for q, chunk in _drain(st.fruntimes):
-            self._bucket(self._hists(q)[0], chunk)
+            self._bucket(q, 0, chunk)
         for q, chunk in _drain(st.waits):
-            self._bucket(self._hists(q)[1], chunk)
+            self._bucket(q, 1, chunk)
 
     def has_news(self, ext: bool) -> bool:
         """Anything to send? Only the processed counts in runtime lists when not ``ext``."""
@@ -187,7 +193,7 @@ class LifeBatcher:
             return True
         if st.events or st.started != self._sent_started:
             return True
-        if self._cum != self._sent:
+        if any(dr or dw for dr, dw in self._dirty.values()):
             return True
         active, _ = self.gauges()
         return active != self._last_active or (self._force and bool(active))
@@ -202,34 +208,37 @@ class LifeBatcher:
             srt, swt = self._sent[q]
             srt[:] = rt
             swt[:] = wt
+        for dr, dw in self._dirty.values():
+            dr.clear()
+            dw.clear()
         self._sent_started.update(self.state.started)
         _drain_events(self.state)
 
     def hist_deltas(self) -> list[tuple[str, dict[int, int], dict[int, int]]]:
         out = []
-        for q, (rt, wt) in self._cum.items():
-            srt, swt = self._sent[q]
-            if rt == srt and wt == swt:
+        for q, (dirty_r, dirty_w) in self._dirty.items():
+            if not dirty_r and not dirty_w:
                 continue
-            dr = {
-                i: min(c - s, MAX_DELTA)
-                for i, (c, s) in enumerate(zip(rt, srt, strict=True))
-                if c != s
-            }
-            dw = {
-                i: min(c - s, MAX_DELTA)
-                for i, (c, s) in enumerate(zip(wt, swt, strict=True))
-                if c != s
-            }
-            out.append((q, dr, dw))
+            rt, wt = self._cum[q]
+            srt, swt = self._sent[q]
+            dr = {i: min(rt[i] - srt[i], MAX_DELTA) for i in sorted(dirty_r) if rt[i] != srt[i]}
+            dw = {i: min(wt[i] - swt[i], MAX_DELTA) for i in sorted(dirty_w) if wt[i] != swt[i]}
+            if dr or dw:
+                out.append((q, dr, dw))
         return out
 
     def hist_sent(self, q: str, dr: dict[int, int], dw: dict[int, int]) -> None:
+        rt, wt = self._cum[q]
         srt, swt = self._sent[q]
+        dirty_r, dirty_w = self._dirty[q]
         for i, n in dr.items():
             srt[i] += n
+            if srt[i] == rt[i]:
+                dirty_r.discard(i)  # caught up (a capped delta stays: the rest follows)
         for i, n in dw.items():
             swt[i] += n
+            if swt[i] == wt[i]:
+                dirty_w.discard(i)
 
     def started_deltas(self) -> list[tuple[str, int]]:
         snap = self.state.started.copy()
@@ -248,8 +257,8 @@ class LifeBatcher:
         st = self.state
         active: dict[str, int] = {}
         # Finishes first: a job that starts and ends between the reads shows as ended.
-        done = self.counts[1].copy()
-        for q, n in self.counts[2].copy().items():
+        done = snapshot(self.counts[1])
+        for q, n in snapshot(self.counts[2]).items():
             done[q] = done.get(q, 0) + n
         for q, n in self.extra_processed.items():
             done[q] = done.get(q, 0) + n

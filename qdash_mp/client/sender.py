@@ -28,6 +28,7 @@ from qdash_mp.client.replay import Replayer
 from qdash_mp.client.requeue import RequeueFn, Requeuer
 from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents
 from qdash_mp.client.spool import SpoolFile
+from qdash_mp.client.tally import Counts
 from qdash_mp.throttle import LogThrottle
 from qdash_mp.wire import ErrorCode, ErrorMsg, Requeue
 
@@ -67,7 +68,7 @@ def _remaining(deadline: float | None) -> float | None:
 
 class Sender(SessionEvents):
     """Ships the counts in ``counts`` (pushed, processed, failed, retried: queue -> cumulative
-    int, written only by hooks) and the packed records in ``failed_jobs`` as client
+    counter, written only by hooks) and the packed records in ``failed_jobs`` as client
     ``client_id``.
     """
 
@@ -75,7 +76,7 @@ class Sender(SessionEvents):
         self,
         config: SenderConfig,
         client_id: str,
-        counts: tuple[dict[str, int], ...],
+        counts: tuple[Counts, ...],
         failed_jobs: collections.deque[bytes],
         owner: object = None,
         life: LifeState | None = None,

@@ -121,20 +121,23 @@ def _wrap(
         client = clients.get()
         job_try = int(ctx.get("job_try") or 1)
         enqueued = ctx.get("enqueue_time")
+        at = enqueued.timestamp() if enqueued is not None else None
+        # The success path needs no payload: the id ends the active entry, the client times
+        # the run from on_started. The payload (args/kwargs for a retry) is built on failure.
+        started = Job(str(ctx.get("job_id", "")), name, None, job_try, at)
 
         def job() -> Job:
-            at = enqueued.timestamp() if enqueued is not None else None
-            return make_job(ctx.get("job_id", ""), name, args, kwargs, queue, job_try, at)
+            return make_job(started.id, name, args, kwargs, queue, job_try, at)
 
-        client.on_started(queue, job())
+        client.on_started(queue, started)
         t0 = time.perf_counter()
         try:
             result = await coroutine(ctx, *args, **kwargs)
         except Retry as exc:
             if job_try >= max_tries:
-                client.on_failed(queue, job(), exc, time.perf_counter() - t0)
+                client.on_failed(queue, job(), exc)
             else:
-                client.on_retried(queue, job())
+                client.on_retried(queue, started)
             raise
         except asyncio.CancelledError as exc:
             runtime = time.perf_counter() - t0
@@ -143,12 +146,12 @@ def _wrap(
                 error.__cause__ = exc
                 client.on_failed(queue, job(), error, runtime)
             else:
-                client.on_retried(queue, job())  # shutdown or abort: arq runs it again
+                client.on_retried(queue, started)  # shutdown or abort: arq runs it again
             raise
         except Exception as exc:
-            client.on_failed(queue, job(), exc, time.perf_counter() - t0)
+            client.on_failed(queue, job(), exc)
             raise
-        client.on_processed(queue, Job(str(ctx.get("job_id", "")), name), time.perf_counter() - t0)
+        client.on_processed(queue, started)
         return result
 
     run.__qdash_wrapped__ = True  # type: ignore[attr-defined]

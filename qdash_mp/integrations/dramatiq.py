@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from typing import Any
 
 import dramatiq
@@ -52,9 +50,7 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
         self.clients = ProcessClient(socket_path)
-        self._starts: dict[str, float] = {}
         self._broker: Any = None
-        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- process life
 
@@ -97,36 +93,32 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
         self.clients.get().on_pushed(q_name(message.queue_name))
 
     def before_process_message(self, broker: Any, message: Any) -> None:
-        with self._lock:
-            self._starts[message.message_id] = time.perf_counter()
+        # The client times the run from here to the finish hook of the same id (in this
+        # thread); the args/kwargs payload is built only if the message fails.
         queue = q_name(message.queue_name)
         runs = int(message.options.get("retries", 0) or 0) + 1
-        self.clients.get().on_started(queue, _job_of(message, queue, runs))
-
-    def _runtime(self, message: Any) -> float | None:
-        with self._lock:
-            t0 = self._starts.pop(message.message_id, None)
-        return None if t0 is None else time.perf_counter() - t0
+        at = message.message_timestamp / 1000.0
+        self.clients.get().on_started(
+            queue, Job(message.message_id, message.actor_name, None, runs, at)
+        )
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        runtime = self._runtime(message)
         queue = q_name(message.queue_name)
         client = self.clients.get()
         if exception is None:
-            client.on_processed(queue, Job(message.message_id, message.actor_name), runtime)
+            client.on_processed(queue, Job(message.message_id, message.actor_name))
         elif getattr(message, "failed", False):
-            client.on_failed(queue, _job_of(message, queue), exception, runtime)
+            client.on_failed(queue, _job_of(message, queue), exception)
         else:  # the attempt ends here; the next may run in another process
             client.on_retried(queue, Job(message.message_id, message.actor_name))
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
-        runtime = self._runtime(message)
         if getattr(message, "failed", False):
             queue = q_name(message.queue_name)
             error = "skipped by a middleware (e.g. AgeLimit) and failed"
-            self.clients.get().on_failed(queue, _job_of(message, queue), error, runtime)
+            self.clients.get().on_failed(queue, _job_of(message, queue), error)
 
 
 def _job_of(message: Any, queue: str, runs: int | None = None) -> Job:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-import time
 from typing import Any
 
 from qdash_mp.integrations._common import (
@@ -47,7 +46,6 @@ class HueyAdapter:
         self.huey = huey
         self.queue = str(huey.name)
         self.clients = ProcessClient(socket_path)
-        self._starts: dict[str, float] = {}
         self._lock = threading.Lock()
         self._configured_pid = 0
 
@@ -102,29 +100,23 @@ class HueyAdapter:
         self.clients.get().on_pushed(self.queue)
 
     def executing(self, signal: str, task: Any) -> None:
-        with self._lock:
-            self._starts[task.id] = time.perf_counter()
-        self.clients.get().on_started(self.queue, self._job(task))
-
-    def _runtime(self, task: Any) -> float | None:
-        with self._lock:
-            t0 = self._starts.pop(task.id, None)
-        return None if t0 is None else time.perf_counter() - t0
+        # The client times the run from here to the finish hook of the same id; the
+        # args/kwargs payload is built only if the task fails.
+        self.clients.get().on_started(self.queue, Job(task.id, self._name(task)))
 
     def complete(self, signal: str, task: Any) -> None:
         done = Job(task.id, self._name(task))  # ends the active entry on_started made
-        self.clients.get().on_processed(self.queue, done, self._runtime(task))
+        self.clients.get().on_processed(self.queue, done)
 
     def retrying(self, signal: str, task: Any) -> None:
         task.__dict__[_RETRY_FLAG] = True  # seen by ``enqueued`` if it is re-enqueued now
         self.clients.get().on_retried(self.queue, Job(task.id, self._name(task)))
 
     def failed(self, signal: str, task: Any, exc: BaseException | None = None) -> None:
-        runtime = self._runtime(task)
         if task.retries:
-            return  # SIGNAL_RETRYING follows
+            return  # SIGNAL_RETRYING follows (and ends the active entry)
         error: BaseException | str = exc if exc is not None else f"task {signal}"
-        self.clients.get().on_failed(self.queue, self._job(task), error, runtime)
+        self.clients.get().on_failed(self.queue, self._job(task), error)
 
 
 def install(huey: Any, socket_path: str | os.PathLike[str] | None = None) -> HueyAdapter:

@@ -116,14 +116,18 @@ class _Reporting:
         client = clients.get()
         qname = queue.name
         retries_before = _retry_state(job)
-        client.on_started(qname, _job_of(job, qname))
+        # No args/kwargs payload for the start (a failure builds it): the id is what ends
+        # the active entry, and the same job object reports the end.
+        enqueued = job.enqueued_at.timestamp() if job.enqueued_at is not None else None
+        started = Job(job.id, job.func_name or "", None, _attempts(job), enqueued)
+        client.on_started(qname, started)
         t0 = time.perf_counter()
         try:
             run(job, queue)
         finally:
             measured = time.perf_counter() - t0
             try:
-                _report(job, qname, retries_before, measured)
+                _report(job, qname, retries_before, measured, started)
             except Exception:
                 log.exception("qdash_mp: could not report RQ job %s", job.id)
 
@@ -137,14 +141,16 @@ def _job_of(job: RqJob, queue: str) -> Job:
     return make_job(job.id, job.func_name or "", args, kwargs, queue, _attempts(job), enqueued)
 
 
-def _report(job: RqJob, queue: str, retries_before: tuple[int, int], measured: float) -> None:
+def _report(
+    job: RqJob, queue: str, retries_before: tuple[int, int], measured: float, started: Job
+) -> None:
     client = clients.get()
     try:
         job.refresh()  # type: ignore[no-untyped-call,unused-ignore]
         status = job.get_status(refresh=False)
     except (NoSuchJobError, InvalidJobOperation):
         # Gone already: only a finished job with result_ttl=0 is deleted that fast.
-        client.on_processed(queue, Job(job.id, job.func_name or ""), measured)
+        client.on_processed(queue, started, measured)
         return
     runtime = measured
     if job.started_at is not None and job.ended_at is not None:
@@ -153,9 +159,9 @@ def _report(job: RqJob, queue: str, retries_before: tuple[int, int], measured: f
     retried = after[0] > retries_before[0] or after[1] > retries_before[1]
     if retried and status not in _FAILED_STATES:
         # RQ put it back (fewer retries left, or one more recorded); this attempt has ended
-        client.on_retried(queue, Job(job.id, job.func_name or ""))
+        client.on_retried(queue, started)
     elif status == JobStatus.FINISHED:
-        client.on_processed(queue, Job(job.id, job.func_name or ""), runtime)
+        client.on_processed(queue, started, runtime)
     elif status in _FAILED_STATES:
         result = job.latest_result()
         exc_string = getattr(result, "exc_string", None) if result is not None else None

@@ -54,7 +54,7 @@ class QdashMiddleware(TaskiqMiddleware):
         self._lock = threading.Lock()
         self._errors: dict[str, BaseException] = {}
         self._resent: set[str] = set()
-        self._runs: dict[str, int] = {}
+        self._runs: dict[str, Job] = {}
         self._requeued: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -111,10 +111,12 @@ class QdashMiddleware(TaskiqMiddleware):
 
     def pre_execute(self, message: Any) -> Any:
         queue = self._queue(message)
-        job = _job_of(message, queue)
+        # No payload yet (only a failure needs the args): the id ends the active entry.
+        job = Job(message.task_id, message.task_name, None, _runs(message))
         with self._lock:
-            # A retry middleware bumps the labels of this very message before post_execute.
-            self._runs[message.task_id] = job.attempts
+            # A retry middleware bumps the labels of this very message before post_execute;
+            # the job keeps this run's count (and is reused when it finishes).
+            self._runs[message.task_id] = job
         self.clients.get().on_started(queue, job)
         return message
 
@@ -132,17 +134,18 @@ class QdashMiddleware(TaskiqMiddleware):
             self._resent.discard(message.task_id)
             runs = self._runs.pop(message.task_id, None)
         if not result.is_err:
-            client.on_processed(queue, Job(message.task_id, message.task_name), runtime)
+            client.on_processed(queue, runs or Job(message.task_id, message.task_name), runtime)
         elif resent:
-            client.on_retried(queue, Job(message.task_id, message.task_name))
+            client.on_retried(queue, runs or Job(message.task_id, message.task_name))
         else:
             exc: BaseException | str = error if error is not None else str(result.error)
-            job = _job_of(message, queue)
-            if runs is not None:
-                job.attempts = runs
+            attempts = runs.attempts if runs is not None else _runs(message)
+            job = make_job(
+                message.task_id, message.task_name, message.args, message.kwargs, queue, attempts
+            )
             client.on_failed(queue, job, exc, runtime)
 
 
-def _job_of(message: Any, queue: str) -> Job:
-    runs = int(message.labels.get(_RETRY_LABEL, 0) or 0) + 1
-    return make_job(message.task_id, message.task_name, message.args, message.kwargs, queue, runs)
+def _runs(message: Any) -> int:
+    """Runs of the task so far, this one included."""
+    return int(message.labels.get(_RETRY_LABEL, 0) or 0) + 1
