@@ -277,7 +277,7 @@ class Publisher:
                         "hub %s unreachable (%s): the collector keeps counting locally and "
                         "catches up when it is back",
                         redact(self.url),
-                        exc or type(exc).__name__,
+                        str(exc) or type(exc).__name__,
                     )
                     down_since = time.monotonic()
                 self.up = False
@@ -487,7 +487,8 @@ class Publisher:
         due = (int((now - 5) // 60), int((now - 30) // 60))
         if history is not None and due != self._hist_scanned:
             self._hist_scanned = due
-            for queue in history.queues():
+            # under the lifecycle's lock: the tick's thread adds queue files meanwhile
+            for queue in await lc._locked(history.queues):
                 for res, resolution in (("m", "minute"), ("h", "hour")):
                     points = await lc.points(queue, resolution)  # type: ignore[arg-type]
                     for point in points:

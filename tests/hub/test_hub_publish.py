@@ -215,3 +215,20 @@ def test_start_refuses_a_bad_hub_url_or_host_name(tmp_path: Path) -> None:
         )
         assert out.returncode == 2, out
         assert "--hub" in out.stderr or "--host-name" in out.stderr
+
+
+def test_an_applied_seq_above_ours_is_overtaken_and_everything_republished(
+    redis_server: RedisServer, hub_collector: CollectorProc
+) -> None:
+    """Another writer under the same host name (or a clock gone back) left a higher seq:
+    the publisher moves above it and publishes everything again, so the hub is exact."""
+    proc = hub_collector.start()
+    run_worker(proc.socket, "mail", "m", pushed=30, processed=20, failed=3)
+    r = redis_server.client()
+    settle(r, proc)
+    high = int(r.hget("qdash:seq", "h1")) + 10**9
+    r.hset("qdash:seq", "h1", high)
+    r.delete("qdash:q:h1", "qdash:fi:h1", "qdash:fj:h1", "qdash:fall")  # its "other" state
+    settle(r, proc)
+    assert int(r.hget("qdash:seq", "h1")) > high
+    assert "publishing everything again above it" in proc.logs()

@@ -23,7 +23,7 @@ from qdash_mp.hub.format import decode_point
 from qdash_mp.settings import CollectorSettings
 
 WAIT = 60.0
-T0 = 1_800_000_000 - 1_800_000_000 % 3600 + 10  # 10 s into an hour
+T0 = 1_800_000_000 - 1_800_000_000 % 3600 + 20  # 20 s into an hour
 
 
 class Clock:
@@ -97,7 +97,7 @@ async def test_history_points_reach_the_hub_exactly(
             assert history is not None
             await until(lambda h=history: "mail" in h.queues(), "the history to see mail")
             await asyncio.sleep(0.1)  # a few ticks inside the minute
-            clock.t += 60
+            clock.t = (clock.t // 60 + 1) * 60 + 20  # the next minute: this one closes
             await until(
                 lambda m=minute: (
                     len(c.lifecycle.history.points("mail", "minute")) == m + 1
@@ -106,7 +106,7 @@ async def test_history_points_reach_the_hub_exactly(
                 ),
                 "the minute closed",
             )
-            clock.t += 30  # the publisher's second look at the history
+            clock.t += 15  # 35 s into the minute: the publisher's second look
 
         async def same() -> bool:
             host_m = await c.inspector.history("mail", "minute")

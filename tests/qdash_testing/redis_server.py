@@ -218,10 +218,11 @@ def mismatch(r: Any, host: str, http: str) -> str:
             "processed": rec.processed,
             "failed": rec.failed,
             "retried": rec.retried,
+            "active": rec.active,
             "runtime": sum(rec.runtime.values()),
             "wait": sum(rec.wait.values()),
         }
-        want = {k: row[k] for k in ("pushed", "processed", "failed", "retried")}
+        want = {k: row[k] for k in ("pushed", "processed", "failed", "retried", "active")}
         want |= {"runtime": row["runtime"]["count"], "wait": row["wait"]["count"]}
         if got != want:
             diffs.append(f"queue {name}: hub {got} != host {want}")
