@@ -54,6 +54,26 @@ async def test_queue_page(aiohttp_client: Any) -> None:
     assert (await client.get("/queues/q/nope")).status == 404
 
 
+async def test_queue_page_lists_only_its_own_newest_failures(aiohttp_client: Any) -> None:
+    stats = Stats()
+    failed = MemoryFailedJobs(requeue=lambda job: None).with_stats(stats)
+    stats.on_pushed("mail")
+    stats.on_pushed("sms")
+    for i in range(12):
+        failed.record(Job(id=f"a{i}", name="send", payload={}), "mail", f"boom {i}")
+    failed.record(Job(id="other", name="send", payload={}), "sms", "elsewhere")
+    client = await aiohttp_client(create_app(new_inspector(stats, failed)))
+    html = await (await client.get("/queues/q/mail")).text()
+    assert "Newest failed jobs of this queue" in html
+    assert '<a href="/queues/failed/a11">a11</a>' in html  # the newest first
+    assert "a1</a>" not in html  # 10 shown of 12: a0 and a1 are on the filtered list only
+    assert "other" not in html
+    assert "elsewhere" not in html
+    html = await (await client.get("/queues/q/sms")).text()
+    assert '<a href="/queues/failed/other">other</a>' in html
+    assert "a11" not in html
+
+
 async def test_workers_page_embedded_says_it_does_not_know(aiohttp_client: Any) -> None:
     client = await embedded(aiohttp_client)
     html = await (await client.get("/queues/workers")).text()

@@ -18,8 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from qdash_mp.models import QueueStat
+from qdash_mp.failed_filter import FailedFilter
+from qdash_mp.inspector import FailedQueries
+from qdash_mp.models import JobView, QueueStat
 from qdash_mp.web.views import REFRESH_SECONDS, Dashboard
+
+QUEUE_FAILED_ROWS = 10  # the queue page shows its newest failures; the list has the rest
 
 __all__ = ["WORKERS_POLL_SECONDS", "add_page_routes"]
 
@@ -49,6 +53,15 @@ class _Pages:
             poll=WORKERS_POLL_SECONDS,
             failed_total=await self._failed_total(),
         )
+
+    async def _queue_failed(self, queue: str) -> list[JobView] | None:
+        """The queue's newest failed jobs (first page of the filtered list), or ``None`` when
+        the inspector cannot filter (the page then only links to the failed list)."""
+        ins = self.d.inspector
+        if not isinstance(ins, FailedQueries):
+            return None
+        page = await ins.failed_query(FailedFilter(queue=queue), 1)
+        return page.rows[:QUEUE_FAILED_ROWS]
 
     async def queue(self, request: web.Request) -> web.Response:
         name = request.match_info["queue"]
@@ -88,6 +101,8 @@ class _Pages:
             chart_title="History",
             runtime_note="(per period)",
             failed_total=await self._failed_total(),
+            queue_failed=await self._queue_failed(name),
+            details=self.d.details is not None,
         )
 
     def _per_second(self, stat: QueueStat) -> float:
