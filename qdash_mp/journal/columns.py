@@ -43,6 +43,7 @@ from typing import Final
 
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal.matching import _TB, Matching, Selection, _Memo
+from qdash_mp.records import FailedMeta
 
 __all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
 
@@ -51,7 +52,7 @@ ERROR_KEY: Final = 256
 _PREFIX: Final = itemgetter(slice(0, ERROR_KEY))
 _LOG_MAX: Final = 1 << 20
 
-Meta = tuple[str, str, str]
+Meta = FailedMeta
 """``(queue, name, error)`` of a FAILED record: what the columns need beyond failed_at."""
 
 
