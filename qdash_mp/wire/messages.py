@@ -34,8 +34,8 @@ import msgpack
 from qdash_mp.errors import ProtocolError
 from qdash_mp.records import (
     MAX_NAME,
-    FailedRecord,
     FailedMeta,
+    FailedRecord,
     PackedFailed,
     check_failed,
     failed_array,
