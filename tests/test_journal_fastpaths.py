@@ -3,7 +3,7 @@
 - ``Columns._texts`` (a batch of short ASCII errors in one join/lower/encode) gives the same
   blob and offsets as ``_texts_plain`` (each error prefixed, case-folded, encoded alone),
   for ASCII, non-ASCII, long and mixed batches;
-- ``Columns._file`` (one pass per code for a few codes) files the same slots as one by one;
+- ``Columns._file`` (a one-code batch as one range) files the same slots as one by one;
 - the narrow int columns widen (``_fit``) without changing what any filter selects;
 - ``stage_failed_packed`` with the wire decoder's ``metas`` (the collector's path) gives the
   same filter pages and totals as without them (decoded from the bytes), before and after
