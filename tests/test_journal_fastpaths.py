@@ -13,14 +13,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import random
 from array import array
 from pathlib import Path
 
 import pytest
 
-from qdash_mp.errors import NotFound
+from qdash_mp.errors import JournalError, NotFound
 from qdash_mp.failed_filter import FailedFilter
+from qdash_mp.fsio import FileIO
 from qdash_mp.journal import Journal
 from qdash_mp.journal.columns import ERROR_KEY, Columns
 from qdash_mp.records import pack_failed_fields
@@ -211,3 +213,49 @@ def test_both_wire_decode_paths_hand_on_the_same_metas() -> None:
     assert fast.metas == want
     assert general.metas == want
     assert fast == general  # metas are not part of equality
+
+
+class _FailSyncOnce(FileIO):
+    """Real I/O, except that the ``n``-th fdatasync fails once with EIO."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = 0
+
+    def fdatasync(self, fd: int) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(errno.EIO, "injected fsync failure")
+        super().fdatasync(fd)
+
+
+def test_a_failed_commit_keeps_each_record_with_its_metas(tmp_path: Path) -> None:
+    """Records re-staged in front after a failed commit keep their own (queue, name,
+    error): the same filter results as a journal whose commits all went through."""
+    rng = random.Random(5)
+    batches = []
+    for b in range(6):
+        recs = [_packed(100 * b + i, rng, 4, 4) for i in range(rng.choice([2, 20]))]
+        batches.append(decode_body(encode_batch(b + 1, {}, [r[0] for r in recs])[4:]))
+    io = _FailSyncOnce(0)
+    faulty = Journal.open(tmp_path / "faulty", io=io, clock=lambda: T0 + 2000)
+    plain = Journal.open(tmp_path / "plain", clock=lambda: T0 + 2000)
+    try:
+        io.n = io.calls + 2  # the second commit below fails
+        failures = 0
+        for b in batches:
+            assert isinstance(b, Batch)
+            for j in (faulty, plain):
+                j.stage_failed_packed(b.failed, b.metas)
+                try:
+                    j.commit()
+                except JournalError:
+                    assert j is faulty
+                    failures += 1
+        assert failures == 1
+        faulty.commit()
+        filters = _filters(random.Random(2), 4, 4)
+        assert _results(faulty, filters) == _results(plain, filters)
+    finally:
+        faulty.close()
+        plain.close()
