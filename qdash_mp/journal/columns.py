@@ -15,7 +15,9 @@ same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Pe
 
 The int columns start in the narrowest type shown and are widened once when a value needs
 it (``_fit``: 'B' -> 'H' -> 'I' -> 'q'). Per code: ``q_slots[code]`` / ``n_slots[code]``
-(``array('i')``, ascending slots, dead ones left in until the next squeeze) and live counts
+(``array('i')``, ascending slots, dead ones left in until the next squeeze; built by the
+first query that needs that code -- one C-level pass over ``qc`` / ``nc`` -- and kept in
+step from then on: a code nobody filters on costs nothing per job) and live counts
 ``q_live``, ``n_live``.
 
 A query (``select``) walks candidates newest first and checks the rest per candidate:
@@ -106,8 +108,8 @@ class Columns(Matching):
         self.blob = bytearray()
         self.queues: dict[str, int] = {}
         self.names: dict[str, int] = {}
-        self.q_slots: list[array[int]] = []
-        self.n_slots: list[array[int]] = []
+        self.q_slots: list[array[int] | None] = []  # None: not built yet (``code_slots``)
+        self.n_slots: list[array[int] | None] = []
         self.q_live: list[int] = []
         self.n_live: list[int] = []
         self.next_seq = 0
@@ -118,29 +120,36 @@ class Columns(Matching):
 
     @staticmethod
     def _codes_of(
-        keys: list[str], table: dict[str, int], lists: list[array[int]], live: list[int]
+        keys: list[str], table: dict[str, int], lists: list[array[int] | None], live: list[int]
     ) -> list[int]:
         """The codes of ``keys``, interning new ones (C-level passes over the batch)."""
         for key in set(keys).difference(table):
             table[key] = len(lists)
-            lists.append(array("i"))
+            lists.append(None)
             live.append(0)
         return list(map(table.__getitem__, keys))
 
     @staticmethod
-    def _file(codes: list[int], p0: int, lists: list[array[int]], live: list[int]) -> None:
-        """Append slots ``p0 ..`` to their code's list and count them live."""
+    def _file(codes: list[int], p0: int, lists: list[array[int] | None], live: list[int]) -> None:
+        """Append slots ``p0 ..`` to their code's list (if built) and count them live."""
         first = codes[0]
         if codes.count(first) == len(codes):  # the usual batch: one queue (or name)
-            lists[first].extend(range(p0, p0 + len(codes)))
+            lst = lists[first]
+            if lst is not None:
+                lst.extend(range(p0, p0 + len(codes)))
             live[first] += len(codes)
+            return
+        counts = Counter(codes)
+        for c, n in counts.items():
+            live[c] += n
+        if all(lists[c] is None for c in counts):  # none of them queried yet
             return
         # Mixed: one append per slot measured cheaper than a C-level pass per code
         # (compress over the batch), already with 5 codes in a batch.
         for c, p in zip(codes, count(p0)):
-            lists[c].append(p)
-        for c, n in Counter(codes).items():
-            live[c] += n
+            lst = lists[c]
+            if lst is not None:
+                lst.append(p)
 
     def append(self, p0: int, failed_ats: list[float], metas: list[Meta]) -> None:
         """Slots ``p0 ..`` were appended for records with these fields."""
@@ -254,10 +263,7 @@ class Columns(Matching):
         self._time_blocks(0)
         self.qc = array(self.qc.typecode, compress(self.qc, keep))
         self.nc = array(self.nc.typecode, compress(self.nc, keep))
-        self.q_slots = [array("i") for _ in self.q_slots]
-        self.n_slots = [array("i") for _ in self.n_slots]
-        for p, (q, nm) in enumerate(zip(self.qc, self.nc, strict=True)):
-            self.q_slots[q].append(p)
-            self.n_slots[nm].append(p)
+        self.q_slots = [None] * len(self.q_slots)  # built again when next queried
+        self.n_slots = [None] * len(self.n_slots)
         self.memo.clear()
         del self.kill_log[:]

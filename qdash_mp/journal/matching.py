@@ -67,8 +67,8 @@ class Matching:
     blob: bytearray
     queues: dict[str, int]
     names: dict[str, int]
-    q_slots: list[array[int]]
-    n_slots: list[array[int]]
+    q_slots: list[array[int] | None]
+    n_slots: list[array[int] | None]
     q_live: list[int]
     n_live: list[int]
     kill_log: array[int]
@@ -98,6 +98,15 @@ class Matching:
                 preds.append(map(gt, repeat(before), map(self.fat.__getitem__, slots)))
             out += compress(slots, map(all, zip(*preds, strict=True)))
         return out
+
+    @staticmethod
+    def code_slots(lists: list[array[int] | None], col: array[int], code: int) -> array[int]:
+        """The slot list of ``code`` (``q_slots`` / ``n_slots`` with column ``qc`` / ``nc``),
+        built now in one C-level pass over the column if no query needed it before."""
+        lst = lists[code]
+        if lst is None:
+            lst = lists[code] = array("i", compress(range(len(col)), map(code.__eq__, col)))
+        return lst
 
     def seq_slot(self, seq: int) -> int:
         """The first slot whose seq is ``>= seq`` (slots are in seq order)."""
@@ -132,10 +141,10 @@ class Matching:
         q, n = codes
         if q is not None or n is not None:
             if q is not None and (n is None or self.q_live[q] <= self.n_live[n]):
-                lst = self.q_slots[q]
+                lst = self.code_slots(self.q_slots, self.qc, q)
             else:
                 assert n is not None
-                lst = self.n_slots[n]
+                lst = self.code_slots(self.n_slots, self.nc, n)
             i = bisect_left(lst, hi)
             stop = bisect_left(lst, lo)
             while i > stop:
@@ -194,11 +203,11 @@ class Matching:
             text_done = False
             if q is not None or n is not None:
                 if q is not None and (n is None or self.q_live[q] <= self.n_live[n]):
-                    lst = self.q_slots[q]
+                    lst = self.code_slots(self.q_slots, self.qc, q)
                     check_n = n is not None
                 else:
                     assert n is not None
-                    lst = self.n_slots[n]
+                    lst = self.code_slots(self.n_slots, self.nc, n)
                     check_q = q is not None
                 cands = lst[bisect_left(lst, lo) : bisect_left(lst, hi)]
             elif nb:
