@@ -5,6 +5,8 @@
   for ASCII, non-ASCII, long and mixed batches;
 - ``Columns._file`` (a one-code batch as one range) files the same slots as one by one;
 - the narrow int columns widen (``_fit``) without changing what any filter selects;
+- a code's slot list built late (first query, one pass) equals one kept in step since the
+  start (both the one-byte ``translate`` build and the wider columns' one);
 - ``stage_failed_packed`` with the wire decoder's ``metas`` (the collector's path) gives the
   same filter pages and totals as without them (decoded from the bytes), before and after
   reopening; both wire decode paths hand the same ``metas`` on.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import contains, gt, le, methodcaller
@@ -35,6 +35,10 @@ _LAZY_MAX: Final = 1000
 _START: Final = methodcaller("start")
 _PLUS_ONE: Final = (1).__add__
 _MINUS_ONE: Final = (-1).__add__
+
+
+_IS_CODE: Final = [bytes(int(b == c) for b in range(256)) for c in range(256)]
+"""``bytes.translate`` tables: a 'B' code column -> 1 where it holds code ``c``, else 0."""
 
 
 @dataclass(slots=True)
@@ -105,7 +109,11 @@ class Matching:
         built now in one C-level pass over the column if no query needed it before."""
         lst = lists[code]
         if lst is None:
-            lst = lists[code] = array("i", compress(range(len(col)), map(code.__eq__, col)))
+            if col.typecode == "B":  # a byte per slot: flags by one translate, no call per slot
+                flags: Iterable[Any] = col.tobytes().translate(_IS_CODE[code])
+            else:  # (at 1M slots: ~2x the translate's ~20 ms of CPU, under load)
+                flags = map(code.__eq__, col)
+            lst = lists[code] = array("i", compress(range(len(col)), flags))
         return lst
 
     def seq_slot(self, seq: int) -> int:
