@@ -81,6 +81,7 @@ __all__ = [
     "MAX_NAME",
     "MAX_TIMESTAMP",
     "MIN_INT",
+    "FailedMeta",
     "FailedRecord",
     "PackedFailed",
     "check_failed",
@@ -236,6 +237,12 @@ PackedFailed: TypeAlias = tuple[bytes, str, float]
 What a decoded ``Batch`` carries and the journal stores as it came. A plain tuple on purpose:
 the cyclic GC stops tracking it at its first look (why that matters: docs/protocol.md).
 """
+
+
+FailedMeta: TypeAlias = tuple[str, str, str]
+"""``(queue, name, error)`` of a FAILED array (fields 5, 1, 6): what the journal's filter
+columns index. A decoder that checked the array hands them on (``Batch.metas``) so that the
+journal does not decode the bytes again for them."""
 
 
 def pack_failed_record(failed: FailedRecord) -> PackedFailed:

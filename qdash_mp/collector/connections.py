@@ -457,7 +457,8 @@ class Connections:
         if batch.failed:
             if batch.seq > live.journal.client_seqs.get(client_id, 0):
                 # The FAILED arrays were checked by the decoder and are journaled as received.
-                live.journal.stage_failed_packed(batch.failed)
+                # The decoder's (queue, name, error) of each go along: no second decode.
+                live.journal.stage_failed_packed(batch.failed, batch.metas)
                 live.journal.stage_client_seq(client_id, batch.seq)
             # Even a resent batch whose failed jobs were staged by an earlier connection
             # waits for a commit: its ACK says they are durable.

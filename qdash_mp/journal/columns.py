@@ -4,17 +4,21 @@
 slots on every append, removal, flush and squeeze (recovery and compaction go through those
 same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Per slot::
 
-    seq     array('q')   append sequence: monotonic over the journal's life in this process
+    seq     array('I')   append sequence: monotonic over the journal's life in this process
                          (the bulk actions' snapshot is "seq < high-water")
     fat     array('d')   failed_at, Unix seconds
-    qc, nc  array('i')   interned queue / job name code
-    eoff    array('q')   start of the slot's error text in ``blob``; it ends where the next
+    qc, nc  array('B')   interned queue / job name code
+    eoff    array('I')   start of the slot's error text in ``blob``; it ends where the next
                          slot's starts (the last one: at the end of ``blob``)
     blob    bytearray    every slot's error text, case-folded, its first ``ERROR_KEY``
                          characters, UTF-8, back to back
 
-and per code: ``q_slots[code]`` / ``n_slots[code]`` (``array('i')``, ascending slots, dead
-ones left in until the next squeeze) and live counts ``q_live``, ``n_live``.
+The int columns start in the narrowest type shown and are widened once when a value needs
+it (``_fit``: 'B' -> 'H' -> 'I' -> 'q'). Per code: ``q_slots[code]`` / ``n_slots[code]``
+(``array('i')``, ascending slots, dead ones left in until the next squeeze; built by the
+first query that needs that code -- one C-level pass over ``qc`` / ``nc`` -- and kept in
+step from then on: a code nobody filters on costs nothing per job) and live counts
+``q_live``, ``n_live``.
 
 A query (``select``) walks candidates newest first and checks the rest per candidate:
 
@@ -37,12 +41,14 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from itertools import accumulate, compress, count, repeat
+from collections.abc import Iterable
+from itertools import accumulate, compress, count, islice, repeat
 from operator import itemgetter
 from typing import Final
 
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal.matching import _TB, Matching, Selection, _Memo
+from qdash_mp.records import FailedMeta
 
 __all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
 
@@ -50,8 +56,21 @@ ERROR_KEY: Final = 256
 """Characters of each error text the ``q`` filter searches."""
 _PREFIX: Final = itemgetter(slice(0, ERROR_KEY))
 _LOG_MAX: Final = 1 << 20
+_WIDER: Final = {"B": ("H", 0xFF), "H": ("I", 0xFFFF), "I": ("q", 0xFFFFFFFF)}
 
-Meta = tuple[str, str, str]
+
+def _fit(arr: array[int], top: int) -> array[int]:
+    """``arr``, or a copy of it in a wider type if its type cannot hold ``top``.
+
+    The int columns start narrow (codes in one byte while there are at most 256 queues,
+    say) and widen once when a value needs it: bytes per job, not per possible job.
+    """
+    while arr.typecode in _WIDER and top > _WIDER[arr.typecode][1]:
+        arr = array(_WIDER[arr.typecode][0], arr)
+    return arr
+
+
+Meta = FailedMeta
 """``(queue, name, error)`` of a FAILED record: what the columns need beyond failed_at."""
 
 
@@ -79,18 +98,18 @@ class Columns(Matching):
     )
 
     def __init__(self) -> None:
-        self.seq: array[int] = array("q")
+        self.seq: array[int] = array("I")  # widened (``_fit``) when a value needs it
         self.fat: array[float] = array("d")
         self.fat_min: array[float] = array("d")  # per block of 1 << _TB slots (dead ones too)
         self.fat_max: array[float] = array("d")
-        self.qc: array[int] = array("i")
-        self.nc: array[int] = array("i")
-        self.eoff: array[int] = array("q")
+        self.qc: array[int] = array("B")
+        self.nc: array[int] = array("B")
+        self.eoff: array[int] = array("I")
         self.blob = bytearray()
         self.queues: dict[str, int] = {}
         self.names: dict[str, int] = {}
-        self.q_slots: list[array[int]] = []
-        self.n_slots: list[array[int]] = []
+        self.q_slots: list[array[int] | None] = []  # None: not built yet (``code_slots``)
+        self.n_slots: list[array[int] | None] = []
         self.q_live: list[int] = []
         self.n_live: list[int] = []
         self.next_seq = 0
@@ -101,55 +120,91 @@ class Columns(Matching):
 
     @staticmethod
     def _codes_of(
-        keys: list[str], table: dict[str, int], lists: list[array[int]], live: list[int]
+        keys: list[str], table: dict[str, int], lists: list[array[int] | None], live: list[int]
     ) -> list[int]:
         """The codes of ``keys``, interning new ones (C-level passes over the batch)."""
         for key in set(keys).difference(table):
             table[key] = len(lists)
-            lists.append(array("i"))
+            lists.append(None)
             live.append(0)
         return list(map(table.__getitem__, keys))
 
     @staticmethod
-    def _file(codes: list[int], p0: int, lists: list[array[int]], live: list[int]) -> None:
-        """Append slots ``p0 ..`` to their code's list and count them live."""
+    def _file(codes: list[int], p0: int, lists: list[array[int] | None], live: list[int]) -> None:
+        """Append slots ``p0 ..`` to their code's list (if built) and count them live."""
         first = codes[0]
         if codes.count(first) == len(codes):  # the usual batch: one queue (or name)
-            lists[first].extend(range(p0, p0 + len(codes)))
+            lst = lists[first]
+            if lst is not None:
+                lst.extend(range(p0, p0 + len(codes)))
             live[first] += len(codes)
             return
-        for c, p in zip(codes, count(p0)):
-            lists[c].append(p)
-        for c, n in Counter(codes).items():
+        counts = Counter(codes)
+        for c, n in counts.items():
             live[c] += n
+        if all(lists[c] is None for c in counts):  # none of them queried yet
+            return
+        # Mixed: one append per slot measured cheaper than a C-level pass per code
+        # (compress over the batch), already with 5 codes in a batch.
+        for c, p in zip(codes, count(p0)):
+            lst = lists[c]
+            if lst is not None:
+                lst.append(p)
 
     def append(self, p0: int, failed_ats: list[float], metas: list[Meta]) -> None:
         """Slots ``p0 ..`` were appended for records with these fields."""
         seq0 = self.next_seq
         k = len(metas)
-        self.seq.extend(range(seq0, seq0 + k))
         self.next_seq = seq0 + k
+        self.seq = _fit(self.seq, seq0 + k)
+        self.seq.extend(range(seq0, seq0 + k))
         self.fat.extend(failed_ats)
         self._time_blocks(p0)
         queues = list(map(itemgetter(0), metas))
         names = list(map(itemgetter(1), metas))
         qcodes = self._codes_of(queues, self.queues, self.q_slots, self.q_live)
         ncodes = self._codes_of(names, self.names, self.n_slots, self.n_live)
+        self.qc = _fit(self.qc, len(self.q_slots))
+        self.nc = _fit(self.nc, len(self.n_slots))
         self.qc.extend(qcodes)
         self.nc.extend(ncodes)
         self._file(qcodes, p0, self.q_slots, self.q_live)
         self._file(ncodes, p0, self.n_slots, self.n_live)
-        texts = list(
+        self._texts(list(map(itemgetter(2), metas)))
+
+    def _texts(self, errors: list[str]) -> None:
+        """Append the search text of each of ``errors`` to ``blob`` (and its start to
+        ``eoff``): its first ``ERROR_KEY`` characters, case-folded, UTF-8.
+
+        The usual batch -- all short, all ASCII (``str.isascii`` is O(1)) -- in one join,
+        one ``lower`` (``casefold`` of ASCII) and one ``encode`` for the batch: a character
+        is a byte, so the lengths give the offsets. Anything else, text by text
+        (``_texts_plain``: the twin the tests compare it with).
+        """
+        blob = self.blob
+        start = len(blob)
+        joined = "".join(errors)
+        if joined.isascii() and (not errors or max(map(len, errors)) <= ERROR_KEY):
+            lens: Iterable[int] = map(len, errors)
+            blob += joined.lower().encode("ascii")
+        else:
+            texts = self._texts_plain(errors)
+            lens = map(len, texts)
+            blob += b"".join(texts)
+        self.eoff = _fit(self.eoff, len(blob))
+        self.eoff.extend(islice(accumulate(lens, initial=start), len(errors)))
+
+    @staticmethod
+    def _texts_plain(errors: list[str]) -> list[bytes]:
+        """Each error's search text, one by one (see ``_texts``)."""
+        return list(
             map(
                 str.encode,
-                map(str.casefold, map(_PREFIX, map(itemgetter(2), metas))),
+                map(str.casefold, map(_PREFIX, errors)),
                 repeat("utf-8"),
                 repeat("surrogatepass"),
             )
         )
-        blob = self.blob
-        self.eoff.extend(accumulate(map(len, texts[:-1]), initial=len(blob)))
-        blob += b"".join(texts)
 
     def _time_blocks(self, p0: int) -> None:
         """Take slots ``p0 ..`` (new) into the per-block failed_at bounds."""
@@ -196,22 +251,19 @@ class Columns(Matching):
         ends = [*old_eoff[1:n], len(self.blob)]
         blob = self.blob
         new_blob = bytearray()
-        new_eoff: array[int] = array("q")
+        new_eoff: array[int] = array(old_eoff.typecode)
         for start, end in compress(zip(old_eoff, ends, strict=True), keep):
             new_eoff.append(len(new_blob))
             new_blob += blob[start:end]
         self.blob = new_blob
         self.eoff = new_eoff
-        self.seq = array("q", compress(self.seq, keep))
+        self.seq = array(self.seq.typecode, compress(self.seq, keep))
         self.fat = array("d", compress(self.fat, keep))
         del self.fat_min[:], self.fat_max[:]
         self._time_blocks(0)
-        self.qc = array("i", compress(self.qc, keep))
-        self.nc = array("i", compress(self.nc, keep))
-        self.q_slots = [array("i") for _ in self.q_slots]
-        self.n_slots = [array("i") for _ in self.n_slots]
-        for p, (q, nm) in enumerate(zip(self.qc, self.nc, strict=True)):
-            self.q_slots[q].append(p)
-            self.n_slots[nm].append(p)
+        self.qc = array(self.qc.typecode, compress(self.qc, keep))
+        self.nc = array(self.nc.typecode, compress(self.nc, keep))
+        self.q_slots = [None] * len(self.q_slots)  # built again when next queried
+        self.n_slots = [None] * len(self.n_slots)
         self.memo.clear()
         del self.kill_log[:]

@@ -115,7 +115,6 @@ __all__ = [
     "decode_failed",
     "decode_op",
     "encode_client_seq",
-    "failed_meta",
     "failed_metas",
     "encode_removed",
     "encode_removed_many",
@@ -352,23 +351,17 @@ def decode_failed(payload: bytes | memoryview) -> FailedFields:
     return FailedFields(*obj)
 
 
-def failed_meta(buf: Buffer, off: int, size: int) -> tuple[str, str, str]:
-    """``(queue, name, error)`` of the verified FAILED record of ``size`` bytes at ``off``."""
-    obj = msgpack.unpackb(buf[off + HEADER.size : off + size], use_list=False)
-    return obj[5], obj[1], obj[6]
+def failed_metas(datas: Iterable[bytes]) -> list[tuple[str, str, str]]:
+    """``(queue, name, error)`` of each of ``datas``, msgpack bytes of checked FAILED arrays.
 
-
-def failed_metas(buf: Buffer, off: int, sizes: list[int]) -> list[tuple[str, str, str]]:
-    """``failed_meta`` of records of ``sizes`` back to back from ``off``."""
-    out = []
-    # Bytes this process just wrote, checked when they came in: the plainest (cheapest)
-    # decode, tuples rather than lists (no GC tracking).
+    For records staged without them (``Batch.metas`` carries them from the wire decode):
+    the plainest (cheapest) decode, tuples rather than lists (no GC tracking).
+    """
     unpack = msgpack.unpackb
-    h = HEADER.size
-    for size in sizes:
-        obj = unpack(buf[off + h : off + size], use_list=False)
+    out = []
+    for data in datas:
+        obj = unpack(data, use_list=False)
         out.append((obj[5], obj[1], obj[6]))
-        off += size
     return out
 
 

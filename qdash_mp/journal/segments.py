@@ -44,8 +44,6 @@ from qdash_mp.journal.format import (
     RecordType,
     SegmentHeader,
     decode_failed,
-    failed_meta,
-    failed_metas,
     read_record,
     segment_record,
 )
@@ -151,6 +149,7 @@ class JournalBase:
         # staged records, and the pending state: committed, then everything staged
         self._buf = bytearray()
         self._ops: list[Op] = []
+        self._metas: list[Meta] = []  # (queue, name, error) of each staged FAILED op, in order
         self._p_ids: dict[str, Op] = {}  # id -> its live staged FAILED op, or GONE
         self._p_queue: deque[Op] = deque()  # staged FAILED ops, oldest first
         self._p_flushed = False
@@ -250,15 +249,12 @@ class JournalBase:
         ops: Iterable[Op],
         *,
         replay: bool,
-        src: Any = None,
-        src_base: int = 0,
-        metas: list[Meta] | None = None,
+        metas: list[Meta],
     ) -> int:
         """Apply written records to the index; returns how many were retention prunes.
 
-        The filter columns need each FAILED record's (queue, name, error): ``metas`` has them
-        in order (recovery's one decode made them), or they are decoded from ``src``, which
-        holds the records' bytes (``src[0]`` is offset ``src_base`` of the segment).
+        ``metas``: each FAILED record's (queue, name, error), in order, for the filter
+        columns (staging took them from the wire decode, recovery from its one decode).
         """
         mi = 0  # the next FAILED record's entry in metas
         ops = ops if isinstance(ops, list) else list(ops)
@@ -279,22 +275,13 @@ class JournalBase:
                 m = not_failed(kinds, i)
                 j = n if m is None else m.start()
                 if j == i + 1:  # one alone: the run set-up would cost more than the record
-                    if metas is not None:
-                        meta = metas[mi]
-                    else:
-                        meta = failed_meta(src, off - src_base, size)
+                    index.append_one(base + off, key, size, extra, metas[mi])
                     mi += 1
-                    index.append_one(base + off, key, size, extra, meta)
                     off += size
                 else:
                     run = ops[i:j]
-                    if metas is not None:
-                        run_metas = metas[mi : mi + len(run)]
-                    else:
-                        sizes = list(map(itemgetter(2), run))
-                        run_metas = failed_metas(src, off - src_base, sizes)
+                    off = index.append_failed(base, off, run, metas[mi : mi + len(run)])
                     mi += len(run)
-                    off = index.append_failed(base, off, run, run_metas)
                 i = j
                 continue
             if rtype == _REMOVED and kinds[i + 1 : i + 2] == _REMOVED_BYTE:

@@ -37,6 +37,7 @@ from qdash_mp.journal.format import (
     encode_client_seq,
     encode_removed,
     encode_removed_many,
+    failed_metas,
     flushed_payload,
     frame_records,
     read_record,
@@ -45,7 +46,7 @@ from qdash_mp.journal.format import (
 from qdash_mp.journal.index import LOC_MASK, LOC_SHIFT
 from qdash_mp.journal.segments import JournalBase
 from qdash_mp.models import FailedJob
-from qdash_mp.records import FailedRecord, PackedFailed, pack_failed_record
+from qdash_mp.records import FailedMeta, FailedRecord, PackedFailed, pack_failed_record
 
 __all__ = ["GONE", "Staging"]
 
@@ -118,9 +119,11 @@ class Staging(JournalBase):
             )
         except (TypeError, ValueError, OverflowError, ProtocolError) as exc:
             raise JournalError(f"cannot record failed job {failed.id!r}: {exc}") from None
-        self.stage_failed_packed((record,))
+        self.stage_failed_packed((record,), ((failed.queue, job.name, failed.error),))
 
-    def stage_failed_packed(self, records: Iterable[PackedFailed]) -> None:
+    def stage_failed_packed(
+        self, records: Iterable[PackedFailed], metas: Iterable[FailedMeta] | None = None
+    ) -> None:
         """Stage FAILED records that are already packed and checked: the collector's path.
 
         Each record is ``(data, id, failed_at)``: ``data`` the msgpack bytes of a FAILED
@@ -130,8 +133,15 @@ class Staging(JournalBase):
         added. A failure in ``data`` would only show at recovery, as a damaged record: pass
         nothing unchecked. All or nothing: a record over ``MAX_PAYLOAD`` bytes raises
         ``JournalError`` and none is staged.
+
+        ``metas``: ``(queue, name, error)`` of each record, its fields 5, 1, 6, as the decoder
+        that checked it read them (``Batch.metas``); the filter columns need them. Without
+        them they are decoded from ``data`` here (what the wire decode already did once).
         """
         records = list(records)
+        meta_list = None if metas is None else list(metas)
+        if meta_list is not None and len(meta_list) != len(records):
+            raise ValueError(f"{len(meta_list)} metas for {len(records)} records")
         if len(records) < _BULK:  # a few: the column passes below cost more than they save
             chunk = bytearray()
             ops: list[Op] = []
@@ -158,6 +168,8 @@ class Staging(JournalBase):
             ops = list(zip(repeat(_FAILED), ids, sizes, failed_ats, strict=False))
         if not ops:
             return
+        if meta_list is None:  # (after the framing: the sizes are checked)
+            meta_list = failed_metas(map(itemgetter(0), records))
         with self._lock:
             self._check_open()
             touched = self._p_ids
@@ -173,6 +185,7 @@ class Staging(JournalBase):
                 queue += ops
             else:
                 self._stage_counted(chunk, ops, ids)
+            self._metas += meta_list  # in the order of the FAILED ops, which staging keeps
             now = self._clock()
             if now >= self._next_age_check:
                 self._next_age_check = now + _AGE_CHECK_EVERY

@@ -184,8 +184,8 @@ class Journal(Recovery, Compaction, Staging):
             self._check_open()
             if not self._ops:
                 return
-            buf, ops = self._buf, self._ops
-            self._buf, self._ops = bytearray(), []
+            buf, ops, metas = self._buf, self._ops, self._metas
+            self._buf, self._ops, self._metas = bytearray(), [], []
         data_len = len(buf)
         seg: Segment | None = None
         try:
@@ -206,13 +206,14 @@ class Journal(Recovery, Compaction, Staging):
             with self._lock:
                 self._buf = restaged + self._buf
                 self._ops = ops + self._ops
+                self._metas = metas + self._metas
             if isinstance(exc, OSError):
                 raise JournalError(f"journal commit failed: {exc}") from exc
             raise
         seg.end = start + len(buf)
         self._total_bytes += len(buf)
         with self._lock:
-            pruned = self._apply(seg.num, start, ops, replay=False, src=buf, src_base=start)
+            pruned = self._apply(seg.num, start, ops, replay=False, metas=metas)
             if self.on_applied is not None:  # the hub's change list (qdash_mp.hub.publisher)
                 self.on_applied(ops)
             self._refresh_pending()

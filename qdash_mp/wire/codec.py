@@ -196,9 +196,19 @@ def _decode_batch(body: bytes, max_items: int, max_depth: int) -> Batch:
     ids = map(itemgetter(0), arrays)
     failed_ats = map(itemgetter(8), arrays)
     failed = tuple(zip(datas, ids, failed_ats, strict=True))
+    # (queue, name, error) as read here, for the journal's filter columns: C-level passes,
+    # and the journal need not decode each record a second time for them.
+    metas = tuple(
+        zip(
+            map(itemgetter(5), arrays),
+            map(itemgetter(1), arrays),
+            map(itemgetter(6), arrays),
+            strict=True,
+        )
+    )
     if ext is None:
-        return Batch(seq, counters, failed)
-    return with_ext(seq, counters, failed, ext)
+        return Batch(seq, counters, failed, metas=metas)
+    return with_ext(seq, counters, failed, ext, metas)
 
 
 def decode(body: bytes, max_items: int, max_depth: int) -> Message:

@@ -34,6 +34,7 @@ import msgpack
 from qdash_mp.errors import ProtocolError
 from qdash_mp.records import (
     MAX_NAME,
+    FailedMeta,
     FailedRecord,
     PackedFailed,
     check_failed,
@@ -174,6 +175,9 @@ class Batch:
     active: Mapping[str, int] | None = None
     jobs: tuple[ActiveRow, ...] | None = None
     events: tuple[EventRow, ...] = ()
+    metas: tuple[FailedMeta, ...] | None = field(default=None, compare=False, repr=False)
+    """``(queue, name, error)`` of each of ``failed``, as the decoder read them (``None``: a
+    ``Batch`` made by hand); for ``Journal.stage_failed_packed``. Not part of equality."""
 
     @property
     def has_ext(self) -> bool:
@@ -335,14 +339,17 @@ def parse(obj: object, max_items: int, max_depth: int) -> Message:
         seq = expect_int(obj[1], "BATCH seq", 1, MAX_INT)
         counters = counters_map(obj[2], max_items)
         packed = []
+        metas: list[FailedMeta] = []
         for i, f in enumerate(expect_array(obj[3], "BATCH failed")):
             why = check_failed(f, f"BATCH failed[{i}]", max_items=max_items, max_depth=max_depth)
             if why:
                 raise ProtocolError(why)
             packed.append((packb(f, "FAILED"), f[0], f[8]))
+            metas.append((f[5], f[1], f[6]))
         if len(obj) == 4:
-            return Batch(seq=seq, counters=counters, failed=tuple(packed))
-        return with_ext(seq, counters, tuple(packed), parse_ext(obj[4], max_items, MAX_DELTA))
+            return Batch(seq=seq, counters=counters, failed=tuple(packed), metas=tuple(metas))
+        ext = parse_ext(obj[4], max_items, MAX_DELTA)
+        return with_ext(seq, counters, tuple(packed), ext, tuple(metas))
     if t is MsgType.ACK:
         expect_arity(obj, 2, what)
         return Ack(seq=expect_int(obj[1], "ACK seq", 0, MAX_INT))
@@ -368,10 +375,16 @@ def parse(obj: object, max_items: int, max_depth: int) -> Message:
 
 
 def with_ext(
-    seq: int, counters: Mapping[str, Counts], failed: tuple[PackedFailed, ...], ext: Ext
+    seq: int,
+    counters: Mapping[str, Counts],
+    failed: tuple[PackedFailed, ...],
+    ext: Ext,
+    metas: tuple[FailedMeta, ...] | None = None,
 ) -> Batch:
     """A ``Batch`` with the fields of a decoded ``ext``."""
-    return Batch(seq, counters, failed, ext.hist, ext.started, ext.active, ext.jobs, ext.events)
+    return Batch(
+        seq, counters, failed, ext.hist, ext.started, ext.active, ext.jobs, ext.events, metas
+    )
 
 
 def to_array(msg: Message) -> list[Any]:
