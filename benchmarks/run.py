@@ -174,6 +174,14 @@ TARGETS = [
         2.0,
         "scale: /api/stats <= 2 ms at 1,000 queues",
     ),
+    Target(
+        "scale",
+        "qdash_mp",
+        "overview_1000q",
+        "<=",
+        20.0,
+        "scale: overview (HTML) <= 20 ms at 1,000 queues",
+    ),
     # issue 9: job lifecycle data
     Target(
         "hook",
