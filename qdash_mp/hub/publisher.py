@@ -56,6 +56,7 @@ from qdash_mp.hub.format import (
     sparse,
 )
 from qdash_mp.hub.keys import DEFAULT_PREFIX, RESULT_TTL, Keys
+from qdash_mp.hub.period_buckets import PeriodBuckets
 from qdash_mp.journal.format import Op, RecordType
 from qdash_mp.models import QueueStat
 from qdash_mp.records import pack_failed_fields
@@ -226,6 +227,7 @@ class Publisher:
         self._hist_pending: dict[tuple[str, str, int], bytes] = {}
         self._hist_scanned: tuple[int, int] | None = None
         self._buckets: dict[str, tuple[tuple[int, int], dict[int, int], dict[int, int]]] = {}
+        self._periods = PeriodBuckets()
         # The change list: written by the journal's committing thread, hence the lock.
         self._lock = threading.Lock()
         self._dirty: dict[str, int] = {}
@@ -306,6 +308,7 @@ class Publisher:
 
     async def publish_once(self) -> bool:
         """One publish (after a reconciliation if one is due); True if a backlog remains."""
+        await self._observe()  # before anything that needs Redis: minutes close without it
         r = self._connection()
         with self._lock:
             if self._overflow:
@@ -477,6 +480,18 @@ class Publisher:
                 out.update(req)
         return (ALL_QUEUES,) if ALL_QUEUES in out else tuple(sorted(out))
 
+    async def _observe(self) -> None:
+        """Derive the bucket counts of the history periods that closed since the last look."""
+        lc = self._c.lifecycle
+        history = lc.history
+        if history is None:
+            return
+        periods = self._periods
+        try:
+            await lc._locked(lambda: periods.observe(history))
+        except Exception:  # a bug here must not stop publishing: counts stay exact
+            log.exception("hub: reading the history's period buckets failed")
+
     async def _history(self, p: Publish) -> None:
         lc = self._c.lifecycle
         history = lc.history
@@ -503,9 +518,10 @@ class Publisher:
         if res == "m":
             if t <= self._acked_minute.get(queue, -1):
                 return
-            self._hist_pending[(res, queue, t)] = encode_point(point)
+            buckets = self._periods.buckets_for(queue, res, point)
+            self._hist_pending[(res, queue, t)] = encode_point(point, buckets)
             return
-        data = encode_point(point)
+        data = encode_point(point, self._periods.buckets_for(queue, res, point))
         acked = self._acked_hour.get(queue)
         if acked is not None and (t < acked[0] or (t == acked[0] and data == acked[1])):
             return
@@ -538,6 +554,7 @@ class Publisher:
             self._hist_pending.pop((res, queue, t), None)
             if res == "m":
                 self._acked_minute[queue] = max(t, self._acked_minute.get(queue, -1))
+                self._periods.acknowledged(queue, t)
             else:
                 acked = self._acked_hour.get(queue)
                 if acked is None or t >= acked[0]:

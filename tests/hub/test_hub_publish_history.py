@@ -17,7 +17,7 @@ import pytest
 from qdash_testing.collector import short_dir
 from qdash_testing.redis_server import RedisServer
 
-from qdash_mp import Client, Job
+from qdash_mp import Client, Job, histogram
 from qdash_mp.collector import Collector
 from qdash_mp.hub.format import decode_point
 from qdash_mp.settings import CollectorSettings
@@ -77,6 +77,10 @@ async def hub_points(r: Any, key: str) -> dict[int, dict[str, Any]]:
     return {int(t): decode_point(v) for t, v in raw.items()}
 
 
+def without_buckets(points: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {t: {k: v for k, v in p.items() if k != "buckets"} for t, p in points.items()}
+
+
 async def test_history_points_reach_the_hub_exactly(
     redis_server: RedisServer, hub_collector: tuple[Collector, Clock]
 ) -> None:
@@ -113,11 +117,20 @@ async def test_history_points_reach_the_hub_exactly(
             host_h = await c.inspector.history("mail", "hour")
             hub_m = await hub_points(r, "qdash:hm:h1:mail")
             hub_h = await hub_points(r, "qdash:hh:h1:mail")
-            return hub_m == {p["t"]: p for p in host_m} and hub_h == {p["t"]: p for p in host_h}
+            return without_buckets(hub_m) == {p["t"]: p for p in host_m} and without_buckets(
+                hub_h
+            ) == {p["t"]: p for p in host_h}
 
         await until(same, "the hub's history to equal the host's")
         minutes = await hub_points(r, "qdash:hm:h1:mail")
         assert [p["pushed"] for _, p in sorted(minutes.items())] == [5, 6, 7]
+        # each minute's runtime buckets: what its jobs' runtimes bucket to, exactly
+        for minute, (_, p) in enumerate(sorted(minutes.items())):
+            want_b = histogram.bucket_counts([0.01 * i for i in range(5 + minute)])
+            assert p["buckets"] == want_b, minute
+        (hour,) = (await hub_points(r, "qdash:hh:h1:mail")).values()
+        want_h = histogram.bucket_counts([0.01 * i for m in range(3) for i in range(5 + m)])
+        assert hour["buckets"] == want_h
         assert stale not in minutes  # trimmed: older than 24 h
         assert await asyncio.to_thread(r.smembers, "qdash:hq:h1") == {b"mail"}
     finally:
