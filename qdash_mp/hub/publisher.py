@@ -20,6 +20,10 @@ journal with ``fi:{host}`` (ids and failed_at scores, read in chunks) and queues
 difference; everything drains in batches of ``batch`` ids per publish, publishes following
 each other quickly while a backlog remains.
 
+History points carry the period's runtime bucket counts when ``PeriodBuckets`` (looking at
+the history's state before each publish attempt) knows them, so the hub merges per-period
+percentiles of several hosts exactly (``qdash_mp.hub.period_buckets``).
+
 ``seq`` starts at the current time in microseconds (monotonic over restarts while the clock
 is); a publish refused as not newer moves it above the applied seq and republishes all.
 
