@@ -26,11 +26,13 @@ from typing import Any
 from aiohttp import web
 
 from qdash_mp.access_settings import AccessSettings
-from qdash_mp.hub.inspector import HOST, HubInspector
+from qdash_mp.hub.inspector import HOST, NO_WAIT, HubInspector
 from qdash_mp.hub.merge import STALE_AFTER
 from qdash_mp.web.app import DASHBOARD, create_app
 
 __all__ = ["HubSettings", "hub_app", "serve_hub"]
+
+_BULK_PATHS = frozenset(("/queues/failed/retry", "/queues/failed/forget"))
 
 log = logging.getLogger("qdash_mp.hub.app")
 
@@ -49,16 +51,25 @@ def hub_app(
 
     @web.middleware
     async def host_filter(request: web.Request, handler: Handler) -> web.StreamResponse:
-        name = request.query.get("host")
-        if not name:
-            return await handler(request)
-        if name not in await inspector.hosts():
-            raise web.HTTPNotFound(text=f"No host {name!r} has published to this hub.")
-        token = HOST.set(name)
+        if "/failed" in request.path:
+            # snapshot tokens are checked against the current run of the arrival sequence
+            await inspector.refresh_epoch()
+        # a bulk action's task, created in the handler, inherits this context: its retries
+        # and forgets are queued to the hosts without waiting for each answer
+        bulk = NO_WAIT.set(request.method == "POST" and request.path in _BULK_PATHS)
         try:
-            return await handler(request)
+            name = request.query.get("host")
+            if not name:
+                return await handler(request)
+            if name not in await inspector.hosts():
+                raise web.HTTPNotFound(text=f"No host {name!r} has published to this hub.")
+            token = HOST.set(name)
+            try:
+                return await handler(request)
+            finally:
+                HOST.reset(token)
         finally:
-            HOST.reset(token)
+            NO_WAIT.reset(bulk)
 
     app.middlewares.append(host_filter)
 

@@ -28,6 +28,7 @@ then published without buckets); three hours per queue.
 from __future__ import annotations
 
 import array
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from qdash_mp.history import History
 
 __all__ = ["PeriodBuckets"]
+
+log = logging.getLogger("qdash_mp.hub.period_buckets")
 
 HOURS_KEPT: Final = 3
 _ZEROS: Final = array.array("Q", bytes(8 * NBUCKETS))
@@ -95,6 +98,17 @@ class PeriodBuckets:
                 delta = _sparse_delta(s.base_counts, before)
                 if delta is not None and sum(delta.values()) == last.count:
                     self._add_minute(queue, last.t, delta)
+                else:
+                    log.debug(
+                        "hub: minute %d of %r without buckets (observed seq %d -> %d, "
+                        "counted %s of %d)",
+                        last.t,
+                        queue,
+                        seen.seq,
+                        s.seq,
+                        None if delta is None else sum(delta.values()),
+                        last.count,
+                    )
             seen.seq = s.seq
             seen.base = array.array("Q", s.base_counts)
             if s.hour_t:

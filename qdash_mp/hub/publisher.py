@@ -507,11 +507,16 @@ class Publisher:
         if history is not None and due != self._hist_scanned:
             self._hist_scanned = due
             # under the lifecycle's lock: the tick's thread adds queue files meanwhile
+            read: list[tuple[str, str, dict[str, Any]]] = []
             for queue in await lc._locked(history.queues):
                 for res, resolution in (("m", "minute"), ("h", "hour")):
                     points = await lc.points(queue, resolution)  # type: ignore[arg-type]
-                    for point in points:
-                        self._consider(res, queue, point)
+                    read.extend((res, queue, point) for point in points)
+            # a minute that closed after the last look and before its point was read: look
+            # again, or it would go out without its buckets (minutes are sent once)
+            await self._observe()
+            for res, queue, point in read:
+                self._consider(res, queue, point)
         for k, data in self._hist_pending.items():
             if len(p.history) >= self._history_batch:
                 break
