@@ -32,7 +32,7 @@ from typing import Any, Literal
 from qdash_mp.errors import HubCorrupt, NotFound, RetryError, RetryQueued
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.history import RETENTION
-from qdash_mp.hub.failed_scan import Match, scan_failed
+from qdash_mp.hub.failed_scan import Match, page_by_time, scan_failed
 from qdash_mp.hub.format import (
     Command,
     Result,
@@ -284,6 +284,11 @@ class HubInspector:
         await self.refresh_epoch()
         hw = snapshot if snapshot is not None else await self._high_water()
         offset, limit = page_bounds(page)
+        fast = await page_by_time(
+            self.redis, self.keys, HOST.get(), flt, offset, limit, below=hw, since=since
+        )
+        if fast is not None:
+            return FailedPage(await self._views(fast[0]), fast[1], hw, self._epoch)
         keep = offset + limit
         total = 0
         top: list[tuple[float, str, str, Match]] = []  # a min-heap of the newest ``keep``
@@ -298,12 +303,11 @@ class HubInspector:
                 elif item[:3] > top[0][:3]:
                     heapq.heapreplace(top, item)
         ordered = [item[3] for item in sorted(top, key=lambda i: i[:3], reverse=True)]
-        rows = ordered[offset:keep]
-        need = [m for m in rows if m.record is None]
-        for m, rec in zip(need, await self._records([(m.host, m.id) for m in need]), strict=True):
-            m.record = rec
-        views = [_job_view(m.host, m.record) for m in rows if m.record is not None]
-        return FailedPage(views, total, hw, self._epoch)
+        return FailedPage(await self._views(ordered[offset:keep]), total, hw, self._epoch)
+
+    async def _views(self, rows: list[Match]) -> list[JobView]:
+        records = await self._records([(m.host, m.id) for m in rows])
+        return [_job_view(m.host, rec) for m, rec in zip(rows, records, strict=True) if rec]
 
     async def failed_ids(self, flt: FailedFilter, snapshot: int) -> list[str]:
         """Hub ids (``ID@HOST``) of the failed jobs matching ``flt`` that arrived before
