@@ -10,6 +10,10 @@ What the views use, read from Redis per request (``qdash_mp.hub.view`` caches by
   leaves the command queued: ``RetryQueued`` (the dashboard answers 202 "queued"); the job
   stays listed until the host executed it and published the removal.
 * ``flush_failed``: a forget command per stored job of each host (hosts act on their own).
+* ``FailedQueries`` (filters, snapshots, bulk actions): ``qdash_mp.hub.failed_scan`` reads;
+  snapshots are high-water marks of the hub's failed-entry arrival sequence
+  (``qdash:fseq``/``fseqz``, written by ``publish.lua``) in the run ``qdash:fepoch``; bulk
+  actions send one command per job and do not wait (``NO_WAIT``). See ``docs/hub.md``.
 
 Failed job ids on the hub are ``{id}@{host}`` (two hosts may use the same job id); a bare id
 is accepted when exactly one host holds it. ``?host=NAME`` (the ``HOST`` context variable,
