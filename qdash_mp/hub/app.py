@@ -5,7 +5,9 @@
 * the ``?host=NAME`` filter: a middleware (innermost: after the access checks) that sets
   ``qdash_mp.hub.inspector.HOST`` for the request, so every page and JSON route reads one
   host; an unknown name is a 404;
-* ``GET /queues/hosts``: a page of the hosts (last seen, stale, seq, queued commands, totals).
+* ``GET /queues/hosts``: a page of the hosts (last seen, stale, seq, queued commands, totals),
+  linked from the nav; the nav and footer links carry ``?host=`` (``hub_host`` in the
+  templates' globals; the links inside pages -- pager, job rows -- do not).
 
 ``serve_hub(settings)`` runs it until SIGTERM/SIGINT (``qdash-mp hub``), with a
 ``redis.asyncio`` client closed on the way out. The hub holds no state of its own: a restart
@@ -72,6 +74,8 @@ def hub_app(
             NO_WAIT.reset(bulk)
 
     app.middlewares.append(host_filter)
+    # base.html: the Hosts link, and the nav carrying ?host= (read in the request's context)
+    app[DASHBOARD].env.globals["hub_host"] = HOST.get
 
     async def hosts_page(request: web.Request) -> web.Response:
         view = await inspector.stats()

@@ -268,3 +268,21 @@ async def test_arrival_sequence_epoch_and_can_retry(r: Any) -> None:
     assert await ins.refresh_epoch() != epoch
     await b.publish([("b0", "mail", T0, "send", "x")])
     assert sorted(await ins.failed_ids(FailedFilter(), 10**9)) == ["b0@b"]
+
+
+async def test_the_nav_links_the_hosts_page_and_carries_the_host(
+    r: Any, aiohttp_client: Any
+) -> None:
+    await two_hosts(r)
+    client = await client_for(aiohttp_client, r)
+    html = await (await client.get("/queues/failed", params={"host": "a"})).text()
+    assert 'href="/queues/hosts"' in html
+    for link in ("/queues/?host=a", "/queues/workers?host=a", "/queues/failed?host=a"):
+        assert f'href="{link}"' in html, link
+    assert "/queues/api/stats?host=a" in html
+    html = await (await client.get("/queues/")).text()
+    assert 'href="/queues/hosts"' in html
+    assert "?host=" not in html
+    page = await client.get("/queues/hosts")
+    assert page.status == 200
+    assert 'aria-current="page">Hosts' in await page.text()
