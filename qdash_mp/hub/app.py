@@ -5,7 +5,9 @@
 * the ``?host=NAME`` filter: a middleware (innermost: after the access checks) that sets
   ``qdash_mp.hub.inspector.HOST`` for the request, so every page and JSON route reads one
   host; an unknown name is a 404;
-* ``GET /queues/hosts``: a page of the hosts (last seen, stale, seq, queued commands, totals).
+* ``GET /queues/hosts``: a page of the hosts (last seen, stale, seq, queued commands, totals),
+  linked from the nav; the nav and footer links carry ``?host=`` (``hub_host`` in the
+  templates' globals; the links inside pages -- pager, job rows -- do not).
 
 ``serve_hub(settings)`` runs it until SIGTERM/SIGINT (``qdash-mp hub``), with a
 ``redis.asyncio`` client closed on the way out. The hub holds no state of its own: a restart
@@ -26,11 +28,13 @@ from typing import Any
 from aiohttp import web
 
 from qdash_mp.access_settings import AccessSettings
-from qdash_mp.hub.inspector import HOST, HubInspector
+from qdash_mp.hub.inspector import HOST, NO_WAIT, HubInspector
 from qdash_mp.hub.merge import STALE_AFTER
 from qdash_mp.web.app import DASHBOARD, create_app
 
 __all__ = ["HubSettings", "hub_app", "serve_hub"]
+
+_BULK_PATHS = frozenset(("/queues/failed/retry", "/queues/failed/forget"))
 
 log = logging.getLogger("qdash_mp.hub.app")
 
@@ -49,18 +53,29 @@ def hub_app(
 
     @web.middleware
     async def host_filter(request: web.Request, handler: Handler) -> web.StreamResponse:
-        name = request.query.get("host")
-        if not name:
-            return await handler(request)
-        if name not in await inspector.hosts():
-            raise web.HTTPNotFound(text=f"No host {name!r} has published to this hub.")
-        token = HOST.set(name)
+        if "/failed" in request.path:
+            # snapshot tokens are checked against the current run of the arrival sequence
+            await inspector.refresh_epoch()
+        # a bulk action's task, created in the handler, inherits this context: its retries
+        # and forgets are queued to the hosts without waiting for each answer
+        bulk = NO_WAIT.set(request.method == "POST" and request.path in _BULK_PATHS)
         try:
-            return await handler(request)
+            name = request.query.get("host")
+            if not name:
+                return await handler(request)
+            if name not in await inspector.hosts():
+                raise web.HTTPNotFound(text=f"No host {name!r} has published to this hub.")
+            token = HOST.set(name)
+            try:
+                return await handler(request)
+            finally:
+                HOST.reset(token)
         finally:
-            HOST.reset(token)
+            NO_WAIT.reset(bulk)
 
     app.middlewares.append(host_filter)
+    # base.html: the Hosts link, and the nav carrying ?host= (read in the request's context)
+    app[DASHBOARD].env.globals["hub_host"] = HOST.get
 
     async def hosts_page(request: web.Request) -> web.Response:
         view = await inspector.stats()

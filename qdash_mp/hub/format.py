@@ -29,8 +29,9 @@ runtime buckets {10: 2}, wait {}::
     74 80
 
 History point (value of ``hm:``/``hh:{host}:{queue}``, field = the period's start), the
-host's point (``History.points``; the host keeps per-period runtime summaries, not buckets,
-so counts merge exactly across hosts and per-period percentiles do not)::
+host's point (``History.points``: the host's files keep per-period runtime *summaries*) and,
+when the publisher knows them, the period's runtime bucket counts, so that percentiles of a
+period several hosts contributed to merge exactly (``docs/hub.md``, "Merging")::
 
     key          msgpack type
     t            int         start of the minute / hour, unix s
@@ -38,6 +39,13 @@ so counts merge exactly across hosts and per-period percentiles do not)::
     processed    int >= 0     | jobs in that period
     failed       int >= 0    /
     runtime      map: count int >= 0, p50 p90 p95 p99 max (float, or nil when count is 0)
+    buckets      OPTIONAL map int -> int: the period's sparse runtime bucket counts
+                 (ascending index -> count > 0) whose sum is runtime.count; written only
+                 when runtime.count > 0 and the publisher knows them
+
+Compatibility: ``buckets`` was added after the first release; a point without it is the
+same point as before (the same bytes), and this decoder takes both. A hub older than the
+field refuses points that carry it (logged, that point skipped): upgrade the hub first.
 
 Example point: t 1764633600, pushed 2, processed 1, failed 0, runtime count 0::
 
@@ -46,6 +54,18 @@ Example point: t 1764633600, pushed 2, processed 1, failed 0, runtime count 0::
     65 64 00 a7 72 75 6e 74 69 6d 65 86 a5 63 6f 75
     6e 74 00 a3 70 35 30 c0 a3 70 39 30 c0 a3 70 39
     35 c0 a3 70 39 39 c0 a3 6d 61 78 c0
+
+Example point with buckets: t 1764633600, pushed 2, processed 2, failed 0, runtime count 2,
+p50 p90 p95 p99 max 0.25, buckets {200: 2}::
+
+    86 a1 74 ce 69 2e 2c 00 a6 70 75 73 68 65 64 02
+    a9 70 72 6f 63 65 73 73 65 64 02 a6 66 61 69 6c
+    65 64 00 a7 72 75 6e 74 69 6d 65 86 a5 63 6f 75
+    6e 74 02 a3 70 35 30 cb 3f d0 00 00 00 00 00 00
+    a3 70 39 30 cb 3f d0 00 00 00 00 00 00 a3 70 39
+    35 cb 3f d0 00 00 00 00 00 00 a3 70 39 39 cb 3f
+    d0 00 00 00 00 00 00 a3 6d 61 78 cb 3f d0 00 00
+    00 00 00 00 a7 62 75 63 6b 65 74 73 81 cc c8 02
 
 Host info (value of ``hosts``, field = host name), written by every publish::
 
@@ -298,28 +318,36 @@ def decode_queue(data: bytes) -> QueueRecord:
 # --------------------------------------------------------------------------- history point
 
 _POINT_KEYS: Final = ("t", "pushed", "processed", "failed", "runtime")
+_POINT_OPTIONAL: Final = ("buckets",)
 
 
-def encode_point(point: Mapping[str, Any]) -> bytes:
-    """A history point as ``History.points`` returns it (checked by decoding it again)."""
+def encode_point(point: Mapping[str, Any], buckets: Mapping[int, int] | None = None) -> bytes:
+    """A history point as ``History.points`` returns it, with the period's runtime
+    ``buckets`` when known (``point["buckets"]`` is used when ``buckets`` is not given);
+    checked by decoding it again. Empty buckets (a period without runtimes) are not written."""
     rt = point["runtime"]
-    data = packb(
-        {
-            "t": point["t"],
-            "pushed": point["pushed"],
-            "processed": point["processed"],
-            "failed": point["failed"],
-            "runtime": {k: rt[k] for k in _SUMMARY_KEYS},
-        },
-        "history point",
-    )
+    if buckets is None:
+        buckets = point.get("buckets")
+    out: dict[str, Any] = {
+        "t": point["t"],
+        "pushed": point["pushed"],
+        "processed": point["processed"],
+        "failed": point["failed"],
+        "runtime": {k: rt[k] for k in _SUMMARY_KEYS},
+    }
+    if buckets:
+        out["buckets"] = dict(sorted(buckets.items()))
+    data = packb(out, "history point")
     decode_point(data)
     return data
 
 
 def decode_point(data: bytes) -> dict[str, Any]:
+    """The point's map; ``"buckets"`` (``{index: count}``) is there only when written."""
     what = "history point"
-    m = _map(_load(data, what), _POINT_KEYS, what)
+    value = _load(data, what)
+    keys = _POINT_KEYS + _POINT_OPTIONAL if type(value) is dict and len(value) == 6 else _POINT_KEYS
+    m = _map(value, keys, what)
     _int(m["t"], f"{what} t", -(2**63))
     for k in ("pushed", "processed", "failed"):
         _int(m[k], f"{what} {k}")
@@ -332,6 +360,12 @@ def decode_point(data: bytes) -> dict[str, Any]:
                 raise _corrupt(f"{what} runtime {k}", f"must be nil when count is 0, not {v!r}")
         else:
             _float(v, f"{what} runtime {k}", 0.0)
+    if "buckets" in m:
+        b = _buckets(m["buckets"], f"{what} buckets")
+        if not b or sum(b.values()) != count:
+            raise _corrupt(
+                f"{what} buckets", f"must count runtime.count ({count}), not {sum(b.values())}"
+            )
     return m
 
 

@@ -10,6 +10,10 @@ What the views use, read from Redis per request (``qdash_mp.hub.view`` caches by
   leaves the command queued: ``RetryQueued`` (the dashboard answers 202 "queued"); the job
   stays listed until the host executed it and published the removal.
 * ``flush_failed``: a forget command per stored job of each host (hosts act on their own).
+* ``FailedQueries`` (filters, snapshots, bulk actions): ``qdash_mp.hub.failed_scan`` reads;
+  snapshots are high-water marks of the hub's failed-entry arrival sequence
+  (``qdash:fseq``/``fseqz``, written by ``publish.lua``) in the run ``qdash:fepoch``; bulk
+  actions send one command per job and do not wait (``NO_WAIT``). See ``docs/hub.md``.
 
 Failed job ids on the hub are ``{id}@{host}`` (two hosts may use the same job id); a bare id
 is accepted when exactly one host holds it. ``?host=NAME`` (the ``HOST`` context variable,
@@ -20,15 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
 import logging
+import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from qdash_mp.errors import HubCorrupt, NotFound, RetryError, RetryQueued
+from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.history import RETENTION
+from qdash_mp.hub.failed_scan import Match, page_by_time, scan_failed
 from qdash_mp.hub.format import (
     Command,
     Result,
@@ -37,21 +45,26 @@ from qdash_mp.hub.format import (
     decode_result,
     decode_workers,
     encode_command,
+    fall_member,
     split_fall_member,
 )
 from qdash_mp.hub.keys import Keys
 from qdash_mp.hub.merge import STALE_AFTER, merge_points
 from qdash_mp.hub.view import MAX_LAG, HubReader, HubStatsView
-from qdash_mp.inspector import page_bounds
+from qdash_mp.inspector import FailedPage, page_bounds
 from qdash_mp.models import ActiveJob, FailedJob, JobView, TrackedJob, WorkerView
 from qdash_mp.records import FailedRecord
 
-__all__ = ["COMMAND_WAIT", "HOST", "HubInspector", "split_id"]
+__all__ = ["COMMAND_WAIT", "HOST", "NO_WAIT", "HubInspector", "split_id"]
 
 log = logging.getLogger("qdash_mp.hub.inspector")
 
 HOST: contextvars.ContextVar[str | None] = contextvars.ContextVar("qdash_hub_host", default=None)
 """The ``?host=`` of the current request (``None``: every host)."""
+
+NO_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("qdash_hub_no_wait", default=False)
+"""Set (by ``qdash_mp.hub.app`` for the bulk routes, inherited by their background task):
+``retry``/``forget`` send the command and return without waiting for the host's answer."""
 
 COMMAND_WAIT = 3.0
 """Seconds a retry/forget waits for the owning host's answer before reporting it queued
@@ -100,6 +113,7 @@ class HubInspector:
         )
         self.command_wait = command_wait
         self.clock = clock
+        self._epoch = ""
 
     # -- stats -------------------------------------------------------------------------------
 
@@ -245,6 +259,108 @@ class HubInspector:
         job.id = f"{rec.job_id}@{host}"
         return job
 
+    # -- filters, snapshots and bulk actions (FailedQueries) ----------------------------------
+
+    @property
+    def failed_epoch(self) -> str:
+        """The run id of the hub's arrival sequence (``qdash:fepoch``), as last read
+        (``refresh_epoch``; ``qdash_mp.hub.app`` reads it for every failed-list request)."""
+        return self._epoch
+
+    async def refresh_epoch(self) -> str:
+        """Read ``qdash:fepoch``, creating it if missing (a new or emptied Redis)."""
+        key = self.keys.fepoch
+        raw = await self.redis.get(key)
+        if raw is None:
+            await self.redis.set(key, secrets.token_hex(8), nx=True)
+            raw = await self.redis.get(key)
+        self._epoch = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+        return self._epoch
+
+    async def _high_water(self) -> int:
+        return int(await self.redis.get(self.keys.fseq) or 0) + 1
+
+    async def failed_query(
+        self, flt: FailedFilter, page: int, *, snapshot: int | None = None, since: int | None = None
+    ) -> FailedPage:
+        """A page (newest failed_at first) of the failed jobs matching ``flt`` that arrived
+        before ``snapshot`` (default: now) and from ``since`` on; ``total`` counts them all."""
+        await self.refresh_epoch()
+        hw = snapshot if snapshot is not None else await self._high_water()
+        offset, limit = page_bounds(page)
+        fast = await page_by_time(
+            self.redis, self.keys, HOST.get(), flt, offset, limit, below=hw, since=since
+        )
+        if fast is not None:
+            return FailedPage(await self._views(fast[0]), fast[1], hw, self._epoch)
+        keep = offset + limit
+        total = 0
+        top: list[tuple[float, str, str, Match]] = []  # a min-heap of the newest ``keep``
+        async for batch in scan_failed(
+            self.redis, self.keys, HOST.get(), flt, below=hw, since=since
+        ):
+            total += len(batch)
+            for m in batch:
+                item = (m.failed_at, m.host, m.id, m)
+                if len(top) < keep:
+                    heapq.heappush(top, item)
+                elif item[:3] > top[0][:3]:
+                    heapq.heapreplace(top, item)
+        ordered = [item[3] for item in sorted(top, key=lambda i: i[:3], reverse=True)]
+        return FailedPage(await self._views(ordered[offset:keep]), total, hw, self._epoch)
+
+    async def _views(self, rows: list[Match]) -> list[JobView]:
+        records = await self._records([(m.host, m.id) for m in rows])
+        return [_job_view(m.host, rec) for m, rec in zip(rows, records, strict=True) if rec]
+
+    async def failed_ids(self, flt: FailedFilter, snapshot: int) -> list[str]:
+        """Hub ids (``ID@HOST``) of the failed jobs matching ``flt`` that arrived before
+        ``snapshot``."""
+        out: list[str] = []
+        async for batch in scan_failed(self.redis, self.keys, HOST.get(), flt, below=snapshot):
+            out.extend(m.hub_id for m in batch)
+        return out
+
+    async def failed_seq(self, id: str) -> int | None:
+        """The arrival sequence of ``id`` on the hub (0: published before the hub had one)."""
+        try:
+            host, job_id = await self._locate(id)
+        except NotFound:
+            return None
+        score = await self.redis.zscore(self.keys.fseqz, fall_member(host, job_id))
+        return int(score) if score is not None else 0
+
+    async def forget_many(self, ids: Sequence[str]) -> int:
+        """A forget command to the owning host of each id still on the hub (not waited for:
+        each host runs them with its next publish, or when it is back); returns how many
+        were sent."""
+        by_host: dict[str, list[bytes]] = {}
+        for id in ids:
+            try:
+                host, job_id = await self._locate(id)
+            except NotFound:
+                continue
+            by_host.setdefault(host, []).append(job_id.encode())
+        return sum([await self._forget_all(h, batch) for h, batch in by_host.items()])
+
+    async def flush_before(self, snapshot: int) -> int:
+        """Forget commands for every failed job (of the ``?host=`` one) that arrived before
+        ``snapshot``; returns how many were sent."""
+        return await self.forget_many(await self.failed_ids(FailedFilter(), snapshot))
+
+    def can_retry(self, queue: str) -> bool:
+        """Whether a host (the ``?host=`` one) published a requeue route for ``queue``."""
+        for h in self._hosts():
+            st = self.reader.host(h)
+            requeue = st.info.requeue if st is not None and st.info is not None else ()
+            if "*" in requeue or queue in requeue:
+                return True
+        return False
+
+    async def failed_history(self, id: str) -> list[FailedJob]:
+        """Retry histories stay on the hosts: the hub has none."""
+        return []
+
     # -- commands ----------------------------------------------------------------------------
 
     async def retry(self, id: str) -> None:
@@ -294,6 +410,8 @@ class HubInspector:
     async def _command(self, host: str, op: str, job_id: str) -> None:
         req = uuid.uuid4().hex
         await self.redis.xadd(self.keys.cmd(host), self._fields(op, job_id, req))
+        if NO_WAIT.get():
+            return  # a bulk action: the command is queued, the host runs it once
         if self.reader.is_stale(host):
             raise RetryQueued(
                 f"host {host} is offline; the {op} is queued and runs when it is back", host

@@ -14,6 +14,11 @@ name a collector publishes under (``--host-name``, default the machine's hostnam
     qdash:fi:{host}          ZSET     failed id -> failed_at (unix s, the journal's exact float)
     qdash:fj:{host}          HASH     failed id -> FAILED record bytes (the journal's, copied)
     qdash:fall               ZSET     "{host}\\x00{id}" -> failed_at, every host
+    qdash:fseq               STRING   counter: the last failed-entry arrival sequence (INCR)
+    qdash:fseqz              ZSET     "{host}\\x00{id}" -> its arrival sequence (new or changed
+                                      record); the hub's failed-list snapshots bound on it
+    qdash:fepoch             STRING   random id of this fseq's run (set by the hub if missing:
+                                      a Redis that lost fseq loses it too, old snapshots fail)
     qdash:cmd:{host}         STREAM   hub -> host commands (op, id, req, by, at)
     qdash:res:{req}          STRING   host -> hub command result (msgpack map), TTL 1 h
 
@@ -70,6 +75,18 @@ class Keys:
     @property
     def fall(self) -> str:
         return f"{self.prefix}fall"
+
+    @property
+    def fseq(self) -> str:
+        return f"{self.prefix}fseq"
+
+    @property
+    def fseqz(self) -> str:
+        return f"{self.prefix}fseqz"
+
+    @property
+    def fepoch(self) -> str:
+        return f"{self.prefix}fepoch"
 
     def q(self, host: str) -> str:
         return f"{self.prefix}q:{host}"

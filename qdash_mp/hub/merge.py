@@ -11,11 +11,11 @@ counters, gauges and sparse lifetime ``runtime``/``wait`` bucket maps) and histo
 (``{"t", "pushed", "processed", "failed", "runtime"}``).
 
 History points: counts merge exactly per period. A host's history keeps per-period runtime
-*summaries* (``{"count", "p50", ..., "max"}``), not buckets, and summaries of different hosts
-do not merge into percentiles: when only one host has runtimes in a period its summary passes
-through unchanged; otherwise the merged point keeps the exact ``count`` and ``max`` and
-leaves the percentiles ``None`` (never a guess). Points carrying bucket maps instead
-(``{bucket: count}``) merge exactly.
+*summaries* (``{"count", "p50", ..., "max"}``); the publisher adds the period's bucket counts
+when it knows them (``"buckets"``). When only one host has runtimes in a period its summary
+passes through unchanged; when several have and every one of their points carries buckets,
+the percentiles are those of the summed buckets (exact, as above); otherwise the merged point
+keeps the exact ``count`` and ``max`` and leaves the percentiles ``None`` (never a guess).
 
 Staleness: a host whose ``last_seen`` is more than ``STALE_AFTER`` seconds old is *stale*; its
 last counts are kept and still summed (the jobs it counted did happen).
@@ -234,7 +234,14 @@ class HostStats:
 
 def merge_points(per_host: Iterable[Iterable[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Merge the history points of several hosts (each an iterable of ``{"t", ...}``) per
-    period ``t``: DESIGN.md's points (``runtime`` a summary dict), oldest first."""
+    period ``t``: DESIGN.md's points (``runtime`` a summary dict), oldest first.
+
+    A point's runtime is a host's summary (``{"count", "p50", ...}``) with, optionally, the
+    period's ``"buckets"`` (``hub.format``), or bucket counts itself (``{bucket: count}``).
+    Per period: one host with runtimes -> its summary as it is (what its own dashboard
+    shows); several, every one with buckets -> the summary of the summed buckets (exact:
+    the percentiles of the union, bucketed); otherwise the exact ``count`` and ``max`` and
+    ``None`` percentiles."""
     sums: dict[int, dict[str, Any]] = {}
     for points in per_host:
         for p in points:
@@ -245,31 +252,35 @@ def merge_points(per_host: Iterable[Iterable[Mapping[str, Any]]]) -> list[dict[s
             for name in _POINT_COUNTERS:
                 acc[name] += int(p.get(name) or 0)
             rt = p.get("runtime") or {}
-            if "count" in rt:  # already a summary (a host's history file)
+            if "count" in rt:  # a summary (a host's history file), maybe with its buckets
                 if rt.get("count"):
-                    acc["_s"].append(rt)
+                    acc["_s"].append((rt, p.get("buckets")))
             else:  # bucket counts, {bucket: count}
                 add_buckets(acc["_b"], {int(i): int(n) for i, n in rt.items()})
     out = []
     for t in sorted(sums):
         acc = sums[t]
         buckets: dict[int, int] = acc.pop("_b")
-        summaries: list[Mapping[str, Any]] = acc.pop("_s")
+        summaries: list[tuple[Mapping[str, Any], Mapping[int, int] | None]] = acc.pop("_s")
         acc["runtime"] = _point_runtime(buckets, summaries)
         out.append(acc)
     return out
 
 
 def _point_runtime(
-    buckets: Mapping[int, int], summaries: list[Mapping[str, Any]]
+    buckets: dict[int, int], summaries: list[tuple[Mapping[str, Any], Mapping[int, int] | None]]
 ) -> dict[str, Any]:
     if not summaries:
         return _summary(buckets).to_dict()
     if len(summaries) == 1 and not buckets:
-        return dict(summaries[0])
-    # Summaries of different hosts do not merge into percentiles: keep what is exact.
-    count = sum(int(s["count"]) for s in summaries)
-    top = max(float(s["max"]) for s in summaries if s.get("max") is not None)
+        return dict(summaries[0][0])
+    if all(hb for _, hb in summaries):
+        for _, hb in summaries:
+            add_buckets(buckets, hb or {})
+        return _summary(dict(sorted(buckets.items()))).to_dict()
+    # A summary without its buckets does not merge into percentiles: keep what is exact.
+    count = sum(int(s["count"]) for s, _ in summaries)
+    top = max(float(s["max"]) for s, _ in summaries if s.get("max") is not None)
     if buckets:
         b = _summary(buckets)
         count += b.count

@@ -68,12 +68,21 @@ for _, key in ipairs(order) do
 end
 
 local fi, fj, fall = p .. 'fi:' .. host, p .. 'fj:' .. host, p .. 'fall'
+-- fseqz: member -> the hub's arrival sequence (fseq), new only when the record is new or
+-- changed (a job that failed again), not when a reconciliation re-sends the same bytes; the
+-- hub's failed-list snapshots are high-water marks of it.
+local fseq, fseqz = p .. 'fseq', p .. 'fseqz'
 n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local id, score = ARGV[i], ARGV[i + 1]
+  local member = host .. '\0' .. id
+  local old = redis.call('HGET', fj, id)
   redis.call('ZADD', fi, score, id)
   redis.call('HSET', fj, id, ARGV[i + 2])
-  redis.call('ZADD', fall, score, host .. '\0' .. id)
+  redis.call('ZADD', fall, score, member)
+  if old ~= ARGV[i + 2] or not redis.call('ZSCORE', fseqz, member) then
+    redis.call('ZADD', fseqz, redis.call('INCR', fseq), member)
+  end
   i = i + 3
 end
 
@@ -83,6 +92,7 @@ for _ = 1, n do
   redis.call('ZREM', fi, id)
   redis.call('HDEL', fj, id)
   redis.call('ZREM', fall, host .. '\0' .. id)
+  redis.call('ZREM', fseqz, host .. '\0' .. id)
   i = i + 1
 end
 

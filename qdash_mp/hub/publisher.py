@@ -20,6 +20,10 @@ journal with ``fi:{host}`` (ids and failed_at scores, read in chunks) and queues
 difference; everything drains in batches of ``batch`` ids per publish, publishes following
 each other quickly while a backlog remains.
 
+History points carry the period's runtime bucket counts when ``PeriodBuckets`` (looking at
+the history's state before each publish attempt) knows them, so the hub merges per-period
+percentiles of several hosts exactly (``qdash_mp.hub.period_buckets``).
+
 ``seq`` starts at the current time in microseconds (monotonic over restarts while the clock
 is); a publish refused as not newer moves it above the applied seq and republishes all.
 
@@ -56,6 +60,7 @@ from qdash_mp.hub.format import (
     sparse,
 )
 from qdash_mp.hub.keys import DEFAULT_PREFIX, RESULT_TTL, Keys
+from qdash_mp.hub.period_buckets import PeriodBuckets
 from qdash_mp.journal.format import Op, RecordType
 from qdash_mp.models import QueueStat
 from qdash_mp.records import pack_failed_fields
@@ -226,6 +231,7 @@ class Publisher:
         self._hist_pending: dict[tuple[str, str, int], bytes] = {}
         self._hist_scanned: tuple[int, int] | None = None
         self._buckets: dict[str, tuple[tuple[int, int], dict[int, int], dict[int, int]]] = {}
+        self._periods = PeriodBuckets()
         # The change list: written by the journal's committing thread, hence the lock.
         self._lock = threading.Lock()
         self._dirty: dict[str, int] = {}
@@ -306,6 +312,7 @@ class Publisher:
 
     async def publish_once(self) -> bool:
         """One publish (after a reconciliation if one is due); True if a backlog remains."""
+        await self._observe()  # before anything that needs Redis: minutes close without it
         r = self._connection()
         with self._lock:
             if self._overflow:
@@ -477,6 +484,18 @@ class Publisher:
                 out.update(req)
         return (ALL_QUEUES,) if ALL_QUEUES in out else tuple(sorted(out))
 
+    async def _observe(self) -> None:
+        """Derive the bucket counts of the history periods that closed since the last look."""
+        lc = self._c.lifecycle
+        history = lc.history
+        if history is None:
+            return
+        periods = self._periods
+        try:
+            await lc._locked(lambda: periods.observe(history))
+        except Exception:  # a bug here must not stop publishing: counts stay exact
+            log.exception("hub: reading the history's period buckets failed")
+
     async def _history(self, p: Publish) -> None:
         lc = self._c.lifecycle
         history = lc.history
@@ -488,11 +507,16 @@ class Publisher:
         if history is not None and due != self._hist_scanned:
             self._hist_scanned = due
             # under the lifecycle's lock: the tick's thread adds queue files meanwhile
+            read: list[tuple[str, str, dict[str, Any]]] = []
             for queue in await lc._locked(history.queues):
                 for res, resolution in (("m", "minute"), ("h", "hour")):
                     points = await lc.points(queue, resolution)  # type: ignore[arg-type]
-                    for point in points:
-                        self._consider(res, queue, point)
+                    read.extend((res, queue, point) for point in points)
+            # a minute that closed after the last look and before its point was read: look
+            # again, or it would go out without its buckets (minutes are sent once)
+            await self._observe()
+            for res, queue, point in read:
+                self._consider(res, queue, point)
         for k, data in self._hist_pending.items():
             if len(p.history) >= self._history_batch:
                 break
@@ -503,9 +527,10 @@ class Publisher:
         if res == "m":
             if t <= self._acked_minute.get(queue, -1):
                 return
-            self._hist_pending[(res, queue, t)] = encode_point(point)
+            buckets = self._periods.buckets_for(queue, res, point)
+            self._hist_pending[(res, queue, t)] = encode_point(point, buckets)
             return
-        data = encode_point(point)
+        data = encode_point(point, self._periods.buckets_for(queue, res, point))
         acked = self._acked_hour.get(queue)
         if acked is not None and (t < acked[0] or (t == acked[0] and data == acked[1])):
             return
@@ -538,6 +563,7 @@ class Publisher:
             self._hist_pending.pop((res, queue, t), None)
             if res == "m":
                 self._acked_minute[queue] = max(t, self._acked_minute.get(queue, -1))
+                self._periods.acknowledged(queue, t)
             else:
                 acked = self._acked_hour.get(queue)
                 if acked is None or t >= acked[0]:

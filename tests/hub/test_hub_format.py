@@ -53,6 +53,11 @@ POINT: dict[str, Any] = {
     "failed": 0,
     "runtime": dict.fromkeys(("p50", "p90", "p95", "p99", "max")) | {"count": 0},
 }
+POINT_B: dict[str, Any] = POINT | {
+    "processed": 2,
+    "runtime": dict.fromkeys(("p50", "p90", "p95", "p99", "max"), 0.25) | {"count": 2},
+    "buckets": {200: 2},
+}
 HOST = HostInfo(7, 1700000001.5, 1700000000.0, "0.1.0", 42, ("mail",))
 RESULT = Result(True, False, None, "retry", "j1", 1700000001.5)
 WORKER: dict[str, Any] = {
@@ -101,7 +106,8 @@ def table_keys(title: str) -> list[str]:
     ("title", "data"),
     [
         ("Example queue record", encode_queue(QUEUE)),
-        ("Example point", encode_point(POINT)),
+        ("Example point:", encode_point(POINT)),
+        ("Example point with buckets", encode_point(POINT_B)),
         ("Example host info", encode_host(HOST)),
         ("Example result", encode_result(RESULT)),
     ],
@@ -112,7 +118,7 @@ def test_docstring_hex_dumps_are_what_the_encoders_write(title: str, data: bytes
 
 def test_docstring_tables_name_the_encoded_keys_in_order() -> None:
     assert table_keys("Queue record (") == list(fmt._QUEUE_KEYS)
-    assert table_keys("History point (") == list(fmt._POINT_KEYS)
+    assert table_keys("History point (") == [*fmt._POINT_KEYS, *fmt._POINT_OPTIONAL]
     assert table_keys("Host info (") == list(fmt._HOST_KEYS)
     assert table_keys("Result (") == list(fmt._RESULT_KEYS)
     assert table_keys("Command (") == ["op", "id", "req", "by", "at"]
@@ -122,6 +128,12 @@ def test_docstring_tables_name_the_encoded_keys_in_order() -> None:
 def test_round_trips() -> None:
     assert decode_queue(encode_queue(QUEUE)) == QUEUE
     assert decode_point(encode_point(POINT)) == POINT
+    assert decode_point(encode_point(POINT_B)) == POINT_B
+    # the optional field is optional: a point without it is the same bytes as before
+    assert encode_point(POINT_B | {"buckets": None}) == encode_point(
+        {k: v for k, v in POINT_B.items() if k != "buckets"}
+    )
+    assert encode_point(POINT, {}) == encode_point(POINT)  # no runtimes: nothing to merge
     assert decode_host(encode_host(HOST)) == HOST
     assert decode_result(encode_result(RESULT)) == RESULT
     assert decode_workers(encode_workers([WORKER])) == [WORKER]
@@ -148,6 +160,7 @@ def test_round_trips() -> None:
 DECODERS: list[tuple[Callable[[bytes], object], bytes]] = [
     (decode_queue, encode_queue(QueueRecord(5, 4, 1, 1, 0, 2.0, {0: 1, 417: 3}, {3: 4}))),
     (decode_point, encode_point(POINT)),
+    (decode_point, encode_point(POINT_B)),
     (decode_host, encode_host(HOST)),
     (decode_result, encode_result(RESULT)),
     (decode_workers, encode_workers([WORKER])),
@@ -180,6 +193,11 @@ def test_every_truncation_and_byte_flip_is_refused_or_valid(
         (decode_point, POINT | {"pushed": -1}),
         (decode_point, POINT | {"pushed": True}),
         (decode_point, POINT | {"runtime": POINT["runtime"] | {"p50": 0.1}}),
+        (decode_point, POINT_B | {"buckets": {200: 1}}),  # not runtime.count
+        (decode_point, POINT_B | {"buckets": {}}),
+        (decode_point, POINT_B | {"buckets": {200: 1, 100: 1}}),  # not ascending
+        (decode_point, POINT | {"buckets": {200: 2}}),  # count 0
+        (decode_point, {k: v for k, v in POINT_B.items() if k != "runtime"} | {"x": 1}),
         (decode_host, {"seq": 0}),
         (decode_workers, [WORKER | {"state": "odd"}]),
         (decode_workers, [WORKER | {"pid": "9"}]),
