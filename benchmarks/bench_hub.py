@@ -18,7 +18,9 @@ point is that the command rate does not follow the job rate). ``--quick``: 4 s w
 from __future__ import annotations
 
 import contextlib
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import (
@@ -35,9 +37,17 @@ from _common import (
     workers,
 )
 
+import qdash_mp.hub
+
 BENCH = "hub"
 RATES = (10_000, 1_000_000)
-INNER = {"hget", "hset", "set", "sadd", "hkeys", "hdel", "zadd", "zrem", "xrange", "xdel"}
+INNER = {
+    m.lower()
+    for m in re.findall(
+        r"redis\.call\('([A-Z]+)'",
+        (Path(qdash_mp.hub.__file__).parent / "publish.lua").read_text(),
+    )
+}
 """Commands only ``publish.lua`` runs (inside EVALSHA): never a round trip of their own."""
 OWN = {"info"}
 """The bench's own reads."""
