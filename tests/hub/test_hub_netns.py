@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -581,3 +582,19 @@ def test_namespaces_are_removed_on_failure_and_after_a_kill() -> None:
         assert not {host_ns, hub_ns} & _namespaces()
         assert not _root_link_exists(root_if)
     assert not any(n.startswith(f"qhub-{killed.pid}-") for n in _namespaces())
+
+
+def test_the_lab_refuses_a_listener_on_a_root_namespace_address() -> None:
+    """``Lab.assert_root_clean`` catches this process listening on a non-loopback address of
+    the root namespace (the wildcard, or the root side of the lab's link); loopback is fine."""
+    with Lab(1) as lab:
+        lab.assert_root_clean()
+        for host in ("127.0.0.1", "0.0.0.0", lab.root_ip):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                s.listen()
+                if host == "127.0.0.1":
+                    lab.assert_root_clean()
+                    continue
+                with pytest.raises(AssertionError, match="non-loopback root-namespace"):
+                    lab.assert_root_clean()
