@@ -1,15 +1,15 @@
 """Network namespaces for the hub tests: "hosts" on this machine, and a "hub" namespace for
 Redis and the hub, each host reaching Redis only over its own link the test can cut.
 
-``Lab(n)`` creates, per run (``<pid>`` of the test process, ``<tag>`` = ``pid % 100000``):
+``Lab(n)`` creates, per run (``<pid>`` of the test process):
 
 ======================  =====================================================================
 ``qhub-<pid>-hub``      Redis and the hub run here (``Lab.hub``), loopback up
 ``qhub-<pid>-<k>``      host ``k`` (``Lab.spaces[k]``), loopback up
-host link ``k``         veth ``qh<tag>h<k>`` (host ns, ``10.200.<k>.2/30``) <->
-                        ``qh<tag>s<k>`` (hub ns, ``10.200.<k>.1/30``): created directly between
+host link ``k``         veth ``qh<pid>h<k>`` (host ns, ``10.200.<k>.2/30``) <->
+                        ``qh<pid>s<k>`` (hub ns, ``10.200.<k>.1/30``): created directly between
                         the two namespaces, it never exists in the root namespace
-root link               veth ``qh<tag>r`` (root ns, ``Lab.root_ip``) <-> ``qh<tag>u`` (hub ns,
+root link               veth ``qh<pid>r`` (root ns, ``Lab.root_ip``) <-> ``qh<pid>u`` (hub ns,
                         ``Lab.hub_ip``) on a /30 in ``10.64.0.0/10`` derived from the pid
                         (unique per live run): the only way from the test process to the hub's
                         HTTP; nothing listens on the root side
@@ -23,11 +23,11 @@ listens on a non-loopback address of the root namespace and that the only lab ad
 is ``root_ip``.
 
 A test runs processes inside with ``Netns.popen`` (``ip netns exec``), cuts and restores one
-host's link with ``HostNs.cut`` / ``HostNs.restore`` (``ip -n <hub ns> link set qh<tag>s<k>
+host's link with ``HostNs.cut`` / ``HostNs.restore`` (``ip -n <hub ns> link set qh<pid>s<k>
 down|up``: that host's packets are dropped, no RST, exactly what a broken network looks like
 to TCP; the other hosts' links are untouched). ``Lab.close`` kills every process left in its
-namespaces and deletes them (the veth pairs go with them); the fixture calls it also when the
-test fails. Leftovers of a run that was ``kill -9``'d (namespaces whose pid is gone) are
+namespaces, deletes them and the root link; the fixture calls it also when the test fails.
+Leftovers of a run that was ``kill -9``'d (namespaces and root link whose pid is gone) are
 removed by the next ``Lab``.
 
 ``RedisServer`` runs a real ``redis-server`` (root namespace on loopback, or inside a
@@ -59,6 +59,7 @@ PREFIX = "qhub-"
 HUB = "hub"
 _TIMEOUT = 10.0
 _LEFTOVER = re.compile(rf"{PREFIX}(\d+)-(?:\d+|{HUB})")
+_ROOT_LINK = re.compile(r"^\d+:\s+(qh(\d+)r)[@:]", re.M)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -118,14 +119,21 @@ def _delete_ns(name: str) -> None:
 
 
 def remove_leftovers() -> None:
-    """Delete the ``qhub-<pid>-*`` namespaces of test runs that are gone (their veth pairs,
-    the root link's root side included, go with them)."""
+    """Delete the ``qhub-<pid>-*`` namespaces and the root links ``qh<pid>r`` of test runs
+    that are gone.
+
+    The root link is deleted by name: a deleted namespace lives on (and its veth ends with
+    it) while a socket still refers to it, e.g. an orphaned TCP connection of a killed Redis
+    retransmitting its FIN to a host that is gone, for minutes."""
     out = _ip("netns", "list", check=False).stdout
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
         m = _LEFTOVER.fullmatch(name)
         if m and not _pid_alive(int(m.group(1))):
             _delete_ns(name)
+    for m in _ROOT_LINK.finditer(_ip("-o", "link", "show", check=False).stdout):
+        if not _pid_alive(int(m.group(2))):
+            _ip("link", "del", m.group(1), check=False)
 
 
 def _is_up(where: tuple[str, ...], dev: str) -> bool:
@@ -223,7 +231,7 @@ class Lab:
     def __init__(self, n: int) -> None:
         remove_leftovers()
         pid = os.getpid()
-        tag = pid % 100000
+        tag = pid  # interface names: "qh" + at most 7 digits + 3 <= 15 bytes
         net = _root_link_net(pid)
         self.root_if = f"qh{tag}r"
         self.root_ip = str(net[1])
@@ -298,7 +306,7 @@ class Lab:
         for m in re.finditer(r"^\d+:\s+(\S+)\s+inet\s+([\d.]+)/", addrs, re.M):
             dev, addr = m.group(1), ipaddress.ip_address(m.group(2))
             if any(addr in net for net in lab_nets) or (
-                dev.startswith(f"qh{os.getpid() % 100000}") and str(addr) != self.root_ip
+                dev.startswith(f"qh{os.getpid()}") and str(addr) != self.root_ip
             ):
                 raise AssertionError(f"a lab address in the root namespace: {dev} {addr}")
 
