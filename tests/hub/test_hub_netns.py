@@ -1,9 +1,12 @@
 """Many hosts for real: collectors in separate network namespaces, one Redis, one hub.
 
 Each "host" is a network namespace (``qdash_testing.netns``) with its own collector
-(``--hub redis://<root side of its veth>/0 --host-name hostN``) and worker processes making
-real hook calls through ``Client``; Redis and the hub (``qdash-mp hub``) run in the root
-namespace. The tests check, to the unit:
+(``--hub redis://<hub side of its own veth link>/0 --host-name hostN``) and worker processes
+making real hook calls through ``Client``; Redis and the hub (``qdash-mp hub``) run in a
+namespace of their own, the hub namespace, that the test process reaches over one more veth
+link (the hub's HTTP at ``Lab.hub_ip``). Nothing runs or listens in the root namespace but
+the test process (``Lab.assert_root_clean``), and every address anything talks to is inside
+a namespace the test created. The tests check, to the unit:
 
 * hub totals equal the sum of the hook calls of every host, and each host's row in the hub's
   ``/queues/api/stats`` equals that host's own dashboard (``/queues/api/stats`` inside its
@@ -24,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +39,7 @@ from typing import Any
 import pytest
 from qdash_testing.collector import _env_with_tests, short_dir, wait_for
 from qdash_testing.http import DashboardSession, get_json
-from qdash_testing.netns import Lab, Netns, RedisServer, unavailable
+from qdash_testing.netns import HostNs, Lab, RedisServer, unavailable
 
 from qdash_mp.settings import CollectorSettings
 
@@ -88,7 +92,7 @@ class Host:
     """One namespace with its collector, and what its workers reported (the truth)."""
 
     name: str
-    ns: Netns
+    ns: HostNs
     data: Path
     redis_url: str
     proc: subprocess.Popen[bytes] | None = None
@@ -227,7 +231,7 @@ class World:
         self.hub.wait(timeout=30)
         if self.hub.stdout is not None:
             self.hub.stdout.close()
-        self.hub, self.hub_url = _hub_process(self.redis.url())
+        self.hub, self.hub_url = _hub_process(self.lab, self.redis.url())
 
     def hub_stats(self) -> dict[str, Any]:
         doc: dict[str, Any] = get_json(self.hub_url + "/queues/api/stats")
@@ -308,8 +312,11 @@ class World:
         wait_for(same, CATCH_UP, "hub rows equal to the hosts' own dashboards", interval=0.2)
 
 
-def _hub_process(redis_url: str) -> tuple[subprocess.Popen[str], str]:
-    hub = subprocess.Popen(
+def _hub_process(lab: Lab, redis_url: str) -> tuple[subprocess.Popen[str], str]:
+    """``qdash-mp hub`` in the hub namespace, Redis on its loopback, HTTP on ``hub_ip``: the
+    hub side of the test process's link (``--insecure-no-auth``: only the test's own root
+    link reaches that address)."""
+    hub = lab.hub.popen(
         [
             sys.executable,
             "-m",
@@ -318,7 +325,8 @@ def _hub_process(redis_url: str) -> tuple[subprocess.Popen[str], str]:
             "--redis",
             redis_url,
             "--http",
-            "127.0.0.1:0",
+            f"{lab.hub_ip}:0",
+            "--insecure-no-auth",
             "--stale-after",
             str(STALE),
         ],
@@ -343,21 +351,24 @@ def world() -> Iterator[World]:
     try:
         rdir = short_dir("qhr")
         dirs.append(rdir)
-        binds = ("127.0.0.1", *(ns.root_ip for ns in lab.spaces))
-        redis = RedisServer(rdir, binds=binds).start()
+        # Redis in the hub namespace: its loopback (the hub) and each host link's hub side
+        binds = ("127.0.0.1", *(ns.hub_ip for ns in lab.spaces))
+        redis = RedisServer(rdir, binds=binds, netns=lab.hub).start()
         for k, ns in enumerate(lab.spaces):
             d = short_dir("qhh")
             dirs.append(d)
-            host = Host(f"host{k}", ns, d, redis.url(ns.root_ip))
+            host = Host(f"host{k}", ns, d, redis.url(ns.hub_ip))
             host.requeue_file = d / "requeued.txt"
             host.start()
             hosts.append(host)
-        hub, url = _hub_process(redis.url())
+        hub, url = _hub_process(lab, redis.url())
+        lab.assert_root_clean()
         w = World(lab, redis, hosts, hub, url)
         try:
             yield w
         finally:
             hub = w.hub  # restart_hub() replaces it
+        lab.assert_root_clean()
         _report(w.figures)
     finally:
         for h in hosts:
@@ -434,6 +445,7 @@ def test_totals_exact_and_rows_equal_through_faults(world: World) -> None:
     )
     stale = world.hub_stats()
     assert stale["hosts"]["host1"]["totals"]["processed"] > 0  # last counts kept
+    assert not stale["hosts"]["host0"]["stale"]  # the cut is host1's own link only
     world.figures["link cut"] = {"stale_after_s": round(time.monotonic() - t_cut, 2)}
     h1.ns.restore()
     world.wait_exact("link restored")
@@ -481,6 +493,7 @@ def test_retry_from_the_hub_runs_once_on_the_owning_host(world: World) -> None:
         "host0 to show as stale",
         interval=0.2,
     )
+    assert not world.hub_stats()["hosts"]["host1"]["stale"]  # host0's own link only
     status, body = session.post("/queues/failed/job-2@host0/retry")
     assert status == 202, body
     assert body["queued"] is True
@@ -508,8 +521,9 @@ LAB_FAILS = """
 import sys
 from qdash_testing.netns import Lab
 with Lab(1) as lab:
-    print(lab.spaces[0].name, flush=True)
+    print(lab.spaces[0].name, lab.hub.name, lab.root_if, flush=True)
     lab.spaces[0].popen(["sleep", "600"])
+    lab.hub.popen(["sleep", "600"])
     raise SystemExit(3)
 """
 
@@ -518,7 +532,8 @@ import sys, time
 from qdash_testing.netns import Lab
 lab = Lab(1)
 lab.spaces[0].popen(["sleep", "600"])
-print(lab.spaces[0].name, flush=True)
+lab.hub.popen(["sleep", "600"])
+print(lab.spaces[0].name, lab.hub.name, lab.root_if, flush=True)
 time.sleep(600)
 """
 
@@ -526,6 +541,11 @@ time.sleep(600)
 def _namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return {line.split()[0] for line in out.stdout.splitlines() if line.split()}
+
+
+def _root_link_exists(dev: str) -> bool:
+    done = subprocess.run(["ip", "link", "show", dev], capture_output=True, check=False)
+    return done.returncode == 0
 
 
 def test_namespaces_are_removed_on_failure_and_after_a_kill() -> None:
@@ -540,7 +560,9 @@ def test_namespaces_are_removed_on_failure_and_after_a_kill() -> None:
         check=False,
     )
     assert done.returncode == 3, done.stderr
-    assert done.stdout.strip() not in _namespaces()
+    host_ns, hub_ns, root_if = done.stdout.split()
+    assert not {host_ns, hub_ns} & _namespaces()
+    assert not _root_link_exists(root_if)
     killed = subprocess.Popen(
         [sys.executable, "-c", LAB_KILLED],
         stdout=subprocess.PIPE,
@@ -548,11 +570,34 @@ def test_namespaces_are_removed_on_failure_and_after_a_kill() -> None:
         env=_env_with_tests(),
     )
     assert killed.stdout is not None
-    name = killed.stdout.readline().strip()
+    host_ns, hub_ns, root_if = killed.stdout.readline().split()
     killed.kill()
     killed.wait(timeout=10)
     killed.stdout.close()
-    assert name in _namespaces()  # a kill -9 leaves it (and its sleep) behind...
-    with Lab(1):
-        assert name not in _namespaces()  # ...and the next Lab removes them
+    # a kill -9 leaves them (and their sleeps) behind...
+    assert {host_ns, hub_ns} <= _namespaces()
+    assert _root_link_exists(root_if)
+    # ...and something may still hold the hub namespace (here this fd; in a real run an
+    # orphaned TCP socket of the killed Redis): deleting it does not delete its veth ends
+    with open(f"/run/netns/{hub_ns}") as held, Lab(1):
+        assert held.fileno() >= 0
+        # ...the next Lab removes them all, the root side of the killed run's link included
+        assert not {host_ns, hub_ns} & _namespaces()
+        assert not _root_link_exists(root_if)
     assert not any(n.startswith(f"qhub-{killed.pid}-") for n in _namespaces())
+
+
+def test_the_lab_refuses_a_listener_on_a_root_namespace_address() -> None:
+    """``Lab.assert_root_clean`` catches this process listening on a non-loopback address of
+    the root namespace (the wildcard, or the root side of the lab's link); loopback is fine."""
+    with Lab(1) as lab:
+        lab.assert_root_clean()
+        for host in ("127.0.0.1", "0.0.0.0", lab.root_ip):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                s.listen()
+                if host == "127.0.0.1":
+                    lab.assert_root_clean()
+                    continue
+                with pytest.raises(AssertionError, match="non-loopback root-namespace"):
+                    lab.assert_root_clean()

@@ -1,19 +1,37 @@
-"""Network namespaces for the hub tests: "hosts" on this machine that reach Redis only over a
-link the test can cut.
+"""Network namespaces for the hub tests: "hosts" on this machine, and a "hub" namespace for
+Redis and the hub, each host reaching Redis only over its own link the test can cut.
 
-``Lab`` creates namespaces ``qhub-<pid>-<k>``, each with a veth pair to the root namespace
-on its own private /30 (``10.<a>.<k>.0/30``: root side ``.1``, namespace side ``.2``; ``<a>``
-derived from the pid so concurrent runs do not clash), loopback up inside. A test runs
-processes inside with ``Netns.popen`` (``ip netns exec``), cuts and restores the link with
-``Netns.cut`` / ``Netns.restore`` (``ip link set <root side> down|up``: packets are dropped,
-no RST, exactly what a broken network looks like to TCP). ``Lab.close`` kills every process
-left in its namespaces and deletes them (the veth pairs go with them); the fixture calls it
-also when the test fails. Leftovers of a run that was ``kill -9``'d (namespaces whose pid is
-gone) are removed by the next ``Lab``.
+``Lab(n)`` creates, per run (``<pid>`` of the test process):
 
-``RedisServer`` runs a real ``redis-server`` (root namespace, bound to loopback and to the
-lab's root-side addresses, or inside a namespace) that a test can stop and restart on the
-same port.
+======================  =====================================================================
+``qhub-<pid>-hub``      Redis and the hub run here (``Lab.hub``), loopback up
+``qhub-<pid>-<k>``      host ``k`` (``Lab.spaces[k]``), loopback up
+host link ``k``         veth ``qh<pid>h<k>`` (host ns, ``10.200.<k>.2/30``) <->
+                        ``qh<pid>s<k>`` (hub ns, ``10.200.<k>.1/30``): created directly between
+                        the two namespaces, it never exists in the root namespace
+root link               veth ``qh<pid>r`` (root ns, ``Lab.root_ip``) <-> ``qh<pid>u`` (hub ns,
+                        ``Lab.hub_ip``) on a /30 in ``10.64.0.0/10`` derived from the pid
+                        (unique per live run): the only way from the test process to the hub's
+                        HTTP; nothing listens on the root side
+======================  =====================================================================
+
+So every address a process talks to is inside a namespace the test created: a collector
+talks to Redis at its link's hub side, the hub to Redis on the hub namespace's loopback, the
+test process to the hub at ``Lab.hub_ip`` and to a collector's dashboard on the loopback of
+its namespace (``Netns.run``). ``Lab.assert_root_clean`` checks that nothing of this test
+listens on a non-loopback address of the root namespace and that the only lab address there
+is ``root_ip``.
+
+A test runs processes inside with ``Netns.popen`` (``ip netns exec``), cuts and restores one
+host's link with ``HostNs.cut`` / ``HostNs.restore`` (``ip -n <hub ns> link set qh<pid>s<k>
+down|up``: that host's packets are dropped, no RST, exactly what a broken network looks like
+to TCP; the other hosts' links are untouched). ``Lab.close`` kills every process left in its
+namespaces, deletes them and the root link; the fixture calls it also when the test fails.
+Leftovers of a run that was ``kill -9``'d (namespaces and root link whose pid is gone) are
+removed by the next ``Lab``.
+
+``RedisServer`` runs a real ``redis-server`` (root namespace on loopback, or inside a
+namespace) that a test can stop and restart on the same port.
 
 ``unavailable()`` says why namespaces cannot be made here (not root, no ``ip``, no netns
 support), or ``None``; tests skip with that reason. CI runs as root.
@@ -22,6 +40,7 @@ support), or ``None``; tests skip with that reason. CI runs as root.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import shutil
@@ -34,10 +53,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Lab", "Netns", "RedisServer", "free_port", "unavailable"]
+__all__ = ["HostNs", "Lab", "Netns", "RedisServer", "free_port", "unavailable"]
 
 PREFIX = "qhub-"
+HUB = "hub"
 _TIMEOUT = 10.0
+_LEFTOVER = re.compile(rf"{PREFIX}(\d+)-(?:\d+|{HUB})")
+_ROOT_LINK = re.compile(r"^\d+:\s+(qh(\d+)r)[@:]", re.M)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -97,24 +119,33 @@ def _delete_ns(name: str) -> None:
 
 
 def remove_leftovers() -> None:
-    """Delete ``qhub-<pid>-*`` namespaces of test runs that are gone."""
+    """Delete the ``qhub-<pid>-*`` namespaces and the root links ``qh<pid>r`` of test runs
+    that are gone.
+
+    The root link is deleted by name: a deleted namespace lives on (and its veth ends with
+    it) while a socket still refers to it, e.g. an orphaned TCP connection of a killed Redis
+    retransmitting its FIN to a host that is gone, for minutes."""
     out = _ip("netns", "list", check=False).stdout
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
-        m = re.fullmatch(rf"{PREFIX}(\d+)-\d+", name)
+        m = _LEFTOVER.fullmatch(name)
         if m and not _pid_alive(int(m.group(1))):
             _delete_ns(name)
+    for m in _ROOT_LINK.finditer(_ip("-o", "link", "show", check=False).stdout):
+        if not _pid_alive(int(m.group(2))):
+            _ip("link", "del", m.group(1), check=False)
+
+
+def _is_up(where: tuple[str, ...], dev: str) -> bool:
+    out = _ip(*where, "-br", "link", "show", dev, check=False).stdout.split()
+    return len(out) >= 2 and out[1] == "UP"
 
 
 @dataclass
 class Netns:
-    """One namespace with a veth pair to the root namespace (see the module docstring)."""
+    """One namespace of a ``Lab``; processes started in it are tracked."""
 
     name: str
-    root_if: str
-    ns_if: str
-    root_ip: str
-    ns_ip: str
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
@@ -135,70 +166,162 @@ class Netns:
             raise AssertionError(f"{argv} in {self.name} exited {done.returncode}: {done.stderr}")
         return done.stdout
 
+
+@dataclass
+class HostNs(Netns):
+    """A host namespace with its own veth link to the hub namespace (module docstring).
+
+    ``ns_ip`` is the host's end, ``hub_ip`` the hub namespace's end (where it reaches Redis).
+    """
+
+    hub: str = ""
+    ns_if: str = ""
+    hub_if: str = ""
+    ns_ip: str = ""
+    hub_ip: str = ""
+
     def cut(self) -> None:
-        """Take the link to the root namespace down: packets to and from it are lost."""
-        _ip("link", "set", self.root_if, "down")
+        """Take this host's link down at the hub end: its packets to and from Redis are lost
+        (and only its: every host has its own link)."""
+        _ip("-n", self.hub, "link", "set", self.hub_if, "down")
 
     def restore(self) -> None:
         """Bring the link back up and wait until both ends report it up (operstate UP)."""
-        _ip("link", "set", self.root_if, "up")
+        _ip("-n", self.hub, "link", "set", self.hub_if, "up")
         deadline = time.monotonic() + _TIMEOUT
-        while not (self._up(()) and self._up(("-n", self.name))):
+        while not (_is_up(("-n", self.hub), self.hub_if) and _is_up(("-n", self.name), self.ns_if)):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name}: the link did not come back up")
             time.sleep(0.02)
 
-    def _up(self, where: tuple[str, ...]) -> bool:
-        dev = self.root_if if not where else self.ns_if
-        out = _ip(*where, "-br", "link", "show", dev, check=False).stdout.split()
-        return len(out) >= 2 and out[1] == "UP"
+
+def _root_link_net(pid: int) -> ipaddress.IPv4Network:
+    """A /30 in 10.64.0.0/10 of its own for every pid below 2**20 (pid_max is 2**22 at most;
+    two live runs 2**20 pids apart are not a concern)."""
+    base = int(ipaddress.IPv4Address("10.64.0.0")) + (pid % (1 << 20)) * 4
+    return ipaddress.IPv4Network((base, 30))
+
+
+def _descendants(pid: int) -> set[int]:
+    """``pid`` and every live process below it (``/proc/<pid>/task/*/children``)."""
+    seen = {pid}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    kids = Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                    for kid in map(int, kids):
+                        if kid not in seen:
+                            seen.add(kid)
+                            todo.append(kid)
+    return seen
+
+
+def _listen_host(local: str) -> str:
+    host = local.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    return "0.0.0.0" if host == "*" else host
 
 
 class Lab:
-    """``n`` namespaces, each linked to the root namespace; ``close()`` removes them all."""
+    """A hub namespace and ``n`` host namespaces, each host linked to the hub namespace by its
+    own veth pair, the hub namespace linked to the root one; ``close()`` removes them all."""
 
     def __init__(self, n: int) -> None:
         remove_leftovers()
         pid = os.getpid()
-        a = 100 + pid % 150  # 10.100.x.x .. 10.249.x.x: private, per run
-        tag = pid % 100000
-        self.spaces: list[Netns] = []
+        tag = pid  # interface names: "qh" + at most 7 digits + 3 <= 15 bytes
+        net = _root_link_net(pid)
+        self.root_if = f"qh{tag}r"
+        self.root_ip = str(net[1])
+        self.hub_ip = str(net[2])
+        self.hub = Netns(f"{PREFIX}{pid}-{HUB}")
+        self.spaces: list[HostNs] = []
+        self._made: list[Netns] = []
         try:
+            self._make_hub(tag, net.prefixlen)
             for k in range(n):
-                ns = Netns(
-                    name=f"{PREFIX}{pid}-{k}",
-                    root_if=f"qh{tag}r{k}",
-                    ns_if=f"qh{tag}n{k}",
-                    root_ip=f"10.{a}.{k}.1",
-                    ns_ip=f"10.{a}.{k}.2",
+                self._make_host(
+                    HostNs(
+                        name=f"{PREFIX}{pid}-{k}",
+                        hub=self.hub.name,
+                        ns_if=f"qh{tag}h{k}",
+                        hub_if=f"qh{tag}s{k}",
+                        ns_ip=f"10.200.{k}.2",
+                        hub_ip=f"10.200.{k}.1",
+                    )
                 )
-                self._make(ns)
         except BaseException:
             self.close()
             raise
 
-    def _make(self, ns: Netns) -> None:
-        _ip("netns", "add", ns.name)
-        self.spaces.append(ns)  # so close() removes it even if the rest fails
-        _ip("link", "add", ns.root_if, "type", "veth", "peer", "name", ns.ns_if)
-        _ip("link", "set", ns.ns_if, "netns", ns.name)
-        _ip("addr", "add", f"{ns.root_ip}/30", "dev", ns.root_if)
-        _ip("link", "set", ns.root_if, "up")
-        inside = ("-n", ns.name)
-        _ip(*inside, "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_if)
-        _ip(*inside, "link", "set", ns.ns_if, "up")
+    def _make_hub(self, tag: int, prefixlen: int) -> None:
+        _ip("netns", "add", self.hub.name)
+        self._made.append(self.hub)  # so close() removes it even if the rest fails
+        inside = ("-n", self.hub.name)
         _ip(*inside, "link", "set", "lo", "up")
+        hub_if = f"qh{tag}u"
+        _ip("link", "add", self.root_if, "type", "veth", "peer", "name", hub_if, "netns",
+            self.hub.name)  # fmt: skip
+        _ip("addr", "add", f"{self.root_ip}/{prefixlen}", "dev", self.root_if)
+        _ip("link", "set", self.root_if, "up")
+        _ip(*inside, "addr", "add", f"{self.hub_ip}/{prefixlen}", "dev", hub_if)
+        _ip(*inside, "link", "set", hub_if, "up")
+
+    def _make_host(self, ns: HostNs) -> None:
+        _ip("netns", "add", ns.name)
+        self._made.append(ns)
+        self.spaces.append(ns)
+        # both ends created inside their namespaces: the host links never touch the root one
+        _ip("link", "add", ns.ns_if, "netns", ns.name, "type", "veth", "peer", "name",
+            ns.hub_if, "netns", ns.hub)  # fmt: skip
+        _ip("-n", ns.name, "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_if)
+        _ip("-n", ns.name, "link", "set", ns.ns_if, "up")
+        _ip("-n", ns.name, "link", "set", "lo", "up")
+        _ip("-n", ns.hub, "addr", "add", f"{ns.hub_ip}/30", "dev", ns.hub_if)
+        _ip("-n", ns.hub, "link", "set", ns.hub_if, "up")
+
+    def assert_root_clean(self) -> None:
+        """Nothing of this test (this process and its descendants still in the root
+        namespace) listens on a non-loopback address of the root namespace, nothing listens
+        on ``root_ip``, and ``root_ip`` is the only address of the lab there."""
+        ours = _descendants(os.getpid())
+        out = subprocess.run(
+            ["ss", "-Htulnp"], capture_output=True, text=True, check=True, timeout=_TIMEOUT
+        ).stdout
+        bad = []
+        for line in out.splitlines():
+            cols = line.split()
+            if len(cols) < 5:
+                continue
+            host = _listen_host(cols[4])
+            pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+            loopback = ipaddress.ip_address(host).is_loopback
+            if host == self.root_ip or (pids & ours and not loopback):
+                bad.append(line)
+        assert not bad, f"listening on a non-loopback root-namespace address: {bad}"
+        lab_nets = [ipaddress.ip_network(f"{ns.ns_ip}/30", strict=False) for ns in self.spaces]
+        addrs = _ip("-o", "-4", "addr", "show").stdout
+        for m in re.finditer(r"^\d+:\s+(\S+)\s+inet\s+([\d.]+)/", addrs, re.M):
+            dev, addr = m.group(1), ipaddress.ip_address(m.group(2))
+            if any(addr in net for net in lab_nets) or (
+                dev.startswith(f"qh{os.getpid()}") and str(addr) != self.root_ip
+            ):
+                raise AssertionError(f"a lab address in the root namespace: {dev} {addr}")
 
     def close(self) -> None:
         """Kill the processes started in the namespaces, delete namespaces and links."""
-        for ns in self.spaces:
+        for ns in self._made:
             for proc in ns.procs:
                 if proc.poll() is None:
                     proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
+        for ns in reversed(self._made):  # hosts first, the hub namespace last
             _delete_ns(ns.name)
-            _ip("link", "del", ns.root_if, check=False)  # gone with the namespace, normally
+        _ip("link", "del", self.root_if, check=False)  # gone with the hub namespace, normally
+        self._made = []
         self.spaces = []
 
     def __enter__(self) -> Lab:
@@ -267,8 +390,12 @@ class RedisServer:
         return self
 
     def ping(self) -> bool:
-        if self.netns is not None:
-            return True  # the root namespace cannot reach inside; a client retries anyway
+        if self.netns is not None:  # the root namespace cannot reach its loopback: ask inside
+            argv = ["redis-cli", "-h", self.binds[0], "-p", str(self.port), "ping"]
+            done = subprocess.run(
+                self.netns.argv(argv), capture_output=True, text=True, timeout=_TIMEOUT, check=False
+            )
+            return done.stdout.strip() == "PONG"
         try:
             with socket.create_connection((self.binds[0], self.port), timeout=1.0) as s:
                 s.sendall(b"PING\r\n")
