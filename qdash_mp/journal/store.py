@@ -69,6 +69,10 @@ ERROR_PREVIEW: Final = 120
 """Characters of the error text a ``page`` row carries."""
 
 
+_RAW: Final = object()
+"""``_failed_job``'s default: decode the payload from the record's bytes."""
+
+
 def _unpack_payload(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
 
@@ -351,11 +355,14 @@ class Journal(Recovery, Compaction, Staging):
         return [self._failed_job(f) for f in reversed(fields)]
 
     @staticmethod
-    def _failed_job(f: Any) -> FailedJob:
-        try:
-            payload = _unpack_payload(f.payload_raw)
-        except (ValueError, TypeError):
-            payload = f.payload_raw  # shown as bytes rather than not at all
+    def _failed_job(f: Any, payload: Any = _RAW) -> FailedJob:
+        """The ``FailedJob`` of stored fields ``f``; ``payload``: already decoded, or (by
+        default) decoded here, shown as its bytes when it does not decode (history rows)."""
+        if payload is _RAW:
+            try:
+                payload = _unpack_payload(f.payload_raw)
+            except (ValueError, TypeError):
+                payload = f.payload_raw  # shown as bytes rather than not at all
         job = Job(
             id=f.id, name=f.name, payload=payload, attempts=f.attempts, enqueued_at=f.enqueued_at
         )
@@ -396,21 +403,7 @@ class Journal(Recovery, Compaction, Staging):
             payload = _unpack_payload(f.payload_raw)
         except (ValueError, TypeError) as exc:
             raise JournalError(f"the stored payload of job {id!r} does not decode: {exc}") from None
-        job = Job(
-            id=f.id,
-            name=f.name,
-            payload=payload,
-            attempts=f.attempts,
-            enqueued_at=f.enqueued_at,
-        )
-        failed = FailedJob(
-            id=f.id,
-            queue=f.queue,
-            job=job,
-            error=f.error,
-            failed_at=datetime.fromtimestamp(f.failed_at, UTC),
-            traceback=f.traceback,
-        )
+        failed = self._failed_job(f, payload)
         return failed, f.payload_raw
 
     def ids(self) -> list[str]:
