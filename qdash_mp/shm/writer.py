@@ -369,19 +369,9 @@ class SharedStats(StatsBase):
             # A log entry: [target, slots to copy back, payload]. A record whose histograms
             # do not change logs (and copies back) only its head.
             logged: dict[int, int] = {}
-            for idx, deltas in plan:
-                if not any(deltas):
-                    continue
-                e = logged.get(idx)
-                if e is None:
-                    n = rs if idx in full else hs
-                    e = logged[idx] = log0 + len(logged) * ls + 2
-                    r = rec0 + idx * rs
-                    q[e - 2] = idx
-                    q[e - 1] = n
-                    q[e : e + n] = q[r : r + n]
-                apply_deltas(q, e, ring, deltas, now)  # saturates: cannot raise on a value
-            for idx, n, runtime, wait in extra:
+
+            def entry(idx: int) -> int:
+                """Record ``idx``'s log entry, made (a copy of the record) on first use."""
                 e = logged.get(idx)
                 if e is None:
                     size = rs if idx in full else hs
@@ -390,6 +380,13 @@ class SharedStats(StatsBase):
                     q[e - 2] = idx
                     q[e - 1] = size
                     q[e : e + size] = q[r : r + size]
+                return e
+
+            for idx, deltas in plan:
+                if any(deltas):  # saturates: cannot raise on a value
+                    apply_deltas(q, entry(idx), ring, deltas, now)
+            for idx, n, runtime, wait in extra:
+                e = entry(idx)
                 if n:
                     apply_started(q, e, n)
                 apply_hist(q, e, ring, runtime, wait)  # validated above; saturates
