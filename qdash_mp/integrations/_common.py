@@ -116,6 +116,7 @@ class ProcessClient:
         self._requeue: Requeue | None = None
         self._queues: list[str] | None = None
         self._client: Client | None = None
+        self._inherited: list[Client] = []
         self._lock = threading.Lock()
 
     def configure(self, requeue: Requeue, queues: Iterable[str]) -> Client:
@@ -149,7 +150,13 @@ class ProcessClient:
         return self._client
 
     def drop(self) -> None:
-        """Forget the client without closing it (a child's inert copy); the next use makes one."""
+        """Forget the client without closing it (a child's inert copy); the next use makes one.
+
+        The copy stays referenced: freeing it in a short-lived child would write to pages
+        it shares with the parent, each then copied.
+        """
+        if self._client is not None:
+            self._inherited.append(self._client)
         self._client = None
         self._requeue = None
         self._queues = None
