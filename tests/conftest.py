@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import settings
 from aiohttp.test_utils import TestClient
 from qdash_testing.fixtures import (  # noqa: F401  (registers them for every test module)
     client_factory,
@@ -24,6 +25,11 @@ from qdash_testing.redis_server import redis_server  # noqa: F401  (the hub test
 
 from qdash_mp import Inspector, create_app
 from qdash_mp.testing import qdash_collector  # noqa: F401  (registers the shipped fixture)
+
+# Timing belongs in benchmarks/: a loaded machine must not fail a property test on speed
+# (hypothesis' default 200 ms deadline per example did, under CI load).
+settings.register_profile("qdash", deadline=None)
+settings.load_profile("qdash")
 
 DashboardClient = TestClient[web.Request, web.Application]
 MakeDashboard = Callable[..., Awaitable[DashboardClient]]
