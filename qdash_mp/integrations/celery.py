@@ -8,7 +8,8 @@ qdash_mp event              Celery signal                    process
 ==========================  ===============================  ==================================
 pushed                      ``before_task_publish``          producer (first publish only)
 started                     ``task_prerun``                  pool child
-processed (runtime)         ``task_success`` (``runtime``)   pool child
+processed (runtime)         ``task_success`` (timed from     pool child
+                            ``task_prerun`` by the client)
 failed (error, traceback)   ``task_failure``                 pool child; parent for a lost
                                                              worker or a hard time limit
 retried                     ``task_retry``                   pool child
@@ -26,8 +27,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import threading
-import time
 from typing import Any
 
 from qdash_mp.integrations._common import (
@@ -47,9 +46,6 @@ class CeleryAdapter:
     def __init__(self, app: Any, socket_path: str | os.PathLike[str] | None = None) -> None:
         self.app = app
         self.clients = ProcessClient(socket_path)
-        # task id -> (start time, queue) of the jobs running in this process.
-        self._running: dict[str, tuple[float, str]] = {}
-        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- helpers
 
@@ -107,26 +103,15 @@ class CeleryAdapter:
         return [str(n) for n in names] or [str(app.conf.task_default_queue)]
 
     def task_prerun(self, sender: Any = None, task_id: Any = None, **kw: Any) -> None:
-        queue = self._queue_of(sender)
-        with self._lock:
-            self._running[str(task_id)] = (time.perf_counter(), queue)
-        request = sender.request
-        job = make_job(
-            task_id, sender.name, request.args, request.kwargs, queue, (request.retries or 0) + 1
-        )
-        self.clients.get().on_started(queue, job)
+        # The started job carries no args/kwargs (a failure builds them) and the client
+        # times the run from here to the end report of the same id.
+        attempts = (sender.request.retries or 0) + 1
+        job = Job(str(task_id), sender.name, None, attempts)
+        self.clients.get().on_started(self._queue_of(sender), job)
 
-    def _finish(self, task_id: Any, sender: Any) -> tuple[str, float | None]:
-        with self._lock:
-            started = self._running.pop(str(task_id), None)
-        if started is None:  # the parent (lost worker, hard time limit): no start seen here
-            return self._queue_of(sender), None
-        return started[1], time.perf_counter() - started[0]
-
-    def task_success(self, sender: Any = None, runtime: Any = None, **_: Any) -> None:
-        queue, measured = self._finish(sender.request.id, sender)
+    def task_success(self, sender: Any = None, **_: Any) -> None:
         done = Job(str(sender.request.id), sender.name)  # ends the active entry on_started made
-        self.clients.get().on_processed(queue, done, runtime if runtime is not None else measured)
+        self.clients.get().on_processed(self._queue_of(sender), done)
 
     def task_failure(
         self,
@@ -137,20 +122,22 @@ class CeleryAdapter:
         kwargs: Any = None,
         **_: Any,
     ) -> None:
-        queue, runtime = self._finish(task_id, sender)
+        # In the pool child the client times the run it saw start; in the parent (a lost
+        # worker, a hard time limit) no start was seen here and no runtime is reported.
+        queue = self._queue_of(sender)
         request = getattr(sender, "request", None)
         retries = (getattr(request, "retries", 0) or 0) if request is not None else 0
         name = getattr(sender, "name", "") or ""
         job = make_job(task_id, name, args, kwargs, queue, int(retries) + 1)
         error = exception if isinstance(exception, BaseException) else str(exception)
-        self.clients.get().on_failed(queue, job, error, runtime)
+        self.clients.get().on_failed(queue, job, error)
 
     def task_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         task_id = getattr(request, "id", None)
-        queue, _runtime = self._finish(task_id, sender)
         name = getattr(sender, "name", "") or ""
         # This attempt ends here (the retry may run in another pool child): not active any more.
-        self.clients.get().on_retried(queue, Job(str(task_id), name) if task_id else None)
+        job = Job(str(task_id), name) if task_id else None
+        self.clients.get().on_retried(self._queue_of(sender), job)
 
     def process_shutdown(self, **_: Any) -> None:
         """A pool child is about to ``os._exit``: deliver what it counted."""
