@@ -136,6 +136,16 @@ def run_module(module: str, **kw: Any) -> subprocess.Popen[str]:
     )
 
 
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs (a test failed half way), wait, close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 def _env_with_tests(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment, with ``tests/`` importable (``qdash_testing``)."""
     env = dict(os.environ)
