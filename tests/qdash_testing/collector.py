@@ -9,13 +9,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qdash_mp.settings import CollectorSettings
 
 START_TIMEOUT = 30.0
+
+T = TypeVar("T")
 
 
 def short_dir(prefix: str = "qd") -> Path:
@@ -23,8 +26,8 @@ def short_dir(prefix: str = "qd") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll ``predicate()`` until it is truthy (another process is doing the work)."""
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01) -> T:
+    """Poll ``predicate()`` until it is truthy (another process is doing the work); its value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
