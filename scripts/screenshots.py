@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from qdash_testing.browser import Browser, browser_missing, start_browser  # noqa: E402
 from qdash_testing.collector import CollectorProc, short_dir, wait_for  # noqa: E402
-from qdash_testing.http import DashboardSession, get_json  # noqa: E402
-from qdash_testing.traffic import DemoWorkers, seed_history  # noqa: E402
+from qdash_testing.http import DashboardSession  # noqa: E402
+from qdash_testing.live import running_dashboard  # noqa: E402
 
 WIDTH, HEIGHT = 1280, 800
 
@@ -84,24 +84,20 @@ def main() -> int:
         print(missing, file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    d, d2 = short_dir(), short_dir()
-    collector = CollectorProc(d)
+    d2 = short_dir()
     token = d2 / "token"
     token.write_text("screenshot-token\n")
     token.chmod(0o600)
     guarded = CollectorProc(d2, args=("--auth-token-file", str(token)))
     try:
-        seed_history(d)
-        collector.start()
-        guarded.start()
-        with DemoWorkers(collector.socket, 3, jobs_per_s=12, failure_rate=0.06):
-            base = collector.http
-            wait_for(lambda: len(get_json(base + "/queues/api/failed")["jobs"]) >= 8, 60, "fails")
+        with running_dashboard(jobs_per_s=12, failure_rate=0.06, history=True, workers=3) as live:
+            guarded.start()
+            base = live.url
+            wait_for(lambda: len(live.failed_ids()) >= 8, 60, "fails")
             time.sleep(args.settle)
             session = DashboardSession(base)
-            newest = get_json(base + "/queues/api/failed")["jobs"][0]["id"]
-            session.post(f"/queues/failed/{quote(newest, safe='')}/retry")
-            job = get_json(base + "/queues/api/failed")["jobs"][0]["id"]
+            session.post(f"/queues/failed/{quote(live.failed_ids()[0], safe='')}/retry")
+            job = live.failed_ids()[0]
             with start_browser(width=WIDTH, height=HEIGHT) as b:
                 b.viewport(WIDTH, HEIGHT)
                 _shoot(b, base + "/queues/", "overview", args.out, charts=True)
@@ -112,9 +108,7 @@ def main() -> int:
                 _shoot(b, base + "/queues/audit", "audit", args.out)
                 _shoot(b, guarded.http + "/queues/login", "login", args.out)
     finally:
-        collector.cleanup()
         guarded.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(d2, ignore_errors=True)
     return 0
 

@@ -15,8 +15,11 @@ from aiohttp.test_utils import TestClient
 from qdash_testing.fixtures import (  # noqa: F401  (registers them for every test module)
     client_factory,
     collector_proc,
+    collector_settings,
+    collector_settings_kw,
     data_dir,
     inprocess_collector,
+    live_collector,
     running_collector,
 )
 from qdash_testing.http import csrf_token_in

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +44,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def data_dir() -> Iterator[Path]:
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def collector(data_dir: Path) -> Iterator[CollectorProc]:
-    proc = CollectorProc(data_dir).start()
-    yield proc
-    proc.cleanup()
+def collector(running_collector: CollectorProc) -> CollectorProc:
+    """The shared ``running_collector`` (on the shared ``data_dir``), by this module's name."""
+    return running_collector
 
 
 def get_json(url: str) -> Any:

@@ -12,14 +12,13 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from jsonschema import Draft202012Validator
-from qdash_testing.collector import run_module, short_dir, wait_for
+from qdash_testing.collector import reap, run_module, short_dir, wait_for
 from qdash_testing.rawclient import RawClient
 
 from qdash_mp import Client, Job
@@ -83,42 +82,22 @@ async def until(predicate: Any, what: str, timeout: float = TIMEOUT) -> Any:
         await asyncio.sleep(0.02)
 
 
-def _reap(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            pipe.close()
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
 @pytest.fixture
-def settings(clock: Clock) -> Iterator[CollectorSettings]:
-    d = short_dir()
-    yield CollectorSettings(data_dir=d, http_port=0, tick_interval=0.02, clock=clock)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def collector(settings: CollectorSettings) -> AsyncIterator[Collector]:
-    c = Collector(settings)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
+def collector_settings_kw(clock: Clock) -> dict[str, Any]:
+    """The shared ``collector_settings`` with this module's clock."""
+    return {"clock": clock}
 
 
 # --------------------------------------------------------------------------- workers
 
 
-async def test_workers_appear_show_their_job_and_go_gone(collector: Collector) -> None:
-    sock = str(collector.settings.socket)
+async def test_workers_appear_show_their_job_and_go_gone(live_collector: Collector) -> None:
+    sock = str(live_collector.settings.socket)
     proc = run_module(
         "qdash_testing.lifecycle", mode="worker", socket=sock, name="w-one", queue="mail"
     )
@@ -127,7 +106,7 @@ async def test_workers_appear_show_their_job_and_go_gone(collector: Collector) -
         assert proc.stdin is not None
         line = await asyncio.to_thread(proc.stdout.readline)
         assert line.strip() == "started"
-        url = f"{collector.http_url}/queues/api/workers"
+        url = f"{live_collector.http_url}/queues/api/workers"
         status, body = await get(url)
         conforms("/queues/api/workers", status, body)
         (w,) = body["workers"]
@@ -138,7 +117,7 @@ async def test_workers_appear_show_their_job_and_go_gone(collector: Collector) -
         assert [(j["queue"], j["id"], j["name"]) for j in w["active"]] == [
             ("mail", "w-one-1", "work")
         ]
-        _, stats = await get(f"{collector.http_url}/queues/api/stats")
+        _, stats = await get(f"{live_collector.http_url}/queues/api/stats")
         assert stats["queues"][0]["active"] == 1
         assert stats["totals"]["active"] == 1
         proc.stdin.write("finish\n")
@@ -152,45 +131,45 @@ async def test_workers_appear_show_their_job_and_go_gone(collector: Collector) -
         (w,) = body["workers"]
         assert w["state"] == "gone"
     finally:
-        _reap(proc)
+        reap(proc)
 
 
 async def test_kill9_worker_mid_job_does_not_stay_active(
-    collector: Collector, clock: Clock
+    live_collector: Collector, clock: Clock
 ) -> None:
-    sock = str(collector.settings.socket)
+    sock = str(live_collector.settings.socket)
     proc = run_module(
         "qdash_testing.lifecycle", mode="worker", socket=sock, name="doomed", queue="mail"
     )
     try:
         assert proc.stdout is not None
         assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "started"
-        view = await collector.inspector.stats()
+        view = await live_collector.inspector.stats()
         assert view.totals.active == 1
         os.kill(proc.pid, signal.SIGKILL)
         await asyncio.to_thread(proc.wait, TIMEOUT)
 
         async def gone() -> bool:
-            ws = await collector.inspector.workers()
+            ws = await live_collector.inspector.workers()
             return bool(ws) and ws[0].state == "gone"
 
         await until(gone, "the killed worker to be gone")
-        view = await collector.inspector.stats()
+        view = await live_collector.inspector.stats()
         assert view.totals.active == 0
         assert view.queues[0].active == 0
-        (w,) = await collector.inspector.workers()
+        (w,) = await live_collector.inspector.workers()
         assert w.active == ()
-        clock.t += collector.settings.worker_retention + 1
-        await until(lambda: len(collector.lifecycle.workers) == 0, "the gone worker to expire")
+        clock.t += live_collector.settings.worker_retention + 1
+        await until(lambda: len(live_collector.lifecycle.workers) == 0, "the gone worker to expire")
     finally:
-        _reap(proc)
+        reap(proc)
 
 
 # --------------------------------------------------------------------------- tracking
 
 
-async def test_tracking_pages_exact_for_a_small_run(collector: Collector) -> None:
-    with Client(str(collector.settings.socket), track_jobs=True) as client:
+async def test_tracking_pages_exact_for_a_small_run(live_collector: Collector) -> None:
+    with Client(str(live_collector.settings.socket), track_jobs=True) as client:
         jobs = [Job(id=f"j{i}", name="send") for i in range(5)]
         for job in jobs:
             client.on_pushed("mail", job)
@@ -199,7 +178,7 @@ async def test_tracking_pages_exact_for_a_small_run(collector: Collector) -> Non
             client.on_processed("mail", job, runtime=0.25)
         client.on_started("mail", jobs[2])
         assert await asyncio.to_thread(client.flush, 10)
-    base = f"{collector.http_url}/queues/api/queues/mail"
+    base = f"{live_collector.http_url}/queues/api/queues/mail"
     status, body = await get(base + "/pending")
     assert status == 200
     conforms("/queues/api/queues/{queue}/pending", status, body)
@@ -216,10 +195,10 @@ async def test_tracking_pages_exact_for_a_small_run(collector: Collector) -> Non
     assert (await get(base + "/recent?page=2"))[1]["jobs"] == []
 
 
-async def test_tracking_is_bounded_for_a_large_run(collector: Collector) -> None:
-    rc = await RawClient().connect(str(collector.settings.socket))
+async def test_tracking_is_bounded_for_a_large_run(live_collector: Collector) -> None:
+    rc = await RawClient().connect(str(live_collector.settings.socket))
     try:
-        t = collector.lifecycle.tracking
+        t = live_collector.lifecycle.tracking
         events = tuple(("p", "big", f"j{i}", "n", float(i), None) for i in range(12_000))
         for seq, start in enumerate(range(0, 12_000, 4_000), 1):
             rc.send_raw(encode(Batch(seq=seq, events=events[start : start + 4_000])))
@@ -241,17 +220,17 @@ async def _push(sock: str, queue: str, n: int) -> None:
 
 
 async def test_history_points_per_minute_survive_a_restart(
-    settings: CollectorSettings, clock: Clock
+    collector_settings: CollectorSettings, clock: Clock
 ) -> None:
-    c = Collector(settings)
+    c = Collector(collector_settings)
     await c.start()
     try:
-        await _push(str(settings.socket), "q", 3)
+        await _push(str(collector_settings.socket), "q", 3)
         await until(lambda: "q" in c.lifecycle.history.queues(), "the history to see q")  # type: ignore[union-attr]
         clock.t += 60
         pts = await until(lambda: c.inspector.history("q", "minute"), "a minute point")
         assert [(p["t"], p["pushed"]) for p in pts] == [(T0, 3)]
-        await _push(str(settings.socket), "q", 5)
+        await _push(str(collector_settings.socket), "q", 5)
         await asyncio.sleep(0.1)  # a few ticks inside the minute
         clock.t += 60
 
@@ -261,7 +240,7 @@ async def test_history_points_per_minute_survive_a_restart(
         await until(two, "a second minute point")
     finally:
         await c.stop()
-    again = Collector(settings)
+    again = Collector(collector_settings)
     await again.start()
     try:
         pts = await again.inspector.history("q", "minute")
@@ -333,7 +312,7 @@ def test_history_survives_a_collector_kill9() -> None:
         assert sum(p["processed"] for p in points(http)) == 10  # nothing lost
     finally:
         for p in procs:
-            _reap(p)
+            reap(p)
         # The last collector is reaped with SIGKILL too: its segment is left, like a crash's.
         for seg in Path("/dev/shm").glob(CollectorSettings(data_dir=d).shm + "*"):
             seg.unlink(missing_ok=True)
@@ -343,8 +322,8 @@ def test_history_survives_a_collector_kill9() -> None:
 # --------------------------------------------------------------------------- routes
 
 
-async def test_routes_json_shapes_and_400s(collector: Collector) -> None:
-    base = f"{collector.http_url}/queues/api"
+async def test_routes_json_shapes_and_400s(live_collector: Collector) -> None:
+    base = f"{live_collector.http_url}/queues/api"
     for path, route, word in [
         ("/history", "/history", "queue"),
         ("/history?queue=q&resolution=day", "/history", "resolution"),
@@ -395,16 +374,16 @@ async def test_routes_work_embedded() -> None:
 
 
 async def test_a_broken_history_dir_leaves_the_collector_counting(
-    settings: CollectorSettings,
+    collector_settings: CollectorSettings,
 ) -> None:
-    history = settings.data_dir / "history"
+    history = collector_settings.data_dir / "history"
     history.mkdir(parents=True)
     (history / ("q-" + "0" * 32 + ".qh")).write_bytes(b"not a history file")
-    c = Collector(settings)
+    c = Collector(collector_settings)
     await c.start()
     try:
         assert c.lifecycle.history is None
-        await _push(str(settings.socket), "q", 2)
+        await _push(str(collector_settings.socket), "q", 2)
         status, body = await get(f"{c.http_url}/queues/api/history?queue=q")
         assert (status, body["points"]) == (200, [])
         view = await c.inspector.stats()
@@ -414,15 +393,15 @@ async def test_a_broken_history_dir_leaves_the_collector_counting(
 
 
 async def test_a_tick_that_raises_does_not_stop_the_ticks(
-    collector: Collector, clock: Clock
+    live_collector: Collector, clock: Clock
 ) -> None:
     clock.fail = True
     await until(lambda: clock.failures >= 2, "two failed ticks")
     clock.fail = False
-    await _push(str(collector.settings.socket), "q", 3)
-    history = collector.lifecycle.history
+    await _push(str(live_collector.settings.socket), "q", 3)
+    history = live_collector.lifecycle.history
     assert history is not None
     await until(lambda: "q" in history.queues(), "a tick after the failures")
     clock.t += 60
-    pts = await until(lambda: collector.inspector.history("q", "minute"), "a minute point")
+    pts = await until(lambda: live_collector.inspector.history("q", "minute"), "a minute point")
     assert pts[0]["pushed"] == 3

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
-import pytest
-from qdash_testing.collector import run_module, short_dir
+from qdash_testing.collector import reap, run_module
 
 from qdash_mp import Job, MemoryFailedJobs, Stats, create_app, new_inspector
 from qdash_mp.collector import Collector
-from qdash_mp.settings import CollectorSettings
 
 TIMEOUT = 10.0
 
@@ -80,23 +76,6 @@ async def test_workers_page_embedded_says_it_does_not_know(aiohttp_client: Any) 
     assert "does not know its workers" in html
 
 
-@pytest.fixture
-def settings() -> Iterator[CollectorSettings]:
-    d = short_dir()
-    yield CollectorSettings(data_dir=d, http_port=0, tick_interval=0.02)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def collector(settings: CollectorSettings) -> AsyncIterator[Collector]:
-    c = Collector(settings)
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
-
-
 async def page(url: str) -> str:
     async with aiohttp.ClientSession() as s, s.get(url) as resp:
         assert resp.status == 200
@@ -104,13 +83,13 @@ async def page(url: str) -> str:
 
 
 async def test_workers_page_shows_who_works_on_what_and_greys_the_gone(
-    collector: Collector,
+    live_collector: Collector,
 ) -> None:
-    sock = str(collector.settings.socket)
+    sock = str(live_collector.settings.socket)
     proc = run_module(
         "qdash_testing.lifecycle", mode="worker", socket=sock, name="w-one", queue="mail"
     )
-    url = f"{collector.http_url}/queues/workers"
+    url = f"{live_collector.http_url}/queues/workers"
     try:
         assert proc.stdout is not None
         assert proc.stdin is not None
@@ -134,9 +113,4 @@ async def test_workers_page_shows_who_works_on_what_and_greys_the_gone(
         assert '<tr class="gone">' in html
         assert "idle" in html
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        reap(proc)

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qdash_testing.records import FAILED, failed_array, json_like
 
+import qdash_mp.payload
 import qdash_mp.records
 import qdash_mp.strict_msgpack
 from qdash_mp.errors import ProtocolError
@@ -75,7 +76,7 @@ def test_the_docstring_hex_dump_is_the_packed_record() -> None:
 
 def test_records_import_neither_the_wire_nor_the_journal() -> None:
     # The disk format must not depend on the wire module (nor the other way round, here).
-    for module in (qdash_mp.records, qdash_mp.strict_msgpack):
+    for module in (qdash_mp.records, qdash_mp.payload, qdash_mp.strict_msgpack):
         assert module.__file__ is not None
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qdash_testing.shm import (
+from qdash_testing.shm import (  # noqa: F401  (name_fixture: the `name` fixture)
     CLIENT_ENTRY,
     Clock,
     attach_untracked,
@@ -35,6 +35,7 @@ from qdash_testing.shm import (
     finish,
     first_line,
     fresh_name,
+    name_fixture,
     raw_clients,
     raw_header,
     raw_offsets,
@@ -69,14 +70,6 @@ from qdash_mp.stats import (
     record_len,
     ring_slots,
 )
-
-
-@pytest.fixture
-def name() -> Iterator[str]:
-    """A unique table name; whatever segments a test leaves behind are removed."""
-    n = fresh_name()
-    yield n
-    remove_segments(n)
 
 
 def raw_started(name: str) -> dict[str, int]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 
-import pytest
-from qdash_testing.shm import (
+from qdash_testing.shm import (  # noqa: F401  (name_fixture: the `name` fixture)
     Clock,
     attach_untracked,
     attach_untracked_buf,
     fresh_name,
+    name_fixture,
     raw_clients,
     raw_header,
     raw_offsets,
@@ -28,14 +27,6 @@ from qdash_mp.shm import (
 from qdash_mp.stats import (
     ring_slots,
 )
-
-
-@pytest.fixture
-def name() -> Iterator[str]:
-    """A unique table name; whatever segments a test leaves behind are removed."""
-    n = fresh_name()
-    yield n
-    remove_segments(n)
 
 
 def test_raw_layout_matches_the_docstring(name: str) -> None:

@@ -11,15 +11,15 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-from qdash_testing.shm import (
+from qdash_testing.shm import (  # noqa: F401  (name_fixture: the `name` fixture)
     Clock,
     fresh_name,
+    name_fixture,
     remove_segments,
     rows,
     segments,
@@ -35,15 +35,6 @@ from qdash_mp.shm import (
 from qdash_mp.stats import (
     record_len,
 )
-
-
-@pytest.fixture
-def name() -> Iterator[str]:
-    """A unique table name; whatever segments a test leaves behind are removed."""
-    n = fresh_name()
-    yield n
-    remove_segments(n)
-
 
 # --- clean restarts: the snapshot file ------------------------------------------------------
 

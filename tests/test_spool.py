@@ -174,35 +174,17 @@ def test_odd_client_ids_get_safe_file_names(spool_dir: Path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
+# data_dir, collector_proc and client_factory are the shared fixtures (qdash_testing.fixtures);
+# these are their names here.
 @pytest.fixture
-def data_dir() -> Iterator[Path]:
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def collector(data_dir: Path) -> Iterator[CollectorProc]:
+def collector(collector_proc: CollectorProc) -> CollectorProc:
     """A collector that is *not* started yet: tests start it when they want it up."""
-    proc = CollectorProc(data_dir)
-    yield proc
-    proc.cleanup()
+    return collector_proc
 
 
 @pytest.fixture
-def clients() -> Iterator[Callable[..., Client]]:
-    made: list[Client] = []
-
-    def make(socket_path: str, **kwargs: Any) -> Client:
-        kwargs.setdefault("flush_interval", 0.02)
-        kwargs.setdefault("reconnect_max", 0.1)
-        client = Client(socket_path, **kwargs)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close(timeout=0.5)
+def clients(client_factory: Callable[..., Client]) -> Callable[..., Client]:
+    return client_factory
 
 
 def get_json(url: str) -> Any:

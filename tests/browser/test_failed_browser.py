@@ -11,52 +11,25 @@ error and no CSP violation on any of it.
 
 from __future__ import annotations
 
-import shutil
 import urllib.parse
 from collections.abc import Iterator
 
 import pytest
 from qdash_testing.browser import Browser
-from qdash_testing.collector import CollectorProc, short_dir, wait_for
+from qdash_testing.collector import wait_for
 from qdash_testing.http import get_json
-from qdash_testing.traffic import DemoWorkers
-
-
-class Live:
-    def __init__(self, collector: CollectorProc) -> None:
-        self.collector = collector
-        self.url = collector.http
-
-    def api(self, **params: str) -> dict[str, object]:
-        query = urllib.parse.urlencode(params)
-        doc: dict[str, object] = get_json(f"{self.url}/queues/api/failed?{query}")
-        return doc
+from qdash_testing.live import Live, running_dashboard
 
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    d = short_dir()
-    collector = CollectorProc(d)
-    try:
-        collector.start()
-        with DemoWorkers(collector.socket, 2, jobs_per_s=20, failure_rate=0.3):
-            live = Live(collector)
-            wait_for(
-                lambda: all(live.api(queue=q)["total"] >= 2 for q in ("emails", "billing")),
-                60,
-                "failed jobs on emails and billing",
-            )
-            yield live
-    finally:
-        collector.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def page(browser: Browser) -> Browser:
-    browser.reset()
-    browser.problems()
-    return browser
+    with running_dashboard(jobs_per_s=20, failure_rate=0.3) as live:
+        wait_for(
+            lambda: all(live.api(queue=q)["total"] >= 2 for q in ("emails", "billing")),
+            60,
+            "failed jobs on emails and billing",
+        )
+        yield live
 
 
 def _queues_listed(b: Browser) -> list[str]:

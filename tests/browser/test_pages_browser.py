@@ -21,45 +21,17 @@ import pytest
 from qdash_testing.browser import Browser
 from qdash_testing.collector import CollectorProc, short_dir, wait_for
 from qdash_testing.http import get_json
-from qdash_testing.traffic import DemoWorkers, seed_history
+from qdash_testing.live import Live, running_dashboard
 
 PAGES = ("/queues/", "/queues/q/emails", "/queues/workers", "/queues/failed", "/queues/audit")
 
 
-class Live:
-    def __init__(self, collector: CollectorProc) -> None:
-        self.collector = collector
-        self.url = collector.http
-
-    def failed_ids(self) -> list[str]:
-        return [j["id"] for j in get_json(self.url + "/queues/api/failed")["jobs"]]
-
-
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    d = short_dir()
-    collector = CollectorProc(d)
-    try:
-        seed_history(d)
-        collector.start()
-        with DemoWorkers(collector.socket, 2, jobs_per_s=15, failure_rate=0.05):
-            live = Live(collector)
-            wait_for(lambda: len(live.failed_ids()) >= 3, 30, "a few failed jobs")
-            wait_for(
-                lambda: get_json(live.url + "/queues/api/workers")["workers"], 30, "the workers"
-            )
-            yield live
-    finally:
-        collector.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def page(browser: Browser) -> Browser:
-    """The module's browser, reset (cookies, storage, media, viewport) before each test."""
-    browser.reset()
-    browser.problems()
-    return browser
+    with running_dashboard(jobs_per_s=15, failure_rate=0.05, history=True) as live:
+        wait_for(lambda: len(live.failed_ids()) >= 3, 30, "a few failed jobs")
+        wait_for(lambda: get_json(live.url + "/queues/api/workers")["workers"], 30, "the workers")
+        yield live
 
 
 def _totals_processed(b: Browser) -> str:

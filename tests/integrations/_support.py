@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qdash_testing.collector import wait_for
 from qdash_testing.http import DashboardSession
 
 from qdash_mp.models import FailedJob, QueueStat
@@ -28,14 +29,7 @@ WAIT = 60.0
 
 
 def wait_until(predicate: Callable[[], T], what: str, timeout: float = WAIT) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return wait_for(predicate, timeout, what, interval=0.05)
 
 
 @dataclass

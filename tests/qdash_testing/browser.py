@@ -28,11 +28,12 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+
+from qdash_testing.collector import wait_for
 
 __all__ = [
     "CHROMEDRIVER",
@@ -129,14 +130,7 @@ class Browser:
 
     def wait(self, predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
         """Poll ``predicate`` (a browser round trip each time) until truthy; its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.1)
+        return wait_for(predicate, timeout, what, interval=0.1)
 
     def js(self, script: str, *args: Any) -> Any:
         """``execute_script``: run ``script`` (a function body; ``arguments[i]``) in the page."""

@@ -9,13 +9,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qdash_mp.settings import CollectorSettings
 
 START_TIMEOUT = 30.0
+
+T = TypeVar("T")
 
 
 def short_dir(prefix: str = "qd") -> Path:
@@ -23,8 +26,8 @@ def short_dir(prefix: str = "qd") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll ``predicate()`` until it is truthy (another process is doing the work)."""
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01) -> T:
+    """Poll ``predicate()`` until it is truthy (another process is doing the work); its value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -134,6 +137,16 @@ def run_module(module: str, **kw: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=_env_with_tests()
     )
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs (a test failed half way), wait, close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 def _env_with_tests(extra: dict[str, str] | None = None) -> dict[str, str]:

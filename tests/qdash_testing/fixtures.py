@@ -13,14 +13,19 @@ from typing import Any
 import pytest
 
 from qdash_mp import Client
+from qdash_mp.collector import Collector
+from qdash_mp.settings import CollectorSettings
 from qdash_mp.testing import InProcessCollector
 from qdash_testing.collector import CollectorProc, short_dir
 
 __all__ = [
     "client_factory",
     "collector_proc",
+    "collector_settings",
+    "collector_settings_kw",
     "data_dir",
     "inprocess_collector",
+    "live_collector",
     "running_collector",
 ]
 
@@ -69,3 +74,31 @@ async def inprocess_collector() -> AsyncIterator[InProcessCollector]:
     """A real collector in the test's own loop, without HTTP (``qdash_mp.testing``)."""
     async with InProcessCollector(http=False) as qc:
         yield qc
+
+
+@pytest.fixture
+def collector_settings_kw() -> dict[str, Any]:
+    """Extra ``CollectorSettings`` keywords for ``collector_settings``: none here; a test module
+    overrides this fixture to add some (e.g. ``{"clock": clock}``)."""
+    return {}
+
+
+@pytest.fixture
+def collector_settings(data_dir: Path, collector_settings_kw: dict[str, Any]) -> CollectorSettings:
+    """Settings of a collector on ``data_dir``: the dashboard on a free port, ticks every 20 ms
+    (so history and worker expiry show within a test)."""
+    return CollectorSettings(
+        data_dir=data_dir, http_port=0, tick_interval=0.02, **collector_settings_kw
+    )
+
+
+@pytest.fixture
+async def live_collector(collector_settings: CollectorSettings) -> AsyncIterator[Collector]:
+    """A ``Collector`` started on ``collector_settings`` in the test's own loop, with HTTP;
+    stopped after the test (``data_dir`` removes its files)."""
+    c = Collector(collector_settings)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()

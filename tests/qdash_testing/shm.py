@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -130,6 +131,17 @@ def fresh_name() -> str:
 def remove_segments(name: str) -> None:
     for path in glob.glob(f"/dev/shm/{name}") + glob.glob(f"/dev/shm/{name}-g*"):
         os.unlink(path)
+
+
+@pytest.fixture(name="name")
+def name_fixture() -> Iterator[str]:
+    """A unique table name; whatever segments a test leaves behind are removed.
+
+    A test module registers it as ``name`` with ``from qdash_testing.shm import name_fixture``.
+    """
+    n = fresh_name()
+    yield n
+    remove_segments(n)
 
 
 def segments(name: str) -> list[str]:
