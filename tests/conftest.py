@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from hypothesis import settings
 from aiohttp.test_utils import TestClient
+from hypothesis import settings
 from qdash_testing.fixtures import (  # noqa: F401  (registers them for every test module)
     client_factory,
     collector_proc,
