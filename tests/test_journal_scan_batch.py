@@ -1,0 +1,169 @@
+"""``BatchReader`` decodes a batch's FAILED records in C-level passes: it must read exactly
+what reading record by record reads, damaged or not.
+
+The reference is the record-by-record reader it replaced (``_reference``, below, kept
+verbatim in spirit: frame, check, decode one record at a time, the first problem in file
+order wins). Both read the same bytes -- whole batches of FAILED, REMOVED and CLIENT_SEQ
+records, then damaged in one of the ways a file can be: a record that verifies by its CRC
+but is no valid FAILED array, a flipped bit, a cut -- and must agree on every batch, the
+problem, the pending records and their metas.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdash_mp.journal import (
+    HEADER,
+    BatchReader,
+    Problem,
+    RecordType,
+    append_record,
+    commit_record,
+    decode_op,
+    encode_client_seq,
+    encode_removed,
+)
+from qdash_mp.journal.format import _COMMIT, MAX_PAYLOAD
+from qdash_mp.records import FailedRecord, pack_failed, pack_payload
+
+_FAILED = int(RecordType.FAILED)
+_COMMIT_T = int(RecordType.COMMIT)
+
+
+def _reference(buf: bytes) -> tuple[list[Any], Any]:
+    """Every batch, then (problem, committed, pos, pending, pending metas): record by record."""
+    pos = committed = pending_start = 0
+    pending: list[Any] = []
+    metas: list[Any] = []
+    batches: list[Any] = []
+    end = len(buf)
+    while True:
+        if pos >= end:
+            problem = Problem(pos, "records without a COMMIT at the end") if pending else None
+            return batches, (problem, committed, pos, pending, metas)
+        if end - pos < HEADER.size:
+            return batches, (
+                Problem(pos, "incomplete record header"),
+                committed,
+                pos,
+                pending,
+                metas,
+            )
+        crc, n, rtype = HEADER.unpack(buf[pos : pos + HEADER.size])
+        stop = pos + HEADER.size + n
+        if n > MAX_PAYLOAD or stop > end:
+            why = f"record length {n} runs past the end of the data"
+            return batches, (Problem(pos, why), committed, pos, pending, metas)
+        body = buf[pos + 4 : stop]
+        if zlib.crc32(body) != crc:
+            return batches, (Problem(pos, "checksum mismatch"), committed, pos, pending, metas)
+        if rtype == _COMMIT_T:
+            if n != _COMMIT.size:
+                return batches, (
+                    Problem(pos, "malformed COMMIT record"),
+                    committed,
+                    pos,
+                    pending,
+                    metas,
+                )
+            start, count = _COMMIT.unpack(body[5:])
+            if start != pending_start or count != len(pending):
+                why = "COMMIT does not match the batch before it"
+                return batches, (Problem(pos, why), committed, pos, pending, metas)
+            batches.append((pending_start, pending, metas))
+            pos = committed = pending_start = stop
+            pending, metas = [], []
+            continue
+        op = decode_op(rtype, body[5:], HEADER.size + n, metas)
+        if isinstance(op, str):
+            return batches, (Problem(pos, op), committed, pos, pending, metas)
+        pending.append(op)
+        pos = stop
+
+
+def _read(buf: bytes) -> tuple[list[Any], Any]:
+    reader = BatchReader(buf, 0, len(buf))
+    batches = []
+    while (got := reader.read_batch()) is not None:
+        batches.append((got[0], got[1], reader.metas))
+    tail = (reader.problem, reader.committed, reader.pos, reader.pending, reader.pending_metas)
+    return batches, tail
+
+
+def _failed(i: int, error: str = "boom") -> bytes:
+    return pack_failed(
+        FailedRecord(f"job-{i}", "Task", pack_payload({"i": i}), 1, None, "q", error, "tb", 1.5 + i)
+    )
+
+
+def _not_failed(i: int, how: int) -> bytes:
+    """A payload that frames (and checksums) as a record but is no valid FAILED array."""
+    bad: list[bytes] = [
+        b"\xc1",  # never used in msgpack: does not decode
+        _failed(i) + b"\x00",  # extra data
+        b"\x93\x01\x02\x03",  # an array of the wrong shape
+        _failed(i).replace(b"job-", b"\xff\xfe\xfd\xfc", 1),  # id not UTF-8
+        b"\x99" + b"\xc0" * 9,  # nine nils
+    ]
+    return bad[how % len(bad)]
+
+
+record_st = st.one_of(
+    st.tuples(st.just("failed"), st.integers(0, 50)),
+    st.tuples(st.just("removed"), st.integers(0, 50)),
+    st.tuples(st.just("seq"), st.integers(0, 50)),
+    st.tuples(st.just("bad"), st.integers(0, 50)),
+)
+
+
+def _bytes(batches: list[list[tuple[str, int]]]) -> bytes:
+    buf = bytearray()
+    for batch in batches:
+        start = len(buf)
+        for kind, i in batch:
+            if kind == "failed":
+                append_record(buf, _FAILED, _failed(i, "x" * (i % 7)))
+            elif kind == "removed":
+                append_record(buf, int(RecordType.REMOVED), encode_removed(f"job-{i}", "retried"))
+            elif kind == "seq":
+                append_record(buf, int(RecordType.CLIENT_SEQ), encode_client_seq("c", i, 2.5))
+            else:
+                append_record(buf, _FAILED, _not_failed(i, i))
+        buf += commit_record(start, len(batch))
+    return bytes(buf)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batches=st.lists(st.lists(record_st, min_size=1, max_size=12), min_size=1, max_size=4),
+    damage=st.one_of(st.none(), st.tuples(st.sampled_from(["flip", "cut"]), st.floats(0, 1))),
+)
+def test_batch_reader_reads_what_record_by_record_reads(
+    batches: list[list[tuple[str, int]]], damage: tuple[str, float] | None
+) -> None:
+    buf = _bytes(batches)
+    if damage is not None:
+        kind, where = damage
+        at = min(int(where * len(buf)), len(buf) - 1)
+        buf = buf[:at] + bytes([buf[at] ^ 16]) + buf[at + 1 :] if kind == "flip" else buf[:at]
+    assert _read(buf) == _reference(buf)
+
+
+def test_a_bad_failed_record_mid_run_stops_the_batch_there() -> None:
+    """The run's bulk decode fails on record 3: the problem is at record 3, records 0..2
+    are pending with their metas, as record by record."""
+    buf = _bytes([[("failed", 0), ("failed", 1), ("failed", 2), ("bad", 2), ("failed", 4)]])
+    batches, (problem, committed, pos, pending, metas) = _read(buf)
+    assert batches == []
+    assert [op[1] for op in pending] == ["job-0", "job-1", "job-2"]
+    assert metas == [("q", "Task", "x" * i) for i in range(3)]
+    assert isinstance(problem, Problem)
+    assert problem.offset == pos > 0
+    assert problem.reason != "checksum mismatch"
+    assert committed == 0
+    assert (batches, (problem, committed, pos, pending, metas)) == _reference(buf)
