@@ -7,16 +7,22 @@ order wins). Both read the same bytes -- whole batches of FAILED, REMOVED and CL
 records, then damaged in one of the ways a file can be: a record that verifies by its CRC
 but is no valid FAILED array, a flipped bit, a cut -- and must agree on every batch, the
 problem, the pending records and their metas.
+
+Also here: the index's record sizes start narrow ('H') and widen for a big record, and
+recovery's ``trim`` (the arrays copied without their growth slack) changes no value.
 """
 
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal import (
     HEADER,
     BatchReader,
@@ -30,6 +36,7 @@ from qdash_mp.journal import (
 )
 from qdash_mp.journal.format import _COMMIT, MAX_PAYLOAD
 from qdash_mp.records import FailedRecord, pack_failed, pack_payload
+from tests.qdash_testing.journal import T0, fj, open_j, state_of
 
 _FAILED = int(RecordType.FAILED)
 _COMMIT_T = int(RecordType.COMMIT)
@@ -167,3 +174,48 @@ def test_a_bad_failed_record_mid_run_stops_the_batch_there() -> None:
     assert problem.reason != "checksum mismatch"
     assert committed == 0
     assert (batches, (problem, committed, pos, pending, metas)) == _reference(buf)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_record_sizes_widen_past_64k_and_survive_reopen(tmp_path: Path, batched: bool) -> None:
+    """``Index.size`` starts as 'H' and widens when a record over 64 KiB comes (in a run,
+    or alone); recovery's ``trim`` keeps every value. Each record reads back whole."""
+    big = "x" * 70_000
+    with open_j(tmp_path) as j:
+        for i in range(5):
+            j.stage_failed(fj(i))
+        if not batched:
+            j.commit()
+        j.stage_failed(fj("big", payload=big))
+        j.stage_failed(fj(9))
+        j.commit()
+        assert j._index.size.typecode == "I"
+        before = state_of(j)
+    with open_j(tmp_path) as j:
+        assert j._index.size.typecode == "I"
+        assert state_of(j) == before
+        assert j.get("big").job.payload == big
+    with open_j(tmp_path / "small") as j:
+        j.stage_failed(fj(1))
+        j.commit()
+        assert j._index.size.typecode == "H"
+
+
+def test_trim_keeps_every_column(tmp_path: Path) -> None:
+    """Recovery's ``trim`` copies each array without its slack: same contents, same pages."""
+    with open_j(tmp_path) as j:
+        for i in range(3000):
+            j.stage_failed(fj(i, at=T0 + i, error=f"Err {i % 7}"))
+            if i % 700 == 0:
+                j.commit()
+        j.commit()
+        idx = j._index
+        cols = idx.cols
+        want = (bytes(idx.alive), idx.loc.tolist(), idx.size.tolist(), idx.blocks.tolist())
+        want_cols = (cols.seq.tolist(), cols.fat.tolist(), bytes(cols.blob), cols.eoff.tolist())
+        page = j.query(FailedFilter(q="err 3"), 0, 50)[:2]
+        idx.trim()
+        assert (bytes(idx.alive), idx.loc.tolist(), idx.size.tolist(), idx.blocks.tolist()) == want
+        got_cols = (cols.seq.tolist(), cols.fat.tolist(), bytes(cols.blob), cols.eoff.tolist())
+        assert got_cols == want_cols
+        assert j.query(FailedFilter(q="err 3"), 0, 50)[:2] == page

@@ -14,7 +14,7 @@ same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Pe
                          characters, UTF-8, back to back
 
 The int columns start in the narrowest type shown and are widened once when a value needs
-it (``_fit``: 'B' -> 'H' -> 'I' -> 'q'). Per code: ``q_slots[code]`` / ``n_slots[code]``
+it (``fit``: 'B' -> 'H' -> 'I' -> 'q'). Per code: ``q_slots[code]`` / ``n_slots[code]``
 (``array('i')``, ascending slots, dead ones left in until the next squeeze; built by the
 first query that needs that code -- one C-level pass over ``qc`` / ``nc`` -- and kept in
 step from then on: a code nobody filters on costs nothing per job) and live counts
@@ -50,7 +50,7 @@ from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal.matching import _TB, Matching, Selection, _Memo
 from qdash_mp.records import FailedMeta
 
-__all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
+__all__ = ["ERROR_KEY", "Columns", "Meta", "Selection", "fit"]
 
 ERROR_KEY: Final = 256
 """Characters of each error text the ``q`` filter searches."""
@@ -59,7 +59,7 @@ _LOG_MAX: Final = 1 << 20
 _WIDER: Final = {"B": ("H", 0xFF), "H": ("I", 0xFFFF), "I": ("q", 0xFFFFFFFF)}
 
 
-def _fit(arr: array[int], top: int) -> array[int]:
+def fit(arr: array[int], top: int) -> array[int]:
     """``arr``, or a copy of it in a wider type if its type cannot hold ``top``.
 
     The int columns start narrow (codes in one byte while there are at most 256 queues,
@@ -98,7 +98,7 @@ class Columns(Matching):
     )
 
     def __init__(self) -> None:
-        self.seq: array[int] = array("I")  # widened (``_fit``) when a value needs it
+        self.seq: array[int] = array("I")  # widened (``fit``) when a value needs it
         self.fat: array[float] = array("d")
         self.fat_min: array[float] = array("d")  # per block of 1 << _TB slots (dead ones too)
         self.fat_max: array[float] = array("d")
@@ -156,7 +156,7 @@ class Columns(Matching):
         seq0 = self.next_seq
         k = len(metas)
         self.next_seq = seq0 + k
-        self.seq = _fit(self.seq, seq0 + k)
+        self.seq = fit(self.seq, seq0 + k)
         self.seq.extend(range(seq0, seq0 + k))
         self.fat.extend(failed_ats)
         self._time_blocks(p0)
@@ -164,8 +164,8 @@ class Columns(Matching):
         names = list(map(itemgetter(1), metas))
         qcodes = self._codes_of(queues, self.queues, self.q_slots, self.q_live)
         ncodes = self._codes_of(names, self.names, self.n_slots, self.n_live)
-        self.qc = _fit(self.qc, len(self.q_slots))
-        self.nc = _fit(self.nc, len(self.n_slots))
+        self.qc = fit(self.qc, len(self.q_slots))
+        self.nc = fit(self.nc, len(self.n_slots))
         self.qc.extend(qcodes)
         self.nc.extend(ncodes)
         self._file(qcodes, p0, self.q_slots, self.q_live)
@@ -191,7 +191,7 @@ class Columns(Matching):
             texts = self._texts_plain(errors)
             lens = map(len, texts)
             blob += b"".join(texts)
-        self.eoff = _fit(self.eoff, len(blob))
+        self.eoff = fit(self.eoff, len(blob))
         self.eoff.extend(islice(accumulate(lens, initial=start), len(errors)))
 
     @staticmethod
@@ -217,6 +217,15 @@ class Columns(Matching):
             else:
                 self.fat_min.append(min(chunk))
                 self.fat_max.append(max(chunk))
+
+    def trim(self) -> None:
+        """Give back the growth slack of the columns (``Index.trim``). Contents unchanged."""
+        self.seq = array(self.seq.typecode, self.seq)
+        self.fat = array("d", self.fat)
+        self.qc = array(self.qc.typecode, self.qc)
+        self.nc = array(self.nc.typecode, self.nc)
+        self.eoff = array(self.eoff.typecode, self.eoff)
+        self.blob = bytearray(self.blob)
 
     def kill(self, p: int) -> None:
         """Slot ``p`` went dead (its columns stay until the next squeeze)."""

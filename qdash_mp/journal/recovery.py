@@ -174,6 +174,7 @@ class Recovery(JournalBase):
                 with self._map(seg) as buf:
                     self._cut(seg, buf, limit, "bytes of a commit that failed before it")
         self._total_bytes = sum(s.end for s in self._segments.values())
+        self._index.trim()  # filled in one go: the growth slack would stay unused a long time
 
         if segments:
             self._active = segments[-1][0]
