@@ -123,6 +123,13 @@ class Columns(Matching):
         keys: list[str], table: dict[str, int], lists: list[array[int] | None], live: list[int]
     ) -> list[int]:
         """The codes of ``keys``, interning new ones (C-level passes over the batch)."""
+        if keys and keys.count(keys[0]) == len(keys):  # the usual batch: one queue (or name)
+            code = table.get(keys[0])
+            if code is None:
+                code = table[keys[0]] = len(lists)
+                lists.append(None)
+                live.append(0)
+            return [code] * len(keys)
         for key in set(keys).difference(table):
             table[key] = len(lists)
             lists.append(None)
@@ -166,8 +173,11 @@ class Columns(Matching):
         ncodes = self._codes_of(names, self.names, self.n_slots, self.n_live)
         self.qc = fit(self.qc, len(self.q_slots))
         self.nc = fit(self.nc, len(self.n_slots))
-        self.qc.extend(qcodes)
-        self.nc.extend(ncodes)
+        for col, codes in ((self.qc, qcodes), (self.nc, ncodes)):
+            if col.typecode == "B":  # bytes() of small ints: one C loop, not an item each
+                col.frombytes(bytes(codes))
+            else:
+                col.extend(codes)
         self._file(qcodes, p0, self.q_slots, self.q_live)
         self._file(ncodes, p0, self.n_slots, self.n_live)
         self._texts(list(map(itemgetter(2), metas)))
