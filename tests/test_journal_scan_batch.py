@@ -9,11 +9,13 @@ but is no valid FAILED array, a flipped bit, a cut -- and must agree on every ba
 problem, the pending records and their metas.
 
 Also here: the index's record sizes start narrow ('H') and widen for a big record, and
-recovery's ``trim`` (the arrays copied without their growth slack) changes no value.
+recovery's ``trim`` (the arrays copied without their growth slack) changes no value; the
+cyclic GC, paused while recovery reads, is left as it was.
 """
 
 from __future__ import annotations
 
+import gc
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qdash_mp.errors import JournalCorrupt
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal import (
     HEADER,
@@ -219,3 +222,32 @@ def test_trim_keeps_every_column(tmp_path: Path) -> None:
         got_cols = (cols.seq.tolist(), cols.fat.tolist(), bytes(cols.blob), cols.eoff.tolist())
         assert got_cols == want_cols
         assert j.query(FailedFilter(q="err 3"), 0, 50)[:2] == page
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_open_leaves_the_cyclic_gc_as_it_found_it(tmp_path: Path, enabled: bool) -> None:
+    """Recovery pauses the cyclic GC while it reads; after an open -- or one that raises
+    ``JournalCorrupt`` -- it is on or off as before."""
+    with open_j(tmp_path) as j:
+        for i in range(50):
+            j.stage_failed(fj(i))
+        j.commit()
+        j.stage_failed(fj("later"))
+        j.commit()
+    seg = sorted(tmp_path.glob("*.seg"))[0]
+    was = gc.isenabled()
+    try:
+        if not enabled:
+            gc.disable()
+        with open_j(tmp_path) as j:
+            assert len(j) == 51
+        assert gc.isenabled() is enabled
+        data = bytearray(seg.read_bytes())
+        data[200] ^= 0x01  # a damaged record with a committed batch after it
+        seg.write_bytes(bytes(data))
+        with pytest.raises(JournalCorrupt):
+            open_j(tmp_path)
+        assert gc.isenabled() is enabled
+    finally:
+        if was:
+            gc.enable()
