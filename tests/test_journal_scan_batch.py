@@ -8,15 +8,17 @@ records, then damaged in one of the ways a file can be: a record that verifies b
 but is no valid FAILED array, a flipped bit, a cut -- and must agree on every batch, the
 problem, the pending records and their metas.
 
-Also here: the index's record sizes start narrow ('H') and widen for a big record, and
-recovery's ``trim`` (the arrays copied without their growth slack) changes no value; the
-cyclic GC, paused while recovery reads, is left as it was.
+Also here: the index's record sizes start narrow ('H') and widen for a big record; the
+columns' append sequences (a ``range`` while gapless) hold every slot's; the cyclic GC,
+paused while recovery reads, is left as it was.
 """
 
 from __future__ import annotations
 
 import gc
 import zlib
+from bisect import bisect_left
+from itertools import compress, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qdash_mp.errors import JournalCorrupt
-from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal import (
     HEADER,
     BatchReader,
@@ -37,9 +38,10 @@ from qdash_mp.journal import (
     encode_client_seq,
     encode_removed,
 )
+from qdash_mp.journal.columns import Columns
 from qdash_mp.journal.format import _COMMIT, MAX_PAYLOAD
 from qdash_mp.records import FailedRecord, pack_failed, pack_payload
-from tests.qdash_testing.journal import T0, fj, open_j, state_of
+from tests.qdash_testing.journal import fj, open_j, state_of
 
 _FAILED = int(RecordType.FAILED)
 _COMMIT_T = int(RecordType.COMMIT)
@@ -182,7 +184,7 @@ def test_a_bad_failed_record_mid_run_stops_the_batch_there() -> None:
 @pytest.mark.parametrize("batched", [True, False])
 def test_record_sizes_widen_past_64k_and_survive_reopen(tmp_path: Path, batched: bool) -> None:
     """``Index.size`` starts as 'H' and widens when a record over 64 KiB comes (in a run,
-    or alone); recovery's ``trim`` keeps every value. Each record reads back whole."""
+    or alone). Each record reads back whole, before and after reopening."""
     big = "x" * 70_000
     with open_j(tmp_path) as j:
         for i in range(5):
@@ -202,26 +204,6 @@ def test_record_sizes_widen_past_64k_and_survive_reopen(tmp_path: Path, batched:
         j.stage_failed(fj(1))
         j.commit()
         assert j._index.size.typecode == "H"
-
-
-def test_trim_keeps_every_column(tmp_path: Path) -> None:
-    """Recovery's ``trim`` copies each array without its slack: same contents, same pages."""
-    with open_j(tmp_path) as j:
-        for i in range(3000):
-            j.stage_failed(fj(i, at=T0 + i, error=f"Err {i % 7}"))
-            if i % 700 == 0:
-                j.commit()
-        j.commit()
-        idx = j._index
-        cols = idx.cols
-        want = (bytes(idx.alive), idx.loc.tolist(), idx.size.tolist(), idx.blocks.tolist())
-        want_cols = (cols.seq.tolist(), cols.fat.tolist(), bytes(cols.blob), cols.eoff.tolist())
-        page = j.query(FailedFilter(q="err 3"), 0, 50)[:2]
-        idx.trim()
-        assert (bytes(idx.alive), idx.loc.tolist(), idx.size.tolist(), idx.blocks.tolist()) == want
-        got_cols = (cols.seq.tolist(), cols.fat.tolist(), bytes(cols.blob), cols.eoff.tolist())
-        assert got_cols == want_cols
-        assert j.query(FailedFilter(q="err 3"), 0, 50)[:2] == page
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -251,3 +233,47 @@ def test_open_leaves_the_cyclic_gc_as_it_found_it(tmp_path: Path, enabled: bool)
     finally:
         if was:
             gc.enable()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(1, 40)),
+            st.tuples(st.just("squeeze"), st.lists(st.booleans(), min_size=0, max_size=200)),
+            st.tuples(st.just("prune"), st.integers(0, 60)),  # keep all but the oldest n
+            st.tuples(st.just("reset"), st.just(0)),
+        ),
+        max_size=25,
+    )
+)
+def test_seq_column_as_range_or_array_holds_every_slots_sequence(
+    steps: list[tuple[str, Any]],
+) -> None:
+    """``Columns.seq`` is a ``range`` while the sequences run without a gap and an array
+    after a squeeze leaves one; either way it holds each slot's sequence, and
+    ``seq_slot`` (the snapshot cut) is ``bisect_left`` of that list."""
+    cols = Columns()
+    ref: list[int] = []
+    nxt = 0
+    for kind, arg in steps:
+        if kind == "append":
+            cols.append(len(ref), [1.0] * arg, [("q", "n", "e")] * arg)
+            ref += range(nxt, nxt + arg)
+            nxt += arg
+        elif kind == "reset":
+            cols.reset()
+            ref = []
+        elif ref:  # (the index squeezes only with dead slots, so never an empty column)
+            n = len(ref)
+            flags = [True] * n if kind == "prune" else (arg + [True] * n)[:n]
+            if kind == "prune":
+                flags[: min(arg, n)] = [False] * min(arg, n)
+            keep = bytes(map(int, flags))
+            cols.squeeze(keep)
+            ref = list(compress(ref, keep))
+        assert list(cols.seq) == ref
+        gapless = all(b - a == 1 for a, b in pairwise(ref))
+        assert isinstance(cols.seq, range) or not gapless or kind == "append"
+        for x in (0, nxt, nxt - 1, *ref[:3], *ref[-3:]):
+            assert cols.seq_slot(x) == bisect_left(ref, x)

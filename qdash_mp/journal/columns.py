@@ -4,8 +4,11 @@
 slots on every append, removal, flush and squeeze (recovery and compaction go through those
 same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Per slot::
 
-    seq     array('I')   append sequence: monotonic over the journal's life in this process
-                         (the bulk actions' snapshot is "seq < high-water")
+    seq     range        append sequence: monotonic over the journal's life in this process
+            | array('I') (the bulk actions' snapshot is "seq < high-water"). A ``range`` (no
+                         bytes per job) while the slots' sequences run without a gap -- from
+                         the start, after a reset, after a squeeze that kept a contiguous run
+                         (retention prunes the oldest); an array after any other squeeze
     fat     array('d')   failed_at, Unix seconds
     qc, nc  array('B')   interned queue / job name code
     eoff    array('I')   start of the slot's error text in ``blob``; it ends where the next
@@ -98,7 +101,7 @@ class Columns(Matching):
     )
 
     def __init__(self) -> None:
-        self.seq: array[int] = array("I")  # widened (``fit``) when a value needs it
+        self.seq: range | array[int] = range(0)  # see the module docstring
         self.fat: array[float] = array("d")
         self.fat_min: array[float] = array("d")  # per block of 1 << _TB slots (dead ones too)
         self.fat_max: array[float] = array("d")
@@ -163,8 +166,15 @@ class Columns(Matching):
         seq0 = self.next_seq
         k = len(metas)
         self.next_seq = seq0 + k
-        self.seq = fit(self.seq, seq0 + k)
-        self.seq.extend(range(seq0, seq0 + k))
+        seq = self.seq
+        if type(seq) is range and (not seq or seq.stop == seq0):  # no gap: still a range
+            self.seq = range(seq.start if seq else seq0, seq0 + k)
+        else:  # a gap (a squeeze dropped the newest slots): an array from now on
+            arr = fit(array("I"), seq0 + k) if type(seq) is range else fit(seq, seq0 + k)
+            if type(seq) is range:
+                arr.extend(seq)
+            arr.extend(range(seq0, seq0 + k))
+            self.seq = arr
         self.fat.extend(failed_ats)
         self._time_blocks(p0)
         queues = list(map(itemgetter(0), metas))
@@ -228,15 +238,6 @@ class Columns(Matching):
                 self.fat_min.append(min(chunk))
                 self.fat_max.append(max(chunk))
 
-    def trim(self) -> None:
-        """Give back the growth slack of the columns (``Index.trim``). Contents unchanged."""
-        self.seq = array(self.seq.typecode, self.seq)
-        self.fat = array("d", self.fat)
-        self.qc = array(self.qc.typecode, self.qc)
-        self.nc = array(self.nc.typecode, self.nc)
-        self.eoff = array(self.eoff.typecode, self.eoff)
-        self.blob = bytearray(self.blob)
-
     def kill(self, p: int) -> None:
         """Slot ``p`` went dead (its columns stay until the next squeeze)."""
         q = self.qc[p]
@@ -276,7 +277,14 @@ class Columns(Matching):
             new_blob += blob[start:end]
         self.blob = new_blob
         self.eoff = new_eoff
-        self.seq = array(self.seq.typecode, compress(self.seq, keep))
+        kept = fit(array("I"), self.next_seq)
+        kept.extend(compress(self.seq, keep))
+        if not kept:
+            self.seq = range(self.next_seq, self.next_seq)
+        elif kept[-1] - kept[0] == len(kept) - 1:  # no gap (strictly increasing): a range again
+            self.seq = range(kept[0], kept[-1] + 1)  # (the usual squeeze: the oldest pruned)
+        else:
+            self.seq = kept
         self.fat = array("d", compress(self.fat, keep))
         del self.fat_min[:], self.fat_max[:]
         self._time_blocks(0)

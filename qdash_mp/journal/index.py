@@ -256,15 +256,6 @@ class Index:
         self.dead = 0
         self.front = 0
 
-    def trim(self) -> None:
-        """Give back the arrays' growth slack (up to an eighth of each: what ``extend`` keeps
-        in hand for the next append), once recovery has filled them. Contents unchanged."""
-        self.alive = bytearray(self.alive)
-        self.loc = array(self.loc.typecode, self.loc)
-        self.size = array(self.size.typecode, self.size)
-        self.blocks = array(self.blocks.typecode, self.blocks)
-        self.cols.trim()
-
     def newest_slots(self, offset: int, limit: int) -> list[int]:
         """Slots of the live records ``offset .. offset+limit`` counted from the newest."""
         blocks = self.blocks

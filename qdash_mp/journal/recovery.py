@@ -175,7 +175,6 @@ class Recovery(JournalBase):
         with _gc_paused():
             self._scan_all(segments, salvage, damaged)
         self._total_bytes = sum(s.end for s in self._segments.values())
-        self._index.trim()  # filled in one go: the growth slack would stay unused a long time
 
         if segments:
             self._active = segments[-1][0]

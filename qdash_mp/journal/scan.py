@@ -80,6 +80,10 @@ _fast_unpackb: Final = partial(msgpack.unpackb, use_list=False)
 """A FAILED array that ``first_bad_failed`` accepts decodes alike with ``format._unpackb``
 (ext types come out as objects that fail its checks); as a tuple, which the cyclic GC stops
 tracking at its first look (lists of a whole batch would keep it busy)."""
+_CHUNK: Final = 256
+"""Records framed before they are decoded: enough for C-level passes to pay, few enough that
+their payloads' memory is reused from chunk to chunk (a whole batch's would stay behind as
+holes in the heap)."""
 _FIELD0: Final = itemgetter(0)
 _FIELD1: Final = itemgetter(1)
 _FIELD5: Final = itemgetter(5)
@@ -179,8 +183,8 @@ class BatchReader:
     def read_batch(self) -> tuple[int, list[Op]] | None:
         """The next committed batch, or ``None`` (see the class docstring).
 
-        Two passes over a batch: the framing (length, checksum) of every record up to its
-        COMMIT, then the payloads, decoded together (``_decode``). The outcome is what a
+        Two passes over each ``_CHUNK`` records of a batch: their framing (length,
+        checksum), then their payloads, decoded together (``_decode``). The outcome is what a
         record-by-record reading gives: the first problem in file order is the one reported,
         with the records before it pending.
         """
@@ -250,6 +254,13 @@ class BatchReader:
             types.append(rtype)
             payloads.append(payload)
             pos = stop
+            if len(starts) >= _CHUNK:  # decode as we go: a few payloads alive at a time
+                self._decode(starts, types, payloads, pos)
+                if self.problem is not None:
+                    return None
+                starts = []
+                types = bytearray()
+                payloads = []
 
     def _decode(
         self, starts: list[int], types: bytearray, payloads: list[bytes | bytearray], end: int
