@@ -277,3 +277,23 @@ def test_seq_column_as_range_or_array_holds_every_slots_sequence(
         assert isinstance(cols.seq, range) or not gapless or kind == "append"
         for x in (0, nxt, nxt - 1, *ref[:3], *ref[-3:]):
             assert cols.seq_slot(x) == bisect_left(ref, x)
+
+
+@pytest.mark.parametrize("bad_at", [None, 0, 255, 256, 300, 599])
+def test_batches_longer_than_a_chunk_read_as_record_by_record(bad_at: int | None) -> None:
+    """A batch of 600 records (FAILED, a few others among them) is decoded 256 at a time;
+    a bad record in any chunk stops it at that record, as reading record by record does."""
+    batch = [("seq" if i % 97 == 50 else "failed", i) for i in range(600)]
+    if bad_at is not None:
+        batch[bad_at] = ("bad", bad_at)
+    buf = _bytes([batch, [("failed", 1), ("failed", 2)]])
+    got = _read(buf)
+    assert got == _reference(buf)
+    batches, (problem, _committed, _pos, pending, _metas) = got
+    if bad_at is None:
+        assert len(batches) == 2
+        assert problem is None
+    else:
+        assert batches == []
+        assert isinstance(problem, Problem)
+        assert len(pending) == bad_at
