@@ -4,7 +4,7 @@
   blob and offsets as ``_texts_plain`` (each error prefixed, case-folded, encoded alone),
   for ASCII, non-ASCII, long and mixed batches;
 - ``Columns._file`` (a one-code batch as one range) files the same slots as one by one;
-- the narrow int columns widen (``_fit``) without changing what any filter selects;
+- the narrow int columns widen (``fit``) without changing what any filter selects;
 - a code's slot list built late (first query, one pass) equals one kept in step since the
   start (both the one-byte ``translate`` build and the wider columns' one);
 - ``stage_failed_packed`` with the wire decoder's ``metas`` (the collector's path) gives the

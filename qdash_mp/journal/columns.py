@@ -4,8 +4,11 @@
 slots on every append, removal, flush and squeeze (recovery and compaction go through those
 same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Per slot::
 
-    seq     array('I')   append sequence: monotonic over the journal's life in this process
-                         (the bulk actions' snapshot is "seq < high-water")
+    seq     range        append sequence: monotonic over the journal's life in this process
+            | array('I') (the bulk actions' snapshot is "seq < high-water"). A ``range`` (no
+                         bytes per job) while the slots' sequences run without a gap -- from
+                         the start, after a reset, after a squeeze that kept a contiguous run
+                         (retention prunes the oldest); an array after any other squeeze
     fat     array('d')   failed_at, Unix seconds
     qc, nc  array('B')   interned queue / job name code
     eoff    array('I')   start of the slot's error text in ``blob``; it ends where the next
@@ -14,7 +17,7 @@ same calls: compaction keeps slot numbers, a squeeze renumbers and rebuilds). Pe
                          characters, UTF-8, back to back
 
 The int columns start in the narrowest type shown and are widened once when a value needs
-it (``_fit``: 'B' -> 'H' -> 'I' -> 'q'). Per code: ``q_slots[code]`` / ``n_slots[code]``
+it (``fit``: 'B' -> 'H' -> 'I' -> 'q'). Per code: ``q_slots[code]`` / ``n_slots[code]``
 (``array('i')``, ascending slots, dead ones left in until the next squeeze; built by the
 first query that needs that code -- one C-level pass over ``qc`` / ``nc`` -- and kept in
 step from then on: a code nobody filters on costs nothing per job) and live counts
@@ -50,7 +53,7 @@ from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.journal.matching import _TB, Matching, Selection, _Memo
 from qdash_mp.records import FailedMeta
 
-__all__ = ["ERROR_KEY", "Columns", "Meta", "Selection"]
+__all__ = ["ERROR_KEY", "Columns", "Meta", "Selection", "fit"]
 
 ERROR_KEY: Final = 256
 """Characters of each error text the ``q`` filter searches."""
@@ -59,7 +62,7 @@ _LOG_MAX: Final = 1 << 20
 _WIDER: Final = {"B": ("H", 0xFF), "H": ("I", 0xFFFF), "I": ("q", 0xFFFFFFFF)}
 
 
-def _fit(arr: array[int], top: int) -> array[int]:
+def fit(arr: array[int], top: int) -> array[int]:
     """``arr``, or a copy of it in a wider type if its type cannot hold ``top``.
 
     The int columns start narrow (codes in one byte while there are at most 256 queues,
@@ -98,7 +101,7 @@ class Columns(Matching):
     )
 
     def __init__(self) -> None:
-        self.seq: array[int] = array("I")  # widened (``_fit``) when a value needs it
+        self.seq: range | array[int] = range(0)  # see the module docstring
         self.fat: array[float] = array("d")
         self.fat_min: array[float] = array("d")  # per block of 1 << _TB slots (dead ones too)
         self.fat_max: array[float] = array("d")
@@ -123,6 +126,13 @@ class Columns(Matching):
         keys: list[str], table: dict[str, int], lists: list[array[int] | None], live: list[int]
     ) -> list[int]:
         """The codes of ``keys``, interning new ones (C-level passes over the batch)."""
+        if keys and keys.count(keys[0]) == len(keys):  # the usual batch: one queue (or name)
+            code = table.get(keys[0])
+            if code is None:
+                code = table[keys[0]] = len(lists)
+                lists.append(None)
+                live.append(0)
+            return [code] * len(keys)
         for key in set(keys).difference(table):
             table[key] = len(lists)
             lists.append(None)
@@ -156,18 +166,28 @@ class Columns(Matching):
         seq0 = self.next_seq
         k = len(metas)
         self.next_seq = seq0 + k
-        self.seq = _fit(self.seq, seq0 + k)
-        self.seq.extend(range(seq0, seq0 + k))
+        seq = self.seq
+        if type(seq) is range and (not seq or seq.stop == seq0):  # no gap: still a range
+            self.seq = range(seq.start if seq else seq0, seq0 + k)
+        else:  # a gap (a squeeze dropped the newest slots): an array from now on
+            arr = fit(array("I"), seq0 + k) if type(seq) is range else fit(seq, seq0 + k)
+            if type(seq) is range:
+                arr.extend(seq)
+            arr.extend(range(seq0, seq0 + k))
+            self.seq = arr
         self.fat.extend(failed_ats)
         self._time_blocks(p0)
         queues = list(map(itemgetter(0), metas))
         names = list(map(itemgetter(1), metas))
         qcodes = self._codes_of(queues, self.queues, self.q_slots, self.q_live)
         ncodes = self._codes_of(names, self.names, self.n_slots, self.n_live)
-        self.qc = _fit(self.qc, len(self.q_slots))
-        self.nc = _fit(self.nc, len(self.n_slots))
-        self.qc.extend(qcodes)
-        self.nc.extend(ncodes)
+        self.qc = fit(self.qc, len(self.q_slots))
+        self.nc = fit(self.nc, len(self.n_slots))
+        for col, codes in ((self.qc, qcodes), (self.nc, ncodes)):
+            if col.typecode == "B":  # bytes() of small ints: one C loop, not an item each
+                col.frombytes(bytes(codes))
+            else:
+                col.extend(codes)
         self._file(qcodes, p0, self.q_slots, self.q_live)
         self._file(ncodes, p0, self.n_slots, self.n_live)
         self._texts(list(map(itemgetter(2), metas)))
@@ -191,7 +211,7 @@ class Columns(Matching):
             texts = self._texts_plain(errors)
             lens = map(len, texts)
             blob += b"".join(texts)
-        self.eoff = _fit(self.eoff, len(blob))
+        self.eoff = fit(self.eoff, len(blob))
         self.eoff.extend(islice(accumulate(lens, initial=start), len(errors)))
 
     @staticmethod
@@ -257,7 +277,14 @@ class Columns(Matching):
             new_blob += blob[start:end]
         self.blob = new_blob
         self.eoff = new_eoff
-        self.seq = array(self.seq.typecode, compress(self.seq, keep))
+        kept = fit(array("I"), self.next_seq)
+        kept.extend(compress(self.seq, keep))
+        if not kept:
+            self.seq = range(self.next_seq, self.next_seq)
+        elif kept[-1] - kept[0] == len(kept) - 1:  # no gap (strictly increasing): a range again
+            self.seq = range(kept[0], kept[-1] + 1)  # (the usual squeeze: the oldest pruned)
+        else:
+            self.seq = kept
         self.fat = array("d", compress(self.fat, keep))
         del self.fat_min[:], self.fat_max[:]
         self._time_blocks(0)

@@ -367,7 +367,7 @@ def failed_metas(datas: Iterable[bytes]) -> list[tuple[str, str, str]]:
 
 def decode_op(
     rtype: int,
-    payload: bytes | memoryview,
+    payload: bytes | bytearray | memoryview,
     size: int,
     metas: list[tuple[str, str, str]] | None = None,
 ) -> Op | str:

@@ -6,7 +6,8 @@ or recovered; the records themselves stay on disk. Parallel compact arrays::
     ids     _Ids               job id (kept when dead, until the arrays are squeezed)
     alive   bytearray          1 = live
     loc     array('q')         segment number << 40 | file offset of the record
-    size    array('I')         bytes of the record
+    size    array('H')         bytes of the record (widened to 'I' by the first record over
+                               64 KiB: most are far smaller, and it is bytes per job)
     blocks  array('i')         live slots per block of 1024 slots
     pos     dict[str, int]     job id -> slot
 
@@ -25,7 +26,7 @@ from itertools import accumulate, chain, compress, islice, repeat
 from operator import itemgetter
 from typing import Final
 
-from qdash_mp.journal.columns import Columns, Meta
+from qdash_mp.journal.columns import Columns, Meta, fit
 from qdash_mp.journal.format import Op
 
 __all__ = ["BLOCK_SHIFT", "LOC_MASK", "LOC_SHIFT", "Index", "loc_of"]
@@ -115,7 +116,7 @@ class Index:
         self.ids = _Ids()
         self.alive = bytearray()
         self.loc: array[int] = array("q")
-        self.size: array[int] = array("I")
+        self.size: array[int] = array("H")  # widened (``fit``) when a record needs it
         self.blocks: array[int] = array("i")
         self.pos: dict[str, int] = {}
         self.dead = 0
@@ -144,6 +145,7 @@ class Index:
         self.ids.extend(keys)
         self.alive += b"\x01" * k
         self.loc.extend(islice(accumulate(sizes, initial=base + off), k))
+        self.size = fit(self.size, max(sizes, default=0))
         self.size.extend(sizes)
         blocks = self.blocks
         p, stop = p0, p0 + k
@@ -178,6 +180,7 @@ class Index:
         self.ids.extend((key,))
         self.alive.append(1)
         self.loc.append(loc)
+        self.size = fit(self.size, size)
         self.size.append(size)
         if p & _BLOCK_MASK:
             self.blocks[p >> BLOCK_SHIFT] += 1
@@ -242,7 +245,7 @@ class Index:
         self.cols.squeeze(keep)
         self.ids = _Ids(compress(self.ids, keep))
         self.loc = array("q", compress(self.loc, keep))
-        self.size = array("I", compress(self.size, keep))
+        self.size = array(self.size.typecode, compress(self.size, keep))
         n = len(self.ids)
         self.alive = bytearray(b"\x01") * n
         full, rest = divmod(n, 1 << BLOCK_SHIFT)

@@ -61,7 +61,7 @@ class Matching:
 
     __slots__ = ()
 
-    seq: array[int]
+    seq: range | array[int]
     fat: array[float]
     fat_min: array[float]
     fat_max: array[float]

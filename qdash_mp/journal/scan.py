@@ -34,7 +34,12 @@ from __future__ import annotations
 
 import re
 import zlib
+from functools import partial
+from itertools import repeat
+from operator import itemgetter
 from typing import Final, Literal
+
+import msgpack
 
 from qdash_mp.journal.format import (
     _COMMIT,
@@ -46,10 +51,12 @@ from qdash_mp.journal.format import (
     Buffer,
     Op,
     Problem,
+    RecordType,
     commit_record,
     decode_op,
     read_record,
 )
+from qdash_mp.records import MAX_DEPTH, MAX_ITEMS, first_bad_failed
 
 __all__ = [
     "BLOCK",
@@ -67,6 +74,21 @@ REPAIR_MAX_BITS: Final = 8
 
 _COMMIT_PATTERN: Final = _LEN_TYPE.pack(_COMMIT.size, _COMMIT_T)
 _TYPE_BYTE: Final = re.compile(rb"[\x02-\x06]")
+_FAILED_T: Final = int(RecordType.FAILED)
+_NOT_FAILED: Final = re.compile(rb"[^\x%02x]" % _FAILED_T)
+_fast_unpackb: Final = partial(msgpack.unpackb, use_list=False)
+"""A FAILED array that ``first_bad_failed`` accepts decodes alike with ``format._unpackb``
+(ext types come out as objects that fail its checks); as a tuple, which the cyclic GC stops
+tracking at its first look (lists of a whole batch would keep it busy)."""
+_CHUNK: Final = 256
+"""Records framed before they are decoded: enough for C-level passes to pay, few enough that
+their payloads' memory is reused from chunk to chunk (a whole batch's would stay behind as
+holes in the heap)."""
+_FIELD0: Final = itemgetter(0)
+_FIELD1: Final = itemgetter(1)
+_FIELD5: Final = itemgetter(5)
+_FIELD6: Final = itemgetter(6)
+_FIELD8: Final = itemgetter(8)
 
 
 def _valid_commit(buf: Buffer, pos: int, end: int) -> bool:
@@ -131,6 +153,7 @@ class BatchReader:
     __slots__ = (
         "_buf",
         "_end",
+        "_head_crcs",
         "_lenient",
         "committed",
         "metas",
@@ -146,6 +169,7 @@ class BatchReader:
         self._buf = buf
         self._end = end
         self._lenient = False
+        self._head_crcs: dict[int, int] = {}
         self.pos = start
         self.committed = start
         self.pending_start = start
@@ -157,40 +181,63 @@ class BatchReader:
         self.records = 0
 
     def read_batch(self) -> tuple[int, list[Op]] | None:
-        """The next committed batch, or ``None`` (see the class docstring)."""
+        """The next committed batch, or ``None`` (see the class docstring).
+
+        Two passes over each ``_CHUNK`` records of a batch: their framing (length,
+        checksum), then their payloads, decoded together (``_decode``). The outcome is what a
+        record-by-record reading gives: the first problem in file order is the one reported,
+        with the records before it pending.
+        """
         buf = self._buf
         end = self._end
         pos = self.pos
-        ops = self.pending
-        unpack = HEADER.unpack
+        unpack_from = HEADER.unpack_from
         crc32 = zlib.crc32
         hsize = HEADER.size
+        head_crcs = self._head_crcs
+        starts: list[int] = []  # offset of each record of the batch (after pending ones)
+        types = bytearray()
+        payloads: list[bytes | bytearray] = []
         while True:
             if pos >= end:
-                self.pos = pos
-                if ops:
-                    self.problem = Problem(pos, "records without a COMMIT at the end")
-                else:
-                    self.problem = None
+                self._decode(starts, types, payloads, pos)
+                if self.problem is None:
+                    self.pos = pos
+                    if self.pending:
+                        self.problem = Problem(pos, "records without a COMMIT at the end")
                 return None
             if end - pos < hsize:
-                self._fail(pos, "incomplete record header")
+                self._decode(starts, types, payloads, pos)
+                if self.problem is None:
+                    self._fail(pos, "incomplete record header")
                 return None
-            crc, n, rtype = unpack(buf[pos : pos + hsize])
+            crc, n, rtype = unpack_from(buf, pos)  # type: ignore[arg-type] # (a buffer)
             stop = pos + hsize + n
             if n > MAX_PAYLOAD or stop > end:
-                self._fail(pos, f"record length {n} runs past the end of the data")
+                self._decode(starts, types, payloads, pos)
+                if self.problem is None:
+                    self._fail(pos, f"record length {n} runs past the end of the data")
                 return None
-            body = buf[pos + 4 : stop]
-            if crc32(body) != crc:
-                self._fail(pos, "checksum mismatch")
+            payload = buf[pos + hsize : stop]
+            # The CRC covers length and type too: that part's CRC, once per (length, type).
+            key = n << 8 | rtype
+            head = head_crcs.get(key)
+            if head is None:
+                head = head_crcs[key] = crc32(_LEN_TYPE.pack(n, rtype))
+            if crc32(payload, head) != crc:
+                self._decode(starts, types, payloads, pos)
+                if self.problem is None:
+                    self._fail(pos, "checksum mismatch")
                 return None
-            size = hsize + n
             if rtype == _COMMIT_T:
+                self._decode(starts, types, payloads, pos)
+                if self.problem is not None:
+                    return None
+                ops = self.pending
                 if n != _COMMIT.size:
                     self._fail(pos, "malformed COMMIT record")
                     return None
-                start, count = _COMMIT.unpack(body[5:])
+                start, count = _COMMIT.unpack(payload)
                 if not self._lenient and (start != self.pending_start or count != len(ops)):
                     self._fail(pos, "COMMIT does not match the batch before it")
                     return None
@@ -203,12 +250,75 @@ class BatchReader:
                 self.pending_metas = []
                 self._lenient = False
                 return batch
-            op = decode_op(rtype, memoryview(body)[5:], size, self.pending_metas)
-            if type(op) is str:
-                self._fail(pos, op)
-                return None
-            ops.append(op)  # type: ignore[arg-type]
+            starts.append(pos)
+            types.append(rtype)
+            payloads.append(payload)
             pos = stop
+            if len(starts) >= _CHUNK:  # decode as we go: a few payloads alive at a time
+                self._decode(starts, types, payloads, pos)
+                if self.problem is not None:
+                    return None
+                starts = []
+                types = bytearray()
+                payloads = []
+
+    def _decode(
+        self, starts: list[int], types: bytearray, payloads: list[bytes | bytearray], end: int
+    ) -> None:
+        """Decode the framed records (offsets ``starts``, the last one ending at ``end``) onto
+        ``pending``; at the first that does not decode, ``problem`` is set there and the
+        records before it stay pending.
+
+        A run of FAILED records (the usual batch) is decoded in C-level passes
+        (``_decode_failed``: one ``unpackb`` each, one ``first_bad_failed`` for the run, the
+        checks ``check_failed`` makes). Other records, and a run where any of that fails,
+        go record by record through ``decode_op``, which says what is wrong.
+        """
+        k = len(starts)
+        if not k:
+            return
+        sizes = [b - a for a, b in zip(starts, [*starts[1:], end], strict=True)]
+        ops = self.pending
+        metas = self.pending_metas
+        i = 0
+        while i < k:
+            j = i + 1
+            if types[i] == _FAILED_T:
+                m = _NOT_FAILED.search(types, i)
+                j = k if m is None else m.start()
+                if j - i > 1 and self._decode_failed(payloads[i:j], sizes[i:j]):
+                    i = j
+                    continue
+            for at, rtype, payload, size in zip(
+                starts[i:j], types[i:j], payloads[i:j], sizes[i:j], strict=True
+            ):
+                op = decode_op(rtype, payload, size, metas)
+                if type(op) is str:
+                    self._fail(at, op)
+                    return
+                ops.append(op)  # type: ignore[arg-type]
+            i = j
+
+    def _decode_failed(self, payloads: list[bytes | bytearray], sizes: list[int]) -> bool:
+        """Decode a run of FAILED records onto ``pending`` in C-level passes; False (and
+        nothing pending added) if one of them does not decode or check."""
+        try:
+            objs = list(map(_fast_unpackb, payloads))
+        except Exception:  # noqa: BLE001 - decode_op, record by record, says what it is
+            return False
+        if first_bad_failed(objs, MAX_ITEMS, MAX_DEPTH) >= 0:
+            return False
+        self.pending += zip(
+            repeat(_FAILED_T, len(sizes)),
+            map(_FIELD0, objs),
+            sizes,
+            map(_FIELD8, objs),
+            strict=True,
+        )
+        self.pending_metas += zip(
+            map(_FIELD5, objs), map(_FIELD1, objs), map(_FIELD6, objs), strict=True
+        )
+        return True
 
     def _fail(self, pos: int, reason: str) -> None:
         self.pos = pos
