@@ -125,9 +125,8 @@ async def serve_hub(settings: HubSettings, stop: asyncio.Event | None = None) ->
     try:
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        port = sockets[0].getsockname()[1] if sockets else settings.http_port
+        bound = runner.addresses  # the port actually bound (http_port 0 picks one)
+        port = bound[0][1] if bound else settings.http_port
         host = settings.http_host
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/queues/"
         log.info("hub dashboard at %s over %s", url, _redacted(settings.redis_url))

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from qdash_mp.collector.retry import _read_for_retry
+from qdash_mp.collector.retry import read_for_retry
 from qdash_mp.errors import NotFound, QdashError
 from qdash_mp.hub.commands import Ack, Commands
 from qdash_mp.hub.format import (
@@ -154,7 +154,7 @@ def _read_failed(
     removes: list[str] = []
     for id in ids:
         try:
-            failed, raw, failed_at = _read_for_retry(journal, id)
+            failed, raw, failed_at = read_for_retry(journal, id)
         except NotFound:
             removes.append(id)
             continue
@@ -475,7 +475,7 @@ class Publisher:
         )
 
     def _requeue_queues(self) -> tuple[str, ...]:
-        if self._c.settings.requeue or getattr(self._c.retries, "_requeue_fn", None):
+        if self._c.settings.requeue or self._c.retries.has_requeue_fn:
             return (ALL_QUEUES,)
         out: set[str] = set()
         for conn in self._c.connections.conns:
@@ -492,7 +492,7 @@ class Publisher:
             return
         periods = self._periods
         try:
-            await lc._locked(lambda: periods.observe(history))
+            await lc.locked(lambda: periods.observe(history))
         except Exception:  # a bug here must not stop publishing: counts stay exact
             log.exception("hub: reading the history's period buckets failed")
 
@@ -508,7 +508,7 @@ class Publisher:
             self._hist_scanned = due
             # under the lifecycle's lock: the tick's thread adds queue files meanwhile
             read: list[tuple[str, str, dict[str, Any]]] = []
-            for queue in await lc._locked(history.queues):
+            for queue in await lc.locked(history.queues):
                 for res, resolution in (("m", "minute"), ("h", "hour")):
                     points = await lc.points(queue, resolution)  # type: ignore[arg-type]
                     read.extend((res, queue, point) for point in points)
