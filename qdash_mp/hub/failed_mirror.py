@@ -44,7 +44,7 @@ import msgpack
 from qdash_mp.errors import HubCorrupt
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.hub.failed_scan import SCAN_COUNT, Match
-from qdash_mp.hub.format import split_fall_member
+from qdash_mp.hub.format_failed import split_fall_member
 from qdash_mp.hub.keys import Keys
 
 __all__ = ["CHUNK", "FailedMirror"]

@@ -32,7 +32,7 @@ import msgpack
 
 from qdash_mp.errors import HubCorrupt
 from qdash_mp.failed_filter import FailedFilter
-from qdash_mp.hub.format import fall_member, split_fall_member
+from qdash_mp.hub.format_failed import fall_member, split_fall_member
 from qdash_mp.hub.keys import Keys
 from qdash_mp.records import FailedRecord
 

@@ -38,13 +38,12 @@ from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.history import RETENTION
 from qdash_mp.hub.failed_mirror import FailedMirror
 from qdash_mp.hub.failed_scan import Match, page_by_time, scan_failed
-from qdash_mp.hub.format import (
+from qdash_mp.hub.format import decode_point, decode_workers
+from qdash_mp.hub.format_failed import (
     Command,
     Result,
     decode_failed,
-    decode_point,
     decode_result,
-    decode_workers,
     encode_command,
     fall_member,
     split_fall_member,

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from qdash_testing.redis_server import RedisServer
 
 from qdash_mp.failed_filter import FailedFilter
-from qdash_mp.hub.format import fall_member
+from qdash_mp.hub.format_failed import fall_member
 from qdash_mp.hub.inspector import HOST, HubInspector
 from qdash_mp.hub.keys import Keys
 
