@@ -144,3 +144,18 @@ async def test_trimmed_removals_make_a_lagging_mirror_read_in_full(r: Any) -> No
     page = await ins.failed_query(FailedFilter(queue="mail"), 1)
     assert page.total == 8
     assert ins.mirror.full_reads == 2
+
+
+async def test_the_script_trims_the_removal_log(r: Any) -> None:
+    a = Host(r, "a")
+    await a.publish([("j", "mail", T0, "send", "boom")])
+    # 101,000 older removals already logged (sequences 1..101,000), then one more
+    await r.set(K.fseq, 200_000)
+    for k in range(0, 101_000, 10_100):
+        await r.zadd(K.frmz, {f"a\x00old{i}": i + 1 for i in range(k, k + 10_100)})
+    await a.publish(removes=["j"])
+    assert await r.zcard(K.frmz) == 100_000  # the last 100,000 kept
+    assert int(await r.get(K.frmlo)) == 1001  # the highest sequence dropped
+    assert await r.zscore(K.frmz, fall_member("a", "j")) == 200_001
+    await a.publish(removes=["never-listed"])  # not in the index: nothing logged
+    assert await r.zcard(K.frmz) == 100_000
