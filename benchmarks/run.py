@@ -25,6 +25,7 @@ import bench_durable_failed
 import bench_filter
 import bench_hook
 import bench_hub
+import bench_hub_failed
 import bench_hub_view
 import bench_ingest
 import bench_integrations
@@ -43,6 +44,7 @@ BENCHES = {
     "sse": bench_sse.run,
     "hub": bench_hub.run,
     "hub_view": bench_hub_view.run,
+    "hub_failed": bench_hub_failed.run,
     "filter": bench_filter.run,
 }
 
@@ -290,6 +292,23 @@ TARGETS = [
         reference="celery_events",
     ),
     # issue 13: the Redis hub (dashboard side)
+    *[
+        Target(
+            "hub_failed",
+            subject,
+            "api_failed_ms",
+            "<=",
+            50.0,
+            f"hub: a failed page with {what} <= 50 ms at 100k failed jobs",
+            producers=100_000,
+        )
+        for subject, what in (
+            ("hub_failed_queue", "queue="),
+            ("hub_failed_text", "q="),
+            ("hub_failed_host_queue", "host= and queue="),
+            ("hub_failed_live", "queue= while the host publishes"),
+        )
+    ],
     Target(
         "hub_view",
         "hub_stats_live",

@@ -272,6 +272,16 @@ class History:
         """Queues with a history file."""
         return sorted(self._files)
 
+    def queue_states(self) -> list[tuple[str, State]]:
+        """Each queue file's in-memory state (its ``history_format.State``), live objects
+        the next ``tick`` changes: read them under the caller's lock, copy what is kept.
+
+        The files keep per-period summaries only; right after a minute closed this state
+        holds the lifetime runtime buckets it was closed at and the current hour's bucket
+        counts, from which the hub publisher derives per-period buckets
+        (``qdash_mp.hub.period_buckets``)."""
+        return [(queue, qf.state) for queue, qf in self._files.items()]
+
     def points(
         self, queue: str, resolution: Literal["minute", "hour"] = "minute"
     ) -> list[dict[str, Any]]:

@@ -83,10 +83,13 @@ class Lifecycle:
             self.windows.update(int(now // 60), {q: stats.buckets(q) for q in totals})
         if self.history is not None:
             history = self.history
-            await self._locked(lambda: history.tick(totals, now))
+            await self.locked(lambda: history.tick(totals, now))
         self.workers.expire(now)
 
-    async def _locked(self, fn: Callable[[], T]) -> T:
+    async def locked(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in a worker thread, holding the lock every ``History`` call needs (the
+        tick's thread, the web's and the hub publisher's reads; see the module docstring)."""
+
         def call() -> T:
             with self._lock:
                 return fn()
@@ -99,7 +102,7 @@ class Lifecycle:
         history = self.history
         if history is None:
             return []
-        return await self._locked(lambda: history.points(queue, resolution))
+        return await self.locked(lambda: history.points(queue, resolution))
 
     def windows_of(self, queue: str) -> dict[str, dict[str, Any]]:
         return self.windows.summaries(queue, int(self.clock() // 60))

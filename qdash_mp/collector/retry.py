@@ -46,7 +46,7 @@ from qdash_mp.wire import FailedRecord, Requeue, RequeueResult
 if TYPE_CHECKING:
     from qdash_mp.collector.daemon import Collector
 
-__all__ = ["RequeueFn", "Retries", "load_requeue", "retried_copy"]
+__all__ = ["RequeueFn", "Retries", "load_requeue", "read_for_retry", "retried_copy"]
 
 log = logging.getLogger("qdash_mp.collector")
 
@@ -85,11 +85,13 @@ def retried_copy(failed: FailedJob) -> FailedJob:
     return dataclasses.replace(failed, job=job)
 
 
-def _read_for_retry(journal: Journal, id: str) -> tuple[FailedJob, bytes, float]:
+def read_for_retry(journal: Journal, id: str) -> tuple[FailedJob, bytes, float]:
     """The committed record of ``id``, its payload bytes and its exact ``failed_at``.
 
     Two reads (the journal has no single call for both): a failure committed between them
-    shows as a changed ``failed_at``, and the pair is read again.
+    shows as a changed ``failed_at``, and the pair is read again. Blocking (disk reads): call
+    it in a worker thread. Used by retries and by the hub publisher; raises ``NotFound`` when
+    ``id`` is not in the journal, ``RetryConflict`` when it keeps changing.
     """
     for _ in range(8):
         failed_at = journal.failed_at(id)
@@ -109,6 +111,12 @@ class Retries:
         self._rr = itertools.count()
         self._claimed: set[str] = set()
         self._settling: set[asyncio.Task[None]] = set()
+
+    @property
+    def has_requeue_fn(self) -> bool:
+        """Whether a requeue function (``--requeue``, or one given in code) takes every
+        retry, whatever the queue and whichever workers are connected."""
+        return self._requeue_fn is not None
 
     def can_retry(self, queue: str) -> bool:
         """Whether a retry of a job of ``queue`` has a requeue route now: ``--requeue``, or
@@ -171,7 +179,7 @@ class Retries:
         release = True
         try:
             failed, payload_raw, failed_at = await asyncio.to_thread(
-                _read_for_retry, live.journal, id
+                read_for_retry, live.journal, id
             )
             await self.requeue(retried_copy(failed), payload_raw)
             live.stats.add(failed.queue, pushed=1, retried=1)

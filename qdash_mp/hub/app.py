@@ -7,7 +7,9 @@
   host; an unknown name is a 404;
 * ``GET /queues/hosts``: a page of the hosts (last seen, stale, seq, queued commands, totals),
   linked from the nav; the nav and footer links carry ``?host=`` (``hub_host`` in the
-  templates' globals; the links inside pages -- pager, job rows -- do not).
+  templates' globals), and so does every other in-page link and form of a host-scoped page
+  (``qdash_mp.hub.host_links`` rewrites the rendered HTML: pager, job rows, queue links,
+  the filter, flush and bulk forms, polled fragments).
 
 ``serve_hub(settings)`` runs it until SIGTERM/SIGINT (``qdash-mp hub``), with a
 ``redis.asyncio`` client closed on the way out. The hub holds no state of its own: a restart
@@ -28,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from qdash_mp.access_settings import AccessSettings
+from qdash_mp.hub.host_links import carry_host, with_host
 from qdash_mp.hub.inspector import HOST, NO_WAIT, HubInspector
 from qdash_mp.hub.merge import STALE_AFTER
 from qdash_mp.web.app import DASHBOARD, create_app
@@ -67,9 +70,13 @@ def hub_app(
                 raise web.HTTPNotFound(text=f"No host {name!r} has published to this hub.")
             token = HOST.set(name)
             try:
-                return await handler(request)
+                resp = await handler(request)
+            except web.HTTPRedirection as exc:
+                _carry_location(app, exc, name)
+                raise
             finally:
                 HOST.reset(token)
+            return _carry_host(app, resp, name)
         finally:
             NO_WAIT.reset(bulk)
 
@@ -91,6 +98,33 @@ def hub_app(
 
     app.router.add_get("/queues/hosts", hosts_page, name="qdash.hosts")
     return app
+
+
+def _carry_host(app: web.Application, resp: web.StreamResponse, host: str) -> web.StreamResponse:
+    """An HTML page of a host-scoped request with ``host=`` in its in-page links and forms
+    (``qdash_mp.hub.host_links``); anything else as it is."""
+    if 300 <= resp.status < 400:
+        _carry_location(app, resp, host)
+        return resp
+    if not isinstance(resp, web.Response) or resp.content_type != "text/html":
+        return resp
+    if not isinstance(resp.body, bytes) or resp.prepared:
+        return resp
+    urls = app[DASHBOARD].urls()
+    charset = resp.charset or "utf-8"
+    page = with_host(resp.body.decode(charset), host, urls.base, urls.static_base)
+    resp.body = page.encode(charset)
+    return resp
+
+
+def _carry_location(app: web.Application, resp: web.StreamResponse, host: str) -> None:
+    """A redirect of a host-scoped request back into the dashboard keeps ``host=``."""
+    where = resp.headers.get("Location")
+    if where:
+        urls = app[DASHBOARD].urls()
+        carried = carry_host(where, host, urls.base, urls.static_base)
+        if carried is not None:
+            resp.headers["Location"] = carried
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +159,8 @@ async def serve_hub(settings: HubSettings, stop: asyncio.Event | None = None) ->
     try:
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        port = sockets[0].getsockname()[1] if sockets else settings.http_port
+        bound = runner.addresses  # the port actually bound (http_port 0 picks one)
+        port = bound[0][1] if bound else settings.http_port
         host = settings.http_host
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/queues/"
         log.info("hub dashboard at %s over %s", url, _redacted(settings.redis_url))

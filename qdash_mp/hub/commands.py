@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qdash_mp.errors import HubCorrupt, NotFound, QdashError, RetryConflict
-from qdash_mp.hub.format import Command, Result, decode_command, encode_result
+from qdash_mp.hub.format_failed import Command, Result, decode_command, encode_result
 
 if TYPE_CHECKING:
     from qdash_mp.collector.daemon import Collector

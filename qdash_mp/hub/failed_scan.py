@@ -14,8 +14,9 @@ What ``HubInspector``'s failed-list filters and bulk actions read (``FailedQueri
 
 Cost: a scan is one pass over the index (about ``N / SCAN_COUNT`` round trips, plus the
 records when a text filter is set; measured ~1 s for 100,000 entries without and ~2-4 s with
-a text filter on a loaded 2-core machine) -- what the bulk actions and a text-filtered list
-need. A list page without ``queue``/``name``/``q``, and the "new since" count, do not scan:
+a text filter on a loaded 2-core machine) -- what the bulk actions need. A list page with
+``queue``/``name``/``q`` reads the hub's mirror (``qdash_mp.hub.failed_mirror``) instead.
+A list page without ``queue``/``name``/``q``, and the "new since" count, do not scan:
 ``page_by_time`` reads ``O(offset + page + arrivals since the snapshot)`` entries. ``?host=``
 reads that host's ``qdash:fi:{host}`` only.
 """
@@ -31,7 +32,7 @@ import msgpack
 
 from qdash_mp.errors import HubCorrupt
 from qdash_mp.failed_filter import FailedFilter
-from qdash_mp.hub.format import fall_member, split_fall_member
+from qdash_mp.hub.format_failed import fall_member, split_fall_member
 from qdash_mp.hub.keys import Keys
 from qdash_mp.records import FailedRecord
 

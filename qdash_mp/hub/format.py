@@ -91,82 +91,47 @@ Workers (value of ``w:{host}``): an array of maps, each exactly a ``/queues/api/
 row (``WorkerView.to_dict``: id, pid, host, name, queues, connected_at, last_seen, active
 [maps of queue, id, name, started_at], state, can_requeue). Example: ``[]`` is ``90``.
 
-Failed entry (value of ``fj:{host}``, field = job id): the FAILED record bytes exactly as
-the host's journal keeps them (``qdash_mp.records``, 9-field array, payload as a bin), so
-the hub shows and re-sends the very bytes the failing worker sent. Checked by
-``records.unpack_failed``. Its score in ``fi:{host}`` and ``fall`` is its ``failed_at``.
-``fall`` members are ``{host}\\x00{id}`` (UTF-8).
-
-Command (an entry of the stream ``cmd:{host}``; stream fields, UTF-8 strings)::
-
-    field  content
-    op     "retry" or "forget"
-    id     failed job id (1..1024 characters)
-    req    request id chosen by the hub (1..64 characters; the result key is res:{req})
-    by     who asked (free text, at most 255 characters; may be empty)
-    at     when (unix s, decimal float text)
-
-Result (value of ``res:{req}``, TTL 1 h)::
-
-    key          msgpack type
-    ok           bool        the command did what was asked (or it had been done before)
-    already      bool        the id was no longer on the host: done before (a retry that
-                             ran before a crash) or forgotten; nothing was done now
-    error        str or nil  why not, when ok is false (the job stays)
-    op           str         the command's op
-    id           str         the command's job id
-    at           float       when the host finished it (unix s)
-
-Example result: ok, not already, no error, op "retry", id "j1", at 1700000001.5::
-
-    86 a2 6f 6b c3 a7 61 6c 72 65 61 64 79 c2 a5 65
-    72 72 6f 72 c0 a2 6f 70 a5 72 65 74 72 79 a2 69
-    64 a2 6a 31 a2 61 74 cb 41 d9 54 fc 40 60 00 00
+Failed entries, commands and results (what the failed list and the hub's commands exchange)
+are in ``qdash_mp.hub.format_failed``; the checks both modules decode with in
+``qdash_mp.hub.format_checks``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from qdash_mp.errors import HubCorrupt, ProtocolError
-from qdash_mp.histogram import NBUCKETS
-from qdash_mp.records import MAX_ID, MAX_NAME, FailedRecord, unpack_failed
-from qdash_mp.strict_msgpack import packb, unpackb
+from qdash_mp.hub.format_checks import (
+    MAX_BLOB,
+    check_bool,
+    check_buckets,
+    check_float,
+    check_int,
+    check_list,
+    check_map,
+    check_str,
+    corrupt,
+    load,
+)
+from qdash_mp.records import MAX_ID, MAX_NAME
+from qdash_mp.strict_msgpack import packb
 
 __all__ = [
-    "COMMAND_OPS",
     "MAX_BLOB",
-    "MAX_REQ",
-    "Command",
     "HostInfo",
     "QueueRecord",
-    "Result",
-    "decode_command",
-    "decode_failed",
     "decode_host",
     "decode_point",
     "decode_queue",
-    "decode_result",
     "decode_workers",
-    "encode_command",
     "encode_host",
     "encode_point",
     "encode_queue",
-    "encode_result",
     "encode_workers",
-    "fall_member",
     "sparse",
-    "split_fall_member",
 ]
 
-MAX_BLOB: Final = 64 * 1024 * 1024
-"""Largest blob a decoder accepts (bytes of any str/bin inside it, too)."""
-_MAX_ITEMS: Final = 1_000_000
-MAX_REQ: Final = 64
-COMMAND_OPS: Final = ("retry", "forget")
 _SUMMARY_KEYS: Final = ("count", "p50", "p90", "p95", "p99", "max")
 _WORKER_KEYS: Final = (
     "id",
@@ -181,73 +146,6 @@ _WORKER_KEYS: Final = (
     "can_requeue",
 )
 _ACTIVE_KEYS: Final = ("queue", "id", "name", "started_at")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _corrupt(what: str, why: str) -> HubCorrupt:
-    return HubCorrupt(f"hub {what}: {why}")
-
-
-def _load(data: bytes, what: str) -> object:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise _corrupt(what, f"expected bytes, not {type(data).__name__}")
-    try:
-        return unpackb(bytes(data), MAX_BLOB, _MAX_ITEMS)
-    except ProtocolError as exc:
-        raise _corrupt(what, str(exc)) from None
-
-
-def _map(value: object, keys: Sequence[str], what: str) -> dict[str, Any]:
-    if type(value) is not dict:
-        raise _corrupt(what, f"must be a map, not {type(value).__name__}")
-    if list(value) != list(keys):
-        raise _corrupt(what, f"keys must be {list(keys)}, not {list(value)}")
-    return value
-
-
-def _int(value: object, what: str, lo: int = 0) -> int:
-    if type(value) is not int or value < lo:
-        raise _corrupt(what, f"must be an int >= {lo}, not {value!r}")
-    return value
-
-
-def _float(value: object, what: str, lo: float = -math.inf) -> float:
-    if type(value) is not float or not math.isfinite(value) or value < lo:
-        raise _corrupt(what, f"must be a finite float >= {lo}, not {value!r}")
-    return value
-
-
-def _str(value: object, what: str, lo: int = 0, hi: int = MAX_BLOB) -> str:
-    if type(value) is not str or not lo <= len(value) <= hi:
-        raise _corrupt(what, f"must be a str of {lo}..{hi} characters, not {value!r:.80}")
-    return value
-
-
-def _bool(value: object, what: str) -> bool:
-    if type(value) is not bool:
-        raise _corrupt(what, f"must be a bool, not {value!r}")
-    return value
-
-
-def _list(value: object, what: str) -> list[Any]:
-    if type(value) is not list:
-        raise _corrupt(what, f"must be an array, not {type(value).__name__}")
-    return value
-
-
-def _buckets(value: object, what: str) -> dict[int, int]:
-    if type(value) is not dict:
-        raise _corrupt(what, f"must be a map, not {type(value).__name__}")
-    last = -1
-    for k, v in value.items():
-        if type(k) is not int or not last < k < NBUCKETS:
-            raise _corrupt(what, f"bucket {k!r} is not an ascending index below {NBUCKETS}")
-        if type(v) is not int or v <= 0:
-            raise _corrupt(what, f"bucket {k} count must be an int > 0, not {v!r}")
-        last = k
-    return value
 
 
 def sparse(dense: Sequence[int]) -> dict[int, int]:
@@ -302,16 +200,16 @@ def encode_queue(r: QueueRecord) -> bytes:
 
 def decode_queue(data: bytes) -> QueueRecord:
     what = "queue record"
-    m = _map(_load(data, what), _QUEUE_KEYS, what)
+    m = check_map(load(data, what), _QUEUE_KEYS, what)
     return QueueRecord(
-        pushed=_int(m["pushed"], f"{what} pushed"),
-        processed=_int(m["processed"], f"{what} processed"),
-        failed=_int(m["failed"], f"{what} failed"),
-        retried=_int(m["retried"], f"{what} retried"),
-        active=_int(m["active"], f"{what} active"),
-        throughput=_float(m["throughput"], f"{what} throughput", 0.0),
-        runtime=_buckets(m["runtime"], f"{what} runtime"),
-        wait=_buckets(m["wait"], f"{what} wait"),
+        pushed=check_int(m["pushed"], f"{what} pushed"),
+        processed=check_int(m["processed"], f"{what} processed"),
+        failed=check_int(m["failed"], f"{what} failed"),
+        retried=check_int(m["retried"], f"{what} retried"),
+        active=check_int(m["active"], f"{what} active"),
+        throughput=check_float(m["throughput"], f"{what} throughput", 0.0),
+        runtime=check_buckets(m["runtime"], f"{what} runtime"),
+        wait=check_buckets(m["wait"], f"{what} wait"),
     )
 
 
@@ -345,25 +243,25 @@ def encode_point(point: Mapping[str, Any], buckets: Mapping[int, int] | None = N
 def decode_point(data: bytes) -> dict[str, Any]:
     """The point's map; ``"buckets"`` (``{index: count}``) is there only when written."""
     what = "history point"
-    value = _load(data, what)
+    value = load(data, what)
     keys = _POINT_KEYS + _POINT_OPTIONAL if type(value) is dict and len(value) == 6 else _POINT_KEYS
-    m = _map(value, keys, what)
-    _int(m["t"], f"{what} t", -(2**63))
+    m = check_map(value, keys, what)
+    check_int(m["t"], f"{what} t", -(2**63))
     for k in ("pushed", "processed", "failed"):
-        _int(m[k], f"{what} {k}")
-    rt = _map(m["runtime"], _SUMMARY_KEYS, f"{what} runtime")
-    count = _int(rt["count"], f"{what} runtime count")
+        check_int(m[k], f"{what} {k}")
+    rt = check_map(m["runtime"], _SUMMARY_KEYS, f"{what} runtime")
+    count = check_int(rt["count"], f"{what} runtime count")
     for k in _SUMMARY_KEYS[1:]:
         v = rt[k]
         if count == 0:
             if v is not None:
-                raise _corrupt(f"{what} runtime {k}", f"must be nil when count is 0, not {v!r}")
+                raise corrupt(f"{what} runtime {k}", f"must be nil when count is 0, not {v!r}")
         else:
-            _float(v, f"{what} runtime {k}", 0.0)
+            check_float(v, f"{what} runtime {k}", 0.0)
     if "buckets" in m:
-        b = _buckets(m["buckets"], f"{what} buckets")
+        b = check_buckets(m["buckets"], f"{what} buckets")
         if not b or sum(b.values()) != count:
-            raise _corrupt(
+            raise corrupt(
                 f"{what} buckets", f"must count runtime.count ({count}), not {sum(b.values())}"
             )
     return m
@@ -403,15 +301,15 @@ def encode_host(h: HostInfo) -> bytes:
 
 def decode_host(data: bytes) -> HostInfo:
     what = "host info"
-    m = _map(_load(data, what), _HOST_KEYS, what)
-    requeue = _list(m["requeue"], f"{what} requeue")
+    m = check_map(load(data, what), _HOST_KEYS, what)
+    requeue = check_list(m["requeue"], f"{what} requeue")
     return HostInfo(
-        seq=_int(m["seq"], f"{what} seq", 1),
-        last_seen=_float(m["last_seen"], f"{what} last_seen"),
-        started_at=_float(m["started_at"], f"{what} started_at"),
-        version=_str(m["version"], f"{what} version", 0, MAX_NAME),
-        pid=_int(m["pid"], f"{what} pid"),
-        requeue=tuple(_str(q, f"{what} requeue entry", 1, MAX_NAME) for q in requeue),
+        seq=check_int(m["seq"], f"{what} seq", 1),
+        last_seen=check_float(m["last_seen"], f"{what} last_seen"),
+        started_at=check_float(m["started_at"], f"{what} started_at"),
+        version=check_str(m["version"], f"{what} version", 0, MAX_NAME),
+        pid=check_int(m["pid"], f"{what} pid"),
+        requeue=tuple(check_str(q, f"{what} requeue entry", 1, MAX_NAME) for q in requeue),
     )
 
 
@@ -440,151 +338,26 @@ def encode_workers(rows: Sequence[Mapping[str, Any]]) -> bytes:
 
 def decode_workers(data: bytes) -> list[dict[str, Any]]:
     what = "workers"
-    rows = _list(_load(data, what), what)
+    rows = check_list(load(data, what), what)
     for i, row in enumerate(rows):
         w = f"{what}[{i}]"
-        _map(row, _WORKER_KEYS, w)
-        _str(row["id"], f"{w} id", 0, MAX_ID)
-        _int(row["pid"], f"{w} pid")
-        _str(row["host"], f"{w} host", 0, MAX_NAME)
-        _str(row["name"], f"{w} name", 0, MAX_ID)
-        for q in _list(row["queues"], f"{w} queues"):
-            _str(q, f"{w} queue", 0, MAX_NAME)
-        _float(row["connected_at"], f"{w} connected_at")
-        _float(row["last_seen"], f"{w} last_seen")
-        for j, job in enumerate(_list(row["active"], f"{w} active")):
+        check_map(row, _WORKER_KEYS, w)
+        check_str(row["id"], f"{w} id", 0, MAX_ID)
+        check_int(row["pid"], f"{w} pid")
+        check_str(row["host"], f"{w} host", 0, MAX_NAME)
+        check_str(row["name"], f"{w} name", 0, MAX_ID)
+        for q in check_list(row["queues"], f"{w} queues"):
+            check_str(q, f"{w} queue", 0, MAX_NAME)
+        check_float(row["connected_at"], f"{w} connected_at")
+        check_float(row["last_seen"], f"{w} last_seen")
+        for j, job in enumerate(check_list(row["active"], f"{w} active")):
             a = f"{w} active[{j}]"
-            _map(job, _ACTIVE_KEYS, a)
-            _str(job["queue"], f"{a} queue", 0, MAX_NAME)
-            _str(job["id"], f"{a} id", 0, MAX_ID)
-            _str(job["name"], f"{a} name", 0, MAX_ID)
-            _float(job["started_at"], f"{a} started_at")
+            check_map(job, _ACTIVE_KEYS, a)
+            check_str(job["queue"], f"{a} queue", 0, MAX_NAME)
+            check_str(job["id"], f"{a} id", 0, MAX_ID)
+            check_str(job["name"], f"{a} name", 0, MAX_ID)
+            check_float(job["started_at"], f"{a} started_at")
         if row["state"] not in ("connected", "gone"):
-            raise _corrupt(f"{w} state", f"must be 'connected' or 'gone', not {row['state']!r}")
-        _bool(row["can_requeue"], f"{w} can_requeue")
+            raise corrupt(f"{w} state", f"must be 'connected' or 'gone', not {row['state']!r}")
+        check_bool(row["can_requeue"], f"{w} can_requeue")
     return rows
-
-
-# --------------------------------------------------------------------------- failed entry
-
-
-def decode_failed(data: bytes) -> FailedRecord:
-    """The FAILED record of an ``fj:{host}`` value (``records.unpack_failed``'s checks)."""
-    if not isinstance(data, bytes | bytearray):
-        raise _corrupt("failed entry", f"expected bytes, not {type(data).__name__}")
-    try:
-        return unpack_failed(bytes(data), max_size=MAX_BLOB)
-    except ProtocolError as exc:
-        raise _corrupt("failed entry", str(exc)) from None
-
-
-def fall_member(host: str, id: str) -> bytes:
-    """The ``fall`` member of job ``id`` of ``host``."""
-    return f"{host}\x00{id}".encode()
-
-
-def split_fall_member(member: bytes) -> tuple[str, str]:
-    """``(host, id)`` of a ``fall`` member."""
-    try:
-        host, sep, id = member.decode().partition("\x00")
-    except (UnicodeDecodeError, AttributeError):
-        raise _corrupt("fall member", f"{member!r:.80} is not UTF-8 bytes") from None
-    if not sep or not host or not id:
-        raise _corrupt("fall member", f"{member!r:.80} is not host NUL id")
-    return host, id
-
-
-# --------------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A hub -> host command (an entry of ``cmd:{host}``)."""
-
-    op: str
-    id: str
-    req: str
-    by: str = ""
-    at: float = 0.0
-
-
-def encode_command(c: Command) -> dict[str, str]:
-    """The stream fields for ``XADD cmd:{host} * ...`` (checked by decoding them again)."""
-    fields = {"op": c.op, "id": c.id, "req": c.req, "by": c.by, "at": repr(float(c.at))}
-    decode_command({k.encode(): v.encode() for k, v in fields.items()})
-    return fields
-
-
-def decode_command(fields: Mapping[bytes, bytes]) -> Command:
-    """The command in a stream entry's fields (as redis-py returns them: bytes)."""
-    what = "command"
-    if type(fields) is not dict:
-        raise _corrupt(what, f"must be a map of fields, not {type(fields).__name__}")
-    try:
-        m = {k.decode(): v.decode() for k, v in fields.items()}
-    except (UnicodeDecodeError, AttributeError):
-        raise _corrupt(what, "fields must be UTF-8 bytes") from None
-    if sorted(m) != ["at", "by", "id", "op", "req"]:
-        raise _corrupt(what, f"fields must be op, id, req, by, at, not {sorted(m)}")
-    if m["op"] not in COMMAND_OPS:
-        raise _corrupt(f"{what} op", f"must be one of {COMMAND_OPS}, not {m['op']!r:.80}")
-    try:
-        at = float(m["at"])
-    except ValueError:
-        raise _corrupt(f"{what} at", f"{m['at']!r:.80} is not a number") from None
-    if not math.isfinite(at):
-        raise _corrupt(f"{what} at", f"{m['at']!r:.80} is not finite")
-    return Command(
-        op=m["op"],
-        id=_str(m["id"], f"{what} id", 1, MAX_ID),
-        req=_str(m["req"], f"{what} req", 1, MAX_REQ),
-        by=_str(m["by"], f"{what} by", 0, MAX_NAME),
-        at=at,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """A host's answer to a command (``res:{req}``)."""
-
-    ok: bool
-    already: bool
-    error: str | None
-    op: str
-    id: str
-    at: float
-
-
-_RESULT_KEYS: Final = ("ok", "already", "error", "op", "id", "at")
-
-
-def encode_result(r: Result) -> bytes:
-    return packb(
-        {
-            "ok": r.ok,
-            "already": r.already,
-            "error": r.error,
-            "op": r.op,
-            "id": r.id,
-            "at": float(r.at),
-        },
-        "result",
-    )
-
-
-def decode_result(data: bytes) -> Result:
-    what = "result"
-    m = _map(_load(data, what), _RESULT_KEYS, what)
-    error = m["error"]
-    if error is not None:
-        _str(error, f"{what} error")
-    if m["op"] not in COMMAND_OPS:
-        raise _corrupt(f"{what} op", f"must be one of {COMMAND_OPS}, not {m['op']!r:.80}")
-    return Result(
-        ok=_bool(m["ok"], f"{what} ok"),
-        already=_bool(m["already"], f"{what} already"),
-        error=error,
-        op=m["op"],
-        id=_str(m["id"], f"{what} id", 1, MAX_ID),
-        at=_float(m["at"], f"{what} at"),
-    )

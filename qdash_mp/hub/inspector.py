@@ -36,14 +36,14 @@ from typing import Any, Literal
 from qdash_mp.errors import HubCorrupt, NotFound, RetryError, RetryQueued
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.history import RETENTION
+from qdash_mp.hub.failed_mirror import FailedMirror
 from qdash_mp.hub.failed_scan import Match, page_by_time, scan_failed
-from qdash_mp.hub.format import (
+from qdash_mp.hub.format import decode_point, decode_workers
+from qdash_mp.hub.format_failed import (
     Command,
     Result,
     decode_failed,
-    decode_point,
     decode_result,
-    decode_workers,
     encode_command,
     fall_member,
     split_fall_member,
@@ -114,6 +114,8 @@ class HubInspector:
         self.command_wait = command_wait
         self.clock = clock
         self._epoch = ""
+        self.mirror = FailedMirror(redis, self.keys)
+        """Filter columns of the failed index, for ``queue``/``name``/``q`` pages."""
 
     # -- stats -------------------------------------------------------------------------------
 
@@ -293,6 +295,19 @@ class HubInspector:
         )
         if fast is not None:
             return FailedPage(await self._views(fast[0]), fast[1], hw, self._epoch)
+        mirror = self.mirror
+        async with mirror.lock:
+            await mirror.sync(self._epoch)
+            rows, total = mirror.select(flt, HOST.get(), offset, limit, below=hw, since=since)
+        return FailedPage(await self._views(rows), total, hw, self._epoch)
+
+    async def failed_query_by_scan(
+        self, flt: FailedFilter, page: int, *, snapshot: int, since: int | None = None
+    ) -> FailedPage:
+        """``failed_query`` by one scan of the index in Redis, without the mirror (what the
+        mirror is tested against; ``snapshot`` is required: no epoch read)."""
+        hw = snapshot
+        offset, limit = page_bounds(page)
         keep = offset + limit
         total = 0
         top: list[tuple[float, str, str, Match]] = []  # a min-heap of the newest ``keep``

@@ -17,6 +17,9 @@ name a collector publishes under (``--host-name``, default the machine's hostnam
     qdash:fseq               STRING   counter: the last failed-entry arrival sequence (INCR)
     qdash:fseqz              ZSET     "{host}\\x00{id}" -> its arrival sequence (new or changed
                                       record); the hub's failed-list snapshots bound on it
+    qdash:frmz               ZSET     "{host}\\x00{id}" -> the fseq value of its removal (INCR
+                                      too); the last 100,000 removals (hub mirrors follow it)
+    qdash:frmlo              STRING   the highest removal sequence trimmed from frmz
     qdash:fepoch             STRING   random id of this fseq's run (set by the hub if missing:
                                       a Redis that lost fseq loses it too, old snapshots fail)
     qdash:cmd:{host}         STREAM   hub -> host commands (op, id, req, by, at)
@@ -83,6 +86,14 @@ class Keys:
     @property
     def fseqz(self) -> str:
         return f"{self.prefix}fseqz"
+
+    @property
+    def frmz(self) -> str:
+        return f"{self.prefix}frmz"
+
+    @property
+    def frmlo(self) -> str:
+        return f"{self.prefix}frmlo"
 
     @property
     def fepoch(self) -> str:

@@ -81,10 +81,9 @@ class PeriodBuckets:
     def observe(self, history: History) -> None:
         """Look at every queue file's state (call with the lifecycle's lock held: ``History``
         is not thread-safe). Costs a comparison per queue unless a minute closed."""
-        # History keeps no bucket counts per period in its files, only in this state; it is
-        # read here rather than added to History's API (see docs/hub.md, "Merging").
-        for queue, qf in history._files.items():
-            s = qf.state
+        # History keeps no bucket counts per period in its files, only in this state (see
+        # docs/hub.md, "Which periods carry buckets").
+        for queue, s in history.queue_states():
             seen = self._seen.get(queue)
             if seen is None:
                 seen = self._seen[queue] = _Seen()

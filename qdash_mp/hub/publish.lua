@@ -86,14 +86,31 @@ for _ = 1, n do
   i = i + 3
 end
 
+-- frmz: member -> the fseq value of its removal, so a hub that mirrors the index in memory
+-- (qdash_mp.hub.failed_mirror) follows removals as it follows arrivals; only the last
+-- FRM_KEEP removals are kept, frmlo is the highest removal sequence dropped from it.
+local frmz, FRM_KEEP = p .. 'frmz', 100000
 n = tonumber(ARGV[i]); i = i + 1
+local removed = 0
 for _ = 1, n do
   local id = ARGV[i]
+  local member = host .. '\0' .. id
   redis.call('ZREM', fi, id)
   redis.call('HDEL', fj, id)
-  redis.call('ZREM', fall, host .. '\0' .. id)
-  redis.call('ZREM', fseqz, host .. '\0' .. id)
+  if redis.call('ZREM', fall, member) == 1 then
+    redis.call('ZADD', frmz, redis.call('INCR', fseq), member)
+    removed = removed + 1
+  end
+  redis.call('ZREM', fseqz, member)
   i = i + 1
+end
+if removed > 0 then
+  local over = redis.call('ZCARD', frmz) - FRM_KEEP
+  if over > 1000 then -- trimmed in steps: one ZREMRANGE per thousand removals, not each
+    local last = redis.call('ZRANGE', frmz, over - 1, over - 1, 'WITHSCORES')
+    redis.call('ZREMRANGEBYRANK', frmz, 0, over - 1)
+    redis.call('SET', p .. 'frmlo', last[2])
+  end
 end
 
 n = tonumber(ARGV[i]); i = i + 1

@@ -18,7 +18,9 @@ overflowing change list (``max_changes``), a journal flush, or when Redis lost t
 state (its applied seq went below the acknowledged one), a full reconciliation compares the
 journal with ``fi:{host}`` (ids and failed_at scores, read in chunks) and queues every
 difference; everything drains in batches of ``batch`` ids per publish, publishes following
-each other quickly while a backlog remains.
+each other quickly while a backlog remains. That half lives in ``FailedChanges``
+(``qdash_mp.hub.publish_failed``); this module builds, sends and acknowledges the publishes,
+with the queue records, history points, workers and host info.
 
 History points carry the period's runtime bucket counts when ``PeriodBuckets`` (looking at
 the history's state before each publish attempt) knows them, so the hub merges per-period
@@ -40,15 +42,13 @@ import importlib.resources
 import logging
 import os
 import random
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from qdash_mp.collector.retry import _read_for_retry
-from qdash_mp.errors import NotFound, QdashError
+from qdash_mp.errors import QdashError
 from qdash_mp.hub.commands import Ack, Commands
 from qdash_mp.hub.format import (
     HostInfo,
@@ -61,9 +61,8 @@ from qdash_mp.hub.format import (
 )
 from qdash_mp.hub.keys import DEFAULT_PREFIX, RESULT_TTL, Keys
 from qdash_mp.hub.period_buckets import PeriodBuckets
-from qdash_mp.journal.format import Op, RecordType
+from qdash_mp.hub.publish_failed import FailedChanges
 from qdash_mp.models import QueueStat
-from qdash_mp.records import pack_failed_fields
 from qdash_mp.wire import ALL_QUEUES
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
     from qdash_mp.collector.daemon import Collector
-    from qdash_mp.journal import Journal
+    from qdash_mp.journal.format import Op
 
 __all__ = ["Publisher", "build_args", "redact"]
 
@@ -80,11 +79,6 @@ log = logging.getLogger("qdash_mp.hub.publisher")
 SCRIPT: Final = importlib.resources.files("qdash_mp.hub").joinpath("publish.lua").read_text()
 MINUTE_KEEP: Final = 24 * 3600 + 60
 HOUR_KEEP: Final = 30 * 86400 + 3600
-_FAILED: Final = int(RecordType.FAILED)
-_REMOVED: Final = int(RecordType.REMOVED)
-_FLUSHED: Final = int(RecordType.FLUSHED)
-_ZRANGE_CHUNK: Final = 10_000
-_READ_CHUNK: Final = 2_000
 
 
 def redact(url: str) -> str:
@@ -145,51 +139,6 @@ def build_args(
     return args
 
 
-def _read_failed(
-    journal: Journal, ids: Iterable[str]
-) -> tuple[list[tuple[str, str, bytes]], list[str]]:
-    """Adds (id, failed_at score, FAILED record) for the ids in the journal, removes for
-    the others (in a worker thread: this reads records from disk)."""
-    adds: list[tuple[str, str, bytes]] = []
-    removes: list[str] = []
-    for id in ids:
-        try:
-            failed, raw, failed_at = _read_for_retry(journal, id)
-        except NotFound:
-            removes.append(id)
-            continue
-        except QdashError as exc:
-            log.error("hub: failed job %r unreadable in the journal, not published: %s", id, exc)
-            continue
-        job = failed.job
-        rec = pack_failed_fields(
-            id,
-            job.name,
-            raw,
-            job.attempts,
-            job.enqueued_at,
-            failed.queue,
-            failed.error,
-            failed.traceback,
-            failed_at,
-        )
-        adds.append((id, repr(failed_at), rec))
-    return adds, removes
-
-
-def _differing(journal: Journal, ids: list[str], scores: dict[str, float]) -> list[str]:
-    """The ids whose journal failed_at is not their hub score (in a worker thread)."""
-    out = []
-    for id in ids:
-        try:
-            at: float | None = journal.failed_at(id)
-        except NotFound:
-            at = None
-        if at is None or scores.get(id) != at:
-            out.append(id)
-    return out
-
-
 class Publisher:
     """Publishes one collector's state to the hub; see the module docstring."""
 
@@ -213,9 +162,7 @@ class Publisher:
         self._keys = Keys(prefix)
         self._prefix = prefix
         self.interval = interval
-        self._batch = batch
         self._history_batch = history_batch
-        self._max_changes = max_changes
         self._max_commands = max_commands
         self._timeout = timeout
         self._clock: Callable[[], float] = time.time
@@ -232,13 +179,8 @@ class Publisher:
         self._hist_scanned: tuple[int, int] | None = None
         self._buckets: dict[str, tuple[tuple[int, int], dict[int, int], dict[int, int]]] = {}
         self._periods = PeriodBuckets()
-        # The change list: written by the journal's committing thread, hence the lock.
-        self._lock = threading.Lock()
-        self._dirty: dict[str, int] = {}
-        self._gen = 0
-        self._overflow = False
-        self._reconcile = True
-        self._backlog: dict[str, None] = {}
+        self.failed = FailedChanges(batch, max_changes)
+        """The failed-job index: change list, reconciliation (``hub.publish_failed``)."""
         self.commands = Commands(collector, self._clock)
         self.up: bool | None = None
         self.published = 0
@@ -248,21 +190,7 @@ class Publisher:
 
     def on_applied(self, ops: list[Op]) -> None:
         """``Journal.on_applied``: remember which failed ids changed (bounded)."""
-        with self._lock:
-            if self._overflow:
-                return
-            for op in ops:
-                rtype = op[0]
-                if rtype in (_FAILED, _REMOVED):
-                    self._gen += 1
-                    self._dirty[op[1]] = self._gen
-                elif rtype == _FLUSHED:
-                    self._overflow = True
-                    self._dirty.clear()
-                    return
-            if len(self._dirty) > self._max_changes:
-                self._overflow = True
-                self._dirty.clear()
+        self.failed.on_applied(ops)
 
     # ------------------------------------------------------------------ the loop
 
@@ -314,12 +242,9 @@ class Publisher:
         """One publish (after a reconciliation if one is due); True if a backlog remains."""
         await self._observe()  # before anything that needs Redis: minutes close without it
         r = self._connection()
-        with self._lock:
-            if self._overflow:
-                self._reconcile = True
-        if self._reconcile:
-            await self._reconcile_now(r)
-            self._reconcile = False
+        if self.failed.reconcile_due():
+            await self.failed.reconcile_now(r, self._keys.fi(self.host), self._c.journal)
+            self.failed.reconcile = False
         p = await self._build()
         assert self._script is not None
         args = build_args(self._prefix, self.host, p, self._hclock(), self._max_commands)
@@ -357,8 +282,8 @@ class Publisher:
         # Quickly again only if this publish was full (a backlog: a reconciliation, a
         # catch-up); changes that arrived meanwhile wait for the next second, or the
         # command rate would follow the failure rate.
-        full = len(p.taken) >= self._batch or len(p.history) >= self._history_batch
-        return full or self._reconcile
+        full = len(p.taken) >= self.failed.batch or len(p.history) >= self._history_batch
+        return full or self.failed.reconcile
 
     def _connection(self) -> Redis:
         if self._redis is None:
@@ -387,42 +312,7 @@ class Publisher:
         self._acked_hour.clear()
         self._hist_pending.clear()
         self._hist_scanned = None
-        self._reconcile = True
-
-    # ------------------------------------------------------------------ reconciliation
-
-    async def _reconcile_now(self, r: Redis) -> None:
-        journal = self._c.journal
-        with self._lock:
-            self._overflow = False
-            self._dirty.clear()  # re-derived below; changes from now on are listed again
-        ids = await asyncio.to_thread(journal.ids)
-        scores: dict[str, float] = {}
-        key = self._keys.fi(self.host)
-        start = 0
-        while True:
-            chunk = await r.zrange(key, start, start + _ZRANGE_CHUNK - 1, withscores=True)
-            for member, score in chunk:
-                scores[_text(member)] = float(score)
-            if len(chunk) < _ZRANGE_CHUNK:
-                break
-            start += _ZRANGE_CHUNK
-        in_journal = set(ids)
-        backlog = dict.fromkeys(i for i in scores if i not in in_journal)
-        removes = len(backlog)
-        for k in range(0, len(ids), _READ_CHUNK):
-            part = ids[k : k + _READ_CHUNK]
-            differing = await asyncio.to_thread(_differing, journal, part, scores)
-            backlog.update(dict.fromkeys(differing))
-        self._backlog = backlog
-        log.info(
-            "hub: failed-job index reconciled: %d in the journal, %d in the hub; "
-            "%d to add or refresh, %d to remove",
-            len(ids),
-            len(scores),
-            len(backlog) - removes,
-            removes,
-        )
+        self.failed.reconcile = True
 
     # ------------------------------------------------------------------ building
 
@@ -443,7 +333,8 @@ class Publisher:
             p.workers = workers
         await self._history(p)
         p.acks = self.commands.acks()
-        await self._failed(p, [a.id for a in p.acks if a.id is not None])
+        first = [a.id for a in p.acks if a.id is not None]
+        p.adds, p.removes, p.taken = await self.failed.take(self._c.journal, first)
         p.host = encode_host(
             HostInfo(
                 seq=p.seq,
@@ -475,7 +366,7 @@ class Publisher:
         )
 
     def _requeue_queues(self) -> tuple[str, ...]:
-        if self._c.settings.requeue or getattr(self._c.retries, "_requeue_fn", None):
+        if self._c.settings.requeue or self._c.retries.has_requeue_fn:
             return (ALL_QUEUES,)
         out: set[str] = set()
         for conn in self._c.connections.conns:
@@ -492,7 +383,7 @@ class Publisher:
             return
         periods = self._periods
         try:
-            await lc._locked(lambda: periods.observe(history))
+            await lc.locked(lambda: periods.observe(history))
         except Exception:  # a bug here must not stop publishing: counts stay exact
             log.exception("hub: reading the history's period buckets failed")
 
@@ -508,7 +399,7 @@ class Publisher:
             self._hist_scanned = due
             # under the lifecycle's lock: the tick's thread adds queue files meanwhile
             read: list[tuple[str, str, dict[str, Any]]] = []
-            for queue in await lc._locked(history.queues):
+            for queue in await lc.locked(history.queues):
                 for res, resolution in (("m", "minute"), ("h", "hour")):
                     points = await lc.points(queue, resolution)  # type: ignore[arg-type]
                     read.extend((res, queue, point) for point in points)
@@ -536,23 +427,6 @@ class Publisher:
             return
         self._hist_pending[(res, queue, t)] = data
 
-    async def _failed(self, p: Publish, first: list[str]) -> None:
-        taken: dict[str, int | None] = {}
-        with self._lock:
-            for id in first:
-                taken[id] = self._dirty.get(id)
-            for id, gen in self._dirty.items():
-                if len(taken) >= self._batch:
-                    break
-                taken.setdefault(id, gen)
-        for id in self._backlog:
-            if len(taken) >= self._batch:
-                break
-            taken.setdefault(id, None)
-        if taken:
-            p.adds, p.removes = await asyncio.to_thread(_read_failed, self._c.journal, list(taken))
-        p.taken = taken
-
     # ------------------------------------------------------------------ acknowledging
 
     def _acknowledge(self, p: Publish) -> None:
@@ -568,12 +442,7 @@ class Publisher:
                 acked = self._acked_hour.get(queue)
                 if acked is None or t >= acked[0]:
                     self._acked_hour[queue] = (t, point)
-        with self._lock:
-            for id, gen in p.taken.items():
-                if gen is not None and self._dirty.get(id) == gen:
-                    del self._dirty[id]
-        for id in p.taken:
-            self._backlog.pop(id, None)
+        self.failed.acknowledge(p.taken)
 
     # ------------------------------------------------------------------ stopping
 

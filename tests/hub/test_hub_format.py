@@ -17,33 +17,36 @@ import pytest
 
 from qdash_mp.errors import ConfigError, HubCorrupt, QdashError
 from qdash_mp.hub import format as fmt
+from qdash_mp.hub import format_failed as fmt_failed
 from qdash_mp.hub import keys as keys_mod
 from qdash_mp.hub.format import (
-    Command,
     HostInfo,
     QueueRecord,
-    Result,
-    decode_command,
-    decode_failed,
     decode_host,
     decode_point,
     decode_queue,
-    decode_result,
     decode_workers,
-    encode_command,
     encode_host,
     encode_point,
     encode_queue,
-    encode_result,
     encode_workers,
-    fall_member,
     sparse,
+)
+from qdash_mp.hub.format_failed import (
+    Command,
+    Result,
+    decode_command,
+    decode_failed,
+    decode_result,
+    encode_command,
+    encode_result,
+    fall_member,
     split_fall_member,
 )
 from qdash_mp.hub.keys import Keys, check_host
 from qdash_mp.records import FailedRecord, pack_failed
 
-DOC = fmt.__doc__ or ""
+DOC = (fmt.__doc__ or "") + (fmt_failed.__doc__ or "")
 
 QUEUE = QueueRecord(3, 2, 1, 0, 1, 0.5, {10: 2}, {})
 POINT: dict[str, Any] = {
@@ -120,7 +123,7 @@ def test_docstring_tables_name_the_encoded_keys_in_order() -> None:
     assert table_keys("Queue record (") == list(fmt._QUEUE_KEYS)
     assert table_keys("History point (") == [*fmt._POINT_KEYS, *fmt._POINT_OPTIONAL]
     assert table_keys("Host info (") == list(fmt._HOST_KEYS)
-    assert table_keys("Result (") == list(fmt._RESULT_KEYS)
+    assert table_keys("Result (") == list(fmt_failed._RESULT_KEYS)
     assert table_keys("Command (") == ["op", "id", "req", "by", "at"]
     assert encode_workers([]) == bytes.fromhex("90")
 

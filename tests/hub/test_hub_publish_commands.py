@@ -20,7 +20,7 @@ from qdash_testing.collector import CollectorProc, short_dir, wait_for
 from qdash_testing.http import get_json
 from qdash_testing.redis_server import RedisServer, hub_host, run_worker
 
-from qdash_mp.hub.format import Command, Result, decode_result, encode_command
+from qdash_mp.hub.format_failed import Command, Result, decode_result, encode_command
 
 pytestmark = pytest.mark.slow
 

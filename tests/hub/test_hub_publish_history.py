@@ -144,7 +144,7 @@ async def test_change_list_overflow_falls_back_to_reconciliation(
 ) -> None:
     c, _ = hub_collector
     assert c.hub is not None
-    c.hub._max_changes = 3  # test-only: a tiny change list
+    c.hub.failed.max_changes = 3  # a tiny change list
     r = redis_server.client()
     client = Client(str(c.settings.socket), flush_interval=0.02)
     try:
@@ -158,7 +158,7 @@ async def test_change_list_overflow_falls_back_to_reconciliation(
             client.on_failed("mail", Job(id=f"b-{i}", name="t"), "boom")
         assert await asyncio.to_thread(client.flush, 30)
         await c.forget("a-0")
-        assert c.hub._overflow  # more changes than the list holds: it gave up on them
+        assert c.hub.failed.overflowed  # more changes than the list holds: it gave up on them
         redis_server.start()
         r = redis_server.client()
         want = {"a-1", *(f"b-{i}" for i in range(10))}

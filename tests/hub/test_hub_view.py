@@ -33,15 +33,12 @@ from qdash_mp.hub.app import hub_app
 from qdash_mp.hub.format import (
     HostInfo,
     QueueRecord,
-    Result,
-    decode_command,
     encode_host,
     encode_point,
     encode_queue,
-    encode_result,
     encode_workers,
-    fall_member,
 )
+from qdash_mp.hub.format_failed import Result, decode_command, encode_result, fall_member
 from qdash_mp.hub.inspector import HubInspector
 from qdash_mp.hub.keys import Keys
 from qdash_mp.models import Job

@@ -24,7 +24,8 @@ from qdash_testing.redis_server import RedisServer
 
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.hub.app import hub_app
-from qdash_mp.hub.format import HostInfo, decode_command, encode_host, fall_member
+from qdash_mp.hub.format import HostInfo, encode_host
+from qdash_mp.hub.format_failed import decode_command, fall_member
 from qdash_mp.hub.inspector import HubInspector
 from qdash_mp.hub.keys import Keys
 from qdash_mp.hub.publisher import SCRIPT, Publish, build_args

@@ -158,7 +158,8 @@ def run_worker(
 
 def hub_host(r: Any, host: str, prefix: str = "qdash:") -> dict[str, Any]:
     """Everything the hub holds for ``host``, decoded (strictly) with qdash_mp.hub.format."""
-    from qdash_mp.hub.format import decode_failed, decode_host, decode_queue, decode_workers
+    from qdash_mp.hub.format import decode_host, decode_queue, decode_workers
+    from qdash_mp.hub.format_failed import decode_failed
     from qdash_mp.hub.keys import Keys
 
     k = Keys(prefix)
