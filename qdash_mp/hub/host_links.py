@@ -5,14 +5,14 @@ same pages serve a single host), so on ``/queues/failed?host=web-1`` the pager, 
 rows, the queue links, the filter form, the flush form and the polled fragments would all
 drop the host -- and a flush would act on every host. ``with_host`` rewrites the rendered
 page instead, once, where every URL passes: each dashboard URL (under ``base``) in an
-``href``, ``action``, ``formaction``, ``hx-get`` or ``data-since-url`` attribute gets
+``href``, ``action``, ``formaction``, ``hx-get``, ``data-since-url`` or ``data-history``
+(the charts and sparklines add ``queue=`` to its query) attribute gets
 ``host=NAME`` added to its query, and each ``method="get"`` form a hidden ``host`` field
 (a browser replaces a GET form's action query with the form's fields).
 
 Left alone: URLs outside ``base`` or under ``static_base``, the hosts page (it lists every
-host by definition), URLs that already say ``host=`` (the nav's "all hosts" link says
-``host=`` empty: no filter), and URLs that scripts extend by concatenation
-(``data-history``: the charts and sparklines append ``?queue=`` to it). The hub app passes
+host by definition) and URLs that already say ``host=`` (the nav's "all hosts" link says
+``host=`` empty: no filter). The hub app passes
 the ``Location`` of its redirects (after a retry, forget, flush or bulk action) through
 ``carry_host`` too.
 """
@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 __all__ = ["ATTRIBUTES", "carry_host", "with_host"]
 
-ATTRIBUTES: Final = ("href", "action", "formaction", "hx-get", "data-since-url")
+ATTRIBUTES: Final = ("href", "action", "formaction", "hx-get", "data-since-url", "data-history")
 _ATTR_RE: Final = re.compile(r"(?<![\w-])(" + "|".join(ATTRIBUTES) + r')="([^"]*)"')
 _GET_FORM_RE: Final = re.compile(r'<form\b[^>]*\bmethod="get"[^>]*>', re.IGNORECASE)
 

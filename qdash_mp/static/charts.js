@@ -31,8 +31,11 @@
     var c = cache[resolution];
     if (c && Date.now() - c.at < CACHE_MS) return Promise.resolve(c.data);
     return Promise.all(queues.map(function (q) {
-      var u = url + "?queue=" + encodeURIComponent(q) + "&resolution=" + resolution;
-      return fetch(u, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      // the page may already carry a query (the hub's ?host=): add to it, not after it
+      var u = new URL(url, window.location.href);
+      u.searchParams.set("queue", q);
+      u.searchParams.set("resolution", resolution);
+      return fetch(u.href, { headers: { Accept: "application/json" }, credentials: "same-origin" })
         .then(function (r) { return r.ok ? r.json() : { queue: q, points: [] }; });
     })).then(function (docs) {
       cache[resolution] = { at: Date.now(), data: docs };

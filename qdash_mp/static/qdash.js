@@ -114,8 +114,10 @@
   }
 
   function loadSpark(url, queue, cell) {
-    var u = url + "?queue=" + encodeURIComponent(queue) + "&resolution=minute";
-    return fetch(u, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+    var u = new URL(url, window.location.href); // may already carry ?host= (the hub)
+    u.searchParams.set("queue", queue);
+    u.searchParams.set("resolution", "minute");
+    return fetch(u.href, { headers: { Accept: "application/json" }, credentials: "same-origin" })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (doc) {
         if (!doc) return;

@@ -45,7 +45,7 @@ class _Links(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
-        for name in (*ATTRIBUTES, "src", "sse-connect", "data-history", "data-events-url"):
+        for name in (*ATTRIBUTES, "src", "sse-connect", "data-events-url"):
             if name in a:
                 self.urls.append((tag, name, a[name]))
         if tag == "form" and a.get("method", "").lower() == "get":
@@ -66,7 +66,7 @@ def _exempt(tag: str, attr: str, url: str) -> bool:
         or path.startswith(BASE + "static/")
         or path == BASE + "hosts"
         # read by scripts, outside the page's links (the event stream serves every host)
-        or attr in ("src", "sse-connect", "data-history", "data-events-url")
+        or attr in ("src", "sse-connect", "data-events-url")
     )
 
 
@@ -158,5 +158,5 @@ def test_the_rewriting_of_one_url() -> None:
         '<a href="/queues/failed?queue=x&amp;page=2&amp;host=h%261">n</a>'
         '<form method="get" action="/queues/f?host=h%261">'
         '<input type="hidden" name="host" value="h&amp;1">'
-        '<div data-href="/queues/x" data-history="/queues/api/history"></div>'
+        '<div data-href="/queues/x" data-history="/queues/api/history?host=h%261"></div>'
     )
