@@ -307,6 +307,23 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | No
     return proc.returncode
 
 
+def start_hub(stack: contextlib.ExitStack, redis_url: str) -> str:
+    """A real ``qdash-mp hub`` on ``redis_url`` (a free port), stopped with ``stack``; its
+    dashboard's base URL."""
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "qdash_mp", "hub", "--redis", redis_url, "--http", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    stack.callback(stop_process, hub)
+    assert hub.stdout is not None
+    line = hub.stdout.readline()
+    if "dashboard at" not in line:
+        raise BenchError(f"hub did not start: {line!r}")
+    return line.rsplit(" ", 1)[1].strip()
+
+
 class Collector:
     """A real ``qdash-mp collector`` process on its own data dir."""
 

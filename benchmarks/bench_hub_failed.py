@@ -24,14 +24,21 @@ import asyncio
 import contextlib
 import http.client
 import random
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from _common import BenchError, Config, Row, percentile, progress, sleep_until_ns, start_redis
+from _common import (
+    BenchError,
+    Config,
+    Row,
+    percentile,
+    progress,
+    sleep_until_ns,
+    start_hub,
+    start_redis,
+)
 
 BENCH = "hub_failed"
 QUEUES = 10
@@ -88,18 +95,7 @@ def run(cfg: Config) -> list[Row]:
         for k0 in range(0, n["jobs"], 2000):
             host.publish([(f"j{k}", k, T0 + k) for k in range(k0, min(k0 + 2000, n["jobs"]))], [])
         scan_ms = _scan_ms(url)
-        hub = subprocess.Popen(
-            [sys.executable, "-m", "qdash_mp", "hub", "--redis", url, "--http", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        stack.callback(_stop, hub)
-        assert hub.stdout is not None
-        line = hub.stdout.readline()
-        if "dashboard at" not in line:
-            raise BenchError(f"hub did not start: {line!r}")
-        u = urlsplit(line.rsplit(" ", 1)[1].strip())
+        u = urlsplit(start_hub(stack, url))
         conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=60)
         stack.callback(conn.close)
         t0 = time.perf_counter()
@@ -166,15 +162,6 @@ def _scan_ms(url: str) -> float:
             await client.aclose()
 
     return asyncio.run(once())
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _get(conn: http.client.HTTPConnection, path: str) -> int:

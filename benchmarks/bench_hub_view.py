@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import random
-import subprocess
 import sys
 import time
 from typing import Any
@@ -55,8 +54,8 @@ from _common import (
     short_dir,
     sleep_until_ns,
     start_collector,
+    start_hub,
     start_redis,
-    stop_process,
     wait_go,
     worker_main,
     workers,
@@ -123,18 +122,7 @@ def _hub_stats(cfg: Config, n: dict[str, Any]) -> list[Row]:
         rnd = random.Random(7)
         for h in range(HOSTS):
             _publish(r, f"host{h:02d}", 1, _host_records(rnd, 1))
-        hub = subprocess.Popen(
-            [sys.executable, "-m", "qdash_mp", "hub", "--redis", url, "--http", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        stack.callback(stop_process, hub)
-        assert hub.stdout is not None
-        line = hub.stdout.readline()
-        if "dashboard at" not in line:
-            raise BenchError(f"hub did not start: {line!r}")
-        base = line.rsplit(" ", 1)[1].strip()
+        base = start_hub(stack, url)
         conn = _connect(base)
         stack.callback(conn.close)
         doc = _get(conn, "/queues/api/stats")

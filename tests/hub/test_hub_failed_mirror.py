@@ -12,12 +12,7 @@ the counts say a host removed without logging it or Redis lost its data.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
-
-import pytest
-import redis.asyncio as aioredis
-from qdash_testing.redis_server import RedisServer
 
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.hub.format_failed import fall_member
@@ -37,24 +32,6 @@ FILTERS = [
     FailedFilter(name="send", after=T0 + 50, before=T0 + 400),
     FailedFilter(queue="nope"),
 ]
-
-
-@pytest.fixture(scope="module")
-def mirror_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-    server.cleanup()
-
-
-@pytest.fixture
-async def r(mirror_redis: RedisServer) -> AsyncIterator[Any]:
-    client = aioredis.from_url(mirror_redis.url)
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
 
 
 def _failure(rnd: random.Random, id: str) -> tuple[str, str, float, str, str]:

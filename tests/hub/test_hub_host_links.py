@@ -22,14 +22,7 @@ from qdash_mp.hub.format import encode_workers
 from qdash_mp.hub.host_links import ATTRIBUTES, carry_host, with_host
 
 from .test_hub_view import _record, publish
-from .test_hub_view_failed import (  # noqa: F401 - r is a fixture
-    T0,
-    Host,
-    K,
-    client_for,
-    failed_redis,
-    r,
-)
+from .test_hub_view_failed import T0, Host, K, client_for
 
 BASE = "/queues/"
 
@@ -92,7 +85,7 @@ async def _check(client: TestClient[Any, Any], path: str) -> str:
     return page
 
 
-async def _seed(r: Any) -> None:  # noqa: F811 - r: the fixture's client
+async def _seed(r: Any) -> None:
     await publish(r, "a", 1, {"mail": _record(1, 50), "pdf": _record(2, 20)})
     await publish(r, "b", 1, {"mail": _record(3, 10)})
     row = {
@@ -115,7 +108,7 @@ async def _seed(r: Any) -> None:  # noqa: F811 - r: the fixture's client
 
 
 async def test_every_in_page_link_and_form_keeps_the_host(
-    r: Any,  # noqa: F811
+    r: Any,
     aiohttp_client: Any,
 ) -> None:
     await _seed(r)

@@ -13,14 +13,12 @@ each answer; the flush with a snapshot forgets what the page counted only.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from qdash_testing.http import csrf_token_in
-from qdash_testing.redis_server import RedisServer
 
 from qdash_mp.failed_filter import FailedFilter
 from qdash_mp.hub.app import hub_app
@@ -34,24 +32,6 @@ from qdash_mp.records import FailedRecord, pack_failed
 
 K = Keys()
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture(scope="module")
-def failed_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-    server.cleanup()
-
-
-@pytest.fixture
-async def r(failed_redis: RedisServer) -> AsyncIterator[Any]:
-    client = aioredis.from_url(failed_redis.url)
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
 
 
 class Host:

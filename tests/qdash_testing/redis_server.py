@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pytest
 
 from qdash_testing.collector import short_dir
 
-__all__ = ["RedisServer", "free_port", "redis_server"]
+__all__ = ["RedisServer", "free_port", "module_redis", "r", "redis_server"]
 
 START_TIMEOUT = 20.0
 
@@ -115,6 +115,28 @@ def redis_server() -> Iterator[RedisServer]:
         yield server.start()
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[RedisServer]:
+    """One private redis-server for a test module (tests flush it through ``r``)."""
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def r(module_redis: RedisServer) -> AsyncIterator[Any]:
+    """An asyncio redis-py client of ``module_redis``, on an empty database before and after."""
+    import redis.asyncio as aioredis  # the hub extra; only the hub tests use this fixture
+
+    client = aioredis.from_url(module_redis.url)
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
 
 
 # --------------------------------------------------------------------------- hub reading
