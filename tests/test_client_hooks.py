@@ -199,3 +199,15 @@ def test_locked_and_plain_hooks_give_the_same_counts_and_frames(nowhere: str) ->
     finally:
         plain.close(timeout=0)
         locked.close(timeout=0)
+
+
+def test_client_picks_the_locked_hooks_when_the_gil_is_disabled(
+    nowhere: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qdash_mp.client.hooks as hooks_module
+
+    monkeypatch.setattr(hooks_module, "gil_disabled", lambda: True)
+    with Client(nowhere) as client:
+        assert type(client) is _LockedClient
+        client.on_processed("a")
+        assert values(client)[1]["a"] == 1  # processed

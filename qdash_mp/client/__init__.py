@@ -17,7 +17,8 @@
 See ``docs/client.md`` for how they fit together.
 """
 
-from qdash_mp.client.hooks import Client, _LockedClient
+from qdash_mp.client.hooks import Client
+from qdash_mp.client.locked import _LockedClient
 from qdash_mp.client.replay import Replayer
 from qdash_mp.client.spool import SUFFIX, SpoolFile, adopt_orphans, file_stem
 from qdash_mp.client.spool_format import (

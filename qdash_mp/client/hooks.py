@@ -7,10 +7,11 @@ sender thread (``qdash_mp.client.sender``) reads the counters and ships the diff
 that is exact under the GIL, and what is guaranteed about delivery, spooling and forks, is in
 ``docs/client.md``; options are checked in ``qdash_mp.client.options``.
 
-Cost: ~1.5x a ``d[k] += 1`` loop on CPython 3.11, ~1.4x on 3.13 (``benchmarks/README.md``,
-hook); with a lock far more, which is what ``_LockedClient`` (picked by ``Client()`` on a
-free-threaded build) pays. Hooks never raise and never block: a bad argument is logged once
-and dropped. ``on_failed`` (not a hot path) also packs the job to a FAILED record right away.
+Cost: ~1.45x a ``d[k] += 1`` loop on CPython 3.11, ~1.3x on 3.13 (``benchmarks/README.md``,
+hook); with a lock far more, which is what ``client.locked._LockedClient`` (picked by
+``Client()`` on a free-threaded build) pays. Hooks never raise and never block: a bad
+argument is logged once and dropped. ``on_failed`` (not a hot path) also packs the job to a
+FAILED record right away.
 
 Lifecycle (``docs/client.md``): ``on_processed(q, runtime=rt)`` appends ``rt`` to a per-queue
 list *instead of* the increment (the sender counts and buckets the list: deferred, ~the cost
@@ -102,8 +103,11 @@ class Client(Hooks):
     )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Client:
-        kind = _LockedClient if cls is Client and gil_disabled() else cls
-        return super().__new__(kind)
+        if cls is Client and gil_disabled():
+            from qdash_mp.client.locked import _LockedClient  # imports this module
+
+            return super().__new__(_LockedClient)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -500,41 +504,3 @@ class Client(Hooks):
 
     def __repr__(self) -> str:
         return f"<Client {self.client_id} socket={self.socket_path!r}>"
-
-
-class _LockedClient(Client):
-    """``Client`` for free-threaded CPython: unlocked read-modify-write could lose counts.
-
-    ``Client()`` returns one of these by itself when the GIL is disabled. Every hook is
-    ``Client``'s under the client's lock.
-    """
-
-    __slots__ = ()
-
-    def on_pushed(self, queue: str, job: Job | None = None) -> None:
-        with self._lock:
-            Client.on_pushed(self, queue, job)
-
-    def on_started(self, queue: str, job: Job | None = None) -> None:
-        with self._lock:
-            Client.on_started(self, queue, job)
-
-    def on_processed(
-        self, queue: str, job: Job | None = None, runtime: float | None = None
-    ) -> None:
-        with self._lock:
-            Client.on_processed(self, queue, job, runtime)
-
-    def on_retried(self, queue: str, job: Job | None = None) -> None:
-        with self._lock:
-            Client.on_retried(self, queue, job)
-
-    def on_failed(
-        self,
-        queue: str,
-        job: Job | None,
-        error: BaseException | str,
-        runtime: float | None = None,
-    ) -> None:
-        with self._lock:
-            Client.on_failed(self, queue, job, error, runtime)
