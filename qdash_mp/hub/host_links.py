@@ -6,15 +6,14 @@ rows, the queue links, the filter form, the flush form and the polled fragments 
 drop the host -- and a flush would act on every host. ``with_host`` rewrites the rendered
 page instead, once, where every URL passes: each dashboard URL (under ``base``) in an
 ``href``, ``action``, ``formaction``, ``hx-get``, ``data-since-url`` or ``data-history``
-(the charts and sparklines add ``queue=`` to its query) attribute gets
-``host=NAME`` added to its query, and each ``method="get"`` form a hidden ``host`` field
+(the charts and sparklines add ``queue=`` to its query) attribute gets ``host=NAME`` added
+to its query, and each ``method="get"`` form a hidden ``host`` field
 (a browser replaces a GET form's action query with the form's fields).
 
 Left alone: URLs outside ``base`` or under ``static_base``, the hosts page (it lists every
 host by definition) and URLs that already say ``host=`` (the nav's "all hosts" link says
-``host=`` empty: no filter). The hub app passes
-the ``Location`` of its redirects (after a retry, forget, flush or bulk action) through
-``carry_host`` too.
+``host=`` empty: no filter). The hub app passes the ``Location`` of its redirects (after a
+retry, forget, flush or bulk action) through ``carry_host`` too.
 """
 
 from __future__ import annotations

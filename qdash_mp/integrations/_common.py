@@ -116,7 +116,7 @@ class ProcessClient:
         self._requeue: Requeue | None = None
         self._queues: list[str] | None = None
         self._client: Client | None = None
-        self._inherited: list[Client] = []
+        self._inherited: Client | None = None  # see ``drop``
         self._lock = threading.Lock()
 
     def configure(self, requeue: Requeue, queues: Iterable[str]) -> Client:
@@ -156,7 +156,7 @@ class ProcessClient:
         it shares with the parent, each then copied.
         """
         if self._client is not None:
-            self._inherited.append(self._client)
+            self._inherited = self._client
         self._client = None
         self._requeue = None
         self._queues = None

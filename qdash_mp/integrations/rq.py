@@ -118,7 +118,7 @@ class _Reporting:
     def _qdash_run(self, run: Any, job: RqJob, queue: _Queue) -> None:
         client = clients.get()
         qname = queue.name
-        retries_before = _retry_state(job)
+        retries_before = _retry_state(job.retries_left, job.number_of_retries)
         # No args/kwargs payload for the start (a failure builds it): the id is what ends
         # the active entry, and the same job object reports the end.
         enqueued = job.enqueued_at.timestamp() if job.enqueued_at is not None else None
@@ -151,9 +151,9 @@ def _report(
     job: RqJob, queue: str, retries_before: tuple[int, int], measured: float, started: Job
 ) -> None:
     client = clients.get()
-    # The few fields that tell the outcome, in one HMGET: a whole ``job.refresh()`` (HGETALL
-    # and RQ's restore of every field) cost ~2 % of an RQ job. A failure, the rare path,
-    # reloads the job below for its args and result.
+    # The few fields that tell the outcome, in one HMGET, instead of a whole ``job.refresh()``
+    # (HGETALL and RQ's restore of every field it stores). A failure, the rare path, reloads
+    # the job below for its args and result.
     raw = cast("list[Any]", job.connection.hmget(job.key, _STATE_FIELDS))  # sync client
     if not raw[0]:
         # Gone already: only a finished job with result_ttl=0 is deleted that fast.
@@ -163,7 +163,7 @@ def _report(
     runtime = measured
     if raw[1] and raw[2]:
         runtime = max(0.0, (str_to_date(raw[2]) - str_to_date(raw[1])).total_seconds())
-    after = (-int(raw[3] or 0), int(raw[4] or 0))
+    after = _retry_state(raw[3], raw[4])
     retried = after[0] > retries_before[0] or after[1] > retries_before[1]
     if retried and status not in _FAILED_STATES:
         # RQ put it back (fewer retries left, or one more recorded); this attempt has ended
@@ -187,8 +187,10 @@ def _attempts(job: RqJob) -> int:
     return int(job.number_of_retries or 0) + 1
 
 
-def _retry_state(job: RqJob) -> tuple[int, int]:
-    return (-(job.retries_left or 0), job.number_of_retries or 0)
+def _retry_state(retries_left: Any, number_of_retries: Any) -> tuple[int, int]:
+    """What grows when RQ puts a job back: fewer retries left, or one more retry recorded
+    (from the job object, or from the raw fields of its Redis hash)."""
+    return (-int(retries_left or 0), int(number_of_retries or 0))
 
 
 class Worker(_Reporting, _Worker):
@@ -204,7 +206,7 @@ class Worker(_Reporting, _Worker):
     def fork_work_horse(self, job: RqJob, queue: _Queue) -> None:
         # The horse lives for one job and reports nothing: it inherits the client untouched
         # (no reset, no sender thread per job). Measured, resetting it in every horse cost
-        # ~10 % of an RQ job, nearly all in pages copied on write.
+        # ~70-80 page faults a job, each a page copied on write (benchmarks/README.md).
         client = clients.peek()
         if client is None:
             super().fork_work_horse(job, queue)
