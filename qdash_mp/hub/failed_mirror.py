@@ -353,6 +353,12 @@ class FailedMirror:
             idx = list(compress(idx, map(le, repeat(since), map(seq.__getitem__, idx))))
         return idx
 
+    def hub_ids(
+        self, flt: FailedFilter, host: str | None, *, below: int | None = None
+    ) -> list[str]:
+        """Hub ids (``ID@HOST``) of the slots ``matches`` gives (what the bulk actions take)."""
+        return [self._match(p).hub_id for p in self.matches(flt, host, below=below)]
+
     def _match(self, p: int) -> Match:
         host, id = split_fall_member(self.members[p])
         return Match(host, id, self.fat[p], self.seq[p])

@@ -1,6 +1,8 @@
 """Filtered, snapshot-bounded scans of the hub's failed-job index (``qdash:fall``) in Redis.
 
-What ``HubInspector``'s failed-list filters and bulk actions read (``FailedQueries``):
+The reference reading of ``HubInspector``'s filtered pages and bulk actions
+(``FailedQueries``), which now read the hub's mirror (``qdash_mp.hub.failed_mirror``); the
+mirror's tests compare it with this scan:
 
 * the index is scanned with ``ZSCAN`` (``SCAN_COUNT`` members a call), so every member that
   stays in it for the whole scan is seen -- hosts remove ids meanwhile (forgets, retries)
@@ -14,11 +16,9 @@ What ``HubInspector``'s failed-list filters and bulk actions read (``FailedQueri
 
 Cost: a scan is one pass over the index (about ``N / SCAN_COUNT`` round trips, plus the
 records when a text filter is set; measured ~1 s for 100,000 entries without and ~2-4 s with
-a text filter on a loaded 2-core machine) -- what the bulk actions need. A list page with
-``queue``/``name``/``q`` reads the hub's mirror (``qdash_mp.hub.failed_mirror``) instead.
-A list page without ``queue``/``name``/``q``, and the "new since" count, do not scan:
-``page_by_time`` reads ``O(offset + page + arrivals since the snapshot)`` entries. ``?host=``
-reads that host's ``qdash:fi:{host}`` only.
+a text filter on a loaded 2-core machine). A list page without ``queue``/``name``/``q``,
+and the "new since" count, read ``page_by_time`` instead: ``O(offset + page + arrivals since
+the snapshot)`` entries. ``?host=`` reads that host's ``qdash:fi:{host}`` only.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ What the views use, read from Redis per request (``qdash_mp.hub.view`` caches by
   leaves the command queued: ``RetryQueued`` (the dashboard answers 202 "queued"); the job
   stays listed until the host executed it and published the removal.
 * ``flush_failed``: a forget command per stored job of each host (hosts act on their own).
-* ``FailedQueries`` (filters, snapshots, bulk actions): ``qdash_mp.hub.failed_scan`` reads;
+* ``FailedQueries`` (filters, snapshots, bulk actions): the hub's mirror of the failed index
+  (``qdash_mp.hub.failed_mirror``), or ``failed_scan.page_by_time`` for unfiltered pages;
   snapshots are high-water marks of the hub's failed-entry arrival sequence
   (``qdash:fseq``/``fseqz``, written by ``publish.lua``) in the run ``qdash:fepoch``; bulk
   actions send one command per job and do not wait (``NO_WAIT``). See ``docs/hub.md``.
@@ -331,10 +332,11 @@ class HubInspector:
     async def failed_ids(self, flt: FailedFilter, snapshot: int) -> list[str]:
         """Hub ids (``ID@HOST``) of the failed jobs matching ``flt`` that arrived before
         ``snapshot``."""
-        out: list[str] = []
-        async for batch in scan_failed(self.redis, self.keys, HOST.get(), flt, below=snapshot):
-            out.extend(m.hub_id for m in batch)
-        return out
+        await self.refresh_epoch()
+        mirror = self.mirror  # the filter columns list pages read: no scan of Redis
+        async with mirror.lock:
+            await mirror.sync(self._epoch)
+            return mirror.hub_ids(flt, HOST.get(), below=snapshot)
 
     async def failed_seq(self, id: str) -> int | None:
         """The arrival sequence of ``id`` on the hub (0: published before the hub had one)."""
