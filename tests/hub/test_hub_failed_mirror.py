@@ -15,6 +15,7 @@ import random
 from typing import Any
 
 from qdash_mp.failed_filter import FailedFilter
+from qdash_mp.hub.failed_scan import scan_failed
 from qdash_mp.hub.format_failed import fall_member
 from qdash_mp.hub.inspector import HOST, HubInspector
 from qdash_mp.hub.keys import Keys
@@ -54,6 +55,14 @@ async def _same(ins: HubInspector, host: str | None) -> None:
                 assert [j.id for j in got.rows] == [j.id for j in want.rows], (flt, host)
             early = await ins.failed_query(flt, 1, snapshot=hw // 2)
             assert early.total == (await ins.failed_query_by_scan(flt, 1, snapshot=hw // 2)).total
+            # a bulk action's ids (the mirror) are the scan's, for the whole snapshot
+            for below in (hw, hw // 2):
+                scanned = [
+                    m.hub_id
+                    async for batch in scan_failed(ins.redis, ins.keys, host, flt, below=below)
+                    for m in batch
+                ]
+                assert sorted(await ins.failed_ids(flt, below)) == sorted(scanned), (flt, host)
     finally:
         HOST.reset(token)
 
