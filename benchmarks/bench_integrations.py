@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -342,11 +343,47 @@ def _group_cpu(pgid: int) -> float:
     return total
 
 
-def _sizes(cfg: Config) -> tuple[int, int]:
-    n, rounds = (100, 12) if cfg.quick else (300, 40)
-    n = int(os.environ.get("QDASH_BENCH_TASKS") or n)
-    rounds = int(os.environ.get("QDASH_BENCH_ROUNDS") or rounds)
-    return max(n, 20), max(rounds, 1)
+class _Sizes:
+    """Tasks a round (None: what the plain worker runs in ``seconds``), rounds, blocks."""
+
+    def __init__(self, cfg: Config) -> None:
+        rounds, blocks, self.seconds = (8, 2, 0.15) if cfg.quick else (30, 5, 0.5)
+        fixed = os.environ.get("QDASH_BENCH_TASKS")
+        self.fixed = max(int(fixed), 20) if fixed else None
+        self.rounds = max(int(os.environ.get("QDASH_BENCH_ROUNDS") or rounds), 1)
+        self.blocks = min(max(int(os.environ.get("QDASH_BENCH_BLOCKS") or blocks), 1), self.rounds)
+
+    def per_block(self, block: int) -> int:
+        """Rounds in block ``block`` (they add up to ``rounds``)."""
+        return self.rounds // self.blocks + (block < self.rounds % self.blocks)
+
+
+@contextlib.contextmanager
+def _on_cpu(cpu: int | None) -> Iterator[None]:
+    """Processes started inside run on ``cpu`` (children inherit the affinity at fork)."""
+    if cpu is None:
+        yield
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def _bench_cpu() -> int | None:
+    """The one CPU every process of the benchmark runs on (``QDASH_BENCH_PIN=0``: none).
+
+    The harness itself moves to the other CPUs (if there are any), so its polling does not
+    land on the measured one.
+    """
+    if os.environ.get("QDASH_BENCH_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, set(cpus[1:]))
+    return cpus[0]
 
 
 def _spread(ratios: list[float]) -> dict[str, float]:
@@ -362,51 +399,92 @@ def _spread(ratios: list[float]) -> dict[str, float]:
     }
 
 
+def _order(names: list[str], rnd: int) -> list[str]:
+    """The modes' order in round ``rnd``: rotated one step a round, so each mode is first
+    equally often, except that two modes simply alternate (rotating two would run one mode
+    twice in a row at every round boundary: A B | B A | A B)."""
+    if len(names) <= 2:
+        return list(names)
+    k = rnd % len(names)
+    return names[k:] + names[:k]
+
+
 def _measure(
-    app_dir: Path, lib: str, n: int, rounds: int, redis_url: str, collector: Any, timeout: float
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per-round wall and CPU us per task of every mode of ``lib``, rounds interleaved."""
+    app_dir: Path,
+    lib: str,
+    sizes: _Sizes,
+    redis_url: str,
+    collector: Any,
+    timeout: float,
+    cpu: int | None,
+) -> tuple[int, dict[str, list[float]], dict[str, list[float]]]:
+    """Per-round wall and CPU us per task of every mode of ``lib``, rounds interleaved, in
+    blocks of fresh workers; and the tasks a round (fixed, or sized in the first block)."""
     samples: dict[str, list[float]] = {m: [] for m in _modes(lib)}
-    cpu: dict[str, list[float]] = {m: [] for m in _modes(lib)}
+    cpu_us: dict[str, list[float]] = {m: [] for m in _modes(lib)}
     socket, pid = collector.socket, collector.proc.pid
-    with contextlib.ExitStack() as stack:
-        modes: dict[str, _Mode] = {}
-        for m in _modes(lib):
-            modes[m] = _Mode(app_dir, lib, m, redis_url, socket, timeout)
-            stack.callback(modes[m].close)
-        # One unmeasured round each first: start-up, imports, page cache and Redis warm up.
-        for m in modes.values():
-            m.round(max(20, n // 4), pid)
-        names = list(modes)
-        for rnd in range(rounds):
-            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
-                per_task, cpu_task = modes[name].round(n, pid)
-                samples[name].append(per_task * 1e6)
-                cpu[name].append(cpu_task * 1e6)
-                progress(
-                    f"{BENCH}: {lib}/{name} round {rnd + 1}: {per_task * 1e6:.0f} us/task, "
-                    f"CPU {cpu_task * 1e6:.0f} us/task"
-                )
-    return samples, cpu
+    n = sizes.fixed or 0
+    for block in range(sizes.blocks):
+        with contextlib.ExitStack() as stack:
+            modes: dict[str, _Mode] = {}
+            for m in _modes(lib):
+                with _on_cpu(cpu):
+                    modes[m] = _Mode(app_dir, lib, m, redis_url, socket, timeout)
+                stack.callback(modes[m].close)
+            # Unmeasured rounds first: start-up, imports, page cache and Redis warm up.
+            for m in modes.values():
+                m.round(50, pid)
+            if not n:  # rounds of ~``seconds`` of the plain worker
+                per_task = min(modes["plain"].round(50, pid)[0] for _ in range(2))
+                n = max(50, min(20_000, round(sizes.seconds / max(per_task, 1e-6))))
+                progress(f"{BENCH}: {lib}: {n} tasks a round ({per_task * 1e6:.0f} us/task)")
+            names = list(modes)
+            for rnd in range(sizes.per_block(block)):
+                for name in _order(names, rnd):
+                    per_task, cpu_task = modes[name].round(n, pid)
+                    samples[name].append(per_task * 1e6)
+                    cpu_us[name].append(cpu_task * 1e6)
+                    progress(
+                        f"{BENCH}: {lib}/{name} block {block + 1} round {rnd + 1}: "
+                        f"{per_task * 1e6:.0f} us/task, CPU {cpu_task * 1e6:.0f} us/task"
+                    )
+    return n, samples, cpu_us
 
 
 def run(cfg: Config) -> list[Row]:
-    n, rounds = _sizes(cfg)
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        return _run(cfg)
+    finally:
+        if mine is not None:
+            os.sched_setaffinity(0, mine)
+
+
+def _run(cfg: Config) -> list[Row]:
+    sizes = _Sizes(cfg)
+    rounds = sizes.rounds
+    cpu = _bench_cpu()
     timeout = 120.0 if cfg.quick else 600.0
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
         try:
-            server = start_redis(stack, cfg)
+            with _on_cpu(cpu):
+                server = start_redis(stack, cfg)
         except Skip as why:
             return [skipped_row(BENCH, lib, "per_task", UNIT, str(why)) for lib in APPS]
         redis_url = f"redis://127.0.0.1:{server.port}/0"
-        collector, _ = start_collector(stack, short_dir(stack, cfg, "qdi"), "--no-http")
+        with _on_cpu(cpu):
+            collector, _ = start_collector(stack, short_dir(stack, cfg, "qdi"), "--no-http")
         app_dir = short_dir(stack, cfg, "qdapps")
         (app_dir / "bcommon.py").write_text(COMMON)
         for lib, source in APPS.items():
             (app_dir / f"bapp_{lib}.py").write_text(source)
         only = [x for x in os.environ.get("QDASH_BENCH_LIBS", "").split(",") if x]
-        progress(f"{BENCH}: {n} tasks a round, {rounds} interleaved rounds per mode")
+        where = f"all on CPU {cpu}" if cpu is not None else "not pinned"
+        progress(
+            f"{BENCH}: {rounds} interleaved rounds per mode in {sizes.blocks} blocks of "
+            f"fresh workers, {where}"
+        )
         for lib in APPS:
             if only and lib not in only:
                 continue
@@ -418,8 +496,11 @@ def run(cfg: Config) -> list[Row]:
                     skipped_row(BENCH, f"{lib}_{m}", "per_task", UNIT, why) for m in _modes(lib)
                 ]
                 continue
-            samples, cpu = _measure(app_dir, lib, n, rounds, redis_url, collector, timeout)
-            note = f"{rounds} rounds of {n} no-op tasks, one worker; ratio: median of rounds"
+            n, samples, cpu_us = _measure(app_dir, lib, sizes, redis_url, collector, timeout, cpu)
+            note = (
+                f"{rounds} rounds of {n} no-op tasks, {sizes.blocks} blocks of fresh workers, "
+                f"one CPU; ratio: median of rounds"
+            )
             plain = Row(BENCH, f"{lib}_plain", "per_task", UNIT, samples=samples["plain"])
             ratios = paired_ratios(samples["qdash"], samples["plain"])
             qdash = Row(
@@ -431,18 +512,24 @@ def run(cfg: Config) -> list[Row]:
                 reference=f"{lib}_plain",
                 ratios=ratios,
                 note=note,
-                extra={"tasks_per_round": n, "rounds": rounds, **_spread(ratios)},
+                extra={
+                    "tasks_per_round": n,
+                    "rounds": rounds,
+                    "blocks": sizes.blocks,
+                    "cpu_pinned": -1 if cpu is None else cpu,
+                    **_spread(ratios),
+                },
             )
             rows += [plain, qdash]
-            cpu_ratios = paired_ratios(cpu["qdash"], cpu["plain"])
-            rows.append(Row(BENCH, f"{lib}_plain", "cpu_per_task", UNIT, samples=cpu["plain"]))
+            cpu_ratios = paired_ratios(cpu_us["qdash"], cpu_us["plain"])
+            rows.append(Row(BENCH, f"{lib}_plain", "cpu_per_task", UNIT, samples=cpu_us["plain"]))
             rows.append(
                 Row(
                     BENCH,
                     f"{lib}_qdash",
                     "cpu_per_task",
                     UNIT,
-                    samples=cpu["qdash"],
+                    samples=cpu_us["qdash"],
                     reference=f"{lib}_plain",
                     ratios=cpu_ratios,
                     note="CPU of the worker's processes + the collector, per task",
