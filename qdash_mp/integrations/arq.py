@@ -109,6 +109,12 @@ def _seconds(value: Any) -> float:
     return float(value.total_seconds()) if hasattr(value, "total_seconds") else float(value)
 
 
+def _payload(started: Job, args: Any, kwargs: Any, queue: str) -> Job:
+    """The started job with its payload, for a failure (the success path never builds it)."""
+    at = started.enqueued_at
+    return make_job(started.id, started.name, args, kwargs, queue, started.attempts, at)
+
+
 def _wrap(
     name: str,
     coroutine: Callable[..., Awaitable[Any]],
@@ -125,17 +131,13 @@ def _wrap(
         # The success path needs no payload: the id ends the active entry, the client times
         # the run from on_started. The payload (args/kwargs for a retry) is built on failure.
         started = Job(str(ctx.get("job_id", "")), name, None, job_try, at)
-
-        def job() -> Job:
-            return make_job(started.id, name, args, kwargs, queue, job_try, at)
-
         client.on_started(queue, started)
         t0 = time.perf_counter()
         try:
             result = await coroutine(ctx, *args, **kwargs)
         except Retry as exc:
             if job_try >= max_tries:
-                client.on_failed(queue, job(), exc)
+                client.on_failed(queue, _payload(started, args, kwargs, queue), exc)
             else:
                 client.on_retried(queue, started)
             raise
@@ -144,12 +146,12 @@ def _wrap(
             if runtime >= timeout:
                 error = TimeoutError(f"{name} ran longer than its timeout of {timeout:g}s")
                 error.__cause__ = exc
-                client.on_failed(queue, job(), error, runtime)
+                client.on_failed(queue, _payload(started, args, kwargs, queue), error, runtime)
             else:
                 client.on_retried(queue, started)  # shutdown or abort: arq runs it again
             raise
         except Exception as exc:
-            client.on_failed(queue, job(), exc)
+            client.on_failed(queue, _payload(started, args, kwargs, queue), exc)
             raise
         client.on_processed(queue, started)
         return result

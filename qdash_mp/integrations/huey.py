@@ -48,6 +48,7 @@ class HueyAdapter:
         self.clients = ProcessClient(socket_path)
         self._lock = threading.Lock()
         self._configured_pid = 0
+        self._names: dict[type, str] = {}
 
     def connect(self) -> HueyAdapter:
         s: Any = importlib.import_module("huey.signals")
@@ -84,7 +85,12 @@ class HueyAdapter:
     # ---------------------------------------------------------------- signals
 
     def _name(self, task: Any) -> str:
-        return str(self.huey._registry.task_to_string(type(task)))
+        cls = type(task)
+        try:
+            return self._names[cls]  # two lookups a task: the registry formats a string
+        except KeyError:
+            name = self._names[cls] = str(self.huey._registry.task_to_string(cls))
+            return name
 
     def _job(self, task: Any) -> Job:
         # Huey keeps the retries *left*; the runs so far follow from the task's default.

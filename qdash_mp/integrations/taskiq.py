@@ -5,8 +5,8 @@ qdash_mp event              taskiq hook
 ==========================  ===============================================================
 pushed                      ``post_send`` of a new message (a retry carries ``_retries``)
 started                     ``pre_execute``
-processed (runtime)         ``post_execute`` with ``result.is_err`` false
-                            (``result.execution_time``)
+processed (runtime)         ``post_execute`` with ``result.is_err`` false (the run timed
+                            from ``pre_execute``: ``execution_time`` is rounded to 10 ms)
 retried                     ``post_execute`` of an error after which a retry middleware
                             (``SimpleRetryMiddleware``, ``SmartRetryMiddleware``) sent the
                             same task id again from this process
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import uuid
 from typing import Any
 
@@ -51,17 +50,26 @@ class QdashMiddleware(TaskiqMiddleware):
     def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
         self.clients = ProcessClient(socket_path)
-        self._lock = threading.Lock()
+        # No lock: the maps below are used on the worker's event loop only, except
+        # ``_requeued`` (the client's thread adds and discards an id: single set operations,
+        # atomic under the GIL and thread-safe in free-threaded builds).
         self._errors: dict[str, BaseException] = {}
         self._resent: set[str] = set()
         self._runs: dict[str, Job] = {}
         self._requeued: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._default_queue: str | None = None
 
     def _queue(self, message: Any) -> str:
-        labels = getattr(message, "labels", None) or {}
-        name = labels.get("queue_name") or getattr(self.broker, "queue_name", None)
-        return str(name or "taskiq")
+        labels = getattr(message, "labels", None)
+        name = labels.get("queue_name") if labels else None
+        if name:
+            return str(name)
+        default = self._default_queue
+        if default is None:  # the broker is set by add_middlewares, after __init__
+            default = str(getattr(self.broker, "queue_name", None) or "taskiq")
+            self._default_queue = default
+        return default
 
     # ---------------------------------------------------------------- life
 
@@ -85,8 +93,7 @@ class QdashMiddleware(TaskiqMiddleware):
         if loop is None or loop.is_closed():
             raise RuntimeError("the worker's event loop is not running")
         task_id = uuid.uuid4().hex
-        with self._lock:
-            self._requeued.add(task_id)  # post_send runs on the loop: not counted as pushed
+        self._requeued.add(task_id)  # post_send runs on the loop: not counted as pushed
         kicker = task.kicker().with_task_id(task_id)
         if queue is not None:
             kicker = kicker.with_labels(queue_name=queue)
@@ -94,56 +101,47 @@ class QdashMiddleware(TaskiqMiddleware):
         try:
             asyncio.run_coroutine_threadsafe(coro, loop).result(_REQUEUE_TIMEOUT)
         finally:
-            with self._lock:
-                self._requeued.discard(task_id)
+            self._requeued.discard(task_id)
 
     # ---------------------------------------------------------------- messages
 
     def post_send(self, message: Any) -> None:
-        with self._lock:
-            if message.task_id in self._requeued:
-                return  # a dashboard retry: the collector counts it
+        if message.task_id in self._requeued:
+            return  # a dashboard retry: the collector counts it
         if _RETRY_LABEL in message.labels:
-            with self._lock:
-                self._resent.add(message.task_id)  # seen by post_execute: a retry
+            self._resent.add(message.task_id)  # seen by post_execute: a retry
             return
         self.clients.get().on_pushed(self._queue(message))
 
     def pre_execute(self, message: Any) -> Any:
-        queue = self._queue(message)
-        # No payload yet (only a failure needs the args): the id ends the active entry.
+        # No payload yet (only a failure needs the args): the id ends the active entry, and
+        # the client times the run (taskiq's ``execution_time`` is rounded to 10 ms).
         job = Job(message.task_id, message.task_name, None, _runs(message))
-        with self._lock:
-            # A retry middleware bumps the labels of this very message before post_execute;
-            # the job keeps this run's count (and is reused when it finishes).
-            self._runs[message.task_id] = job
-        self.clients.get().on_started(queue, job)
+        # A retry middleware bumps the labels of this very message before post_execute;
+        # the job keeps this run's count (and is reused when it finishes).
+        self._runs[message.task_id] = job
+        self.clients.get().on_started(self._queue(message), job)
         return message
 
     def on_error(self, message: Any, result: Any, exception: BaseException) -> None:
-        with self._lock:
-            self._errors[message.task_id] = exception
+        self._errors[message.task_id] = exception
 
     def post_execute(self, message: Any, result: Any) -> None:
-        queue = self._queue(message)
-        client = self.clients.get()
-        runtime = getattr(result, "execution_time", None)
-        with self._lock:
-            error = self._errors.pop(message.task_id, None)
-            resent = message.task_id in self._resent
-            self._resent.discard(message.task_id)
-            runs = self._runs.pop(message.task_id, None)
+        task_id = message.task_id
+        job = self._runs.pop(task_id, None) or Job(task_id, message.task_name)
         if not result.is_err:
-            client.on_processed(queue, runs or Job(message.task_id, message.task_name), runtime)
-        elif resent:
-            client.on_retried(queue, runs or Job(message.task_id, message.task_name))
-        else:
-            exc: BaseException | str = error if error is not None else str(result.error)
-            attempts = runs.attempts if runs is not None else _runs(message)
-            job = make_job(
-                message.task_id, message.task_name, message.args, message.kwargs, queue, attempts
-            )
-            client.on_failed(queue, job, exc, runtime)
+            self.clients.get().on_processed(self._queue(message), job)
+            return
+        queue, client = self._queue(message), self.clients.get()
+        error = self._errors.pop(task_id, None)
+        if task_id in self._resent:
+            self._resent.discard(task_id)
+            client.on_retried(queue, job)
+            return
+        exc: BaseException | str = error if error is not None else str(result.error)
+        attempts = job.attempts if job.attempts else _runs(message)
+        failed = make_job(task_id, message.task_name, message.args, message.kwargs, queue, attempts)
+        client.on_failed(queue, failed, exc)
 
 
 def _runs(message: Any) -> int:

@@ -20,6 +20,7 @@ broker.add_middlewares(QdashMiddleware())
 
 @broker.task(task_name="it.add")
 async def add(x: int, y: int) -> int:
+    await asyncio.sleep(0.004)  # taskiq's execution_time would say 0.0 (rounded to 10 ms)
     mark(f"add-{x}")
     return x + y
 
