@@ -7,23 +7,33 @@ task events on (``-E``, what Flower needs; ``celery_events``). Every task stamps
 (SETNX first, SET last, INCR n: one pipelined round trip, the same in every mode), and a
 round's per-task cost is ``(last - first) / (N - 1)``: worker start-up is never inside it.
 
-Interleaved rounds. Each mode keeps one worker (and one producer process) for the whole
-benchmark, *stopped* (SIGSTOP to its process group) while idle. A round of a mode: enqueue N
-tasks while its worker is stopped, SIGCONT it, wait until it ran all N, SIGSTOP it again.
-The modes of a library take turns round by round (order rotated every round, after one
-unmeasured warm-up round each), so load on the shared machine lands on every mode alike,
-and only one worker of the benchmark runs at a time. A row's ratio is the median of the
-per-round ratios ``qdash / plain``; its spread (quartiles, min-max of those ratios) is in
-the row's ``extra``: a 5 % goal is resolved when the quartiles sit well inside +-5 % of the
-median. Workers run one task at a time where the library allows it (prefork -c 1, one
-process and thread, -w 1; arq and taskiq keep their async defaults).
+Interleaved rounds. Each mode has a worker (and a producer process), *stopped* (SIGSTOP to its
+process group) while idle. A round of a mode: enqueue N tasks while its worker is stopped,
+SIGCONT it, wait until it ran all N, SIGSTOP it again. The modes of a library take turns
+round by round (two modes alternate; three rotate), so only one worker runs at a time.
+
+One CPU. redis-server, the collector, the workers and the producers all run on the lowest
+CPU of the benchmark's affinity (the harness, which only polls, on the others;
+``QDASH_BENCH_PIN=0`` turns this off). On this 2-vCPU VM a cross-CPU wake-up costs more than
+a Huey task and where the scheduler puts each process changes from round to round: unpinned,
+rounds of identical code differed by +-20 %. On one CPU they agree to ~1 %, and wall time
+is the sum of every process's CPU: what the sender thread and the collector cost cannot hide
+on an idle second core (the conservative reading).
+
+Blocks of fresh workers. A process keeps its memory layout for life, and two processes
+running identical code differed by up to +-2 % for as long as they lived; so the rounds are
+split into blocks (full 5, quick 2), each with new workers and producers. N is sized in the
+first block to ~0.5 s of the plain worker (quick 0.15 s): a sender tick every 0.1 s then
+lands in a round as often as it would under steady load. A row's ratio is the median of the
+per-round ratios ``qdash / plain``; the quartiles and min-max of those ratios are in the
+row's ``extra``. ``QDASH_BENCH_AA=1`` is an A/A control (no adapter in either mode).
 
 Also per round: CPU seconds of the worker's process group and the collector per task
-(``cpu_per_task`` rows, same pairing). Sizes: N tasks a round x R rounds (``--quick``
-100 x 12, full 300 x 40; short rounds pair better under bursty load); the environment
-variables ``QDASH_BENCH_TASKS`` and ``QDASH_BENCH_ROUNDS`` override them, and
-``QDASH_BENCH_LIBS=arq,rq`` runs only those libraries. The app modules are written to a
-temporary directory at run time.
+(``cpu_per_task`` rows, same pairing). Rounds: full 30, quick 8; ``QDASH_BENCH_TASKS`` fixes
+N, ``QDASH_BENCH_ROUNDS`` / ``QDASH_BENCH_BLOCKS`` set rounds and blocks, and
+``QDASH_BENCH_LIBS=arq,rq`` runs only those libraries. Workers run one task at a time where
+the library allows it (prefork -c 1, one process and thread, -w 1; arq and taskiq keep their
+async defaults). The app modules are written to a temporary directory at run time.
 """
 
 from __future__ import annotations
@@ -213,6 +223,12 @@ def _worker_argv(lib: str, mode: str, queue: str, redis_url: str) -> list[str]:
     return [str(bin_dir / "taskiq"), "worker", "bapp_taskiq:broker", "--workers", "1"]
 
 
+def _control() -> bool:
+    """``QDASH_BENCH_AA=1``: an A/A control, the qdash mode runs without the adapter too, so
+    its ratio shows what the method reads for no difference at all."""
+    return os.environ.get("QDASH_BENCH_AA") == "1"
+
+
 def _modes(lib: str) -> list[str]:
     return ["plain", "qdash", "events"] if lib == "celery" else ["plain", "qdash"]
 
@@ -242,7 +258,7 @@ class _Mode:
             BENCH_REDIS=redis_url,
             BENCH_QUEUE=queue,
             BENCH_KEY=self.key,
-            BENCH_QDASH="1" if mode == "qdash" else "0",
+            BENCH_QDASH="1" if mode == "qdash" and not _control() else "0",
             QDASH_SOCKET=socket,
             PYTHONPATH=str(app_dir),
         )
@@ -483,7 +499,7 @@ def _run(cfg: Config) -> list[Row]:
         where = f"all on CPU {cpu}" if cpu is not None else "not pinned"
         progress(
             f"{BENCH}: {rounds} interleaved rounds per mode in {sizes.blocks} blocks of "
-            f"fresh workers, {where}"
+            f"fresh workers, {where}{' (A/A control: no adapter in any mode)' * _control()}"
         )
         for lib in APPS:
             if only and lib not in only:
@@ -500,6 +516,7 @@ def _run(cfg: Config) -> list[Row]:
             note = (
                 f"{rounds} rounds of {n} no-op tasks, {sizes.blocks} blocks of fresh workers, "
                 f"one CPU; ratio: median of rounds"
+                + ("; A/A CONTROL: no adapter in either mode" if _control() else "")
             )
             plain = Row(BENCH, f"{lib}_plain", "per_task", UNIT, samples=samples["plain"])
             ratios = paired_ratios(samples["qdash"], samples["plain"])
