@@ -29,7 +29,8 @@ def test_counts_failures_and_dashboard_retry(env: Env) -> None:
         # then failed. pushed 9, processed 6, failed 3, retried 2.
         env.wait_counts((9, 6, 3, 2))
         stat = env.stat()
-        assert stat is not None and stat.runtime.p50 is not None
+        assert stat is not None
+        assert stat.runtime.p50 is not None
         assert stat.runtime.p50 >= 0.0035  # 5 of 6 runs slept 4 ms: timed, not rounded
         doomed = [f for f in env.failed() if f.job.name == "it.doomed"]
         assert len(doomed) == 1
