@@ -1,0 +1,56 @@
+"""The integrations benchmark's round plan: the order of the modes and the blocks' sizes.
+
+The order matters more than it looks: rotating two modes (A B | B A | A B) runs one mode twice
+in a row at every round boundary, and on a 2-vCPU VM the second run of such a pair was up to
+2x slower, which made Huey's ratio swing between 0.98 and 1.23 (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from _common import Config
+from bench_integrations import _order, _Sizes
+
+
+@pytest.mark.parametrize("n_modes", [2, 3, 4])
+def test_no_mode_runs_twice_in_a_row(n_modes: int) -> None:
+    names = [f"m{i}" for i in range(n_modes)]
+    rounds = 6 * n_modes
+    sequence = [name for rnd in range(rounds) for name in _order(names, rnd)]
+    assert all(a != b for a, b in itertools.pairwise(sequence)), sequence
+    assert Counter(sequence) == dict.fromkeys(names, rounds)  # every mode once a round
+
+
+def test_three_modes_take_turns_being_first() -> None:
+    names = ["plain", "qdash", "events"]
+    firsts = Counter(_order(names, rnd)[0] for rnd in range(9))
+    assert firsts == dict.fromkeys(names, 3)
+
+
+@pytest.mark.parametrize(("rounds", "blocks"), [(30, 5), (8, 2), (7, 3), (2, 5), (1, 1)])
+def test_blocks_add_up_to_the_rounds(
+    monkeypatch: pytest.MonkeyPatch, rounds: int, blocks: int
+) -> None:
+    monkeypatch.setenv("QDASH_BENCH_ROUNDS", str(rounds))
+    monkeypatch.setenv("QDASH_BENCH_BLOCKS", str(blocks))
+    monkeypatch.delenv("QDASH_BENCH_TASKS", raising=False)
+    sizes = _Sizes(Config(quick=False))
+    assert sizes.blocks == min(blocks, rounds)
+    per_block = [sizes.per_block(b) for b in range(sizes.blocks)]
+    assert sum(per_block) == rounds
+    assert max(per_block) - min(per_block) <= 1
+    assert min(per_block) >= 1
+    assert sizes.fixed is None  # rounds sized in time unless QDASH_BENCH_TASKS says
+
+
+def test_fixed_tasks_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QDASH_BENCH_TASKS", "5")
+    assert _Sizes(Config(quick=True)).fixed == 20  # at least 20: (last - first) / (N - 1)
