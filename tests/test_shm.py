@@ -61,7 +61,7 @@ from qdash_mp.shm import (
     segment_name,
     stored_queue_name,
 )
-from qdash_mp.shm import writer as shm_writer
+from qdash_mp.shm import commit as shm_commit
 from qdash_mp.stats import (
     Stats,
     StatsBase,
@@ -536,7 +536,7 @@ def test_active_gauges_are_set_read_everywhere_and_zeroed_by_a_new_writer(name: 
 # --- crash atomicity of a batch and its seq ------------------------------------------------
 
 KILL_POINTS = ("log", "commit", "copy")
-"""Where ``shm_writer._fault_hook`` is called in a write section; see the child's "crash-loop"."""
+"""Where ``shm_commit._fault_hook`` is called in a write section; see the child's "crash-loop"."""
 
 
 def crash_cycle(name: str, how: str, point: str, kill_at: int) -> tuple[int, int, int, int]:
@@ -1019,7 +1019,7 @@ def crash_loop(name: str, how: str, point: str, kill_at: str) -> None:
         elif where == point and seq == target and phase != "counters":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    shm_writer._fault_hook = hook
+    shm_commit._fault_hook = hook
     print("go", seq, flush=True)
     batch = {"a": (1, 0, 0, 0), "b": (0, 1, 0, 0)}
     while True:

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -23,10 +23,8 @@ from qdash_mp.models import QueueStat, StatsView
 from qdash_mp.shm import layout as hdr
 from qdash_mp.shm import snapshot
 from qdash_mp.shm.clients import ClientTable
+from qdash_mp.shm.commit import commit
 from qdash_mp.shm.layout import (
-    CLIENT_ENTRY_SIZE,
-    CLIENT_HEAD,
-    CLIENT_SLOTS,
     DEFAULT_CAPACITY,
     DEFAULT_CLIENT_CAPACITY,
     DEFAULT_CLIENT_TTL,
@@ -35,24 +33,18 @@ from qdash_mp.shm.layout import (
     check_name,
     decode_names,
     segment_name,
-    stored_name,
     stored_queue_name,
 )
-from qdash_mp.shm.redo import replay
+from qdash_mp.shm.plan import Hist, plan_batch
 from qdash_mp.shm.rows import Rows
 from qdash_mp.shm.segment import Segment, close_block, copy_table, create, decode_clients, unlink
 from qdash_mp.shm.table import Opened, at_least, open_table
 from qdash_mp.stats import (
     ACTIVE_SLOT,
-    COUNTERS,
     DEFAULT_WINDOW,
     INT64_MAX,
     StatsBase,
-    apply_deltas,
-    apply_hist,
-    apply_started,
     build_view,
-    check_hist,
     hist_at,
     merged_hists,
     ring_slots,
@@ -61,18 +53,6 @@ from qdash_mp.stats import (
 __all__ = ["SharedStats"]
 
 log = logging.getLogger("qdash_mp.shm")
-
-_N = len(COUNTERS)
-_NONE: frozenset[int] = frozenset()
-
-_fault_hook: Callable[[str], None] | None = None
-"""Test seam, None in production (where it costs one global lookup per point).
-
-When set, the writer calls it inside ``apply_batch``'s write section with ``"log"`` (the redo
-log is written, not committed), ``"commit"`` (committed, nothing copied back yet) and
-``"copy"`` (records copied back, the client entry not yet), so a test can kill the writer in
-each window.
-"""
 
 
 class SharedStats(StatsBase):
@@ -230,7 +210,7 @@ class SharedStats(StatsBase):
         client: tuple[str, int] | None = None,
         *,
         started: Mapping[str, int] | None = None,
-        hist: Mapping[str, tuple[Mapping[int, int] | None, Mapping[int, int] | None]] | None = None,
+        hist: Hist | None = None,
     ) -> None:
         """Add a client batch, ``{queue: [pushed, processed, failed, retried]}``, atomically.
 
@@ -296,159 +276,23 @@ class SharedStats(StatsBase):
         items: Iterable[tuple[str, Sequence[int]]],
         client: tuple[str, int] | None,
         started: Mapping[str, int] | None,
-        hist: Mapping[str, tuple[Mapping[int, int] | None, Mapping[int, int] | None]] | None,
+        hist: Hist | None,
     ) -> None:
         with self._lock:
             seg = self._live()
             now = int(self._clock())
-            # 1. Plan: record index of each queue, new directory entries, the client's entry.
-            index = self._index
+            # 1. Plan (pure; raises on a bad batch): records, new names, the client's entry.
             count = len(self._names)
-            plan: list[tuple[int, Sequence[int]]] = []
-            fresh: dict[str, int] = {}
-            new: list[tuple[str, bytes]] = []
-            for queue, deltas in items:
-                if len(deltas) != _N:
-                    raise ValueError(
-                        f"counters of {queue!r} must be {_N} ints {COUNTERS}, not {deltas!r}"
-                    )
-                idx = index.get(queue)
-                if idx is None:
-                    idx = fresh.get(queue)
-                    if idx is None:
-                        stored = stored_name(queue)
-                        key = stored.decode("utf-8", "surrogatepass")
-                        idx = index.get(key, fresh.get(key))
-                        if idx is None:
-                            idx = fresh[key] = count + len(new)
-                            new.append((key, stored))
-                        fresh[queue] = idx
-                plan.append((idx, deltas))
-            # Lifecycle parts (absent from the counters hot path): validated here, before the
-            # write section, so nothing below can raise on them.
-            extra: list[tuple[int, int, Mapping[int, int] | None, Mapping[int, int] | None]] = []
-            full: Container[int] = _NONE
-            if started or hist:
-                full = touched = set()
-                for queue in dict.fromkeys((*(started or ()), *(hist or ()))):
-                    n = operator.index((started or {}).get(queue, 0))
-                    pair = (hist or {}).get(queue)
-                    runtime = wait = None
-                    if pair is not None:
-                        check_hist(queue, pair)
-                        runtime, wait = pair
-                    if not (n or runtime or wait):
-                        continue
-                    idx = index.get(queue, fresh.get(queue))
-                    if idx is None:
-                        stored = stored_name(queue)
-                        key = stored.decode("utf-8", "surrogatepass")
-                        idx = index.get(key, fresh.get(key))
-                        if idx is None:
-                            idx = fresh[key] = count + len(new)
-                            new.append((key, stored))
-                        fresh[queue] = idx
-                    extra.append((idx, n, runtime, wait))
-                    if runtime or wait:
-                        touched.add(idx)
+            plan = plan_batch(items, started, hist, self._index, count)
             slot, claim, client_id, client_seq = -1, b"", "", 0
             if client is not None:
                 client_id, client_seq = client[0], operator.index(client[1])
                 slot, claim = self._clients.plan(client_id, client_seq, seg.layout.clients, now)
             # 2. Grow first if the block is too small (the plan's indexes stay valid).
-            if count + len(new) > seg.layout.capacity or slot >= seg.layout.clients:
-                seg = self._grow(count + len(new), max(len(self._clients), slot + 1))
-            # 3. The redo-logged records and client entry, then one write section: new
-            # directory entries, the commit store, the copy back.
-            q, buf, lay, ring = seg.q, seg.buf, seg.layout, self._ring
-            rs, rec0, log0, ls = lay.rec_slots, lay.rec_slot, lay.log_slot, lay.log_slots
-            hs = lay.head_slots
-            # 3a. The redo log first, outside the write section: readers never read it, and
-            # it counts only once LOG_COUNT says so (set inside). A short section keeps
-            # readers' copies of the (large) records from being starved by a busy writer.
-            # A log entry: [target, slots to copy back, payload]. A record whose histograms
-            # do not change logs (and copies back) only its head.
-            logged: dict[int, int] = {}
-
-            def entry(idx: int) -> int:
-                """Record ``idx``'s log entry, made (a copy of the record) on first use."""
-                e = logged.get(idx)
-                if e is None:
-                    size = rs if idx in full else hs
-                    e = logged[idx] = log0 + len(logged) * ls + 2
-                    r = rec0 + idx * rs
-                    q[e - 2] = idx
-                    q[e - 1] = size
-                    q[e : e + size] = q[r : r + size]
-                return e
-
-            for idx, deltas in plan:
-                if any(deltas):  # saturates: cannot raise on a value
-                    apply_deltas(q, entry(idx), ring, deltas, now)
-            for idx, n, runtime, wait in extra:
-                e = entry(idx)
-                if n:
-                    apply_started(q, e, n)
-                apply_hist(q, e, ring, runtime, wait)  # validated above; saturates
-            entries = len(logged)
-            d = 0
-            if slot >= 0:
-                d = log0 + entries * ls + 2
-                q[d - 2] = -1 - slot
-                q[d - 1] = CLIENT_SLOTS
-                if claim:  # a new client, in a free entry or a forgotten client's
-                    at = 8 * d
-                    CLIENT_HEAD.pack_into(buf, at, len(claim), client_seq, now)
-                    buf[at + 24 : at + CLIENT_ENTRY_SIZE] = claim.ljust(
-                        CLIENT_ENTRY_SIZE - 24, b"\0"
-                    )
-                else:
-                    c = lay.client_slot(slot)
-                    q[d : d + CLIENT_SLOTS] = q[c : c + CLIENT_SLOTS]
-                    q[d + 1] = client_seq
-                    q[d + 2] = now
-                entries += 1
-            # 3b. The write section (readers retry while it is open).
-            hook = _fault_hook
-            seq = seg.begin()
-            try:
-                if new:
-                    for k, (_key, stored) in enumerate(new):
-                        at = Layout.entry_at(count + k)
-                        q[at // 8] = len(stored)
-                        buf[at + 8 : at + 8 + len(stored)] = stored
-                    q[hdr.COUNT] = count + len(new)
-                    self._names.extend(key for key, _ in new)
-                if fresh:
-                    index.update(fresh)
-                if hook is not None:
-                    hook("log")
-                if entries:
-                    q[hdr.LOG_COUNT] = entries  # the commit point
-                    if hook is not None:
-                        hook("commit")
-                    if full:
-                        for idx, e in logged.items():
-                            r = rec0 + idx * rs
-                            n = q[e - 1]
-                            q[r : r + n] = q[e : e + n]
-                    else:  # counters only: every entry is a head
-                        for idx, e in logged.items():
-                            r = rec0 + idx * rs
-                            q[r : r + hs] = q[e : e + hs]
-                    if hook is not None:
-                        hook("copy")
-                    if slot >= 0:
-                        c = lay.client_slot(slot)
-                        q[c : c + CLIENT_SLOTS] = q[d : d + CLIENT_SLOTS]
-                        if slot == q[hdr.CLIENTS]:
-                            q[hdr.CLIENTS] = slot + 1
-                    q[hdr.LOG_COUNT] = 0
-            finally:
-                if q[hdr.LOG_COUNT]:  # pragma: no cover - only if copying back itself failed
-                    replay(seg, q[hdr.LOG_COUNT])
-                    q[hdr.LOG_COUNT] = 0
-                seg.end(seq)
+            if count + len(plan.new) > seg.layout.capacity or slot >= seg.layout.clients:
+                seg = self._grow(count + len(plan.new), max(len(self._clients), slot + 1))
+            # 3. The redo log, then one write section (``commit``).
+            commit(seg, plan, self._ring, now, (slot, claim, client_seq), self._names, self._index)
             if slot >= 0:
                 self._clients.remember(slot, client_id, client_seq, now, bool(claim))
 
