@@ -15,7 +15,7 @@ docs/collector.md.
 
 from __future__ import annotations
 
-from qdash_mp.collector.connections import PeerCred, peer_credentials
+from qdash_mp.collector.conn import PeerCred, peer_credentials
 from qdash_mp.collector.daemon import Collector, run, serve
 from qdash_mp.collector.inspector import CollectorInspector
 from qdash_mp.collector.retry import RequeueFn, load_requeue
