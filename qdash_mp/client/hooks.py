@@ -7,18 +7,12 @@ sender thread (``qdash_mp.client.sender``) reads the counters and ships the diff
 that is exact under the GIL, and what is guaranteed about delivery, spooling and forks, is in
 ``docs/client.md``; options are checked in ``qdash_mp.client.options``.
 
-Cost: ~1.45x a ``d[k] += 1`` loop on CPython 3.11, ~1.3x on 3.13 (``benchmarks/README.md``,
-hook); with a lock far more, which is what ``client.locked._LockedClient`` (picked by
-``Client()`` on a free-threaded build) pays. Hooks never raise and never block: a bad
-argument is logged once and dropped. ``on_failed`` (not a hot path) also packs the job to a
-FAILED record right away.
+Cost: ~1.45x a ``d[k] += 1`` loop on CPython 3.11, ~1.3x on 3.13 (``benchmarks/README.md``);
+a free-threaded build gets the locked ``client.locked._LockedClient``. Hooks never raise or
+block: a bad argument is logged once and dropped. ``on_failed`` packs its FAILED record now.
 
-Lifecycle (``docs/client.md``): ``on_processed(q, runtime=rt)`` appends ``rt`` to a per-queue
-list *instead of* the increment (the sender counts and buckets the list: deferred, ~the cost
-of the increment). A finish hook given a job ends its active entry and times it from its
-``on_started`` (monotonic); without a job it is the plain path (one ``is None`` test more).
-Jobs started without an id are active until as many finishes without one: the sender
-derives that gauge from the cumulative counts, so plain hooks keep no such count.
+Lifecycle hooks (runtimes, active jobs by id and without one): the table in
+``docs/client.md``; the plain path pays one ``is None`` test more.
 """
 
 from __future__ import annotations
