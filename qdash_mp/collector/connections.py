@@ -42,7 +42,7 @@ from qdash_mp.wire import (
 if TYPE_CHECKING:
     from qdash_mp.collector.daemon import Collector
 
-__all__ = ["Conn", "Connections", "PeerCred", "peer_credentials"]
+__all__ = ["Connections"]
 
 log = logging.getLogger("qdash_mp.collector")
 

@@ -24,13 +24,14 @@ set by ``qdash_mp.hub.app``) narrows every read and action to one host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import heapq
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -296,11 +297,16 @@ class HubInspector:
         )
         if fast is not None:
             return FailedPage(await self._views(fast[0]), fast[1], hw, self._epoch)
-        mirror = self.mirror
-        async with mirror.lock:
-            await mirror.sync(self._epoch)
+        async with self._synced_mirror() as mirror:
             rows, total = mirror.select(flt, HOST.get(), offset, limit, below=hw, since=since)
         return FailedPage(await self._views(rows), total, hw, self._epoch)
+
+    @contextlib.asynccontextmanager
+    async def _synced_mirror(self) -> AsyncIterator[FailedMirror]:
+        """The mirror under its lock, in step with Redis for the epoch last read."""
+        async with self.mirror.lock:
+            await self.mirror.sync(self._epoch)
+            yield self.mirror
 
     async def failed_query_by_scan(
         self, flt: FailedFilter, page: int, *, snapshot: int, since: int | None = None
@@ -333,9 +339,7 @@ class HubInspector:
         """Hub ids (``ID@HOST``) of the failed jobs matching ``flt`` that arrived before
         ``snapshot``."""
         await self.refresh_epoch()
-        mirror = self.mirror  # the filter columns list pages read: no scan of Redis
-        async with mirror.lock:
-            await mirror.sync(self._epoch)
+        async with self._synced_mirror() as mirror:  # what list pages read: no scan of Redis
             return mirror.hub_ids(flt, HOST.get(), below=snapshot)
 
     async def failed_seq(self, id: str) -> int | None:

@@ -128,8 +128,8 @@ class CeleryAdapter:
     ) -> None:
         # In the pool child the client times the run it saw start; in the parent (a lost
         # worker, a hard time limit) no start was seen here and no runtime is reported.
-        queue = self._queue_of(sender)
         request = getattr(sender, "request", None)
+        queue = self._queue_of(sender, request)
         retries = (getattr(request, "retries", 0) or 0) if request is not None else 0
         name = getattr(sender, "name", "") or ""
         job = make_job(task_id, name, args, kwargs, queue, int(retries) + 1)
@@ -141,7 +141,7 @@ class CeleryAdapter:
         name = getattr(sender, "name", "") or ""
         # This attempt ends here (the retry may run in another pool child): not active any more.
         job = Job(str(task_id), name) if task_id else None
-        self.clients.get().on_retried(self._queue_of(sender), job)
+        self.clients.get().on_retried(self._queue_of(sender, request), job)
 
     def process_shutdown(self, **_: Any) -> None:
         """A pool child is about to ``os._exit``: deliver what it counted."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qdash_mp.shm.layout import stored_name
 from qdash_mp.stats import COUNTERS, check_hist
@@ -24,17 +24,15 @@ Hist = Mapping[str, tuple[Mapping[int, int] | None, Mapping[int, int] | None]]
 class Plan:
     """What one batch changes, by record index (``index`` holds the table's names, ``count``)."""
 
-    counters: list[tuple[int, Sequence[int]]] = field(default_factory=list)
+    counters: list[tuple[int, Sequence[int]]]
     """``(record, deltas)`` per queue of the batch's counters."""
-    fresh: dict[str, int] = field(default_factory=dict)
+    fresh: dict[str, int]
     """Names not in the table yet (as given, and in stored form) -> their new record."""
-    new: list[tuple[str, bytes]] = field(default_factory=list)
+    new: list[tuple[str, bytes]]
     """The directory entries to add, in record order: ``(key, stored name bytes)``."""
-    lifecycle: list[tuple[int, int, Mapping[int, int] | None, Mapping[int, int] | None]] = field(
-        default_factory=list
-    )
+    lifecycle: list[tuple[int, int, Mapping[int, int] | None, Mapping[int, int] | None]]
     """``(record, started, runtime buckets, wait buckets)`` of queues with lifecycle parts."""
-    full: Container[int] = _NONE
+    full: Container[int]
     """Records whose histograms change: logged (and copied back) whole, not just the head."""
 
 
