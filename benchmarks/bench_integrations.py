@@ -388,21 +388,28 @@ def _on_cpu(cpu: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, mine)
 
 
-def _bench_cpu() -> int | None:
-    """The one CPU every process of the benchmark runs on (``QDASH_BENCH_PIN=0``: none).
+@contextlib.contextmanager
+def _bench_cpu() -> Iterator[int | None]:
+    """The one CPU every process of the benchmark runs on (``QDASH_BENCH_PIN=0``: None).
 
-    The harness itself moves to the other CPUs (if there are any), so its polling does not
-    land on the measured one.
+    Meanwhile the harness itself runs on the other CPUs (if there are any), so its polling
+    does not land on the measured one; its affinity is restored on the way out.
     """
     if os.environ.get("QDASH_BENCH_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
+        yield None
+        return
+    mine = os.sched_getaffinity(0)
+    cpus = sorted(mine)
     try:
         os.sched_setaffinity(0, set(cpus[1:]) if len(cpus) > 1 else {cpus[0]})
     except OSError as exc:  # a sandbox that forbids it: measure unpinned, and say so
         progress(f"{BENCH}: cannot pin to one CPU ({exc}); not pinned")
-        return None
-    return cpus[0]
+        yield None
+        return
+    try:
+        yield cpus[0]
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def _spread(ratios: list[float]) -> dict[str, float]:
@@ -471,18 +478,13 @@ def _measure(
 
 
 def run(cfg: Config) -> list[Row]:
-    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    try:
-        return _run(cfg)
-    finally:
-        if mine is not None:
-            os.sched_setaffinity(0, mine)
+    with _bench_cpu() as cpu:
+        return _run(cfg, cpu)
 
 
-def _run(cfg: Config) -> list[Row]:
+def _run(cfg: Config, cpu: int | None) -> list[Row]:
     sizes = _Sizes(cfg)
     rounds = sizes.rounds
-    cpu = _bench_cpu()
     timeout = 120.0 if cfg.quick else 600.0
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
@@ -499,7 +501,7 @@ def _run(cfg: Config) -> list[Row]:
         for lib, source in APPS.items():
             (app_dir / f"bapp_{lib}.py").write_text(source)
         only = [x for x in os.environ.get("QDASH_BENCH_LIBS", "").split(",") if x]
-        where = f"all on CPU {cpu}" if cpu is not None else "not pinned"
+        where = f"one CPU ({cpu})" if cpu is not None else "not pinned"
         progress(
             f"{BENCH}: {rounds} interleaved rounds per mode in {sizes.blocks} blocks of "
             f"fresh workers, {where}{' (A/A control: no adapter in any mode)' * _control()}"
@@ -518,7 +520,7 @@ def _run(cfg: Config) -> list[Row]:
             n, samples, cpu_us = _measure(app_dir, lib, sizes, redis_url, collector, timeout, cpu)
             note = (
                 f"{rounds} rounds of {n} no-op tasks, {sizes.blocks} blocks of fresh workers, "
-                f"one CPU; ratio: median of rounds"
+                f"{where}; ratio: median of rounds"
                 + ("; A/A CONTROL: no adapter in either mode" if _control() else "")
             )
             plain = Row(BENCH, f"{lib}_plain", "per_task", UNIT, samples=samples["plain"])
