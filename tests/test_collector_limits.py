@@ -173,9 +173,13 @@ async def test_rss_returns_near_baseline_after_garbage() -> None:
         baseline = vm_rss(pid)
         await wave(1000, 100, 0)  # 100,000 garbage frames
         await wave(200, 0, 1_000_000)  # 200 MB of partial frames, abandoned
-        limit = baseline + 24 * 1024 * 1024
+        # Without the heap trim (collector/heap.py) 3 runs in 10 stayed 10-30 MiB above.
+        limit = baseline + 8 * 1024 * 1024
         await asyncio.to_thread(
-            wait_for, lambda: vm_rss(pid) < limit, 20, f"RSS back under {limit} (was {baseline})"
+            wait_for,
+            lambda: vm_rss(pid) < limit,
+            20,
+            f"RSS back under {limit} (was {baseline}, is {vm_rss(pid)})",
         )
         with Client(proc.socket) as client:  # and it still serves
             client.on_pushed("q")

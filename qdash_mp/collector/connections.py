@@ -22,6 +22,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from qdash_mp.collector.conn import Conn, PeerCred, Refused, peer_credentials
+from qdash_mp.collector.heap import HeapTrimmer
 from qdash_mp.errors import JournalError, ProtocolError, RetryError
 from qdash_mp.journal import GroupCommit
 from qdash_mp.throttle import LogThrottle
@@ -76,6 +77,8 @@ class Connections:
         self._throttle = LogThrottle(log, LOG_EVERY)
         self.partial_bytes = 0
         """Bytes held in partial frames across all connections."""
+        self.heap = HeapTrimmer()
+        """Gives the memory of dropped partial frames back to the OS (see ``heap.py``)."""
         self.batches = 0
         """BATCH frames received (resends included), for ``/metrics``."""
         self.errors: Counter[str] = Counter()
@@ -112,6 +115,7 @@ class Connections:
                 task.cancel()
 
     async def close(self) -> None:
+        self.heap.close()
         for conn in list(self.conns):
             conn.writer.close()
         if self._server is not None:
@@ -248,6 +252,8 @@ class Connections:
     def _hold(self, conn: Conn, n: int) -> None:
         """Account ``n`` bytes of partial frame to ``conn``; evict the largest over budget."""
         self.partial_bytes += n - conn.held
+        if n < conn.held:
+            self.heap.released_bytes(conn.held - n)
         conn.held = n
         budget = self._c.settings.partial_frame_budget
         if self.partial_bytes <= budget or not self.conns:
@@ -263,6 +269,7 @@ class Connections:
         self.errors["evicted"] += 1
         conn.evicted = reason
         self.partial_bytes -= conn.held
+        self.heap.released_bytes(conn.held)
         conn.held = 0
         conn.decoder = FrameDecoder()  # drops the buffer now, not when the task gets to run
         with contextlib.suppress(Exception):
