@@ -53,6 +53,10 @@ __all__ = ["Collector", "run", "serve"]
 log = logging.getLogger("qdash_mp.collector")
 
 LOCK_NAME = "collector.lock"
+CANCEL_WAIT = 2.0
+CANCEL_ROUNDS = 3
+"""A background task gets this many cancellations, this many seconds apart, to stop."""
+
 SHM_DIR = Path("/dev/shm")  # noqa: S108 - where Linux keeps POSIX shared memory
 
 
@@ -330,9 +334,7 @@ class Collector:
 
     async def _close_resources(self, *, clean: bool, unlink_shm: bool | None = None) -> None:
         for task in list(self._background):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancel(task)
         if self.hub is not None:  # a last publish while the counters are still open
             await self.hub.close(final=clean)
         await self.connections.close()
@@ -411,6 +413,22 @@ def _remove_created(created: list[Path], s: CollectorSettings) -> None:
                     path.rmdir()
             else:
                 path.unlink(missing_ok=True)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it, bounded: a task that swallows a cancellation (a
+    library catching ``CancelledError`` on the way) is cancelled again, and after
+    ``CANCEL_ROUNDS`` it is logged with its stack and left behind instead of hanging the stop."""
+    for _ in range(CANCEL_ROUNDS):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT)
+        if done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("%s ended with an error while stopping: %r", task.get_name(), exc)
+            return
+    frames = "".join(f"\n  {f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack())
+    log.error("%s did not stop after %d cancellations; left behind at:%s",
+              task.get_name(), CANCEL_ROUNDS, frames)  # fmt: skip
 
 
 def _describe_os_error(exc: OSError, s: CollectorSettings) -> str:

@@ -340,21 +340,24 @@ async def test_a_minute_across_a_collector_restart_keeps_exact_buckets(
         return minute
 
     try:
-        c = Collector(settings)
-        await c.start()
-        try:
-            await run(c, first, "a", 3)
-            m0 = await close_minute(c, 1)
-            await run(c, before, "b", 5)  # the next minute, then a restart in it
-        finally:
-            await c.stop()
-        c = Collector(settings)
-        await c.start()
-        try:
-            await run(c, after, "c", 8)
-            m1 = await close_minute(c, 2)
-        finally:
-            await c.stop()
+        # Bounded as a whole: a stop that hung here once (CI, 300 s) fails in 120 s with
+        # the await it hung in, in the traceback.
+        async with asyncio.timeout(120):
+            c = Collector(settings)
+            await c.start()
+            try:
+                await run(c, first, "a", 3)
+                m0 = await close_minute(c, 1)
+                await run(c, before, "b", 5)  # the next minute, then a restart in it
+            finally:
+                await c.stop()
+            c = Collector(settings)
+            await c.start()
+            try:
+                await run(c, after, "c", 8)
+                m1 = await close_minute(c, 2)
+            finally:
+                await c.stop()
         p0, p1 = (decode_point(r.hget("qdash:hm:h1:q", str(m))) for m in (m0, m1))
         assert p0["buckets"] == histogram.bucket_counts(first)
         assert p1["processed"] == 5
