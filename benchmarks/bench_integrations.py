@@ -3,7 +3,9 @@
 For each library (Celery, RQ, Dramatiq, arq, Huey, taskiq) the library's real worker runs
 no-op tasks from a private redis-server, without qdash_mp (``<lib>_plain``) and with its
 adapter (``<lib>_qdash``) reporting to a real collector; for Celery also with Celery's own
-task events on (``-E``, what Flower needs; ``celery_events``). Every task stamps Redis
+task events on (``-E``, what Flower needs; ``celery_events``), and for RQ with the adapter's
+code imported by the worker but not reporting (``rq_import``: RQ forks a horse per job, and
+what the parent has loaded costs in every fork). Every task stamps Redis
 (SETNX first, SET last, INCR n: one pipelined round trip, the same in every mode), and a
 round's per-task cost is ``(last - first) / (N - 1)``: worker start-up is never inside it.
 
@@ -192,6 +194,15 @@ def produce(n):
 """,
 }
 
+RQ_IMPORT_ONLY = """
+import qdash_mp.integrations.rq  # the adapter's code loaded in the parent; nothing reports
+from rq import Worker
+class ImportOnly(Worker):
+    pass
+"""
+"""``bapp_rq_import``: the worker class of ``rq_import`` (apart from ``bapp_rq``, which every
+horse imports for the job function and must stay plain)."""
+
 IMPORTS = {
     "celery": "celery",
     "rq": "rq",
@@ -213,6 +224,8 @@ def _worker_argv(lib: str, mode: str, queue: str, redis_url: str) -> list[str]:
         argv = [str(bin_dir / "rq"), "worker", "--url", redis_url]  # kept: no --burst
         if mode == "qdash":
             argv += ["--worker-class", "qdash_mp.integrations.rq.Worker"]
+        elif mode == "import":
+            argv += ["--worker-class", "bapp_rq_import.ImportOnly"]
         return [*argv, "--logging_level", "WARNING", queue]
     if lib == "dramatiq":
         return [str(bin_dir / "dramatiq"), "bapp_dramatiq", "-p", "1", "-t", "1", "-Q", queue]
@@ -230,7 +243,8 @@ def _control() -> bool:
 
 
 def _modes(lib: str) -> list[str]:
-    return ["plain", "qdash", "events"] if lib == "celery" else ["plain", "qdash"]
+    extra = {"celery": ["events"], "rq": ["import"]}.get(lib, [])
+    return ["plain", "qdash", *extra]
 
 
 PRODUCER = """
@@ -500,6 +514,7 @@ def _run(cfg: Config, cpu: int | None) -> list[Row]:
         (app_dir / "bcommon.py").write_text(COMMON)
         for lib, source in APPS.items():
             (app_dir / f"bapp_{lib}.py").write_text(source)
+        (app_dir / "bapp_rq_import.py").write_text(RQ_IMPORT_ONLY)
         only = [x for x in os.environ.get("QDASH_BENCH_LIBS", "").split(",") if x]
         where = f"one CPU ({cpu})" if cpu is not None else "not pinned"
         progress(
@@ -574,6 +589,21 @@ def _run(cfg: Config, cpu: int | None) -> list[Row]:
                         ratios=events_ratios,
                         note="celery worker -E (task events, what Flower needs)",
                         extra=_spread(events_ratios),
+                    )
+                )
+            if "import" in samples:
+                import_ratios = paired_ratios(samples["import"], samples["plain"])
+                rows.append(
+                    Row(
+                        BENCH,
+                        "rq_import",
+                        "per_task",
+                        UNIT,
+                        samples=samples["import"],
+                        reference="rq_plain",
+                        ratios=import_ratios,
+                        note="rq worker with the adapter's modules imported, not reporting",
+                        extra=_spread(import_ratios),
                     )
                 )
     if not cfg.keep:

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from _common import Config
-from bench_integrations import _order, _Sizes
+from bench_integrations import _modes, _order, _Sizes, _worker_argv
 
 
 @pytest.mark.parametrize("n_modes", [2, 3, 4])
@@ -54,3 +54,18 @@ def test_blocks_add_up_to_the_rounds(
 def test_fixed_tasks_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QDASH_BENCH_TASKS", "5")
     assert _Sizes(Config(quick=True)).fixed == 20  # at least 20: (last - first) / (N - 1)
+
+
+def test_the_modes_of_each_library() -> None:
+    assert _modes("celery") == ["plain", "qdash", "events"]
+    assert _modes("rq") == ["plain", "qdash", "import"]
+    assert _modes("huey") == ["plain", "qdash"]
+
+
+def test_rq_modes_differ_only_in_the_worker_class() -> None:
+    plain, qdash, imported = (_worker_argv("rq", m, "q", "redis://x") for m in _modes("rq"))
+    assert "--worker-class" not in plain
+    assert qdash[qdash.index("--worker-class") + 1] == "qdash_mp.integrations.rq.Worker"
+    assert imported[imported.index("--worker-class") + 1] == "bapp_rq_import.ImportOnly"
+    cls = ("--worker-class", "bapp_rq_import.ImportOnly")
+    assert [a for a in imported if a not in cls] == plain
