@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from qdash_mp.collector import heap
-from qdash_mp.collector.heap import HeapTrimmer
+from qdash_mp.collector.heap import BIG, HeapTrimmer
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim")
@@ -64,37 +64,47 @@ def test_freed_buffers_stay_resident_until_trimmed(mode: str) -> None:
         assert after < freed - 48  # the trim gave (most of) the 64 MiB back
 
 
-async def test_trims_once_enough_bytes_were_released() -> None:
-    t = HeapTrimmer(trim_after=1000, min_interval=0.0)
-    t.released_bytes(999)
-    await asyncio.sleep(0.1)
-    assert (t.trims, t.released) == (0, 999)
-    t.released_bytes(1)
+async def until_trimmed(t: HeapTrimmer) -> None:
     for _ in range(100):  # bounded: 5 s
         if t.trims:
-            break
+            return
         await asyncio.sleep(0.05)
+
+
+async def test_trims_once_enough_big_frames_were_released() -> None:
+    t = HeapTrimmer(trim_after=2 * BIG, min_interval=0.0)
+    t.released_bytes(BIG)
+    await asyncio.sleep(0.1)
+    assert (t.trims, t.released) == (0, BIG)
+    t.released_bytes(BIG)
+    await until_trimmed(t)
     assert (t.trims, t.released) == (1, 0)
 
 
+async def test_small_partial_frames_are_not_counted() -> None:
+    """A busy stream leaves a small partial frame at every read boundary: no trims for it."""
+    t = HeapTrimmer(trim_after=BIG, min_interval=0.0)
+    for _ in range(10_000):
+        t.released_bytes(BIG - 1)
+    await asyncio.sleep(0.1)
+    assert (t.trims, t.released) == (0, 0)
+
+
 async def test_a_stream_of_releases_trims_at_most_once_per_interval() -> None:
-    t = HeapTrimmer(trim_after=10, min_interval=60.0)
-    t.released_bytes(10)
-    for _ in range(100):
-        if t.trims:
-            break
-        await asyncio.sleep(0.05)
+    t = HeapTrimmer(trim_after=BIG, min_interval=60.0)
+    t.released_bytes(BIG)
+    await until_trimmed(t)
     assert t.trims == 1
     for _ in range(50):
-        t.released_bytes(10)
+        t.released_bytes(BIG)
     await asyncio.sleep(0.2)
-    assert (t.trims, t.released) == (1, 500)  # the next one waits for the interval
+    assert (t.trims, t.released) == (1, 50 * BIG)  # the next one waits for the interval
     t.close()
 
 
 async def test_close_cancels_a_pending_trim() -> None:
     t = HeapTrimmer(trim_after=1, min_interval=0.0)
-    t.released_bytes(5)
+    t.released_bytes(BIG)
     t.close()
     await asyncio.sleep(0.2)
     assert t.trims == 0

@@ -252,8 +252,8 @@ class Connections:
     def _hold(self, conn: Conn, n: int) -> None:
         """Account ``n`` bytes of partial frame to ``conn``; evict the largest over budget."""
         self.partial_bytes += n - conn.held
-        if n < conn.held:
-            self.heap.released_bytes(conn.held - n)
+        if n < conn.held:  # a frame completed (what stays is the start of the next one)
+            self.heap.released_bytes(conn.held)
         conn.held = n
         budget = self._c.settings.partial_frame_budget
         if self.partial_bytes <= budget or not self.conns:

@@ -416,9 +416,10 @@ def _remove_created(created: list[Path], s: CollectorSettings) -> None:
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it, bounded: a task that swallows a cancellation (a
-    library catching ``CancelledError`` on the way) is cancelled again, and after
-    ``CANCEL_ROUNDS`` it is logged with its stack and left behind instead of hanging the stop."""
+    """Cancel ``task`` and wait for it, bounded: a task that swallows a cancellation (redis-py's
+    asyncio client has, when cancelled at the wrong moment of a command: redis/redis-py#2028,
+    #2633) is cancelled again, and after ``CANCEL_ROUNDS`` it is logged with its stack and left
+    behind instead of hanging the stop."""
     for _ in range(CANCEL_ROUNDS):
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT)

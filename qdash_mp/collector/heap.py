@@ -6,7 +6,7 @@ from the heap instead of their own mapping, and a freed heap block stays residen
 objects allocated after it sit above it. A peer that sends and abandons 200 MB of partial frames
 left the daemon 10-30 MiB larger for good in 3 of 10 runs. ``malloc_trim(0)`` returns every
 whole free page of every arena (about 4 ms on a 200 MB heap), so it runs only after
-``TRIM_AFTER`` bytes of partial frames were released, and at most once per ``MIN_INTERVAL``.
+``TRIM_AFTER`` bytes of big partial frames were released, and at most once per ``MIN_INTERVAL``.
 
 On a C library without ``malloc_trim`` (musl, macOS) this does nothing.
 """
@@ -25,6 +25,11 @@ log = logging.getLogger("qdash_mp.collector.heap")
 
 TRIM_AFTER = 4 << 20
 """Bytes of partial frames released before a trim is worth its cost."""
+
+BIG = 256 << 10
+"""A partial frame smaller than this is not counted: glibc serves such buffers from its pools
+and reuses them, and every read boundary of a busy stream leaves one (they would trim for
+nothing)."""
 
 MIN_INTERVAL = 1.0
 """Seconds between two trims: a stream of big frames costs at most one trim a second."""
@@ -68,7 +73,9 @@ class HeapTrimmer:
         self._timer: asyncio.TimerHandle | None = None
 
     def released_bytes(self, n: int) -> None:
-        """``n`` bytes of partial frames were dropped (completed, abandoned or evicted)."""
+        """A partial frame of ``n`` bytes was dropped (completed, abandoned or evicted)."""
+        if n < BIG:
+            return
         self.released += n
         if self.released < self.trim_after or self._timer is not None:
             return
