@@ -8,6 +8,9 @@ code imported by the worker but not reporting (``rq_import``: RQ forks a horse p
 what the parent has loaded costs in every fork). Every task stamps Redis
 (SETNX first, SET last, INCR n: one pipelined round trip, the same in every mode), and a
 round's per-task cost is ``(last - first) / (N - 1)``: worker start-up is never inside it.
+After each block the collector's shared stats must show exactly as many processed tasks on the
+qdash worker's queue as it ran (else the run fails): an adapter that reports nothing would
+otherwise measure as free.
 
 Interleaved rounds. Each mode has a worker (and a producer process), *stopped* (SIGSTOP to its
 process group) while idle. A round of a mode: enqueue N tasks while its worker is stopped,
@@ -70,6 +73,8 @@ from _common import (
 
 BENCH = "integrations"
 UNIT = "us/task"
+REPORT_WAIT = 30.0
+"""Seconds the collector's count may take to reach the tasks a qdash worker ran."""
 
 COMMON = """
 import os, time
@@ -266,6 +271,9 @@ class _Mode:
 
         self.lib, self.mode, self.timeout, self.app_dir = lib, mode, timeout, app_dir
         queue = f"b-{lib}-{uuid.uuid4().hex[:8]}"
+        self.queue = queue
+        self.ran = 0
+        """Tasks this worker ran (warm-up rounds included): what the collector must count."""
         self.key = f"bench:{queue}"
         env = dict(os.environ)
         env.update(
@@ -327,8 +335,32 @@ class _Mode:
         if done != n:
             tail = self.log_path.read_text(errors="replace")[-2000:]
             raise BenchError(f"{self.lib}/{self.mode}: {done} of {n} tasks ran; log:\n{tail}")
+        self.ran += n
         first, last = float(r.get(key + ":first") or 0), float(r.get(key + ":last") or 0)
         return (last - first) / (n - 1), (cpu1 - cpu0) / n
+
+    def check_reported(self, reader: Any) -> None:
+        """(qdash mode) The collector counted every task this worker ran, exactly: an adapter
+        that silently reported nothing would otherwise look free. The worker runs meanwhile
+        (its sender ships what the last round counted), then is stopped again."""
+
+        def processed() -> int:
+            for q in reader.snapshot().queues:
+                if q.queue == self.queue:
+                    return int(q.processed)
+            return 0
+
+        self._signal(signal.SIGCONT)
+        try:
+            with contextlib.suppress(BenchError):  # timed out: said below, with the counts
+                wait_for(lambda: processed() >= self.ran, REPORT_WAIT, "the collector's count")
+        finally:
+            self._signal(signal.SIGSTOP)
+        if processed() != self.ran:
+            raise BenchError(
+                f"{self.lib}/{self.mode}: the collector counted {processed()} processed of the "
+                f"{self.ran} tasks the worker ran: the adapter does not report (exactly)"
+            )
 
     def close(self) -> None:
         if self.worker.poll() is None:
@@ -459,10 +491,32 @@ def _measure(
     cpu: int | None,
 ) -> tuple[int, dict[str, list[float]], dict[str, list[float]]]:
     """Per-round wall and CPU us per task of every mode of ``lib``, rounds interleaved, in
-    blocks of fresh workers; and the tasks a round (fixed, or sized in the first block)."""
+    blocks of fresh workers; and the tasks a round (fixed, or sized in the first block).
+    After each block the qdash worker's tasks must all be in the collector's counts."""
+    from qdash_mp.shm import SharedStatsReader
+
+    socket, pid = collector.socket, collector.proc.pid
+
+    reader = SharedStatsReader(collector.shm)
+    try:
+        return _measure_blocks(app_dir, lib, sizes, redis_url, socket, pid, reader, timeout, cpu)
+    finally:
+        reader.close()
+
+
+def _measure_blocks(
+    app_dir: Path,
+    lib: str,
+    sizes: _Sizes,
+    redis_url: str,
+    socket: str,
+    pid: int,
+    reader: Any,
+    timeout: float,
+    cpu: int | None,
+) -> tuple[int, dict[str, list[float]], dict[str, list[float]]]:
     samples: dict[str, list[float]] = {m: [] for m in _modes(lib)}
     cpu_us: dict[str, list[float]] = {m: [] for m in _modes(lib)}
-    socket, pid = collector.socket, collector.proc.pid
     n = sizes.fixed or 0
     for block in range(sizes.blocks):
         with contextlib.ExitStack() as stack:
@@ -488,6 +542,8 @@ def _measure(
                         f"{BENCH}: {lib}/{name} block {block + 1} round {rnd + 1}: "
                         f"{per_task * 1e6:.0f} us/task, CPU {cpu_task * 1e6:.0f} us/task"
                     )
+            if not _control():
+                modes["qdash"].check_reported(reader)
     return n, samples, cpu_us
 
 

@@ -1,4 +1,5 @@
-"""The integrations benchmark's round plan: the order of the modes and the blocks' sizes.
+"""The integrations benchmark's round plan (the order of the modes, the blocks' sizes) and its
+check that the adapter under measurement really reported.
 
 The order matters more than it looks: rotating two modes (A B | B A | A B) runs one mode twice
 in a row at every round boundary, and on a 2-vCPU VM the second run of such a pair was up to
@@ -11,13 +12,15 @@ import itertools
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _common import Config
-from bench_integrations import _modes, _order, _Sizes, _worker_argv
+import bench_integrations
+from _common import BenchError, Config
+from bench_integrations import _Mode, _modes, _order, _Sizes, _worker_argv
 
 
 @pytest.mark.parametrize("n_modes", [2, 3, 4])
@@ -69,3 +72,33 @@ def test_rq_modes_differ_only_in_the_worker_class() -> None:
     assert imported[imported.index("--worker-class") + 1] == "bapp_rq_import.ImportOnly"
     cls = ("--worker-class", "bapp_rq_import.ImportOnly")
     assert [a for a in imported if a not in cls] == plain
+
+
+class _Reader:
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    def snapshot(self) -> SimpleNamespace:
+        queues = [SimpleNamespace(queue=q, processed=n) for q, n in self.counts.items()]
+        return SimpleNamespace(queues=queues)
+
+
+def _mode(ran: int) -> _Mode:
+    mode = object.__new__(_Mode)  # no worker process: only what check_reported reads
+    mode.lib, mode.mode, mode.queue, mode.ran = "huey", "qdash", "b-huey-1", ran
+    mode._signal = lambda sig: None  # type: ignore[method-assign]
+    return mode
+
+
+def test_a_worker_whose_every_task_was_counted_passes() -> None:
+    _mode(300).check_reported(_Reader({"b-huey-1": 300, "other": 7}))
+
+
+@pytest.mark.parametrize("counted", [0, 299, 301])
+def test_an_adapter_that_did_not_report_exactly_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, counted: int
+) -> None:
+    """A broken adapter (nothing reported) would otherwise measure as free."""
+    monkeypatch.setattr(bench_integrations, "REPORT_WAIT", 0.05)
+    with pytest.raises(BenchError, match=f"counted {counted} processed of the 300 tasks"):
+        _mode(300).check_reported(_Reader({"b-huey-1": counted}))
