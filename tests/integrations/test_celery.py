@@ -27,12 +27,12 @@ def test_counts_failures_and_dashboard_retry(env: Env) -> None:
         # 6 ok + 2 failed + 1 flaky (retried once, then ok) + 1 killed pool child (reported
         # by the parent as WorkerLostError): pushed 10, processed 7, failed 3, retried 1.
         env.wait_counts((10, 7, 3, 1))
-        # Runtimes timed by the client from task_prerun to the end report in the pool
-        # child: the 7 successes and the 2 failures (not the lost worker: the parent saw no
-        # start); nothing stays active.
+        # Everything is reported by the worker's main process: Celery's runtimes for the 7
+        # successes and the 2 failures, and for the lost pool child the time from its start
+        # (on_accepted) until the loss was seen; nothing stays active.
         wait_until(
-            lambda: (s := env.stat()) is not None and (s.runtime.count, s.active) == (9, 0),
-            f"9 runtimes and nothing active, not {env.stat()}",
+            lambda: (s := env.stat()) is not None and (s.runtime.count, s.active) == (10, 0),
+            f"10 runtimes and nothing active, not {env.stat()}",
         )
         lost = [f for f in env.failed() if f.job.name == "it.die"]
         assert len(lost) == 1
