@@ -59,7 +59,8 @@ _IN_CHILD_SIGNALS = ("task_prerun", "task_success", "task_failure", "task_retry"
 
 
 class CeleryAdapter:
-    """The signal receivers for one Celery ``app``; ``install`` makes and connects one."""
+    """What reports one Celery ``app``: its signal receivers and, in a worker, its ``Request``
+    classes; ``install`` makes and connects one."""
 
     def __init__(self, app: Any, socket_path: str | os.PathLike[str] | None = None) -> None:
         self.app = app
@@ -107,7 +108,7 @@ class CeleryAdapter:
     ) -> None:
         headers = headers or {}
         if headers.get("retries") or in_dashboard_retry():
-            return  # a library retry (counted by task_retry) or a dashboard one (collector)
+            return  # a library retry (counted as retried) or a dashboard one (collector)
         queue = routing_key or self.app.conf.task_default_queue
         self.clients.get().on_pushed(str(queue))
 

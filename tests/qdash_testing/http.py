@@ -52,3 +52,17 @@ class DashboardSession:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
+
+
+def timeless(view: dict[str, Any]) -> dict[str, Any]:
+    """A ``/api/stats`` view without its ``throughput`` fields (checked to be numbers).
+
+    Throughput moves with the clock (jobs over the last seconds): two views read a moment
+    apart may differ there, and only there, when a second boundary passes between them.
+    """
+    assert all(isinstance(r["throughput"], (int, float)) for r in [*view["queues"], view["totals"]])
+
+    def row(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in r.items() if k != "throughput"}
+
+    return {**view, "queues": [row(q) for q in view["queues"]], "totals": row(view["totals"])}
