@@ -471,6 +471,22 @@ def _spread(ratios: list[float]) -> dict[str, float]:
     }
 
 
+def _vs_plain(lib: str, mode: str, samples: dict[str, list[float]], note: str) -> Row:
+    """The per-task row of an extra mode (``celery_events``, ``rq_import``), against plain."""
+    ratios = paired_ratios(samples[mode], samples["plain"])
+    return Row(
+        BENCH,
+        f"{lib}_{mode}",
+        "per_task",
+        UNIT,
+        samples=samples[mode],
+        reference=f"{lib}_plain",
+        ratios=ratios,
+        note=note,
+        extra=_spread(ratios),
+    )
+
+
 def _order(names: list[str], rnd: int) -> list[str]:
     """The modes' order in round ``rnd``: rotated one step a round, so each mode is first
     equally often, except that two modes simply alternate (rotating two would run one mode
@@ -633,35 +649,14 @@ def _run(cfg: Config, cpu: int | None) -> list[Row]:
                 vs_events = paired_ratios(samples["qdash"], samples["events"])
                 qdash.more_ratios["celery_events"] = vs_events
                 qdash.extra.update({f"vs_events_{k}": v for k, v in _spread(vs_events).items()})
-                events_ratios = paired_ratios(samples["events"], samples["plain"])
                 rows.append(
-                    Row(
-                        BENCH,
-                        "celery_events",
-                        "per_task",
-                        UNIT,
-                        samples=samples["events"],
-                        reference="celery_plain",
-                        ratios=events_ratios,
-                        note="celery worker -E (task events, what Flower needs)",
-                        extra=_spread(events_ratios),
+                    _vs_plain(
+                        lib, "events", samples, "celery worker -E (task events, what Flower needs)"
                     )
                 )
             if "import" in samples:
-                import_ratios = paired_ratios(samples["import"], samples["plain"])
-                rows.append(
-                    Row(
-                        BENCH,
-                        "rq_import",
-                        "per_task",
-                        UNIT,
-                        samples=samples["import"],
-                        reference="rq_plain",
-                        ratios=import_ratios,
-                        note="rq worker with the adapter's modules imported, not reporting",
-                        extra=_spread(import_ratios),
-                    )
-                )
+                note = "rq worker with the adapter's modules imported, not reporting"
+                rows.append(_vs_plain(lib, "import", samples, note))
     if not cfg.keep:
         shutil.rmtree(app_dir, ignore_errors=True)
     return rows

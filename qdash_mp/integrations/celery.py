@@ -179,29 +179,22 @@ class CeleryAdapter:
 
     # ---------------------------------------------------------------- worker requests
 
-    def _request_queue(self, req: Any) -> str:
-        info = req.delivery_info
-        queue = (info.get("routing_key") if info else None) or getattr(req.task, "queue", None)
-        return str(queue or self.app.conf.task_default_queue)
-
     def _accepted(self, req: Any) -> None:
         retries = req.request_dict.get("retries") or 0
         job = Job(str(req.id), req.name, None, int(retries) + 1)
-        self.clients.get().on_started(self._request_queue(req), job)
+        self.clients.get().on_started(self._queue_of(req.task, req), job)
 
     def _succeeded(self, req: Any, runtime: Any) -> None:
         done = Job(str(req.id), req.name)  # ends the active entry _accepted made
-        rt = float(runtime) if isinstance(runtime, (int, float)) else None
-        self.clients.get().on_processed(self._request_queue(req), done, rt)
+        self.clients.get().on_processed(self._queue_of(req.task, req), done, _seconds(runtime))
 
     def _ended(self, req: Any, exc_info: Any, runtime: Any) -> None:
         exceptions: Any = importlib.import_module("celery.exceptions")
         exc: Any = getattr(exc_info, "exception", None)
         if type(exc).__name__ == "ExceptionWithTraceback":  # billiard's wrapper, as Celery does
             exc = exc.exc  # (not getattr: Retry has an ``exc`` of its own)
-        queue, client = self._request_queue(req), self.clients.get()
-        done = Job(str(req.id), req.name)
-        rt = float(runtime) if isinstance(runtime, (int, float)) else None
+        queue, client = self._queue_of(req.task, req), self.clients.get()
+        done, rt = Job(str(req.id), req.name), _seconds(runtime)
         if isinstance(exc, exceptions.Retry) or (
             isinstance(exc, exceptions.Reject) and exc.requeue
         ):
@@ -271,6 +264,11 @@ class CeleryAdapter:
 def install(app: Any, socket_path: str | os.PathLike[str] | None = None) -> CeleryAdapter:
     """Report ``app``'s tasks to the collector at ``socket_path`` (default: the standard one)."""
     return CeleryAdapter(app, socket_path).connect()
+
+
+def _seconds(runtime: Any) -> float | None:
+    """Celery's runtime (a number from the pool process), or None when it sent none."""
+    return float(runtime) if isinstance(runtime, (int, float)) else None
 
 
 def _with_traceback(exc: Any, exc_info: Any) -> BaseException | str:
