@@ -5,7 +5,8 @@ no-op tasks from a private redis-server, without qdash_mp (``<lib>_plain``) and 
 adapter (``<lib>_qdash``) reporting to a real collector; for Celery also with Celery's own
 task events on (``-E``, what Flower needs; ``celery_events``), and for RQ with the adapter's
 code imported by the worker but not reporting (``rq_import``: RQ forks a horse per job, and
-what the parent has loaded costs in every fork). Every task stamps Redis
+what the parent has loaded costs in every fork; the worker imports only the adapter's
+``rq`` and ``rq_pipe`` modules, its client lives in a reporter process). Every task stamps Redis
 (SETNX first, SET last, INCR n: one pipelined round trip, the same in every mode), and a
 round's per-task cost is ``(last - first) / (N - 1)``: worker start-up is never inside it.
 After each block the collector's shared stats must show exactly as many processed tasks on the
@@ -27,7 +28,10 @@ on an idle second core (the conservative reading).
 
 Blocks of fresh workers. A process keeps its memory layout for life, and two processes
 running identical code differed by up to +-2 % for as long as they lived; so the rounds are
-split into blocks (full 5, quick 2), each with new workers and producers. N is sized in the
+split into blocks (full 10, quick 2), each with new workers and producers. Within a block
+every process runs with the same ``PYTHONHASHSEED`` (the block's number) and the same
+random memory layout (``LAYOUT``): both differ from block to block, not between the modes a
+block compares. N is sized in the
 first block to ~0.5 s of the plain worker (quick 0.15 s): a sender tick every 0.1 s then
 lands in a round as often as it would under steady load. A row's ratio is the median of the
 per-round ratios ``qdash / plain``; the quartiles and min-max of those ratios are in the
@@ -199,6 +203,29 @@ def produce(n):
 """,
 }
 
+LAYOUT = """
+# sitecustomize of the benchmark's workers and producers: a random memory layout per block
+import os
+_seed = int(os.environ.get("BENCH_LAYOUT") or 0)
+if _seed:
+    import random
+    _rng = random.Random(_seed)
+    _kept = []
+    for _i in range(_rng.randrange(400)):
+        _t = type(f"_Layout{_i}", (), {"m": lambda self: None})
+        _t().m  # looked up: the type takes a version tag
+        _kept.append(_t)
+    _kept.append([bytearray(_rng.randrange(8, 1024)) for _ in range(_rng.randrange(4000))])
+"""
+"""``sitecustomize.py`` in the app directory: every process of a block (workers, horses,
+producers, all modes) starts with the same random set of types and objects, a new one each
+block. The layout of a process (which pages its objects share; which of CPython's type
+attribute cache slots its hot methods collide in) moved RQ's per-job cost by up to +-4 %
+between processes of identical code, and consistently so for a given import set: the
+adapter's own modules changed it by as much as they cost. So each block draws a layout, as
+Stabilizer does (Curtsinger & Berger, ASPLOS 2013), and the medians are over those draws.
+``QDASH_BENCH_LAYOUT=0`` turns it off."""
+
 RQ_IMPORT_ONLY = """
 import qdash_mp.integrations.rq  # the adapter's code loaded in the parent; nothing reports
 from rq import Worker
@@ -265,7 +292,14 @@ class _Mode:
     """One mode of one library: its worker (stopped while idle) and its producer."""
 
     def __init__(
-        self, app_dir: Path, lib: str, mode: str, redis_url: str, socket: str, timeout: float
+        self,
+        app_dir: Path,
+        lib: str,
+        mode: str,
+        redis_url: str,
+        socket: str,
+        timeout: float,
+        seed: int,
     ) -> None:
         import redis
 
@@ -283,6 +317,8 @@ class _Mode:
             BENCH_QDASH="1" if mode == "qdash" and not _control() else "0",
             QDASH_SOCKET=socket,
             PYTHONPATH=str(app_dir),
+            PYTHONHASHSEED=str(seed),
+            BENCH_LAYOUT=str(seed if os.environ.get("QDASH_BENCH_LAYOUT") != "0" else 0),
         )
         self.redis = redis.Redis.from_url(redis_url)
         self.producer = subprocess.Popen(
@@ -409,7 +445,7 @@ class _Sizes:
     """Tasks a round (None: what the plain worker runs in ``seconds``), rounds, blocks."""
 
     def __init__(self, cfg: Config) -> None:
-        rounds, blocks, self.seconds = (8, 2, 0.15) if cfg.quick else (30, 5, 0.5)
+        rounds, blocks, self.seconds = (8, 2, 0.15) if cfg.quick else (30, 10, 0.5)
         fixed = os.environ.get("QDASH_BENCH_TASKS")
         self.fixed = max(int(fixed), 20) if fixed else None
         self.rounds = max(int(os.environ.get("QDASH_BENCH_ROUNDS") or rounds), 1)
@@ -539,7 +575,7 @@ def _measure_blocks(
             modes: dict[str, _Mode] = {}
             for m in _modes(lib):
                 with _on_cpu(cpu):
-                    modes[m] = _Mode(app_dir, lib, m, redis_url, socket, timeout)
+                    modes[m] = _Mode(app_dir, lib, m, redis_url, socket, timeout, block + 1)
                 stack.callback(modes[m].close)
             # Unmeasured rounds first: start-up, imports, page cache and Redis warm up.
             for m in modes.values():
@@ -584,6 +620,7 @@ def _run(cfg: Config, cpu: int | None) -> list[Row]:
             collector, _ = start_collector(stack, short_dir(stack, cfg, "qdi"), "--no-http")
         app_dir = short_dir(stack, cfg, "qdapps")
         (app_dir / "bcommon.py").write_text(COMMON)
+        (app_dir / "sitecustomize.py").write_text(LAYOUT)
         for lib, source in APPS.items():
             (app_dir / f"bapp_{lib}.py").write_text(source)
         (app_dir / "bapp_rq_import.py").write_text(RQ_IMPORT_ONLY)

@@ -9,10 +9,13 @@ in a row at every round boundary, and on a 2-vCPU VM the second run of such a pa
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -102,3 +105,57 @@ def test_an_adapter_that_did_not_report_exactly_fails_the_run(
     monkeypatch.setattr(bench_integrations, "REPORT_WAIT", 0.05)
     with pytest.raises(BenchError, match=f"counted {counted} processed of the 300 tasks"):
         _mode(300).check_reported(_Reader({"b-huey-1": counted}))
+
+
+def _objects_at_start(tmp_path: Path, layout: str) -> tuple[int, int]:
+    """(gc-tracked objects, ``_Layout`` types) of a fresh interpreter whose sitecustomize is
+    the benchmark's ``LAYOUT``, with ``BENCH_LAYOUT=layout``."""
+    (tmp_path / "sitecustomize.py").write_text(bench_integrations.LAYOUT)
+    code = (
+        "import gc; objs = gc.get_objects(); "
+        "print(len(objs), sum(1 for o in objs if type(o) is type and "
+        "o.__name__.startswith('_Layout')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "BENCH_LAYOUT": layout},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_a_block_draws_one_layout_for_all_its_processes(tmp_path: Path) -> None:
+    """The same seed gives every process of a block the same extra types and objects; other
+    seeds give others; 0 (``QDASH_BENCH_LAYOUT=0``) gives none."""
+    off = _objects_at_start(tmp_path, "0")
+    assert off[1] == 0
+    first, again = _objects_at_start(tmp_path, "3"), _objects_at_start(tmp_path, "3")
+    assert first == again
+    assert first[1] > 0
+    assert first[0] > off[0]
+    draws = {_objects_at_start(tmp_path, str(seed)) for seed in range(1, 6)}
+    assert len(draws) > 1
+
+
+def test_modes_of_a_block_share_its_hash_seed_and_layout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[dict[str, str]] = []
+
+    class Popen:
+        def __init__(self, argv: list[str], **kw: Any) -> None:
+            seen.append(kw["env"])
+            self.pid, self.stdin, self.stdout = 0, None, None
+
+    monkeypatch.setattr(bench_integrations.subprocess, "Popen", Popen)
+    monkeypatch.setattr(bench_integrations, "_control", lambda: False)
+    monkeypatch.setitem(sys.modules, "redis", SimpleNamespace(Redis=SimpleNamespace(from_url=str)))
+    for mode in ("plain", "qdash"):
+        _Mode(tmp_path, "rq", mode, "redis://x", "/s", 1.0, 4)
+    assert {(e["PYTHONHASHSEED"], e["BENCH_LAYOUT"]) for e in seen} == {("4", "4")}
+    monkeypatch.setenv("QDASH_BENCH_LAYOUT", "0")
+    seen.clear()
+    _Mode(tmp_path, "rq", "plain", "redis://x", "/s", 1.0, 4)
+    assert {e["BENCH_LAYOUT"] for e in seen} == {"0"}
