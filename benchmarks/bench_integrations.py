@@ -5,8 +5,7 @@ no-op tasks from a private redis-server, without qdash_mp (``<lib>_plain``) and 
 adapter (``<lib>_qdash``) reporting to a real collector; for Celery also with Celery's own
 task events on (``-E``, what Flower needs; ``celery_events``), and for RQ with the adapter's
 code imported by the worker but not reporting (``rq_import``: RQ forks a horse per job, and
-what the parent has loaded costs in every fork; the worker imports only the adapter's
-``rq`` and ``rq_pipe`` modules, its client lives in a reporter process). Every task stamps Redis
+what the parent has loaded costs in every fork). Every task stamps Redis
 (SETNX first, SET last, INCR n: one pipelined round trip, the same in every mode), and a
 round's per-task cost is ``(last - first) / (N - 1)``: worker start-up is never inside it.
 After each block the collector's shared stats must show exactly as many processed tasks on the
@@ -29,9 +28,9 @@ on an idle second core (the conservative reading).
 Blocks of fresh workers. A process keeps its memory layout for life, and two processes
 running identical code differed by up to +-2 % for as long as they lived; so the rounds are
 split into blocks (full 10, quick 2), each with new workers and producers. Within a block
-every process runs with the same ``PYTHONHASHSEED`` (the block's number) and the same
-random memory layout (``LAYOUT``): both differ from block to block, not between the modes a
-block compares. N is sized in the
+every process runs with the same ``PYTHONHASHSEED`` and the same random memory layout
+(``LAYOUT``), both drawn from the block's number (so every run draws the same ten): they
+differ from block to block, not between the modes a block compares. N is sized in the
 first block to ~0.5 s of the plain worker (quick 0.15 s): a sender tick every 0.1 s then
 lands in a round as often as it would under steady load. A row's ratio is the median of the
 per-round ratios ``qdash / plain``; the quartiles and min-max of those ratios are in the
