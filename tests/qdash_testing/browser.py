@@ -129,8 +129,22 @@ class Browser:
         self.driver.get(url)
 
     def wait(self, predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-        """Poll ``predicate`` (a browser round trip each time) until truthy; its value."""
-        return wait_for(predicate, timeout, what, interval=0.1)
+        """Poll ``predicate`` (a browser round trip each time) until truthy; its value.
+
+        An element the predicate holds that goes stale (the page navigated, or htmx swapped
+        it) counts as "not yet": the next poll finds the new one.
+        """
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def poll() -> T | None:
+            try:
+                return predicate()
+            except StaleElementReferenceException:
+                return None
+
+        value = wait_for(poll, timeout, what, interval=0.1)
+        assert value is not None  # wait_for returns only a truthy value
+        return value
 
     def js(self, script: str, *args: Any) -> Any:
         """``execute_script``: run ``script`` (a function body; ``arguments[i]``) in the page."""
