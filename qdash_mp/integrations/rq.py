@@ -6,10 +6,12 @@ qdash_mp.integrations.rq.Queue`` (and ``Queue`` in producers). The collector is 
 
 RQ forks a *work horse* per job, and the horse leaves through ``os._exit``: a client in the
 horse would lose its counts (or cost a round trip per job to flush them). So everything is
-reported by the parent, around ``execute_job``: started before the fork, and afterwards what
-the job's own record in Redis says -- finished (processed, runtime from ``started_at`` /
-``ended_at``), failed (the ``exc_string`` of its latest result: error and traceback), or put
-back by an RQ ``Retry`` (``retries_left`` went down: retried). The parent thereby also sees a
+reported by the parent, around ``execute_job``: started before the fork, and afterwards the
+outcome. A finished job (processed, runtime from RQ's ``started_at`` / ``ended_at``) is said
+by the horse itself in a page it shares with the parent (``_WORD``), so the common case asks
+Redis nothing. Any other ending is read from the job's own record in Redis: failed (the
+``exc_string`` of its latest result: error and traceback), or put back by an RQ ``Retry``
+raised or returned (``retries_left`` went down: retried). The parent thereby also sees a
 horse killed by the OOM killer or SIGKILL, which RQ marks failed ("Work-horse terminated
 unexpectedly"). The horse inherits the client inert (no sender thread restarted per job);
 a job that enqueues from inside the horse gets a client of its own, flushed before
@@ -28,6 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import mmap
+import struct
 import time
 from typing import Any, cast
 
@@ -57,6 +62,18 @@ clients = ProcessClient()
 """This process's client (producers and the worker share it)."""
 
 _FAILED_STATES = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+
+_WORD = struct.Struct("<Bd")
+"""The horse's word to the parent, in a shared page: finished (1, else 0) and the runtime
+RQ recorded (``ended_at - started_at`` in seconds; NaN if it lacks one).
+
+====== ===== =============================================================
+offset bytes field
+====== ===== =============================================================
+0      1     1 = the job finished (RQ set it FINISHED); 0 = ask Redis
+1      8     runtime, float64 little-endian
+====== ===== =============================================================
+"""
 
 
 class Queue(_Queue):
@@ -130,9 +147,28 @@ class _Reporting:
         finally:
             measured = time.perf_counter() - t0
             try:
-                _report(job, qname, retries_before, measured, started)
+                finished = self._qdash_finished(job)
+                if finished is None:
+                    _report(job, qname, retries_before, measured, started)
+                else:  # the common case, without asking Redis (an HMGET and its parsing)
+                    runtime = measured if math.isnan(finished) else finished
+                    client.on_processed(qname, started, runtime)
             except Exception:
                 log.exception("qdash_mp: could not report RQ job %s", job.id)
+
+    def _qdash_finished(self, job: RqJob) -> float | None:
+        """The runtime of ``job`` if this process knows it finished, else None (ask Redis)."""
+        return _finished_runtime(job)
+
+
+def _finished_runtime(job: RqJob) -> float | None:
+    """In the process that ran ``job``: its runtime if RQ set it FINISHED (NaN if RQ lacks
+    a time), else None: failed, stopped, or put back by a returned ``Retry``."""
+    if job.get_status(refresh=False) != JobStatus.FINISHED:  # in memory: no Redis
+        return None
+    if job.started_at is None or job.ended_at is None:
+        return math.nan
+    return max(0.0, (job.ended_at - job.started_at).total_seconds())
 
 
 def _job_of(job: RqJob, queue: str) -> Job:
@@ -199,11 +235,20 @@ class Worker(_Reporting, _Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._qdash_setup()
+        # Shared with every horse (an anonymous mmap is MAP_SHARED): the horse says here
+        # whether the job finished, so the parent asks Redis only for the rare other endings
+        # (and for a horse that died before saying anything).
+        self._qdash_word = mmap.mmap(-1, mmap.PAGESIZE)
 
     def execute_job(self, job: RqJob, queue: _Queue) -> None:
         self._qdash_run(super().execute_job, job, queue)
 
+    def _qdash_finished(self, job: RqJob) -> float | None:
+        finished, runtime = _WORD.unpack_from(self._qdash_word)
+        return runtime if finished == 1 else None
+
     def fork_work_horse(self, job: RqJob, queue: _Queue) -> None:
+        self._qdash_word[0] = 0  # before the fork: the horse alone may set it
         # The horse lives for one job and reports nothing: it inherits the client untouched
         # (no reset, no sender thread per job). Measured, resetting it in every horse cost
         # ~70-80 page faults a job, each a page copied on write (benchmarks/README.md).
@@ -219,7 +264,11 @@ class Worker(_Reporting, _Worker):
         # horse's os._exit (the inherited one is the parent's).
         clients.drop()
         try:
-            return bool(super().perform_job(job, queue, execution))
+            ok = bool(super().perform_job(job, queue, execution))
+            runtime = _finished_runtime(job) if ok else None
+            if runtime is not None:
+                _WORD.pack_into(self._qdash_word, 0, 1, runtime)
+            return ok
         finally:
             made = clients.peek()
             if made is not None:

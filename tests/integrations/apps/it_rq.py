@@ -29,6 +29,14 @@ def flaky(x: int) -> None:
         raise RuntimeError("first run fails")
 
 
+def again(x: int) -> Retry | int:
+    """Returns a ``Retry`` on its first run (RQ puts it back), then its result."""
+    mark(f"again-{x}")
+    if len((MARKS / f"again-{x}").read_text().splitlines()) < 2:
+        return Retry(max=2)
+    return x
+
+
 def spawn(x: int) -> None:
     """Enqueues a job from inside the work horse (which then leaves through os._exit)."""
     queue = Queue(os.environ["IT_QUEUE"], connection=Redis.from_url(os.environ["IT_REDIS_URL"]))
@@ -42,7 +50,7 @@ def hang(x: int) -> None:
     time.sleep(60)
 
 
-if __name__ == "__main__":  # producer: python it_rq.py OK FAIL FLAKY HANG [SPAWN]
+if __name__ == "__main__":  # producer: python it_rq.py OK FAIL FLAKY HANG [SPAWN [AGAIN]]
     n_ok, n_fail, n_flaky, n_hang, *more = (int(a) for a in sys.argv[1:])
     q = Queue(os.environ["IT_QUEUE"], connection=Redis.from_url(os.environ["IT_REDIS_URL"]))
     for i in range(n_ok):
@@ -55,3 +63,5 @@ if __name__ == "__main__":  # producer: python it_rq.py OK FAIL FLAKY HANG [SPAW
         q.enqueue("it_rq.hang", i, job_timeout=120)
     for i in range(more[0] if more else 0):
         q.enqueue("it_rq.spawn", i)
+    for i in range(more[1] if len(more) > 1 else 0):
+        q.enqueue("it_rq.again", i)
