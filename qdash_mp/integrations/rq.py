@@ -34,6 +34,7 @@ import math
 import mmap
 import struct
 import time
+from datetime import datetime
 from typing import Any, cast
 
 from rq import Queue as _Queue
@@ -168,7 +169,12 @@ def _finished_runtime(job: RqJob) -> float | None:
         return None
     if job.started_at is None or job.ended_at is None:
         return math.nan
-    return max(0.0, (job.ended_at - job.started_at).total_seconds())
+    return _span(job.started_at, job.ended_at)
+
+
+def _span(started: datetime, ended: datetime) -> float:
+    """RQ's runtime of a job: ``ended_at - started_at`` in seconds, never negative."""
+    return max(0.0, (ended - started).total_seconds())
 
 
 def _job_of(job: RqJob, queue: str) -> Job:
@@ -198,7 +204,7 @@ def _report(
     status = JobStatus(as_text(raw[0]))
     runtime = measured
     if raw[1] and raw[2]:
-        runtime = max(0.0, (str_to_date(raw[2]) - str_to_date(raw[1])).total_seconds())
+        runtime = _span(str_to_date(raw[1]), str_to_date(raw[2]))
     after = _retry_state(raw[3], raw[4])
     retried = after[0] > retries_before[0] or after[1] > retries_before[1]
     if retried and status not in _FAILED_STATES:
