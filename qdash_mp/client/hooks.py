@@ -90,6 +90,7 @@ class Client(Hooks):
         "_sender",
         "_spool_dir",
         "_started",
+        "_started_ids",
         "_throttle",
         "_track",
         "_wait_lists",
@@ -165,6 +166,7 @@ class Client(Hooks):
         self._fruntimes = life.fruntimes  # failed with a runtime: buckets only
         self._wait_lists = life.waits
         self._started = life.started
+        self._started_ids = life.started_ids
         self._jobs = life.jobs
         self._done_ids = life.done_ids
         self._events = life.events
@@ -255,8 +257,13 @@ class Client(Hooks):
                 self._count_new(self._processed, queue)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
                 self._hook_error(exc)
-        else:
-            self._add(self._runtimes, queue, runtime)
+        else:  # ``_add`` inline: adapters call this once a job, from cold caches
+            try:
+                self._runtimes[queue].append(runtime)
+            except KeyError:
+                self._list_new(self._runtimes, queue, runtime)
+            except Exception as exc:  # noqa: BLE001 -- hooks never raise
+                self._hook_error(exc)
         if self._track is not False:
             self._event("d", queue, job, runtime, None)
 
@@ -276,7 +283,7 @@ class Client(Hooks):
             wall = _wall()
             jid = job.id
             self._jobs[jid] = (queue, jid, job.name, wall, _mono())
-            started_ids = self._life.started_ids
+            started_ids = self._started_ids
             started_ids[queue] = started_ids.get(queue, 0) + 1
             enqueued = getattr(job, "enqueued_at", None)  # duck-typed jobs may lack it
             if enqueued is not None and (type(enqueued) is float or type(enqueued) is int):
