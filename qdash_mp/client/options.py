@@ -11,16 +11,16 @@ import os
 import socket
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from qdash_mp.client.record import utf8_ok
 from qdash_mp.client.requeue import RequeueFn, requeue_list
-from qdash_mp.client.sender import SenderConfig
 from qdash_mp.errors import ConfigError
 from qdash_mp.settings import default_socket_path
 from qdash_mp.wire import MAX_CLIENT_ID, MAX_NAME
 
-__all__ = ["default_name", "gil_disabled", "sender_config", "wake_every"]
+__all__ = ["SenderConfig", "default_name", "gil_disabled", "sender_config", "wake_every"]
 
 _SPOOL_SLACK = 10_000
 """With a spool, hooks keep failed jobs up to ``max(2 * bound, bound + this)`` while the
@@ -28,6 +28,25 @@ sender thread moves them to disk; only past that (disk failing or far too slow) 
 dropped."""
 
 _SOCKET_PATH_MAX = 107
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    """A client's checked settings (what a forked child's new sender starts from too)."""
+
+    socket_path: str
+    host: str
+    requeue: RequeueFn | None
+    requeue_queues: tuple[str, ...] | None
+    flush_interval: float
+    reconnect_max: float
+    max_batch_failed: int
+    max_pending_failed: int
+    hard_pending: int
+    max_unacked: int
+    spool_dir: Path | None
+    name: str = ""
+    track: tuple[str, ...] | None = None
 
 
 def gil_disabled() -> bool:
