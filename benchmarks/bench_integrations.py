@@ -31,10 +31,11 @@ split into blocks (full 10, quick 2), each with new workers and producers. Withi
 every process runs with the same ``PYTHONHASHSEED`` and the same random memory layout
 (``LAYOUT``), both drawn from the block's number (so every run draws the same ten): they
 differ from block to block, not between the modes a block compares. N is sized in the
-first block to ~0.5 s of the plain worker (quick 0.15 s): a sender tick every 0.1 s then
-lands in a round as often as it would under steady load. A row's ratio is the median of the
-per-round ratios ``qdash / plain``; the quartiles and min-max of those ratios are in the
-row's ``extra``. ``QDASH_BENCH_AA=1`` is an A/A control (no adapter in either mode).
+first block to ~0.5 s of the plain worker (quick 0.15 s): an adapter's sender tick (every
+0.5 s) then lands in a round about as often as it would under steady load. A row's ratio is
+the median of the per-round ratios ``qdash / plain``; the quartiles and min-max of those
+ratios are in the row's ``extra``. ``QDASH_BENCH_AA=1`` is an A/A control (no adapter in
+either mode).
 
 Also per round: CPU seconds of the worker's process group and the collector per task
 (``cpu_per_task`` rows, same pairing). Rounds: full 30, quick 8; ``QDASH_BENCH_TASKS`` fixes
