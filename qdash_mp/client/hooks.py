@@ -257,13 +257,8 @@ class Client(Hooks):
                 self._count_new(self._processed, queue)
             except Exception as exc:  # noqa: BLE001 -- hooks never raise
                 self._hook_error(exc)
-        else:  # ``_add`` inline: adapters call this once a job, from cold caches
-            try:
-                self._runtimes[queue].append(runtime)
-            except KeyError:
-                self._list_new(self._runtimes, queue, runtime)
-            except Exception as exc:  # noqa: BLE001 -- hooks never raise
-                self._hook_error(exc)
+        else:
+            self._add(self._runtimes, queue, runtime)
         if self._track is not False:
             self._event("d", queue, job, runtime, None)
 

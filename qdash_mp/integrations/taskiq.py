@@ -77,8 +77,7 @@ class QdashMiddleware(TaskiqMiddleware):
         if not getattr(self.broker, "is_worker_process", False):
             return  # a producer: its client is made on the first send
         self._loop = asyncio.get_running_loop()
-        self._default_queue = None  # the broker's, read now (it is set after __init__)
-        self.clients.configure(self.requeue, [self._queue(None)])
+        self.clients.configure(self.requeue, [self._queue(None)])  # the broker's queue
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.clients.close, 5.0)
@@ -115,19 +114,12 @@ class QdashMiddleware(TaskiqMiddleware):
 
     def pre_execute(self, message: Any) -> Any:
         # No payload yet (only a failure needs the args): the id ends the active entry, and
-        # the client times the run (taskiq's ``execution_time`` is rounded to 10 ms). The
-        # queue and run count are read inline, not through ``_queue`` / ``_runs``: this runs
-        # once a task with taskiq's own work between two calls, so every call costs cold.
-        labels = message.labels
-        queue = labels.get("queue_name") or self._default_queue
-        if queue.__class__ is not str:
-            queue = self._queue(message)  # before startup, or a label that is no str
-        task_id = message.task_id
-        job = Job(task_id, message.task_name, None, int(labels.get(_RETRY_LABEL) or 0) + 1)
+        # the client times the run (taskiq's ``execution_time`` is rounded to 10 ms).
+        job = Job(message.task_id, message.task_name, None, _runs(message))
         # A retry middleware bumps the labels of this very message before post_execute;
         # the job keeps this run's count (and is reused when it finishes).
-        self._runs[task_id] = job
-        self.clients.get().on_started(queue, job)
+        self._runs[message.task_id] = job
+        self.clients.get().on_started(self._queue(message), job)
         return message
 
     def on_error(self, message: Any, result: Any, exception: BaseException) -> None:
@@ -137,10 +129,7 @@ class QdashMiddleware(TaskiqMiddleware):
         task_id = message.task_id
         job = self._runs.pop(task_id, None) or Job(task_id, message.task_name)
         if not result.is_err:
-            queue = message.labels.get("queue_name") or self._default_queue
-            if queue.__class__ is not str:
-                queue = self._queue(message)
-            self.clients.get().on_processed(queue, job)
+            self.clients.get().on_processed(self._queue(message), job)
             return
         queue, client = self._queue(message), self.clients.get()
         error = self._errors.pop(task_id, None)

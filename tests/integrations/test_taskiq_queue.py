@@ -1,7 +1,7 @@
 """taskiq middleware without a broker server: the queue each task is counted on.
 
-``pre_execute`` / ``post_execute`` read the queue inline (the hot path) instead of through
-``QdashMiddleware._queue``; both must name the same queue for every kind of label.
+``pre_execute`` / ``post_execute`` count a task on its ``queue_name`` label (made a str), or
+on the broker's queue when the label is missing or empty, before and after ``startup``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _message(labels: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize("worker", [True, False], ids=["after-startup", "before-startup"])
-def test_inline_queue_agrees_with_queue_of(qdash_collector: CollectorThread, worker: bool) -> None:
+def test_each_task_counts_on_its_queue(qdash_collector: CollectorThread, worker: bool) -> None:
     broker = taskiq.InMemoryBroker()
     broker.is_worker_process = worker
     mw = QdashMiddleware(qdash_collector.socket_path)
@@ -39,7 +39,7 @@ def test_inline_queue_agrees_with_queue_of(qdash_collector: CollectorThread, wor
     try:
         for labels in cases:
             message = _message(labels)
-            queue = mw._queue(message)  # the plain path
+            queue = mw._queue(message)
             expected[queue] = expected.get(queue, 0) + 1
             mw.pre_execute(message)
             mw.post_execute(message, ok)
