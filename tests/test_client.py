@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from qdash_mp.client import Client, _LockedClient, process
+from qdash_mp.client import Client, _LockedClient
 from qdash_mp.errors import ConfigError
 from qdash_mp.models import Job
 from qdash_mp.wire import (
@@ -866,37 +866,6 @@ def test_fork_counts_parent_and_child_exactly(
     assert len(ids) == 2
     assert parent_id in ids
     assert client.client_id == parent_id
-
-
-def test_fork_left_to_parent_leaves_the_child_untouched_and_the_parent_exact(
-    clients: Callable[..., Client], servers: Callable[..., FakeCollector]
-) -> None:
-    """RQ's horse path: forks inside ``left_to_parent`` do not reset the client in the child
-    (same id, same counters, no thread started); the parent goes on counting exactly and is
-    still closed at exit."""
-    server = servers()
-    client = clients(flush_interval=10.0)
-    client.on_processed("q")
-    parent_id = client.client_id
-    for _ in range(3):
-        with process.left_to_parent(client):
-            pid = fork_quietly()
-            if pid == 0:  # child: reports nothing, leaves through os._exit
-                code = 1
-                try:
-                    fresh = client.client_id == parent_id and client not in process._live
-                    alive = [t.name for t in threading.enumerate() if t.name.startswith("qdash")]
-                    code = 0 if fresh and not alive else 2
-                finally:
-                    os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        client.on_processed("q")
-    assert client in process._live  # tracked again in the parent: closed at exit
-    assert client.client_id == parent_id
-    assert client.flush(WAIT)
-    assert server.total("q") == [0, 4, 0, 0]
-    assert len({h.client_id for h in server.hellos}) == 1
 
 
 def test_multiprocessing_fork_children_flush_at_exit(

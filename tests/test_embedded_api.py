@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -444,3 +446,35 @@ def test_to_dict_keys_are_exactly_the_field_names() -> None:
     v = JobView("id", "q", "name", "err", 2, datetime(2026, 1, 2, tzinfo=UTC))
     assert list(v.to_dict()) == [f.name for f in dataclasses.fields(JobView)]
     assert v.to_dict()["failed_at"] == "2026-01-02T00:00:00+00:00"
+
+
+# -- the package ------------------------------------------------------------------------------
+
+
+def test_the_package_imports_its_public_names_on_first_use() -> None:
+    """``import qdash_mp`` loads no submodule (an RQ worker imports its adapter and pays for
+    every page it holds in each horse it forks); each public name still resolves, to the
+    object its module defines, and ``dir()`` lists them all."""
+    code = """
+import importlib, sys
+import qdash_mp
+loaded = sorted(m for m in sys.modules if m.startswith("qdash_mp"))
+assert loaded == ["qdash_mp"], loaded
+for name in qdash_mp.__all__:
+    value = getattr(qdash_mp, name)
+    home = importlib.import_module(qdash_mp._WHERE[name])
+    assert value is getattr(home, name), name
+assert set(qdash_mp.__all__) == set(qdash_mp._WHERE)
+assert set(qdash_mp.__all__) <= set(dir(qdash_mp))
+try:
+    qdash_mp.nothing_here
+except AttributeError as exc:
+    assert "nothing_here" in str(exc)
+else:
+    raise AssertionError("no AttributeError")
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "ok"), out.stderr

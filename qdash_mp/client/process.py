@@ -9,17 +9,15 @@ live client of the child starts over as a new client (``_after_fork_in_child``).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any, Protocol
 
-__all__ = ["forget", "left_to_parent", "track"]
+__all__ = ["forget", "track"]
 
 log = logging.getLogger("qdash_mp.client.process")
 
@@ -55,26 +53,6 @@ def track(client: _Tracked) -> None:
 def forget(client: _Tracked) -> None:
     """``client`` is closed: nothing to do for it at exit any more."""
     _live.discard(client)
-
-
-@contextlib.contextmanager
-def left_to_parent(client: _Tracked) -> Iterator[None]:
-    """Forks made inside leave ``client`` alone in the child: no reset, no new thread.
-
-    For a child that lives for one job and leaves through ``os._exit`` (RQ's work horse):
-    resetting a client writes to pages the child shares with the parent, each then copied --
-    measured, ~190 page faults and ~0.7 ms a fork of a bare process, ~70-80 faults in RQ's.
-    The child inherits the object untracked (nothing at fork or exit acts on it) and must
-    not use it: its lock, sockets and counts are the parent's.
-    """
-    pid = os.getpid()
-    tracked = client in _live
-    _live.discard(client)
-    try:
-        yield
-    finally:
-        if tracked and os.getpid() == pid:  # the parent; a child leaving here stays untracked
-            _live.add(client)
 
 
 def _install_process_hooks() -> None:

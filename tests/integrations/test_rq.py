@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
 import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +24,11 @@ from rq.job import Job as RqJob
 from rq.job import JobStatus
 
 from qdash_mp.integrations import rq as adapter
+from qdash_mp.integrations import rq_reporter as reporter
 
 
-def _worker(env: Env, cls: str = "Worker", *more: str) -> None:
-    env.spawn(
+def _worker(env: Env, cls: str = "Worker", *more: str) -> subprocess.Popen[bytes]:
+    return env.spawn(
         [env.bin("rq"), "worker", "--url", env.redis_url,
          "--worker-class", f"qdash_mp.integrations.rq.{cls}",
          "--queue-class", "qdash_mp.integrations.rq.Queue",
@@ -53,15 +57,15 @@ def _job(status: JobStatus, seconds: float | None) -> RqJob:
 
 
 def test_finished_runtime_reads_only_a_finished_job() -> None:
-    assert adapter._finished_runtime(_job(JobStatus.FINISHED, 0.125)) == 0.125
-    assert math.isnan(adapter._finished_runtime(_job(JobStatus.FINISHED, None)) or 0.0)
+    assert adapter.finished_runtime(_job(JobStatus.FINISHED, 0.125)) == 0.125
+    assert math.isnan(adapter.finished_runtime(_job(JobStatus.FINISHED, None)) or 0.0)
     # a failure, a stop, or a returned Retry (RQ queued it again): Redis is asked instead
     for status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.QUEUED, JobStatus.SCHEDULED):
-        assert adapter._finished_runtime(_job(status, 0.125)) is None
+        assert adapter.finished_runtime(_job(status, 0.125)) is None
 
 
 class _Calls:
-    """A client that records the hooks called (the parent's ``clients.get()``)."""
+    """A client that records the hooks called (the reporter's ``clients.get()``)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -76,14 +80,14 @@ def test_the_word_and_redis_agree_on_a_finished_job(
     """The fast path (what the horse says) and the Redis path (HMGET of the job's hash)
     report a finished job alike: processed, with the runtime RQ recorded."""
     calls = _Calls()
-    monkeypatch.setattr(adapter.clients, "get", lambda: calls)
+    monkeypatch.setattr(reporter.clients, "get", lambda: calls)
     job = _job(JobStatus.FINISHED, 0.375)
     job.connection = Redis.from_url(env.redis_url)
     job.save()  # status, started_at and ended_at as RQ stores them
     try:
         started = Job(job.id, "it_rq.add")
-        adapter._report(job, env.queue, (0, 0), 9.0, started)
-        fast = adapter._finished_runtime(job)
+        reporter.report(job, env.queue, (0, 0), 9.0, started)
+        fast = adapter.finished_runtime(job)
         assert calls.calls == [("on_processed", env.queue, started, fast)]
         assert fast == 0.375
     finally:
@@ -151,4 +155,81 @@ def test_horse_killed_mid_job_is_failed(env: Env) -> None:
         # started by id in the parent, ended by the failure report: no longer active
         wait_until(lambda: env.stat() is not None and env.stat().active == 0, "active 0")
     finally:
+        env.stop_all()
+
+
+def _children(pid: int) -> set[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(c) for c in text.split()}
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie (an orphan's reaper may be slow, or none)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_reporter_is_replaced_and_a_stopped_worker_leaves_none(env: Env) -> None:
+    """The worker reports through a reporter process it forked: one killed is replaced at
+    the next job (nothing counted twice, nothing lost between jobs), and a worker stopped
+    with SIGTERM (to its whole process group, as a supervisor does) flushes it and leaves
+    no process behind."""
+    worker = _worker(env)
+    try:
+        [first] = wait_until(lambda: _children(worker.pid), "the worker's reporter")
+        env.run([env.bin("python"), "it_rq.py", "2", "0", "0", "0"])
+        env.wait_counts((2, 2, 0, 0))
+        os.kill(first, signal.SIGKILL)
+        env.run([env.bin("python"), "it_rq.py", "3", "0", "0", "0"])
+        env.wait_counts((5, 5, 0, 0))
+        [second] = wait_until(lambda: _children(worker.pid) - {first}, "a new reporter")
+        assert env.stop(worker) == 0
+        for pid in (first, second):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert env.counts() == (5, 5, 0, 0)
+    finally:
+        env.stop_all()
+
+
+def test_the_worker_itself_imports_no_client(env: Env) -> None:
+    """What the worker holds is copied in every horse it forks: its module set stays the
+    few it needs to write records (the client lives in the reporter)."""
+    code = (
+        "import sys, rq.worker; before = set(sys.modules); import qdash_mp.integrations.rq; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    added = env.run([env.bin("python"), "-c", code]).split()
+    assert added == [
+        "mmap",  # the horse's word (a C module of the standard library)
+        "qdash_mp",
+        "qdash_mp.integrations",
+        "qdash_mp.integrations.rq",
+        "qdash_mp.integrations.rq_pipe",
+    ]
+
+
+def test_a_killed_worker_loses_no_finished_job(env: Env) -> None:
+    """SIGKILL of the worker (its horse busy with a long job): the jobs it had ended are
+    in its reporter's pipe, not in a client that dies with it; the reporter, seeing the
+    pipe close, reports them and leaves."""
+    worker = _worker(env)
+    try:
+        [reporter] = wait_until(lambda: _children(worker.pid), "the worker's reporter")
+        env.run([env.bin("python"), "it_rq.py", "4", "0", "0", "1"])
+        pid_file = env.marks / "hang-0.pid"
+        wait_until(pid_file.exists, "the long job to start")
+        horse = int(wait_until(lambda: pid_file.read_text().strip(), "the horse's pid"))
+        worker.kill()  # SIGKILL: no shutdown code runs in the worker
+        worker.wait()
+        # the horse still runs (its own process group), yet the reporter has seen EOF
+        os.kill(horse, 0)
+        wait_until(lambda: _gone(reporter), "the reporter to leave")
+        # pushed 4 + 1, processed the 4 ended before the kill (the long one stays active)
+        wait_until(lambda: env.counts()[:2] == (5, 4), f"5 pushed, 4 processed: {env.counts()}")
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int((env.marks / "hang-0.pid").read_text()), signal.SIGKILL)
         env.stop_all()
