@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["clients", "remote_error", "report_around", "serve"]
 
-log = logging.getLogger("qdash_mp.integrations.rq")
+log = logging.getLogger("qdash_mp.integrations.rq_reporter")
 
 clients = ProcessClient()
 """This process's client (the reporter's; a producer's; a ``SimpleWorker``'s)."""
