@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qdash_testing.http import get_json
 
 from qdash_mp.models import Job
 
@@ -181,6 +182,11 @@ def test_a_killed_reporter_is_replaced_and_a_stopped_worker_leaves_none(env: Env
         [first] = wait_until(lambda: _children(worker.pid), "the worker's reporter")
         env.run([env.bin("python"), "it_rq.py", "2", "0", "0", "0"])
         env.wait_counts((2, 2, 0, 0))
+        # The Workers page shows the worker (its pid in the name), served by its reporter.
+        workers = get_json(f"{env.collector.url}/queues/api/workers")["workers"]
+        [shown] = [w for w in workers if w["state"] == "connected"]
+        assert (shown["name"], shown["pid"]) == (f"rq:{worker.pid}", first)
+        assert shown["queues"] == [env.queue]
         os.kill(first, signal.SIGKILL)
         env.run([env.bin("python"), "it_rq.py", "3", "0", "0", "0"])
         env.wait_counts((5, 5, 0, 0))
