@@ -40,7 +40,7 @@ from rq.job import Job as RqJob
 from rq.job import JobStatus
 from rq.registry import FailedJobRegistry
 
-from qdash_mp.integrations.rq_pipe import Pipe, encode_end, encode_start
+from qdash_mp.integrations.rq_pipe import Pipe, Start, encode_end, encode_start
 
 if TYPE_CHECKING:
     from qdash_mp.models import Job
@@ -111,6 +111,21 @@ def retry_state(retries_left: Any, number_of_retries: Any) -> tuple[int, int]:
     return (-int(retries_left or 0), int(number_of_retries or 0))
 
 
+def start_of(job: RqJob, queue: str) -> Start:
+    """The start record of ``job``'s run on ``queue``, read from the job object."""
+    enqueued = job.enqueued_at.timestamp() if job.enqueued_at is not None else None
+    before = retry_state(job.retries_left, job.number_of_retries)
+    return Start(job.id, queue, job.func_name or "", attempts(job), enqueued, before)
+
+
+def end_runtime(finished: float | None, measured: float) -> float | None:
+    """What an end record carries: RQ's runtime of a finished job (``finished``; the time the
+    worker measured if RQ kept none, NaN), or None for any other ending (ask Redis)."""
+    if finished is None:
+        return None
+    return measured if math.isnan(finished) else finished
+
+
 def finished_runtime(job: RqJob) -> float | None:
     """In the process that ran ``job``: its runtime if RQ set it FINISHED (NaN if RQ lacks
     a time), else None: failed, stopped, or put back by a returned ``Retry``."""
@@ -169,22 +184,17 @@ class Worker(_Reporting, _Worker):
         pipe = self._qdash_start()
         word = self._qdash_word
         assert word is not None
-        name, enqueued = queue.name, job.enqueued_at
-        before = retry_state(job.retries_left, job.number_of_retries)
-        when = enqueued.timestamp() if enqueued is not None else None
-        pipe.send(encode_start(job.id, name, job.func_name or "", attempts(job), when, before))
+        start = start_of(job, queue.name)
+        pipe.send(encode_start(*start))
         word[0] = 0  # before the fork: the horse alone may set it
         t0 = time.perf_counter()
         try:
             super().execute_job(job, queue)
         finally:
             measured = time.perf_counter() - t0
-            finished, runtime = _WORD.unpack_from(word)
-            if finished != 1:
-                runtime = None
-            elif math.isnan(runtime):
-                runtime = measured
-            pipe.send(encode_end(job.id, name, measured, runtime))
+            said, runtime = _WORD.unpack_from(word)
+            finished = runtime if said == 1 else None
+            pipe.send(encode_end(job.id, start.queue, measured, end_runtime(finished, measured)))
 
     def perform_job(self, job: RqJob, queue: _Queue, execution: Any) -> bool:
         # In the horse. A job that enqueued jobs made a client of its own (or the fork reset

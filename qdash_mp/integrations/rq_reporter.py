@@ -12,23 +12,30 @@ marks failed ("Work-horse terminated unexpectedly"), is seen too.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RqJob
 from rq.job import JobStatus
 from rq.utils import as_text, str_to_date
 
-from qdash_mp.integrations._common import FLUSH_INTERVAL, ProcessClient, make_job
+from qdash_mp.integrations._common import ProcessClient, make_job
+from qdash_mp.integrations.rq import (
+    SimpleWorker,
+    Worker,
+    attempts,
+    end_runtime,
+    finished_runtime,
+    retry_state,
+    span,
+    start_of,
+)
 from qdash_mp.integrations.rq_pipe import STOP_WAIT, End, Start, read_records
 from qdash_mp.models import Job
-
-if TYPE_CHECKING:
-    from qdash_mp.integrations.rq import SimpleWorker, Worker
 
 __all__ = ["clients", "remote_error", "report_around", "serve"]
 
@@ -53,6 +60,17 @@ def serve(worker: Worker, read_fd: int) -> None:
     argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
     clients.client_kw.setdefault("name", f"{argv0}:{os.getppid()}")  # the worker's pid
     configure(worker)
+    # Records are read in batches a client tick apart: their counts leave together anyway.
+    pause = float(clients.client_kw["flush_interval"])  # ProcessClient always sets one
+    try:
+        read_records(read_fd, reporting(worker), pause)
+    finally:
+        clients.close(STOP_WAIT)
+
+
+def reporting(worker: Worker | SimpleWorker) -> Callable[[Start | End], None]:
+    """What reports each record of ``worker``'s jobs to this process's client: the
+    reporter's pipe reader, and ``SimpleWorker`` around each job it runs."""
     runs: dict[str, tuple[Job, tuple[int, int]]] = {}
 
     def handle(record: Start | End) -> None:
@@ -63,7 +81,7 @@ def serve(worker: Worker, read_fd: int) -> None:
             return
         # An end without its start: this reporter replaced one that died mid-job.
         started, before = runs.pop(record.job_id, (Job(record.job_id, ""), (0, 0)))
-        if record.runtime is not None:  # the horse said it finished: the common case
+        if record.runtime is not None:  # the job said it finished: the common case
             clients.get().on_processed(record.queue, started, record.runtime)
             return
         rq_job = worker.job_class(
@@ -71,38 +89,25 @@ def serve(worker: Worker, read_fd: int) -> None:
         )
         report(rq_job, record.queue, before, record.measured, started)
 
-    # Records are read in batches a client tick apart: their counts leave together anyway.
-    pause = float(clients.client_kw.get("flush_interval", FLUSH_INTERVAL))
-    try:
-        read_records(read_fd, handle, pause)
-    finally:
-        clients.close(STOP_WAIT)
+    return handle
 
 
 def report_around(worker: SimpleWorker, run: Any, job: RqJob, queue: Any) -> None:
-    """``SimpleWorker``: run the job in this process, reporting around it."""
-    from qdash_mp.integrations.rq import attempts, finished_runtime, retry_state
-
+    """``SimpleWorker``: run the job in this process, reporting around it the records a
+    forking worker writes to its reporter."""
     if clients.peek() is None:  # run outside ``work`` (no ``bootstrap``)
         configure(worker)
-    client = clients.get()
-    qname = queue.name
-    before = retry_state(job.retries_left, job.number_of_retries)
-    enqueued = job.enqueued_at.timestamp() if job.enqueued_at is not None else None
-    started = Job(job.id, job.func_name or "", None, attempts(job), enqueued)
-    client.on_started(qname, started)
+    handle = reporting(worker)
+    start = start_of(job, queue.name)
+    handle(start)
     t0 = time.perf_counter()
     try:
         run(job, queue)
     finally:
         measured = time.perf_counter() - t0
         try:
-            finished = finished_runtime(job)  # the job object this process ran
-            if finished is None:
-                report(job, qname, before, measured, started)
-            else:
-                runtime = measured if math.isnan(finished) else finished
-                client.on_processed(qname, started, runtime)
+            runtime = end_runtime(finished_runtime(job), measured)  # the job object it ran
+            handle(End(job.id, start.queue, measured, runtime))
         except Exception:
             log.exception("qdash_mp: could not report RQ job %s", job.id)
 
@@ -111,8 +116,6 @@ def report(
     job: RqJob, queue: str, retries_before: tuple[int, int], measured: float, started: Job
 ) -> None:
     """The outcome of ``job``'s run, from RQ's record of it, to this process's client."""
-    from qdash_mp.integrations.rq import retry_state
-
     client = clients.get()
     # The few fields that tell the outcome, in one HMGET, instead of a whole ``job.refresh()``
     # (HGETALL and RQ's restore of every field it stores). A failure, the rare path, reloads
@@ -147,8 +150,6 @@ def report(
 
 
 def _job_of(job: RqJob, queue: str) -> Job:
-    from qdash_mp.integrations.rq import attempts
-
     enqueued = job.enqueued_at.timestamp() if job.enqueued_at is not None else None
     try:
         args, kwargs = job.args, job.kwargs
@@ -162,8 +163,6 @@ def _runtime(
 ) -> float:
     """The run as RQ timed it in the horse (``started_at`` to ``ended_at``), else as the
     worker measured it."""
-    from qdash_mp.integrations.rq import span
-
     if not started_at or not ended_at:
         return measured
     return span(str_to_date(started_at), str_to_date(ended_at))
