@@ -12,10 +12,19 @@ After each block the collector's shared stats must show exactly as many processe
 qdash worker's queue as it ran (else the run fails): an adapter that reports nothing would
 otherwise measure as free.
 
-Interleaved rounds. Each mode has a worker (and a producer process), *stopped* (SIGSTOP to its
-process group) while idle. A round of a mode: enqueue N tasks while its worker is stopped,
-SIGCONT it, wait until it ran all N, SIGSTOP it again. The modes of a library take turns
-round by round (two modes alternate; three rotate), so only one worker runs at a time.
+Sliced rounds. Each mode has a worker (and a producer process), *stopped* (SIGSTOP to its
+process group) while idle. A round: every mode's worker gets N tasks (enqueued while it is
+stopped); then the workers run in turns of 10 ms (``QDASH_BENCH_SLICE``; SIGCONT, sleep,
+SIGSTOP), one at a time, until each has run its N. A mode's cost a task is the CPU its
+worker's process group used in the round, plus what redis-server used during its turns, plus
+(the qdash mode) all the collector used, over N. Why turns: on a shared VM the speed of a
+CPU wanders by +-20 % within a tenth of a second (a fixed loop timed in 0.5 ms chunks: the
+correlation of two chunks falls from 0.66 at 5 ms apart to 0.13 at 150 ms), so two modes
+run one after the other for 0.5 s each (``QDASH_BENCH_SLICE=0``, the earlier method) met
+different machines: the per-round ratios of identical code spread by +-15 % there, and by
++-3 % in 10 ms turns. The adapter's sender ticks on wall time, which passes while its
+worker is stopped, so its ticks (and the collector's work) are charged about twice per task
+(once per mode): a conservative bias of ~0.2 %.
 
 One CPU. redis-server, the collector, the workers and the producers all run on the lowest
 CPU of the benchmark's affinity (the harness, which only polls, on the others;
@@ -348,14 +357,7 @@ class _Mode:
         """Run ``n`` tasks (enqueued while the worker is stopped): (wall seconds per task,
         CPU seconds per task of the worker's processes and the collector)."""
         r, key = self.redis, self.key
-        self._signal(signal.SIGSTOP)
-        r.delete(key + ":first", key + ":last", key + ":n")
-        assert self.producer.stdin is not None
-        assert self.producer.stdout is not None
-        self.producer.stdin.write(f"{n}\n")
-        self.producer.stdin.flush()
-        if self.producer.stdout.readline().strip() != "ok":
-            raise BenchError(f"{self.lib}/{self.mode}: the producer failed")
+        self.prepare(n)
         cpu0 = _group_cpu(self.worker.pid) + (cpu_seconds_fine(collector_pid) or 0.0)
         self._signal(signal.SIGCONT)
         try:
@@ -374,6 +376,22 @@ class _Mode:
         self.ran += n
         first, last = float(r.get(key + ":first") or 0), float(r.get(key + ":last") or 0)
         return (last - first) / (n - 1), (cpu1 - cpu0) / n
+
+    def prepare(self, n: int) -> None:
+        """Stop the worker, reset its stamps and enqueue ``n`` tasks (a sliced round's start)."""
+        r, key = self.redis, self.key
+        self._signal(signal.SIGSTOP)
+        r.delete(key + ":first", key + ":last", key + ":n")
+        assert self.producer.stdin is not None
+        assert self.producer.stdout is not None
+        self.producer.stdin.write(f"{n}\n")
+        self.producer.stdin.flush()
+        if self.producer.stdout.readline().strip() != "ok":
+            raise BenchError(f"{self.lib}/{self.mode}: the producer failed")
+
+    def done(self) -> int:
+        """Tasks run since ``prepare``."""
+        return int(self.redis.get(self.key + ":n") or 0)
 
     def check_reported(self, reader: Any) -> None:
         """(qdash mode) The collector counted every task this worker ran, exactly: an adapter
@@ -523,6 +541,69 @@ def _vs_plain(lib: str, mode: str, samples: dict[str, list[float]], note: str) -
     )
 
 
+def _slice() -> float:
+    """Seconds a turn in a sliced round (0: the earlier whole-round method)."""
+    return max(float(os.environ.get("QDASH_BENCH_SLICE") or 0.01), 0.0)
+
+
+def _sliced_round(
+    modes: list[_Mode], n: int, redis_pid: int, collector_pid: int, timeout: float
+) -> dict[str, tuple[float, float]]:
+    """One sliced round (the module's docstring): per mode, (CPU seconds a task of its
+    worker group + its share of redis-server + the collector for the qdash mode, the same
+    without redis)."""
+
+    def shared() -> tuple[float, float]:
+        return cpu_seconds_fine(redis_pid) or 0.0, cpu_seconds_fine(collector_pid) or 0.0
+
+    for m in modes:
+        m.prepare(n)
+    own = {m.mode: -_group_cpu(m.worker.pid) for m in modes}  # stopped: no CPU but in turns
+    redis_cpu = dict.fromkeys(own, 0.0)
+    collector_cpu = 0.0
+    left = list(modes)
+    deadline = time.monotonic() + timeout
+    last = shared()
+    turn = _slice()
+    while left:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{modes[0].lib}: a sliced round took over {timeout}s")
+        for m in list(left):
+            m._signal(signal.SIGCONT)
+            time.sleep(turn)
+            m._signal(signal.SIGSTOP)
+            ran = m.done()  # its GET is served now, inside this turn
+            now = shared()
+            redis_cpu[m.mode] += now[0] - last[0]
+            collector_cpu += now[1] - last[1]  # only the qdash worker reports: all of it
+            last = now
+            if ran >= n or m.worker.poll() is not None:
+                left.remove(m)
+    progress(
+        f"{BENCH}: the collector's CPU: {collector_cpu / n * 1e6:.1f} us/task (the qdash mode's)"
+    )
+    out = {}
+    for m in modes:
+        ran = m.done()
+        if ran != n:
+            tail = m.log_path.read_text(errors="replace")[-2000:]
+            raise BenchError(f"{m.lib}/{m.mode}: {ran} of {n} tasks ran; log:\n{tail}")
+        m.ran += n
+        mine = own[m.mode] + _group_cpu(m.worker.pid)
+        if m.mode == "qdash":
+            mine += collector_cpu
+        out[m.mode] = ((mine + redis_cpu[m.mode]) / n, mine / n)
+    return out
+
+
+def _unit_cost(mode: _Mode, redis_pid: int, collector_pid: int, timeout: float) -> float:
+    """Seconds a task of ``mode`` in a 50-task round: CPU when sliced, else wall (which
+    would size a Dramatiq round by its idle waits: 3.7 ms a task against 0.25 ms of CPU)."""
+    if _slice():
+        return _sliced_round([mode], 50, redis_pid, collector_pid, timeout)[mode.mode][0]
+    return mode.round(50, collector_pid)[0]
+
+
 def _order(names: list[str], rnd: int) -> list[str]:
     """The modes' order in round ``rnd``: rotated one step a round, so each mode is first
     equally often, except that two modes simply alternate (rotating two would run one mode
@@ -538,12 +619,14 @@ def _measure(
     lib: str,
     sizes: _Sizes,
     redis_url: str,
+    redis_pid: int,
     collector: Any,
     timeout: float,
     cpu: int | None,
 ) -> tuple[int, dict[str, list[float]], dict[str, list[float]]]:
-    """Per-round wall and CPU us per task of every mode of ``lib``, rounds interleaved, in
-    blocks of fresh workers; and the tasks a round (fixed, or sized in the first block).
+    """Per-round us per task (CPU, or wall with ``QDASH_BENCH_SLICE=0``) and CPU us per task
+    (without redis) of every mode of ``lib``, rounds interleaved, in blocks of fresh workers;
+    and the tasks a round (fixed, or sized in the first block).
     After each block the qdash worker's tasks must all be in the collector's counts."""
     from qdash_mp.shm import SharedStatsReader
 
@@ -551,7 +634,9 @@ def _measure(
 
     reader = SharedStatsReader(collector.shm)
     try:
-        return _measure_blocks(app_dir, lib, sizes, redis_url, socket, pid, reader, timeout, cpu)
+        return _measure_blocks(
+            app_dir, lib, sizes, redis_url, redis_pid, socket, pid, reader, timeout, cpu
+        )
     finally:
         reader.close()
 
@@ -561,6 +646,7 @@ def _measure_blocks(
     lib: str,
     sizes: _Sizes,
     redis_url: str,
+    redis_pid: int,
     socket: str,
     pid: int,
     reader: Any,
@@ -580,20 +666,28 @@ def _measure_blocks(
             # Unmeasured rounds first: start-up, imports, page cache and Redis warm up.
             for m in modes.values():
                 m.round(50, pid)
-            if not n:  # rounds of ~``seconds`` of the plain worker
-                per_task = min(modes["plain"].round(50, pid)[0] for _ in range(2))
+            if not n:  # rounds of ~``seconds`` of the plain worker (its CPU, when sliced)
+                per_task = min(
+                    _unit_cost(modes["plain"], redis_pid, pid, timeout) for _ in range(2)
+                )
                 n = max(50, min(20_000, round(sizes.seconds / max(per_task, 1e-6))))
                 progress(f"{BENCH}: {lib}: {n} tasks a round ({per_task * 1e6:.0f} us/task)")
             names = list(modes)
             for rnd in range(sizes.per_block(block)):
-                for name in _order(names, rnd):
-                    per_task, cpu_task = modes[name].round(n, pid)
+                order = [modes[x] for x in _order(names, rnd)]
+                if _slice():
+                    got = _sliced_round(order, n, redis_pid, pid, timeout)
+                else:
+                    got = {m.mode: m.round(n, pid) for m in order}
+                for name, (per_task, cpu_task) in got.items():
                     samples[name].append(per_task * 1e6)
                     cpu_us[name].append(cpu_task * 1e6)
-                    progress(
-                        f"{BENCH}: {lib}/{name} block {block + 1} round {rnd + 1}: "
-                        f"{per_task * 1e6:.0f} us/task, CPU {cpu_task * 1e6:.0f} us/task"
+                progress(
+                    f"{BENCH}: {lib} block {block + 1} round {rnd + 1} (us/task): "
+                    + ", ".join(
+                        f"{k} {v[0] * 1e6:.0f} (CPU {v[1] * 1e6:.0f})" for k, v in got.items()
                     )
+                )
             if not _control():
                 modes["qdash"].check_reported(reader)
     return n, samples, cpu_us
@@ -641,7 +735,10 @@ def _run(cfg: Config, cpu: int | None) -> list[Row]:
                     skipped_row(BENCH, f"{lib}_{m}", "per_task", UNIT, why) for m in _modes(lib)
                 ]
                 continue
-            n, samples, cpu_us = _measure(app_dir, lib, sizes, redis_url, collector, timeout, cpu)
+            assert server.proc is not None
+            n, samples, cpu_us = _measure(
+                app_dir, lib, sizes, redis_url, server.proc.pid, collector, timeout, cpu
+            )
             note = (
                 f"{rounds} rounds of {n} no-op tasks, {sizes.blocks} blocks of fresh workers, "
                 f"{where}; ratio: median of rounds"

@@ -41,8 +41,8 @@ def test_each_task_counts_on_its_queue(qdash_collector: CollectorThread, worker:
             message = _message(labels)
             queue = mw._queue(message)
             expected[queue] = expected.get(queue, 0) + 1
-            mw.pre_execute(message)
-            mw.post_execute(message, ok)
+            asyncio.run(mw.pre_execute(message))
+            asyncio.run(mw.post_execute(message, ok))
         assert mw.clients.get().flush(10)
     finally:
         assert mw.clients.close(5.0)
