@@ -51,6 +51,17 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
     def __init__(self, socket_path: str | os.PathLike[str] | None = None) -> None:
         self.clients = ProcessClient(socket_path)
         self._broker: Any = None
+        # Per task, from before_process_message to its end hook (same worker thread; single
+        # dict operations, atomic under the GIL and thread-safe in free-threaded builds):
+        # message id -> (queue, job). Queue names as q_name gives them, by queue_name.
+        self._runs: dict[str, tuple[str, Job]] = {}
+        self._queues: dict[str, str] = {}
+
+    def _queue(self, queue_name: str) -> str:
+        queue = self._queues.get(queue_name)
+        if queue is None:  # a few per worker: q_name strips the delay queue's suffix
+            queue = self._queues[queue_name] = q_name(queue_name)
+        return queue
 
     # ---------------------------------------------------------------- process life
 
@@ -94,29 +105,39 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         # The client times the run from here to the finish hook of the same id (in this
-        # thread); the args/kwargs payload is built only if the message fails.
-        queue = q_name(message.queue_name)
-        runs = int(message.options.get("retries", 0) or 0) + 1
-        at = message.message_timestamp / 1000.0
-        self.clients.get().on_started(
-            queue, Job(message.message_id, message.actor_name, None, runs, at)
+        # thread); the args/kwargs payload is built only if the message fails. The job is
+        # kept for the end hook, which runs for every task too.
+        queue = self._queue(message.queue_name)
+        runs = message.options.get("retries")
+        job = Job(
+            message.message_id,
+            message.actor_name,
+            None,
+            int(runs) + 1 if runs else 1,
+            message.message_timestamp / 1000.0,
         )
+        self._runs[job.id] = (queue, job)
+        self.clients.get().on_started(queue, job)
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
-        queue = q_name(message.queue_name)
+        run = self._runs.pop(message.message_id, None)
+        if run is None:  # not started here (a middleware before this one raised)
+            run = self._queue(message.queue_name), Job(message.message_id, message.actor_name)
+        queue, job = run
         client = self.clients.get()
         if exception is None:
-            client.on_processed(queue, Job(message.message_id, message.actor_name))
+            client.on_processed(queue, job)
         elif getattr(message, "failed", False):
             client.on_failed(queue, _job_of(message, queue), exception)
         else:  # the attempt ends here; the next may run in another process
-            client.on_retried(queue, Job(message.message_id, message.actor_name))
+            client.on_retried(queue, job)
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
+        self._runs.pop(message.message_id, None)
         if getattr(message, "failed", False):
-            queue = q_name(message.queue_name)
+            queue = self._queue(message.queue_name)
             error = "skipped by a middleware (e.g. AgeLimit) and failed"
             self.clients.get().on_failed(queue, _job_of(message, queue), error)
 
