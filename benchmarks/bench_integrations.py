@@ -23,8 +23,9 @@ correlation of two chunks falls from 0.66 at 5 ms apart to 0.13 at 150 ms), so t
 run one after the other for 0.5 s each (``QDASH_BENCH_SLICE=0``, the earlier method) met
 different machines: the per-round ratios of identical code spread by +-15 % there, and by
 +-3 % in 10 ms turns. The adapter's sender ticks on wall time, which passes while its
-worker is stopped, so its ticks (and the collector's work) are charged about twice per task
-(once per mode): a conservative bias of ~0.2 %.
+worker is stopped: with k modes a worker runs one turn in k, so its batch interval is set to
+k x 0.5 s (``$QDASH_FLUSH_INTERVAL``), and its batches come as often per task as under steady
+load (the turns' own overhead, ~10 % of the wall time, leaves it charged slightly more).
 
 One CPU. redis-server, the collector, the workers and the producers all run on the lowest
 CPU of the benchmark's affinity (the harness, which only polls, on the others;
@@ -86,6 +87,8 @@ from _common import (
 
 BENCH = "integrations"
 UNIT = "us/task"
+FLUSH_ENV = "QDASH_FLUSH_INTERVAL"
+"""The adapters' batch interval (``qdash_mp.integrations._common.FLUSH_ENV``)."""
 REPORT_WAIT = 30.0
 """Seconds the collector's count may take to reach the tasks a qdash worker ran."""
 
@@ -329,6 +332,8 @@ class _Mode:
             PYTHONHASHSEED=str(seed),
             BENCH_LAYOUT=str(seed if os.environ.get("QDASH_BENCH_LAYOUT") != "0" else 0),
         )
+        if _slice():
+            env[FLUSH_ENV] = str(_stretched_interval(lib))
         self.redis = redis.Redis.from_url(redis_url)
         self.producer = subprocess.Popen(
             [sys.executable, "-c", PRODUCER.format(lib=lib)],
@@ -539,6 +544,14 @@ def _vs_plain(lib: str, mode: str, samples: dict[str, list[float]], note: str) -
         note=note,
         extra=_spread(ratios),
     )
+
+
+def _stretched_interval(lib: str) -> float:
+    """The adapter's batch interval in a sliced run: ``FLUSH_INTERVAL`` times the modes, as
+    a worker runs one turn in that many, and its sender ticks on wall time."""
+    from qdash_mp.integrations._common import FLUSH_INTERVAL
+
+    return FLUSH_INTERVAL * len(_modes(lib))
 
 
 def _slice() -> float:

@@ -159,3 +159,21 @@ def test_modes_of_a_block_share_its_hash_seed_and_layout(
     seen.clear()
     _Mode(tmp_path, "rq", "plain", "redis://x", "/s", 1.0, 4)
     assert {e["BENCH_LAYOUT"] for e in seen} == {"0"}
+
+
+def test_a_sliced_run_stretches_the_adapters_batch_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With k modes a worker runs one 10 ms turn in k while its sender ticks on wall time, so
+    the qdash worker is started with k x the adapters' interval (the variable they read)."""
+    from qdash_mp.integrations import _common as adapters
+
+    assert bench_integrations.FLUSH_ENV == adapters.FLUSH_ENV
+    monkeypatch.delenv("QDASH_BENCH_SLICE", raising=False)
+    assert bench_integrations._slice() == 0.01
+    assert bench_integrations._stretched_interval("taskiq") == 2 * adapters.FLUSH_INTERVAL
+    assert bench_integrations._stretched_interval("celery") == 3 * adapters.FLUSH_INTERVAL
+    monkeypatch.setenv(adapters.FLUSH_ENV, str(bench_integrations._stretched_interval("rq")))
+    assert adapters.ProcessClient("/nonexistent/s.sock").client_kw["flush_interval"] == 1.5
+    monkeypatch.setenv("QDASH_BENCH_SLICE", "0")
+    assert bench_integrations._slice() == 0.0

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from qdash_mp.client import Client
+from qdash_mp.errors import ConfigError
 from qdash_mp.models import Job
 
 __all__ = [
+    "FLUSH_ENV",
     "FLUSH_INTERVAL",
     "ProcessClient",
+    "flush_interval",
     "in_dashboard_retry",
     "job_args",
     "make_job",
@@ -31,7 +35,32 @@ A worker runs tasks back to back, and every batch costs the sender thread and th
 ~0.3 ms each, on the worker's CPU too when they share it. The dashboard refreshes once a
 second, so 0.5 s keeps it as live. Measured (``docs/integrations.md``), the longer interval
 took ~1 % off taskiq's per-task cost with the adapter, and changed nothing for Huey.
-``ProcessClient(..., flush_interval=...)`` sets another."""
+``ProcessClient(..., flush_interval=...)`` sets another, and so does ``$QDASH_FLUSH_INTERVAL``
+(``FLUSH_ENV``) for every adapter of the process: a large fleet raises it to spare the
+collector, and the benchmark stretches it while a worker runs a share of the time."""
+
+FLUSH_ENV = "QDASH_FLUSH_INTERVAL"
+
+
+def flush_interval() -> float:
+    """``$QDASH_FLUSH_INTERVAL`` in seconds if set, else ``FLUSH_INTERVAL``.
+
+    Raises ``ConfigError`` (when the adapter is made: at the worker's start) for anything but
+    a number of seconds in (0, 3600].
+    """
+    text = os.environ.get(FLUSH_ENV, "").strip()
+    if not text:
+        return FLUSH_INTERVAL
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 3600:  # NaN fails too
+        raise ConfigError(
+            f"${FLUSH_ENV} must be the seconds between a worker's batches to the collector, "
+            f"a number in (0, 3600] such as 0.5; it is {text!r}"
+        )
+    return value
 
 
 def payload_of(
@@ -122,7 +151,8 @@ class ProcessClient:
 
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, **client_kw: Any):
         self.socket_path = socket_path
-        client_kw.setdefault("flush_interval", FLUSH_INTERVAL)
+        if "flush_interval" not in client_kw:
+            client_kw["flush_interval"] = flush_interval()
         self.client_kw = client_kw
         self._requeue: Requeue | None = None
         self._queues: list[str] | None = None
