@@ -355,8 +355,15 @@ class _Mode:
             )
 
     def _signal(self, sig: int) -> None:
+        """``sig`` to the worker's process group, and to its children in groups of their own:
+        RQ's work horse calls ``setsid``. A horse that took a group's SIGSTOP while it moved
+        to its own session stayed stopped, and its worker waited for it forever (seen once
+        in ~10 sliced RQ rounds, where the worker is stopped and continued every 10 ms)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.worker.pid, sig)
+        for child in _descendants(self.worker.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
 
     def round(self, n: int, collector_pid: int) -> tuple[float, float]:
         """Run ``n`` tasks (enqueued while the worker is stopped): (wall seconds per task,
@@ -440,6 +447,22 @@ class _Mode:
         if self.producer.stdout is not None:
             self.producer.stdout.close()
         self.redis.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (``/proc/<pid>/task/<pid>/children``, walked down)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 10_000:  # bounded: a pid list, not a tree walk gone wrong
+        parent = todo.pop()
+        try:
+            text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+        except OSError:
+            continue
+        kids = [int(x) for x in text.split()]
+        found += kids
+        todo += kids
+    return found
 
 
 def _group_cpu(pgid: int) -> float:
@@ -580,7 +603,12 @@ def _sliced_round(
     turn = _slice()
     while left:
         if time.monotonic() > deadline:
-            raise BenchError(f"{modes[0].lib}: a sliced round took over {timeout}s")
+            stuck = ", ".join(f"{m.mode} ran {m.done()} of {n}" for m in left)
+            tail = left[0].log_path.read_text(errors="replace")[-2000:]
+            raise BenchError(
+                f"{modes[0].lib}: a sliced round took over {timeout}s ({stuck}); log of "
+                f"{left[0].mode}:\n{tail}"
+            )
         for m in list(left):
             m._signal(signal.SIGCONT)
             time.sleep(turn)

@@ -177,3 +177,26 @@ def test_a_sliced_run_stretches_the_adapters_batch_interval(
     assert adapters.ProcessClient("/nonexistent/s.sock").client_kw["flush_interval"] == 1.5
     monkeypatch.setenv("QDASH_BENCH_SLICE", "0")
     assert bench_integrations._slice() == 0.0
+
+
+def test_the_turns_reach_a_child_in_a_session_of_its_own() -> None:
+    """RQ's horse calls setsid: the harness signals a worker's children by pid as well."""
+    script = (
+        "import os, subprocess, sys, time\n"
+        "kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],"
+        " start_new_session=True)\n"
+        "print(kid.pid, flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        kid = int(parent.stdout.readline())
+        assert os.getpgid(kid) != os.getpgid(parent.pid)
+        assert kid in bench_integrations._descendants(parent.pid)
+        assert bench_integrations._descendants(kid) == []
+    finally:
+        for pid in bench_integrations._descendants(parent.pid):
+            os.kill(pid, 9)
+        parent.kill()
+        parent.wait(10)
