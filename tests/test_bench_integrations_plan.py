@@ -200,3 +200,5 @@ def test_the_turns_reach_a_child_in_a_session_of_its_own() -> None:
             os.kill(pid, 9)
         parent.kill()
         parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
