@@ -87,8 +87,6 @@ from _common import (
 
 BENCH = "integrations"
 UNIT = "us/task"
-FLUSH_ENV = "QDASH_FLUSH_INTERVAL"
-"""The adapters' batch interval (``qdash_mp.integrations._common.FLUSH_ENV``)."""
 REPORT_WAIT = 30.0
 """Seconds the collector's count may take to reach the tasks a qdash worker ran."""
 
@@ -333,6 +331,8 @@ class _Mode:
             BENCH_LAYOUT=str(seed if os.environ.get("QDASH_BENCH_LAYOUT") != "0" else 0),
         )
         if _slice():
+            from qdash_mp.integrations._common import FLUSH_ENV
+
             env[FLUSH_ENV] = str(_stretched_interval(lib))
         self.redis = redis.Redis.from_url(redis_url)
         self.producer = subprocess.Popen(
