@@ -17,15 +17,18 @@ process group) while idle. A round: every mode's worker gets N tasks (enqueued w
 stopped); then the workers run in turns of 10 ms (``QDASH_BENCH_SLICE``; SIGCONT, sleep,
 SIGSTOP), one at a time, until each has run its N. A mode's cost a task is the CPU its
 worker's process group used in the round, plus what redis-server used during its turns, plus
-(the qdash mode) all the collector used, over N. Why turns: on a shared VM the speed of a
-CPU wanders by +-20 % within a tenth of a second (a fixed loop timed in 0.5 ms chunks: the
-correlation of two chunks falls from 0.66 at 5 ms apart to 0.13 at 150 ms), so two modes
-run one after the other for 0.5 s each (``QDASH_BENCH_SLICE=0``, the earlier method) met
-different machines: the per-round ratios of identical code spread by +-15 % there, and by
-+-3 % in 10 ms turns. The adapter's sender ticks on wall time, which passes while its
-worker is stopped: with k modes a worker runs one turn in k, so its batch interval is set to
-k x 0.5 s (``$QDASH_FLUSH_INTERVAL``), and its batches come as often per task as under steady
-load (the turns' own overhead, ~10 % of the wall time, leaves it charged slightly more).
+(the qdash mode) what the collector used beyond its idle rate (``_collector_idle``, measured
+per block with every worker stopped, and reported as the ``<lib>_collector idle_cpu`` row: a
+cost per second of running a collector, not per task), over N. Why turns: on a shared VM the
+speed of a CPU wanders by +-20 % within a tenth of a second (a fixed loop timed in 0.5 ms
+chunks: the correlation of two chunks falls from 0.66 at 5 ms apart to 0.13 at 150 ms), so
+two modes run one after the other for 0.5 s each (``QDASH_BENCH_SLICE=0``, the earlier
+method) met different machines: the per-round ratios of identical code spread by +-15 %
+there, and by +-3 % in 10 ms turns. The adapter's sender ticks on wall time, which passes
+while its worker is stopped: with k modes a worker runs one turn in k, so its batch interval
+is set to k x 1 s (``$QDASH_FLUSH_INTERVAL``), and its batches come as often per task as
+under steady load (the turns' own overhead, ~10 % of the wall time, leaves it charged
+slightly more).
 
 One CPU. redis-server, the collector, the workers and the producers all run on the lowest
 CPU of the benchmark's affinity (the harness, which only polls, on the others;
@@ -41,8 +44,7 @@ split into blocks (full 10, quick 2), each with new workers and producers. Withi
 every process runs with the same ``PYTHONHASHSEED`` and the same random memory layout
 (``LAYOUT``), both drawn from the block's number (so every run draws the same ten): they
 differ from block to block, not between the modes a block compares. N is sized in the
-first block to ~0.5 s of the plain worker (quick 0.15 s): an adapter's sender tick (every
-0.5 s) then lands in a round about as often as it would under steady load. A row's ratio is
+first block to ~0.5 s of the plain worker's CPU (quick 0.15 s). A row's ratio is
 the median of the per-round ratios ``qdash / plain``; the quartiles and min-max of those
 ratios are in the row's ``extra``. ``QDASH_BENCH_AA=1`` is an A/A control (no adapter in
 either mode).
@@ -583,11 +585,17 @@ def _slice() -> float:
 
 
 def _sliced_round(
-    modes: list[_Mode], n: int, redis_pid: int, collector_pid: int, timeout: float
+    modes: list[_Mode],
+    n: int,
+    redis_pid: int,
+    collector_pid: int,
+    timeout: float,
+    idle: float = 0.0,
 ) -> dict[str, tuple[float, float]]:
     """One sliced round (the module's docstring): per mode, (CPU seconds a task of its
     worker group + its share of redis-server + the collector for the qdash mode, the same
-    without redis)."""
+    without redis). ``idle``: the collector's CPU seconds a second with every worker
+    stopped, taken off its charge for the round's wall time (``_collector_idle``)."""
 
     def shared() -> tuple[float, float]:
         return cpu_seconds_fine(redis_pid) or 0.0, cpu_seconds_fine(collector_pid) or 0.0
@@ -598,7 +606,8 @@ def _sliced_round(
     redis_cpu = dict.fromkeys(own, 0.0)
     collector_cpu = 0.0
     left = list(modes)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     last = shared()
     turn = _slice()
     while left:
@@ -620,8 +629,11 @@ def _sliced_round(
             last = now
             if ran >= n or m.worker.poll() is not None:
                 left.remove(m)
+    gross = collector_cpu
+    collector_cpu = max(gross - idle * (time.monotonic() - started), 0.0)
     progress(
-        f"{BENCH}: the collector's CPU: {collector_cpu / n * 1e6:.1f} us/task (the qdash mode's)"
+        f"{BENCH}: the collector's CPU: {collector_cpu / n * 1e6:.1f} us/task (the qdash "
+        f"mode's; {gross / n * 1e6:.1f} with its idle CPU)"
     )
     out = {}
     for m in modes:
@@ -635,6 +647,25 @@ def _sliced_round(
             mine += collector_cpu
         out[m.mode] = ((mine + redis_cpu[m.mode]) / n, mine / n)
     return out
+
+
+IDLE_SECONDS = 2.0
+"""Seconds over which the collector's idle CPU is taken (every worker stopped)."""
+
+
+def _collector_idle(collector_pid: int, seconds: float) -> float:
+    """The collector's CPU seconds a second while every worker of the block is stopped:
+    what it spends on its own (ticks, history, heartbeats of connected clients) whether
+    workers report or not. A cost per second of running a collector, not per task: charged
+    to the qdash mode, it would grow with the wall time a round of turns takes (a Dramatiq
+    worker idles ~3/4 of each turn in its own waits) and with the number of modes. It is
+    reported as a row of its own and taken off (``QDASH_BENCH_IDLE=0``: kept in)."""
+    if os.environ.get("QDASH_BENCH_IDLE") == "0":
+        return 0.0
+    before = cpu_seconds_fine(collector_pid) or 0.0
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    return ((cpu_seconds_fine(collector_pid) or 0.0) - before) / (time.monotonic() - t0)
 
 
 def _unit_cost(mode: _Mode, redis_pid: int, collector_pid: int, timeout: float) -> float:
@@ -664,10 +695,11 @@ def _measure(
     collector: Any,
     timeout: float,
     cpu: int | None,
-) -> tuple[int, dict[str, list[float]], dict[str, list[float]]]:
+) -> tuple[int, dict[str, list[float]], dict[str, list[float]], list[float]]:
     """Per-round us per task (CPU, or wall with ``QDASH_BENCH_SLICE=0``) and CPU us per task
     (without redis) of every mode of ``lib``, rounds interleaved, in blocks of fresh workers;
-    and the tasks a round (fixed, or sized in the first block).
+    the tasks a round (fixed, or sized in the first block); the collector's idle CPU in
+    ms a second, per block (sliced rounds).
     After each block the qdash worker's tasks must all be in the collector's counts."""
     from qdash_mp.shm import SharedStatsReader
 
@@ -693,9 +725,10 @@ def _measure_blocks(
     reader: Any,
     timeout: float,
     cpu: int | None,
-) -> tuple[int, dict[str, list[float]], dict[str, list[float]]]:
+) -> tuple[int, dict[str, list[float]], dict[str, list[float]], list[float]]:
     samples: dict[str, list[float]] = {m: [] for m in _modes(lib)}
     cpu_us: dict[str, list[float]] = {m: [] for m in _modes(lib)}
+    idle_ms: list[float] = []
     n = sizes.fixed or 0
     for block in range(sizes.blocks):
         with contextlib.ExitStack() as stack:
@@ -714,10 +747,14 @@ def _measure_blocks(
                 n = max(50, min(20_000, round(sizes.seconds / max(per_task, 1e-6))))
                 progress(f"{BENCH}: {lib}: {n} tasks a round ({per_task * 1e6:.0f} us/task)")
             names = list(modes)
+            idle = 0.0
+            if _slice():  # every worker is stopped between rounds
+                idle = _collector_idle(pid, IDLE_SECONDS / 2 if sizes.rounds < 30 else IDLE_SECONDS)
+                idle_ms.append(idle * 1e3)
             for rnd in range(sizes.per_block(block)):
                 order = [modes[x] for x in _order(names, rnd)]
                 if _slice():
-                    got = _sliced_round(order, n, redis_pid, pid, timeout)
+                    got = _sliced_round(order, n, redis_pid, pid, timeout, idle)
                 else:
                     got = {m.mode: m.round(n, pid) for m in order}
                 for name, (per_task, cpu_task) in got.items():
@@ -731,7 +768,7 @@ def _measure_blocks(
                 )
             if not _control():
                 modes["qdash"].check_reported(reader)
-    return n, samples, cpu_us
+    return n, samples, cpu_us, idle_ms
 
 
 def run(cfg: Config) -> list[Row]:
@@ -777,7 +814,7 @@ def _run(cfg: Config, cpu: int | None) -> list[Row]:
                 ]
                 continue
             assert server.proc is not None
-            n, samples, cpu_us = _measure(
+            n, samples, cpu_us, idle_ms = _measure(
                 app_dir, lib, sizes, redis_url, server.proc.pid, collector, timeout, cpu
             )
             note = (
@@ -820,6 +857,18 @@ def _run(cfg: Config, cpu: int | None) -> list[Row]:
                     extra=_spread(cpu_ratios),
                 )
             )
+            if idle_ms:
+                rows.append(
+                    Row(
+                        BENCH,
+                        f"{lib}_collector",
+                        "idle_cpu",
+                        "ms/s",
+                        samples=idle_ms,
+                        note="the collector's CPU a second with every worker stopped, per "
+                        "block: not charged to the qdash mode (QDASH_BENCH_IDLE=0 charges it)",
+                    )
+                )
             if "events" in samples:
                 vs_events = paired_ratios(samples["qdash"], samples["events"])
                 qdash.more_ratios["celery_events"] = vs_events

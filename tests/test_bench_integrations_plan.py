@@ -173,7 +173,9 @@ def test_a_sliced_run_stretches_the_adapters_batch_interval(
     assert bench_integrations._stretched_interval("taskiq") == 2 * adapters.FLUSH_INTERVAL
     assert bench_integrations._stretched_interval("celery") == 3 * adapters.FLUSH_INTERVAL
     monkeypatch.setenv(adapters.FLUSH_ENV, str(bench_integrations._stretched_interval("rq")))
-    assert adapters.ProcessClient("/nonexistent/s.sock").client_kw["flush_interval"] == 1.5
+    assert adapters.ProcessClient("/nonexistent/s.sock").client_kw["flush_interval"] == (
+        3 * adapters.FLUSH_INTERVAL
+    )
     monkeypatch.setenv("QDASH_BENCH_SLICE", "0")
     assert bench_integrations._slice() == 0.0
 
@@ -201,3 +203,25 @@ def test_the_turns_reach_a_child_in_a_session_of_its_own() -> None:
         parent.wait(10)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_the_collectors_idle_cpu_is_a_rate_and_can_be_kept_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_collector_idle`` reads a process's CPU seconds a second: ~1 for a busy loop (on
+    its own CPU or sharing one, at most 1), ~0 for a sleeper; 0 when told to keep it in."""
+    import subprocess
+    import sys
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monkeypatch.delenv("QDASH_BENCH_IDLE", raising=False)
+        assert 0.2 < bench_integrations._collector_idle(busy.pid, 0.3) <= 1.05
+        assert bench_integrations._collector_idle(sleeper.pid, 0.3) < 0.05
+        monkeypatch.setenv("QDASH_BENCH_IDLE", "0")
+        assert bench_integrations._collector_idle(busy.pid, 0.3) == 0.0
+    finally:
+        for p in (busy, sleeper):
+            p.kill()
+            p.wait()

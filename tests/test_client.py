@@ -27,6 +27,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from qdash_testing.forking import fork_quietly
 
 from qdash_mp.client import Client, _LockedClient
 from qdash_mp.errors import ConfigError
@@ -825,12 +826,6 @@ def test_client_id_is_random_or_given(sock_path: str) -> None:
         assert a.client_id != b.client_id
         assert len(a.client_id) == 32
         assert c.client_id == "me"
-
-
-def fork_quietly() -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
-        return os.fork()
 
 
 def test_fork_counts_parent_and_child_exactly(

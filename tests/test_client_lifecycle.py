@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from qdash_testing.collector import CollectorProc, short_dir, wait_for
-from qdash_testing.peer import WAIT, Peer
+from qdash_testing.peer import WAIT, Peer, totals, welcome_v2
 
 from qdash_mp.client import Client, _LockedClient
 from qdash_mp.client.batcher import Batcher
@@ -40,10 +40,6 @@ from qdash_mp.wire import (
 )
 
 
-def welcome_v2(n: int, hello: Hello) -> Message:
-    return Welcome(last_seq=0, version=min(hello.version, 2))
-
-
 @pytest.fixture
 def where() -> Iterator[Path]:
     path = short_dir("qlc")
@@ -56,37 +52,6 @@ def peer(where: Path) -> Iterator[Peer]:
     p = Peer(str(where / "c.sock"), welcome_v2)
     yield p
     p.close()
-
-
-def totals(batches: list[Batch]) -> dict[str, object]:
-    """Counters, started and bucket counts summed; the last gauges and jobs; all events."""
-    counters: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
-    started: collections.Counter[str] = collections.Counter()
-    runtime: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
-    wait: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
-    active: object = None
-    jobs: object = None
-    events: list[object] = []
-    for b in sorted(batches, key=lambda b: b.seq):
-        for q, row in b.counters.items():
-            for i, n in enumerate(row):
-                counters[q][i] += n
-        started.update(b.started)
-        for q, (r, w) in b.hist.items():
-            runtime[q].update(r)
-            wait[q].update(w)
-        if b.active is not None:
-            active, jobs = b.active, b.jobs
-        events.extend(b.events)
-    return {
-        "counters": dict(counters),
-        "started": dict(started),
-        "runtime": {q: dict(c) for q, c in runtime.items()},
-        "wait": {q: dict(c) for q, c in wait.items()},
-        "active": active,
-        "jobs": jobs,
-        "events": events,
-    }
 
 
 def make(peer: Peer, **kw: object) -> Client:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from qdash_testing.collector import CollectorProc, run_worker, short_dir, wait_for
+from qdash_testing.forking import fork_quietly
 
 from qdash_mp import Client, Job
 from qdash_mp.client import SpoolFile, adopt_orphans
@@ -480,14 +481,6 @@ def test_a_spool_disk_that_fails_loses_nothing_that_fits_in_memory(
     assert spool_files(spool_dir) == []
     assert totals(collector) == {"pushed": 0, "processed": 50, "failed": 300, "retried": 0}
     assert sorted(failed_ids(collector)) == sorted(f"d-{i}" for i in range(300))
-
-
-def fork_quietly() -> int:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
-        return os.fork()
 
 
 @pytest.mark.slow

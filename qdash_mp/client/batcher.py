@@ -15,6 +15,7 @@ gauges and jobs (when changed and after each WELCOME) and tracking events. A del
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
 from qdash_mp.client.lifecycle import LifeBatcher
@@ -53,7 +54,7 @@ class Pending:
 class Batcher:
     """Batches from ``counts`` (pushed, processed, failed, retried) and ``failed_jobs``."""
 
-    __slots__ = ("_counts", "_failed_jobs", "_max_failed", "_sent", "ext_ok", "life")
+    __slots__ = ("_counts", "_failed_jobs", "_max_failed", "_replay", "_sent", "ext_ok", "life")
 
     def __init__(
         self,
@@ -61,8 +62,10 @@ class Batcher:
         failed_jobs: collections.deque[bytes],
         max_failed: int,
         life: LifeBatcher | None = None,
+        replay: Callable[[], None] | None = None,
     ) -> None:
         self._counts = counts
+        self._replay = replay
         self._sent: tuple[dict[str, int], ...] = tuple({} for _ in counts)
         self._failed_jobs = failed_jobs
         self._max_failed = max_failed
@@ -80,8 +83,15 @@ class Batcher:
                 snap[q] = snap.get(q, 0) + n
         return snap
 
+    def replay(self) -> None:
+        """Run the hooks a ``RunLog`` recorded (``qdash_mp.client.runlog``), if any: done
+        first whenever counts are read, so they include every hook recorded so far."""
+        if self._replay is not None:
+            self._replay()
+
     def has_news(self) -> bool:
         """Anything counted or failed that is not in a batch yet?"""
+        self.replay()
         if self._failed_jobs:
             return True
         if self.life is not None and self.life.has_news(self.ext_ok):
@@ -92,6 +102,7 @@ class Batcher:
         """Everything to send now: counter rows ``(queue, [d_pushed, d_processed, d_failed,
         d_retried])`` where anything changed, and with ``ext`` its counters (and, ``live``,
         the gauges and events for the first batch)."""
+        self.replay()
         life = self.life
         if life is not None:
             life.drain()

@@ -33,6 +33,7 @@ from qdash_mp.client.lifecycle import MAX_PENDING_EVENTS, LifeState
 from qdash_mp.client.options import gil_disabled, sender_config, wake_every
 from qdash_mp.client.record import pack_failed_job, utf8_ok
 from qdash_mp.client.requeue import RequeueFn
+from qdash_mp.client.runlog import RunLog
 from qdash_mp.client.sender import Sender
 from qdash_mp.client.spool import SpoolFile
 from qdash_mp.client.tally import Counts
@@ -86,6 +87,7 @@ class Client(Hooks):
         "_processed",
         "_pushed",
         "_retried",
+        "_run_log",
         "_runtimes",
         "_sender",
         "_spool_dir",
@@ -119,6 +121,7 @@ class Client(Hooks):
         spool_dir: str | os.PathLike[str] | None = None,
         name: str | None = None,
         track_jobs: bool | Iterable[str] = False,
+        run_log: RunLog | None = None,
     ) -> None:
         config = sender_config(
             socket_path,
@@ -146,6 +149,9 @@ class Client(Hooks):
         self._close_result = False
         self._throttle = LogThrottle(log)
         self._hook_errors = 0
+        self._run_log = run_log
+        if run_log is not None:
+            run_log.attach(self)
         self._reset(client_id or uuid.uuid4().hex)
         process.track(self)
         self._sender.start()
@@ -170,11 +176,21 @@ class Client(Hooks):
         self._jobs = life.jobs
         self._done_ids = life.done_ids
         self._events = life.events
-        self._sender = Sender(self._config, client_id, self._counts, self._failed_jobs, self, life)
+        self._sender = Sender(
+            self._config,
+            client_id,
+            self._counts,
+            self._failed_jobs,
+            self,
+            life,
+            None if self._run_log is None else self._replay,
+        )
 
     def _after_fork_in_child(self) -> None:
         """Forget the parent's connection, counts and threads; start over as a new client."""
         self._sender.forget_in_child()
+        if self._run_log is not None:
+            self._run_log.forget_in_child()
         self._reset(uuid.uuid4().hex)
         if not self._closed:
             self._sender.start()
@@ -264,6 +280,10 @@ class Client(Hooks):
 
     def on_started(self, queue: str, job: Job | None = None) -> None:
         """A worker began a job of ``queue``: counted, active, timed until it finishes."""
+        self._started_at(queue, job, None, 0.0)
+
+    def _started_at(self, queue: str, job: Job | None, wall: float | None, mono: float) -> None:
+        """``on_started``, begun at ``wall`` / ``mono`` (``None``: now; a ``RunLog`` replay)."""
         try:
             self._started[queue] += 1
         except KeyError:
@@ -275,9 +295,10 @@ class Client(Hooks):
         try:
             if job is None:
                 return  # active "without an id": started minus finished (the sender)
-            wall = _wall()
+            if wall is None:
+                wall, mono = _wall(), _mono()
             jid = job.id
-            self._jobs[jid] = (queue, jid, job.name, wall, _mono())
+            self._jobs[jid] = (queue, jid, job.name, wall, mono)
             started_ids = self._started_ids
             started_ids[queue] = started_ids.get(queue, 0) + 1
             enqueued = getattr(job, "enqueued_at", None)  # duck-typed jobs may lack it
@@ -367,6 +388,11 @@ class Client(Hooks):
                 self._hook_error(exc)
             if self._track is not False:
                 self._event("f", queue, job, runtime, None)
+
+    def _replay(self) -> None:
+        """(Sender thread, before it reads counts) Run the hooks the ``RunLog`` recorded."""
+        if self._run_log is not None:
+            self._run_log.replay(self)
 
     def _add(self, lists: dict[str, list[Any]], queue: str, value: object) -> None:
         try:
@@ -473,6 +499,8 @@ class Client(Hooks):
                 return self._close_result
             self._closed = True
         ok = self._sender.close(timeout)
+        if self._run_log is not None:
+            self._run_log.detach(self)
         process.forget(self)
         if not ok and self._spool_dir is not None:
             log.info(

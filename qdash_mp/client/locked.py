@@ -25,9 +25,9 @@ class _LockedClient(Client):
         with self._lock:
             Client.on_pushed(self, queue, job)
 
-    def on_started(self, queue: str, job: Job | None = None) -> None:
-        with self._lock:
-            Client.on_started(self, queue, job)
+    def _started_at(self, queue: str, job: Job | None, wall: float | None, mono: float) -> None:
+        with self._lock:  # on_started, and a RunLog's replay of it
+            Client._started_at(self, queue, job, wall, mono)
 
     def on_processed(
         self, queue: str, job: Job | None = None, runtime: float | None = None

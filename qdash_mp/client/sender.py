@@ -18,6 +18,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from qdash_mp.client.batcher import Batcher
 from qdash_mp.client.lifecycle import LifeBatcher, LifeState
@@ -57,6 +58,7 @@ class Sender(Spooling, SessionEvents):
         failed_jobs: collections.deque[bytes],
         owner: object = None,
         life: LifeState | None = None,
+        replay: Callable[[], None] | None = None,
     ) -> None:
         # The running thread holds the sender and so the owner (the Client): a client
         # dropped without close() stays alive, and is still closed and flushed at exit.
@@ -64,7 +66,7 @@ class Sender(Spooling, SessionEvents):
         self._config = config
         self._failed_jobs = failed_jobs
         self._life = None if life is None else LifeBatcher(life)
-        self._batcher = Batcher(counts, failed_jobs, config.max_batch_failed, self._life)
+        self._batcher = Batcher(counts, failed_jobs, config.max_batch_failed, self._life, replay)
         self._cond = threading.Condition(threading.Lock())  # sender <-> flush/close
         self._throttle = LogThrottle(log)
         self.session = Session(
@@ -271,6 +273,8 @@ class Sender(Spooling, SessionEvents):
         if self._life is not None and now >= next_tick and not session.welcomed:
             # Runtime lists are drained into the cumulative buckets whether or not the
             # collector is there, so they hold at most ~an interval's (or a backoff's) worth.
+            # So are the hooks a RunLog recorded.
+            self._batcher.replay()
             self._life.drain()
             next_tick = now + interval
         if session.sock is not None and session.welcomed:
@@ -367,6 +371,7 @@ class Sender(Spooling, SessionEvents):
         """Turn everything new into batches (as far as ``max_unacked`` allows) and send."""
         with self._cond:
             gen = self._flush_gen
+        self._batcher.replay()  # hooks recorded before the flush: their failed jobs are owed
         owed = len(self._failed_jobs)  # reported before this cycle; all must go out to cut
         pending = self._batcher.deltas()
         session = self.session

@@ -87,6 +87,7 @@ class Spooling:
         session = self.session
         with self._cond:
             gen = self._flush_gen
+        self._batcher.replay()  # as in _cycle: recorded hooks' failed jobs are owed too
         owed = len(self._failed_jobs)
         pending = self._batcher.deltas(live=False)  # a spool carries no gauges or events
         while owed > 0 or pending:

@@ -28,13 +28,15 @@ log = logging.getLogger("qdash_mp.integrations")
 
 Requeue = Callable[[Job], object]
 
-FLUSH_INTERVAL = 0.5
+FLUSH_INTERVAL = 1.0
 """Seconds between an adapter client's batches (``Client``'s own default is 0.1 s).
 
 A worker runs tasks back to back, and every batch costs the sender thread and the collector
-~0.3 ms each, on the worker's CPU too when they share it. The dashboard refreshes once a
-second, so 0.5 s keeps it as live. Measured (``docs/integrations.md``), the longer interval
-took ~1 % off taskiq's per-task cost with the adapter, and changed nothing for Huey.
+~0.3 ms each (~0.6 ms each on a slow 2-vCPU VM), on the worker's CPU too when they share
+it: a cost per second of a busy worker, whatever its tasks. The dashboard refreshes once a
+second; one batch a second keeps it live within that. Measured (``docs/integrations.md``),
+0.1 -> 0.5 s took ~1 % off taskiq's per-task cost with the adapter; 0.5 -> 1 s halved the
+~1.2 ms a second that a no-op Dramatiq worker paid for its batches.
 ``ProcessClient(..., flush_interval=...)`` sets another, and so does ``$QDASH_FLUSH_INTERVAL``
 (``FLUSH_ENV``) for every adapter of the process: a large fleet raises it to spare the
 collector, and the benchmark stretches it while a worker runs a share of the time."""

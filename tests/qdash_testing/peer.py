@@ -7,13 +7,14 @@ up unACKed after ``hang_up_after`` batches, if set) and records every HELLO and 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qdash_mp.wire import Ack, Batch, ErrorMsg, FrameDecoder, Hello, Message, encode
+from qdash_mp.wire import Ack, Batch, ErrorMsg, FrameDecoder, Hello, Message, Welcome, encode
 
 __all__ = ["WAIT", "Conn", "Peer", "Script"]
 
@@ -105,3 +106,39 @@ class Peer:
         """The batch seqs each connection received, in order (resends included)."""
         with self.lock:
             return [[b.seq for b in c.batches] for c in self.conns]
+
+
+def totals(batches: list[Batch]) -> dict[str, object]:
+    """Counters, started and bucket counts summed; the last gauges and jobs; all events."""
+    counters: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
+    started: collections.Counter[str] = collections.Counter()
+    runtime: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    wait: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    active: object = None
+    jobs: object = None
+    events: list[object] = []
+    for b in sorted(batches, key=lambda b: b.seq):
+        for q, row in b.counters.items():
+            for i, n in enumerate(row):
+                counters[q][i] += n
+        started.update(b.started)
+        for q, (r, w) in b.hist.items():
+            runtime[q].update(r)
+            wait[q].update(w)
+        if b.active is not None:
+            active, jobs = b.active, b.jobs
+        events.extend(b.events)
+    return {
+        "counters": dict(counters),
+        "started": dict(started),
+        "runtime": {q: dict(c) for q, c in runtime.items()},
+        "wait": {q: dict(c) for q, c in wait.items()},
+        "active": active,
+        "jobs": jobs,
+        "events": events,
+    }
+
+
+def welcome_v2(n: int, hello: Hello) -> Message:
+    """A ``Peer`` reply: WELCOME at the client's version, at most 2 (BATCH ``ext``)."""
+    return Welcome(last_seq=0, version=min(hello.version, 2))
