@@ -63,6 +63,8 @@ class Client(Hooks):
     ``track_jobs`` (``True``, or a list of queues) reports each job of those queues (pushed,
     started, finished) so the dashboard can list pending and recent jobs; best effort and
     bounded (``docs/client.md``).
+    ``run_log`` (a ``RunLog``, for library adapters) is replayed into these hooks by the
+    sender thread: hooks recorded as tuples cost the worker's thread the least.
     """
 
     # Slots keep attribute access on the hook path at its fastest: a plain instance dict
