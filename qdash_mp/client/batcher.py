@@ -84,8 +84,9 @@ class Batcher:
         return snap
 
     def replay(self) -> None:
-        """Run the hooks a ``RunLog`` recorded (``qdash_mp.client.runlog``), if any: done
-        first whenever counts are read, so they include every hook recorded so far."""
+        """Run the hooks a ``RunLog`` recorded (``qdash_mp.client.runlog``), if any, so that
+        the counts read next include every hook recorded so far. ``has_news`` does it first;
+        a caller of ``deltas`` does it before it counts the failed jobs it owes."""
         if self._replay is not None:
             self._replay()
 
@@ -101,8 +102,7 @@ class Batcher:
     def deltas(self, live: bool = True) -> Pending:
         """Everything to send now: counter rows ``(queue, [d_pushed, d_processed, d_failed,
         d_retried])`` where anything changed, and with ``ext`` its counters (and, ``live``,
-        the gauges and events for the first batch)."""
-        self.replay()
+        the gauges and events for the first batch). The caller replays first (``replay``)."""
         life = self.life
         if life is not None:
             life.drain()
