@@ -21,7 +21,7 @@ from qdash_testing.collector import CollectorProc, short_dir
 from qdash_testing.forking import fork_quietly
 from qdash_testing.peer import WAIT, Peer, totals, welcome_v2
 
-from qdash_mp.client import Client
+from qdash_mp.client import Client, runlog
 from qdash_mp.client.runlog import DROPPED, FAILED, PROCESSED, RETRIED, RunLog
 from qdash_mp.histogram import bucket_of
 from qdash_mp.models import Job
@@ -157,6 +157,56 @@ def test_a_record_that_cannot_be_described_is_dropped_alone(
     finally:
         client.close(WAIT)
         peer.close()
+
+
+def test_an_end_reuses_its_starts_description_but_a_failure_asks_for_the_payload(
+    where: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ``describe`` a job that ends well or is retried; a failure's end asks again with
+    ``full``; an end whose start this log never saw (or forgot: ``MAX_OPEN``) is described
+    itself. The counts are those of the plain path either way."""
+    calls: list[tuple[str, bool]] = []
+
+    def counting(msg: Msg, full: bool) -> tuple[str, Job]:
+        calls.append((msg.jid, full))
+        return describe(msg, full)
+
+    nowhere = str(where / "absent.sock")
+    log = RunLog(counting)
+    client = Client(nowhere, flush_interval=3600.0, run_log=log)
+    try:
+        ok, retried, bad, unseen = (Msg("q", j, "t", time.time(), []) for j in "abcd")
+        for m in (ok, retried, bad):
+            log.records.append((m, 1.0))
+        log.records.append((ok, 1.5, PROCESSED, None))
+        log.records.append((retried, 1.5, RETRIED, None))
+        log.records.append((bad, 1.5, FAILED, "boom"))
+        log.records.append((unseen, 1.5, PROCESSED, None))
+        client._replay()
+        assert calls == [
+            ("a", False),
+            ("b", False),
+            ("c", False),
+            ("c", True),
+            ("d", False),
+        ]
+        assert client._jobs == {}
+        assert next(iter(client._failed_jobs), None) is not None  # the payload's record
+
+        calls.clear()
+        monkeypatch.setattr(runlog, "MAX_OPEN", 3)
+        starts = [Msg("q", f"s{i}", "t", time.time(), []) for i in range(5)]
+        for m in starts:
+            log.records.append((m, 2.0))
+        client._replay()  # 5 open > 3: forgotten (the client still has them as active)
+        assert len(client._jobs) == 5
+        for m in starts:
+            log.records.append((m, 2.5, PROCESSED, None))
+        client._replay()
+        assert calls == [(m.jid, False) for m in starts] * 2  # the ends described again
+        assert client._jobs == {}
+    finally:
+        client.close(timeout=0)
 
 
 def test_a_flush_covers_every_record_appended_before_it(

@@ -18,10 +18,12 @@ Records, appended by any thread (a job's records in the order its hooks ran)::
     (obj, mono, DROPPED, None)     ended uncounted (skipped by the library): no longer active
 
 ``describe(obj, full)`` (the adapter's, called on the sender thread) returns ``(queue, job)``;
-``full`` asks for the failed job's payload. ``obj`` is whatever the adapter's hook holds (a
-Dramatiq message): it must still describe the same job when the sender gets to it, which
-is at most a tick later. The start's wall time is its ``mono`` moved by ``time.time() -
-time.monotonic()`` taken at the replay; the runtime is end ``mono`` minus start ``mono``.
+``full`` asks for the failed job's payload. An end that is not a failure reuses what its
+start's record described (the same ``obj``, held until then): one call a job, not two.
+``obj`` is whatever the adapter's hook holds (a Dramatiq message): it must still describe the
+same job when the sender gets to it, which is at most a tick later. The start's wall time is
+its ``mono`` moved by ``time.time() - time.monotonic()`` taken at the replay; the runtime is
+end ``mono`` minus start ``mono``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ DROPPED = 3
 Describe = Callable[[Any, bool], tuple[str, Job]]
 """``describe(obj, full) -> (queue, job)``: the job a record's ``obj`` stands for."""
 
+MAX_OPEN = 100_000
+"""Started jobs whose description a log keeps for their end; beyond, it forgets them all
+(their ends are then described again: nothing is lost but the saving)."""
+
 _CLOSED: Any = collections.deque(maxlen=0)
 """Where records go while no client replays them (none yet, or it closed): dropped as they
 come, so a worker running tasks with no client to report them does not grow a list forever."""
@@ -64,7 +70,7 @@ class RunLog:
     until that client closes, so a log no client ever took drops what it is given.
     """
 
-    __slots__ = ("_describe", "_lock", "_owner", "_throttle", "records")
+    __slots__ = ("_describe", "_lock", "_open", "_owner", "_throttle", "records")
 
     def __init__(self, describe: Describe) -> None:
         self.records: list[Any] = _CLOSED
@@ -72,6 +78,9 @@ class RunLog:
         self._lock = threading.Lock()  # one replayer at a time (an old client may still run)
         self._owner: object = None
         self._throttle = LogThrottle(log)
+        # id(obj) -> (obj, queue, job) of jobs replayed as started and not yet ended; obj is
+        # held, so its id cannot be reused meanwhile (sender thread only).
+        self._open: dict[int, tuple[Any, str, Job]] = {}
 
     def attach(self, client: object) -> None:
         """``client`` replays this log from now on: records are kept (again)."""
@@ -91,6 +100,7 @@ class RunLog:
     def forget_in_child(self) -> None:
         """(Forked child) The parent's records are the parent's to report: start empty."""
         self.records = []
+        self._open = {}
         self._lock = threading.Lock()  # the parent's sender may have held it at the fork
 
     def pending(self) -> int:
@@ -111,14 +121,21 @@ class RunLog:
         offset = time.time() - time.monotonic()
         describe = self._describe
         jobs = client._jobs
+        opened = self._open
         for rec in chunk:
             try:
                 if len(rec) == 2:
-                    queue, job = describe(rec[0], False)
+                    obj = rec[0]
+                    queue, job = describe(obj, False)
                     client._started_at(queue, job, rec[1] + offset, rec[1])
+                    opened[id(obj)] = (obj, queue, job)
                     continue
                 obj, mono, outcome, error = rec
-                queue, job = describe(obj, outcome == FAILED)
+                known = opened.pop(id(obj), None)
+                if known is not None and known[0] is obj and outcome != FAILED:
+                    queue, job = known[1], known[2]
+                else:  # a failure's payload, or a start this log did not see
+                    queue, job = describe(obj, outcome == FAILED)
                 entry = jobs.get(job.id)
                 runtime = None if entry is None else max(mono - entry[4], 0.0)
                 if outcome == PROCESSED:
@@ -137,4 +154,6 @@ class RunLog:
                     rec[:2],
                     exc,
                 )
+        if len(opened) > MAX_OPEN:  # starts that never ended (a bug's leak): forget them
+            opened.clear()
         return k
