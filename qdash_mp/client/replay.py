@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from qdash_mp.client.session import Session, SessionEvents
+from qdash_mp.client.session import Session, SessionEvents, new_selector
 from qdash_mp.client.spool import REJECTED, SpoolFile, adopt_orphans
 from qdash_mp.throttle import LogThrottle
 from qdash_mp.wire import ErrorCode
@@ -126,7 +126,7 @@ class Replayer:
 
     def _run(self) -> None:
         next_scan = 0.0
-        self._sel = sel = selectors.DefaultSelector()
+        self._sel = sel = new_selector()
         try:
             while not self._stop:
                 now = time.monotonic()

@@ -25,7 +25,7 @@ from qdash_mp.client.lifecycle import LifeBatcher, LifeState
 from qdash_mp.client.options import SenderConfig
 from qdash_mp.client.replay import Replayer
 from qdash_mp.client.requeue import Requeuer
-from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents
+from qdash_mp.client.session import CONNECT_TIMEOUT, Session, SessionEvents, new_selector
 from qdash_mp.client.spool import SpoolFile
 from qdash_mp.client.spooling import Spooling
 from qdash_mp.client.tally import Counts
@@ -219,7 +219,7 @@ class Sender(Spooling, SessionEvents):
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        sel = selectors.DefaultSelector()
+        sel = new_selector()
         self._sel = sel
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         next_tick = time.monotonic() + self._config.flush_interval

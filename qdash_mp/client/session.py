@@ -44,9 +44,25 @@ from qdash_mp.wire import (
     encode,
 )
 
-__all__ = ["CONNECT_TIMEOUT", "HANDSHAKE_TIMEOUT", "Session", "SessionEvents"]
+__all__ = ["CONNECT_TIMEOUT", "HANDSHAKE_TIMEOUT", "Session", "SessionEvents", "new_selector"]
 
 log = logging.getLogger("qdash_mp.client.session")
+
+
+def new_selector() -> selectors.BaseSelector:
+    """The selector a session's driver waits in: ``poll(2)`` where there is one, not epoll.
+
+    Why: when a process is stopped and continued (SIGSTOP / SIGCONT: job control, a
+    debugger, a cgroup freeze, a benchmark's turns), Linux makes ``epoll_wait`` return EINTR
+    (signal(7)); Python then takes the GIL back from the worker's busy threads to check for
+    signals, and waits again: ~60 us of CPU a resume (measured, docs/integrations.md). The
+    kernel restarts ``poll`` itself, so the thread runs no Python for it. With the two or
+    three sockets a driver has, ``poll`` costs no more than epoll, and a forked child shares
+    no epoll instance with its parent.
+    """
+    poll = getattr(selectors, "PollSelector", None)
+    return poll() if poll is not None else selectors.DefaultSelector()
+
 
 CONNECT_TIMEOUT = 1.0
 HANDSHAKE_TIMEOUT = 5.0
