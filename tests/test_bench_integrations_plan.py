@@ -164,12 +164,12 @@ def test_modes_of_a_block_share_its_hash_seed_and_layout(
 def test_a_sliced_run_stretches_the_adapters_batch_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With k modes a worker runs one 10 ms turn in k while its sender ticks on wall time, so
+    """With k modes a worker runs one turn in k while its sender ticks on wall time, so
     the qdash worker is started with k x the adapters' interval (the variable they read)."""
     from qdash_mp.integrations import _common as adapters
 
     monkeypatch.delenv("QDASH_BENCH_SLICE", raising=False)
-    assert bench_integrations._slice() == 0.01
+    assert bench_integrations._slice() == bench_integrations.TURN == 0.03
     assert bench_integrations._stretched_interval("taskiq") == 2 * adapters.FLUSH_INTERVAL
     assert bench_integrations._stretched_interval("celery") == 3 * adapters.FLUSH_INTERVAL
     monkeypatch.setenv(adapters.FLUSH_ENV, str(bench_integrations._stretched_interval("rq")))
