@@ -55,7 +55,7 @@ def new_selector() -> selectors.BaseSelector:
     Why: when a process is stopped and continued (SIGSTOP / SIGCONT: job control, a
     debugger, a cgroup freeze, a benchmark's turns), Linux makes ``epoll_wait`` return EINTR
     (signal(7)); Python then takes the GIL back from the worker's busy threads to check for
-    signals, and waits again: ~60 us of CPU a resume (measured, docs/integrations.md). The
+    signals, and waits again: ~50 us more CPU a resume than ``poll`` (docs/client.md). The
     kernel restarts ``poll`` itself, so the thread runs no Python for it. With the two or
     three sockets a driver has, ``poll`` costs no more than epoll, and a forked child shares
     no epoll instance with its parent.
