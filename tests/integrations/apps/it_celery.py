@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from celery import Celery
 from marks import boom, mark
@@ -45,7 +46,13 @@ def die(x: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # the pool child dies: the parent reports the loss
 
 
-if __name__ == "__main__":  # producer: python it_celery.py OK FAIL [FLAKY [DIE]]
+@app.task(name="it.hang", time_limit=1)
+def hang(x: int) -> None:
+    mark(f"hang-{x}")
+    time.sleep(60)  # past the hard time limit: the parent kills the pool child and reports it
+
+
+if __name__ == "__main__":  # producer: python it_celery.py OK FAIL [FLAKY [DIE [HANG]]]
     n_ok, n_fail, *rest = (int(a) for a in sys.argv[1:])
     for i in range(n_ok):
         add.delay(i, 1)
@@ -55,3 +62,5 @@ if __name__ == "__main__":  # producer: python it_celery.py OK FAIL [FLAKY [DIE]
         flaky.delay(i)
     for i in range(rest[1] if len(rest) > 1 else 0):
         die.delay(i)
+    for i in range(rest[2] if len(rest) > 2 else 0):
+        hang.delay(i)
