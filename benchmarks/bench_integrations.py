@@ -24,14 +24,12 @@ speed of a CPU wanders by +-20 % within a tenth of a second (a fixed loop timed 
 chunks: the correlation of two chunks falls from 0.66 at 5 ms apart to 0.13 at 150 ms), so
 two modes run one after the other for 0.5 s each (``QDASH_BENCH_SLICE=0``, the earlier
 method) met different machines: the per-round ratios of identical code spread by +-15 %
-there, and by +-3 % in 10 ms turns. Why not shorter: each turn parks and wakes every thread
-of the worker, ~30-40 us of CPU a thread a turn on this VM, charged to its mode; a 10 ms turn
-of Dramatiq runs ~3 tasks, so the adapter's one idle thread was charged 12.9 us a task there
-(1.5 %), a cost that does not exist outside the benchmark (``TURN``). The adapter's sender
-ticks on wall time, which passes while its worker is stopped: with k modes a worker runs one
-turn in k, so its batch interval is set to k x 1 s (``$QDASH_FLUSH_INTERVAL``), and its
-batches come as often per task as under steady load (the turns' own overhead, ~10 % of the
-wall time, leaves it charged slightly more).
+there, and by +-3 % in 10 ms turns. Why 30 ms, not 10: each turn parks and wakes every
+thread of the worker, a cost charged per thread that no real worker pays (``TURN``). The
+adapter's sender ticks on wall time, which passes while its worker is stopped: with k
+modes a worker runs one turn in k, so its batch interval is set to k x 1 s
+(``$QDASH_FLUSH_INTERVAL``), and its batches come as often per task as under steady load
+(the turns' own overhead, ~10 % of the wall time, leaves it charged slightly more).
 
 One CPU. redis-server, the collector, the workers and the producers all run on the lowest
 CPU of the benchmark's affinity (the harness, which only polls, on the others;
@@ -584,9 +582,11 @@ def _stretched_interval(lib: str) -> float:
 
 TURN = 0.03
 """Seconds a turn (10 ms until 2026-12-03 evening). Every turn stops and continues the worker,
-and each of its threads is parked and woken: measured per thread (schedstat) in Dramatiq
-workers, an adapter whose hooks do nothing but whose sender thread idles cost 12.9 us a task
-in 10 ms turns and 7-9 us in 20-30 ms ones; Dramatiq's own idle threads paid the same. Two
+and each of its threads is parked and woken, ~30-40 us of CPU a thread a turn on this VM,
+charged to its mode. Measured per thread (schedstat) in Dramatiq workers, which run ~3 tasks
+in a 10 ms turn: an adapter whose hooks do nothing but whose sender thread idles was charged
+12.9 us a task for that thread in 10 ms turns (1.5 %) and 7-9 us in 20-30 ms ones; Dramatiq's
+own idle threads paid the same. Two
 Dramatiq-only runs back to back: 1.041 in 10 ms turns, 1.027 in 30 ms; an A/A control in
 30 ms turns read 1.008 (quartiles 0.991-1.011), as tight as in 10 ms."""
 

@@ -117,46 +117,49 @@ def test_replayed_records_agree_with_the_direct_hooks(where: Path) -> None:
             p.close()
 
 
-def test_a_failure_keeps_its_traceback_and_payload(where: Path) -> None:
+@pytest.fixture
+def logged(where: Path) -> Iterator[tuple[Peer, RunLog, Client]]:
+    """A fake collector, a run log and a client replaying it to that collector."""
     peer = Peer(str(where / "c.sock"), welcome_v2)
     log = RunLog(describe)
     client = Client(peer.listener.getsockname(), flush_interval=10.0, run_log=log)
     try:
-        m = Msg("q", "bad", "task.bad", time.time(), [1, "x"])
-        try:
-            raise KeyError("missing")
-        except KeyError as exc:
-            error = exc
-        log.records.append((m, time.monotonic()))
-        log.records.append((m, time.monotonic(), FAILED, error))
-        del error
-        assert client.flush(WAIT)
-        (failed,) = failed_of(peer)
-        assert failed.payload == {"args": [1, "x"], "kwargs": {}, "queue": "q"}
-        assert failed.error == "KeyError: 'missing'"
-        assert 'raise KeyError("missing")' in failed.traceback
+        yield peer, log, client
     finally:
         client.close(WAIT)
         peer.close()
+
+
+def test_a_failure_keeps_its_traceback_and_payload(
+    logged: tuple[Peer, RunLog, Client],
+) -> None:
+    peer, log, client = logged
+    m = Msg("q", "bad", "task.bad", time.time(), [1, "x"])
+    try:
+        raise KeyError("missing")
+    except KeyError as exc:
+        error = exc
+    log.records.append((m, time.monotonic()))
+    log.records.append((m, time.monotonic(), FAILED, error))
+    del error
+    assert client.flush(WAIT)
+    (failed,) = failed_of(peer)
+    assert failed.payload == {"args": [1, "x"], "kwargs": {}, "queue": "q"}
+    assert failed.error == "KeyError: 'missing'"
+    assert 'raise KeyError("missing")' in failed.traceback
 
 
 def test_a_record_that_cannot_be_described_is_dropped_alone(
-    where: Path, caplog: pytest.LogCaptureFixture
+    logged: tuple[Peer, RunLog, Client], caplog: pytest.LogCaptureFixture
 ) -> None:
-    peer = Peer(str(where / "c.sock"), welcome_v2)
-    log = RunLog(describe)
-    client = Client(peer.listener.getsockname(), flush_interval=10.0, run_log=log)
-    try:
-        good = Msg("q", "g", "t", time.time(), [])
-        log.records.append(("not a message", time.monotonic()))
-        log.records.append((good, time.monotonic()))
-        log.records.append((good, time.monotonic(), PROCESSED, None))
-        assert client.flush(WAIT)
-        assert totals(peer.batches())["counters"] == {"q": [0, 1, 0, 0]}
-        assert "a job record could not be reported" in caplog.text
-    finally:
-        client.close(WAIT)
-        peer.close()
+    peer, log, client = logged
+    good = Msg("q", "g", "t", time.time(), [])
+    log.records.append(("not a message", time.monotonic()))
+    log.records.append((good, time.monotonic()))
+    log.records.append((good, time.monotonic(), PROCESSED, None))
+    assert client.flush(WAIT)
+    assert totals(peer.batches())["counters"] == {"q": [0, 1, 0, 0]}
+    assert "a job record could not be reported" in caplog.text
 
 
 def test_an_end_reuses_its_starts_description_but_a_failure_asks_for_the_payload(

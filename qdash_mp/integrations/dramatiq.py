@@ -151,10 +151,9 @@ class QdashMiddleware(dramatiq.Middleware):  # type: ignore[misc,unused-ignore]
             self._log.records.append((message, _mono(), DROPPED, None))
 
 
-def _job_of(message: Any, queue: str, runs: int | None = None) -> Job:
-    if runs is None:
-        # After a failure Retries has bumped "retries" already: it equals the runs made.
-        runs = int(message.options.get("retries", 0) or 0)
+def _job_of(message: Any, queue: str) -> Job:
+    # After a failure Retries has bumped "retries" already: it equals the runs made.
+    runs = int(message.options.get("retries", 0) or 0)
     return make_job(
         message.message_id,
         message.actor_name,
