@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from qdash_mp.wire import Ack, Batch, ErrorMsg, FrameDecoder, Hello, Message, Welcome, encode
 
-__all__ = ["WAIT", "Conn", "Peer", "Script"]
+__all__ = ["WAIT", "Conn", "Peer", "Script", "totals", "welcome_v2"]
 
 WAIT = 10.0
 
